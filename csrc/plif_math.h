@@ -1,0 +1,272 @@
+// The PLIF math, written once for every backend.
+//
+// The scans below process LANES neurons at a time (LANES is a compile-time width): the
+// CPU kernel uses a wide block so that each per-step loop vectorises, the GPU kernels use
+// one neuron per thread. Each step is written as a few loops over the lanes with the
+// option branches outside the loops, so that a compiler can vectorise every loop.
+//
+// The arithmetic order follows plif_cuda/reference.py exactly, and every backend is built
+// without floating-point contraction, so spikes equal the reference's bit for bit.
+#pragma once
+
+#include "plif_params.h"
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define PLIF_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define PLIF_HD inline
+#endif
+
+namespace plif {
+
+// ---- scalar helpers, one overload per compute type -------------------------------------
+PLIF_HD float exp_(float x) { return ::expf(x); }
+PLIF_HD double exp_(double x) { return ::exp(x); }
+PLIF_HD float atan_(float x) { return ::atanf(x); }
+PLIF_HD double atan_(double x) { return ::atan(x); }
+PLIF_HD float erfc_(float x) { return ::erfcf(x); }
+PLIF_HD double erfc_(double x) { return ::erfc(x); }
+PLIF_HD float abs_(float x) { return ::fabsf(x); }
+PLIF_HD double abs_(double x) { return ::fabs(x); }
+
+template <typename acc_t>
+struct Constants {
+  static constexpr acc_t pi = acc_t(3.14159265358979323846);
+  static constexpr acc_t inv_sqrt_pi = acc_t(0.56418958354775628695);
+};
+
+// ---- surrogates (x = H - V_th) -----------------------------------------------------------
+// Derivative column of the spec table, for LANES values at once.
+template <int LANES, typename acc_t>
+PLIF_HD void surrogate_grad(const acc_t (&x)[LANES], acc_t (&sg)[LANES], const Options<acc_t>& o) {
+  const acc_t a = o.alpha;
+  switch (o.surrogate) {
+    case kSigmoid:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t s = acc_t(1) / (acc_t(1) + exp_(-a * x[j]));
+        sg[j] = a * s * (acc_t(1) - s);
+      }
+      break;
+    case kAtan:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t u = Constants<acc_t>::pi / acc_t(2) * a * x[j];
+        sg[j] = (a / acc_t(2)) / (acc_t(1) + u * u);
+      }
+      break;
+    case kPiecewiseQuadratic:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t g = a - a * a * abs_(x[j]);
+        sg[j] = g > acc_t(0) ? g : acc_t(0);
+      }
+      break;
+    case kPiecewiseExp:
+      for (int j = 0; j < LANES; ++j) sg[j] = (a / acc_t(2)) * exp_(-a * abs_(x[j]));
+      break;
+    case kSoftSign:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t d = acc_t(1) / a + abs_(x[j]);
+        sg[j] = acc_t(1) / (acc_t(2) * a * d * d);
+      }
+      break;
+    case kSuperSpike:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t d = acc_t(1) + abs_(x[j]);
+        sg[j] = a / (d * d);
+      }
+      break;
+    default:  // kErf
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t u = a * x[j];
+        sg[j] = a * Constants<acc_t>::inv_sqrt_pi * exp_(-(u * u));
+      }
+      break;
+  }
+}
+
+// Smooth firing function (spiking=False): the primitive of surrogate_grad. SuperSpike has
+// none; the Python layer refuses it before any kernel runs.
+template <int LANES, typename acc_t>
+PLIF_HD void surrogate_primitive(const acc_t (&x)[LANES], acc_t (&s)[LANES], const Options<acc_t>& o) {
+  const acc_t a = o.alpha;
+  switch (o.surrogate) {
+    case kSigmoid:
+      for (int j = 0; j < LANES; ++j) s[j] = acc_t(1) / (acc_t(1) + exp_(-a * x[j]));
+      break;
+    case kAtan:
+      for (int j = 0; j < LANES; ++j)
+        s[j] = atan_(Constants<acc_t>::pi / acc_t(2) * a * x[j]) / Constants<acc_t>::pi + acc_t(0.5);
+      break;
+    case kPiecewiseQuadratic:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t bound = acc_t(1) / a;
+        const acc_t inner = acc_t(-0.5) * a * a * x[j] * abs_(x[j]) + a * x[j] + acc_t(0.5);
+        s[j] = x[j] > bound ? acc_t(1) : (x[j] < -bound ? acc_t(0) : inner);
+      }
+      break;
+    case kPiecewiseExp:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t e = acc_t(0.5) * exp_(-a * abs_(x[j]));
+        s[j] = x[j] < acc_t(0) ? e : acc_t(1) - e;
+      }
+      break;
+    case kSoftSign:
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t u = a * x[j];
+        s[j] = acc_t(0.5) * (u / (acc_t(1) + abs_(u)) + acc_t(1));
+      }
+      break;
+    default:  // kErf (kSuperSpike is refused before launch)
+      for (int j = 0; j < LANES; ++j) s[j] = acc_t(0.5) * erfc_(-a * x[j]);
+      break;
+  }
+}
+
+// ---- one time step ------------------------------------------------------------------------
+template <int LANES, typename acc_t>
+PLIF_HD void charge(const acc_t (&v_prev)[LANES], const acc_t (&x)[LANES], const acc_t (&k)[LANES],
+                    acc_t (&h)[LANES], const Options<acc_t>& o) {
+  const acc_t vr = o.v_reset;
+  if (o.decay_input) {
+    for (int j = 0; j < LANES; ++j) h[j] = v_prev[j] + k[j] * (x[j] - (v_prev[j] - vr));
+  } else {
+    for (int j = 0; j < LANES; ++j) h[j] = v_prev[j] - k[j] * (v_prev[j] - vr) + x[j];
+  }
+}
+
+template <int LANES, typename acc_t>
+PLIF_HD void fire(const acc_t (&h)[LANES], acc_t (&s)[LANES], const Options<acc_t>& o) {
+  acc_t centred[LANES];
+  for (int j = 0; j < LANES; ++j) centred[j] = h[j] - o.v_threshold;
+  if (o.spiking) {
+    for (int j = 0; j < LANES; ++j) s[j] = centred[j] >= acc_t(0) ? acc_t(1) : acc_t(0);
+  } else {
+    surrogate_primitive<LANES>(centred, s, o);
+  }
+}
+
+// Literal arithmetic (not a select), so that inf and NaN propagate as in the reference.
+template <int LANES, typename acc_t>
+PLIF_HD void reset(const acc_t (&h)[LANES], const acc_t (&s)[LANES], acc_t (&v)[LANES], const Options<acc_t>& o) {
+  if (o.soft_reset) {
+    for (int j = 0; j < LANES; ++j) v[j] = h[j] - s[j] * o.v_threshold;
+  } else {
+    for (int j = 0; j < LANES; ++j) v[j] = s[j] * o.v_reset + (acc_t(1) - s[j]) * h[j];
+  }
+}
+
+// ---- loads and stores -----------------------------------------------------------------------
+// static_cast covers float, double and c10's Half/BFloat16; the GPU paths add overloads for
+// CUDA's half types in plif_kernels.cuh.
+template <typename acc_t, typename in_t>
+PLIF_HD acc_t load_as(const in_t& v) { return static_cast<acc_t>(v); }
+template <typename out_t, typename acc_t>
+PLIF_HD out_t store_as(acc_t v) { return static_cast<out_t>(v); }
+
+// ---- the scans ------------------------------------------------------------------------------
+// Forward over all T steps for neurons n0 .. n0 + LANES - 1 (all in range).
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
+  const Options<acc_t>& o = p.opts;
+  acc_t k[LANES], v[LANES], x[LANES], h[LANES], s[LANES];
+  for (int j = 0; j < LANES; ++j) {
+    k[j] = p.k[(n0 + j) * p.k_stride];
+    v[j] = p.v_init[(n0 + j) * p.v_init_stride];
+  }
+  for (index_t t = 0; t < p.T; ++t) {
+    const index_t row = t * p.N + n0;
+    for (int j = 0; j < LANES; ++j) x[j] = load_as<acc_t>(p.x[row + j]);
+    charge<LANES>(v, x, k, h, o);
+    fire<LANES>(h, s, o);
+    reset<LANES>(h, s, v, o);
+    for (int j = 0; j < LANES; ++j) p.spikes[row + j] = store_as<in_t>(s[j]);
+    if (p.h_seq != nullptr) {
+      for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
+    }
+    if (p.v_seq != nullptr) {
+      for (int j = 0; j < LANES; ++j) p.v_seq[row + j] = store_as<in_t>(v[j]);
+    }
+  }
+  for (int j = 0; j < LANES; ++j) p.v_last[n0 + j] = store_as<in_t>(v[j]);
+}
+
+// Backward: the reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from
+// H[t-1] (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is
+// recovered as (H[t] - V[t-1]) / k, with the division done once per neuron at the end.
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
+  const Options<acc_t>& o = p.opts;
+  acc_t k[LANES], one_minus_k[LANES], grad_h_next[LANES], grad_k_sum[LANES];
+  acc_t h[LANES], s[LANES], h_prev[LANES], s_prev[LANES], v_prev[LANES];
+  acc_t centred[LANES], sg[LANES], r[LANES], grad_v[LANES], grad_h[LANES];
+  for (int j = 0; j < LANES; ++j) {
+    k[j] = p.k[(n0 + j) * p.k_stride];
+    one_minus_k[j] = acc_t(1) - k[j];
+    grad_h_next[j] = acc_t(0);
+    grad_k_sum[j] = acc_t(0);
+    h[j] = s[j] = h_prev[j] = s_prev[j] = acc_t(0);
+  }
+  if (p.T > 0) {
+    const index_t last = (p.T - 1) * p.N + n0;
+    for (int j = 0; j < LANES; ++j) h[j] = p.h_seq[last + j];
+    fire<LANES>(h, s, o);
+  }
+  for (index_t t = p.T - 1; t >= 0; --t) {
+    const index_t row = t * p.N + n0;
+    if (t > 0) {
+      for (int j = 0; j < LANES; ++j) h_prev[j] = p.h_seq[row - p.N + j];
+      fire<LANES>(h_prev, s_prev, o);
+      reset<LANES>(h_prev, s_prev, v_prev, o);
+    } else {
+      for (int j = 0; j < LANES; ++j) v_prev[j] = p.v_init[(n0 + j) * p.v_init_stride];
+    }
+    for (int j = 0; j < LANES; ++j) centred[j] = h[j] - o.v_threshold;
+    surrogate_grad<LANES>(centred, sg, o);
+    if (o.soft_reset) {
+      if (o.detach_reset) {
+        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1);
+      } else {
+        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - o.v_threshold * sg[j];
+      }
+    } else {
+      if (o.detach_reset) {
+        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - s[j];
+      } else {
+        for (int j = 0; j < LANES; ++j) r[j] = (acc_t(1) - s[j]) + (o.v_reset - h[j]) * sg[j];
+      }
+    }
+    for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
+    if (p.grad_v_seq != nullptr) {
+      for (int j = 0; j < LANES; ++j) grad_v[j] = load_as<acc_t>(p.grad_v_seq[row + j]);
+    }
+    if (t == p.T - 1 && p.grad_v_last != nullptr) {
+      for (int j = 0; j < LANES; ++j) grad_v[j] += load_as<acc_t>(p.grad_v_last[n0 + j]);
+    }
+    for (int j = 0; j < LANES; ++j) grad_h[j] = (grad_v[j] + grad_h_next[j] * one_minus_k[j]) * r[j];
+    if (p.grad_spikes != nullptr) {
+      for (int j = 0; j < LANES; ++j) grad_h[j] += load_as<acc_t>(p.grad_spikes[row + j]) * sg[j];
+    }
+    if (o.decay_input) {
+      for (int j = 0; j < LANES; ++j) {
+        p.grad_x[row + j] = store_as<in_t>(k[j] * grad_h[j]);
+        grad_k_sum[j] += grad_h[j] * (h[j] - v_prev[j]);
+      }
+    } else {
+      for (int j = 0; j < LANES; ++j) {
+        p.grad_x[row + j] = store_as<in_t>(grad_h[j]);
+        grad_k_sum[j] -= grad_h[j] * (v_prev[j] - o.v_reset);
+      }
+    }
+    for (int j = 0; j < LANES; ++j) {
+      grad_h_next[j] = grad_h[j];
+      h[j] = h_prev[j];
+      s[j] = s_prev[j];
+    }
+  }
+  for (int j = 0; j < LANES; ++j) {
+    p.grad_v_init[n0 + j] = one_minus_k[j] * grad_h_next[j];
+    p.grad_k[n0 + j] = o.decay_input ? grad_k_sum[j] / k[j] : grad_k_sum[j];
+  }
+}
+
+}  // namespace plif

@@ -1,0 +1,234 @@
+// The binding layer: op schemas, argument checks, output allocation, and dispatch to the
+// CPU or CUDA kernels. All checks live here; the kernels trust their parameters.
+//
+// Layout contract (the Python layer arranges it, see plif_cuda/functional.py): x is a
+// contiguous [T, *S] tensor, k and v_init are contiguous and either hold one value or
+// one value per neuron of S, in the compute dtype (float64 for float64 inputs, float32
+// otherwise).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#ifdef PLIF_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include <tuple>
+
+#include "plif_launch.h"
+
+extern "C" {
+// A Python module with nothing in it: importing plif_cuda._C loads the library, whose static
+// initialisers register the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace plif {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType compute_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_per_neuron(const Tensor& t, const char* name, const Tensor& x, int64_t neurons) {
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == compute_type_of(x.scalar_type()), name, " must have dtype ",
+              compute_type_of(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.numel() == 1 || t.numel() == neurons, name, " must hold 1 or ", neurons,
+              " values (one per neuron), got ", t.numel());
+}
+
+void check_seq(const Tensor& t, const char* name, const Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but expected ", ref.device());
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have shape ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+template <typename acc_t>
+Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input,
+                            bool detach_reset, int64_t surrogate, double alpha, bool spiking) {
+  TORCH_CHECK(surrogate >= kSigmoid && surrogate <= kErf, "surrogate id out of range: ", surrogate);
+  TORCH_CHECK(spiking || surrogate != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
+  Options<acc_t> o;
+  o.v_threshold = static_cast<acc_t>(v_threshold);
+  o.v_reset = soft_reset ? acc_t(0) : static_cast<acc_t>(v_reset);
+  o.alpha = static_cast<acc_t>(alpha);
+  o.surrogate = static_cast<int>(surrogate);
+  o.soft_reset = soft_reset;
+  o.decay_input = decay_input;
+  o.detach_reset = detach_reset;
+  o.spiking = spiking;
+  return o;
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// Dispatch over the four supported (input, compute) type pairs.
+template <typename Fn>
+void dispatch_types(at::ScalarType t, Fn fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}, float{}); break;
+    case at::kDouble: fn(double{}, double{}); break;
+    case at::kHalf: fn(c10::Half{}, float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}, float{}); break;
+    default: TORCH_CHECK(false, "x must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
+    const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
+    bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
+    bool store_v_seq, bool save_h) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  const int64_t T = x.size(0);
+  const int64_t N = c10::multiply_integers(x.sizes().slice(1));
+  check_per_neuron(k, "k", x, N);
+  check_per_neuron(v_init, "v_init", x, N);
+  const auto acc_type = compute_type_of(x.scalar_type());
+
+  Tensor spikes = at::empty_like(x);
+  Tensor v_last = at::empty(x.sizes().slice(1), x.options());
+  Tensor v_seq = store_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor h_seq = save_h ? at::empty(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
+  if (N == 0) return {spikes, v_last, v_seq, h_seq};
+  if (T == 0) {
+    v_last.copy_(v_init.expand({N}).view(v_last.sizes()));
+    return {spikes, v_last, v_seq, h_seq};
+  }
+
+  dispatch_types(x.scalar_type(), [&](auto in_v, auto acc_v) {
+    using in_t = decltype(in_v);
+    using acc_t = decltype(acc_v);
+    ForwardParams<in_t, acc_t> p;
+    p.x = x.data_ptr<in_t>();
+    p.k = k.data_ptr<acc_t>();
+    p.v_init = v_init.data_ptr<acc_t>();
+    p.spikes = spikes.data_ptr<in_t>();
+    p.v_last = v_last.data_ptr<in_t>();
+    p.v_seq = ptr_or_null<in_t>(v_seq);
+    p.h_seq = ptr_or_null<acc_t>(h_seq);
+    p.k_stride = k.numel() == 1 ? 0 : 1;
+    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+    p.T = T;
+    p.N = N;
+    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+    if (x.is_cpu()) {
+      forward_cpu(p);
+    } else {
+#ifdef PLIF_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x.device());
+      forward_cuda(p);
+#else
+      TORCH_CHECK(false, "plif_cuda was built without CUDA support");
+#endif
+    }
+  });
+  return {spikes, v_last, v_seq, h_seq};
+}
+
+std::tuple<Tensor, Tensor, Tensor> multistep_backward(
+    const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last,
+    const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq, const Tensor& k, const Tensor& v_init,
+    at::ScalarType x_dtype, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
+    bool detach_reset, int64_t surrogate, double alpha, bool spiking) {
+  TORCH_CHECK(h_seq.dim() >= 1, "h_seq must have a time dimension");
+  TORCH_CHECK(h_seq.scalar_type() == compute_type_of(x_dtype), "h_seq must have dtype ", compute_type_of(x_dtype));
+  TORCH_CHECK(h_seq.is_contiguous(), "h_seq must be contiguous");
+  const int64_t T = h_seq.size(0);
+  const int64_t N = c10::multiply_integers(h_seq.sizes().slice(1));
+  const Tensor x_like = at::empty({0}, h_seq.options().dtype(x_dtype));
+  check_per_neuron(k, "k", x_like, N);
+  check_per_neuron(v_init, "v_init", x_like, N);
+  const Tensor seq_like = at::empty(h_seq.sizes(), h_seq.options().dtype(x_dtype));
+  if (grad_spikes) check_seq(*grad_spikes, "grad_spikes", seq_like);
+  if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", seq_like);
+  if (grad_v_last) {
+    TORCH_CHECK(grad_v_last->numel() == N && grad_v_last->is_contiguous() &&
+                    grad_v_last->scalar_type() == x_dtype && grad_v_last->device() == h_seq.device(),
+                "grad_v_last must be a contiguous ", x_dtype, " tensor of ", N, " values on ", h_seq.device());
+  }
+
+  Tensor grad_x = at::empty(h_seq.sizes(), h_seq.options().dtype(x_dtype));
+  Tensor grad_k = at::empty({N}, h_seq.options());
+  Tensor grad_v_init = at::empty({N}, h_seq.options());
+  if (N == 0) return {grad_x, grad_k, grad_v_init};
+  if (T == 0) {
+    grad_k.zero_();
+    if (grad_v_last) grad_v_init.copy_(grad_v_last->reshape({N}));
+    else grad_v_init.zero_();
+    return {grad_x, grad_k, grad_v_init};
+  }
+
+  dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
+    using in_t = decltype(in_v);
+    using acc_t = decltype(acc_v);
+    BackwardParams<in_t, acc_t> p;
+    p.grad_spikes = grad_spikes ? ptr_or_null<in_t>(*grad_spikes) : nullptr;
+    p.grad_v_last = grad_v_last ? ptr_or_null<in_t>(*grad_v_last) : nullptr;
+    p.grad_v_seq = grad_v_seq ? ptr_or_null<in_t>(*grad_v_seq) : nullptr;
+    p.h_seq = h_seq.data_ptr<acc_t>();
+    p.k = k.data_ptr<acc_t>();
+    p.v_init = v_init.data_ptr<acc_t>();
+    p.grad_x = grad_x.data_ptr<in_t>();
+    p.grad_k = grad_k.data_ptr<acc_t>();
+    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
+    p.k_stride = k.numel() == 1 ? 0 : 1;
+    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+    p.T = T;
+    p.N = N;
+    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+    if (h_seq.is_cpu()) {
+      backward_cpu(p);
+    } else {
+#ifdef PLIF_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(h_seq.device());
+      backward_cuda(p);
+#else
+      TORCH_CHECK(false, "plif_cuda was built without CUDA support");
+#endif
+    }
+  });
+  return {grad_x, grad_k, grad_v_init};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(plif_cuda, m) {
+  m.def(
+      "multistep_forward(Tensor x, Tensor k, Tensor v_init, float v_threshold, float v_reset, "
+      "bool soft_reset, bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, "
+      "bool store_v_seq, bool save_h) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
+  m.def(
+      "multistep_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
+      "Tensor k, Tensor v_init, ScalarType x_dtype, float v_threshold, float v_reset, bool soft_reset, "
+      "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking) "
+      "-> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)");
+}
+
+TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {
+  m.impl("multistep_forward", &multistep_forward);
+  m.impl("multistep_backward", &multistep_backward);
+}
+
+#ifdef PLIF_WITH_CUDA
+TORCH_LIBRARY_IMPL(plif_cuda, CUDA, m) {
+  m.impl("multistep_forward", &multistep_forward);
+  m.impl("multistep_backward", &multistep_backward);
+}
+#endif
+
+}  // namespace plif

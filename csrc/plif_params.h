@@ -1,0 +1,74 @@
+// Parameters of the fused multi-step PLIF kernels, shared by the CPU kernel, the CUDA
+// extension and the NVRTC (CuPy) path. Plain C++ only: NVRTC compiles this file too, so
+// no standard-library headers here.
+#pragma once
+
+namespace plif {
+
+// 64-bit indices everywhere: T * N may exceed 2^31 elements.
+typedef long long index_t;
+
+// Ids shared with plif_cuda/surrogate.py (SURROGATE_IDS).
+enum SurrogateId : int {
+  kSigmoid = 0,
+  kAtan = 1,
+  kPiecewiseQuadratic = 2,
+  kPiecewiseExp = 3,
+  kSoftSign = 4,
+  kSuperSpike = 5,
+  kErf = 6,
+};
+
+// Options that are uniform over the whole launch. They are runtime values, not template
+// parameters: every neuron takes the same branch, so on a GPU the branch is warp-uniform
+// and on a CPU the compiler hoists it out of the vectorised loops.
+template <typename acc_t>
+struct Options {
+  acc_t v_threshold;
+  acc_t v_reset;  // 0 for soft reset
+  acc_t alpha;
+  int surrogate;
+  bool soft_reset;
+  bool decay_input;
+  bool detach_reset;
+  bool spiking;
+};
+
+// Memory layout: every [T, N] tensor is contiguous with time outermost (element (t, n) at
+// t * N + n); every per-neuron tensor is [N] contiguous or, where its stride is 0, a
+// single value shared by all neurons.
+template <typename in_t, typename acc_t>
+struct ForwardParams {
+  const in_t* x;        // [T, N]
+  const acc_t* k;       // [N] or one value (k_stride = 0); k = sigmoid(w) = 1/tau
+  const acc_t* v_init;  // [N] or one value (v_init_stride = 0)
+  in_t* spikes;         // [T, N]
+  in_t* v_last;         // [N]
+  in_t* v_seq;          // [T, N] or null (store_v_seq off)
+  acc_t* h_seq;         // [T, N] or null (nothing saved for backward)
+  index_t k_stride;
+  index_t v_init_stride;
+  index_t T;
+  index_t N;
+  Options<acc_t> opts;
+};
+
+template <typename in_t, typename acc_t>
+struct BackwardParams {
+  const in_t* grad_spikes;  // [T, N] or null (zero)
+  const in_t* grad_v_last;  // [N] or null (zero)
+  const in_t* grad_v_seq;   // [T, N] or null (zero)
+  const acc_t* h_seq;       // [T, N]: H saved by the forward
+  const acc_t* k;
+  const acc_t* v_init;
+  in_t* grad_x;             // [T, N]
+  acc_t* grad_k;            // [N]: per-neuron share of dL/dk, reduced to k's shape by the caller
+  acc_t* grad_v_init;       // [N]
+  index_t k_stride;
+  index_t v_init_stride;
+  index_t T;
+  index_t N;
+  Options<acc_t> opts;
+};
+
+}  // namespace plif

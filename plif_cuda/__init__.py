@@ -1,0 +1,21 @@
+"""plif_cuda: fused multi-step Parametric LIF spiking neurons for PyTorch.
+
+    spike_seq, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w)
+    layer = plif_cuda.ParametricLIFNode(step_mode="m")
+"""
+from . import ops  # noqa: F401  (registers the compiled ops, when built)
+from . import surrogate
+from .backends import available_backends
+from .functional import plif_multistep
+from .module import LIFNode, ParametricLIFNode
+from .reference import plif_multistep_ref
+
+__all__ = [
+    "plif_multistep",
+    "plif_multistep_ref",
+    "ParametricLIFNode",
+    "LIFNode",
+    "available_backends",
+    "surrogate",
+]
+__version__ = "0.1.0"

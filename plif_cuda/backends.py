@@ -1,0 +1,97 @@
+"""Backend selection: which implementation runs a call, and why another one cannot.
+
+- "cpu":   the fused C++ kernel of the compiled extension (CPU tensors)
+- "cuda":  the fused CUDA kernels of the compiled extension (CUDA tensors)
+- "cupy":  the same CUDA kernels compiled at run time through NVRTC by CuPy (CUDA tensors)
+- "torch": the pure-PyTorch reference (any device; slow, always there)
+- "auto":  the best of the above for the tensor's device; when none of the fused backends
+           can run, the reference, with a one-time warning that says why.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import ops
+
+BACKENDS = ("auto", "cpu", "cuda", "cupy", "torch")
+_warned: set[str] = set()
+
+
+def _cupy_module():
+    from . import cupy_backend
+
+    return cupy_backend
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if not ops.extension_available():
+            return ops.extension_error()
+        if device.type not in ("cpu", "meta"):
+            return f"backend 'cpu' runs on CPU tensors, but the input is on {device}"
+        return None
+    if backend == "cuda":
+        if not ops.extension_available():
+            return ops.extension_error()
+        if not ops.extension_has_cuda():
+            return "the compiled extension was built without CUDA kernels (see `python -m plif_cuda doctor`)"
+        if device.type not in ("cuda", "meta"):
+            return f"backend 'cuda' runs on CUDA tensors, but the input is on {device}"
+        return None
+    if backend == "cupy":
+        if device.type not in ("cuda", "meta"):
+            return f"backend 'cupy' runs on CUDA tensors, but the input is on {device}"
+        return _cupy_module().unavailable_reason()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def select(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run for input ``x`` when ``backend`` is asked for."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = x.device
+    if backend != "auto":
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"plif_cuda: backend {backend!r} is not available: {reason}")
+        return backend
+    if device.type == "cuda":
+        candidates = ("cuda", "cupy")
+    elif device.type == "meta":
+        candidates = ("cpu",)
+    else:
+        candidates = ("cpu",) if device.type == "cpu" else ()
+    reasons = []
+    for candidate in candidates:
+        reason = unavailable_reason(candidate, device)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    if device.type != "meta":
+        why = "; ".join(reasons) if reasons else f"no fused kernel for device type {device.type!r}"
+        _warn_once(f"plif_cuda: no fused backend for {device.type} tensors ({why}); using the slow PyTorch reference")
+    return "torch"
+
+
+def forward_op(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.plif_cuda.multistep_forward
+    if backend == "cupy":
+        return _cupy_module().forward_op()
+    raise ValueError(f"backend {backend!r} has no fused op")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]

@@ -1,0 +1,168 @@
+"""``plif_multistep``: the one public entry point for the PLIF math.
+
+It checks every argument (errors name the argument), arranges the layout the kernels
+expect, picks the backend and calls the op. The layout step is what lets strided and
+channels-last inputs through without a silently wrong result: the step dimensions of
+``x_seq`` are permuted into memory order (a free view for any dense input), the op works
+on that contiguous view, and its outputs are permuted back, so they keep ``x_seq``'s
+memory format.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from . import backends
+from .reference import compute_dtype, plif_multistep_ref
+from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, resolve_surrogate
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float_scalar(value, name: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != x_seq.device:
+        raise ValueError(f"{name} is on {t.device} but x_seq is on {x_seq.device}")
+    try:
+        broadcast = torch.broadcast_shapes(t.shape, step_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != step_shape:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast against one time step of x_seq, "
+            f"shape {tuple(step_shape)}"
+        )
+    return t
+
+
+def _memory_order(t: torch.Tensor) -> list[int] | None:
+    """Permutation of ``t``'s dims that makes it contiguous (a free view), or None if none does."""
+    # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
+    order = sorted(range(t.dim()), key=lambda d: (t.shape[d] == 1, -t.stride(d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _to_op_layout(x_seq: torch.Tensor):
+    """Return (x in the op's layout, permutation of the step dims that maps back)."""
+    order = _memory_order(x_seq)
+    if order is not None and (order[0] == 0 or x_seq.shape[0] == 1):
+        step_order = [d - 1 for d in order if d != 0]
+        return x_seq.permute([0] + [d + 1 for d in step_order]), step_order
+    return x_seq.contiguous(), list(range(x_seq.dim() - 1))
+
+
+def _per_neuron(t: torch.Tensor, step_shape, order, dtype) -> torch.Tensor:
+    """A per-step tensor as the op takes it: one value, or one per neuron in memory order."""
+    t = t.to(dtype)
+    if t.numel() == 1:
+        return t.reshape(1)
+    return t.expand(step_shape).permute(order).contiguous()
+
+
+def _inverse(order):
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return inverse
+
+
+def plif_multistep(
+    x_seq: torch.Tensor,
+    w,
+    v_init=None,
+    *,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: str = "sigmoid",
+    alpha: float | None = None,
+    store_v_seq: bool = False,
+    spiking: bool = True,
+    backend: str = "auto",
+):
+    """Multi-step PLIF neuron over all T time steps.
+
+    Args:
+        x_seq: input current ``[T, *S]`` (time first), float16/bfloat16/float32/float64.
+        w: the tau parameter, ``k = sigmoid(w) = 1/tau``: a 0-dim tensor (per layer) or any
+            shape that broadcasts against ``S`` (per channel ``[C, 1, 1]``, per neuron ...).
+            A Python float is taken as a constant (plain LIF).
+        v_init: membrane before the first step: None (``v_reset``, or 0 for soft reset), a
+            float, or a tensor broadcastable to ``S``.
+        v_threshold, v_reset: firing threshold; reset value (None: soft reset, subtract threshold).
+        decay_input: charge ``H = V + k (X - (V - V_r))`` (True) or ``H = V - k (V - V_r) + X``.
+        detach_reset: treat the spike as a constant inside the reset when differentiating.
+        surrogate, alpha: surrogate gradient name and its alpha (None: that surrogate's default).
+        store_v_seq: also return the post-reset membrane sequence ``V[0..T-1]``.
+        spiking: False replaces the step by the surrogate's primitive (a smooth neuron).
+        backend: "auto", "cpu", "cuda", "cupy" or "torch" (the reference).
+
+    Returns:
+        ``(spike_seq [T, *S], v_last [*S], v_seq [T, *S] or None)`` in ``x_seq``'s dtype.
+        Half inputs are computed in float32.
+    """
+    if not isinstance(x_seq, torch.Tensor):
+        raise TypeError(f"x_seq must be a tensor, got {type(x_seq).__name__}")
+    if x_seq.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x_seq must be float16, bfloat16, float32 or float64, got dtype {x_seq.dtype}")
+    if x_seq.dim() < 1:
+        raise ValueError("x_seq must have a time dimension first: shape [T, ...], got a 0-dim tensor")
+    step_shape = x_seq.shape[1:]
+    v_threshold = _check_float_scalar(v_threshold, "v_threshold")
+    v_reset = _check_float_scalar(v_reset, "v_reset", allow_none=True)
+    surrogate, alpha = resolve_surrogate(surrogate, alpha)
+    if not spiking and surrogate not in HAS_PRIMITIVE:
+        raise ValueError(f"surrogate {surrogate!r} has no closed-form primitive, so spiking=False is not available")
+    for flag_name, flag in (("decay_input", decay_input), ("detach_reset", detach_reset),
+                            ("store_v_seq", store_v_seq), ("spiking", spiking)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+
+    acc = compute_dtype(x_seq.dtype)
+    if isinstance(w, Real) and not isinstance(w, bool):
+        w = torch.tensor(float(w), dtype=acc, device=x_seq.device)
+    w = _check_tensor_arg(w, "w", x_seq, step_shape)
+    if v_init is None:
+        v_init = 0.0 if v_reset is None else v_reset
+    if isinstance(v_init, Real) and not isinstance(v_init, bool):
+        v_init = torch.tensor(float(v_init), dtype=acc, device=x_seq.device)
+    v_init = _check_tensor_arg(v_init, "v_init", x_seq, step_shape)
+    k = torch.sigmoid(w).to(acc)
+
+    chosen = backends.select(backend, x_seq)
+    if chosen == "torch":
+        return plif_multistep_ref(
+            x_seq, k, v_init.to(acc), v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, store_v_seq=store_v_seq,
+        )
+
+    x_op, order = _to_op_layout(x_seq)
+    k_op = _per_neuron(k, step_shape, order, acc)
+    v_init_op = _per_neuron(v_init, step_shape, order, acc)
+    save_h = torch.is_grad_enabled() and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad)
+    forward_op = backends.forward_op(chosen)
+    spikes, v_last, v_seq, _ = forward_op(
+        x_op, k_op, v_init_op, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None, decay_input,
+        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save_h,
+    )
+    back = [0] + [d + 1 for d in _inverse(order)]
+    spike_seq = spikes.permute(back)
+    v_last = v_last.permute(_inverse(order))
+    return spike_seq, v_last, v_seq.permute(back) if store_v_seq else None

@@ -1,0 +1,86 @@
+"""The executable spec: a plain PyTorch time loop whose gradients come from autograd.
+
+Every fused kernel is tested against ``plif_multistep_ref``. It is written to be read,
+not to be fast; the arithmetic order here is the order the kernels reproduce
+(see ``csrc/plif_math.h``), so spikes match bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from .surrogate import _HeavisideWithSurrogate, surrogate_primitive
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half inputs are computed in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def plif_multistep_ref(
+    x_seq: torch.Tensor,
+    k: torch.Tensor,
+    v_init: torch.Tensor,
+    *,
+    v_threshold: float,
+    v_reset: float | None,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: str,
+    alpha: float,
+    spiking: bool,
+    store_v_seq: bool,
+):
+    """Reference multi-step PLIF.
+
+    Shapes:
+        x_seq:  [T, *S]   any float dtype; computed in ``compute_dtype(x_seq.dtype)``
+        k:      broadcastable to S, k = sigmoid(w) = 1/tau, in the compute dtype
+        v_init: broadcastable to S, V[-1], in the compute dtype
+    Returns:
+        spike_seq [T, *S] and v_last [*S] in x_seq's dtype, v_seq [T, *S] or None.
+    """
+    if spiking:
+        def fire(centred):
+            return _HeavisideWithSurrogate.apply(centred, surrogate, alpha)
+    else:
+        def fire(centred):
+            return surrogate_primitive(surrogate, alpha, centred)
+    return plif_time_loop(
+        x_seq, k, v_init, fire, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+        detach_reset=detach_reset, store_v_seq=store_v_seq,
+    )
+
+
+def plif_time_loop(x_seq, k, v_init, fire, *, v_threshold, v_reset, decay_input, detach_reset, store_v_seq):
+    """The time loop itself, with ``fire(H - V_th)`` giving the spike (any callable surrogate)."""
+    out_dtype = x_seq.dtype
+    x_seq = x_seq.to(compute_dtype(out_dtype))
+    v_r = 0.0 if v_reset is None else v_reset
+    v = v_init.expand(x_seq.shape[1:])
+    spikes, vs = [], []
+    for t in range(x_seq.shape[0]):
+        x = x_seq[t]
+        if decay_input:
+            h = v + k * (x - (v - v_r))
+        else:
+            h = v - k * (v - v_r) + x
+        s = fire(h - v_threshold)
+        s_reset = s.detach() if detach_reset else s
+        if v_reset is None:
+            v = h - s_reset * v_threshold
+        else:
+            v = s_reset * v_r + (1.0 - s_reset) * h
+        spikes.append(s)
+        vs.append(v)
+    if x_seq.shape[0] == 0:
+        spike_seq = x_seq.new_empty(x_seq.shape)
+        v_seq = x_seq.new_empty(x_seq.shape)
+        v = v.clone()
+    else:
+        spike_seq = torch.stack(spikes)
+        v_seq = torch.stack(vs)
+    return (
+        spike_seq.to(out_dtype),
+        v.to(out_dtype),
+        v_seq.to(out_dtype) if store_v_seq else None,
+    )

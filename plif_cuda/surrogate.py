@@ -1,0 +1,191 @@
+"""Surrogate gradients: the seven functions of the spec table.
+
+Each surrogate is identified by a name and an ``alpha``. The fused kernels take the
+surrogate as a small integer id (``SURROGATE_IDS``) and ``alpha`` as a float, so one
+compiled kernel serves all of them (a warp-uniform runtime switch).
+
+The classes below are thin descriptors that a user can pass as ``surrogate_function``.
+They are also callable (``spike = surrogate(x)``) with the surrogate gradient in
+backward, so that code written for SpikingJelly's surrogate objects keeps working.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Order matters: the ids are shared with csrc/plif_math.h (enum class Surrogate).
+SURROGATE_IDS = {
+    "sigmoid": 0,
+    "atan": 1,
+    "piecewise_quadratic": 2,
+    "piecewise_exp": 3,
+    "soft_sign": 4,
+    "super_spike": 5,
+    "erf": 6,
+}
+
+DEFAULT_ALPHA = {
+    "sigmoid": 4.0,
+    "atan": 2.0,
+    "piecewise_quadratic": 1.0,
+    "piecewise_exp": 1.0,
+    "soft_sign": 2.0,
+    "super_spike": 1.0,
+    "erf": 2.0,
+}
+
+# Surrogates whose derivative has a closed-form primitive usable as a smooth firing
+# function (``spiking=False``).
+HAS_PRIMITIVE = frozenset(name for name in SURROGATE_IDS if name != "super_spike")
+
+# SpikingJelly surrogate class name -> our name (recognised by class name so that
+# SpikingJelly need not be importable).
+SPIKINGJELLY_CLASS_NAMES = {
+    "Sigmoid": "sigmoid",
+    "ATan": "atan",
+    "PiecewiseQuadratic": "piecewise_quadratic",
+    "PiecewiseExp": "piecewise_exp",
+    "SoftSign": "soft_sign",
+    "SuperSpike": "super_spike",
+    "Erf": "erf",
+}
+
+
+def resolve_surrogate(name: str, alpha: float | None) -> tuple[str, float]:
+    """Validate a surrogate name and alpha; return ``(name, alpha)`` with the default filled in."""
+    if not isinstance(name, str) or name not in SURROGATE_IDS:
+        raise ValueError(
+            f"surrogate must be one of {sorted(SURROGATE_IDS)}, got {name!r}"
+        )
+    if alpha is None:
+        alpha = DEFAULT_ALPHA[name]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float or None, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite positive number, got {alpha}")
+    return name, alpha
+
+
+def surrogate_derivative(name: str, alpha: float, x: torch.Tensor) -> torch.Tensor:
+    """The derivative column of the spec table, as plain torch ops (x = H - V_th)."""
+    if name == "sigmoid":
+        s = torch.sigmoid(alpha * x)
+        return alpha * s * (1.0 - s)
+    if name == "atan":
+        return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * x) ** 2)
+    if name == "piecewise_quadratic":
+        return torch.clamp(alpha - alpha * alpha * x.abs(), min=0.0)
+    if name == "piecewise_exp":
+        return (alpha / 2.0) * torch.exp(-alpha * x.abs())
+    if name == "soft_sign":
+        return 1.0 / (2.0 * alpha * (1.0 / alpha + x.abs()) ** 2)
+    if name == "super_spike":
+        return alpha / (1.0 + x.abs()) ** 2
+    if name == "erf":
+        return (alpha / math.sqrt(math.pi)) * torch.exp(-((alpha * x) ** 2))
+    raise ValueError(f"unknown surrogate {name!r}")
+
+
+def surrogate_primitive(name: str, alpha: float, x: torch.Tensor) -> torch.Tensor:
+    """The smooth firing function whose derivative is ``surrogate_derivative``."""
+    if name == "sigmoid":
+        return torch.sigmoid(alpha * x)
+    if name == "atan":
+        return torch.atan(math.pi / 2.0 * alpha * x) / math.pi + 0.5
+    if name == "piecewise_quadratic":
+        inner = -0.5 * alpha * alpha * x * x.abs() + alpha * x + 0.5
+        bound = 1.0 / alpha
+        return torch.where(x > bound, torch.ones_like(x), torch.where(x < -bound, torch.zeros_like(x), inner))
+    if name == "piecewise_exp":
+        e = 0.5 * torch.exp(-alpha * x.abs())
+        return torch.where(x < 0, e, 1.0 - e)
+    if name == "soft_sign":
+        ax = alpha * x
+        return 0.5 * (ax / (1.0 + ax.abs()) + 1.0)
+    if name == "erf":
+        return 0.5 * torch.erfc(-alpha * x)
+    raise ValueError(
+        f"surrogate {name!r} has no closed-form primitive, so spiking=False is not available for it"
+    )
+
+
+class _HeavisideWithSurrogate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name, alpha):
+        ctx.save_for_backward(x)
+        ctx.name, ctx.alpha = name, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_derivative(ctx.name, ctx.alpha, x), None, None
+
+
+class SurrogateFunction:
+    """A named surrogate with its alpha, usable by the fused kernels and callable on tensors."""
+
+    name: str = ""
+
+    def __init__(self, alpha: float | None = None, spiking: bool = True):
+        self.name, self.alpha = resolve_surrogate(self.name, alpha)
+        if not spiking and self.name not in HAS_PRIMITIVE:
+            raise ValueError(f"surrogate {self.name!r} has no primitive: spiking=False is not available")
+        self.spiking = bool(spiking)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spiking:
+            return _HeavisideWithSurrogate.apply(x, self.name, self.alpha)
+        return surrogate_primitive(self.name, self.alpha, x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha}, spiking={self.spiking})"
+
+
+class Sigmoid(SurrogateFunction):
+    name = "sigmoid"
+
+
+class ATan(SurrogateFunction):
+    name = "atan"
+
+
+class PiecewiseQuadratic(SurrogateFunction):
+    name = "piecewise_quadratic"
+
+
+class PiecewiseExp(SurrogateFunction):
+    name = "piecewise_exp"
+
+
+class SoftSign(SurrogateFunction):
+    name = "soft_sign"
+
+
+class SuperSpike(SurrogateFunction):
+    name = "super_spike"
+
+
+class Erf(SurrogateFunction):
+    name = "erf"
+
+
+def describe_surrogate(obj) -> tuple[str, float, bool] | None:
+    """Return ``(name, alpha, spiking)`` for a surrogate the fused path understands, else None.
+
+    Accepts a name, one of our ``SurrogateFunction`` objects, or a SpikingJelly surrogate
+    object (recognised by class name and its ``alpha`` / ``spiking`` attributes).
+    """
+    if isinstance(obj, str):
+        name, alpha = resolve_surrogate(obj, None)
+        return name, alpha, True
+    if isinstance(obj, SurrogateFunction):
+        return obj.name, obj.alpha, obj.spiking
+    name = SPIKINGJELLY_CLASS_NAMES.get(type(obj).__name__)
+    module = type(obj).__module__ or ""
+    if name is not None and module.startswith("spikingjelly") and hasattr(obj, "alpha"):
+        name, alpha = resolve_surrogate(name, getattr(obj, "alpha"))
+        return name, alpha, bool(getattr(obj, "spiking", True))
+    return None

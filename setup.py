@@ -1,0 +1,106 @@
+"""Build plif_cuda's extension with torch's cpp_extension and ninja.
+
+The CPU kernels are always built. The CUDA kernels are built whenever nvcc and a CUDA build
+of torch are present, whether or not this machine has a GPU.
+
+Environment:
+    CUDA_HOME               toolkit root (default: torch's guess; set it when nvcc on PATH is a wrapper)
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;8.6;8.9;9.0+PTX")
+    MAX_JOBS                parallel compile jobs
+    PLIF_CPU_ONLY=1         skip the CUDA kernels even where they could be built
+    PLIF_PTXAS_VERBOSE=1    print ptxas register/spill report for every kernel
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def find_cuda_home():
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if (Path(env) / "bin" / "nvcc").exists() else None
+    for candidate in ("/usr/local/cuda",):
+        if (Path(candidate) / "bin" / "nvcc").exists():
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
+def cuda_build_reason(torch):
+    """None when the CUDA kernels can be built, else why not."""
+    if os.environ.get("PLIF_CPU_ONLY") == "1":
+        return "PLIF_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if find_cuda_home() is None:
+        return "nvcc not found (set CUDA_HOME to the CUDA toolkit root)"
+    return None
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu.cpp"]
+    # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    link = ["-fopenmp"]
+    kwargs = dict(
+        name="plif_cuda._C",
+        include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=link,
+        py_limited_api=False,
+    )
+    reason = cuda_build_reason(torch)
+    archs = ""
+    if reason is None:
+        cuda_home = find_cuda_home()
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        nvcc = ["-O3", "--fmad=false", "-lineinfo"]
+        if os.environ.get("PLIF_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        ext = cpp_extension.CUDAExtension(
+            sources=sources + ["csrc/plif_cuda.cu"],
+            extra_compile_args={"cxx": cxx + ["-DPLIF_WITH_CUDA"], "nvcc": nvcc + ["-DPLIF_WITH_CUDA"]},
+            **kwargs,
+        )
+        print(f"plif_cuda: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, archs {archs})", file=sys.stderr)
+    else:
+        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        print(f"plif_cuda: building the CPU kernels only ({reason})", file=sys.stderr)
+    (ROOT / "plif_cuda" / "_build_info.py").write_text(
+        "# Written by setup.py at build time.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_ARCHS = {archs!r}\n"
+        f"CUDA_SKIPPED_BECAUSE = {reason!r}\n"
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="plif_cuda",
+    version="0.1.0",
+    description="Fused multi-step Parametric LIF spiking neuron for PyTorch (CPU, CUDA, CuPy)",
+    packages=["plif_cuda"],
+    package_data={"plif_cuda": ["csrc/*.h", "csrc/*.cuh"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "cupy": ["cupy-cuda13x"],
+        "test": ["pytest"],
+        "bench": ["matplotlib"],
+        "examples": ["scikit-learn", "matplotlib", "tqdm"],
+    },
+)
