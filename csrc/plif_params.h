@@ -34,6 +34,21 @@ struct Options {
   bool spiking;
 };
 
+// The boolean options packed into one int, for kernels that take scalar arguments only
+// (plif_kernels.cuh; the CuPy backend builds the same bits in Python).
+enum OptionFlags : int {
+  kFlagSoftReset = 1,
+  kFlagDecayInput = 2,
+  kFlagDetachReset = 4,
+  kFlagSpiking = 8,
+};
+
+template <typename acc_t>
+inline int option_flags(const Options<acc_t>& o) {
+  return (o.soft_reset ? kFlagSoftReset : 0) | (o.decay_input ? kFlagDecayInput : 0) |
+         (o.detach_reset ? kFlagDetachReset : 0) | (o.spiking ? kFlagSpiking : 0);
+}
+
 // Memory layout: every [T, N] tensor is contiguous with time outermost (element (t, n) at
 // t * N + n); every per-neuron tensor is [N] contiguous or, where its stride is 0, a
 // single value shared by all neurons.
