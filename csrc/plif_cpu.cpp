@@ -21,12 +21,28 @@ index_t grain_blocks(index_t T) {
   return target / work_per_block > 0 ? target / work_per_block : 1;
 }
 
-template <typename Params, typename WideFn, typename NarrowFn>
-void for_each_block(const Params& p, WideFn wide, NarrowFn narrow) {
+// One copy per instruction set, picked at load time for the running CPU: the same scans
+// vectorise 4, 8 or 16 floats wide. No -ffast-math and contraction stays off in every copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PLIF_ISA_CLONES
+#endif
+
+template <typename in_t, typename acc_t>
+PLIF_ISA_CLONES void forward_blocks(const ForwardParams<in_t, acc_t>& p, index_t begin, index_t end) {
+  for (index_t b = begin; b < end; ++b) forward_scan<kLanes>(p, b * kLanes);
+}
+
+template <typename in_t, typename acc_t>
+PLIF_ISA_CLONES void backward_blocks(const BackwardParams<in_t, acc_t>& p, index_t begin, index_t end) {
+  for (index_t b = begin; b < end; ++b) backward_scan<kLanes>(p, b * kLanes);
+}
+
+template <typename Params, typename BlocksFn, typename NarrowFn>
+void for_each_block(const Params& p, BlocksFn blocks_fn, NarrowFn narrow) {
   const index_t blocks = p.N / kLanes;
-  at::parallel_for(0, blocks, grain_blocks(p.T), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) wide(p, b * kLanes);
-  });
+  at::parallel_for(0, blocks, grain_blocks(p.T), [&](int64_t begin, int64_t end) { blocks_fn(p, begin, end); });
   for (index_t n = blocks * kLanes; n < p.N; ++n) narrow(p, n);
 }
 
@@ -34,12 +50,12 @@ void for_each_block(const Params& p, WideFn wide, NarrowFn narrow) {
 
 template <typename in_t, typename acc_t>
 void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
-  for_each_block(p, forward_scan<kLanes, in_t, acc_t>, forward_scan<1, in_t, acc_t>);
+  for_each_block(p, forward_blocks<in_t, acc_t>, forward_scan<1, in_t, acc_t>);
 }
 
 template <typename in_t, typename acc_t>
 void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  for_each_block(p, backward_scan<kLanes, in_t, acc_t>, backward_scan<1, in_t, acc_t>);
+  for_each_block(p, backward_blocks<in_t, acc_t>, backward_scan<1, in_t, acc_t>);
 }
 
 #define PLIF_INSTANTIATE_CPU(in_t, acc_t)                                    \

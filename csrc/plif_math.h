@@ -15,13 +15,51 @@
 #define PLIF_HD __host__ __device__ __forceinline__
 #else
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+// Forced inlining on the host: the CPU kernel compiles one copy of each scan per instruction
+// set (target_clones), and the scans must be inlined into those copies to be vectorised for them.
+#if defined(__GNUC__)
+#define PLIF_HD inline __attribute__((always_inline))
+#else
 #define PLIF_HD inline
+#endif
 #endif
 
 namespace plif {
 
 // ---- scalar helpers, one overload per compute type -------------------------------------
+#if defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
 PLIF_HD float exp_(float x) { return ::expf(x); }
+#else
+// expf that a compiler can vectorise (libm's expf is a call, and GCC maps it to a vector
+// version only under -ffast-math, which would also reorder the spike arithmetic). Cephes'
+// range reduction and polynomial: relative error below 2e-7 over the whole range, overflow to
+// inf, gradual underflow to 0, NaN propagated. Used only in surrogate derivatives and smooth
+// firing, never in the spiking forward, so spikes stay bit-exact.
+PLIF_HD float exp_(float x) {
+  const float clamped = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  const float n = static_cast<float>(static_cast<int32_t>(clamped * 1.44269504088896341f + (clamped < 0.0f ? -0.5f : 0.5f)));
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // 2^n as two factors so that n from -150 to 129 stays inside the normal exponent range.
+  const int32_t n_int = static_cast<int32_t>(n);
+  const int32_t half = n_int / 2;
+  const uint32_t bits_a = static_cast<uint32_t>(half + 127) << 23;
+  const uint32_t bits_b = static_cast<uint32_t>(n_int - half + 127) << 23;
+  float scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(float));
+  std::memcpy(&scale_b, &bits_b, sizeof(float));
+  const float result = p * scale_a * scale_b;
+  return x != x ? x : result;
+}
+#endif
 PLIF_HD double exp_(double x) { return ::exp(x); }
 PLIF_HD float atan_(float x) { return ::atanf(x); }
 PLIF_HD double atan_(double x) { return ::atan(x); }
