@@ -49,7 +49,9 @@ def extensions():
 
     sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu.cpp"]
     # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    # -fno-trapping-math changes no result (it lets the vectoriser if-convert selects around
+    # float-to-int conversions); -ffast-math is never used, it would reorder the arithmetic.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"]
     kwargs = dict(
         name="plif_cuda._C",

@@ -10,16 +10,13 @@
 namespace plif {
 namespace {
 
-// Wide enough for the per-step loops to vectorise and for each row of a block to fill whole
-// cache lines; the tail (N % kLanes neurons) runs one neuron at a time.
+// A block is kGroups groups of kLanes neurons. Each per-step loop runs over one group (wide
+// enough to vectorise, small enough for its temporaries to stay in L1), and the block walks
+// time step by time step through all its groups, so every [T, N] stream is read and written
+// in runs of kGroups * kLanes values that the hardware prefetchers follow.
 constexpr int kLanes = 64;
-
-// Blocks per parallel task: enough work per task to amortise the scheduling cost.
-index_t grain_blocks(index_t T) {
-  const index_t work_per_block = (T > 0 ? T : 1) * kLanes;
-  const index_t target = 1 << 15;
-  return target / work_per_block > 0 ? target / work_per_block : 1;
-}
+constexpr int kGroups = 16;
+constexpr index_t kBlock = kLanes * kGroups;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans
 // vectorise 4, 8 or 16 floats wide. No -ffast-math and contraction stays off in every copy.
@@ -30,32 +27,50 @@ index_t grain_blocks(index_t T) {
 #endif
 
 template <typename in_t, typename acc_t>
-PLIF_ISA_CLONES void forward_blocks(const ForwardParams<in_t, acc_t>& p, index_t begin, index_t end) {
-  for (index_t b = begin; b < end; ++b) forward_scan<kLanes>(p, b * kLanes);
+PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& p, index_t n0) {
+  ForwardState<kLanes, acc_t> state[kGroups];
+  for (int g = 0; g < kGroups; ++g) forward_begin<kLanes>(p, n0 + g * kLanes, state[g]);
+  for (index_t t = 0; t < p.T; ++t) {
+    for (int g = 0; g < kGroups; ++g) forward_step<kLanes>(p, t, n0 + g * kLanes, state[g]);
+  }
+  for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(p, n0 + g * kLanes, state[g]);
 }
 
 template <typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_blocks(const BackwardParams<in_t, acc_t>& p, index_t begin, index_t end) {
-  for (index_t b = begin; b < end; ++b) backward_scan<kLanes>(p, b * kLanes);
+PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& p, index_t n0) {
+  BackwardState<kLanes, acc_t> state[kGroups];
+  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes>(p, n0 + g * kLanes, state[g]);
+  for (index_t t = p.T - 1; t >= 0; --t) {
+    for (int g = 0; g < kGroups; ++g) backward_step<kLanes>(p, t, n0 + g * kLanes, state[g]);
+  }
+  for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
 }
 
-template <typename Params, typename BlocksFn, typename NarrowFn>
-void for_each_block(const Params& p, BlocksFn blocks_fn, NarrowFn narrow) {
-  const index_t blocks = p.N / kLanes;
-  at::parallel_for(0, blocks, grain_blocks(p.T), [&](int64_t begin, int64_t end) { blocks_fn(p, begin, end); });
-  for (index_t n = blocks * kLanes; n < p.N; ++n) narrow(p, n);
+// Whole blocks in parallel, then the remaining N % kBlock neurons one lane-group (or one
+// neuron) at a time.
+template <typename Params, typename BlockFn, typename GroupFn, typename NeuronFn>
+void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neuron) {
+  const index_t blocks = p.N / kBlock;
+  const index_t work_per_block = p.T * kBlock;
+  const int64_t grain = work_per_block >= (1 << 16) ? 1 : (1 << 16) / work_per_block;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) block(p, b * kBlock);
+  });
+  index_t n = blocks * kBlock;
+  for (; n + kLanes <= p.N; n += kLanes) group(p, n);
+  for (; n < p.N; ++n) neuron(p, n);
 }
 
 }  // namespace
 
 template <typename in_t, typename acc_t>
 void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
-  for_each_block(p, forward_blocks<in_t, acc_t>, forward_scan<1, in_t, acc_t>);
+  for_each_neuron(p, forward_block<in_t, acc_t>, forward_scan<kLanes, in_t, acc_t>, forward_scan<1, in_t, acc_t>);
 }
 
 template <typename in_t, typename acc_t>
 void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  for_each_block(p, backward_blocks<in_t, acc_t>, backward_scan<1, in_t, acc_t>);
+  for_each_neuron(p, backward_block<in_t, acc_t>, backward_scan<kLanes, in_t, acc_t>, backward_scan<1, in_t, acc_t>);
 }
 
 #define PLIF_INSTANTIATE_CPU(in_t, acc_t)                                    \

@@ -38,8 +38,11 @@ PLIF_HD float exp_(float x) { return ::expf(x); }
 // inf, gradual underflow to 0, NaN propagated. Used only in surrogate derivatives and smooth
 // firing, never in the spiking forward, so spikes stay bit-exact.
 PLIF_HD float exp_(float x) {
+  // A NaN x stays NaN through r and p; it is kept out of the integer conversion only.
   const float clamped = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
-  const float n = static_cast<float>(static_cast<int32_t>(clamped * 1.44269504088896341f + (clamped < 0.0f ? -0.5f : 0.5f)));
+  const float rounded = clamped * 1.44269504088896341f + (clamped < 0.0f ? -0.5f : 0.5f);
+  const int32_t n_int = static_cast<int32_t>(rounded == rounded ? rounded : 0.0f);
+  const float n = static_cast<float>(n_int);
   const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -49,15 +52,13 @@ PLIF_HD float exp_(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   // 2^n as two factors so that n from -150 to 129 stays inside the normal exponent range.
-  const int32_t n_int = static_cast<int32_t>(n);
   const int32_t half = n_int / 2;
   const uint32_t bits_a = static_cast<uint32_t>(half + 127) << 23;
   const uint32_t bits_b = static_cast<uint32_t>(n_int - half + 127) << 23;
   float scale_a, scale_b;
   std::memcpy(&scale_a, &bits_a, sizeof(float));
   std::memcpy(&scale_b, &bits_b, sizeof(float));
-  const float result = p * scale_a * scale_b;
-  return x != x ? x : result;
+  return p * scale_a * scale_b;
 }
 #endif
 PLIF_HD double exp_(double x) { return ::exp(x); }
@@ -202,109 +203,160 @@ template <typename out_t, typename acc_t>
 PLIF_HD out_t store_as(acc_t v) { return static_cast<out_t>(v); }
 
 // ---- the scans ------------------------------------------------------------------------------
+// Each scan is split into begin / step / end over an explicit state, so that a backend can
+// interleave the steps of several groups of lanes (the CPU kernel walks a wide block of
+// neurons time step by time step, which keeps its memory streams long and prefetchable);
+// forward_scan / backward_scan run one group through all T steps.
+
+// Forward state of LANES neurons: their k and membrane V[t-1].
+template <int LANES, typename acc_t>
+struct ForwardState {
+  acc_t k[LANES];
+  acc_t v[LANES];
+};
+
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void forward_begin(const ForwardParams<in_t, acc_t>& p, index_t n0, ForwardState<LANES, acc_t>& st) {
+  for (int j = 0; j < LANES; ++j) {
+    st.k[j] = p.k[(n0 + j) * p.k_stride];
+    st.v[j] = p.v_init[(n0 + j) * p.v_init_stride];
+  }
+}
+
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0, ForwardState<LANES, acc_t>& st) {
+  const Options<acc_t>& o = p.opts;
+  acc_t x[LANES], h[LANES], s[LANES];
+  const index_t row = t * p.N + n0;
+  for (int j = 0; j < LANES; ++j) x[j] = load_as<acc_t>(p.x[row + j]);
+  charge<LANES>(st.v, x, st.k, h, o);
+  fire<LANES>(h, s, o);
+  reset<LANES>(h, s, st.v, o);
+  for (int j = 0; j < LANES; ++j) p.spikes[row + j] = store_as<in_t>(s[j]);
+  if (p.h_seq != nullptr) {
+    for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
+  }
+  if (p.v_seq != nullptr) {
+    for (int j = 0; j < LANES; ++j) p.v_seq[row + j] = store_as<in_t>(st.v[j]);
+  }
+}
+
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void forward_end(const ForwardParams<in_t, acc_t>& p, index_t n0, const ForwardState<LANES, acc_t>& st) {
+  for (int j = 0; j < LANES; ++j) p.v_last[n0 + j] = store_as<in_t>(st.v[j]);
+}
+
 // Forward over all T steps for neurons n0 .. n0 + LANES - 1 (all in range).
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
-  const Options<acc_t>& o = p.opts;
-  acc_t k[LANES], v[LANES], x[LANES], h[LANES], s[LANES];
-  for (int j = 0; j < LANES; ++j) {
-    k[j] = p.k[(n0 + j) * p.k_stride];
-    v[j] = p.v_init[(n0 + j) * p.v_init_stride];
-  }
-  for (index_t t = 0; t < p.T; ++t) {
-    const index_t row = t * p.N + n0;
-    for (int j = 0; j < LANES; ++j) x[j] = load_as<acc_t>(p.x[row + j]);
-    charge<LANES>(v, x, k, h, o);
-    fire<LANES>(h, s, o);
-    reset<LANES>(h, s, v, o);
-    for (int j = 0; j < LANES; ++j) p.spikes[row + j] = store_as<in_t>(s[j]);
-    if (p.h_seq != nullptr) {
-      for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
-    }
-    if (p.v_seq != nullptr) {
-      for (int j = 0; j < LANES; ++j) p.v_seq[row + j] = store_as<in_t>(v[j]);
-    }
-  }
-  for (int j = 0; j < LANES; ++j) p.v_last[n0 + j] = store_as<in_t>(v[j]);
+  ForwardState<LANES, acc_t> st;
+  forward_begin<LANES>(p, n0, st);
+  for (index_t t = 0; t < p.T; ++t) forward_step<LANES>(p, t, n0, st);
+  forward_end<LANES>(p, n0, st);
 }
 
-// Backward: the reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from
-// H[t-1] (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is
-// recovered as (H[t] - V[t-1]) / k, with the division done once per neuron at the end.
+// Backward state of LANES neurons while walking back from t = T-1: H[t] and S[t] (loaded one
+// step ahead), dL/dH[t+1], and the running sum for dL/dk.
+template <int LANES, typename acc_t>
+struct BackwardState {
+  acc_t k[LANES];
+  acc_t h[LANES];
+  acc_t s[LANES];
+  acc_t grad_h_next[LANES];
+  acc_t grad_k_sum[LANES];
+};
+
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, BackwardState<LANES, acc_t>& st) {
+  const index_t last = (p.T - 1) * p.N + n0;
+  for (int j = 0; j < LANES; ++j) {
+    st.k[j] = p.k[(n0 + j) * p.k_stride];
+    st.grad_h_next[j] = acc_t(0);
+    st.grad_k_sum[j] = acc_t(0);
+    st.h[j] = p.h_seq[last + j];
+  }
+  fire<LANES>(st.h, st.s, p.opts);
+}
+
+// The reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from H[t-1]
+// (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is recovered as
+// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end.
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0,
+                           BackwardState<LANES, acc_t>& st) {
+  const Options<acc_t>& o = p.opts;
+  acc_t h_prev[LANES], s_prev[LANES], v_prev[LANES];
+  acc_t centred[LANES], sg[LANES], r[LANES], grad_v[LANES], grad_h[LANES];
+  const index_t row = t * p.N + n0;
+  if (t > 0) {
+    for (int j = 0; j < LANES; ++j) h_prev[j] = p.h_seq[row - p.N + j];
+    fire<LANES>(h_prev, s_prev, o);
+    reset<LANES>(h_prev, s_prev, v_prev, o);
+  } else {
+    for (int j = 0; j < LANES; ++j) {
+      v_prev[j] = p.v_init[(n0 + j) * p.v_init_stride];
+      h_prev[j] = s_prev[j] = acc_t(0);
+    }
+  }
+  for (int j = 0; j < LANES; ++j) centred[j] = st.h[j] - o.v_threshold;
+  surrogate_grad<LANES>(centred, sg, o);
+  if (o.soft_reset) {
+    if (o.detach_reset) {
+      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1);
+    } else {
+      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - o.v_threshold * sg[j];
+    }
+  } else {
+    if (o.detach_reset) {
+      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - st.s[j];
+    } else {
+      for (int j = 0; j < LANES; ++j) r[j] = (acc_t(1) - st.s[j]) + (o.v_reset - st.h[j]) * sg[j];
+    }
+  }
+  for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
+  if (p.grad_v_seq != nullptr) {
+    for (int j = 0; j < LANES; ++j) grad_v[j] = load_as<acc_t>(p.grad_v_seq[row + j]);
+  }
+  if (t == p.T - 1 && p.grad_v_last != nullptr) {
+    for (int j = 0; j < LANES; ++j) grad_v[j] += load_as<acc_t>(p.grad_v_last[n0 + j]);
+  }
+  for (int j = 0; j < LANES; ++j) grad_h[j] = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r[j];
+  if (p.grad_spikes != nullptr) {
+    for (int j = 0; j < LANES; ++j) grad_h[j] += load_as<acc_t>(p.grad_spikes[row + j]) * sg[j];
+  }
+  if (o.decay_input) {
+    for (int j = 0; j < LANES; ++j) {
+      p.grad_x[row + j] = store_as<in_t>(st.k[j] * grad_h[j]);
+      st.grad_k_sum[j] += grad_h[j] * (st.h[j] - v_prev[j]);
+    }
+  } else {
+    for (int j = 0; j < LANES; ++j) {
+      p.grad_x[row + j] = store_as<in_t>(grad_h[j]);
+      st.grad_k_sum[j] -= grad_h[j] * (v_prev[j] - o.v_reset);
+    }
+  }
+  for (int j = 0; j < LANES; ++j) {
+    st.grad_h_next[j] = grad_h[j];
+    st.h[j] = h_prev[j];
+    st.s[j] = s_prev[j];
+  }
+}
+
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, const BackwardState<LANES, acc_t>& st) {
+  for (int j = 0; j < LANES; ++j) {
+    p.grad_v_init[n0 + j] = (acc_t(1) - st.k[j]) * st.grad_h_next[j];
+    p.grad_k[n0 + j] = p.opts.decay_input ? st.grad_k_sum[j] / st.k[j] : st.grad_k_sum[j];
+  }
+}
+
+// Backward over all T steps (T >= 1) for neurons n0 .. n0 + LANES - 1 (all in range).
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
-  const Options<acc_t>& o = p.opts;
-  acc_t k[LANES], one_minus_k[LANES], grad_h_next[LANES], grad_k_sum[LANES];
-  acc_t h[LANES], s[LANES], h_prev[LANES], s_prev[LANES], v_prev[LANES];
-  acc_t centred[LANES], sg[LANES], r[LANES], grad_v[LANES], grad_h[LANES];
-  for (int j = 0; j < LANES; ++j) {
-    k[j] = p.k[(n0 + j) * p.k_stride];
-    one_minus_k[j] = acc_t(1) - k[j];
-    grad_h_next[j] = acc_t(0);
-    grad_k_sum[j] = acc_t(0);
-    h[j] = s[j] = h_prev[j] = s_prev[j] = acc_t(0);
-  }
-  if (p.T > 0) {
-    const index_t last = (p.T - 1) * p.N + n0;
-    for (int j = 0; j < LANES; ++j) h[j] = p.h_seq[last + j];
-    fire<LANES>(h, s, o);
-  }
-  for (index_t t = p.T - 1; t >= 0; --t) {
-    const index_t row = t * p.N + n0;
-    if (t > 0) {
-      for (int j = 0; j < LANES; ++j) h_prev[j] = p.h_seq[row - p.N + j];
-      fire<LANES>(h_prev, s_prev, o);
-      reset<LANES>(h_prev, s_prev, v_prev, o);
-    } else {
-      for (int j = 0; j < LANES; ++j) v_prev[j] = p.v_init[(n0 + j) * p.v_init_stride];
-    }
-    for (int j = 0; j < LANES; ++j) centred[j] = h[j] - o.v_threshold;
-    surrogate_grad<LANES>(centred, sg, o);
-    if (o.soft_reset) {
-      if (o.detach_reset) {
-        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1);
-      } else {
-        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - o.v_threshold * sg[j];
-      }
-    } else {
-      if (o.detach_reset) {
-        for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - s[j];
-      } else {
-        for (int j = 0; j < LANES; ++j) r[j] = (acc_t(1) - s[j]) + (o.v_reset - h[j]) * sg[j];
-      }
-    }
-    for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
-    if (p.grad_v_seq != nullptr) {
-      for (int j = 0; j < LANES; ++j) grad_v[j] = load_as<acc_t>(p.grad_v_seq[row + j]);
-    }
-    if (t == p.T - 1 && p.grad_v_last != nullptr) {
-      for (int j = 0; j < LANES; ++j) grad_v[j] += load_as<acc_t>(p.grad_v_last[n0 + j]);
-    }
-    for (int j = 0; j < LANES; ++j) grad_h[j] = (grad_v[j] + grad_h_next[j] * one_minus_k[j]) * r[j];
-    if (p.grad_spikes != nullptr) {
-      for (int j = 0; j < LANES; ++j) grad_h[j] += load_as<acc_t>(p.grad_spikes[row + j]) * sg[j];
-    }
-    if (o.decay_input) {
-      for (int j = 0; j < LANES; ++j) {
-        p.grad_x[row + j] = store_as<in_t>(k[j] * grad_h[j]);
-        grad_k_sum[j] += grad_h[j] * (h[j] - v_prev[j]);
-      }
-    } else {
-      for (int j = 0; j < LANES; ++j) {
-        p.grad_x[row + j] = store_as<in_t>(grad_h[j]);
-        grad_k_sum[j] -= grad_h[j] * (v_prev[j] - o.v_reset);
-      }
-    }
-    for (int j = 0; j < LANES; ++j) {
-      grad_h_next[j] = grad_h[j];
-      h[j] = h_prev[j];
-      s[j] = s_prev[j];
-    }
-  }
-  for (int j = 0; j < LANES; ++j) {
-    p.grad_v_init[n0 + j] = one_minus_k[j] * grad_h_next[j];
-    p.grad_k[n0 + j] = o.decay_input ? grad_k_sum[j] / k[j] : grad_k_sum[j];
-  }
+  BackwardState<LANES, acc_t> st;
+  backward_begin<LANES>(p, n0, st);
+  for (index_t t = p.T - 1; t >= 0; --t) backward_step<LANES>(p, t, n0, st);
+  backward_end<LANES>(p, n0, st);
 }
 
 }  // namespace plif

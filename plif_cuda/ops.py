@@ -66,6 +66,9 @@ def _setup_context(ctx, inputs, output):
             "plif_cuda: the forward ran with save_h=False, so it cannot be differentiated; "
             "call it through plif_cuda.plif_multistep"
         )
+    # Outputs nobody differentiates (h_seq always, often v_seq) then arrive as None instead of
+    # freshly zero-filled [T, ...] tensors.
+    ctx.set_materialize_grads(False)
     ctx.options = tuple(options)
     ctx.x_dtype = x.dtype
     ctx.store_v_seq = store_v_seq
