@@ -33,10 +33,15 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+# Looked up once: backend selection runs inside torch.compile'd code, which should not trace
+# into the dispatcher's registry.
+_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "plif_cuda::multistep_forward", "CUDA"
+)
+
+
 def extension_has_cuda() -> bool:
-    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "plif_cuda::multistep_forward", "CUDA"
-    )
+    return _EXTENSION_HAS_CUDA
 
 
 def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha,
