@@ -47,7 +47,7 @@ def extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu.cpp"]
+    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu.cpp", "csrc/plif_cpu_buffers.cpp"]
     # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
     # -fno-trapping-math changes no result (it lets the vectoriser if-convert selects around
     # float-to-int conversions); -ffast-math is never used, it would reorder the arithmetic.

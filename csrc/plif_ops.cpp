@@ -17,6 +17,7 @@
 
 #include <tuple>
 
+#include "plif_cpu_buffers.h"
 #include "plif_launch.h"
 
 extern "C" {
@@ -71,6 +72,11 @@ Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset,
   return o;
 }
 
+// [T, N] outputs: on CPU from the page-resident cache (plif_cpu_buffers.h).
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
+}
+
 template <typename T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
@@ -100,10 +106,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   check_per_neuron(v_init, "v_init", x, N);
   const auto acc_type = compute_type_of(x.scalar_type());
 
-  Tensor spikes = at::empty_like(x);
+  Tensor spikes = empty_output(x.sizes(), x.options());
   Tensor v_last = at::empty(x.sizes().slice(1), x.options());
-  Tensor v_seq = store_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
-  Tensor h_seq = save_h ? at::empty(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
+  Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
+  Tensor h_seq = save_h ? empty_output(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
     v_last.copy_(v_init.expand({N}).view(v_last.sizes()));
@@ -162,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
                 "grad_v_last must be a contiguous ", x_dtype, " tensor of ", N, " values on ", h_seq.device());
   }
 
-  Tensor grad_x = at::empty(h_seq.sizes(), h_seq.options().dtype(x_dtype));
+  Tensor grad_x = empty_output(h_seq.sizes(), h_seq.options().dtype(x_dtype));
   Tensor grad_k = at::empty({N}, h_seq.options());
   Tensor grad_v_init = at::empty({N}, h_seq.options());
   if (N == 0) return {grad_x, grad_k, grad_v_init};
