@@ -3,6 +3,7 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -23,8 +24,10 @@ class BufferCache {
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
+      // Most recently released first: its lines are the likeliest to still be in cache.
+      const auto range = free_.equal_range(bytes);
+      if (range.first != range.second) {
+        const auto it = std::prev(range.second);
         void* block = it->second;
         free_.erase(it);
         cached_bytes_ -= bytes;
