@@ -389,14 +389,15 @@ def test_runs_on_the_tensors_device_and_keeps_the_current_device():
 @needs_cupy_gpu
 def test_runs_on_the_current_side_stream():
     x, w, v_init = _inputs((8, 1 << 16), torch.float32, ())
-    expected = plif_multistep(x, w, v_init, backend="cupy")[0]
+    x_doubled = x * 2  # kept alive, so that the allocator cannot hand its memory to x_late below
+    expected = plif_multistep(x_doubled, w, v_init, backend="cupy")[0]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         # The input is written on the side stream behind a long sleep: a kernel launched on any
         # other stream would read it before it is ready.
         torch.cuda._sleep(50_000_000)
-        x_late = x * 1.0
+        x_late = x * 2
         spikes = plif_multistep(x_late, w, v_init, backend="cupy")[0]
     side.synchronize()
     assert torch.equal(spikes, expected)
