@@ -16,9 +16,12 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# Installed into plif_cuda/csrc/ for the CuPy backend's run-time compile.
+KERNEL_SOURCES = ("*.h", "*.cuh")
 
 
 def find_cuda_home():
@@ -87,14 +90,27 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+class build_py_with_kernel_sources(build_py):
+    """Ship the kernel sources inside the package (plif_cuda/csrc/): the CuPy backend compiles
+    them at run time with NVRTC."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "plif_cuda" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for pattern in KERNEL_SOURCES:
+            for header in sorted((ROOT / "csrc").glob(pattern)):
+                self.copy_file(str(header), str(target / header.name))
+
+
 ext_modules, cmdclass = extensions()
+cmdclass["build_py"] = build_py_with_kernel_sources
 
 setup(
     name="plif_cuda",
     version="0.1.0",
     description="Fused multi-step Parametric LIF spiking neuron for PyTorch (CPU, CUDA, CuPy)",
     packages=["plif_cuda"],
-    package_data={"plif_cuda": ["csrc/*.h", "csrc/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
