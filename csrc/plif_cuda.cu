@@ -5,11 +5,14 @@
 // captured in a CUDA graph. The caller (plif_ops.cpp) has set the device guard.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "plif_kernels.cuh"
 #include "plif_launch.h"
@@ -43,22 +46,32 @@ typename CudaType<T>::type* as_cuda(T* ptr) {
 
 constexpr int kThreadsPerBlock = 256;
 
-int device_attribute(cudaDeviceAttr attribute) {
+int device_attribute(cudaDeviceAttr attribute, c10::DeviceIndex device) {
   int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, c10::cuda::current_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
   return value;
 }
 
-// One thread per neuron, each scanning all T steps. The grid covers N, capped at what the
-// device keeps resident at once; the kernels' grid-stride loops take the neurons beyond it.
-// (ATen/cuda/CUDAContext.h would give the device properties, but it pulls in the cuBLAS and
-// cuSPARSE headers, which a minimal CUDA toolkit does not have.)
+// Blocks the current device keeps resident at once, queried once per device so that the
+// launch path makes no driver call. (ATen/cuda/CUDAContext.h caches the device properties
+// too, but it pulls in the cuBLAS and cuSPARSE headers, which a minimal toolkit lacks.)
+index_t resident_blocks() {
+  static std::array<std::atomic<index_t>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried yet
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  index_t blocks = cache[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    const int per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device) / kThreadsPerBlock;
+    blocks = static_cast<index_t>(device_attribute(cudaDevAttrMultiProcessorCount, device)) * std::max(1, per_sm);
+    cache[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+// One thread per neuron, each scanning all T steps. The grid covers N up to what the device
+// keeps resident; the kernels' grid-stride loops take the neurons beyond that.
 unsigned int grid_size(index_t neurons) {
-  const index_t resident_blocks =
-      static_cast<index_t>(device_attribute(cudaDevAttrMultiProcessorCount)) *
-      std::max(1, device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor) / kThreadsPerBlock);
   const index_t needed = (neurons + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  return static_cast<unsigned int>(std::max<index_t>(1, std::min(needed, resident_blocks)));
+  return static_cast<unsigned int>(std::max<index_t>(1, std::min(needed, resident_blocks())));
 }
 
 }  // namespace
