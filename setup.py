@@ -42,6 +42,9 @@ def cuda_build_reason(torch):
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     if find_cuda_home() is None:
+        env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if env:
+            return f"no nvcc at {Path(env) / 'bin' / 'nvcc'} (CUDA_HOME/CUDA_PATH must be the CUDA toolkit root)"
         return "nvcc not found (set CUDA_HOME to the CUDA toolkit root)"
     return None
 

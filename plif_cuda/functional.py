@@ -136,13 +136,15 @@ def plif_multistep(
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
 
     acc = compute_dtype(x_seq.dtype)
+    # Python numbers become tensors through torch.full, a device-side fill: torch.tensor would
+    # copy from the host and synchronise, which a CUDA graph capture forbids.
     if isinstance(w, Real) and not isinstance(w, bool):
-        w = torch.tensor(float(w), dtype=acc, device=x_seq.device)
+        w = torch.full((), float(w), dtype=acc, device=x_seq.device)
     w = _check_tensor_arg(w, "w", x_seq, step_shape)
     if v_init is None:
         v_init = 0.0 if v_reset is None else v_reset
     if isinstance(v_init, Real) and not isinstance(v_init, bool):
-        v_init = torch.tensor(float(v_init), dtype=acc, device=x_seq.device)
+        v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
     v_init = _check_tensor_arg(v_init, "v_init", x_seq, step_shape)
     k = torch.sigmoid(w).to(acc)
 

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Check the compiled CUDA kernels of plif_cuda's extension; exit 0 only when every check passes.
+
+Run after `python setup.py build_ext --inplace` (or on an installed library):
+
+    python .ci/check_cuda_build.py [--library PATH] [--arch 80 --arch 90] [--ptxas-log build.log]
+
+Asserts, reading the library with `cuobjdump` (no GPU needed):
+  1. the library holds a cubin (SASS) for every required architecture (default sm_80 and sm_90);
+  2. each of those cubins holds the forward and backward kernel for all four dtype pairs;
+  3. every plif kernel in every cubin uses zero local memory and a zero-byte stack frame, so
+     no register spills to local memory.
+With --ptxas-log (a build log made with PLIF_PTXAS_VERBOSE=1) it also asserts that ptxas
+reported "0 bytes spill stores, 0 bytes spill loads" for every plif kernel it compiled.
+
+cuobjdump is looked up in $CUOBJDUMP, $CUDA_HOME/bin, PATH, then in triton's wheel (which
+ships one: a minimal CUDA toolkit may lack it).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
+# The (in_t, acc_t) pairs as they appear in the mangled kernel names.
+DTYPE_PAIRS = {"Iff": "float32", "Idd": "float64", "I6__halff": "float16", "I13__nv_bfloat16f": "bfloat16"}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def find_cuobjdump() -> str:
+    candidates = [os.environ.get("CUOBJDUMP")]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        candidates.append(str(Path(cuda_home) / "bin" / "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin is not None:
+        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise CheckFailed(
+        "cuobjdump not found: set CUOBJDUMP, or CUDA_HOME to a toolkit that has bin/cuobjdump, "
+        "or install triton (its wheel ships one)"
+    )
+
+
+def find_library(explicit: str | None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CheckFailed(f"--library {explicit}: no such file")
+        return path
+    found = sorted((REPO / "plif_cuda").glob("_C*.so"))
+    if len(found) != 1:
+        raise CheckFailed(f"expected one plif_cuda/_C*.so in {REPO}, found {[str(p) for p in found]}; pass --library")
+    return found[0]
+
+
+def run_cuobjdump(cuobjdump: str, *args: str) -> str:
+    result = subprocess.run([cuobjdump, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckFailed(f"{cuobjdump} {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def kernel_label(mangled: str) -> str | None:
+    """'forward float16' for a plif kernel's mangled name, None for any other function."""
+    for kernel in KERNELS:
+        marker = f"{len(kernel)}{kernel}"
+        if marker in mangled:
+            rest = mangled.split(marker, 1)[1]
+            dtype = next((name for code, name in DTYPE_PAIRS.items() if rest.startswith(code)), "unknown dtype")
+            return f"{kernel.split('_')[1]} {dtype}"
+    return None
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{arch: {kernel label: {"REG": .., "STACK": .., "LOCAL": ..}}} from `cuobjdump -res-usage`."""
+    usage: dict[str, dict[str, dict[str, int]]] = {}
+    arch = None
+    label = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+            usage.setdefault(arch, {})
+        elif line.startswith("Function "):
+            label = kernel_label(line.split(None, 1)[1].rstrip(":"))
+        elif label is not None and line.startswith("REG:"):
+            if arch is None:
+                raise CheckFailed("cuobjdump -res-usage printed a function before any 'arch =' line")
+            fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line))
+            usage[arch][label] = {key: int(fields[key]) for key in ("REG", "STACK", "LOCAL")}
+            label = None
+    return usage
+
+
+def check_ptxas_log(path: Path) -> list[str]:
+    """Problems in a ptxas -v report: any plif kernel with spills or a stack frame."""
+    problems = []
+    current = None
+    seen = 0
+    for line in path.read_text(errors="replace").splitlines():
+        entry = re.search(r"Compiling entry function '(\w+)' for '(\w+)'", line)
+        if entry:
+            label = kernel_label(entry.group(1))
+            current = f"{label} ({entry.group(2)})" if label else None
+            continue
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if frame and current is not None:
+            seen += 1
+            stack, stores, loads = (int(v) for v in frame.groups())
+            if stack or stores or loads:
+                problems.append(f"ptxas: {current}: {stack} bytes stack, {stores} bytes spill stores, {loads} bytes spill loads")
+            current = None
+    if seen == 0:
+        problems.append(f"ptxas log {path} has no report for any plif kernel (was it built with PLIF_PTXAS_VERBOSE=1?)")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--library", help="the extension library (default: the one in plif_cuda/)")
+    parser.add_argument("--arch", action="append", help="required SASS architecture, e.g. 80 (repeatable; default 80 and 90)")
+    parser.add_argument("--ptxas-log", type=Path, help="build log made with PLIF_PTXAS_VERBOSE=1")
+    args = parser.parse_args()
+    required = [f"sm_{a.removeprefix('sm_')}" for a in (args.arch or ["80", "90"])]
+
+    try:
+        library = find_library(args.library)
+        cuobjdump = find_cuobjdump()
+        print(f"library:   {library}\ncuobjdump: {cuobjdump}")
+        elf_list = run_cuobjdump(cuobjdump, "--list-elf", str(library))
+        archs_present = sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", elf_list)))
+        ptx_present = sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", run_cuobjdump(cuobjdump, "--list-ptx", str(library)))))
+        print(f"cubins:    {', '.join(archs_present) or 'none'}\nPTX:       {', '.join(ptx_present) or 'none'}")
+        usage = parse_resource_usage(run_cuobjdump(cuobjdump, "-res-usage", str(library)))
+    except CheckFailed as error:
+        print(f"FAIL: {error}", file=sys.stderr)
+        return 1
+
+    problems = [f"no {arch} cubin in the library" for arch in required if arch not in archs_present]
+    expected = {f"{kernel.split('_')[1]} {dtype}" for kernel in KERNELS for dtype in DTYPE_PAIRS.values()}
+    for arch in sorted(usage):
+        kernels = usage[arch]
+        missing = expected - kernels.keys()
+        if missing:
+            problems.append(f"{arch}: kernels missing: {', '.join(sorted(missing))}")
+        for label, res in sorted(kernels.items()):
+            verdict = "ok" if res["LOCAL"] == 0 and res["STACK"] == 0 else "SPILLS"
+            print(f"  {arch}  {label:<18} REG:{res['REG']:<3} STACK:{res['STACK']:<4} LOCAL:{res['LOCAL']:<4} {verdict}")
+            if verdict != "ok":
+                problems.append(f"{arch}: {label} uses local memory (STACK:{res['STACK']} LOCAL:{res['LOCAL']})")
+    for arch in required:
+        if arch in archs_present and not usage.get(arch):
+            problems.append(f"{arch}: cubin present but cuobjdump -res-usage lists no plif kernel in it")
+    if args.ptxas_log is not None:
+        if not args.ptxas_log.is_file():
+            problems.append(f"--ptxas-log {args.ptxas_log}: no such file")
+        else:
+            problems.extend(check_ptxas_log(args.ptxas_log))
+
+    if problems:
+        print("FAIL: the CUDA build check found problems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

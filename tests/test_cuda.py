@@ -1,0 +1,392 @@
+"""The fused CUDA kernels (backend="cuda") against the reference, and what only CUDA has:
+graph capture, side streams, a second device, large launches, half types.
+
+Skipped without a GPU or without the CUDA kernels in the extension (benchmarks/gpu_check.sh
+asserts that they are there on a GPU machine). Reference runs are on the same GPU; half inputs
+are compared with the reference computed in float32 on the same (rounded) values, so the only
+difference is the final rounding of the outputs to the half format.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import plif_cuda
+from plif_cuda import backends, ops
+from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not ops.extension_has_cuda(), reason="the extension was built without CUDA kernels"),
+]
+
+CUDA = torch.device("cuda")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# T, B, C, H, W: 210 neurons per step, fewer than one 256-thread block and not a multiple of it.
+SHAPE = (8, 2, 3, 5, 7)
+
+# (rtol, atol) of outputs and gradients, per input dtype. float32/float64 differ from the
+# reference only by the rounding of exp/atan/erfc and by summation order; half types also by
+# one rounding of each stored value to the half format.
+OUTPUT_TOLERANCE = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+GRAD_TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def random_on_cuda(shape, seed: int, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
+    generator = torch.Generator(device=CUDA).manual_seed(seed)
+    return (torch.randn(shape, generator=generator, device=CUDA) * scale + shift).to(dtype)
+
+
+def forward_backward(x, w, v_init, backend, upstream, **options):
+    """plif_multistep on fresh leaves, then backward with the given upstream gradients.
+
+    Returns (spike_seq, v_last, v_seq) and the gradients {"x", "w", "v_init"} of the leaves
+    (only those that are tensors). ``upstream`` holds one gradient per output, in any dtype:
+    each is cast to its output's dtype.
+    """
+    # A leaf with exactly x's strides: clone() would make a sliced view dense.
+    x_leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    x_leaf.copy_(x.detach())
+    x_leaf.requires_grad_()
+    w_leaf = w.detach().clone().requires_grad_()
+    v_leaf = v_init.detach().clone().requires_grad_() if isinstance(v_init, torch.Tensor) else v_init
+    outputs = plif_cuda.plif_multistep(x_leaf, w_leaf, v_leaf, backend=backend, **options)
+    used = [(out, grad.to(out.dtype)) for out, grad in zip(outputs, upstream) if out is not None]
+    torch.autograd.backward([out for out, _ in used], [grad for _, grad in used])
+    grads = {"x": x_leaf.grad, "w": w_leaf.grad}
+    if isinstance(v_leaf, torch.Tensor):
+        grads["v_init"] = v_leaf.grad
+    return outputs, grads
+
+
+def make_upstream(shape, dtype, seed):
+    """Gradients for (spike_seq, v_last, v_seq), rounded to ``dtype`` so that the fused run and
+    the float32 reference receive the same values."""
+    return (
+        random_on_cuda(shape, seed, dtype),
+        random_on_cuda(shape[1:], seed + 1, dtype),
+        random_on_cuda(shape, seed + 2, dtype),
+    )
+
+
+def assert_matches_reference(x, w, v_init=None, seed=0, **options):
+    """The fused CUDA run equals the reference: spikes exactly (when spiking), membranes and
+    gradients within the dtype's tolerance."""
+    dtype = x.dtype
+    upstream = make_upstream(x.shape, dtype, seed + 100)
+    (spikes, v_last, v_seq), grads = forward_backward(x, w, v_init, "cuda", upstream, **options)
+    x_ref = x.to(reference_dtype(dtype))
+    (ref_spikes, ref_v_last, ref_v_seq), ref_grads = forward_backward(x_ref, w, v_init, "torch", upstream, **options)
+
+    assert spikes.dtype == dtype and v_last.dtype == dtype
+    assert spikes.device == x.device
+    rtol, atol = OUTPUT_TOLERANCE[dtype]
+    if options.get("spiking", True):
+        assert torch.equal(spikes, ref_spikes.to(dtype)), "spikes differ from the reference"
+    else:
+        torch.testing.assert_close(spikes, ref_spikes.to(dtype), rtol=rtol, atol=atol)
+    torch.testing.assert_close(v_last, ref_v_last.to(dtype), rtol=rtol, atol=atol)
+    if options.get("store_v_seq", False):
+        torch.testing.assert_close(v_seq, ref_v_seq.to(dtype), rtol=rtol, atol=atol)
+    else:
+        assert v_seq is None
+
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    torch.testing.assert_close(grads["x"], ref_grads["x"].to(dtype), rtol=rtol, atol=atol)
+    # w and v_init are in the compute dtype on both sides. An entry of w's gradient sums over
+    # every neuron and step that shares it; rounding errors grow with the square root of that.
+    shared = x.numel() // max(1, w.numel())
+    acc_rtol, acc_atol = GRAD_TOLERANCE[reference_dtype(dtype)]
+    torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=acc_rtol, atol=acc_atol * shared**0.5)
+    if "v_init" in grads:
+        shared = x[0].numel() // max(1, v_init.numel())
+        torch.testing.assert_close(grads["v_init"], ref_grads["v_init"], rtol=acc_rtol, atol=acc_atol * shared**0.5)
+
+
+def tau_weight(shape, seed, dtype=torch.float32):
+    """w with k = sigmoid(w) spread over (0.2, 0.8)."""
+    return random_on_cuda(shape, seed, dtype, scale=0.6)
+
+
+def test_auto_backend_picks_cuda_kernels():
+    x = torch.zeros(2, 3, device=CUDA)
+    assert backends.select("auto", x) == "cuda"
+    assert "cuda" in plif_cuda.available_backends(CUDA)
+
+
+OPTION_SETS = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"v_reset": None}, id="soft_reset"),
+    pytest.param({"decay_input": False}, id="no_decay_input"),
+    pytest.param({"detach_reset": True}, id="detach_reset"),
+    pytest.param({"v_reset": None, "decay_input": False, "detach_reset": True}, id="soft_nodecay_detach"),
+    pytest.param({"v_reset": -0.3, "v_threshold": 0.7, "store_v_seq": True}, id="reset_threshold_vseq"),
+    pytest.param({"v_reset": None, "store_v_seq": True, "surrogate": "atan"}, id="soft_vseq_atan"),
+    pytest.param({"spiking": False, "surrogate": "atan", "store_v_seq": True}, id="smooth_atan"),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_reference_for_every_option(dtype, options):
+    x = random_on_cuda(SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
+    assert_matches_reference(x, tau_weight((), seed=2), **options)
+
+
+SURROGATE_CASES = [
+    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
+    for name in SURROGATE_IDS
+    for spiking in (True, False)
+    if spiking or name in HAS_PRIMITIVE
+]
+
+
+@pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_cuda_matches_reference_for_every_surrogate(dtype, surrogate, spiking):
+    x = random_on_cuda(SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
+    assert_matches_reference(x, tau_weight((), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
+
+
+W_SHAPES = [
+    pytest.param((), id="per_layer"),
+    pytest.param((3, 1, 1), id="per_channel"),
+    pytest.param((3, 5, 7), id="per_neuron"),
+    pytest.param((2, 3, 5, 7), id="per_neuron_and_batch"),
+]
+V_INIT_KINDS = ("none", "scalar_tensor", "per_neuron")
+
+
+def make_v_init(kind: str, dtype: torch.dtype):
+    if kind == "none":
+        return None
+    if kind == "scalar_tensor":
+        return torch.tensor(0.25, device=CUDA, dtype=reference_dtype(dtype))
+    return random_on_cuda(SHAPE[1:], seed=6, dtype=reference_dtype(dtype), scale=0.5)
+
+
+@pytest.mark.parametrize("v_init_kind", V_INIT_KINDS)
+@pytest.mark.parametrize("w_shape", W_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_reference_for_w_and_v_init_shapes(dtype, w_shape, v_init_kind):
+    x = random_on_cuda(SHAPE, seed=5, dtype=dtype, scale=1.5, shift=0.4)
+    w = tau_weight(w_shape, seed=7, dtype=reference_dtype(dtype))
+    assert_matches_reference(x, w, make_v_init(v_init_kind, dtype), v_reset=None, store_v_seq=True)
+
+
+@pytest.mark.parametrize("neurons", (1, 255, 257, 1000))
+def test_cuda_neuron_counts_around_the_block_size(neurons):
+    x = random_on_cuda((5, neurons), seed=8, scale=1.5, shift=0.4)
+    assert_matches_reference(x, tau_weight((neurons,), seed=9), store_v_seq=True)
+
+
+def test_cuda_large_neuron_count_uses_the_grid_stride_loop():
+    # 2^24 neurons: far more than one wave of resident threads on any GPU, so most threads scan
+    # several neurons. T is small to keep the reference cheap.
+    neurons = 1 << 24
+    x = random_on_cuda((3, neurons), seed=10, scale=1.5, shift=0.4)
+    w = tau_weight((neurons,), seed=11)
+    upstream = make_upstream(x.shape, x.dtype, seed=12)
+    (spikes, v_last, _), grads = forward_backward(x, w, None, "cuda", upstream)
+    (ref_spikes, ref_v_last, _), ref_grads = forward_backward(x, w, None, "torch", upstream)
+    assert torch.equal(spikes, ref_spikes)
+    torch.testing.assert_close(v_last, ref_v_last, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["x"], ref_grads["x"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_zero_time_steps_and_zero_neurons():
+    w = torch.tensor(0.0, device=CUDA)
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=CUDA), w, 0.5, backend="cuda")
+    assert spikes.shape == (0, 4)
+    assert torch.equal(v_last, torch.full((4,), 0.5, device=CUDA))
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(3, 0, device=CUDA), w, backend="cuda")
+    assert spikes.shape == (3, 0) and v_last.shape == (0,)
+
+
+def seq_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[T, B, C, H, W] as a conv on the flattened [T*B, C, H, W] sequence leaves it in channels-last."""
+    return x.reshape(-1, *x.shape[2:]).contiguous(memory_format=torch.channels_last).view(x.shape)
+
+
+def sliced(x: torch.Tensor) -> torch.Tensor:
+    """Every other element along W of a wider tensor: not dense, so the op needs a copy."""
+    wide = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
+    view = wide[..., ::2]
+    view.copy_(x)
+    return view
+
+
+def time_not_outermost(x: torch.Tensor) -> torch.Tensor:
+    """Dense, but with the batch dim outside the time dim in memory."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("layout", (seq_channels_last, sliced, time_not_outermost), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_cuda_strided_inputs_match_contiguous(dtype, layout):
+    x = random_on_cuda(SHAPE, seed=13, dtype=dtype, scale=1.5, shift=0.4)
+    x_strided = layout(x)
+    assert not x_strided.is_contiguous() and torch.equal(x_strided, x)
+    w = tau_weight((3, 1, 1), seed=14)
+    upstream = make_upstream(x.shape, dtype, seed=15)
+    options = {"v_reset": None, "store_v_seq": True}
+    outputs, grads = forward_backward(x_strided, w, None, "cuda", upstream, **options)
+    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream, **options)
+    for name, out, expected in zip(("spike_seq", "v_last", "v_seq"), outputs, expected_outputs):
+        assert torch.equal(out, expected), f"{name} differs from the contiguous run"
+    assert torch.equal(grads["x"], expected_grads["x"])
+    # The per-channel sums run over the neurons in another order: equal up to rounding.
+    torch.testing.assert_close(grads["w"], expected_grads["w"], rtol=1e-5, atol=1e-5)
+    if layout is seq_channels_last:
+        # Dense layouts are used in place and the outputs keep them (no copy either way).
+        assert outputs[0].stride() == x_strided.stride()
+        assert outputs[2].stride() == x_strided.stride()
+
+
+def test_cuda_graph_capture_and_replay_forward_and_backward():
+    shape = (6, 1000)
+    x = random_on_cuda(shape, seed=16, scale=1.5, shift=0.4).requires_grad_()
+    w = torch.zeros((), device=CUDA, requires_grad=True)
+    grad_spikes, grad_v_last, _ = make_upstream(shape, torch.float32, seed=17)
+
+    def step():
+        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend="cuda")
+        torch.autograd.backward([spikes, v_last], [grad_spikes, grad_v_last])
+        return spikes, v_last
+
+    # Warm up on a side stream before capture, as torch.cuda.graphs requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad, w.grad = None, None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad, w.grad = None, None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_spikes, static_v_last = step()
+
+    for seed in (18, 19):
+        new_x = random_on_cuda(shape, seed=seed, scale=1.5, shift=0.4)
+        with torch.no_grad():
+            x.copy_(new_x)
+            w.fill_(seed / 40)
+        graph.replay()
+        upstream = (grad_spikes, grad_v_last, torch.zeros(shape, device=CUDA))
+        (spikes, v_last, _), grads = forward_backward(new_x, w, None, "cuda", upstream)
+        assert torch.equal(static_spikes, spikes)
+        assert torch.equal(static_v_last, v_last)
+        assert torch.equal(x.grad, grads["x"])
+        assert torch.equal(w.grad, grads["w"])
+
+
+def test_cuda_runs_on_the_current_stream():
+    # The input is written on a side stream after a long sleep there. A kernel launched on any
+    # other stream would run before the write and read zeros.
+    shape = (4, 4096)
+    source = random_on_cuda(shape, seed=20, scale=1.5, shift=0.4)
+    w = torch.tensor(0.3, device=CUDA)
+    expected_spikes, expected_v_last, _ = plif_cuda.plif_multistep(source, w, backend="cuda")
+    assert expected_spikes.any(), "the test input must make some neurons fire"
+
+    x = torch.zeros(shape, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(source)
+        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(spikes, expected_spikes)
+    assert torch.equal(v_last, expected_v_last)
+
+
+def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream():
+    x = random_on_cuda(SHAPE, seed=21, scale=1.5, shift=0.4)
+    w = tau_weight((3, 1, 1), seed=22)
+    upstream = make_upstream(SHAPE, torch.float32, seed=23)
+    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream, store_v_seq=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outputs, grads = forward_backward(x, w, None, "cuda", upstream, store_v_seq=True)
+    torch.cuda.current_stream().wait_stream(side)
+    for out, expected in zip(outputs, expected_outputs):
+        assert torch.equal(out, expected)
+    for name in expected_grads:
+        assert torch.equal(grads[name], expected_grads[name]), f"gradient of {name} differs"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_cuda_second_device_while_the_first_is_current():
+    second = torch.device("cuda", 1)
+    x = random_on_cuda(SHAPE, seed=24, scale=1.5, shift=0.4)
+    w = tau_weight((3, 5, 7), seed=25)
+    upstream = make_upstream(SHAPE, torch.float32, seed=26)
+    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream)
+    with torch.cuda.device(0):
+        outputs, grads = forward_backward(
+            x.to(second), w.to(second), None, "cuda", [g.to(second) for g in upstream]
+        )
+    assert outputs[0].device == second and grads["x"].device == second and grads["w"].device == second
+    for out, expected in zip(outputs[:2], expected_outputs[:2]):
+        assert torch.equal(out.cpu(), expected.cpu())
+    for name in expected_grads:
+        assert torch.equal(grads[name].cpu(), expected_grads[name].cpu()), f"gradient of {name} differs"
+
+
+@pytest.mark.parametrize("w_shape", ((), (64, 1)), ids=("per_layer", "per_channel"))
+def test_cuda_w_gradient_is_bitwise_reproducible(w_shape):
+    shape = (4, 64, 4096)
+    x = random_on_cuda(shape, seed=27, scale=1.5, shift=0.4)
+    w = tau_weight(w_shape, seed=28)
+    upstream = make_upstream(shape, torch.float32, seed=29)
+    first = forward_backward(x, w, None, "cuda", upstream)[1]["w"]
+    for _ in range(3):
+        again = forward_backward(x, w, None, "cuda", upstream)[1]["w"]
+        assert torch.equal(again, first)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_cuda_keeps_one_sequence_for_backward(dtype):
+    x = random_on_cuda(SHAPE, seed=30, dtype=dtype).requires_grad_()
+    w = torch.zeros((), device=CUDA, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        plif_cuda.plif_multistep(x, w, backend="cuda")
+    sequences = [t for t in saved if t.numel() >= x.numel()]
+    assert len(sequences) == 1, [tuple(t.shape) for t in saved]
+    assert sequences[0].dtype == reference_dtype(dtype)
+
+
+def test_cuda_opcheck():
+    x = random_on_cuda((5, 3, 7), seed=31, scale=1.5, shift=0.4)
+    k = torch.sigmoid(tau_weight((21,), seed=32))
+    v_init = torch.zeros(1, device=CUDA)
+    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, True))
+
+
+@pytest.mark.parametrize("argument", ("w", "v_init"))
+def test_cuda_refuses_parameters_on_another_device(argument):
+    x = torch.zeros(3, 4, device=CUDA)
+    tensors = {"w": torch.zeros((), device=CUDA), "v_init": torch.zeros(4, device=CUDA)}
+    tensors[argument] = tensors[argument].cpu()
+    with pytest.raises(ValueError, match=f"{argument} is on cpu"):
+        plif_cuda.plif_multistep(x, tensors["w"], tensors["v_init"], backend="cuda")
