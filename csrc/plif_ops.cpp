@@ -38,20 +38,20 @@ at::ScalarType compute_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_per_neuron(const Tensor& t, const char* name, const Tensor& x, int64_t neurons) {
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == compute_type_of(x.scalar_type()), name, " must have dtype ",
-              compute_type_of(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+void check_per_neuron(const Tensor& t, const char* name, const c10::Device& device, at::ScalarType x_dtype,
+                      int64_t neurons) {
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
+  TORCH_CHECK(t.scalar_type() == compute_type_of(x_dtype), name, " must have dtype ", compute_type_of(x_dtype),
+              " for x of dtype ", x_dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.numel() == 1 || t.numel() == neurons, name, " must hold 1 or ", neurons,
               " values (one per neuron), got ", t.numel());
 }
 
-void check_seq(const Tensor& t, const char* name, const Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but expected ", ref.device());
-  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have shape ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
-              ", got ", t.scalar_type());
+void check_seq(const Tensor& t, const char* name, const Tensor& h_seq, at::ScalarType x_dtype) {
+  TORCH_CHECK(t.device() == h_seq.device(), name, " is on ", t.device(), " but expected ", h_seq.device());
+  TORCH_CHECK(t.sizes() == h_seq.sizes(), name, " must have shape ", h_seq.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x_dtype, name, " must have dtype ", x_dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -102,8 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   const int64_t T = x.size(0);
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
-  check_per_neuron(k, "k", x, N);
-  check_per_neuron(v_init, "v_init", x, N);
+  check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
+  check_per_neuron(v_init, "v_init", x.device(), x.scalar_type(), N);
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
@@ -156,12 +156,10 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
   TORCH_CHECK(h_seq.is_contiguous(), "h_seq must be contiguous");
   const int64_t T = h_seq.size(0);
   const int64_t N = c10::multiply_integers(h_seq.sizes().slice(1));
-  const Tensor x_like = at::empty({0}, h_seq.options().dtype(x_dtype));
-  check_per_neuron(k, "k", x_like, N);
-  check_per_neuron(v_init, "v_init", x_like, N);
-  const Tensor seq_like = at::empty(h_seq.sizes(), h_seq.options().dtype(x_dtype));
-  if (grad_spikes) check_seq(*grad_spikes, "grad_spikes", seq_like);
-  if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", seq_like);
+  check_per_neuron(k, "k", h_seq.device(), x_dtype, N);
+  check_per_neuron(v_init, "v_init", h_seq.device(), x_dtype, N);
+  if (grad_spikes) check_seq(*grad_spikes, "grad_spikes", h_seq, x_dtype);
+  if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", h_seq, x_dtype);
   if (grad_v_last) {
     TORCH_CHECK(grad_v_last->numel() == N && grad_v_last->is_contiguous() &&
                     grad_v_last->scalar_type() == x_dtype && grad_v_last->device() == h_seq.device(),

@@ -152,7 +152,7 @@ class ParametricLIFNode(nn.Module):
             self._warned_fallback = True
         acc = compute_dtype(x_seq.dtype)
         if not isinstance(v_init, torch.Tensor):
-            v_init = torch.tensor(float(v_init))
+            v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
         return plif_time_loop(
             x_seq, torch.sigmoid(self.w).to(acc), v_init.to(device=x_seq.device, dtype=acc), self.surrogate_function,
             store_v_seq=self.store_v_seq, **self._options(),
