@@ -112,6 +112,22 @@ def make_seq(shape, dtype=torch.float32, device="cpu", layout="contiguous", seed
 
 
 
+def distance_to_threshold(x_seq, w, v_init, v_reset, decay_input=True, v_threshold=1.0):
+    """Smallest |H - V_th| over every neuron and step, recomputed in float64 with the spec's
+    formulas: inputs with a margin cannot flip a spike through rounding differences."""
+    x_seq = x_seq.detach().double()
+    k = torch.sigmoid(w.detach().double()) if isinstance(w, torch.Tensor) else torch.sigmoid(torch.tensor(float(w)))
+    v_r = 0.0 if v_reset is None else v_reset
+    v = v_init.detach().double() if isinstance(v_init, torch.Tensor) else torch.tensor(v_r if v_init is None else v_init)
+    margin = float("inf")
+    for x in x_seq:
+        h = v + k * (x - (v - v_r)) if decay_input else v - k * (v - v_r) + x
+        margin = min(margin, (h - v_threshold).abs().min().item())
+        s = (h >= v_threshold).double()
+        v = h - s * v_threshold if v_reset is None else s * v_r + (1 - s) * h
+    return margin
+
+
 def random_weights_like(t: torch.Tensor, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
