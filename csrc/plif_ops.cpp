@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   Tensor h_seq = save_h ? empty_output(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
-    v_last.copy_(v_init.expand({N}).view(v_last.sizes()));
+    v_last.view({N}).copy_(v_init.reshape({-1}).expand({N}));
     return {spikes, v_last, v_seq, h_seq};
   }
 

@@ -1,0 +1,208 @@
+"""The registered torch.library ops (opcheck, torch.compile) and backend selection."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import plif_cuda
+from conftest import BACKEND_DEVICE, BACKENDS, make_seq
+from plif_cuda import backends as plif_backends
+from plif_cuda import ops as plif_ops
+from plif_cuda.surrogate import SURROGATE_IDS
+
+OPCHECK_OPTION_SETS = {
+    # v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking
+    "hard-decay-sigmoid": (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True),
+    "soft-nodecay-atan-detach": (0.7, 0.0, True, False, True, SURROGATE_IDS["atan"], 2.0, True),
+    "hard-smooth-erf": (1.0, -0.5, False, True, False, SURROGATE_IDS["erf"], 2.0, False),
+    "soft-superspike": (1.2, 0.0, True, True, False, SURROGATE_IDS["super_spike"], 1.0, True),
+}
+
+
+def _op_inputs(device, dtype, per_neuron, requires_grad):
+    x = make_seq((5, 3, 67), dtype, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = (3, 67) if per_neuron else (1,)
+    k = torch.full(shape, 0.4, dtype=acc, device=device)
+    v_init = torch.full(shape, 0.1, dtype=acc, device=device)
+    if requires_grad:
+        x.requires_grad_()
+        k.requires_grad_()
+        v_init.requires_grad_()
+    return x, k, v_init
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
+@pytest.mark.parametrize("store_v_seq", (True, False), ids=("v_seq", "no_v_seq"))
+@pytest.mark.parametrize("options", OPCHECK_OPTION_SETS.values(), ids=OPCHECK_OPTION_SETS.keys())
+@pytest.mark.parametrize("dtype, per_neuron", [(torch.float32, False), (torch.float64, True), (torch.bfloat16, True)],
+                         ids=("f32-layer", "f64-neuron", "bf16-neuron"))
+def test_opcheck_forward(backend, options, store_v_seq, dtype, per_neuron):
+    x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], dtype, per_neuron, requires_grad=True)
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, True))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
+def test_opcheck_forward_without_saving(backend):
+    x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], torch.float32, True, requires_grad=False)
+    options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, False))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
+@pytest.mark.parametrize("which_grads", ("all", "spikes_only", "v_last_only"))
+@pytest.mark.parametrize("options", OPCHECK_OPTION_SETS.values(), ids=OPCHECK_OPTION_SETS.keys())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_opcheck_backward(backend, options, which_grads, dtype):
+    device = BACKEND_DEVICE[backend]
+    x, k, v_init = _op_inputs(device, dtype, per_neuron=True, requires_grad=False)
+    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, True)
+    grad_spikes = make_seq(x.shape, dtype, device, seed=1)
+    grad_v_last = make_seq(x.shape[1:], dtype, device, seed=2)
+    grad_v_seq = make_seq(x.shape, dtype, device, seed=3)
+    if which_grads == "spikes_only":
+        grad_v_last = grad_v_seq = None
+    elif which_grads == "v_last_only":
+        grad_spikes = grad_v_seq = None
+    torch.library.opcheck(
+        torch.ops.plif_cuda.multistep_backward,
+        (grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, dtype, *options),
+    )
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+class SmallConvNet(nn.Module):
+    """conv-BN-PLIF over a time-first sequence, as in the PLIF paper's networks."""
+
+    def __init__(self, tau_shape):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.plif = plif_cuda.ParametricLIFNode(step_mode="m", tau_shape=tau_shape, detach_reset=True,
+                                                surrogate_function="atan")
+        self.fc = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x_seq):
+        T, N = x_seq.shape[:2]
+        y = self.bn(self.conv(x_seq.flatten(0, 1)))
+        spikes = self.plif(y.view(T, N, *y.shape[1:]))
+        return self.fc(spikes.flatten(2)).mean(0)
+
+
+def _train_step(model, x_seq, target):
+    model.plif.reset()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(model(x_seq), target)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("channels_last, tau_shape", [(False, ()), (True, (8, 1, 1))],
+                         ids=("contiguous-layer_tau", "channels_last-channel_tau"))
+def test_compile_fullgraph_trains_like_eager(channels_last, tau_shape):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SmallConvNet(tau_shape)
+    with torch.no_grad():
+        eager.conv.weight.mul_(3.0)  # enough drive that some neurons fire
+    x_seq = torch.randn(4, 5, 2, 6, 6)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    if channels_last:
+        eager = eager.to(memory_format=torch.channels_last)
+        x_seq = x_seq.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x_seq.shape)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+
+    eager_loss, eager_grads = _train_step(eager, x_seq, target)
+    compiled_model.plif.reset()
+    optimizer = torch.optim.SGD(compiled_model.parameters(), lr=0.1)
+    compiled_loss = nn.functional.cross_entropy(compiled(x_seq), target)
+    compiled_loss.backward()
+    optimizer.step()
+
+    assert eager.plif.v.gt(0).any(), "the test input should charge the membranes"
+    torch.testing.assert_close(compiled_loss.detach(), eager_loss, rtol=1e-4, atol=1e-5)
+    for name, p in compiled_model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(compiled_model.plif.v, eager.plif.v, rtol=1e-4, atol=1e-5)
+
+
+# ---- backend selection --------------------------------------------------------------------------
+def _inputs():
+    return make_seq((4, 3, 67), torch.float32, "cpu"), torch.tensor(0.2)
+
+
+def test_cpu_backend_on_cpu():
+    x_seq, w = _inputs()
+    assert plif_backends.select("cpu", x_seq) == "cpu"
+    assert "cpu" in plif_cuda.available_backends("cpu") and "torch" in plif_cuda.available_backends("cpu")
+    spikes, v_last, _ = plif_cuda.plif_multistep(x_seq, w, backend="cpu")
+    ref_spikes, ref_v_last, _ = plif_cuda.plif_multistep(x_seq, w, backend="torch")
+    assert torch.equal(spikes, ref_spikes)
+    torch.testing.assert_close(v_last, ref_v_last)
+
+
+def test_auto_picks_the_fused_cpu_kernel(monkeypatch):
+    x_seq, w = _inputs()
+    assert plif_backends.select("auto", x_seq) == "cpu"
+    used = []
+    real_forward_op = plif_backends.forward_op
+    monkeypatch.setattr(plif_backends, "forward_op", lambda backend: used.append(backend) or real_forward_op(backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = plif_cuda.plif_multistep(x_seq, w, backend="auto")
+    assert used == ["cpu"]
+    cpu = plif_cuda.plif_multistep(x_seq, w, backend="cpu")
+    assert all(torch.equal(a, c) for a, c in zip(auto[:2], cpu[:2]))
+
+
+def test_torch_backend_is_the_reference(monkeypatch):
+    x_seq, w = _inputs()
+    monkeypatch.setattr(plif_backends, "forward_op", lambda backend: pytest.fail("a fused op ran for 'torch'"))
+    spikes, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w, backend="torch", v_reset=None, store_v_seq=True)
+    ref = plif_cuda.plif_multistep_ref(
+        x_seq, torch.sigmoid(w), torch.tensor(0.0), v_threshold=1.0, v_reset=None, decay_input=True,
+        detach_reset=False, surrogate="sigmoid", alpha=4.0, spiking=True, store_v_seq=True,
+    )
+    assert torch.equal(spikes, ref[0]) and torch.equal(v_last, ref[1]) and torch.equal(v_seq, ref[2])
+
+
+@pytest.mark.parametrize("backend", ("cuda", "cupy"))
+def test_gpu_backends_refuse_cpu_tensors(backend):
+    x_seq, w = _inputs()
+    with pytest.raises(RuntimeError, match=rf"backend '{backend}' is not available: .+"):
+        plif_cuda.plif_multistep(x_seq, w, backend=backend)
+    assert backend not in plif_cuda.available_backends("cpu")
+
+
+@pytest.mark.parametrize("simulate", ("extension_error", "unavailable_reason"))
+def test_auto_falls_back_with_one_warning_when_extension_missing(simulate, monkeypatch):
+    reason = "simulated: the compiled extension plif_cuda._C could not be imported"
+    if simulate == "extension_error":
+        monkeypatch.setattr(plif_ops, "_EXTENSION_ERROR", reason)
+    else:
+        real = plif_backends.unavailable_reason
+        monkeypatch.setattr(plif_backends, "unavailable_reason",
+                            lambda backend, device: reason if backend == "cpu" else real(backend, device))
+    x_seq, w = _inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = plif_cuda.plif_multistep(x_seq, w)
+        second = plif_cuda.plif_multistep(x_seq, w, store_v_seq=True)
+        plif_cuda.ParametricLIFNode(step_mode="m")(x_seq)
+    ours = [w for w in caught if "plif_cuda" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert issubclass(ours[0].category, RuntimeWarning)
+    assert reason in str(ours[0].message) and "reference" in str(ours[0].message)
+    reference = plif_cuda.plif_multistep(x_seq, w, backend="torch")
+    assert torch.equal(first[0], reference[0]) and torch.equal(second[1], reference[1])
+    with pytest.raises(RuntimeError, match="simulated"):
+        plif_cuda.plif_multistep(x_seq, w, backend="cpu")
