@@ -1,0 +1,262 @@
+"""What a run records about itself, and the three files it writes (JSON, Markdown, PNG)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+import plif_cuda
+
+MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+                    "GLIBC_TUNABLES", "LD_PRELOAD")
+PASS_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd+bwd"}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache as the kernel reports it (a VM may report the host's)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes) if sizes else None
+
+
+def _git_revision(root: Path) -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(root: Path, malloc_tuned: bool) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "plif_cuda": plif_cuda.__version__,
+        "plif_cuda_backends_cpu": plif_cuda.available_backends("cpu"),
+        "git": _git_revision(root),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "malloc_tuned": malloc_tuned,
+        "malloc_environment": {name: os.environ.get(name) for name in MALLOC_VARIABLES},
+        "gpu": None,
+    }
+    try:
+        build = __import__("plif_cuda._build_info", fromlist=["*"])
+        env["plif_cuda_build"] = {k: v for k, v in vars(build).items() if k.isupper()}
+    except ImportError:
+        env["plif_cuda_build"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory,
+            "l2_cache_bytes": getattr(props, "L2_cache_size", None),
+            "multiprocessors": props.multi_processor_count,
+        }
+        env["plif_cuda_backends_cuda"] = plif_cuda.available_backends("cuda")
+    return env
+
+
+def write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def write_json(path: Path, result: dict) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(result, indent=1, default=str) + "\n"))
+
+
+def _size_label(n: int) -> str:
+    exponent = n.bit_length() - 1
+    return f"2^{exponent}" if n == 1 << exponent else str(n)
+
+
+def _fmt_ms(row) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return {"missing": "missing", "unsupported": "n/a", "skipped": "skip"}.get(row["status"], row["status"])
+    return f"{row['median_ms']:.3g}"
+
+
+def _best_fused(rows_for_case):
+    fused = [r for r in rows_for_case if r["kind"] == "fused" and r["status"] == "ok"]
+    return min(fused, key=lambda r: r["median_ms"]) if fused else None
+
+
+def op_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]:
+    """One line per (device, config, pass); a column per implementation (median ms)."""
+    cases: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
+        cases.setdefault(key, []).append(row)
+    header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
+              + ["fused GB/s", "% of copy", "x ref", "x SJ", "saved B/neuron-step"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, case_rows in cases.items():
+        device, _, T, N, dtype, tau, pass_name = key
+        by_name = {r["impl"]: r for r in case_rows}
+        best = _best_fused(case_rows)
+        cached = best is not None and best.get("rotation_fits_cache")
+        size = _size_label(N) + ("\u2020" if cached else "")
+        cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
+        if best is None:
+            cells += ["", "", "", "", ""]
+        else:
+            cells += [
+                f"{best['gbps']:.1f}",
+                f"{100 * best['copy_fraction']:.0f}%",
+                f"{best['speedup_vs_reference']:.1f}" if best.get("speedup_vs_reference") else "",
+                f"{best['speedup_vs_spikingjelly']:.1f}" if best.get("speedup_vs_spikingjelly") else "",
+                f"{best['saved_bytes_per_neuron_step']:.1f}" if best.get("saved_bytes_per_neuron_step") is not None else "",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def memory_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]:
+    """Bytes kept for backward per neuron-step (and GPU peak memory) per implementation."""
+    seen = {}
+    for row in rows:
+        if row["status"] != "ok" or row["pass"] != "fwdbwd":
+            continue
+        key = (row["device"], row["T"], row["neurons"], row["dtype"], row["tau"])
+        seen.setdefault(key, {})[row["impl"]] = row
+    lines = ["| device | T | neurons | dtype | tau | " + " | ".join(labels[n] for n in impl_names) + " |",
+             "|" + "---|" * (5 + len(impl_names))]
+    for (device, T, N, dtype, tau), by_name in seen.items():
+        cells = []
+        for name in impl_names:
+            row = by_name.get(name)
+            if row is None or row.get("saved_bytes_per_neuron_step") is None:
+                cells.append("")
+                continue
+            text = f"{row['saved_bytes_per_neuron_step']:.1f} B"
+            if row.get("peak_bytes") is not None:
+                text += f" / peak {row['peak_bytes'] / 2**20:.0f} MiB"
+            cells.append(text)
+        lines.append(f"| {device} | {T} | {_size_label(N)} | {dtype} | {tau} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def network_table(rows: list[dict]) -> list[str]:
+    lines = ["| device | neuron layer | T | batch | training step ms (median) | IQR ms | x reference layer |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["status"] == "ok":
+            lines.append(f"| {row['device']} | {row['layer']} | {row['T']} | {row['batch']} | {row['median_ms']:.1f} | "
+                         f"{row['iqr_ms']:.1f} | {row.get('speedup_vs_reference_layer', float('nan')):.2f} |")
+        else:
+            lines.append(f"| {row['device']} | {row['layer']} | {row['T']} | {row['batch']} | {row['status']} | | |")
+    return lines
+
+
+def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
+    env = result["environment"]
+    gpu = env["gpu"]["name"] if env["gpu"] else "none"
+    malloc = ", ".join(f"{k}={v}" for k, v in env["malloc_environment"].items() if v is not None) or "glibc defaults"
+    lines = [
+        f"# plif_cuda benchmark ({result['started']})",
+        "",
+        f"- CPU: {env['cpu_model']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads, "
+        f"load average at start {', '.join(f'{x:.2f}' for x in env['load_average_at_start'] or [])}",
+        f"- GPU: {gpu}",
+        f"- torch {env['torch']}, plif_cuda {env['plif_cuda']} (commit {str(env['git']['commit'])[:10]}"
+        f"{', dirty' if env['git']['dirty'] else ''})",
+        f"- allocator: {malloc} ({'--malloc-tuned' if env['malloc_tuned'] else 'default'})",
+        f"- run time {result['wall_s']:.0f} s; command `{result['command']}`",
+    ]
+    for device, copy in result["copy_bandwidth"].items():
+        lines.append(f"- {device} copy bandwidth: {copy['gbps']:.1f} GB/s (median; best {copy['gbps_best']:.1f}) "
+                     f"over {copy['bytes_per_copy'] / 2**20:.0f} MiB copies")
+    lines += [
+        "",
+        "## The op alone (median ms per call; lower is better)",
+        "",
+        "Fused GB/s = minimum traffic of the pass (benchmarks/traffic.py) / median time of the fastest fused "
+        "backend; % of copy = that over the measured copy bandwidth; x ref and x SJ = speedup of that "
+        "backend over the PyTorch reference and over SpikingJelly. \u2020: the rotated buffers fit in the "
+        "last-level cache, so these sizes may run from cache. n/a: unsupported configuration; "
+        "skip: left out of this run (see the JSON for why).",
+        "",
+    ]
+    lines += op_table(result["rows"], impl_names, labels)
+    lines += ["", "## Memory kept for backward (bytes per neuron-step, distinct storages; GPU: peak of fwd+bwd)", ""]
+    lines += memory_table(result["rows"], impl_names, labels)
+    if result["network"]:
+        lines += ["", "## Training step of a small spiking convnet (2x conv-BN-PLIF-maxpool, SGD)", ""]
+        lines += network_table(result["network"])
+    missing = sorted({(r["impl"], r["reason"]) for r in result["rows"] if r["status"] == "missing"})
+    if missing:
+        lines += ["", "## Missing", ""] + [f"- {labels[name]}: {reason}" for name, reason in missing]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, result: dict, impl_names: list[str], labels: dict) -> str | None:
+    """Time vs size (main sweep, fwd+bwd) and fraction of copy bandwidth of the fused backends."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        return f"matplotlib is not installed ({error}); no plot"
+    devices = sorted({r["device"] for r in result["rows"]})
+    fig, axes = plt.subplots(len(devices), 2, figsize=(12, 4.5 * len(devices)), squeeze=False)
+    for axis_row, device in zip(axes, devices):
+        main = [r for r in result["rows"] if r["device"] == device and r["suite"] in ("sizes", "grid")
+                and r["status"] == "ok"]
+        T_main = min((r["T"] for r in main), key=lambda t: abs(t - 8), default=None)
+        dtype_main = "fp32" if any(r["dtype"] == "fp32" for r in main) else next((r["dtype"] for r in main), None)
+        picked = [r for r in main if r["T"] == T_main and r["dtype"] == dtype_main and r["tau"] == "layer"]
+        for name in impl_names:
+            points = sorted((r["neurons"], r["median_ms"]) for r in picked if r["impl"] == name and r["pass"] == "fwdbwd")
+            if points:
+                axis_row[0].plot(*zip(*points), marker="o", label=labels[name])
+        axis_row[0].set(xscale="log", yscale="log", xlabel="neurons", ylabel="ms per fwd+bwd",
+                        title=f"{device}: op fwd+bwd, T={T_main}, {dtype_main}, per-layer tau")
+        axis_row[0].legend(fontsize=8)
+        axis_row[0].grid(True, which="both", alpha=0.3)
+        for name in impl_names:
+            for pass_name, style in (("fwd", ":"), ("bwd", "--"), ("fwdbwd", "-")):
+                points = sorted((r["neurons"], 100 * r["copy_fraction"]) for r in picked
+                                if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused")
+                if points:
+                    axis_row[1].plot(*zip(*points), style, marker="o", label=f"{labels[name]} {PASS_LABELS[pass_name]}")
+        axis_row[1].set(xscale="log", xlabel="neurons", ylabel="% of copy bandwidth", ylim=(0, None),
+                        title=f"{device}: fused backends, fraction of the copy roofline")
+        axis_row[1].legend(fontsize=8)
+        axis_row[1].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return None

@@ -1,0 +1,74 @@
+"""The benchmark harness runs end to end in a tiny configuration and writes its three files.
+
+No timing is asserted: this checks the plumbing (rows for every backend and pass, the byte
+model, the saved-tensor count, missing peers reported as missing), not performance.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--devices", "cpu",
+         "--peers", "spikingjelly,snntorch", "--out", str(out), "--name", "smoke"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return out, json.loads((out / "smoke.json").read_text()), completed.stdout
+
+
+def test_writes_json_markdown_and_png(quick_run):
+    out, result, _ = quick_run
+    assert (out / "smoke.md").read_text().startswith("# plif_cuda benchmark")
+    assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+    env = result["environment"]
+    for key in ("torch", "cpu_model", "torch_threads", "gpu", "malloc_environment", "malloc_tuned"):
+        assert key in env
+    assert result["copy_bandwidth"]["cpu"]["gbps"] > 0
+
+
+def test_every_pass_of_the_fused_backend_and_the_reference_is_measured(quick_run):
+    _, result, _ = quick_run
+    import plif_cuda
+
+    expected = {"torch"} | ({"cpu"} if "cpu" in plif_cuda.available_backends("cpu") else set())
+    for impl in expected:
+        rows = {r["pass"]: r for r in result["rows"] if r["impl"] == impl}
+        assert set(rows) == {"fwd", "bwd", "fwdbwd"}
+        for pass_name, row in rows.items():
+            assert row["status"] == "ok", row
+            assert row["samples"] >= 1 and row["median_ms"] > 0
+            assert row["T"] == 4 and row["neurons"] == 4096 and row["dtype"] == "fp32"
+    fwdbwd = next(r for r in result["rows"] if r["impl"] == "torch" and r["pass"] == "fwdbwd")
+    # forward 4*4096*(4+4+4) + 4096*4 + 4, backward 4*4096*(4+4+4) + 8
+    assert fwdbwd["min_bytes"] == 4 * 4096 * 12 + 4096 * 4 + 4 + 4 * 4096 * 12 + 8
+
+
+def test_fused_backend_saves_only_h(quick_run):
+    _, result, _ = quick_run
+    fused = [r for r in result["rows"] if r["impl"] == "cpu" and r["status"] == "ok"]
+    if not fused:
+        pytest.fail("the compiled extension is not built: python setup.py build_ext --inplace")
+    # H in float32, one value per neuron-step, plus the one-value k and v_init.
+    assert fused[0]["saved_bytes_per_neuron_step"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_peers_are_measured_or_reported_missing(quick_run):
+    _, result, stdout = quick_run
+    for peer in ("spikingjelly", "snntorch"):
+        rows = [r for r in result["rows"] if r["impl"] == peer]
+        assert rows, f"no rows for {peer}"
+        assert {r["status"] for r in rows} <= {"ok", "missing"}
+        if rows[0]["status"] == "missing":
+            assert rows[0]["reason"]
+    assert "Training step" in stdout
+    assert {r["layer"] for r in result["network"]} >= {"plif_cuda (auto)", "plif_cuda backend='torch'"}
