@@ -52,7 +52,9 @@ template <typename Params, typename BlockFn, typename GroupFn, typename NeuronFn
 void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neuron) {
   const index_t blocks = p.N / kBlock;
   const index_t work_per_block = p.T * kBlock;
-  const int64_t grain = work_per_block >= (1 << 16) ? 1 : (1 << 16) / work_per_block;
+  // At least ~2^17 neuron-steps (tens of microseconds) per task: below that, waking a second
+  // thread costs more than it saves.
+  const int64_t grain = work_per_block >= (1 << 17) ? 1 : (1 << 17) / work_per_block;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) block(p, b * kBlock);
   });
