@@ -4,6 +4,7 @@ import importlib.util
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,46 @@ def test_training_on_digits_learns_and_resumes(tmp_path):
 
     with pytest.raises(ValueError, match="width"):
         train.main(common + ["--width", "8", "--out-dir", str(interrupted), "--resume"])
+
+
+def write_fake_nmnist(root, rng):
+    for split in ("Train", "Test"):
+        for digit in (1, 7):
+            folder = root / "NMNIST" / split / str(digit)
+            folder.mkdir(parents=True)
+            n = 200
+            x, y, p = rng.integers(0, 34, n), rng.integers(0, 34, n), rng.integers(0, 2, n)
+            t = np.sort(rng.integers(0, 2**23, n))
+            events = np.stack([x, y, (p << 7) | (t >> 16), (t >> 8) & 0xFF, t & 0xFF], axis=1).astype(np.uint8)
+            (folder / "00001.bin").write_bytes(events.tobytes())
+
+
+def write_fake_mnist(root, rng):
+    folder = root / "MNIST"
+    folder.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, 4, dtype=np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 4, 0, 0, 0, 28, 0, 0, 0, 28])
+                                                               + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4]) + labels.tobytes())
+
+
+@pytest.mark.parametrize("dataset, writer", [("nmnist", write_fake_nmnist), ("mnist", write_fake_mnist)])
+def test_train_script_runs_on_files_from_data_dir(tmp_path, dataset, writer):
+    writer(tmp_path / "data", np.random.default_rng(0))
+    out_dir = tmp_path / "run"
+    row = load_train_script().main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--out-dir",
+                                    str(out_dir), "--epochs", "1", "--T", "3", "--width", "4", "--fc-width", "8",
+                                    "--batch-size", "2", "--threads", "1", "--no-progress"])
+    assert row["epoch"] == 1
+    assert len(read_rows(out_dir / "metrics.csv")) == 1
+    assert (out_dir / "curves.png").stat().st_size > 0
+    assert (out_dir / "checkpoint.pt").exists()
+
+
+def test_plain_progress_reports_and_yields_everything(capsys):
+    train = load_train_script()
+    assert list(train._plain_progress(range(20), 20, "work")) == list(range(20))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "  work: 20/20" and len(lines) == 10
