@@ -297,6 +297,8 @@ def main(argv=None) -> dict:
     train_set, test_set, model_class, in_channels, image_size = load_data(args)
     event_frames = model_class is EventFrameSNN
     train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world_size > 1 else None
+    # DistributedSampler pads the test set to a multiple of the world size: up to world_size - 1
+    # samples count twice in the DDP test accuracy.
     test_sampler = DistributedSampler(test_set, shuffle=False) if world_size > 1 else None
     shuffle_generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=train_sampler is None,
