@@ -174,9 +174,9 @@ class _CudaBindingsNvrtc:
 
     def _log(self, prog) -> str:
         size = self._check(self._nvrtc.nvrtcGetProgramLogSize(prog), "getProgramLogSize")
-        buffer = b" " * size
+        buffer = _writable(size)
         self._check(self._nvrtc.nvrtcGetProgramLog(prog, buffer), "getProgramLog")
-        return buffer.rstrip(b"\0").decode(errors="replace")
+        return bytes(buffer).rstrip(b"\0").decode(errors="replace")
 
     def compile(self, source: str, options: list[str], names: list[str], want_cubin: bool) -> CompiledProgram:
         nvrtc = self._nvrtc
@@ -190,19 +190,26 @@ class _CudaBindingsNvrtc:
                 raise NvrtcCompileError(f"NVRTC failed ({error.name})", self._log(prog))
             if want_cubin:
                 size = self._check(nvrtc.nvrtcGetCUBINSize(prog), "getCUBINSize")
-                image = b" " * size
+                image = _writable(size)
                 self._check(nvrtc.nvrtcGetCUBIN(prog, image), "getCUBIN")
             else:
                 size = self._check(nvrtc.nvrtcGetPTXSize(prog), "getPTXSize")
-                image = b" " * size
+                image = _writable(size)
                 self._check(nvrtc.nvrtcGetPTX(prog, image), "getPTX")
             lowered = {
                 name: self._check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "getLoweredName").decode()
                 for name in names
             }
-            return CompiledProgram(image, lowered, self._log(prog))
+            return CompiledProgram(bytes(image), lowered, self._log(prog))
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _writable(size: int) -> bytearray:
+    # NVRTC writes into this buffer. It must be a fresh mutable one: `b" " * size` can return
+    # CPython's shared one-byte object (size 1, e.g. an empty log), and writing into it changes
+    # b" " for the whole process (seen: torch.load failing afterwards).
+    return bytearray(size)
 
 
 NVRTC_BINDINGS = {"cupy": _CupyNvrtc, "cuda-bindings": _CudaBindingsNvrtc}

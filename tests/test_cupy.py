@@ -62,6 +62,12 @@ def test_both_nvrtc_bindings_build_the_same_kernels():
     assert from_cupy.image.rstrip(b"\0") == from_bindings.image.rstrip(b"\0")
 
 
+def test_cuda_bindings_compile_leaves_shared_bytes_objects_alone():
+    """NVRTC's outputs are written into fresh buffers, never into CPython's shared one-byte bytes."""
+    _nvrtc.compile_variant(torch.float32, "sm_90", _nvrtc.nvrtc_binding("cuda-bindings"))
+    assert bytes([32]) == b" " and b" " * 1 == b" "
+
+
 # Arithmetic that flushes denormals; libdevice's own approximations (ex2.approx.ftz inside expf)
 # are written for either mode and do not count.
 _FTZ_ARITHMETIC = re.compile(r"\b(add|sub|mul|div|fma|setp\.\w+)\.(rn\.)?ftz\.f32")
