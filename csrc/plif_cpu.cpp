@@ -14,8 +14,8 @@ namespace {
 // enough to vectorise, small enough for its temporaries to stay in L1), and the block walks
 // time step by time step through all its groups, so every [T, N] stream is read and written
 // in runs of kGroups * kLanes values that the hardware prefetchers follow.
-constexpr int kLanes = 64;
-constexpr int kGroups = 16;
+constexpr int kLanes = 128;
+constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans

@@ -168,6 +168,18 @@ def test_awkward_sizes(backend, step_shape, T):
     compare_with_reference(backend, x_seq, w, None, store_v_seq=True, detach_reset=True)
 
 
+# The CPU kernel walks blocks of 1024 neurons (8 groups of 128 lanes) in parallel, then the
+# remaining whole groups, then single neurons: 2 blocks + 1 group + 5 neurons runs all three paths.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sizes_spanning_blocks_groups_and_tail(backend, surrogate, dtype):
+    device = BACKEND_DEVICE[backend]
+    x_seq = make_seq((5, 2 * 1024 + 128 + 5), dtype, device, seed=7)
+    w = torch.randn(2 * 1024 + 128 + 5, device=device, dtype=param_dtype(dtype))
+    compare_with_reference(backend, x_seq, w, 0.2, surrogate=surrogate, store_v_seq=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence(backend):
     device = BACKEND_DEVICE[backend]
