@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import plif_cuda
+from conftest import GRAD_TOLERANCE, MEMBRANE_TOLERANCE
 from plif_cuda import backends, ops
+from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
 
 pytestmark = [
@@ -25,25 +27,11 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # T, B, C, H, W: 210 neurons per step, fewer than one 256-thread block and not a multiple of it.
 SHAPE = (8, 2, 3, 5, 7)
 
-# (rtol, atol) of outputs and gradients, per input dtype. float32/float64 differ from the
-# reference only by the rounding of exp/atan/erfc and by summation order; half types also by
-# one rounding of each stored value to the half format.
-OUTPUT_TOLERANCE = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-GRAD_TOLERANCE = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
+# (rtol, atol) per dtype: the suite-wide tables of conftest.py.
+OUTPUT_TOLERANCE = MEMBRANE_TOLERANCE
 
 
-def reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+reference_dtype = compute_dtype
 
 
 def random_on_cuda(shape, seed: int, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
