@@ -26,22 +26,22 @@ constexpr index_t kBlock = kLanes * kGroups;
 #define PLIF_ISA_CLONES
 #endif
 
-template <typename in_t, typename acc_t>
+template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& p, index_t n0) {
   ForwardState<kLanes, acc_t> state[kGroups];
   for (int g = 0; g < kGroups; ++g) forward_begin<kLanes>(p, n0 + g * kLanes, state[g]);
   for (index_t t = 0; t < p.T; ++t) {
-    for (int g = 0; g < kGroups; ++g) forward_step<kLanes>(p, t, n0 + g * kLanes, state[g]);
+    for (int g = 0; g < kGroups; ++g) forward_step<kLanes, SURROGATE>(p, t, n0 + g * kLanes, state[g]);
   }
   for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(p, n0 + g * kLanes, state[g]);
 }
 
-template <typename in_t, typename acc_t>
+template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& p, index_t n0) {
   BackwardState<kLanes, acc_t> state[kGroups];
-  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes>(p, n0 + g * kLanes, state[g]);
+  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes, SURROGATE>(p, n0 + g * kLanes, state[g]);
   for (index_t t = p.T - 1; t >= 0; --t) {
-    for (int g = 0; g < kGroups; ++g) backward_step<kLanes>(p, t, n0 + g * kLanes, state[g]);
+    for (int g = 0; g < kGroups; ++g) backward_step<kLanes, SURROGATE>(p, t, n0 + g * kLanes, state[g]);
   }
   for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
 }
@@ -63,16 +63,43 @@ void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neu
   for (; n < p.N; ++n) neuron(p, n);
 }
 
+template <int SURROGATE, typename in_t, typename acc_t>
+void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
+  for_each_neuron(p, forward_block<SURROGATE, in_t, acc_t>, forward_scan<kLanes, SURROGATE, in_t, acc_t>,
+                  forward_scan<1, SURROGATE, in_t, acc_t>);
+}
+
+template <int SURROGATE, typename in_t, typename acc_t>
+void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
+  for_each_neuron(p, backward_block<SURROGATE, in_t, acc_t>, backward_scan<kLanes, SURROGATE, in_t, acc_t>,
+                  backward_scan<1, SURROGATE, in_t, acc_t>);
+}
+
 }  // namespace
 
+// Spiking mode, the one training uses, runs branch-free vectorised loops (one copy per
+// surrogate for the backward); the smooth mode (for gradcheck) runs the runtime-switch scans.
 template <typename in_t, typename acc_t>
 void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
-  for_each_neuron(p, forward_block<in_t, acc_t>, forward_scan<kLanes, in_t, acc_t>, forward_scan<1, in_t, acc_t>);
+  if (p.opts.spiking) {
+    forward_in_mode<kSpikingForward>(p);
+  } else {
+    forward_in_mode<kRuntime>(p);
+  }
 }
 
 template <typename in_t, typename acc_t>
 void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  for_each_neuron(p, backward_block<in_t, acc_t>, backward_scan<kLanes, in_t, acc_t>, backward_scan<1, in_t, acc_t>);
+  if (!p.opts.spiking) return backward_in_mode<kRuntime>(p);
+  switch (p.opts.surrogate) {
+    case kSigmoid: return backward_in_mode<kSigmoid>(p);
+    case kAtan: return backward_in_mode<kAtan>(p);
+    case kPiecewiseQuadratic: return backward_in_mode<kPiecewiseQuadratic>(p);
+    case kPiecewiseExp: return backward_in_mode<kPiecewiseExp>(p);
+    case kSoftSign: return backward_in_mode<kSoftSign>(p);
+    case kSuperSpike: return backward_in_mode<kSuperSpike>(p);
+    default: return backward_in_mode<kErf>(p);
+  }
 }
 
 #define PLIF_INSTANTIATE_CPU(in_t, acc_t)                                    \

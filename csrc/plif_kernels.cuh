@@ -64,7 +64,7 @@ __global__ void plif_forward_kernel(const in_t* x, const acc_t* k, const acc_t* 
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t n = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
-    forward_scan<1>(p, n);
+    forward_scan<1, kRuntime>(p, n);
   }
 }
 
@@ -91,7 +91,7 @@ __global__ void plif_backward_kernel(const in_t* grad_spikes, const in_t* grad_v
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t n = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
-    backward_scan<1>(p, n);
+    backward_scan<1, kRuntime>(p, n);
   }
 }
 

@@ -1,9 +1,14 @@
 // The PLIF math, written once for every backend.
 //
-// The scans below process LANES neurons at a time (LANES is a compile-time width): the
-// CPU kernel uses a wide block so that each per-step loop vectorises, the GPU kernels use
-// one neuron per thread. Each step is written as a few loops over the lanes with the
-// option branches outside the loops, so that a compiler can vectorise every loop.
+// The per-neuron functions (charge, fire, reset, surrogates) are scalar. The scans apply them
+// to LANES neurons at a time (a compile-time width): the CPU kernel uses a wide block whose
+// per-step loop vectorises, the GPU kernels one neuron per thread.
+//
+// A scan's SURROGATE parameter says what is fixed at compile time. kRuntime reads `spiking`
+// and the surrogate from Options at every neuron: uniform branches, right for a GPU warp and
+// the only mode the GPU kernels use. 0..6 (a SurrogateId) fixes spiking mode with that
+// surrogate, and kSpikingForward fixes spiking mode for a forward (which needs no surrogate):
+// branch-free loops that a CPU compiler vectorises. Every mode computes the same expressions.
 //
 // The arithmetic order follows plif_cuda/reference.py exactly, and every backend is built
 // without floating-point contraction, so spikes equal the reference's bit for bit.
@@ -69,129 +74,150 @@ PLIF_HD double erfc_(double x) { return ::erfc(x); }
 PLIF_HD float abs_(float x) { return ::fabsf(x); }
 PLIF_HD double abs_(double x) { return ::fabs(x); }
 
+
+// A select on a uniform flag (an option). On the host it is written as bit operations: GCC 12
+// does not vectorise `flag ? a : b` with a scalar bool condition inside a loop, while this form
+// vectorises and picks the same bits.
+#if defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
+template <typename acc_t>
+PLIF_HD acc_t pick(bool flag, acc_t a, acc_t b) { return flag ? a : b; }
+#else
+template <typename acc_t, typename bits_t>
+PLIF_HD acc_t pick_bits(bool flag, acc_t a, acc_t b) {
+  static_assert(sizeof(acc_t) == sizeof(bits_t), "pick_bits needs a same-size integer");
+  const bits_t mask = flag ? ~bits_t(0) : bits_t(0);
+  bits_t bits_a, bits_b;
+  std::memcpy(&bits_a, &a, sizeof(acc_t));
+  std::memcpy(&bits_b, &b, sizeof(acc_t));
+  const bits_t picked = (bits_a & mask) | (bits_b & ~mask);
+  acc_t out;
+  std::memcpy(&out, &picked, sizeof(acc_t));
+  return out;
+}
+PLIF_HD float pick(bool flag, float a, float b) { return pick_bits<float, uint32_t>(flag, a, b); }
+PLIF_HD double pick(bool flag, double a, double b) { return pick_bits<double, uint64_t>(flag, a, b); }
+#endif
+
 template <typename acc_t>
 struct Constants {
   static constexpr acc_t pi = acc_t(3.14159265358979323846);
   static constexpr acc_t inv_sqrt_pi = acc_t(0.56418958354775628695);
 };
 
+// ---- compile-time modes of a scan ---------------------------------------------------------
+constexpr int kRuntime = -1;
+constexpr int kSpikingForward = 7;
+
 // ---- surrogates (x = H - V_th) -----------------------------------------------------------
-// Derivative column of the spec table, for LANES values at once.
-template <int LANES, typename acc_t>
-PLIF_HD void surrogate_grad(const acc_t (&x)[LANES], acc_t (&sg)[LANES], const Options<acc_t>& o) {
-  const acc_t a = o.alpha;
-  switch (o.surrogate) {
-    case kSigmoid:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t s = acc_t(1) / (acc_t(1) + exp_(-a * x[j]));
-        sg[j] = a * s * (acc_t(1) - s);
-      }
-      break;
-    case kAtan:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t u = Constants<acc_t>::pi / acc_t(2) * a * x[j];
-        sg[j] = (a / acc_t(2)) / (acc_t(1) + u * u);
-      }
-      break;
-    case kPiecewiseQuadratic:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t g = a - a * a * abs_(x[j]);
-        sg[j] = g > acc_t(0) ? g : acc_t(0);
-      }
-      break;
-    case kPiecewiseExp:
-      for (int j = 0; j < LANES; ++j) sg[j] = (a / acc_t(2)) * exp_(-a * abs_(x[j]));
-      break;
-    case kSoftSign:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t d = acc_t(1) / a + abs_(x[j]);
-        sg[j] = acc_t(1) / (acc_t(2) * a * d * d);
-      }
-      break;
-    case kSuperSpike:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t d = acc_t(1) + abs_(x[j]);
-        sg[j] = a / (d * d);
-      }
-      break;
-    default:  // kErf
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t u = a * x[j];
-        sg[j] = a * Constants<acc_t>::inv_sqrt_pi * exp_(-(u * u));
-      }
-      break;
+// Derivative column of the spec table.
+template <int SURROGATE, typename acc_t>
+PLIF_HD acc_t surrogate_grad_of(acc_t x, acc_t a) {
+  if constexpr (SURROGATE == kSigmoid) {
+    const acc_t s = acc_t(1) / (acc_t(1) + exp_(-a * x));
+    return a * s * (acc_t(1) - s);
+  } else if constexpr (SURROGATE == kAtan) {
+    const acc_t u = Constants<acc_t>::pi / acc_t(2) * a * x;
+    return (a / acc_t(2)) / (acc_t(1) + u * u);
+  } else if constexpr (SURROGATE == kPiecewiseQuadratic) {
+    const acc_t g = a - a * a * abs_(x);
+    return g > acc_t(0) ? g : acc_t(0);
+  } else if constexpr (SURROGATE == kPiecewiseExp) {
+    return (a / acc_t(2)) * exp_(-a * abs_(x));
+  } else if constexpr (SURROGATE == kSoftSign) {
+    const acc_t d = acc_t(1) / a + abs_(x);
+    return acc_t(1) / (acc_t(2) * a * d * d);
+  } else if constexpr (SURROGATE == kSuperSpike) {
+    const acc_t d = acc_t(1) + abs_(x);
+    return a / (d * d);
+  } else {
+    static_assert(SURROGATE == kErf, "surrogate_grad_of needs a SurrogateId");
+    const acc_t u = a * x;
+    return a * Constants<acc_t>::inv_sqrt_pi * exp_(-(u * u));
   }
 }
 
-// Smooth firing function (spiking=False): the primitive of surrogate_grad. SuperSpike has
+template <int SURROGATE, typename acc_t>
+PLIF_HD acc_t surrogate_grad(acc_t x, const Options<acc_t>& o) {
+  if constexpr (SURROGATE != kRuntime) {
+    return surrogate_grad_of<SURROGATE>(x, o.alpha);
+  } else {
+    switch (o.surrogate) {
+      case kSigmoid: return surrogate_grad_of<kSigmoid>(x, o.alpha);
+      case kAtan: return surrogate_grad_of<kAtan>(x, o.alpha);
+      case kPiecewiseQuadratic: return surrogate_grad_of<kPiecewiseQuadratic>(x, o.alpha);
+      case kPiecewiseExp: return surrogate_grad_of<kPiecewiseExp>(x, o.alpha);
+      case kSoftSign: return surrogate_grad_of<kSoftSign>(x, o.alpha);
+      case kSuperSpike: return surrogate_grad_of<kSuperSpike>(x, o.alpha);
+      default: return surrogate_grad_of<kErf>(x, o.alpha);
+    }
+  }
+}
+
+// Smooth firing function (spiking=False): the primitive of the derivative. SuperSpike has
 // none; the Python layer refuses it before any kernel runs.
-template <int LANES, typename acc_t>
-PLIF_HD void surrogate_primitive(const acc_t (&x)[LANES], acc_t (&s)[LANES], const Options<acc_t>& o) {
+template <typename acc_t>
+PLIF_HD acc_t surrogate_primitive(acc_t x, const Options<acc_t>& o) {
   const acc_t a = o.alpha;
   switch (o.surrogate) {
     case kSigmoid:
-      for (int j = 0; j < LANES; ++j) s[j] = acc_t(1) / (acc_t(1) + exp_(-a * x[j]));
-      break;
+      return acc_t(1) / (acc_t(1) + exp_(-a * x));
     case kAtan:
-      for (int j = 0; j < LANES; ++j)
-        s[j] = atan_(Constants<acc_t>::pi / acc_t(2) * a * x[j]) / Constants<acc_t>::pi + acc_t(0.5);
-      break;
-    case kPiecewiseQuadratic:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t bound = acc_t(1) / a;
-        const acc_t inner = acc_t(-0.5) * a * a * x[j] * abs_(x[j]) + a * x[j] + acc_t(0.5);
-        s[j] = x[j] > bound ? acc_t(1) : (x[j] < -bound ? acc_t(0) : inner);
-      }
-      break;
-    case kPiecewiseExp:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t e = acc_t(0.5) * exp_(-a * abs_(x[j]));
-        s[j] = x[j] < acc_t(0) ? e : acc_t(1) - e;
-      }
-      break;
-    case kSoftSign:
-      for (int j = 0; j < LANES; ++j) {
-        const acc_t u = a * x[j];
-        s[j] = acc_t(0.5) * (u / (acc_t(1) + abs_(u)) + acc_t(1));
-      }
-      break;
+      return atan_(Constants<acc_t>::pi / acc_t(2) * a * x) / Constants<acc_t>::pi + acc_t(0.5);
+    case kPiecewiseQuadratic: {
+      const acc_t bound = acc_t(1) / a;
+      const acc_t inner = acc_t(-0.5) * a * a * x * abs_(x) + a * x + acc_t(0.5);
+      return x > bound ? acc_t(1) : (x < -bound ? acc_t(0) : inner);
+    }
+    case kPiecewiseExp: {
+      const acc_t e = acc_t(0.5) * exp_(-a * abs_(x));
+      return x < acc_t(0) ? e : acc_t(1) - e;
+    }
+    case kSoftSign: {
+      const acc_t u = a * x;
+      return acc_t(0.5) * (u / (acc_t(1) + abs_(u)) + acc_t(1));
+    }
     default:  // kErf (kSuperSpike is refused before launch)
-      for (int j = 0; j < LANES; ++j) s[j] = acc_t(0.5) * erfc_(-a * x[j]);
-      break;
+      return acc_t(0.5) * erfc_(-a * x);
   }
 }
 
-// ---- one time step ------------------------------------------------------------------------
-template <int LANES, typename acc_t>
-PLIF_HD void charge(const acc_t (&v_prev)[LANES], const acc_t (&x)[LANES], const acc_t (&k)[LANES],
-                    acc_t (&h)[LANES], const Options<acc_t>& o) {
+// ---- one neuron, one time step ----------------------------------------------------------------
+// The charge options are selects, not branches: both sides are cheap, and a select keeps the
+// CPU loop vectorisable.
+template <typename acc_t>
+PLIF_HD acc_t charge(acc_t v_prev, acc_t x, acc_t k, const Options<acc_t>& o) {
   const acc_t vr = o.v_reset;
-  if (o.decay_input) {
-    for (int j = 0; j < LANES; ++j) h[j] = v_prev[j] + k[j] * (x[j] - (v_prev[j] - vr));
+  const acc_t decayed_input = v_prev + k * (x - (v_prev - vr));
+  const acc_t plain_input = v_prev - k * (v_prev - vr) + x;
+  return pick(o.decay_input, decayed_input, plain_input);
+}
+
+template <int SURROGATE, typename acc_t>
+PLIF_HD acc_t fire(acc_t h, const Options<acc_t>& o) {
+  const acc_t centred = h - o.v_threshold;
+  const acc_t step = centred >= acc_t(0) ? acc_t(1) : acc_t(0);
+  if constexpr (SURROGATE == kRuntime) {
+    return o.spiking ? step : surrogate_primitive(centred, o);
   } else {
-    for (int j = 0; j < LANES; ++j) h[j] = v_prev[j] - k[j] * (v_prev[j] - vr) + x[j];
+    return step;
   }
 }
 
-template <int LANES, typename acc_t>
-PLIF_HD void fire(const acc_t (&h)[LANES], acc_t (&s)[LANES], const Options<acc_t>& o) {
-  acc_t centred[LANES];
-  for (int j = 0; j < LANES; ++j) centred[j] = h[j] - o.v_threshold;
-  if (o.spiking) {
-    for (int j = 0; j < LANES; ++j) s[j] = centred[j] >= acc_t(0) ? acc_t(1) : acc_t(0);
-  } else {
-    surrogate_primitive<LANES>(centred, s, o);
-  }
+// Literal arithmetic (not a select on the spike), so that inf and NaN propagate as in the
+// reference.
+template <typename acc_t>
+PLIF_HD acc_t reset(acc_t h, acc_t s, const Options<acc_t>& o) {
+  const acc_t soft = h - s * o.v_threshold;
+  const acc_t hard = s * o.v_reset + (acc_t(1) - s) * h;
+  return pick(o.soft_reset, soft, hard);
 }
 
-// Literal arithmetic (not a select), so that inf and NaN propagate as in the reference.
-template <int LANES, typename acc_t>
-PLIF_HD void reset(const acc_t (&h)[LANES], const acc_t (&s)[LANES], acc_t (&v)[LANES], const Options<acc_t>& o) {
-  if (o.soft_reset) {
-    for (int j = 0; j < LANES; ++j) v[j] = h[j] - s[j] * o.v_threshold;
-  } else {
-    for (int j = 0; j < LANES; ++j) v[j] = s[j] * o.v_reset + (acc_t(1) - s[j]) * h[j];
-  }
+// dV[t]/dH[t] through the reset.
+template <typename acc_t>
+PLIF_HD acc_t reset_grad(acc_t h, acc_t s, acc_t sg, const Options<acc_t>& o) {
+  const acc_t soft = pick(o.detach_reset, acc_t(1), acc_t(1) - o.v_threshold * sg);
+  const acc_t hard = pick(o.detach_reset, acc_t(1) - s, (acc_t(1) - s) + (o.v_reset - h) * sg);
+  return pick(o.soft_reset, soft, hard);
 }
 
 // ---- loads and stores -----------------------------------------------------------------------
@@ -223,16 +249,19 @@ PLIF_HD void forward_begin(const ForwardParams<in_t, acc_t>& p, index_t n0, Forw
   }
 }
 
-template <int LANES, typename in_t, typename acc_t>
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0, ForwardState<LANES, acc_t>& st) {
-  const Options<acc_t>& o = p.opts;
-  acc_t x[LANES], h[LANES], s[LANES];
+  const Options<acc_t> o = p.opts;  // a local copy: stores through spikes cannot alias it
   const index_t row = t * p.N + n0;
-  for (int j = 0; j < LANES; ++j) x[j] = load_as<acc_t>(p.x[row + j]);
-  charge<LANES>(st.v, x, st.k, h, o);
-  fire<LANES>(h, s, o);
-  reset<LANES>(h, s, st.v, o);
-  for (int j = 0; j < LANES; ++j) p.spikes[row + j] = store_as<in_t>(s[j]);
+  const in_t* const x_row = p.x + row;
+  in_t* const spikes_row = p.spikes + row;
+  acc_t h[LANES];
+  for (int j = 0; j < LANES; ++j) {
+    h[j] = charge(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o);
+    const acc_t s = fire<SURROGATE>(h[j], o);
+    st.v[j] = reset(h[j], s, o);
+    spikes_row[j] = store_as<in_t>(s);
+  }
   if (p.h_seq != nullptr) {
     for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
   }
@@ -247,11 +276,11 @@ PLIF_HD void forward_end(const ForwardParams<in_t, acc_t>& p, index_t n0, const 
 }
 
 // Forward over all T steps for neurons n0 .. n0 + LANES - 1 (all in range).
-template <int LANES, typename in_t, typename acc_t>
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
   ForwardState<LANES, acc_t> st;
   forward_begin<LANES>(p, n0, st);
-  for (index_t t = 0; t < p.T; ++t) forward_step<LANES>(p, t, n0, st);
+  for (index_t t = 0; t < p.T; ++t) forward_step<LANES, SURROGATE>(p, t, n0, st);
   forward_end<LANES>(p, n0, st);
 }
 
@@ -266,7 +295,7 @@ struct BackwardState {
   acc_t grad_k_sum[LANES];
 };
 
-template <int LANES, typename in_t, typename acc_t>
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, BackwardState<LANES, acc_t>& st) {
   const index_t last = (p.T - 1) * p.N + n0;
   for (int j = 0; j < LANES; ++j) {
@@ -274,71 +303,68 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, Ba
     st.grad_h_next[j] = acc_t(0);
     st.grad_k_sum[j] = acc_t(0);
     st.h[j] = p.h_seq[last + j];
+    st.s[j] = fire<SURROGATE>(st.h[j], p.opts);
   }
-  fire<LANES>(st.h, st.s, p.opts);
 }
 
 // The reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from H[t-1]
 // (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is recovered as
-// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end.
-template <int LANES, typename in_t, typename acc_t>
+// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end. Absent
+// incoming gradients (null pointers) are zero.
+template <bool HAS_PREV, int LANES, int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
+                            const acc_t (&grad_v)[LANES], const acc_t (&grad_s)[LANES],
+                            BackwardState<LANES, acc_t>& st) {
+  const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
+  const acc_t* const h_prev_row = HAS_PREV ? p.h_seq + (row - p.N) : nullptr;
+  in_t* const grad_x_row = p.grad_x + row;
+  const acc_t* const v_init = p.v_init;
+  const index_t v_init_stride = p.v_init_stride;
+  for (int j = 0; j < LANES; ++j) {
+    acc_t h_prev, s_prev, v_prev;
+    if constexpr (HAS_PREV) {
+      h_prev = h_prev_row[j];
+      s_prev = fire<SURROGATE>(h_prev, o);
+      v_prev = reset(h_prev, s_prev, o);
+    } else {
+      h_prev = s_prev = acc_t(0);
+      v_prev = v_init[(n0 + j) * v_init_stride];
+    }
+    const acc_t h = st.h[j];
+    const acc_t sg = surrogate_grad<SURROGATE>(h - o.v_threshold, o);
+    const acc_t r = reset_grad(h, st.s[j], sg, o);
+    const acc_t grad_h = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r + grad_s[j] * sg;
+    grad_x_row[j] = store_as<in_t>(pick(o.decay_input, st.k[j] * grad_h, grad_h));
+    const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
+    st.grad_k_sum[j] += grad_h * dh_dk_scaled;
+    st.grad_h_next[j] = grad_h;
+    st.h[j] = h_prev;
+    st.s[j] = s_prev;
+  }
+}
+
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0,
                            BackwardState<LANES, acc_t>& st) {
-  const Options<acc_t>& o = p.opts;
-  acc_t h_prev[LANES], s_prev[LANES], v_prev[LANES];
-  acc_t centred[LANES], sg[LANES], r[LANES], grad_v[LANES], grad_h[LANES];
   const index_t row = t * p.N + n0;
-  if (t > 0) {
-    for (int j = 0; j < LANES; ++j) h_prev[j] = p.h_seq[row - p.N + j];
-    fire<LANES>(h_prev, s_prev, o);
-    reset<LANES>(h_prev, s_prev, v_prev, o);
-  } else {
-    for (int j = 0; j < LANES; ++j) {
-      v_prev[j] = p.v_init[(n0 + j) * p.v_init_stride];
-      h_prev[j] = s_prev[j] = acc_t(0);
-    }
-  }
-  for (int j = 0; j < LANES; ++j) centred[j] = st.h[j] - o.v_threshold;
-  surrogate_grad<LANES>(centred, sg, o);
-  if (o.soft_reset) {
-    if (o.detach_reset) {
-      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1);
-    } else {
-      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - o.v_threshold * sg[j];
-    }
-  } else {
-    if (o.detach_reset) {
-      for (int j = 0; j < LANES; ++j) r[j] = acc_t(1) - st.s[j];
-    } else {
-      for (int j = 0; j < LANES; ++j) r[j] = (acc_t(1) - st.s[j]) + (o.v_reset - st.h[j]) * sg[j];
-    }
-  }
-  for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
+  acc_t grad_v[LANES], grad_s[LANES];
   if (p.grad_v_seq != nullptr) {
     for (int j = 0; j < LANES; ++j) grad_v[j] = load_as<acc_t>(p.grad_v_seq[row + j]);
+  } else {
+    for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
   }
   if (t == p.T - 1 && p.grad_v_last != nullptr) {
     for (int j = 0; j < LANES; ++j) grad_v[j] += load_as<acc_t>(p.grad_v_last[n0 + j]);
   }
-  for (int j = 0; j < LANES; ++j) grad_h[j] = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r[j];
   if (p.grad_spikes != nullptr) {
-    for (int j = 0; j < LANES; ++j) grad_h[j] += load_as<acc_t>(p.grad_spikes[row + j]) * sg[j];
-  }
-  if (o.decay_input) {
-    for (int j = 0; j < LANES; ++j) {
-      p.grad_x[row + j] = store_as<in_t>(st.k[j] * grad_h[j]);
-      st.grad_k_sum[j] += grad_h[j] * (st.h[j] - v_prev[j]);
-    }
+    for (int j = 0; j < LANES; ++j) grad_s[j] = load_as<acc_t>(p.grad_spikes[row + j]);
   } else {
-    for (int j = 0; j < LANES; ++j) {
-      p.grad_x[row + j] = store_as<in_t>(grad_h[j]);
-      st.grad_k_sum[j] -= grad_h[j] * (v_prev[j] - o.v_reset);
-    }
+    for (int j = 0; j < LANES; ++j) grad_s[j] = acc_t(0);
   }
-  for (int j = 0; j < LANES; ++j) {
-    st.grad_h_next[j] = grad_h[j];
-    st.h[j] = h_prev[j];
-    st.s[j] = s_prev[j];
+  if (t > 0) {
+    backward_lanes<true, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, st);
+  } else {
+    backward_lanes<false, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, st);
   }
 }
 
@@ -351,11 +377,11 @@ PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, cons
 }
 
 // Backward over all T steps (T >= 1) for neurons n0 .. n0 + LANES - 1 (all in range).
-template <int LANES, typename in_t, typename acc_t>
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
   BackwardState<LANES, acc_t> st;
-  backward_begin<LANES>(p, n0, st);
-  for (index_t t = p.T - 1; t >= 0; --t) backward_step<LANES>(p, t, n0, st);
+  backward_begin<LANES, SURROGATE>(p, n0, st);
+  for (index_t t = p.T - 1; t >= 0; --t) backward_step<LANES, SURROGATE>(p, t, n0, st);
   backward_end<LANES>(p, n0, st);
 }
 
