@@ -113,8 +113,11 @@ constexpr int kSpikingForward = 7;
 template <int SURROGATE, typename acc_t>
 PLIF_HD acc_t surrogate_grad_of(acc_t x, acc_t a) {
   if constexpr (SURROGATE == kSigmoid) {
-    const acc_t s = acc_t(1) / (acc_t(1) + exp_(-a * x));
-    return a * s * (acc_t(1) - s);
+    // alpha s (1 - s) with s = sigmoid(alpha x) equals alpha e / (1 + e)^2 with e = exp(-alpha |x|)
+    // (the derivative is even), which does not cancel in 1 - s where |x| is large.
+    const acc_t e = exp_(-a * abs_(x));
+    const acc_t one_plus_e = acc_t(1) + e;
+    return a * e / (one_plus_e * one_plus_e);
   } else if constexpr (SURROGATE == kAtan) {
     const acc_t u = Constants<acc_t>::pi / acc_t(2) * a * x;
     return (a / acc_t(2)) / (acc_t(1) + u * u);
