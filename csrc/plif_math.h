@@ -105,8 +105,9 @@ struct Constants {
 };
 
 // ---- compile-time modes of a scan ---------------------------------------------------------
-constexpr int kRuntime = -1;
-constexpr int kSpikingForward = 7;
+// Enumerators, not constexpr variables: a namespace-scope variable is emitted into the device
+// code under a per-compilation hashed name, which would make NVRTC's output differ run to run.
+enum ScanMode : int { kRuntime = -1, kSpikingForward = 7 };
 
 // ---- surrogates (x = H - V_th) -----------------------------------------------------------
 // Derivative column of the spec table.

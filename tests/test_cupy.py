@@ -60,6 +60,8 @@ def test_both_nvrtc_bindings_build_the_same_kernels():
     from_bindings = _nvrtc.compile_variant(torch.bfloat16, "sm_80", _nvrtc.nvrtc_binding("cuda-bindings"))
     assert from_cupy.lowered_names == from_bindings.lowered_names
     assert from_cupy.image.rstrip(b"\0") == from_bindings.image.rstrip(b"\0")
+    again = _nvrtc.compile_variant(torch.bfloat16, "sm_80", _nvrtc.nvrtc_binding("cuda-bindings"))
+    assert again.image == from_bindings.image, "the NVRTC build must be reproducible"
 
 
 def test_cuda_bindings_compile_leaves_the_process_intact():
