@@ -19,7 +19,7 @@ echo "[setup] installing $TORCH_SPEC and the development requirements"
 # Peers and optional backends, without their dependency lists: SpikingJelly's would pull other
 # torch, torchvision and torchaudio builds; cupy-cuda13x needs only numpy and cuda-pathfinder,
 # which torch's CUDA wheel already brings. The CuPy backend's NVRTC build is tested without a GPU.
-"$VENV_PY" -m pip install --quiet --no-deps spikingjelly==2.0.0 "loguru>=0.7,<1" cupy-cuda13x
+"$VENV_PY" -m pip install --quiet --no-deps spikingjelly==2.0.0 "loguru>=0.7,<1" snntorch==1.0.0 cupy-cuda13x
 # nvcc on PATH may be a wrapper script; point torch's cpp_extension at the toolkit root.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
