@@ -53,6 +53,21 @@ class BufferCache {
 
   bool enabled() const { return limit_bytes_ > 0; }
 
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
+  }
+
+  void clear() {
+    std::multimap<size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (auto& entry : blocks) std::free(entry.second);
+  }
+
  private:
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;  // exact-size reuse: training repeats the same shapes
@@ -75,5 +90,9 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& opti
   TORCH_CHECK(data != nullptr, "plif_cuda: out of memory allocating ", bytes, " bytes");
   return at::from_blob(data, sizes, [bytes](void* block) { cache().give_back(block, bytes); }, options);
 }
+
+int64_t cpu_cache_bytes() { return static_cast<int64_t>(cache().cached_bytes()); }
+
+void empty_cpu_cache() { cache().clear(); }
 
 }  // namespace plif

@@ -16,4 +16,10 @@ namespace plif {
 // matter, else from torch's allocator.
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// Bytes the cache holds now (released buffers kept for reuse).
+int64_t cpu_cache_bytes();
+
+// Returns every cached buffer to the system (buffers still in use are not affected).
+void empty_cpu_cache();
+
 }  // namespace plif

@@ -221,6 +221,9 @@ TORCH_LIBRARY(plif_cuda, m) {
       "Tensor k, Tensor v_init, ScalarType x_dtype, float v_threshold, float v_reset, bool soft_reset, "
       "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking) "
       "-> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)");
+  // The CPU op's buffer cache (plif_cpu_buffers.h).
+  m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
+  m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
 }
 
 TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {

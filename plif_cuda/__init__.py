@@ -8,6 +8,7 @@ from . import surrogate
 from .backends import available_backends
 from .functional import plif_multistep
 from .module import LIFNode, ParametricLIFNode
+from .ops import cpu_cache_bytes, empty_cpu_cache
 from .reference import plif_multistep_ref
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "ParametricLIFNode",
     "LIFNode",
     "available_backends",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
     "surrogate",
 ]
 __version__ = "0.1.0"

@@ -113,5 +113,16 @@ def register_op_pair(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
 
 
+def cpu_cache_bytes() -> int:
+    """Bytes of released CPU output buffers the op keeps for reuse (0 without the extension)."""
+    return torch.ops.plif_cuda.cpu_cache_bytes() if extension_available() else 0
+
+
+def empty_cpu_cache() -> None:
+    """Return the CPU op's cached output buffers to the system (see PLIF_CPU_CACHE_MB)."""
+    if extension_available():
+        torch.ops.plif_cuda.empty_cpu_cache()
+
+
 if extension_available():
     register_op_pair("plif_cuda::multistep_forward", "plif_cuda::multistep_backward")

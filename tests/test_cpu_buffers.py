@@ -51,6 +51,19 @@ def test_buffers_survive_autograd_and_backward_outputs():
         assert torch.equal(grad_w, grads[0][1])
 
 
+def test_empty_cpu_cache_releases_the_cached_buffers():
+    spikes, v_last, _ = _run(torch.randn(SHAPE), torch.tensor(0.0))
+    del spikes, v_last
+    gc.collect()
+    assert plif_cuda.cpu_cache_bytes() >= SHAPE[0] * SHAPE[1] * 4
+    plif_cuda.empty_cpu_cache()
+    assert plif_cuda.cpu_cache_bytes() == 0
+    x = torch.randn(SHAPE)
+    spikes, _, _ = _run(x, torch.tensor(0.0))
+    expected, _, _ = plif_cuda.plif_multistep(x, torch.tensor(0.0), backend="torch")
+    assert torch.equal(spikes, expected)
+
+
 def test_cache_turned_off_still_gives_the_reference_results():
     code = (
         "import torch, plif_cuda\n"
