@@ -1,4 +1,4 @@
-// Fused CPU kernels: blocks of neurons in parallel, each block scanned over all T steps
+// Fused CPU kernels: blocks of neurons in parallel, each block walked through all T steps
 // with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -10,7 +10,7 @@
 namespace plif {
 namespace {
 
-// A block is kGroups groups of kLanes neurons. Each per-step loop runs over one group (wide
+// A block is kGroups groups of kLanes neurons. Each step runs one fused loop over a group (wide
 // enough to vectorise, small enough for its temporaries to stay in L1), and the block walks
 // time step by time step through all its groups, so every [T, N] stream is read and written
 // in runs of kGroups * kLanes values that the hardware prefetchers follow.

@@ -22,8 +22,6 @@ try:
 except ImportError as error:
     _EXTENSION_ERROR = f"the compiled extension plif_cuda._C could not be imported ({error})"
 
-FORWARD_OPTIONS = ("v_threshold", "v_reset", "soft_reset", "decay_input", "detach_reset", "surrogate", "alpha", "spiking")
-
 
 def extension_available() -> bool:
     return _EXTENSION_ERROR is None
