@@ -58,6 +58,10 @@ def ddp_worker(rank, init_file, result_file):
             train(torch.nn.parallel.DistributedDataParallel(model), make_batches(), rank, WORLD_SIZE)
             results[tau_granularity] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(results, f"{result_file}.{rank}")
+        # Both ranks are done communicating before either tears gloo down: a rank that destroys
+        # its group while the other still has a connection open can abort at exit (seen once in CI:
+        # "terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
