@@ -4,22 +4,27 @@
 - ``load_mnist`` / ``load_fashion_mnist``: the standard IDX files, gzipped or not.
 - ``load_cifar10``: the standard python pickle batches (``cifar-10-batches-py``).
 - ``NMNISTFrames``: N-MNIST's binary event files, integrated into T frames per sample.
+- ``CIFAR10DVSFrames``: CIFAR10-DVS's jAER AEDAT 2.0 files (one folder per class), split 9:1 per class.
+- ``DVS128GestureFrames``: DVS128 Gesture's AEDAT 3.1 trials, cut into gestures by their labels files.
 
-Images come back as float tensors in [0, 1], ``[N, C, H, W]``, with int64 labels.
+Images come back as float tensors in [0, 1], ``[N, C, H, W]``, with int64 labels; the event
+datasets give ``(frames [T, 2, H, W], label)`` items (``EventFrames``).
 A missing file raises ``DatasetNotFoundError`` saying where to put which files.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "nmnist")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "nmnist", "cifar10-dvs", "dvs128-gesture")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -210,6 +215,74 @@ def load_cifar10(data_dir):
     return tuple(result)
 
 
+# ---------------------------------------------------------------- event frames
+
+
+def events_to_frames(events, T: int, height: int, width: int, split_by: str = "number") -> np.ndarray:
+    """Integrate events into ``T`` frames ``[T, 2, height, width]`` of event counts per polarity.
+
+    ``split_by="number"``: each frame gets ``n // T`` events in file order, the last one also the
+    remainder (SpikingJelly's split, which the paper used); ``"time"``: each frame covers the same
+    time span. Events outside ``height x width`` are dropped first.
+    """
+    if split_by not in ("number", "time"):
+        raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
+    x, y, p, t = events["x"], events["y"], events["p"], events["t"]
+    inside = (x < width) & (y < height)
+    x, y, p, t = x[inside], y[inside], p[inside], t[inside]
+    n = len(t)
+    frames = np.zeros((T, 2, height, width), dtype=np.float32)
+    if n == 0:
+        return frames
+    if split_by == "number":
+        per_frame = n // T
+        frame_index = np.full(n, T - 1) if per_frame == 0 else np.minimum(np.arange(n) // per_frame, T - 1)
+    else:
+        t0, span = t.min(), t.max() - t.min() + 1
+        frame_index = (t - t0) * T // span
+    np.add.at(frames, (frame_index, p, y, x), 1.0)
+    return frames
+
+
+class EventFrames(Dataset):
+    """Base of the event datasets: a sample's events are read and integrated when it is asked for.
+
+    Subclasses set ``size`` (the sensor side), ``num_classes``, ``self.labels`` and ``read_events``.
+    Items are ``(frames [T, 2, size, size] float32, label)``; frames hold event counts, or with
+    ``binarize=True`` 1 where any event fell.
+    """
+
+    size: int
+    num_classes: int
+
+    def __init__(self, T: int, split_by: str, binarize: bool):
+        if split_by not in ("number", "time"):
+            raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be a positive int, got {T!r}")
+        self.T, self.split_by, self.binarize = T, split_by, binarize
+        self.labels: list[int] = []
+
+    def read_events(self, index: int) -> dict:
+        """The events of sample ``index``: dict of numpy arrays ``x, y, p, t``."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        frames = events_to_frames(self.read_events(index), self.T, self.size, self.size, self.split_by)
+        if self.binarize:
+            frames = (frames > 0).astype(np.float32)
+        return torch.from_numpy(frames), self.labels[index]
+
+
+def _missing_list(names, shown: int = 8) -> str:
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 # ---------------------------------------------------------------- N-MNIST
 
 NMNIST_SIZE = 34
@@ -233,44 +306,19 @@ def read_nmnist_events(path):
     }
 
 
-def events_to_frames(events, T: int, height: int, width: int, split_by: str = "number") -> np.ndarray:
-    """Integrate events into ``T`` frames ``[T, 2, height, width]`` of event counts per polarity.
-
-    ``split_by="number"``: each frame gets the same number of events (the last ones get the
-    remainder); ``"time"``: each frame covers the same time span.
-    """
-    if split_by not in ("number", "time"):
-        raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
-    x, y, p, t = events["x"], events["y"], events["p"], events["t"]
-    inside = (x < width) & (y < height)
-    x, y, p, t = x[inside], y[inside], p[inside], t[inside]
-    n = len(t)
-    frames = np.zeros((T, 2, height, width), dtype=np.float32)
-    if n == 0:
-        return frames
-    if split_by == "number":
-        frame_index = np.arange(n) * T // n
-    else:
-        t0, span = t.min(), t.max() - t.min() + 1
-        frame_index = (t - t0) * T // span
-    np.add.at(frames, (frame_index, p, y, x), 1.0)
-    return frames
-
-
-class NMNISTFrames(Dataset):
+class NMNISTFrames(EventFrames):
     """N-MNIST from ``<data_dir>/NMNIST/{Train,Test}/<digit>/*.bin``, as ``[T, 2, 34, 34]`` frames.
 
     Files are read and integrated when an item is asked for (the dataset is 70k small files).
-    Frames hold event counts; ``binarize=True`` gives 1 where any event fell.
     """
 
+    size = NMNIST_SIZE
+    num_classes = 10
+
     def __init__(self, data_dir, train: bool, T: int = 10, split_by: str = "number", binarize: bool = False):
-        if split_by not in ("number", "time"):
-            raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"T must be a positive int, got {T!r}")
+        super().__init__(T, split_by, binarize)
         root = Path(data_dir) / "NMNIST" / ("Train" if train else "Test")
-        self.files, self.labels = [], []
+        self.files = []
         for digit in range(10):
             files = sorted((root / str(digit)).glob("*.bin"))
             self.files += files
@@ -281,14 +329,242 @@ class NMNISTFrames(Dataset):
                 f"... Train/9/ and Test/0/ ... Test/9/ hold the binary event files; {root} has none. "
                 "Nothing is downloaded."
             )
-        self.T, self.split_by, self.binarize = T, split_by, binarize
 
-    def __len__(self) -> int:
-        return len(self.files)
+    def read_events(self, index: int) -> dict:
+        return read_nmnist_events(self.files[index])
 
-    def __getitem__(self, index):
-        events = read_nmnist_events(self.files[index])
-        frames = events_to_frames(events, self.T, NMNIST_SIZE, NMNIST_SIZE, self.split_by)
-        if self.binarize:
-            frames = (frames > 0).astype(np.float32)
-        return torch.from_numpy(frames), self.labels[index]
+
+# ---------------------------------------------------------------- CIFAR10-DVS (AEDAT 2.0)
+
+DVS128_SIZE = 128
+CIFAR10_DVS_FOLDER = "CIFAR10-DVS"
+CIFAR10_DVS_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_DVS_TRAIN_FRACTION = 0.9
+
+
+def _aedat2_events_offset(data: bytes, path: Path) -> int:
+    """Where the events start: after the header lines, which all begin with '#'."""
+    if data.startswith(b"#!AER-DAT") and not data.startswith(b"#!AER-DAT2."):
+        version = data[len(b"#!AER-DAT"):data.find(b"\n")].strip().decode(errors="replace")
+        raise ValueError(f"{path}: AEDAT version {version!r}; this reader takes AEDAT 2.0 (8-byte events)")
+    offset = 0
+    while data.startswith(b"#", offset):
+        line_end = data.find(b"\n", offset)
+        if line_end < 0:
+            raise ValueError(f"{path}: the header line at byte {offset} has no end")
+        offset = line_end + 1
+    return offset
+
+
+def read_aedat2_events(path):
+    """One jAER AEDAT 2.0 file of a DVS128 (as CIFAR10-DVS ships) -> dict ``x, y, p, t`` (t in microseconds).
+
+    After the '#' header lines, each event is a big-endian 32-bit address and 32-bit timestamp. The
+    address holds the polarity in bit 0 and jAER's x in bits 1-7 and y in bits 8-14; the events are
+    placed as SpikingJelly places them for CIFAR10-DVS (the frames the paper trained on):
+    ``x = 127 - jAER y``, ``y = 127 - jAER x``, ``p = 1 - bit 0``. Events stay in file order.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    offset = _aedat2_events_offset(data, path)
+    if (len(data) - offset) % 8 != 0:
+        raise ValueError(f"{path}: {len(data) - offset} bytes after the header is not a whole number of "
+                         "8-byte AEDAT 2.0 events")
+    words = np.frombuffer(data, dtype=">u4", offset=offset).reshape(-1, 2).astype(np.int64)
+    address, timestamp = words[:, 0], words[:, 1]
+    jaer_x = (address >> 1) & 0x7F
+    jaer_y = (address >> 8) & 0x7F
+    return {"x": 127 - jaer_y, "y": 127 - jaer_x, "p": 1 - (address & 1), "t": timestamp}
+
+
+class CIFAR10DVSFrames(EventFrames):
+    """CIFAR10-DVS from ``<data_dir>/CIFAR10-DVS/<class>/*.aedat``, as ``[T, 2, 128, 128]`` frames.
+
+    The recordings come without a train/test split; as for the paper, each class is split 9:1: the
+    first 90% of its files in name order (rounded up) train, the rest test (9000 / 1000 recordings).
+    Labels follow ``CIFAR10_DVS_CLASSES`` (CIFAR-10's order).
+    """
+
+    size = DVS128_SIZE
+    num_classes = len(CIFAR10_DVS_CLASSES)
+
+    def __init__(self, data_dir, train: bool, T: int = 20, split_by: str = "number", binarize: bool = False):
+        super().__init__(T, split_by, binarize)
+        root = Path(data_dir) / CIFAR10_DVS_FOLDER
+        self.files = []
+        empty = []
+        for label, name in enumerate(CIFAR10_DVS_CLASSES):
+            files = sorted((root / name).glob("*.aedat"))
+            if not files:
+                empty.append(name)
+            n_train = math.ceil(len(files) * CIFAR10_DVS_TRAIN_FRACTION)
+            files = files[:n_train] if train else files[n_train:]
+            self.files += files
+            self.labels += [label] * len(files)
+        if empty:
+            raise DatasetNotFoundError(
+                "CIFAR10-DVS not found: extract the ten class archives "
+                f"({', '.join(f'{n}.zip' for n in CIFAR10_DVS_CLASSES)}) into {root}/ so that each {root}/<class>/ holds that class's AEDAT 2.0 .aedat files; "
+                f"no .aedat files in: {', '.join(empty)}. Nothing is downloaded."
+            )
+
+    def read_events(self, index: int) -> dict:
+        return read_aedat2_events(self.files[index])
+
+
+# ---------------------------------------------------------------- DVS128 Gesture (AEDAT 3.1)
+
+DVS_GESTURE_FOLDER = "DvsGesture"
+DVS_GESTURE_CLASSES = 11
+DVS_GESTURE_TRIAL_LISTS = {True: "trials_to_train.txt", False: "trials_to_test.txt"}
+# type, source, event size, timestamp offset, timestamp overflow, capacity, number, valid (little-endian)
+_AEDAT3_PACKET_HEADER = struct.Struct("<hhiiiiii")
+_AEDAT3_POLARITY = 1
+
+
+def _aedat3_polarity_packets(data: bytes, path: Path) -> np.ndarray:
+    """``[P, 3]`` int64: (byte offset of the events, event count, timestamp overflow) per polarity packet.
+
+    A packet is its 28-byte header then ``capacity * size`` bytes, of which the first ``number``
+    events count. Packets of other event types are skipped.
+    """
+    if not data.startswith(b"#!AER-DAT3."):
+        raise ValueError(f"{path}: not an AEDAT 3.x file (it starts with {data[:16]!r})")
+    marker = data.find(b"#!END-HEADER")
+    if marker < 0:
+        raise ValueError(f"{path}: the header has no '#!END-HEADER' line")
+    offset = data.find(b"\n", marker) + 1
+    if offset == 0:
+        raise ValueError(f"{path}: the '#!END-HEADER' line has no end")
+    packets = []
+    while offset < len(data):
+        if offset + _AEDAT3_PACKET_HEADER.size > len(data):
+            raise ValueError(f"{path}: truncated packet header at byte {offset}")
+        kind, _, size, ts_offset, overflow, capacity, number, _ = _AEDAT3_PACKET_HEADER.unpack_from(data, offset)
+        events_offset = offset + _AEDAT3_PACKET_HEADER.size
+        end = events_offset + capacity * size
+        if size < 1 or not 0 <= number <= capacity or end > len(data):
+            raise ValueError(f"{path}: bad packet at byte {offset} (event size {size}, number {number}, "
+                             f"capacity {capacity}; the file ends at byte {len(data)})")
+        if kind == _AEDAT3_POLARITY and number > 0:
+            if size != 8 or ts_offset != 4:
+                raise ValueError(f"{path}: polarity packet at byte {offset} has {size}-byte events with the "
+                                 f"timestamp at byte {ts_offset}; AEDAT 3.1 polarity events are 8 bytes, "
+                                 "timestamp at byte 4")
+            packets.append((events_offset, number, overflow))
+        offset = end
+    return np.array(packets, dtype=np.int64).reshape(-1, 3)
+
+
+def _aedat3_polarity_words(data: bytes, packets: np.ndarray, base: int = 0):
+    """(32-bit event data, full timestamps) of every event in ``packets``; ``data`` starts at file byte ``base``."""
+    if len(packets) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    words = np.concatenate([np.frombuffer(data, dtype="<u4", count=2 * n, offset=offset - base)
+                            for offset, n, _ in packets.tolist()]).reshape(-1, 2).astype(np.int64)
+    timestamp = words[:, 1] | (np.repeat(packets[:, 2], packets[:, 1]) << 31)
+    return words[:, 0], timestamp
+
+
+def _decode_aedat3_polarity(event_data: np.ndarray, timestamp: np.ndarray) -> dict:
+    """Bit 0: valid (invalid events are dropped), bit 1: polarity, bits 2-16: y, bits 17-31: x."""
+    valid = (event_data & 1) == 1
+    event_data = event_data[valid]
+    return {"x": (event_data >> 17) & 0x7FFF, "y": (event_data >> 2) & 0x7FFF, "p": (event_data >> 1) & 1,
+            "t": timestamp[valid]}
+
+
+def read_aedat3_events(path):
+    """The valid polarity events of one AEDAT 3.1 file (as DVS128 Gesture ships) -> dict ``x, y, p, t``.
+
+    ``t`` in microseconds, including the packets' timestamp overflow (``overflow << 31 | timestamp``).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    return _decode_aedat3_polarity(*_aedat3_polarity_words(data, _aedat3_polarity_packets(data, path)))
+
+
+def read_dvs_gesture_labels(path) -> list[tuple[int, int, int]]:
+    """A ``*_labels.csv`` -> ``[(label, start_usec, end_usec), ...]``, label = class - 1 (0..10)."""
+    path = Path(path)
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    if not lines or not lines[0].startswith("class"):
+        raise ValueError(f"{path}: expected the header 'class,startTime_usec,endTime_usec'")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        try:
+            gesture, start, end = (int(field) for field in line.split(","))
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: expected three integers 'class,start,end', "
+                             f"got {line!r}") from None
+        if not 1 <= gesture <= DVS_GESTURE_CLASSES or start >= end:
+            raise ValueError(f"{path}, line {number}: class must be 1..{DVS_GESTURE_CLASSES} and start < end, "
+                             f"got {line!r}")
+        rows.append((gesture - 1, start, end))
+    return rows
+
+
+class DVS128GestureFrames(EventFrames):
+    """DVS128 Gesture from ``<data_dir>/DvsGesture/`` (the extracted archive), as ``[T, 2, 128, 128]`` frames.
+
+    ``trials_to_train.txt`` / ``trials_to_test.txt`` name the trials (``userNN_<lighting>.aedat``,
+    AEDAT 3.1); each trial's ``userNN_<lighting>_labels.csv`` gives every gesture's class and time
+    span. A sample is one gesture: the trial's events with ``start <= t < end``. Building the
+    dataset reads every trial once to index its packets by time; an item then reads only the
+    packets that overlap its gesture.
+    """
+
+    size = DVS128_SIZE
+    num_classes = DVS_GESTURE_CLASSES
+
+    def __init__(self, data_dir, train: bool, T: int = 20, split_by: str = "number", binarize: bool = False):
+        super().__init__(T, split_by, binarize)
+        root = Path(data_dir) / DVS_GESTURE_FOLDER
+        trial_list = root / DVS_GESTURE_TRIAL_LISTS[train]
+        if not trial_list.is_file():
+            missing = [trial_list.name]
+        else:
+            trials = [line.strip() for line in trial_list.read_text().splitlines() if line.strip()]
+            self.trials = [root / name for name in trials]
+            self.label_files = [root / f"{Path(name).stem}_labels.csv" for name in trials]
+            missing = [path.name for pair in zip(self.trials, self.label_files) for path in pair if not path.is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"DVS128 Gesture not found: extract DvsGesture.tar.gz so that {root}/ holds "
+                f"{DVS_GESTURE_TRIAL_LISTS[True]}, {DVS_GESTURE_TRIAL_LISTS[False]} and, for every trial they name, "
+                f"its userNN_<lighting>.aedat and userNN_<lighting>_labels.csv; missing: {_missing_list(missing)}. "
+                "Nothing is downloaded."
+            )
+        # Per trial: (events offset, count, overflow, first t, last t) of each polarity packet.
+        self.packet_index = []
+        self.gestures = []  # (trial, start, end) per sample
+        for trial, (aedat, label_file) in enumerate(zip(self.trials, self.label_files)):
+            data = aedat.read_bytes()
+            packets = _aedat3_polarity_packets(data, aedat)
+            _, timestamp = _aedat3_polarity_words(data, packets)
+            # Time bounds from all of a packet's events, not its first and last: no order is assumed.
+            bounds = np.zeros((len(packets), 2), np.int64)
+            if len(packets):
+                starts = np.cumsum(packets[:, 1]) - packets[:, 1]
+                bounds[:, 0] = np.minimum.reduceat(timestamp, starts)
+                bounds[:, 1] = np.maximum.reduceat(timestamp, starts)
+            self.packet_index.append(np.concatenate([packets, bounds], axis=1))
+            for label, start, end in read_dvs_gesture_labels(label_file):
+                self.gestures.append((trial, start, end))
+                self.labels.append(label)
+
+    def read_events(self, index: int) -> dict:
+        trial, start, end = self.gestures[index]
+        packets = self.packet_index[trial]
+        packets = packets[(packets[:, 4] >= start) & (packets[:, 3] < end)]
+        if len(packets) == 0:
+            return _decode_aedat3_polarity(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        first, stop = int(packets[0, 0]), int(packets[-1, 0] + 8 * packets[-1, 1])
+        with open(self.trials[trial], "rb") as f:
+            f.seek(first)
+            data = f.read(stop - first)
+        events = _decode_aedat3_polarity(*_aedat3_polarity_words(data, packets[:, :3], base=first))
+        inside = (events["t"] >= start) & (events["t"] < end)
+        return {key: value[inside] for key, value in events.items()}

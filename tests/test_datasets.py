@@ -172,6 +172,17 @@ def test_events_to_frames_by_number_and_by_time():
     assert datasets.events_to_frames({k: v[:0] for k, v in events.items()}, 2, 4, 4).sum() == 0
 
 
+def test_split_by_number_gives_the_last_frame_the_remainder():
+    # SpikingJelly's split (the paper's): n // T events per frame, the rest in the last frame.
+    n = 11
+    events = {"x": np.arange(n), "y": np.zeros(n, np.int64), "p": np.zeros(n, np.int64), "t": np.arange(n)}
+    frames = datasets.events_to_frames(events, T=3, height=1, width=n)
+    assert frames.sum(axis=(1, 2, 3)).tolist() == [3, 3, 5]
+    assert frames[2, 0, 0].tolist() == [0] * 6 + [1] * 5
+    few = datasets.events_to_frames({k: v[:2] for k, v in events.items()}, T=3, height=1, width=n)
+    assert few.sum(axis=(1, 2, 3)).tolist() == [0, 0, 2]
+
+
 def test_nmnist_dataset_reads_train_and_test_folders(tmp_path):
     rng = np.random.default_rng(3)
     expected = {}
@@ -223,3 +234,274 @@ def test_digits_split_is_stratified_disjoint_and_seeded():
     (x_again, _), _ = datasets.load_digits(seed=0)
     (x_other, _), _ = datasets.load_digits(seed=1)
     assert torch.equal(x_again, x_train) and not torch.equal(x_other, x_train)
+
+
+def expected_frames_by_number(x, y, p, T, size):
+    """Frames built one event at a time: n // T events per frame, the rest in the last frame."""
+    frames = np.zeros((T, 2, size, size), np.float32)
+    per_frame = len(x) // T
+    for i, (xi, yi, pi) in enumerate(zip(x, y, p)):
+        frames[min(i // per_frame, T - 1), pi, yi, xi] += 1
+    return frames
+
+
+# ---------------------------------------------------------------- CIFAR10-DVS (AEDAT 2.0)
+
+AEDAT2_HEADER = (b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n"
+                 b"# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
+                 b"# Timestamps tick is 1 us\r\n")
+
+
+def encode_aedat2(jaer_x, jaer_y, bit0, t, header=AEDAT2_HEADER) -> bytes:
+    """jAER DVS128 address: bit 0 polarity, bits 1-7 x, bits 8-14 y; then the timestamp; big-endian."""
+    body = b"".join(struct.pack(">II", (yi << 8) | (xi << 1) | bi, ti)
+                    for xi, yi, bi, ti in zip(jaer_x, jaer_y, bit0, t))
+    return header + body
+
+
+def test_aedat2_event_decoding(tmp_path):
+    jaer_x, jaer_y, bit0 = [0, 127, 5, 64], [0, 3, 127, 64], [0, 1, 1, 0]
+    t = [0, 255, 65_536, 2**32 - 1]
+    (tmp_path / "a.aedat").write_bytes(encode_aedat2(jaer_x, jaer_y, bit0, t))
+    events = datasets.read_aedat2_events(tmp_path / "a.aedat")
+    # Placed as SpikingJelly places CIFAR10-DVS events (the frames the paper trained on).
+    assert events["x"].tolist() == [127, 124, 0, 63]
+    assert events["y"].tolist() == [127, 0, 122, 63]
+    assert events["p"].tolist() == [1, 0, 0, 1]
+    assert events["t"].tolist() == t
+    (tmp_path / "noheader.aedat").write_bytes(encode_aedat2(jaer_x, jaer_y, bit0, t, header=b""))
+    assert datasets.read_aedat2_events(tmp_path / "noheader.aedat")["x"].tolist() == [127, 124, 0, 63]
+
+
+def test_aedat2_reader_rejects_other_versions_and_partial_events(tmp_path):
+    (tmp_path / "v1.aedat").write_bytes(b"#!AER-DAT1.0\r\n" + bytes(12))
+    with pytest.raises(ValueError, match="AEDAT version '1.0'"):
+        datasets.read_aedat2_events(tmp_path / "v1.aedat")
+    (tmp_path / "cut.aedat").write_bytes(encode_aedat2([1, 2], [3, 4], [0, 1], [5, 6])[:-3])
+    with pytest.raises(ValueError, match="13 bytes after the header.*8-byte"):
+        datasets.read_aedat2_events(tmp_path / "cut.aedat")
+
+
+def write_cifar10_dvs(root, rng, files_per_class, n_events=45):
+    """``files_per_class[c]`` recordings of random events per class; returns {path: (jaer_x, jaer_y, bit0, t)}."""
+    written = {}
+    for label, name in enumerate(datasets.CIFAR10_DVS_CLASSES):
+        folder = root / "CIFAR10-DVS" / name
+        folder.mkdir(parents=True)
+        for i in range(files_per_class[label]):
+            events = (rng.integers(0, 128, n_events), rng.integers(0, 128, n_events), rng.integers(0, 2, n_events),
+                      np.sort(rng.integers(0, 2**32, n_events)))
+            path = folder / f"cifar10_{name}_{i}.aedat"
+            path.write_bytes(encode_aedat2(*(e.tolist() for e in events)))
+            written[path] = events
+    return written
+
+
+def test_cifar10_dvs_splits_each_class_9_to_1_in_name_order(tmp_path):
+    files_per_class = [11] + [1] * 8 + [20]
+    written = write_cifar10_dvs(tmp_path, np.random.default_rng(4), files_per_class)
+    train = datasets.CIFAR10DVSFrames(tmp_path, train=True)
+    test = datasets.CIFAR10DVSFrames(tmp_path, train=False)
+    # ceil(0.9 n) train per class: 11 -> 10 + 1, 1 -> 1 + 0, 20 -> 18 + 2.
+    assert train.labels == [0] * 10 + list(range(1, 9)) + [9] * 18
+    assert test.labels == [0, 9, 9]
+    # Name order: cifar10_airplane_10 sorts before _2, so _9 is the last airplane file.
+    assert [f.name for f in test.files] == ["cifar10_airplane_9.aedat", "cifar10_truck_8.aedat",
+                                            "cifar10_truck_9.aedat"]
+    assert not set(train.files) & set(test.files) and len(train) + len(test) == len(written)
+    frames, label = test[0]
+    assert label == 0 and frames.shape == (20, 2, 128, 128) and frames.dtype == torch.float32
+    jaer_x, jaer_y, bit0, _ = written[test.files[0]]
+    expected = expected_frames_by_number(127 - jaer_y, 127 - jaer_x, 1 - bit0, T=20, size=128)
+    assert np.array_equal(frames.numpy(), expected)
+    assert frames.sum(axis=(1, 2, 3)).tolist() == [2] * 19 + [7]  # 45 events: 2 per frame, the last 2 + 5
+
+
+def test_missing_cifar10_dvs_names_the_empty_class_folders(tmp_path):
+    write_cifar10_dvs(tmp_path, np.random.default_rng(5), [1] * 10)
+    for name in ("bird", "truck"):
+        for path in (tmp_path / "CIFAR10-DVS" / name).iterdir():
+            path.unlink()
+    with pytest.raises(datasets.DatasetNotFoundError) as error:
+        datasets.CIFAR10DVSFrames(tmp_path, train=True)
+    message = str(error.value)
+    assert str(tmp_path / "CIFAR10-DVS") in message and "airplane.zip" in message
+    assert "no .aedat files in: bird, truck." in message and "downloaded" in message
+
+
+# ---------------------------------------------------------------- DVS128 Gesture (AEDAT 3.1)
+
+AEDAT3_HEADER = (b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n"
+                 b"#Start-Time: 2017-01-01 12:00:00 (TZ+0000)\r\n#!END-HEADER\r\n")
+
+
+def aedat3_packet(event_type, events: bytes, number, overflow=0, capacity=None, event_size=8, ts_offset=4):
+    """28-byte little-endian header (type, source, size, ts offset, ts overflow, capacity, number, valid), events."""
+    capacity = number if capacity is None else capacity
+    header = struct.pack("<hhiiiiii", event_type, 1, event_size, ts_offset, overflow, capacity, number, number)
+    return header + events
+
+
+def polarity_events(x, y, p, t, valid=None) -> bytes:
+    """8 bytes each: data (bit 0 valid, bit 1 polarity, bits 2-16 y, bits 17-31 x), int32 timestamp."""
+    valid = [1] * len(x) if valid is None else valid
+    return b"".join(struct.pack("<Ii", (xi << 17) | (yi << 2) | (pi << 1) | vi, ti)
+                    for xi, yi, pi, ti, vi in zip(x, y, p, t, valid))
+
+
+def test_aedat3_polarity_event_decoding(tmp_path):
+    body = aedat3_packet(1, polarity_events([0, 127, 3], [5, 0, 127], [1, 0, 1], [10, 20, 30]), 3)
+    body += aedat3_packet(0, polarity_events([9, 9], [9, 9], [1, 1], [40, 50]), 2)  # special events: skipped
+    # Capacity 3, number 2: the third slot is not an event; the second event is marked invalid.
+    body += aedat3_packet(1, polarity_events([1, 2, 4], [1, 2, 4], [0, 1, 0], [60, 70, 80], valid=[1, 0, 1]), 2,
+                          capacity=3)
+    body += aedat3_packet(1, polarity_events([100], [101], [0], [7]), 1, overflow=3)
+    (tmp_path / "trial.aedat").write_bytes(AEDAT3_HEADER + body)
+    events = datasets.read_aedat3_events(tmp_path / "trial.aedat")
+    assert events["x"].tolist() == [0, 127, 3, 1, 100]
+    assert events["y"].tolist() == [5, 0, 127, 1, 101]
+    assert events["p"].tolist() == [1, 0, 1, 0, 0]
+    assert events["t"].tolist() == [10, 20, 30, 60, 3 * 2**31 + 7]
+
+
+def test_aedat3_reader_rejects_bad_files(tmp_path):
+    packet = aedat3_packet(1, polarity_events([1, 2], [1, 2], [0, 1], [5, 6]), 2)
+    cases = {
+        "v2.aedat": (AEDAT2_HEADER + packet, "not an AEDAT 3.x file"),
+        "noend.aedat": (b"#!AER-DAT3.1\r\n" + packet, "END-HEADER"),
+        "cut.aedat": (AEDAT3_HEADER + packet[:-1], "bad packet at byte"),
+        "halfheader.aedat": (AEDAT3_HEADER + packet + packet[:10], "truncated packet header"),
+        "wide.aedat": (AEDAT3_HEADER + aedat3_packet(1, bytes(32), 2, event_size=16), "16-byte events"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            datasets.read_aedat3_events(tmp_path / name)
+
+
+def write_gesture_trial(root, name, rng, gestures, packet_events=7):
+    """One trial: events every 10 us over the gestures' span, in packets; its labels csv.
+
+    ``gestures``: (class 1..11, start, end). Timestamps from 2**31 on are written as the packet's
+    overflow 1 and t - 2**31 (a new packet starts there). Returns the events written (x, y, p, t, valid).
+    """
+    first, last = min(g[1] for g in gestures) - 30, max(g[2] for g in gestures) + 30
+    t = np.arange(first, last, 10)
+    n = len(t)
+    x, y, p = rng.integers(0, 128, n), rng.integers(0, 128, n), rng.integers(0, 2, n)
+    valid = (rng.random(n) > 0.1).astype(np.int64)
+    body = b""
+    bounds = sorted(set(range(0, n, packet_events)) | {int(np.searchsorted(t, 2**31)), n})
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        if begin == end:
+            continue
+        chunk = slice(begin, end)
+        overflow, stamps = int(t[begin]) >> 31, t[chunk] & (2**31 - 1)
+        body += aedat3_packet(1, polarity_events(x[chunk], y[chunk], p[chunk], stamps, valid[chunk]),
+                              len(stamps), overflow=overflow)
+        body += aedat3_packet(0, polarity_events([0], [0], [0], [int(stamps[0])]), 1, overflow=overflow)
+    (root / f"{name}.aedat").write_bytes(AEDAT3_HEADER + body)
+    rows = "".join(f"{c},{s},{e}\n" for c, s, e in gestures)
+    (root / f"{name}_labels.csv").write_text("class,startTime_usec,endTime_usec\n" + rows)
+    return x, y, p, t, valid
+
+
+def write_dvs_gesture(tmp_path, rng):
+    root = tmp_path / "DvsGesture"
+    root.mkdir(parents=True)
+    trials = {
+        "user01_fluorescent": dict(gestures=[(1, 1000, 1400), (11, 1400, 1810), (5, 2000, 2305)]),
+        "user02_led": dict(gestures=[(3, 2**31 - 300, 2**31 + 250)]),
+        "user24_natural": dict(gestures=[(8, 500, 900), (8, 880, 1500)]),  # overlapping spans, as in the data
+    }
+    written = {name: write_gesture_trial(root, name, rng, **options) for name, options in trials.items()}
+    (root / "trials_to_train.txt").write_text("user01_fluorescent.aedat\nuser02_led.aedat\n\n")
+    (root / "trials_to_test.txt").write_text("user24_natural.aedat\n")
+    return trials, written
+
+
+def test_dvs_gesture_cuts_trials_into_labelled_gestures(tmp_path):
+    trials, written = write_dvs_gesture(tmp_path, np.random.default_rng(6))
+    train = datasets.DVS128GestureFrames(tmp_path, train=True, T=4)
+    test = datasets.DVS128GestureFrames(tmp_path, train=False, T=4)
+    assert train.labels == [0, 10, 4, 2] and test.labels == [7, 7]
+    samples = [(train, 0, "user01_fluorescent", 0), (train, 1, "user01_fluorescent", 1),
+               (train, 2, "user01_fluorescent", 2), (train, 3, "user02_led", 0),
+               (test, 0, "user24_natural", 0), (test, 1, "user24_natural", 1)]
+    for dataset, index, trial, gesture in samples:
+        x, y, p, t, valid = written[trial]
+        _, start, end = trials[trial]["gestures"][gesture]
+        keep = (t >= start) & (t < end) & (valid == 1)  # the start is in the gesture, the end is not
+        events = dataset.read_events(index)
+        assert events["t"].tolist() == t[keep].tolist(), (trial, gesture)
+        assert events["x"].tolist() == x[keep].tolist() and events["y"].tolist() == y[keep].tolist()
+        assert events["p"].tolist() == p[keep].tolist()
+        frames, label = dataset[index]
+        assert frames.shape == (4, 2, 128, 128) and label == dataset.labels[index]
+        assert np.array_equal(frames.numpy(), expected_frames_by_number(x[keep], y[keep], p[keep], T=4, size=128))
+    # The gesture across the timestamp overflow: 2**31 - 300 <= t < 2**31 + 250, every 10 us.
+    assert train.read_events(3)["t"].max() == 2**31 + 240
+
+
+def test_dvs_gesture_labels_file_errors_name_the_line(tmp_path):
+    (tmp_path / "a_labels.csv").write_text("class,startTime_usec,endTime_usec\n1,10,20\n12,30,40\n")
+    with pytest.raises(ValueError, match="line 3: class must be 1..11"):
+        datasets.read_dvs_gesture_labels(tmp_path / "a_labels.csv")
+    (tmp_path / "b_labels.csv").write_text("class,startTime_usec,endTime_usec\n1,10\n")
+    with pytest.raises(ValueError, match="line 2: expected three integers"):
+        datasets.read_dvs_gesture_labels(tmp_path / "b_labels.csv")
+    (tmp_path / "c_labels.csv").write_text("class,startTime_usec,endTime_usec\n11,10,20\n\n1,5,30\n")
+    assert datasets.read_dvs_gesture_labels(tmp_path / "c_labels.csv") == [(10, 10, 20), (0, 5, 30)]
+
+
+def test_missing_dvs_gesture_names_the_expected_files(tmp_path):
+    with pytest.raises(datasets.DatasetNotFoundError) as error:
+        datasets.DVS128GestureFrames(tmp_path, train=True)
+    message = str(error.value)
+    assert str(tmp_path / "DvsGesture") in message and "DvsGesture.tar.gz" in message
+    assert "missing: trials_to_train.txt." in message and "downloaded" in message
+    write_dvs_gesture(tmp_path, np.random.default_rng(7))
+    (tmp_path / "DvsGesture" / "user02_led.aedat").unlink()
+    (tmp_path / "DvsGesture" / "user01_fluorescent_labels.csv").unlink()
+    with pytest.raises(datasets.DatasetNotFoundError,
+                       match="missing: user01_fluorescent_labels.csv, user02_led.aedat."):
+        datasets.DVS128GestureFrames(tmp_path, train=True)
+    assert len(datasets.DVS128GestureFrames(tmp_path, train=False)) == 2
+
+
+# ---------------------------------------------------------------- examples/train.py on these files
+
+
+def test_train_script_lists_every_dataset_and_takes_the_papers_networks(capsys):
+    from test_models import load_train_script
+
+    train = load_train_script()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    for name in ("digits", "mnist", "fashion-mnist", "cifar10", "nmnist", "cifar10-dvs", "dvs128-gesture"):
+        assert name in usage
+    # The paper's networks for neuromorphic data: 128x128 frames, T=20, FC512; 4 / 5 conv stages.
+    for dataset, depth in (("cifar10-dvs", 4), ("dvs128-gesture", 5)):
+        args = train.parse_args(["--dataset", dataset])
+        assert (args.T, args.depth, args.width, args.convs_per_stage, args.fc_width) == (20, depth, 128, 1, 512)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10-dvs", "dvs128-gesture"])
+def test_train_script_runs_on_event_files(tmp_path, dataset):
+    from test_models import load_train_script
+
+    rng = np.random.default_rng(8)
+    if dataset == "cifar10-dvs":
+        write_cifar10_dvs(tmp_path / "data", rng, [10] * 10, n_events=30)
+        n_classes = 10
+    else:
+        write_dvs_gesture(tmp_path / "data", rng)
+        n_classes = 11
+    out_dir = tmp_path / "run"
+    row = load_train_script().main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--out-dir",
+                                    str(out_dir), "--epochs", "1", "--T", "3", "--width", "4", "--fc-width", "8",
+                                    "--batch-size", "4", "--threads", "1", "--no-progress", "--no-plot"])
+    assert row["epoch"] == 1
+    state = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    assert state["model"]["head.5.module.weight"].shape == (n_classes * 10, 8)  # voting: 10 neurons per class
