@@ -98,7 +98,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--split-by", choices=("number", "time"), default="number",
+    parser.add_argument("--split-by", choices=datasets.SPLIT_BY, default="number",
                         help="event datasets: the same number of events, or the same time span, per frame")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true")

@@ -218,6 +218,14 @@ def load_cifar10(data_dir):
 # ---------------------------------------------------------------- event frames
 
 
+SPLIT_BY = ("number", "time")
+
+
+def _check_split_by(split_by) -> None:
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+
+
 def events_to_frames(events, T: int, height: int, width: int, split_by: str = "number") -> np.ndarray:
     """Integrate events into ``T`` frames ``[T, 2, height, width]`` of event counts per polarity.
 
@@ -225,8 +233,7 @@ def events_to_frames(events, T: int, height: int, width: int, split_by: str = "n
     remainder (SpikingJelly's split, which the paper used); ``"time"``: each frame covers the same
     time span. Events outside ``height x width`` are dropped first.
     """
-    if split_by not in ("number", "time"):
-        raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
+    _check_split_by(split_by)
     x, y, p, t = events["x"], events["y"], events["p"], events["t"]
     inside = (x < width) & (y < height)
     x, y, p, t = x[inside], y[inside], p[inside], t[inside]
@@ -256,8 +263,7 @@ class EventFrames(Dataset):
     num_classes: int
 
     def __init__(self, T: int, split_by: str, binarize: bool):
-        if split_by not in ("number", "time"):
-            raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
+        _check_split_by(split_by)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be a positive int, got {T!r}")
         self.T, self.split_by, self.binarize = T, split_by, binarize

@@ -317,6 +317,14 @@ def test_cifar10_dvs_splits_each_class_9_to_1_in_name_order(tmp_path):
     assert frames.sum(axis=(1, 2, 3)).tolist() == [2] * 19 + [7]  # 45 events: 2 per frame, the last 2 + 5
 
 
+@pytest.mark.parametrize("dataset", [datasets.NMNISTFrames, datasets.CIFAR10DVSFrames, datasets.DVS128GestureFrames])
+def test_event_datasets_name_bad_arguments(tmp_path, dataset):
+    with pytest.raises(ValueError, match="split_by must be one of"):
+        dataset(tmp_path, train=True, split_by="events")
+    with pytest.raises(ValueError, match="T must be a positive int"):
+        dataset(tmp_path, train=True, T=0)
+
+
 def test_missing_cifar10_dvs_names_the_empty_class_folders(tmp_path):
     write_cifar10_dvs(tmp_path, np.random.default_rng(5), [1] * 10)
     for name in ("bird", "truck"):
