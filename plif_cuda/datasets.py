@@ -543,7 +543,7 @@ class DVS128GestureFrames(EventFrames):
                 f"its userNN_<lighting>.aedat and userNN_<lighting>_labels.csv; missing: {_missing_list(missing)}. "
                 "Nothing is downloaded."
             )
-        # Per trial: (events offset, count, overflow, first t, last t) of each polarity packet.
+        # Per trial: (events offset, count, overflow, earliest t, latest t) of each polarity packet.
         self.packet_index = []
         self.gestures = []  # (trial, start, end) per sample
         for trial, (aedat, label_file) in enumerate(zip(self.trials, self.label_files)):
