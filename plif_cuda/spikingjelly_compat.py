@@ -147,7 +147,9 @@ def _fused_multi_step_forward(cls, w_of):
             decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=name, alpha=alpha,
             spiking=spiking, store_v_seq=self.store_v_seq,
         )
-        self._memories["v"] = v_last
+        # A fresh tensor, not our permuted view of the op's output: SpikingJelly's detach() works in
+        # place (detach_), which views refuse.
+        self._memories["v"] = v_last.clone()
         self.v_seq = v_seq
         return spike_seq
 

@@ -250,7 +250,11 @@ def test_sj_named_memories_reset_and_step_mode(kind):
     base, functional, *_ = _sj()
     net = _net(kind, store_v_seq=True)
     assert [name for name, _ in base.named_memories(net)] == ["1.v"]
-    net(make_seq((3, 2, 5), torch.float32))
+    x_seq = make_seq((3, 2, 5), torch.float32)
+    outputs, (v_after,) = base.to_functional_forward(net)((x_seq,), (0.0,))
+    assert net[1].v == 0.0, "to_functional_forward must not change the module's state"
+    assert torch.equal(outputs[0], net(x_seq)) and torch.equal(v_after, net[1].v)
+    base.load_memories(net, base.extract_memories(net))
     assert isinstance(net[1].v, torch.Tensor) and net[1].v_seq is not None
     functional.reset_net(net)
     assert net[1].v == 0.0 and net[1].v_seq is None
@@ -454,7 +458,7 @@ def test_sj_patch_trains_like_spikingjelly(monkeypatch):
 
 @needs_sj
 def test_sj_patch_keeps_state_checkpoints_and_uncovered_cases(monkeypatch):
-    _, _, neuron, surrogate, _ = _sj()
+    _, sj_functional, neuron, surrogate, _ = _sj()
     fused_calls = []
     real_forward_op = plif_backends.forward_op
     monkeypatch.setattr(plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend))
@@ -469,6 +473,8 @@ def test_sj_patch_keeps_state_checkpoints_and_uncovered_cases(monkeypatch):
         assert layer.v.dtype == unpatched.v.dtype and layer.v_seq.shape == unpatched.v_seq.shape
         assert_membrane_close(layer.v, unpatched.v)
         assert list(layer.state_dict()) == ["w"]
+        sj_functional.detach_net(layer)  # SpikingJelly detaches v in place
+        assert layer.v.grad_fn is None
 
         fused_calls.clear()
         single = neuron.ParametricLIFNode(step_mode="s")
