@@ -4,7 +4,8 @@
 importable, so that its tools (``functional.reset_net`` / ``detach_net`` / ``set_step_mode``,
 ``base.named_memories``, ``memopt`` checkpointing, monitors) treat our layers as their own.
 Without SpikingJelly it is a stand-in with the same protocol (``register_memory``, ``reset``,
-``detach``, ``memories``, ``named_memories``, ``step_mode``, memories converted by ``.to()``).
+``memories``, ``named_memories``, ``step_mode``, memories converted by ``.to()``; our layers add
+``detach``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ class _MemoryModule(nn.Module):
     """SpikingJelly's ``MemoryModule`` protocol, for when SpikingJelly is not installed.
 
     A memory is a state variable (a membrane ``v``) kept outside the parameters and buffers:
-    ``reset()`` restores its registered value, ``detach()`` cuts its autograd graph, and
-    ``.to()`` / ``.double()`` / ``.half()`` convert it along with the module.
+    ``reset()`` restores its registered value and ``.to()`` / ``.double()`` / ``.half()``
+    convert it along with the module. (Our layers define ``detach()`` themselves.)
     """
 
     def __init__(self):
@@ -67,11 +68,6 @@ class _MemoryModule(nn.Module):
 
     def named_memories(self):
         yield from self._memories.items()
-
-    def detach(self) -> None:
-        for name, value in self._memories.items():
-            if isinstance(value, torch.Tensor):
-                self._memories[name] = value.detach()
 
     def _apply(self, fn, *args, **kwargs):
         for store in (self._memories, self._memories_rv):
