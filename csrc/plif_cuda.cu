@@ -82,7 +82,7 @@ void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   const Options<acc_t>& o = p.opts;
   plif_forward_kernel<cuda_t, acc_t>
       <<<grid_size(p.N), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, p.k_stride,
+          as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), p.v_last, as_cuda(p.v_seq), p.h_seq, p.k_stride,
           p.v_init_stride, p.T, p.N, o.v_threshold, o.v_reset, o.alpha, o.surrogate, option_flags(o));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -93,7 +93,7 @@ void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   const Options<acc_t>& o = p.opts;
   plif_backward_kernel<cuda_t, acc_t>
       <<<grid_size(p.N), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
+          as_cuda(p.grad_spikes), p.grad_v_last, as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
           as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.k_stride, p.v_init_stride, p.T, p.N, o.v_threshold,
           o.v_reset, o.alpha, o.surrogate, option_flags(o));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

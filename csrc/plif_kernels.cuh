@@ -45,7 +45,7 @@ __device__ __forceinline__ Options<acc_t> make_options(acc_t v_threshold, acc_t 
 }
 
 template <typename in_t, typename acc_t>
-__global__ void plif_forward_kernel(const in_t* x, const acc_t* k, const acc_t* v_init, in_t* spikes, in_t* v_last,
+__global__ void plif_forward_kernel(const in_t* x, const acc_t* k, const acc_t* v_init, in_t* spikes, acc_t* v_last,
                                     in_t* v_seq, acc_t* h_seq, index_t k_stride, index_t v_init_stride, index_t T,
                                     index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate,
                                     int flags) {
@@ -69,7 +69,7 @@ __global__ void plif_forward_kernel(const in_t* x, const acc_t* k, const acc_t* 
 }
 
 template <typename in_t, typename acc_t>
-__global__ void plif_backward_kernel(const in_t* grad_spikes, const in_t* grad_v_last, const in_t* grad_v_seq,
+__global__ void plif_backward_kernel(const in_t* grad_spikes, const acc_t* grad_v_last, const in_t* grad_v_seq,
                                      const acc_t* h_seq, const acc_t* k, const acc_t* v_init, in_t* grad_x,
                                      acc_t* grad_k, acc_t* grad_v_init, index_t k_stride, index_t v_init_stride,
                                      index_t T, index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha,

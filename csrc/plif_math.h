@@ -276,7 +276,7 @@ PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_
 
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void forward_end(const ForwardParams<in_t, acc_t>& p, index_t n0, const ForwardState<LANES, acc_t>& st) {
-  for (int j = 0; j < LANES; ++j) p.v_last[n0 + j] = store_as<in_t>(st.v[j]);
+  for (int j = 0; j < LANES; ++j) p.v_last[n0 + j] = st.v[j];
 }
 
 // Forward over all T steps for neurons n0 .. n0 + LANES - 1 (all in range).
@@ -358,7 +358,7 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
     for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
   }
   if (t == p.T - 1 && p.grad_v_last != nullptr) {
-    for (int j = 0; j < LANES; ++j) grad_v[j] += load_as<acc_t>(p.grad_v_last[n0 + j]);
+    for (int j = 0; j < LANES; ++j) grad_v[j] += p.grad_v_last[n0 + j];
   }
   if (p.grad_spikes != nullptr) {
     for (int j = 0; j < LANES; ++j) grad_s[j] = load_as<acc_t>(p.grad_spikes[row + j]);

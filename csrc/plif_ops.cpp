@@ -4,7 +4,9 @@
 // Layout contract (the Python layer arranges it, see plif_cuda/functional.py): x is a
 // contiguous [T, *S] tensor, k and v_init are contiguous and either hold one value or
 // one value per neuron of S, in the compute dtype (float64 for float64 inputs, float32
-// otherwise).
+// otherwise). v_last (and so its gradient) is in the compute dtype too: it is the state a
+// layer carries into its next call, and rounding it there would make a split sequence differ
+// from one call; spikes, v_seq and grad_x have x's dtype.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -107,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
-  Tensor v_last = at::empty(x.sizes().slice(1), x.options());
+  Tensor v_last = at::empty(x.sizes().slice(1), x.options().dtype(acc_type));
   Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   Tensor h_seq = save_h ? empty_output(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
@@ -124,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.spikes = spikes.data_ptr<in_t>();
-    p.v_last = v_last.data_ptr<in_t>();
+    p.v_last = v_last.data_ptr<acc_t>();
     p.v_seq = ptr_or_null<in_t>(v_seq);
     p.h_seq = ptr_or_null<acc_t>(h_seq);
     p.k_stride = k.numel() == 1 ? 0 : 1;
@@ -162,8 +164,8 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
   if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", h_seq, x_dtype);
   if (grad_v_last) {
     TORCH_CHECK(grad_v_last->numel() == N && grad_v_last->is_contiguous() &&
-                    grad_v_last->scalar_type() == x_dtype && grad_v_last->device() == h_seq.device(),
-                "grad_v_last must be a contiguous ", x_dtype, " tensor of ", N, " values on ", h_seq.device());
+                    grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
+                "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
 
   Tensor grad_x = empty_output(h_seq.sizes(), h_seq.options().dtype(x_dtype));
@@ -182,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     using acc_t = decltype(acc_v);
     BackwardParams<in_t, acc_t> p;
     p.grad_spikes = grad_spikes ? ptr_or_null<in_t>(*grad_spikes) : nullptr;
-    p.grad_v_last = grad_v_last ? ptr_or_null<in_t>(*grad_v_last) : nullptr;
+    p.grad_v_last = grad_v_last ? ptr_or_null<acc_t>(*grad_v_last) : nullptr;
     p.grad_v_seq = grad_v_seq ? ptr_or_null<in_t>(*grad_v_seq) : nullptr;
     p.h_seq = h_seq.data_ptr<acc_t>();
     p.k = k.data_ptr<acc_t>();

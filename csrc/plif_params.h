@@ -58,7 +58,7 @@ struct ForwardParams {
   const acc_t* k;       // [N] or one value (k_stride = 0); k = sigmoid(w) = 1/tau
   const acc_t* v_init;  // [N] or one value (v_init_stride = 0)
   in_t* spikes;         // [T, N]
-  in_t* v_last;         // [N]
+  acc_t* v_last;        // [N], in the compute dtype: the state a layer carries to its next call
   in_t* v_seq;          // [T, N] or null (store_v_seq off)
   acc_t* h_seq;         // [T, N] or null (nothing saved for backward)
   index_t k_stride;
@@ -71,7 +71,7 @@ struct ForwardParams {
 template <typename in_t, typename acc_t>
 struct BackwardParams {
   const in_t* grad_spikes;  // [T, N] or null (zero)
-  const in_t* grad_v_last;  // [N] or null (zero)
+  const acc_t* grad_v_last; // [N] or null (zero)
   const in_t* grad_v_seq;   // [T, N] or null (zero)
   const acc_t* h_seq;       // [T, N]: H saved by the forward
   const acc_t* k;

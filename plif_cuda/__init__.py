@@ -10,6 +10,7 @@ from .functional import plif_multistep
 from .module import LIFNode, ParametricLIFNode
 from .ops import cpu_cache_bytes, empty_cpu_cache
 from .reference import plif_multistep_ref
+from .spikingjelly_compat import patch_spikingjelly, unpatch_spikingjelly
 
 __all__ = [
     "plif_multistep",
@@ -19,6 +20,8 @@ __all__ = [
     "available_backends",
     "cpu_cache_bytes",
     "empty_cpu_cache",
+    "patch_spikingjelly",
+    "unpatch_spikingjelly",
     "surrogate",
 ]
 __version__ = "0.1.0"

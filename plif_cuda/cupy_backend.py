@@ -138,10 +138,10 @@ def check_backward_args(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, 
         if grad is not None:
             _check_seq(grad, name, h_seq.device, h_seq.shape, x_dtype)
     if grad_v_last is not None and not (
-        grad_v_last.numel() == neurons and grad_v_last.is_contiguous() and grad_v_last.dtype == x_dtype
+        grad_v_last.numel() == neurons and grad_v_last.is_contiguous() and grad_v_last.dtype == h_seq.dtype
         and grad_v_last.device == h_seq.device
     ):
-        _fail(f"grad_v_last must be a contiguous {x_dtype} tensor of {neurons} values on {h_seq.device}")
+        _fail(f"grad_v_last must be a contiguous {h_seq.dtype} tensor of {neurons} values on {h_seq.device}")
     _check_options(surrogate, spiking)
     return steps, neurons
 
@@ -234,7 +234,7 @@ def _multistep_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_inp
     steps, neurons = check_forward_args(x, k, v_init, surrogate, spiking)
     acc = compute_dtype(x.dtype)
     spikes = torch.empty_like(x)
-    v_last = x.new_empty(x.shape[1:])
+    v_last = x.new_empty(x.shape[1:], dtype=acc)
     v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0,))
     h_seq = x.new_empty(x.shape, dtype=acc) if save_h else x.new_empty((0,), dtype=acc)
     if neurons == 0:

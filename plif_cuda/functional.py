@@ -9,6 +9,7 @@ memory format.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -82,7 +83,7 @@ def _inverse(order):
     return inverse
 
 
-def plif_multistep(
+def multistep_keeping_state(
     x_seq: torch.Tensor,
     w,
     v_init=None,
@@ -116,7 +117,8 @@ def plif_multistep(
 
     Returns:
         ``(spike_seq [T, *S], v_last [*S], v_seq [T, *S] or None)`` in ``x_seq``'s dtype.
-        Half inputs are computed in float32.
+        Half inputs are computed in float32. (``multistep_keeping_state``, which the layers call,
+        leaves ``v_last`` in that compute dtype: the membrane they carry into their next call.)
     """
     if not isinstance(x_seq, torch.Tensor):
         raise TypeError(f"x_seq must be a tensor, got {type(x_seq).__name__}")
@@ -168,3 +170,9 @@ def plif_multistep(
     spike_seq = spikes.permute(back)
     v_last = v_last.permute(_inverse(order))
     return spike_seq, v_last, v_seq.permute(back) if store_v_seq else None
+
+
+@functools.wraps(multistep_keeping_state, assigned=("__doc__", "__annotations__"))
+def plif_multistep(*args, **kwargs):
+    spike_seq, v_last, v_seq = multistep_keeping_state(*args, **kwargs)
+    return spike_seq, v_last.to(spike_seq.dtype), v_seq

@@ -50,7 +50,7 @@ def neuron_layers(model: nn.Module) -> dict[str, ParametricLIFNode]:
 
 def learned_taus(model: nn.Module) -> dict[str, float]:
     """Mean tau of each neuron layer (the one tau, for per-layer tau)."""
-    return {name: float(layer.tau.mean()) for name, layer in neuron_layers(model).items()}
+    return {name: float(torch.as_tensor(layer.tau).mean()) for name, layer in neuron_layers(model).items()}
 
 
 class SeqToBatch(nn.Module):
@@ -225,15 +225,16 @@ class SpikingConvNet(nn.Module):
 
 def make_neuron(channels: int, *, conv: bool, neuron: str, tau_granularity: str, init_tau: float, surrogate: str,
                 detach_reset: bool, backend: str) -> ParametricLIFNode:
-    """One multi-step neuron layer with hard reset to 0 and threshold 1 (the paper's settings)."""
+    """One multi-step neuron layer with hard reset to 0 and threshold 1 (the paper's settings).
+
+    ``tau_granularity`` shapes a PLIF layer's ``w``; a LIF layer's tau is one constant."""
     if tau_granularity == "channel":
         tau_shape = (channels, 1, 1) if conv else (channels,)
     else:
         tau_shape = ()
-    options = dict(surrogate_function=surrogate, detach_reset=detach_reset, step_mode="m", backend=backend,
-                   tau_shape=tau_shape)
+    options = dict(surrogate_function=surrogate, detach_reset=detach_reset, step_mode="m", backend=backend)
     if neuron == "plif":
-        return ParametricLIFNode(init_tau=init_tau, **options)
+        return ParametricLIFNode(init_tau=init_tau, tau_shape=tau_shape, **options)
     return LIFNode(tau=init_tau, **options)
 
 

@@ -1,4 +1,4 @@
-"""``ParametricLIFNode``: a drop-in for SpikingJelly's layer of the same name, on the fused op."""
+"""``ParametricLIFNode`` and ``LIFNode``: drop-ins for SpikingJelly's layers of the same names, on the fused op."""
 from __future__ import annotations
 
 import math
@@ -8,12 +8,19 @@ from numbers import Real
 import torch
 from torch import nn
 
-from .functional import plif_multistep
+from .functional import multistep_keeping_state
 from .reference import compute_dtype, plif_time_loop
+from .spikingjelly_compat import MemoryModule
 from .surrogate import Sigmoid, describe_surrogate
 
 
-class ParametricLIFNode(nn.Module):
+def _check_tau(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 1:
+        raise ValueError(f"{name} must be a number > 1 (tau = 1/sigmoid(w)), got {value!r}")
+    return float(value)
+
+
+class ParametricLIFNode(MemoryModule):
     """Parametric LIF neuron (Fang et al., ICCV 2021) with a learnable time constant.
 
     Same constructor arguments and defaults as SpikingJelly's ``ParametricLIFNode``, plus:
@@ -22,12 +29,13 @@ class ParametricLIFNode(nn.Module):
         tau_shape: shape of ``w``: ``()`` (one tau per layer, as in the paper), ``(C, 1, 1)``
             (per channel), or any shape that broadcasts against one time step of the input.
         backend: "auto", "cpu", "cuda", "cupy" or "torch" (see ``plif_cuda.backends``).
-        learnable_tau: False gives a plain LIF neuron whose tau stays ``init_tau`` (``w`` is
-            then a buffer, not a parameter).
+        learnable_tau: False keeps tau at ``init_tau`` (``w`` is then a buffer, not a parameter).
 
     ``step_mode='m'`` takes ``[T, N, ...]`` and runs all T steps in one fused call;
-    ``step_mode='s'`` takes ``[N, ...]`` and runs one step. The membrane ``v`` persists across
-    calls (keeping its autograd graph, so gradient reaches the previous call) until ``reset()``.
+    ``step_mode='s'`` takes ``[N, ...]`` and runs one step. The membrane ``v`` is a SpikingJelly
+    memory: it persists across calls (keeping its autograd graph, so gradient reaches the previous
+    call) until ``reset()``, is cut from the graph by ``detach()``, and is kept in the compute
+    dtype (float32 for half inputs), so that splitting a sequence into calls never rounds it.
     """
 
     def __init__(
@@ -45,13 +53,7 @@ class ParametricLIFNode(nn.Module):
         learnable_tau: bool = True,
     ):
         super().__init__()
-        if isinstance(init_tau, bool) or not isinstance(init_tau, Real) or not init_tau > 1:
-            raise ValueError(f"init_tau must be a number > 1 (tau = 1/sigmoid(w)), got {init_tau!r}")
-        if step_mode not in ("s", "m"):
-            raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
-        if surrogate_function is None:
-            surrogate_function = Sigmoid()
-        self.init_tau = float(init_tau)
+        self._init_time_constant(init_tau, tau_shape, learnable_tau)
         self.decay_input = decay_input
         self.v_threshold = v_threshold
         self.v_reset = v_reset
@@ -59,33 +61,55 @@ class ParametricLIFNode(nn.Module):
         self.step_mode = step_mode
         self.backend = backend
         self.store_v_seq = store_v_seq
-        self.surrogate_function = surrogate_function
-        w0 = -math.log(self.init_tau - 1.0)
-        w = torch.full(tuple(tau_shape), w0)
+        self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
+        self.register_memory("v", 0.0 if v_reset is None else v_reset)
+        self._warned_fallback = False
+
+    def _init_time_constant(self, init_tau, tau_shape, learnable_tau) -> None:
+        self.init_tau = _check_tau(init_tau, "init_tau")
+        w = torch.full(tuple(tau_shape), -math.log(self.init_tau - 1.0))
         if learnable_tau:
             self.w = nn.Parameter(w)
         else:
             self.register_buffer("w", w)
-        self.v = 0.0 if v_reset is None else v_reset
-        self.v_seq = None
-        self._warned_fallback = False
 
-    # SpikingJelly's functional.reset_net calls reset() on every module that has one.
-    def reset(self) -> None:
-        self.v = 0.0 if self.v_reset is None else self.v_reset
-        self.v_seq = None
+    def _w(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """The op's ``w`` (k = sigmoid(w) = 1/tau)."""
+        return self.w
 
     @property
     def tau(self) -> torch.Tensor:
         return 1.0 / torch.sigmoid(self.w.detach())
 
-    def extra_repr(self) -> str:
+    def _tau_text(self) -> str:
         tau = self.tau
-        tau_text = f"{tau.item():.4f}" if tau.numel() == 1 else f"shape {tuple(tau.shape)}, mean {tau.mean().item():.4f}"
+        return f"{tau.item():.4f}" if tau.numel() == 1 else f"shape {tuple(tau.shape)}, mean {tau.mean().item():.4f}"
+
+    def extra_repr(self) -> str:
         return (
             f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
-            f"step_mode={self.step_mode}, backend={self.backend}, tau={tau_text}"
+            f"step_mode={self.step_mode}, backend={self.backend}, tau={self._tau_text()}"
         )
+
+    # As in SpikingJelly, setting store_v_seq drops the stored sequence.
+    @property
+    def store_v_seq(self) -> bool:
+        return self._store_v_seq
+
+    @store_v_seq.setter
+    def store_v_seq(self, value: bool) -> None:
+        self._store_v_seq = value
+        self.v_seq = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.v_seq = None
+
+    def detach(self) -> None:
+        # The membrane is a view of the op's output, which the in-place detach_() refuses.
+        self.v = self.v.detach() if isinstance(self.v, torch.Tensor) else self.v
+        if self.v_seq is not None:
+            self.v_seq = self.v_seq.detach()
 
     def _surrogate(self):
         described = describe_surrogate(self.surrogate_function)
@@ -114,54 +138,99 @@ class ParametricLIFNode(nn.Module):
                 ) from None
         return v
 
-    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def _run(self, x_seq: torch.Tensor):
+        """All steps of ``x_seq`` from the stored membrane: (spike_seq, v_last, v_seq or None)."""
         v_init = self._check_state(x_seq)
         described = self._surrogate()
         if described is None:
-            spike_seq, v_last, v_seq = self._generic_surrogate_forward(x_seq, v_init)
-        else:
-            name, alpha, spiking = described
-            spike_seq, v_last, v_seq = plif_multistep(
-                x_seq, self.w, v_init, surrogate=name, alpha=alpha, spiking=spiking,
-                store_v_seq=self.store_v_seq, backend=self.backend, **self._options(),
-            )
-        self.v = v_last
+            return self._generic_surrogate_forward(x_seq, v_init)
+        name, alpha, spiking = described
+        return multistep_keeping_state(
+            x_seq, self._w(x_seq), v_init, surrogate=name, alpha=alpha, spiking=spiking,
+            store_v_seq=self.store_v_seq, backend=self.backend, **self._options(),
+        )
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        spike_seq, self.v, v_seq = self._run(x_seq)
         if self.store_v_seq:
             self.v_seq = v_seq
         return spike_seq
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.multi_step_forward(x.unsqueeze(0)).squeeze(0)
+        spike_seq, self.v, v_step = self._run(x.unsqueeze(0))
+        if self.store_v_seq:
+            self._append_v_seq(v_step)
+        return spike_seq.squeeze(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step_mode == "m":
-            return self.multi_step_forward(x)
-        if self.step_mode == "s":
-            return self.single_step_forward(x)
-        raise ValueError(f"step_mode must be 's' or 'm', got {self.step_mode!r}")
+    def _append_v_seq(self, v_step: torch.Tensor) -> None:
+        # SpikingJelly's single-step rule: the sequence grows by one step per call and restarts
+        # when the step's shape, device or dtype changes.
+        v_seq = self.v_seq
+        if v_seq is None or (v_seq.shape[1:], v_seq.device, v_seq.dtype) != (
+                v_step.shape[1:], v_step.device, v_step.dtype):
+            self.v_seq = v_step
+        else:
+            self.v_seq = torch.cat((v_seq, v_step))
 
     def _generic_surrogate_forward(self, x_seq, v_init):
         """Any other callable surrogate: the reference time loop, calling it at each step."""
         if not self._warned_fallback:
+            alpha = getattr(self.surrogate_function, "alpha", None)
+            reason = (
+                "its alpha is a tensor that needs a gradient, which the fused kernels do not compute"
+                if isinstance(alpha, torch.Tensor) and alpha.requires_grad
+                else "it is not one the fused kernels know"
+            )
             warnings.warn(
-                f"plif_cuda.ParametricLIFNode: surrogate_function {type(self.surrogate_function).__name__} is not one "
-                "the fused kernels know; using the PyTorch time loop",
+                f"plif_cuda.{type(self).__name__}: surrogate_function {type(self.surrogate_function).__name__} "
+                f"runs on the PyTorch time loop: {reason}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             self._warned_fallback = True
         acc = compute_dtype(x_seq.dtype)
         if not isinstance(v_init, torch.Tensor):
             v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
         return plif_time_loop(
-            x_seq, torch.sigmoid(self.w).to(acc), v_init.to(device=x_seq.device, dtype=acc), self.surrogate_function,
-            store_v_seq=self.store_v_seq, **self._options(),
+            x_seq, torch.sigmoid(self._w(x_seq)).to(acc), v_init.to(device=x_seq.device, dtype=acc),
+            self.surrogate_function, store_v_seq=self.store_v_seq, **self._options(),
         )
 
 
 class LIFNode(ParametricLIFNode):
-    """Plain LIF: the same layer with a fixed (non-learnable) tau."""
+    """Plain LIF: the same layer with a fixed tau.
 
-    def __init__(self, tau: float = 2.0, **kwargs):
-        kwargs.pop("learnable_tau", None)
-        super().__init__(init_tau=tau, learnable_tau=False, **kwargs)
+    As in SpikingJelly, ``tau`` is a constant float attribute, not a parameter or buffer: the
+    state_dict is empty, and ``.half()`` / ``.to()`` cannot round it.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function=None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "auto",
+        store_v_seq: bool = False,
+    ):
+        super().__init__(
+            init_tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+            surrogate_function=surrogate_function, detach_reset=detach_reset, step_mode=step_mode,
+            backend=backend, store_v_seq=store_v_seq,
+        )
+
+    # A plain attribute (set in _init_time_constant) in place of ParametricLIFNode's property.
+    tau = None
+
+    def _init_time_constant(self, init_tau, tau_shape, learnable_tau) -> None:
+        self.tau = _check_tau(init_tau, "tau")
+
+    def _w(self, x_seq: torch.Tensor) -> torch.Tensor:
+        # Built from tau at every call, in the compute dtype, so that tau is rounded only there.
+        return torch.full((), -math.log(self.tau - 1.0), dtype=compute_dtype(x_seq.dtype), device=x_seq.device)
+
+    def _tau_text(self) -> str:
+        return f"{self.tau:.4f}"

@@ -8,7 +8,10 @@ opcheck treat every backend alike.
 
 Op contract (arranged by ``plif_cuda.functional``): ``x`` is a contiguous ``[T, *S]``
 tensor; ``k`` and ``v_init`` are contiguous, in the compute dtype (float64 for float64
-inputs, float32 otherwise), and hold one value or one value per neuron of ``S``.
+inputs, float32 otherwise), and hold one value or one value per neuron of ``S``. ``v_last``
+(and so its gradient) is in the compute dtype as well: it is the state a layer carries into its
+next call, which must not be rounded to a half dtype between calls. ``spikes``, ``v_seq`` and
+``grad_x`` have ``x``'s dtype.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, d
                   spiking, store_v_seq, save_h):
     acc = compute_dtype(x.dtype)
     spikes = x.new_empty(x.shape)
-    v_last = x.new_empty(x.shape[1:])
+    v_last = x.new_empty(x.shape[1:], dtype=acc)
     v_seq = x.new_empty(x.shape) if store_v_seq else x.new_empty((0,))
     h_seq = x.new_empty(x.shape, dtype=acc) if save_h else x.new_empty((0,), dtype=acc)
     return spikes, v_last, v_seq, h_seq

@@ -37,7 +37,8 @@ def plif_multistep_ref(
         k:      broadcastable to S, k = sigmoid(w) = 1/tau, in the compute dtype
         v_init: broadcastable to S, V[-1], in the compute dtype
     Returns:
-        spike_seq [T, *S] and v_last [*S] in x_seq's dtype, v_seq [T, *S] or None.
+        spike_seq [T, *S] and v_seq [T, *S] (or None) in x_seq's dtype; v_last [*S] in the compute
+        dtype, as the fused op returns it (``plif_multistep`` converts it to x_seq's dtype).
     """
     if spiking:
         def fire(centred):
@@ -81,6 +82,6 @@ def plif_time_loop(x_seq, k, v_init, fire, *, v_threshold, v_reset, decay_input,
         v_seq = torch.stack(vs)
     return (
         spike_seq.to(out_dtype),
-        v.to(out_dtype),
+        v,
         v_seq.to(out_dtype) if store_v_seq else None,
     )

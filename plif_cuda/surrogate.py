@@ -52,7 +52,15 @@ SPIKINGJELLY_CLASS_NAMES = {
 }
 
 
-def resolve_surrogate(name: str, alpha: float | None) -> tuple[str, float]:
+def is_constant_alpha(alpha) -> bool:
+    """Whether ``alpha`` is a number to the kernels: a Python number, or a one-value tensor
+    that needs no gradient (the kernels do not differentiate alpha)."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.numel() == 1 and alpha.dim() == 0 and not alpha.requires_grad
+    return True
+
+
+def resolve_surrogate(name: str, alpha) -> tuple[str, float]:
     """Validate a surrogate name and alpha; return ``(name, alpha)`` with the default filled in."""
     if not isinstance(name, str) or name not in SURROGATE_IDS:
         raise ValueError(
@@ -60,6 +68,15 @@ def resolve_surrogate(name: str, alpha: float | None) -> tuple[str, float]:
         )
     if alpha is None:
         alpha = DEFAULT_ALPHA[name]
+    if isinstance(alpha, torch.Tensor):
+        if not is_constant_alpha(alpha):
+            raise TypeError(
+                f"alpha must be a float or a 0-dim tensor that needs no gradient, got a tensor of shape "
+                f"{tuple(alpha.shape)} (requires_grad={alpha.requires_grad})"
+            )
+        if alpha.dtype == torch.bool or alpha.is_complex():
+            raise TypeError(f"alpha must be a float, got a tensor of dtype {alpha.dtype}")
+        alpha = alpha.item()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or None, got {type(alpha).__name__}")
     alpha = float(alpha)
@@ -176,7 +193,9 @@ def describe_surrogate(obj) -> tuple[str, float, bool] | None:
     """Return ``(name, alpha, spiking)`` for a surrogate the fused path understands, else None.
 
     Accepts a name, one of our ``SurrogateFunction`` objects, or a SpikingJelly surrogate
-    object (recognised by class name and its ``alpha`` / ``spiking`` attributes).
+    object (recognised by class name and its ``alpha`` / ``spiking`` attributes) whose alpha is
+    a number or a 0-dim tensor that needs no gradient (one that needs a gradient gives None: the
+    reference loop then calls the object, and autograd reaches alpha).
     """
     if isinstance(obj, str):
         name, alpha = resolve_surrogate(obj, None)
@@ -185,7 +204,7 @@ def describe_surrogate(obj) -> tuple[str, float, bool] | None:
         return obj.name, obj.alpha, obj.spiking
     name = SPIKINGJELLY_CLASS_NAMES.get(type(obj).__name__)
     module = type(obj).__module__ or ""
-    if name is not None and module.startswith("spikingjelly") and hasattr(obj, "alpha"):
+    if name is not None and module.startswith("spikingjelly") and hasattr(obj, "alpha") and is_constant_alpha(obj.alpha):
         name, alpha = resolve_surrogate(name, getattr(obj, "alpha"))
         return name, alpha, bool(getattr(obj, "spiking", True))
     return None

@@ -1,10 +1,18 @@
 """Shared helpers for the plif_cuda test suite: tolerances, backends, awkward inputs, losses."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
-from plif_cuda import backends as plif_backends
+# tests/test_dropin.py re-runs its SpikingJelly-free tests in a subprocess with this set: importing
+# SpikingJelly then fails as it does where it is not installed.
+if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
+    sys.modules["spikingjelly"] = None
+
+from plif_cuda import backends as plif_backends  # noqa: E402
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")

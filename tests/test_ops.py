@@ -62,7 +62,7 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
     x, k, v_init = _op_inputs(device, dtype, per_neuron=True, requires_grad=False)
     _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, True)
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
-    grad_v_last = make_seq(x.shape[1:], dtype, device, seed=2)
+    grad_v_last = make_seq(x.shape[1:], h_seq.dtype, device, seed=2)  # v_last is in the compute dtype
     grad_v_seq = make_seq(x.shape, dtype, device, seed=3)
     if which_grads == "spikes_only":
         grad_v_last = grad_v_seq = None
