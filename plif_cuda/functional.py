@@ -13,6 +13,7 @@ import math
 from numbers import Real
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backends
 from .reference import compute_dtype, plif_multistep_ref
@@ -82,6 +83,19 @@ def _inverse(order):
     return inverse
 
 
+def _needs_reference_autodiff(*tensors: torch.Tensor) -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, ...) or when an input
+    carries a forward-mode AD tangent. A torch.library op's autograd formula supports neither
+    (its tangent would be dropped without an error); the reference's autograd supports both."""
+    if torch.compiler.is_compiling():
+        # Dynamo reports a transform interpreter while it traces; it runs torch.func through
+        # its own higher-order ops, whose errors name what they cannot trace.
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def plif_multistep(
     x_seq: torch.Tensor,
     w,
@@ -149,6 +163,8 @@ def plif_multistep(
     k = torch.sigmoid(w).to(acc)
 
     chosen = backends.select(backend, x_seq)
+    if chosen != "torch" and _needs_reference_autodiff(x_seq, k, v_init):
+        chosen = "torch"
     if chosen == "torch":
         return plif_multistep_ref(
             x_seq, k, v_init.to(acc), v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .reference import compute_dtype
-from .surrogate import SURROGATE_IDS, _HeavisideWithSurrogate, surrogate_derivative, surrogate_primitive
+from .surrogate import SURROGATE_IDS, heaviside_with_surrogate, surrogate_derivative, surrogate_primitive
 
 _SURROGATE_NAMES = {surrogate_id: name for name, surrogate_id in SURROGATE_IDS.items()}
 
@@ -142,7 +142,7 @@ def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h
 
     centred = h_seq - v_threshold
     if spiking:
-        spikes = _HeavisideWithSurrogate.apply(centred, name, alpha)
+        spikes = heaviside_with_surrogate(centred, name, alpha)
     else:
         spikes = surrogate_primitive(name, alpha, centred)
     slope = surrogate_derivative(name, alpha, centred)

@@ -112,16 +112,43 @@ def surrogate_primitive(name: str, alpha: float, x: torch.Tensor) -> torch.Tenso
 
 
 class _HeavisideWithSurrogate(torch.autograd.Function):
+    # setup_context and the generated vmap rule make it work under torch.func (grad, vmap, jacrev).
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, name, alpha):
-        ctx.save_for_backward(x)
-        ctx.name, ctx.alpha = name, alpha
+    def forward(x, name, alpha):
         return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.name, ctx.alpha = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * surrogate_derivative(ctx.name, ctx.alpha, x), None, None
+
+
+class _HeavisideWithSurrogateJvp(_HeavisideWithSurrogate):
+    """Adds forward-mode AD (the surrogate is the derivative in both modes); Dynamo cannot
+    trace an autograd.Function with a jvp, so compiled code uses the base class."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _HeavisideWithSurrogate.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_tangent, name_tangent, alpha_tangent):
+        (x,) = ctx.saved_tensors
+        return x_tangent * surrogate_derivative(ctx.name, ctx.alpha, x)
+
+
+def heaviside_with_surrogate(x: torch.Tensor, name: str, alpha: float) -> torch.Tensor:
+    """The spike ``x >= 0``, differentiated (reverse or forward mode) through the surrogate."""
+    function = _HeavisideWithSurrogate if torch.compiler.is_compiling() else _HeavisideWithSurrogateJvp
+    return function.apply(x, name, alpha)
 
 
 class SurrogateFunction:
@@ -137,7 +164,7 @@ class SurrogateFunction:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.spiking:
-            return _HeavisideWithSurrogate.apply(x, self.name, self.alpha)
+            return heaviside_with_surrogate(x, self.name, self.alpha)
         return surrogate_primitive(self.name, self.alpha, x)
 
     def __repr__(self) -> str:
