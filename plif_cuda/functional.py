@@ -17,7 +17,7 @@ from torch.autograd import forward_ad
 
 from . import backends
 from .reference import compute_dtype, plif_multistep_ref
-from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, resolve_surrogate
+from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, in_functorch_transform, resolve_surrogate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,14 +84,10 @@ def _inverse(order):
 
 
 def _needs_reference_autodiff(*tensors: torch.Tensor) -> bool:
-    """True inside a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, ...) or when an input
-    carries a forward-mode AD tangent. A torch.library op's autograd formula supports neither
-    (its tangent would be dropped without an error); the reference's autograd supports both."""
-    if torch.compiler.is_compiling():
-        # Dynamo reports a transform interpreter while it traces; it runs torch.func through
-        # its own higher-order ops, whose errors name what they cannot trace.
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    """True inside a torch.func transform, or when an input carries a forward-mode AD tangent.
+    A torch.library op's autograd formula supports neither (a tangent would be dropped without
+    an error); the reference's autograd supports both."""
+    if in_functorch_transform():
         return True
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

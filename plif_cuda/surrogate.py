@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad
 
 # Order matters: the ids are shared with csrc/plif_math.h (enum class Surrogate).
 SURROGATE_IDS = {
@@ -131,8 +132,7 @@ class _HeavisideWithSurrogate(torch.autograd.Function):
 
 
 class _HeavisideWithSurrogateJvp(_HeavisideWithSurrogate):
-    """Adds forward-mode AD (the surrogate is the derivative in both modes); Dynamo cannot
-    trace an autograd.Function with a jvp, so compiled code uses the base class."""
+    """Adds forward-mode AD: the surrogate is the derivative in both modes."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -145,10 +145,25 @@ class _HeavisideWithSurrogateJvp(_HeavisideWithSurrogate):
         return x_tangent * surrogate_derivative(ctx.name, ctx.alpha, x)
 
 
+def in_functorch_transform() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, hessian, ...)."""
+    # isinstance, which Dynamo evaluates correctly (it takes an empty stack's None for "not None").
+    return isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter)
+
+
 def heaviside_with_surrogate(x: torch.Tensor, name: str, alpha: float) -> torch.Tensor:
     """The spike ``x >= 0``, differentiated (reverse or forward mode) through the surrogate."""
-    function = _HeavisideWithSurrogate if torch.compiler.is_compiling() else _HeavisideWithSurrogateJvp
-    return function.apply(x, name, alpha)
+    if not torch.compiler.is_compiling():
+        return _HeavisideWithSurrogateJvp.apply(x, name, alpha)
+    # Dynamo cannot trace an autograd.Function with a jvp, and traces one without it into a
+    # silently wrong forward-mode derivative.
+    if in_functorch_transform() or forward_ad._current_level >= 0:
+        raise RuntimeError(
+            "plif_cuda: a spiking neuron cannot run under torch.func transforms or forward-mode AD inside "
+            "torch.compile (Dynamo cannot trace the spike's forward-mode derivative); apply the transform "
+            "outside the compiled region, or use spiking=False"
+        )
+    return _HeavisideWithSurrogate.apply(x, name, alpha)
 
 
 class SurrogateFunction:
