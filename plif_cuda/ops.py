@@ -129,16 +129,11 @@ def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h
     ``grad_k`` and ``grad_v_init``, as the backward op does.
     """
     name = _SURROGATE_NAMES[surrogate]
-    acc = h_seq.dtype
     v_r = 0.0 if soft_reset else v_reset
 
-    def incoming(grad, shape):
-        return None if grad is None else grad.to(acc).reshape(shape)
-
-    grad_spikes = incoming(grad_spikes, h_seq.shape)
-    grad_v_seq = incoming(grad_v_seq, h_seq.shape)
-    grad_h_seq = incoming(grad_h_seq, h_seq.shape)
-    grad_v_last = incoming(grad_v_last, h_seq.shape[1:])
+    grad_spikes, grad_v_last, grad_v_seq, grad_h_seq = (
+        None if grad is None else grad.to(h_seq.dtype) for grad in (grad_spikes, grad_v_last, grad_v_seq, grad_h_seq)
+    )
 
     centred = h_seq - v_threshold
     if spiking:
@@ -158,24 +153,29 @@ def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h
     v_before = torch.cat([v_init.expand(h_seq.shape[1:]).unsqueeze(0), v_seq[:-1]])
     h_slope_k = (h_seq - v_before) / k if decay_input else v_r - v_before
 
-    grad_h = [None] * h_seq.shape[0]
-    for t in reversed(range(h_seq.shape[0])):
-        on_v = [g for g in (
-            None if grad_v_seq is None else grad_v_seq[t],
-            grad_v_last if t == h_seq.shape[0] - 1 else None,
-            None if t == h_seq.shape[0] - 1 else grad_h[t + 1] * (1.0 - k),
-        ) if g is not None]
-        on_h = [g for g in (
-            None if not on_v else sum(on_v[1:], on_v[0]) * reset_slope[t],
+    steps = h_seq.shape[0]
+    grad_h = [None] * steps
+    # Gradient on V[t] from after step t: the last membrane's, then through H[t+1] (dH/dV = 1 - k).
+    carried = grad_v_last
+    for t in reversed(range(steps)):
+        grad_v = _sum_present(None if grad_v_seq is None else grad_v_seq[t], carried)
+        grad_h[t] = _sum_present(
+            None if grad_v is None else grad_v * reset_slope[t],
             None if grad_spikes is None else grad_spikes[t] * slope[t],
             None if grad_h_seq is None else grad_h_seq[t],
-        ) if g is not None]
-        grad_h[t] = sum(on_h[1:], on_h[0]) if on_h else torch.zeros_like(h_seq[t])
-    grad_h = torch.stack(grad_h) if grad_h else torch.zeros_like(h_seq)
+        )
+        carried = None if grad_h[t] is None else grad_h[t] * (1.0 - k)
+    no_grad = h_seq.new_zeros(h_seq.shape[1:])
+    grad_h = torch.stack([no_grad if g is None else g for g in grad_h]) if steps else torch.zeros_like(h_seq)
     grad_x = grad_h * k if decay_input else grad_h
     grad_k = (grad_h * h_slope_k).sum(0)
-    grad_v_init = (1.0 - k) * grad_h[0] if len(grad_h) else torch.zeros_like(h_seq[0])
+    grad_v_init = no_grad if carried is None else carried
     return grad_x, grad_k, grad_v_init
+
+
+def _sum_present(*terms):
+    present = [term for term in terms if term is not None]
+    return sum(present[1:], present[0]) if present else None
 
 
 def register_op_pair(forward_name: str, backward_name: str) -> None:

@@ -134,6 +134,17 @@ def test_gradgradcheck_smooth_mode(backend, options, surrogate):
     assert torch.autograd.gradgradcheck(all_outputs, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def test_second_order_with_no_time_steps():
+    """T=0: v_last is v_init, so the gradient on v_last is v_init's, differentiable as such."""
+    v_init = torch.full((3,), 0.2, requires_grad=True)
+    grad_v_last = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    _, v_last, _ = plif_multistep(torch.zeros(0, 3), torch.tensor(0.1), v_init, backend="cpu")
+    (grad_v_init,) = torch.autograd.grad(v_last, v_init, grad_v_last, create_graph=True)
+    assert torch.equal(grad_v_init, grad_v_last)
+    (grad_grad,) = torch.autograd.grad(grad_v_init.sum(), grad_v_last)
+    assert torch.equal(grad_grad, torch.ones(3))
+
+
 def test_first_order_gradients_take_the_fused_backward(monkeypatch):
     """Only a backward with grad mode on (create_graph) takes the differentiable recurrence."""
     monkeypatch.setattr(plif_ops, "_differentiable_backward",
