@@ -14,10 +14,11 @@ import math
 from numbers import Real
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backends
 from .reference import compute_dtype, plif_multistep_ref
-from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, resolve_surrogate
+from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, in_functorch_transform, resolve_surrogate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,6 +82,15 @@ def _inverse(order):
     for i, d in enumerate(order):
         inverse[d] = i
     return inverse
+
+
+def _needs_reference_autodiff(*tensors: torch.Tensor) -> bool:
+    """True inside a torch.func transform, or when an input carries a forward-mode AD tangent.
+    A torch.library op's autograd formula supports neither (a tangent would be dropped without
+    an error); the reference's autograd supports both."""
+    if in_functorch_transform():
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def multistep_keeping_state(
@@ -151,6 +161,8 @@ def multistep_keeping_state(
     k = torch.sigmoid(w).to(acc)
 
     chosen = backends.select(backend, x_seq)
+    if chosen != "torch" and _needs_reference_autodiff(x_seq, k, v_init):
+        chosen = "torch"
     if chosen == "torch":
         return plif_multistep_ref(
             x_seq, k, v_init.to(acc), v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 
 from .reference import compute_dtype
+from .surrogate import SURROGATE_IDS, heaviside_with_surrogate, surrogate_derivative, surrogate_primitive
+
+_SURROGATE_NAMES = {surrogate_id: name for name, surrogate_id in SURROGATE_IDS.items()}
 
 _EXTENSION_ERROR: str | None = None
 try:
@@ -91,19 +94,91 @@ def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor) -> torch.Tenso
 def _make_backward(backward_op):
     def backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
         h_seq, k, v_init = ctx.saved_tensors
-        grad_x, grad_k, grad_v_init = backward_op(
-            None if grad_spikes is None else grad_spikes.contiguous(),
-            None if grad_v_last is None else grad_v_last.contiguous(),
-            grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
-            h_seq,
-            k,
-            v_init,
-            ctx.x_dtype,
-            *ctx.options,
-        )
+        if torch.is_grad_enabled() or grad_h_seq is not None:
+            # create_graph=True (a higher-order gradient will follow), or the second pass of
+            # one: the fused backward op has no derivative of its own.
+            grad_x, grad_k, grad_v_init = _differentiable_backward(
+                grad_spikes, grad_v_last, grad_v_seq if ctx.store_v_seq else None, grad_h_seq, h_seq, k, v_init,
+                *ctx.options,
+            )
+            grad_x = grad_x.to(ctx.x_dtype)
+        else:
+            grad_x, grad_k, grad_v_init = backward_op(
+                None if grad_spikes is None else grad_spikes.contiguous(),
+                None if grad_v_last is None else grad_v_last.contiguous(),
+                grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
+                h_seq,
+                k,
+                v_init,
+                ctx.x_dtype,
+                *ctx.options,
+            )
         return (grad_x, _reduce_to(grad_k, k), _reduce_to(grad_v_init, v_init)) + (None,) * 10
 
     return backward
+
+
+def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, v_threshold,
+                             v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking):
+    """The spec's backward recurrence in torch ops, differentiable in every argument.
+
+    Only H is saved, so X is eliminated: dH[t]/dk = X[t] - (V[t-1] - V_r) is written as
+    (H[t] - V[t-1]) / k, which equals it as a function of (X, k, v_init) once H is seen as the
+    forward's output; a derivative taken through ``h_seq`` reaches the forward op as
+    ``grad_h_seq``, which this recurrence takes too. The spike is rebuilt from H with the
+    reference's firing function, so that every further derivative is the reference
+    autograd's (which applies the surrogate to every occurrence of the spike). Absent
+    gradients contribute nothing (no zeros times a NaN slope). Returns per-neuron
+    ``grad_k`` and ``grad_v_init``, as the backward op does.
+    """
+    name = _SURROGATE_NAMES[surrogate]
+    v_r = 0.0 if soft_reset else v_reset
+
+    grad_spikes, grad_v_last, grad_v_seq, grad_h_seq = (
+        None if grad is None else grad.to(h_seq.dtype) for grad in (grad_spikes, grad_v_last, grad_v_seq, grad_h_seq)
+    )
+
+    centred = h_seq - v_threshold
+    if spiking:
+        spikes = heaviside_with_surrogate(centred, name, alpha)
+    else:
+        spikes = surrogate_primitive(name, alpha, centred)
+    slope = surrogate_derivative(name, alpha, centred)
+    spikes_in_reset = spikes.detach() if detach_reset else spikes
+    if soft_reset:
+        v_seq = h_seq - spikes_in_reset * v_threshold
+        reset_slope = torch.ones_like(h_seq) if detach_reset else 1.0 - v_threshold * slope
+    else:
+        v_seq = spikes_in_reset * v_r + (1.0 - spikes_in_reset) * h_seq
+        reset_slope = 1.0 - spikes_in_reset
+        if not detach_reset:
+            reset_slope = reset_slope + (v_r - h_seq) * slope
+    v_before = torch.cat([v_init.expand(h_seq.shape[1:]).unsqueeze(0), v_seq[:-1]])
+    h_slope_k = (h_seq - v_before) / k if decay_input else v_r - v_before
+
+    steps = h_seq.shape[0]
+    grad_h = [None] * steps
+    # Gradient on V[t] from after step t: the last membrane's, then through H[t+1] (dH/dV = 1 - k).
+    carried = grad_v_last
+    for t in reversed(range(steps)):
+        grad_v = _sum_present(None if grad_v_seq is None else grad_v_seq[t], carried)
+        grad_h[t] = _sum_present(
+            None if grad_v is None else grad_v * reset_slope[t],
+            None if grad_spikes is None else grad_spikes[t] * slope[t],
+            None if grad_h_seq is None else grad_h_seq[t],
+        )
+        carried = None if grad_h[t] is None else grad_h[t] * (1.0 - k)
+    no_grad = h_seq.new_zeros(h_seq.shape[1:])
+    grad_h = torch.stack([no_grad if g is None else g for g in grad_h]) if steps else torch.zeros_like(h_seq)
+    grad_x = grad_h * k if decay_input else grad_h
+    grad_k = (grad_h * h_slope_k).sum(0)
+    grad_v_init = no_grad if carried is None else carried
+    return grad_x, grad_k, grad_v_init
+
+
+def _sum_present(*terms):
+    present = [term for term in terms if term is not None]
+    return sum(present[1:], present[0]) if present else None
 
 
 def register_op_pair(forward_name: str, backward_name: str) -> None:

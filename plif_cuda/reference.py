@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .surrogate import _HeavisideWithSurrogate, surrogate_primitive
+from .surrogate import heaviside_with_surrogate, surrogate_primitive
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,7 +42,7 @@ def plif_multistep_ref(
     """
     if spiking:
         def fire(centred):
-            return _HeavisideWithSurrogate.apply(centred, surrogate, alpha)
+            return heaviside_with_surrogate(centred, surrogate, alpha)
     else:
         def fire(centred):
             return surrogate_primitive(surrogate, alpha, centred)

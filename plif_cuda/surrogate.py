@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad
 
 # Order matters: the ids are shared with csrc/plif_math.h (enum class Surrogate).
 SURROGATE_IDS = {
@@ -129,16 +130,57 @@ def surrogate_primitive(name: str, alpha: float, x: torch.Tensor) -> torch.Tenso
 
 
 class _HeavisideWithSurrogate(torch.autograd.Function):
+    # setup_context and the generated vmap rule make it work under torch.func (grad, vmap, jacrev).
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, name, alpha):
-        ctx.save_for_backward(x)
-        ctx.name, ctx.alpha = name, alpha
+    def forward(x, name, alpha):
         return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.name, ctx.alpha = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * surrogate_derivative(ctx.name, ctx.alpha, x), None, None
+
+
+class _HeavisideWithSurrogateJvp(_HeavisideWithSurrogate):
+    """Adds forward-mode AD: the surrogate is the derivative in both modes."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _HeavisideWithSurrogate.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_tangent, name_tangent, alpha_tangent):
+        (x,) = ctx.saved_tensors
+        return x_tangent * surrogate_derivative(ctx.name, ctx.alpha, x)
+
+
+def in_functorch_transform() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, hessian, ...)."""
+    # isinstance, which Dynamo evaluates correctly (it takes an empty stack's None for "not None").
+    return isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter)
+
+
+def heaviside_with_surrogate(x: torch.Tensor, name: str, alpha: float) -> torch.Tensor:
+    """The spike ``x >= 0``, differentiated (reverse or forward mode) through the surrogate."""
+    if not torch.compiler.is_compiling():
+        return _HeavisideWithSurrogateJvp.apply(x, name, alpha)
+    # Dynamo cannot trace an autograd.Function with a jvp, and traces one without it into a
+    # silently wrong forward-mode derivative.
+    if in_functorch_transform() or forward_ad._current_level >= 0:
+        raise RuntimeError(
+            "plif_cuda: a spiking neuron cannot run under torch.func transforms or forward-mode AD inside "
+            "torch.compile (Dynamo cannot trace the spike's forward-mode derivative); apply the transform "
+            "outside the compiled region, or use spiking=False"
+        )
+    return _HeavisideWithSurrogate.apply(x, name, alpha)
 
 
 class SurrogateFunction:
@@ -154,7 +196,7 @@ class SurrogateFunction:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.spiking:
-            return _HeavisideWithSurrogate.apply(x, self.name, self.alpha)
+            return heaviside_with_surrogate(x, self.name, self.alpha)
         return surrogate_primitive(self.name, self.alpha, x)
 
     def __repr__(self) -> str:
