@@ -381,7 +381,7 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
   }
 }
 
-// Where k underflows to 0 (w below about -104 in float32), H = V[t-1] and the sum is 0 (or NaN
+// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and the sum is 0 (or NaN
 // from a NaN gradient): dL/dk cannot be recovered, and it is not needed, since dk/dw = k(1 - k)
 // is 0 too. Dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference) instead of 0/0.
 // With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.

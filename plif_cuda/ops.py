@@ -83,20 +83,21 @@ _SUM_ROW = 1024
 
 
 def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of a 1-D tensor, in float64, in an order fixed by its length alone.
+    """Sum of a 1-D tensor in an order fixed by its length alone, as a float64 0-dim tensor.
 
     torch.sum to a single value splits the values among the intra-op threads, so its bits change
-    with torch.set_num_threads. Here every reduction has several outputs or fewer values than
-    torch's parallel grain (32768): rows of _SUM_ROW values, each summed by one thread in one
-    order, then the row sums (and the tail) the same way, until one row is left. On CUDA the
-    order of a reduction depends only on the shape and the GPU.
+    with torch.set_num_threads. Here every reduction has several outputs, each summed by one
+    thread, or fewer values than torch's parallel grain (32768): rows of _SUM_ROW values (the
+    first level in the values' dtype, as fast as torch.sum; float64 above it), then the row sums
+    and the tail the same way, until one row is left. On CUDA a reduction's order depends only
+    on the shape and the GPU.
     """
     total = values
     while total.numel() > _SUM_ROW:
         whole = total.numel() // _SUM_ROW * _SUM_ROW
-        row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1, dtype=torch.float64)
+        row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
         if whole < total.numel():
-            row_sums = torch.cat([row_sums, total[whole:].sum(dtype=torch.float64).reshape(1)])
+            row_sums = torch.cat([row_sums, total[whole:].sum().double().reshape(1)])
         total = row_sums
     return total.sum(dtype=torch.float64)
 

@@ -132,26 +132,31 @@ def test_tau_gradient_is_zero_where_k_underflows(backend, dtype, w_value):
 
 # ---- NaN / inf inputs with absent incoming gradients ---------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_absent_spike_gradient_adds_nothing_for_a_nan_input(backend):
-    """detach_reset, loss on v_last only: no gradient reaches the spikes, so surrogate'(NaN) must
-    not enter (the reference gives finite gradients for the neuron that is not NaN)."""
+@pytest.mark.parametrize("loss_on", ["v_last", "v_seq"])
+def test_absent_spike_gradient_adds_nothing_for_a_nan_input(backend, loss_on):
+    """detach_reset, loss on the membrane only: no gradient reaches the spikes, so surrogate'(NaN)
+    must not enter (the reference gives finite gradients for x here)."""
     device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[0.5, float("nan")], [0.5, 0.5]], device=device)
     w = torch.tensor(0.0, device=device)
-    _, grads = _outputs_and_grads(x_seq, w, torch.tensor(0.0, device=device), lambda s, v, vs: v.sum(),
-                                  detach_reset=True, backend=backend)
-    _, ref_grads = _outputs_and_grads(x_seq, w, torch.tensor(0.0, device=device), lambda s, v, vs: v.sum(),
-                                      detach_reset=True, backend="torch")
+
+    def loss(spike_seq, v_last, v_seq):
+        return v_last.sum() if loss_on == "v_last" else v_seq[-1].sum()
+
+    kwargs = dict(detach_reset=True, store_v_seq=loss_on == "v_seq")
+    _, grads = _outputs_and_grads(x_seq, w, torch.tensor(0.0, device=device), loss, backend=backend, **kwargs)
+    _, ref_grads = _outputs_and_grads(x_seq, w, torch.tensor(0.0, device=device), loss, backend="torch", **kwargs)
     torch.testing.assert_close(grads[0].cpu(), torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
     for grad, ref_grad in zip(grads, ref_grads):
         assert_grad_close(grad, ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("store_v_seq", [False, True])
 @pytest.mark.parametrize("last_input", [float("inf"), -float("inf"), float("nan")])
-def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, last_input):
-    """Loss on the spikes only: nothing reaches V[T-1], so dV/dH at T-1 (NaN for an infinite or
-    NaN H under a hard reset) must not enter."""
+def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, store_v_seq, last_input):
+    """Loss on the spikes only (v_last and v_seq unused): nothing reaches V[T-1], so dV/dH at T-1
+    (NaN for an infinite or NaN H under a hard reset) must not enter."""
     device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[0.7, 0.2], [0.9, 1.4], [last_input, 0.3]], device=device)
     w, v_init = torch.tensor(-0.2, device=device), torch.tensor([0.1, 0.0], device=device)
@@ -160,8 +165,9 @@ def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, last_in
     def loss(spike_seq, v_last, v_seq):
         return (spike_seq * weights).sum()
 
-    _, grads = _outputs_and_grads(x_seq, w, v_init, loss, surrogate="atan", backend=backend)
-    _, ref_grads = _outputs_and_grads(x_seq, w, v_init, loss, surrogate="atan", backend="torch")
+    kwargs = dict(surrogate="atan", store_v_seq=store_v_seq)
+    _, grads = _outputs_and_grads(x_seq, w, v_init, loss, backend=backend, **kwargs)
+    _, ref_grads = _outputs_and_grads(x_seq, w, v_init, loss, backend="torch", **kwargs)
     if not math.isnan(last_input):  # surrogate'(inf) = 0: the earlier steps' gradients stay finite
         assert torch.isfinite(grads[0][:2]).all()
     for grad, ref_grad in zip(grads, ref_grads):
