@@ -123,8 +123,9 @@ PLIF_HD acc_t surrogate_grad_of(acc_t x, acc_t a) {
     const acc_t u = Constants<acc_t>::pi / acc_t(2) * a * x;
     return (a / acc_t(2)) / (acc_t(1) + u * u);
   } else if constexpr (SURROGATE == kPiecewiseQuadratic) {
+    // max(0, g) that keeps a NaN (as the reference's clamp does): NaN < 0 is false.
     const acc_t g = a - a * a * abs_(x);
-    return g > acc_t(0) ? g : acc_t(0);
+    return g < acc_t(0) ? acc_t(0) : g;
   } else if constexpr (SURROGATE == kPiecewiseExp) {
     return (a / acc_t(2)) * exp_(-a * abs_(x));
   } else if constexpr (SURROGATE == kSoftSign) {
@@ -313,12 +314,15 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, Ba
 
 // The reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from H[t-1]
 // (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is recovered as
-// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end. Absent
-// incoming gradients (null pointers) are zero.
+// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end.
+// An absent incoming gradient (a null pointer) contributes nothing, as in autograd: its term is
+// dropped, not multiplied as a zero, since 0 * surrogate'(NaN) or 0 * dV/dH(inf) is NaN.
+// `through_spike` says whether dL/dS[t] arrives (grad_spikes present), `through_membrane` whether
+// dL/dV[t] does (always below T-1 once anything arrives; at T-1 only from v_seq or v_last).
 template <bool HAS_PREV, int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
-                            const acc_t (&grad_v)[LANES], const acc_t (&grad_s)[LANES],
-                            BackwardState<LANES, acc_t>& st) {
+                            const acc_t (&grad_v)[LANES], const acc_t (&grad_s)[LANES], bool through_spike,
+                            bool through_membrane, BackwardState<LANES, acc_t>& st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
   const acc_t* const h_prev_row = HAS_PREV ? p.h_seq + (row - p.N) : nullptr;
   in_t* const grad_x_row = p.grad_x + row;
@@ -337,7 +341,9 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
     const acc_t h = st.h[j];
     const acc_t sg = surrogate_grad<SURROGATE>(h - o.v_threshold, o);
     const acc_t r = reset_grad(h, st.s[j], sg, o);
-    const acc_t grad_h = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r + grad_s[j] * sg;
+    const acc_t via_membrane = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r;
+    const acc_t via_spike = grad_s[j] * sg;
+    const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
     grad_x_row[j] = store_as<in_t>(pick(o.decay_input, st.k[j] * grad_h, grad_h));
     const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
     st.grad_k_sum[j] += grad_h * dh_dk_scaled;
@@ -365,18 +371,28 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
   } else {
     for (int j = 0; j < LANES; ++j) grad_s[j] = acc_t(0);
   }
+  const bool through_spike = p.grad_spikes != nullptr;
+  const bool through_membrane =
+      p.grad_v_seq != nullptr || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
   if (t > 0) {
-    backward_lanes<true, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, st);
+    backward_lanes<true, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, through_spike, through_membrane, st);
   } else {
-    backward_lanes<false, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, st);
+    backward_lanes<false, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, through_spike, through_membrane, st);
   }
 }
 
+// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and the sum is 0 (or NaN
+// from a NaN gradient): dL/dk cannot be recovered, and it is not needed, since dk/dw = k(1 - k)
+// is 0 too. Dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference) instead of 0/0.
+// With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, const BackwardState<LANES, acc_t>& st) {
+  const bool any_grad = p.grad_spikes != nullptr || p.grad_v_seq != nullptr || p.grad_v_last != nullptr;
   for (int j = 0; j < LANES; ++j) {
     p.grad_v_init[n0 + j] = (acc_t(1) - st.k[j]) * st.grad_h_next[j];
-    p.grad_k[n0 + j] = p.opts.decay_input ? st.grad_k_sum[j] / st.k[j] : st.grad_k_sum[j];
+    const acc_t k_divisor = st.k[j] == acc_t(0) ? acc_t(1) : st.k[j];
+    const acc_t grad_k = p.opts.decay_input ? st.grad_k_sum[j] / k_divisor : st.grad_k_sum[j];
+    p.grad_k[n0 + j] = pick(any_grad, grad_k, acc_t(0));
   }
 }
 

@@ -1,11 +1,13 @@
 """``plif_multistep``: the one public entry point for the PLIF math.
 
 It checks every argument (errors name the argument), arranges the layout the kernels
-expect, picks the backend and calls the op. The layout step is what lets strided and
-channels-last inputs through without a silently wrong result: the step dimensions of
-``x_seq`` are permuted into memory order (a free view for any dense input), the op works
-on that contiguous view, and its outputs are permuted back, so they keep ``x_seq``'s
-memory format.
+expect, picks the backend and calls the op. The kernels take a dense ``[T, N]`` block with
+time outermost. The step dimensions of ``x_seq`` are permuted into their memory order
+(largest stride first) and the op works on that view, whose outputs are permuted back: a
+dense input whose time dimension is outermost in memory (contiguous, step dims permuted,
+channels-last) runs without a copy, and its outputs have its memory format. Any other input
+(non-dense: sliced with gaps, expanded; or time not outermost) is copied once into that
+order, and its outputs are dense, time outermost, with the step dims in the input's order.
 """
 from __future__ import annotations
 
@@ -53,20 +55,12 @@ def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size)
     return t
 
 
-def _memory_order(t: torch.Tensor) -> list[int] | None:
-    """Permutation of ``t``'s dims that makes it contiguous (a free view), or None if none does."""
-    # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
-    order = sorted(range(t.dim()), key=lambda d: (t.shape[d] == 1, -t.stride(d)))
-    return order if t.permute(order).is_contiguous() else None
-
-
 def _to_op_layout(x_seq: torch.Tensor):
-    """Return (x in the op's layout, permutation of the step dims that maps back)."""
-    order = _memory_order(x_seq)
-    if order is not None and (order[0] == 0 or x_seq.shape[0] == 1):
-        step_order = [d - 1 for d in order if d != 0]
-        return x_seq.permute([0] + [d + 1 for d in step_order]), step_order
-    return x_seq.contiguous(), list(range(x_seq.dim() - 1))
+    """Return (x in the op's layout, the permutation of the step dims that it applies)."""
+    steps = range(x_seq.dim() - 1)
+    # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
+    order = sorted(steps, key=lambda d: (x_seq.shape[d + 1] == 1, -x_seq.stride(d + 1)))
+    return x_seq.permute([0] + [d + 1 for d in order]).contiguous(), order
 
 
 def _per_neuron(t: torch.Tensor, step_shape, order, dtype) -> torch.Tensor:

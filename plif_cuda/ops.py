@@ -84,10 +84,33 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[3], k, v_init)
 
 
+# Values per row of the fixed-order sum below.
+_SUM_ROW = 1024
+
+
+def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor in an order fixed by its length alone, as a float64 0-dim tensor.
+
+    torch.sum to a single value splits the values among the intra-op threads, so its bits change
+    with torch.set_num_threads. Here every reduction has several outputs, each summed by one
+    thread, or fewer values than torch's parallel grain (32768): rows of _SUM_ROW values (the
+    first level in the values' dtype, as fast as torch.sum; float64 above it), then the row sums
+    and the tail the same way, until one row is left. On CUDA a reduction's order depends only
+    on the shape and the GPU.
+    """
+    total = values
+    while total.numel() > _SUM_ROW:
+        whole = total.numel() // _SUM_ROW * _SUM_ROW
+        row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
+        if whole < total.numel():
+            row_sums = torch.cat([row_sums, total[whole:].sum().double().reshape(1)])
+        total = row_sums
+    return total.sum(dtype=torch.float64)
+
+
 def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # torch.sum has a fixed reduction order: the result is bitwise reproducible.
     if like.numel() == 1:
-        return grad_per_neuron.sum().reshape(like.shape)
+        return _fixed_order_sum(grad_per_neuron).to(like.dtype).reshape(like.shape)
     return grad_per_neuron.reshape(like.shape)
 
 

@@ -89,8 +89,10 @@ def resolve_surrogate(name: str, alpha) -> tuple[str, float]:
 def surrogate_derivative(name: str, alpha: float, x: torch.Tensor) -> torch.Tensor:
     """The derivative column of the spec table, as plain torch ops (x = H - V_th)."""
     if name == "sigmoid":
-        s = torch.sigmoid(alpha * x)
-        return alpha * s * (1.0 - s)
+        # alpha s (1 - s) as alpha e / (1 + e)^2 with e = exp(-alpha |x|) (the derivative is even):
+        # 1 - s cancels to 0 where alpha x is large, this form does not (the kernels' form too).
+        e = torch.exp(-alpha * x.abs())
+        return alpha * e / ((1.0 + e) * (1.0 + e))
     if name == "atan":
         return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * x) ** 2)
     if name == "piecewise_quadratic":
@@ -106,18 +108,33 @@ def surrogate_derivative(name: str, alpha: float, x: torch.Tensor) -> torch.Tens
     raise ValueError(f"unknown surrogate {name!r}")
 
 
+def _minus_abs(x: torch.Tensor) -> torch.Tensor:
+    """``-abs(x)`` whose autograd derivative at 0 is -1 (the x >= 0 side), not abs's 0."""
+    return torch.where(x < 0, x, -x)
+
+
 def surrogate_primitive(name: str, alpha: float, x: torch.Tensor) -> torch.Tensor:
-    """The smooth firing function whose derivative is ``surrogate_derivative``."""
+    """The smooth firing function whose derivative is ``surrogate_derivative``.
+
+    Written so that autograd's derivative is the derivative column everywhere: at x = 0 (where
+    abs() would give 0), at +-inf (no branch of a torch.where may have an inf or NaN derivative
+    there: the unselected branch's gradient is 0 * that), and without cancellation.
+    """
     if name == "sigmoid":
-        return torch.sigmoid(alpha * x)
+        # 1 / (1 + e) and e / (1 + e) with e = exp(-alpha |x|) <= 1: autograd's derivative is
+        # alpha e / (1 + e)^2 without sigmoid's 1 - s, which cancels to 0 where alpha x is large.
+        e = torch.exp(alpha * _minus_abs(x))
+        return torch.where(x < 0, e / (1.0 + e), 1.0 / (1.0 + e))
     if name == "atan":
         return torch.atan(math.pi / 2.0 * alpha * x) / math.pi + 0.5
     if name == "piecewise_quadratic":
-        inner = -0.5 * alpha * alpha * x * x.abs() + alpha * x + 0.5
         bound = 1.0 / alpha
+        # The clamp keeps the quadratic's derivative finite where it is not selected (x = +-inf).
+        inside = torch.clamp(x, -bound, bound)
+        inner = -0.5 * alpha * alpha * inside * inside.abs() + alpha * inside + 0.5
         return torch.where(x > bound, torch.ones_like(x), torch.where(x < -bound, torch.zeros_like(x), inner))
     if name == "piecewise_exp":
-        e = 0.5 * torch.exp(-alpha * x.abs())
+        e = 0.5 * torch.exp(alpha * _minus_abs(x))
         return torch.where(x < 0, e, 1.0 - e)
     if name == "soft_sign":
         ax = alpha * x
