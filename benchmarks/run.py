@@ -1,12 +1,14 @@
 """plif_cuda benchmark harness: the fused op against the reference and the peers, in one process.
 
-    python benchmarks/run.py                 # default run: < 3 minutes on a 2-core CPU, GPU rows when a GPU is there
+    python benchmarks/run.py                 # default run: about 3 minutes on a 2-core CPU, GPU rows when a GPU is there
     python benchmarks/run.py --full          # the big sweep (every T, size, dtype and tau mode; long)
     python benchmarks/run.py --T 8 --neurons 2^20 --dtypes fp32 --passes fwdbwd --peers none
     python benchmarks/run.py --malloc-tuned  # same, re-executed with glibc's mmap/trim thresholds raised
 
 Writes <out>/<name>.json (every measurement, its configuration and the environment),
 <out>/<name>.md (the tables) and <out>/<name>.png (the plot); prints progress and the table.
+<out> is benchmarks/runs/ (not tracked by git) unless --out says otherwise; the results the
+README shows are updated only on purpose, with --out benchmarks/results.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def arguments(argv=None) -> argparse.Namespace:
     grid.add_argument("--neurons", type=comma_list(parse_size), help="neurons per time step, e.g. 2^14,2^20")
     grid.add_argument("--dtypes", type=comma_list(str, tuple(DTYPES)), help="fp32,bf16,fp16,fp64")
     grid.add_argument("--tau", type=comma_list(str, ("layer", "channel")), help="layer (one tau), channel (one per channel)")
-    grid.add_argument("--passes", type=comma_list(str, traffic.PASSES), default=list(traffic.PASSES))
+    grid.add_argument("--passes", type=comma_list(str, traffic.PASSES), default=list(traffic.PASSES),
+                      help="fwd (training forward), bwd (backward alone), fwdbwd (both); default all three")
     grid.add_argument("--devices", type=comma_list(str, ("cpu", "cuda")),
                       help="default: cpu, and cuda when a GPU is there")
     grid.add_argument("--backends", type=comma_list(str, ("cpu", "cuda", "cupy", "torch")),
@@ -106,7 +109,9 @@ def arguments(argv=None) -> argparse.Namespace:
     timing.add_argument("--malloc-tuned", action="store_true",
                         help="re-execute with " + " ".join(f"{k}={v}" for k, v in MALLOC_TUNED_ENV.items()))
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
+    output.add_argument("--out", type=Path, default=HERE / "runs",
+                        help="output folder (default benchmarks/runs, not tracked by git; the committed results "
+                             "the README shows are in benchmarks/results)")
     output.add_argument("--name", help="file stem (default bench-<devices>-<malloc-default|malloc-tuned>)")
     args = parser.parse_args(argv)
     if args.quick and args.full:
@@ -245,7 +250,7 @@ def measure_case(args, impl, neuron, config, buffers, device, flush, progress, b
 
 
 def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, list[dict]]:
-    llc = report.last_level_cache_bytes() if device.type == "cpu" else None
+    llc = (report.last_level_cache() or (None, None))[1] if device.type == "cpu" else None
     if device.type == "cuda":
         llc = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
     default_rotate = max(llc or 0, 256 << 20)
@@ -333,6 +338,10 @@ def add_speedups(rows: list[dict]) -> None:
             row[field] = base / row["median_ms"] if base else None
 
 
+def output_stem(args, devices: list[str]) -> str:
+    return args.name or f"bench-{'+'.join(devices)}-{'malloc-tuned' if args.malloc_tuned else 'malloc-default'}"
+
+
 def main(argv=None) -> int:
     args = arguments(argv)
     if args.malloc_tuned:
@@ -376,7 +385,7 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - wall_begin,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"bench-{'+'.join(devices)}-{'malloc-tuned' if args.malloc_tuned else 'malloc-default'}"
+    stem = output_stem(args, devices)
     markdown = report.markdown(result, impl_names, labels)
     report.write_json(args.out / f"{stem}.json", result)
     report.write_atomic(args.out / f"{stem}.md", lambda p: p.write_text(markdown))

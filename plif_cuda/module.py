@@ -143,9 +143,11 @@ class ParametricLIFNode(nn.Module):
     def _generic_surrogate_forward(self, x_seq, v_init):
         """Any other callable surrogate: the reference time loop, calling it at each step."""
         if not self._warned_fallback:
+            name = getattr(self.surrogate_function, "__qualname__", None)  # functions have one, objects do not
+            described = f"function {name}" if name else f"a {type(self.surrogate_function).__name__} object"
             warnings.warn(
-                f"plif_cuda.ParametricLIFNode: surrogate_function {type(self.surrogate_function).__name__} is not one "
-                "the fused kernels know; using the PyTorch time loop",
+                f"plif_cuda.ParametricLIFNode: surrogate_function ({described}) is not a surrogate the fused "
+                "kernels know; using the PyTorch time loop",
                 RuntimeWarning,
                 stacklevel=3,
             )
