@@ -13,6 +13,7 @@ README shows are updated only on purpose, with --out benchmarks/results.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -37,6 +38,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # threshold on 64-bit; the trim threshold keeps freed heap memory mapped for reuse.
 MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 REEXEC_MARKER = "PLIF_BENCH_MALLOC_REEXEC"
+
+
+def hide_cuda_home_notice() -> None:
+    """torch.compile's inductor imports torch.utils.cpp_extension, which on a machine without a GPU
+    logs "No CUDA runtime is found, using CUDA_HOME=...": a note for building CUDA extensions,
+    which this run never does, printed in the middle of the measurements."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 
 def parse_size(text: str) -> int:
@@ -344,6 +353,7 @@ def output_stem(args, devices: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = arguments(argv)
+    hide_cuda_home_notice()
     if args.malloc_tuned:
         reexec_with_tuned_malloc()
     if args.quick:

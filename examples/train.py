@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import os
 import sys
@@ -270,6 +271,30 @@ def load_checkpoint(path: Path, args, model, optimizer):
 # ---------------------------------------------------------------- main
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, arranged so that destroy_process_group (below) can free the group.
+
+    DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
+    ``group=group.WORLD`` as a default argument. Imported after the group exists, those defaults
+    keep it, and gloo's worker threads, alive past destroy_process_group into the interpreter's
+    shutdown, where a worker that releases a finished collective's tensors needs the GIL: Python
+    ends such a thread with pthread_exit, its unwinding through a C++ destructor calls
+    std::terminate, and the process aborts ("terminate called without an active exception",
+    SIGABRT) whenever the worker is slower than the main thread's exit. Imported first, the
+    defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
+def destroy_process_group() -> None:
+    """Free the process group now, joining gloo's worker threads while Python still runs. The DDP
+    wrapper holds the group too: drop it before calling this."""
+    gc.collect()  # DDP's reference cycles
+    dist.destroy_process_group()
+
+
 def setup_distributed(device_arg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; returns (rank, world_size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -281,7 +306,7 @@ def setup_distributed(device_arg):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device
 
 
@@ -386,7 +411,8 @@ def main(argv=None) -> dict:
             else:
                 print("matplotlib is not installed: no plot (the metrics are in metrics.csv)")
     if world_size > 1:
-        dist.destroy_process_group()
+        del network
+        destroy_process_group()
     return row
 
 
