@@ -1,6 +1,6 @@
 """Train and evaluate the PLIF paper's networks (plif_cuda.models) with the fused PLIF layer.
 
-    python examples/train.py --dataset digits --neuron plif             # no files needed; ~1 minute on 2 CPU cores
+    python examples/train.py --dataset digits --neuron plif             # no files needed; about 10 s on 2 CPU cores
     python examples/train.py --dataset mnist --data-dir ~/data           # <data-dir>/MNIST/*-ubyte[.gz]
     python examples/train.py --dataset fashion-mnist --data-dir ~/data   # <data-dir>/FashionMNIST/*-ubyte[.gz]
     python examples/train.py --dataset cifar10 --data-dir ~/data         # <data-dir>/cifar-10-batches-py/
@@ -35,7 +35,7 @@ from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_
 
 # Architecture and schedule per dataset. The MNIST/CIFAR-10/N-MNIST ones follow the paper's
 # networks (its training ran for hundreds of epochs on a GPU); digits is sized to reach
-# >= 95% in about a minute on two CPU cores. Its ops are too small to gain from a second CPU
+# >= 95% in about ten seconds on two CPU cores. Its ops are too small to gain from a second CPU
 # thread, and two threads that wait on each other at every op are 10x slower when other
 # processes share the cores, hence threads=1.
 PRESETS = {

@@ -144,7 +144,7 @@ class ParametricLIFNode(nn.Module):
         """Any other callable surrogate: the reference time loop, calling it at each step."""
         if not self._warned_fallback:
             name = getattr(self.surrogate_function, "__qualname__", None)  # functions have one, objects do not
-            described = f"function {name}" if name else f"a {type(self.surrogate_function).__name__} object"
+            described = f"function {name}" if name else f"an object of class {type(self.surrogate_function).__name__}"
             warnings.warn(
                 f"plif_cuda.ParametricLIFNode: surrogate_function ({described}) is not a surrogate the fused "
                 "kernels know; using the PyTorch time loop",
