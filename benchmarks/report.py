@@ -135,10 +135,19 @@ def _best_fused(rows_for_case):
     return min(fused, key=lambda r: r["median_ms"]) if fused else None
 
 
-def op_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]:
+def may_run_from_cache(row: dict, result: dict) -> bool:
+    """Whether the data of one call of the row's pass (its minimum traffic) fits in the device's
+    last-level cache. Then the pass may run from cache (the backward's inputs were just written by
+    its untimed forward; rotated inputs stay partly cached) and beat the copy bandwidth, which is
+    measured over copies larger than that cache; which sizes do depends on the machine."""
+    llc = result["copy_bandwidth"].get(row["device"], {}).get("last_level_cache_bytes")
+    return bool(llc) and (row["min_bytes"] <= llc or bool(row.get("rotation_fits_cache")))
+
+
+def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
     """One line per (device, config, pass); a column per implementation (median ms)."""
     cases: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in result["rows"]:
         key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
         cases.setdefault(key, []).append(row)
     header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
@@ -148,7 +157,7 @@ def op_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]
         device, _, T, N, dtype, tau, pass_name = key
         by_name = {r["impl"]: r for r in case_rows}
         best = _best_fused(case_rows)
-        cached = best is not None and best.get("rotation_fits_cache")
+        cached = best is not None and may_run_from_cache(best, result)
         mark = "\u2020" if cached else ""
         size = _size_label(N) + mark
         cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
@@ -227,14 +236,14 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         "",
         "Fused GB/s = minimum traffic of the pass (benchmarks/traffic.py) / median time of the fastest fused "
         "backend; % of copy = that over the measured copy bandwidth; x ref and x SJ = speedup of that "
-        "backend over the PyTorch reference and over SpikingJelly. \u2020: the rotated buffers fit in the "
-        "last-level cache, so these sizes may run from cache, faster than the copy bandwidth (measured over "
-        "copies larger than that cache) allows: their % of copy can pass 100%, and it depends on the cache "
-        "size of the machine. n/a: unsupported configuration; "
+        "backend over the PyTorch reference and over SpikingJelly. \u2020: one call's data fits in the "
+        "last-level cache, so the pass may run from cache, faster than the copy bandwidth (measured over "
+        "copies larger than that cache) allows: its % of copy can pass 100%, and which sizes do depends on "
+        "the cache size of the machine. n/a: unsupported configuration; "
         "skip: left out of this run (see the JSON for why).",
         "",
     ]
-    lines += op_table(result["rows"], impl_names, labels)
+    lines += op_table(result, impl_names, labels)
     lines += ["", "## Memory kept for backward (bytes per neuron-step, distinct storages; GPU: peak of fwd+bwd)", ""]
     lines += memory_table(result["rows"], impl_names, labels)
     if result["network"]:
@@ -274,7 +283,7 @@ def plot(path: Path, result: dict, impl_names: list[str], labels: dict) -> str |
         any_cached = False
         for name in impl_names:
             for pass_name, style in (("fwd", ":"), ("bwd", "--"), ("fwdbwd", "-")):
-                points = sorted((r["neurons"], 100 * r["copy_fraction"], bool(r.get("rotation_fits_cache")))
+                points = sorted((r["neurons"], 100 * r["copy_fraction"], may_run_from_cache(r, result))
                                 for r in picked if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused")
                 if not points:
                     continue
@@ -294,7 +303,7 @@ def plot(path: Path, result: dict, impl_names: list[str], labels: dict) -> str |
         if any_cached:
             copy = result["copy_bandwidth"].get(device, {})
             axis_row[1].annotate(
-                "hollow: inputs fit in the last-level cache, so they\ncan beat the copy roofline "
+                "hollow: one call's data fits in the last-level cache,\nso it can beat the copy roofline "
                 f"(copies of {_mib(copy.get('bytes_per_copy', 0))} exceed the cache)",
                 xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
         axis_row[1].legend(fontsize=8)
