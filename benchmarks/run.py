@@ -1,6 +1,6 @@
 """plif_cuda benchmark harness: the fused op against the reference and the peers, in one process.
 
-    python benchmarks/run.py                 # default run: about 3 minutes on a 2-core CPU, GPU rows when a GPU is there
+    python benchmarks/run.py                 # default run: 40 s to 3 min on 2 CPU cores (see README), GPU rows with a GPU
     python benchmarks/run.py --full          # the big sweep (every T, size, dtype and tau mode; long)
     python benchmarks/run.py --T 8 --neurons 2^20 --dtypes fp32 --passes fwdbwd --peers none
     python benchmarks/run.py --malloc-tuned  # same, re-executed with glibc's mmap/trim thresholds raised
