@@ -26,17 +26,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def last_level_cache_bytes() -> int | None:
-    """Size of the CPU's largest cache as the kernel reports it (a VM may report the host's)."""
-    sizes = []
+def last_level_cache() -> tuple[int, int] | None:
+    """(level, bytes) of the CPU's largest cache as the kernel reports it (a VM may report the host's)."""
+    largest = None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
-        except OSError:
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    return max(sizes) if sizes else None
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        if largest is None or size > largest[1]:
+            largest = (level, size)
+    return largest
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"
+
+
+def machine_label(result: dict, device: str) -> str:
+    """The processor a device's rows ran on and its last-level cache, for tables and plot titles:
+    which sizes run from cache, and so the results, depend on that cache."""
+    env = result["environment"]
+    if device == "cuda" and env["gpu"]:
+        l2 = env["gpu"].get("l2_cache_bytes")
+        return env["gpu"]["name"] + (f" (L2 {_mib(l2)})" if l2 else "")
+    level, size = env.get("last_level_cache_level"), env.get("last_level_cache_bytes")
+    cache = f"L{level} {_mib(size)}" if level and size else (f"last-level cache {_mib(size)}" if size else
+                                                               "last-level cache unknown")
+    return f"{env['cpu_model']} ({env['cpu_count']} cores, {cache})"
 
 
 def _git_revision(root: Path) -> dict:
@@ -50,6 +70,7 @@ def _git_revision(root: Path) -> dict:
 
 
 def environment(root: Path, malloc_tuned: bool) -> dict:
+    llc_level, llc_bytes = last_level_cache() or (None, None)
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -60,7 +81,8 @@ def environment(root: Path, malloc_tuned: bool) -> dict:
         "platform": platform.platform(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "last_level_cache_bytes": last_level_cache_bytes(),
+        "last_level_cache_level": llc_level,
+        "last_level_cache_bytes": llc_bytes,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "malloc_tuned": malloc_tuned,
@@ -113,10 +135,19 @@ def _best_fused(rows_for_case):
     return min(fused, key=lambda r: r["median_ms"]) if fused else None
 
 
-def op_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]:
+def may_run_from_cache(row: dict, result: dict) -> bool:
+    """Whether the data of one call of the row's pass (its minimum traffic) fits in the device's
+    last-level cache. Then the pass may run from cache (the backward's inputs were just written by
+    its untimed forward; rotated inputs stay partly cached) and beat the copy bandwidth, which is
+    measured over copies larger than that cache; which sizes do depends on the machine."""
+    llc = result["copy_bandwidth"].get(row["device"], {}).get("last_level_cache_bytes")
+    return bool(llc) and (row["min_bytes"] <= llc or bool(row.get("rotation_fits_cache")))
+
+
+def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
     """One line per (device, config, pass); a column per implementation (median ms)."""
     cases: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in result["rows"]:
         key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
         cases.setdefault(key, []).append(row)
     header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
@@ -126,15 +157,16 @@ def op_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[str]
         device, _, T, N, dtype, tau, pass_name = key
         by_name = {r["impl"]: r for r in case_rows}
         best = _best_fused(case_rows)
-        cached = best is not None and best.get("rotation_fits_cache")
-        size = _size_label(N) + ("\u2020" if cached else "")
+        cached = best is not None and may_run_from_cache(best, result)
+        mark = "\u2020" if cached else ""
+        size = _size_label(N) + mark
         cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
         if best is None:
             cells += ["", "", "", "", ""]
         else:
             cells += [
                 f"{best['gbps']:.1f}",
-                f"{100 * best['copy_fraction']:.0f}%",
+                f"{100 * best['copy_fraction']:.0f}%{mark}",
                 f"{best['speedup_vs_reference']:.1f}" if best.get("speedup_vs_reference") else "",
                 f"{best['speedup_vs_spikingjelly']:.1f}" if best.get("speedup_vs_spikingjelly") else "",
                 f"{best['saved_bytes_per_neuron_step']:.1f}" if best.get("saved_bytes_per_neuron_step") is not None else "",
@@ -182,12 +214,12 @@ def network_table(rows: list[dict]) -> list[str]:
 
 def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
     env = result["environment"]
-    gpu = env["gpu"]["name"] if env["gpu"] else "none"
+    gpu = machine_label(result, "cuda") if env["gpu"] else "none"
     malloc = ", ".join(f"{k}={v}" for k, v in env["malloc_environment"].items() if v is not None) or "glibc defaults"
     lines = [
         f"# plif_cuda benchmark ({result['started']})",
         "",
-        f"- CPU: {env['cpu_model']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads, "
+        f"- CPU: {machine_label(result, 'cpu')}, {env['torch_threads']} torch threads, "
         f"load average at start {', '.join(f'{x:.2f}' for x in env['load_average_at_start'] or [])}",
         f"- GPU: {gpu}",
         f"- torch {env['torch']}, plif_cuda {env['plif_cuda']} (commit {str(env['git']['commit'])[:10]}"
@@ -204,12 +236,14 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         "",
         "Fused GB/s = minimum traffic of the pass (benchmarks/traffic.py) / median time of the fastest fused "
         "backend; % of copy = that over the measured copy bandwidth; x ref and x SJ = speedup of that "
-        "backend over the PyTorch reference and over SpikingJelly. \u2020: the rotated buffers fit in the "
-        "last-level cache, so these sizes may run from cache. n/a: unsupported configuration; "
+        "backend over the PyTorch reference and over SpikingJelly. \u2020: one call's data fits in the "
+        "last-level cache, so the pass may run from cache, faster than the copy bandwidth (measured over "
+        "copies larger than that cache) allows: its % of copy can pass 100%, and which sizes do depends on "
+        "the cache size of the machine. n/a: unsupported configuration; "
         "skip: left out of this run (see the JSON for why).",
         "",
     ]
-    lines += op_table(result["rows"], impl_names, labels)
+    lines += op_table(result, impl_names, labels)
     lines += ["", "## Memory kept for backward (bytes per neuron-step, distinct storages; GPU: peak of fwd+bwd)", ""]
     lines += memory_table(result["rows"], impl_names, labels)
     if result["network"]:
@@ -246,16 +280,35 @@ def plot(path: Path, result: dict, impl_names: list[str], labels: dict) -> str |
                         title=f"{device}: op fwd+bwd, T={T_main}, {dtype_main}, per-layer tau")
         axis_row[0].legend(fontsize=8)
         axis_row[0].grid(True, which="both", alpha=0.3)
+        any_cached = False
         for name in impl_names:
             for pass_name, style in (("fwd", ":"), ("bwd", "--"), ("fwdbwd", "-")):
-                points = sorted((r["neurons"], 100 * r["copy_fraction"]) for r in picked
-                                if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused")
-                if points:
-                    axis_row[1].plot(*zip(*points), style, marker="o", label=f"{labels[name]} {PASS_LABELS[pass_name]}")
+                points = sorted((r["neurons"], 100 * r["copy_fraction"], may_run_from_cache(r, result))
+                                for r in picked if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused")
+                if not points:
+                    continue
+                sizes, percents, cached = zip(*points)
+                line, = axis_row[1].plot(sizes, percents, style, marker="o",
+                                         label=f"{labels[name]} {PASS_LABELS[pass_name]}")
+                # Hollow markers: the inputs fit in the last-level cache, so the copy roofline,
+                # measured beyond that cache, does not bound them.
+                in_cache = [(n, p) for n, p, c in points if c]
+                if in_cache:
+                    any_cached = True
+                    axis_row[1].plot(*zip(*in_cache), linestyle="none", marker="o", markersize=7,
+                                     markerfacecolor="white", markeredgecolor=line.get_color())
+        axis_row[1].axhline(100, color="grey", linewidth=0.8)
         axis_row[1].set(xscale="log", xlabel="neurons", ylabel="% of copy bandwidth", ylim=(0, None),
                         title=f"{device}: fused backends, fraction of the copy roofline")
+        if any_cached:
+            copy = result["copy_bandwidth"].get(device, {})
+            axis_row[1].annotate(
+                "hollow: one call's data fits in the last-level cache,\nso it can beat the copy roofline "
+                f"(copies of {_mib(copy.get('bytes_per_copy', 0))} exceed the cache)",
+                xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
         axis_row[1].legend(fontsize=8)
         axis_row[1].grid(True, which="both", alpha=0.3)
+    fig.suptitle(" / ".join(machine_label(result, device) for device in devices), fontsize=10)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)

@@ -1,16 +1,19 @@
 """plif_cuda benchmark harness: the fused op against the reference and the peers, in one process.
 
-    python benchmarks/run.py                 # default run: < 3 minutes on a 2-core CPU, GPU rows when a GPU is there
+    python benchmarks/run.py                 # default run: 40 s to 3 min on 2 CPU cores (see README), GPU rows with a GPU
     python benchmarks/run.py --full          # the big sweep (every T, size, dtype and tau mode; long)
     python benchmarks/run.py --T 8 --neurons 2^20 --dtypes fp32 --passes fwdbwd --peers none
     python benchmarks/run.py --malloc-tuned  # same, re-executed with glibc's mmap/trim thresholds raised
 
 Writes <out>/<name>.json (every measurement, its configuration and the environment),
 <out>/<name>.md (the tables) and <out>/<name>.png (the plot); prints progress and the table.
+<out> is benchmarks/runs/ (not tracked by git) unless --out says otherwise; the results the
+README shows are updated only on purpose, with --out benchmarks/results.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -35,6 +38,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # threshold on 64-bit; the trim threshold keeps freed heap memory mapped for reuse.
 MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 REEXEC_MARKER = "PLIF_BENCH_MALLOC_REEXEC"
+
+
+def hide_cuda_home_notice() -> None:
+    """torch.compile's inductor imports torch.utils.cpp_extension, which on a machine without a GPU
+    logs "No CUDA runtime is found, using CUDA_HOME=...": a note for building CUDA extensions,
+    which this run never does, printed in the middle of the measurements."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 
 def parse_size(text: str) -> int:
@@ -78,7 +89,8 @@ def arguments(argv=None) -> argparse.Namespace:
     grid.add_argument("--neurons", type=comma_list(parse_size), help="neurons per time step, e.g. 2^14,2^20")
     grid.add_argument("--dtypes", type=comma_list(str, tuple(DTYPES)), help="fp32,bf16,fp16,fp64")
     grid.add_argument("--tau", type=comma_list(str, ("layer", "channel")), help="layer (one tau), channel (one per channel)")
-    grid.add_argument("--passes", type=comma_list(str, traffic.PASSES), default=list(traffic.PASSES))
+    grid.add_argument("--passes", type=comma_list(str, traffic.PASSES), default=list(traffic.PASSES),
+                      help="fwd (training forward), bwd (backward alone), fwdbwd (both); default all three")
     grid.add_argument("--devices", type=comma_list(str, ("cpu", "cuda")),
                       help="default: cpu, and cuda when a GPU is there")
     grid.add_argument("--backends", type=comma_list(str, ("cpu", "cuda", "cupy", "torch")),
@@ -106,7 +118,9 @@ def arguments(argv=None) -> argparse.Namespace:
     timing.add_argument("--malloc-tuned", action="store_true",
                         help="re-execute with " + " ".join(f"{k}={v}" for k, v in MALLOC_TUNED_ENV.items()))
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
+    output.add_argument("--out", type=Path, default=HERE / "runs",
+                        help="output folder (default benchmarks/runs, not tracked by git; the committed results "
+                             "the README shows are in benchmarks/results)")
     output.add_argument("--name", help="file stem (default bench-<devices>-<malloc-default|malloc-tuned>)")
     args = parser.parse_args(argv)
     if args.quick and args.full:
@@ -245,7 +259,7 @@ def measure_case(args, impl, neuron, config, buffers, device, flush, progress, b
 
 
 def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, list[dict]]:
-    llc = report.last_level_cache_bytes() if device.type == "cpu" else None
+    llc = (report.last_level_cache() or (None, None))[1] if device.type == "cpu" else None
     if device.type == "cuda":
         llc = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
     default_rotate = max(llc or 0, 256 << 20)
@@ -333,8 +347,13 @@ def add_speedups(rows: list[dict]) -> None:
             row[field] = base / row["median_ms"] if base else None
 
 
+def output_stem(args, devices: list[str]) -> str:
+    return args.name or f"bench-{'+'.join(devices)}-{'malloc-tuned' if args.malloc_tuned else 'malloc-default'}"
+
+
 def main(argv=None) -> int:
     args = arguments(argv)
+    hide_cuda_home_notice()
     if args.malloc_tuned:
         reexec_with_tuned_malloc()
     if args.quick:
@@ -376,7 +395,7 @@ def main(argv=None) -> int:
         "wall_s": time.perf_counter() - wall_begin,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"bench-{'+'.join(devices)}-{'malloc-tuned' if args.malloc_tuned else 'malloc-default'}"
+    stem = output_stem(args, devices)
     markdown = report.markdown(result, impl_names, labels)
     report.write_json(args.out / f"{stem}.json", result)
     report.write_atomic(args.out / f"{stem}.md", lambda p: p.write_text(markdown))

@@ -1,11 +1,13 @@
 """The PLIF paper's central experiment, small: PLIF (learned tau) vs LIF (fixed tau) at several initial tau.
 
-    python examples/tau_sensitivity.py                  # digits, init tau 2 4 8 16, seeds 0 1 2: ~5-10 min on 2 CPU cores
+    python examples/tau_sensitivity.py                         # digits, init tau 2 4 8 16, seeds 0 1 2: ~4 min on 2 CPU cores
+    python examples/tau_sensitivity.py --out examples/results  # update the committed figure the README shows
 
 Every (neuron, init tau, seed) run is examples/train.py on the bundled digits with the same
 seed, so PLIF and LIF start from the same weights and see the same batches; only tau differs.
 Writes <out>/tau_sensitivity.csv (one row per run and epoch, with the learned tau of every
 layer) and <out>/tau_sensitivity.png (test accuracy vs epoch, learned tau vs epoch, final accuracy).
+<out> defaults to examples/runs/tau_sensitivity/, which git does not track.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--T", type=int, default=8, help="time steps (the paper's T for static images)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "runs" / "tau_sensitivity",
+                        help="output folder (default examples/runs/tau_sensitivity, not tracked by git; "
+                             "the committed results the README shows are in examples/results)")
     parser.add_argument("--backend", default="auto")
     return parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Train and evaluate the PLIF paper's networks (plif_cuda.models) with the fused PLIF layer.
 
-    python examples/train.py --dataset digits --neuron plif             # no files needed; ~1 minute on 2 CPU cores
+    python examples/train.py --dataset digits --neuron plif             # no files needed; about 10 s on 2 CPU cores
     python examples/train.py --dataset mnist --data-dir ~/data           # <data-dir>/MNIST/*-ubyte[.gz]
     python examples/train.py --dataset fashion-mnist --data-dir ~/data   # <data-dir>/FashionMNIST/*-ubyte[.gz]
     python examples/train.py --dataset cifar10 --data-dir ~/data         # <data-dir>/cifar-10-batches-py/
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_
 # ran for hundreds of epochs on a GPU); for CIFAR10-DVS and DVS128 Gesture those take the 128x128
 # frames as they are, T=20, with 4 or 5 conv stages and FC512, and a test batch of 32 keeps the
 # first layer's [T*N, 128, 128, 128] activations near 5 GiB. Digits is sized to reach
-# >= 95% in about a minute on two CPU cores. Its ops are too small to gain from a second CPU
+# >= 95% in about ten seconds on two CPU cores. Its ops are too small to gain from a second CPU
 # thread, and two threads that wait on each other at every op are 10x slower when other
 # processes share the cores, hence threads=1.
 PRESETS = {
@@ -287,6 +288,30 @@ def load_checkpoint(path: Path, args, model, optimizer):
 # ---------------------------------------------------------------- main
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, arranged so that destroy_process_group (below) can free the group.
+
+    DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
+    ``group=group.WORLD`` as a default argument. Imported after the group exists, those defaults
+    keep it, and gloo's worker threads, alive past destroy_process_group into the interpreter's
+    shutdown, where a worker that releases a finished collective's tensors needs the GIL: Python
+    ends such a thread with pthread_exit, its unwinding through a C++ destructor calls
+    std::terminate, and the process aborts ("terminate called without an active exception",
+    SIGABRT) whenever the worker is slower than the main thread's exit. Imported first, the
+    defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
+def destroy_process_group() -> None:
+    """Free the process group now, joining gloo's worker threads while Python still runs. The DDP
+    wrapper holds the group too: drop it before calling this."""
+    gc.collect()  # DDP's reference cycles
+    dist.destroy_process_group()
+
+
 def setup_distributed(device_arg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; returns (rank, world_size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -298,7 +323,7 @@ def setup_distributed(device_arg):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device
 
 
@@ -403,7 +428,8 @@ def main(argv=None) -> dict:
             else:
                 print("matplotlib is not installed: no plot (the metrics are in metrics.csv)")
     if world_size > 1:
-        dist.destroy_process_group()
+        del network
+        destroy_process_group()
     return row
 
 

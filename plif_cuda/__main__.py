@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import time
 
@@ -45,6 +46,41 @@ def _print_versions() -> None:
             print(f"{label:<11} missing: {error}")
 
 
+def built_cuda_code(arch_list: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(cubin architectures, PTX architectures) of a TORCH_CUDA_ARCH_LIST such as "8.0;8.6;9.0+PTX"."""
+    cubins, ptx = [], []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)[af]?(\+PTX)?", entry)
+        if match:
+            arch = (int(match[1]), int(match[2]))
+            cubins.append(arch)
+            if match[3]:
+                ptx.append(arch)
+    return cubins, ptx
+
+
+def cuda_code_for(capability: tuple[int, int], arch_list: str) -> str | None:
+    """Which of the built code a GPU of ``capability`` runs, or None when none of it runs there.
+    A cubin runs on its own major architecture at the same or a higher minor version; PTX is
+    compiled by the driver for any later architecture."""
+    cubins, ptx = built_cuda_code(arch_list)
+    same_major = [arch for arch in cubins if arch[0] == capability[0] and arch[1] <= capability[1]]
+    if same_major:
+        major, minor = max(same_major)
+        return f"sm_{major}{minor} code"
+    older_ptx = [arch for arch in ptx if arch <= capability]
+    if older_ptx:
+        major, minor = max(older_ptx)
+        return f"compute_{major}{minor} PTX, compiled by the driver when first loaded"
+    return None
+
+
+def _arch_names(arch_list: str) -> str:
+    cubins, ptx = built_cuda_code(arch_list)
+    names = ", ".join(f"sm_{major}{minor}" for major, minor in cubins)
+    return names + "".join(f" + compute_{major}{minor} PTX" for major, minor in ptx)
+
+
 def _print_extension() -> None:
     if not ops.extension_available():
         print(f"extension   not available: {ops.extension_error()}")
@@ -55,9 +91,16 @@ def _print_extension() -> None:
         print("extension   loaded, but plif_cuda/_build_info.py is missing (built by other means than setup.py?)")
         return
     if _build_info.CUDA_SKIPPED_BECAUSE:
-        print(f"extension   CPU kernels only (CUDA skipped because {_build_info.CUDA_SKIPPED_BECAUSE})")
+        print(f"extension   CPU kernels only (CUDA kernels not built because {_build_info.CUDA_SKIPPED_BECAUSE})")
     else:
-        print(f"extension   CPU and CUDA kernels, CUDA archs {_build_info.CUDA_ARCHS}")
+        print(f"extension   CPU kernels, and CUDA kernels for {_arch_names(_build_info.CUDA_ARCHS)} "
+              f"(TORCH_CUDA_ARCH_LIST={_build_info.CUDA_ARCHS})")
+        for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            capability = torch.cuda.get_device_capability(index)
+            code = cuda_code_for(capability, _build_info.CUDA_ARCHS)
+            print(f"            cuda:{index} (sm_{capability[0]}{capability[1]}) runs " + (
+                code or f"none of them: rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}, "
+                        "or use the cupy backend"))
     print(f"            built against torch {_build_info.TORCH_VERSION}")
 
 
@@ -113,13 +156,22 @@ def doctor(nvrtc_arch: str | None, nvrtc_binding: str | None) -> int:
     return 1
 
 
+def nvrtc_arch(text: str) -> str:
+    """An NVRTC target as the doctor accepts it (argparse type)."""
+    if not re.fullmatch(r"(sm|compute)_\d+[af]?", text):
+        raise argparse.ArgumentTypeError(
+            f"expected sm_XX (a cubin, e.g. sm_90) or compute_XX (PTX, e.g. compute_90), got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plif_cuda")
     commands = parser.add_subparsers(dest="command", required=True)
     doctor_parser = commands.add_parser("doctor", help="versions, available backends and why not, NVRTC check")
     doctor_parser.add_argument(
-        "--nvrtc-arch", metavar="sm_XX",
-        help="compile every kernel variant of the CuPy backend through NVRTC for this architecture (no GPU needed)",
+        "--nvrtc-arch", metavar="sm_XX", type=nvrtc_arch,
+        help="compile every kernel variant of the CuPy backend through NVRTC for this architecture, "
+             "sm_XX (a cubin) or compute_XX (PTX), e.g. sm_90 (no GPU needed)",
     )
     doctor_parser.add_argument(
         "--nvrtc-binding", choices=sorted(_nvrtc.NVRTC_BINDINGS),

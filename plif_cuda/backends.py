@@ -25,10 +25,21 @@ def _cupy_module():
     return cupy_backend
 
 
+def _no_gpu_reason(device: torch.device) -> str | None:
+    """Why nothing runs on ``device`` because it is a GPU this process cannot see, or None.
+
+    A tensor on a CUDA device proves the GPU exists; this catches asking about one by name
+    (``available_backends("cuda")``, the doctor). torch.compile folds torch.cuda.is_available.
+    """
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+    return None
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device``, else a sentence saying why not."""
     if backend == "torch":
-        return None
+        return _no_gpu_reason(device)
     if backend == "cpu":
         if not ops.extension_available():
             return ops.extension_error()
@@ -42,11 +53,11 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "the compiled extension was built without CUDA kernels (see `python -m plif_cuda doctor`)"
         if device.type not in ("cuda", "meta"):
             return f"backend 'cuda' runs on CUDA tensors, but the input is on {device}"
-        return None
+        return _no_gpu_reason(device)
     if backend == "cupy":
         if device.type not in ("cuda", "meta"):
             return f"backend 'cupy' runs on CUDA tensors, but the input is on {device}"
-        return _cupy_module().unavailable_reason()
+        return _no_gpu_reason(device) or _cupy_module().unavailable_reason()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -93,5 +104,6 @@ def forward_op(backend: str):
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backends that can run on ``device`` here (``unavailable_reason`` says why the others cannot)."""
     device = torch.device(device)
     return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]

@@ -175,15 +175,18 @@ class ParametricLIFNode(MemoryModule):
     def _generic_surrogate_forward(self, x_seq, v_init):
         """Any other callable surrogate: the reference time loop, calling it at each step."""
         if not self._warned_fallback:
-            alpha = getattr(self.surrogate_function, "alpha", None)
+            surrogate = self.surrogate_function
+            name = getattr(surrogate, "__qualname__", None)  # functions have one, objects do not
+            described = f"function {name}" if name else f"an object of class {type(surrogate).__name__}"
+            alpha = getattr(surrogate, "alpha", None)
             reason = (
                 "its alpha is a tensor that needs a gradient, which the fused kernels do not compute"
                 if isinstance(alpha, torch.Tensor) and alpha.requires_grad
-                else "it is not one the fused kernels know"
+                else "it is not a surrogate the fused kernels know"
             )
             warnings.warn(
-                f"plif_cuda.{type(self).__name__}: surrogate_function {type(self.surrogate_function).__name__} "
-                f"runs on the PyTorch time loop: {reason}",
+                f"plif_cuda.{type(self).__name__}: surrogate_function ({described}) runs on the PyTorch time loop: "
+                f"{reason}",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -31,8 +31,16 @@ def test_writes_json_markdown_and_png(quick_run):
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
     env = result["environment"]
-    for key in ("torch", "cpu_model", "torch_threads", "gpu", "malloc_environment", "malloc_tuned"):
+    for key in ("torch", "cpu_model", "torch_threads", "gpu", "malloc_environment", "malloc_tuned",
+                "last_level_cache_bytes", "last_level_cache_level"):
         assert key in env
+    markdown = (out / "smoke.md").read_text()
+    assert env["cpu_model"] in markdown
+    if env["last_level_cache_bytes"]:
+        # The CPU's last-level cache is named, and the tiny case (one call: well under 1 MiB) is
+        # marked as possibly running from it.
+        assert f"L{env['last_level_cache_level']} {env['last_level_cache_bytes'] / 2**20:.0f} MiB" in markdown
+        assert "| 2^12\u2020 |" in markdown
     assert result["copy_bandwidth"]["cpu"]["gbps"] > 0
 
 

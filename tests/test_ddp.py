@@ -4,12 +4,21 @@ Each process takes half of the global batch; DDP averages the gradients, so afte
 steps every parameter (the learnable tau included) must equal a single process's on the whole
 batch. The models have no batch-norm, whose statistics would differ per process.
 """
+import importlib.util
+import os
+from pathlib import Path
+
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from plif_cuda.models import StaticImageSNN, neuron_layers, reset_states
+
+# The example's process-group set-up and teardown, which the workers below use as it does.
+_spec = importlib.util.spec_from_file_location("plif_train_example",
+                                               Path(__file__).resolve().parent.parent / "examples" / "train.py")
+train_example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_example)
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -48,28 +57,36 @@ def train(model, batches, rank=0, world_size=1):
         reset_states(model)
 
 
+def thread_names() -> list[str]:
+    return [(Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")]
+
+
 def ddp_worker(rank, init_file, result_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        results = {}
-        for tau_granularity in TAU_GRANULARITIES:
-            model = make_model(tau_granularity)
-            train(torch.nn.parallel.DistributedDataParallel(model), make_batches(), rank, WORLD_SIZE)
-            results[tau_granularity] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.save(results, f"{result_file}.{rank}")
-        # Both ranks are done communicating before either tears gloo down: a rank that destroys
-        # its group while the other still has a connection open can abort at exit (seen once in CI:
-        # "terminate called without an active exception", SIGABRT).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    train_example.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    results = {}
+    for tau_granularity in TAU_GRANULARITIES:
+        model = make_model(tau_granularity)
+        network = torch.nn.parallel.DistributedDataParallel(model)
+        train(network, make_batches(), rank, WORLD_SIZE)
+        results[tau_granularity] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gloo_threads_before = [name for name in thread_names() if "gloo" in name]
+    del network
+    train_example.destroy_process_group()
+    # gloo's threads must be gone before the interpreter shuts down (see the example's
+    # init_process_group): one still there can abort the process at exit.
+    results["gloo_threads"] = (gloo_threads_before, [name for name in thread_names() if "gloo" in name])
+    torch.save(results, f"{result_file}.{rank}")
 
 
 def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
     result_file = tmp_path / "params"
     mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=WORLD_SIZE, join=True)
     per_rank = [torch.load(f"{result_file}.{rank}") for rank in range(WORLD_SIZE)]
+    for rank, params in enumerate(per_rank):
+        before, after = params["gloo_threads"]
+        assert before, "no gloo threads found to check (did /proc/self/task change?)"
+        assert after == [], f"rank {rank}: gloo threads {after} outlive destroy_process_group"
     for tau_granularity in TAU_GRANULARITIES:
         model = make_model(tau_granularity)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
