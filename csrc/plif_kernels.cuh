@@ -76,8 +76,7 @@ inline unsigned int launch_blocks(index_t neurons, index_t resident_blocks) {
 // Every chunk loads at least 64 bytes per thread. Forward: 4 steps of one 16-byte vector of x.
 // Backward: per step grad_spikes (LANES in_t) and H (LANES acc_t), and grad_v_seq when given:
 // 2 x 16 bytes in float32 and float64; in the half types 4 lanes (8 + 16 bytes per step, 3
-// steps), as 8 lanes of 2 steps would hold twice the registers (161, a quarter of the SM's
-// threads resident).
+// steps): 8 lanes of 2 steps held 161 registers, one 256-thread block per multiprocessor.
 template <typename in_t>
 struct Geometry {
   static constexpr int kForwardLanes = static_cast<int>(16 / sizeof(in_t));
