@@ -181,7 +181,7 @@ __device__ __forceinline__ Options<acc_t> make_options(acc_t v_threshold, acc_t 
 }
 
 // ---- forward -----------------------------------------------------------------------------------
-// v_last's element type is the one ForwardParams gives it.
+// v_last's element type is the one ForwardParams gives it (in_t or the compute type).
 template <typename in_t, typename acc_t>
 using VLast = typename PointeeOf<decltype(ForwardParams<in_t, acc_t>::v_last)>::type;
 
@@ -284,6 +284,10 @@ __global__ void plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __r
 }
 
 // ---- backward ----------------------------------------------------------------------------------
+// grad_v_last's element type is the one BackwardParams gives it (that of v_last).
+template <typename in_t, typename acc_t>
+using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_v_last)>::type;
+
 // `count` (1 .. STEPS) time steps t_hi, t_hi - 1, ..., t_hi - count + 1 (all >= 1) for LANES
 // neurons from n0: every load (the gradients of those steps, H of the steps before them) first,
 // then the recursion.
@@ -407,7 +411,8 @@ __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>
 }
 
 template <typename in_t, typename acc_t>
-__global__ void plif_backward_kernel(const in_t* __restrict__ grad_spikes, const in_t* __restrict__ grad_v_last,
+__global__ void plif_backward_kernel(const in_t* __restrict__ grad_spikes,
+                                     GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
                                      const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
                                      const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
                                      in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k,

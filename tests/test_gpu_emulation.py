@@ -179,8 +179,8 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     if store_v_seq:
         assert_bits_equal(em["v_seq"], v_seq, "v_seq")
 
-    upstream = {name: torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-                for name, shape in (("spikes", x.shape), ("v_last", v_last.shape), ("v_seq", x.shape))}
+    upstream = {name: torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+                for name, out in (("spikes", spikes), ("v_last", v_last), ("v_seq", x))}
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None

@@ -118,7 +118,7 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
       using acc_t = decltype(acc_v);
       launch(N, resident_blocks, [&] {
         plif::plif_backward_kernel<in_t, acc_t>(
-            static_cast<const in_t*>(grad_spikes), static_cast<const in_t*>(grad_v_last),
+            static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
             static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const acc_t*>(k),
             static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x), static_cast<acc_t*>(grad_k),
             static_cast<acc_t*>(grad_v_init), k_stride, v_init_stride, T, N, static_cast<acc_t>(v_threshold),
