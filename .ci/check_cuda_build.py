@@ -9,7 +9,12 @@ Asserts, reading the library with `cuobjdump` (no GPU needed):
   1. the library holds a cubin (SASS) for every required architecture (default sm_80 and sm_90);
   2. each of those cubins holds the forward and backward kernel for all four dtype pairs;
   3. every plif kernel in every cubin uses zero local memory and a zero-byte stack frame, so
-     no register spills to local memory.
+     no register spills to local memory;
+  4. every plif kernel in every cubin keeps at least 64 bytes of loads in flight per thread in
+     the main loops of both its memory paths (two innermost loops or more), read from the SASS (`cuobjdump -sass`): the bytes of global loads one thread
+     issues in a straight run, with no store, branch or barrier between them, inside a loop
+     (the kernels load several time steps before running the recurrence over them; one load
+     per step, waiting for it before the next, cannot fill the memory system).
 With --ptxas-log (a build log made with PLIF_PTXAS_VERBOSE=1) it also asserts that ptxas
 reported "0 bytes spill stores, 0 bytes spill loads" for every plif kernel it compiled.
 
@@ -29,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
+MIN_LOAD_BYTES_IN_FLIGHT = 64
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.
 DTYPE_PAIRS = {"Iff": "float32", "Idd": "float64", "I6__halff": "float16", "I13__nv_bfloat16f": "bfloat16"}
 
@@ -106,6 +112,88 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
     return usage
 
 
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# Instructions that end a run of loads in flight: stores and atomics (a load may not pass them
+# unless the compiler knows the pointers do not alias), branches and barriers.
+_RUN_ENDS = {"STG", "ST", "STS", "RED", "ATOM", "ATOMG", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL",
+             "BSYNC", "BSSY", "WARPSYNC", "BAR"}
+
+
+def global_load_bytes(opcode: str) -> int:
+    """Bytes one thread loads with a global (or generic) load opcode such as LDG.E.128; 0 for others."""
+    parts = opcode.split(".")
+    if parts[0] not in ("LDG", "LD"):
+        return 0
+    sizes = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+    return next((sizes[part] for part in parts[1:] if part in sizes), 4)
+
+
+def parse_sass(text: str) -> dict[str, dict[str, list[tuple[int, str, str]]]]:
+    """{arch: {kernel label: [(address, opcode, operands), ...]}} from `cuobjdump -sass`."""
+    functions: dict[str, dict[str, list[tuple[int, str, str]]]] = {}
+    arch = None
+    body = None
+    for line in text.splitlines():
+        arch_line = re.search(r"arch = (sm_\d+a?)", line)
+        if arch_line:
+            arch = arch_line.group(1)
+            body = None
+            continue
+        function = re.match(r"\s*Function : (\S+)", line)
+        if function:
+            label = kernel_label(function.group(1))
+            body = functions.setdefault(arch or "unknown", {}).setdefault(label, []) if label else None
+            continue
+        instruction = _SASS_INSTRUCTION.search(line)
+        if instruction and body is not None:
+            body.append((int(instruction.group(1), 16), instruction.group(2), instruction.group(3)))
+    return functions
+
+
+def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
+    """For every innermost loop (a branch back to an earlier address, with no other such branch
+    inside), the most bytes of global loads one thread issues in it before a store, branch or
+    barrier: what one iteration keeps in flight."""
+    loops = []
+    for address, opcode, operands in body:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.split(".")[0] == "BRA" and target and int(target.group(1), 16) <= address:
+            loops.append((int(target.group(1), 16), address))
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+    figures = []
+    for start, end in innermost:
+        best = run = 0
+        for address, opcode, _ in body:
+            if start <= address <= end:
+                loaded = global_load_bytes(opcode)
+                if loaded:
+                    run += loaded
+                    best = max(best, run)
+                elif opcode.split(".")[0] in _RUN_ENDS:
+                    run = 0
+        figures.append(best)
+    return figures
+
+
+def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
+    problems = []
+    for arch in sorted(sass):
+        for label, body in sorted(sass[arch].items()):
+            figures = loads_in_flight_per_loop(body)
+            most = max(figures, default=0)
+            deep = sum(1 for figure in figures if figure >= MIN_LOAD_BYTES_IN_FLIGHT)
+            # Both memory paths of a kernel (vector and scalar accesses) have a chunk loop.
+            verdict = "ok" if deep >= 2 else "TOO FEW"
+            print(f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
+                  f"{deep} of {len(figures)} such loops >= {MIN_LOAD_BYTES_IN_FLIGHT} B  {verdict}")
+            if verdict != "ok":
+                problems.append(f"{arch}: {label}: {deep} innermost loops keep {MIN_LOAD_BYTES_IN_FLIGHT} bytes of "
+                                f"loads in flight per iteration (at most {most} B); the vector and the scalar "
+                                f"path each need one")
+    return problems
+
+
 def check_ptxas_log(path: Path) -> list[str]:
     """Problems in a ptxas -v report: any plif kernel with spills or a stack frame."""
     problems = []
@@ -146,6 +234,7 @@ def main() -> int:
         ptx_present = sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", run_cuobjdump(cuobjdump, "--list-ptx", str(library)))))
         print(f"cubins:    {', '.join(archs_present) or 'none'}\nPTX:       {', '.join(ptx_present) or 'none'}")
         usage = parse_resource_usage(run_cuobjdump(cuobjdump, "-res-usage", str(library)))
+        sass = parse_sass(run_cuobjdump(cuobjdump, "-sass", str(library)))
     except CheckFailed as error:
         print(f"FAIL: {error}", file=sys.stderr)
         return 1
@@ -165,6 +254,10 @@ def main() -> int:
     for arch in required:
         if arch in archs_present and not usage.get(arch):
             problems.append(f"{arch}: cubin present but cuobjdump -res-usage lists no plif kernel in it")
+    problems.extend(check_loads_in_flight(sass))
+    for arch in required:
+        if arch in archs_present and not sass.get(arch):
+            problems.append(f"{arch}: cuobjdump -sass shows no plif kernel")
     if args.ptxas_log is not None:
         if not args.ptxas_log.is_file():
             problems.append(f"--ptxas-log {args.ptxas_log}: no such file")
@@ -176,7 +269,8 @@ def main() -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory")
+    print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
+          f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration")
     return 0
 
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One-shot check of plif_cuda on a fresh GPU machine (torch, nvcc and ninja installed):
-# builds the extension in place, checks the compiled kernels, runs the GPU tests, the rest of
-# the test suite and the benchmark, and writes everything into one folder.
+# One-shot check of plif_cuda on a fresh GPU machine (torch, nvcc, ninja; cuobjdump and
+# compute-sanitizer from the toolkit): builds the extension in place, checks the compiled kernels
+# (cubins, spills, loads in flight read from the SASS), runs the GPU tests, a few launches under
+# compute-sanitizer memcheck and racecheck, the rest of the test suite and the GPU benchmark (with
+# the device's copy bandwidth measured in the same run), and writes everything into one folder.
+# Sized for one 8-minute call on a 16-core H200 machine.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]      (default: benchmarks/results/gpu-<UTC date-time>)
 #
@@ -12,6 +15,8 @@
 #   MAX_JOBS                parallel compile jobs (default: all cores)
 #   GPU_CHECK_BUDGET_S      wall-clock budget for the whole script (default 450 s); each phase
 #                           gets at most what is left, so the script ends within it
+#   SPIKINGJELLY_WHEEL      a SpikingJelly wheel to install first (--no-deps), so that the
+#                           benchmark runs its GPU path beside ours
 #
 # Exit status 0 only when every phase passed. The folder holds:
 #   summary.txt       one line per phase with its status and duration
@@ -19,10 +24,11 @@
 #   nvidia-smi.txt    nvidia-smi before and after the runs
 #   build.log         the full build output, with the ptxas report (PLIF_PTXAS_VERBOSE=1)
 #   ptxas.txt         just the ptxas lines of build.log
-#   build_check.txt   .ci/check_cuda_build.py: cubins present, no spills, no local memory
+#   build_check.txt   .ci/check_cuda_build.py: cubins, no spills or local memory, loads in flight
 #   pytest-gpu.log, junit-gpu.xml      the CUDA (and CuPy) test files
+#   memcheck.log, racecheck.log        benchmarks/gpu_sanitizer_launches.py under compute-sanitizer
 #   pytest-rest.log, junit-rest.xml    the rest of the suite
-#   benchmark/, benchmark.log          benchmarks/run.py --out benchmark (when that script exists)
+#   benchmark/, benchmark.log          benchmarks/run.py --devices cuda --out benchmark
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +39,8 @@ mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)
 
 PYTHON=${PYTHON:-python3}
+SANITIZER=compute-sanitizer
+if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/compute-sanitizer ]]; then SANITIZER=$CUDA_HOME/bin/compute-sanitizer; fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -88,6 +96,8 @@ run_phase() {
   echo
   if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/nvcc ]]; then "$CUDA_HOME/bin/nvcc" --version; else nvcc --version; fi 2>&1
   echo
+  "$SANITIZER" --version 2>&1 | head -n 3
+  echo
   "$PYTHON" - <<'EOF' 2>&1
 import importlib
 import platform
@@ -106,6 +116,10 @@ print("torch.version.cuda", torch.version.cuda, "| cuda available", torch.cuda.i
 EOF
 } >"$OUT/environment.txt"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+
+if [[ -n ${SPIKINGJELLY_WHEEL:-} ]]; then
+  run_phase spikingjelly 60 "$OUT/spikingjelly.log" "$PYTHON" -m pip install --no-deps "$SPIKINGJELLY_WHEEL"
+fi
 
 run_phase build 240 "$OUT/build.log" "$PYTHON" setup.py build_ext --inplace
 grep -E '^ptxas|bytes stack frame' "$OUT/build.log" >"$OUT/ptxas.txt"
@@ -135,16 +149,27 @@ done
 run_phase gpu-tests 180 "$OUT/pytest-gpu.log" \
   "$PYTHON" -m pytest "${GPU_TESTS[@]}" -rs --durations=10 -p no:cacheprovider --junitxml="$OUT/junit-gpu.xml"
 
+# Memory errors (out-of-bounds or misaligned accesses) and shared-memory races in a few launches
+# that cover both memory paths, short chunks and the CuPy launcher.
+for tool in memcheck racecheck; do
+  run_phase "$tool" 90 "$OUT/$tool.log" \
+    "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" benchmarks/gpu_sanitizer_launches.py
+done
+
+if [[ -f benchmarks/run.py ]]; then
+  # The sizes and dtypes whose GB/s benchmarks/NOTES.md predicts; run.py measures the copy
+  # bandwidth of the device first, in the same process.
+  run_phase benchmark 150 "$OUT/benchmark.log" "$PYTHON" benchmarks/run.py --devices cuda \
+    --T 8 --neurons 2^16,2^18,2^20,2^24 --dtypes fp32,fp16,bf16 --tau layer --peers spikingjelly --no-network \
+    --out "$OUT/benchmark"
+else
+  printf '%-12s %-28s\n' benchmark "skipped (no benchmarks/run.py)" >>"$OUT/summary.txt"
+fi
+
 IGNORES=()
 for done_file in "${GPU_TESTS[@]}"; do IGNORES+=(--ignore "$done_file"); done
 run_phase rest-tests 180 "$OUT/pytest-rest.log" \
   "$PYTHON" -m pytest tests "${IGNORES[@]}" -rs --durations=10 -p no:cacheprovider --junitxml="$OUT/junit-rest.xml"
-
-if [[ -f benchmarks/run.py ]]; then
-  run_phase benchmark 150 "$OUT/benchmark.log" "$PYTHON" benchmarks/run.py --out "$OUT/benchmark"
-else
-  printf '%-12s %-28s\n' benchmark "skipped (no benchmarks/run.py)" >>"$OUT/summary.txt"
-fi
 
 nvidia-smi >>"$OUT/nvidia-smi.txt" 2>&1
 if ((FAILED)); then OVERALL=FAILED; else OVERALL=passed; fi

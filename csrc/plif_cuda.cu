@@ -44,34 +44,24 @@ typename CudaType<T>::type* as_cuda(T* ptr) {
   return reinterpret_cast<typename CudaType<T>::type*>(ptr);
 }
 
-constexpr int kThreadsPerBlock = 256;
-
-int device_attribute(cudaDeviceAttr attribute, c10::DeviceIndex device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
-  return value;
-}
-
-// Blocks the current device keeps resident at once, queried once per device so that the
-// launch path makes no driver call. (ATen/cuda/CUDAContext.h caches the device properties
+// Blocks of `kernel` the current device keeps resident at once (its register use decides how
+// many fit on a multiprocessor), queried once per device and kernel so that the launch path
+// makes no driver call after the first. (ATen/cuda/CUDAContext.h caches the device properties
 // too, but it pulls in the cuBLAS and cuSPARSE headers, which a minimal toolkit lacks.)
+template <auto kernel>
 index_t resident_blocks() {
   static std::array<std::atomic<index_t>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried yet
   const c10::DeviceIndex device = c10::cuda::current_device();
   index_t blocks = cache[device].load(std::memory_order_relaxed);
   if (blocks == 0) {
-    const int per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, device) / kThreadsPerBlock;
-    blocks = static_cast<index_t>(device_attribute(cudaDevAttrMultiProcessorCount, device)) * std::max(1, per_sm);
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreadsPerBlock, 0));
+    int multiprocessors = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    blocks = static_cast<index_t>(multiprocessors) * std::max(1, per_sm);
     cache[device].store(blocks, std::memory_order_relaxed);
   }
   return blocks;
-}
-
-// One thread per neuron, each scanning all T steps. The grid covers N up to what the device
-// keeps resident; the kernels' grid-stride loops take the neurons beyond that.
-unsigned int grid_size(index_t neurons) {
-  const index_t needed = (neurons + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  return static_cast<unsigned int>(std::max<index_t>(1, std::min(needed, resident_blocks())));
 }
 
 }  // namespace
@@ -80,9 +70,9 @@ template <typename in_t, typename acc_t>
 void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   const Options<acc_t>& o = p.opts;
-  plif_forward_kernel<cuda_t, acc_t>
-      <<<grid_size(p.N), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), p.v_last, as_cuda(p.v_seq), p.h_seq, p.k_stride,
+  constexpr auto kernel = plif_forward_kernel<cuda_t, acc_t>;
+  kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, p.k_stride,
           p.v_init_stride, p.T, p.N, o.v_threshold, o.v_reset, o.alpha, o.surrogate, option_flags(o));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -91,9 +81,9 @@ template <typename in_t, typename acc_t>
 void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   const Options<acc_t>& o = p.opts;
-  plif_backward_kernel<cuda_t, acc_t>
-      <<<grid_size(p.N), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.grad_spikes), p.grad_v_last, as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
+  constexpr auto kernel = plif_backward_kernel<cuda_t, acc_t>;
+  kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
           as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.k_stride, p.v_init_stride, p.T, p.N, o.v_threshold,
           o.v_reset, o.alpha, o.surrogate, option_flags(o));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

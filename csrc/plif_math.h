@@ -225,6 +225,33 @@ PLIF_HD acc_t reset_grad(acc_t h, acc_t s, acc_t sg, const Options<acc_t>& o) {
   return pick(o.soft_reset, soft, hard);
 }
 
+// One forward step of one neuron: H[t] into h, V[t-1] in v becomes V[t]; returns S[t].
+template <int SURROGATE, typename acc_t>
+PLIF_HD acc_t forward_neuron(acc_t& v, acc_t x, acc_t k, const Options<acc_t>& o, acc_t& h) {
+  h = charge(v, x, k, o);
+  const acc_t s = fire<SURROGATE>(h, o);
+  v = reset(h, s, o);
+  return s;
+}
+
+// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], V[t-1] and
+// the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and the
+// running sum for dL/dk; returns dL/dX[t].
+template <int SURROGATE, typename acc_t>
+PLIF_HD acc_t backward_neuron(acc_t h, acc_t s, acc_t v_prev, acc_t k, acc_t grad_v, acc_t grad_s,
+                              bool through_spike, bool through_membrane, const Options<acc_t>& o,
+                              acc_t& grad_h_next, acc_t& grad_k_sum) {
+  const acc_t sg = surrogate_grad<SURROGATE>(h - o.v_threshold, o);
+  const acc_t r = reset_grad(h, s, sg, o);
+  const acc_t via_membrane = (grad_v + grad_h_next * (acc_t(1) - k)) * r;
+  const acc_t via_spike = grad_s * sg;
+  const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
+  const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
+  grad_k_sum += grad_h * dh_dk_scaled;
+  grad_h_next = grad_h;
+  return pick(o.decay_input, k * grad_h, grad_h);
+}
+
 // ---- loads and stores -----------------------------------------------------------------------
 // static_cast covers float, double and c10's Half/BFloat16; the GPU paths add overloads for
 // CUDA's half types in plif_kernels.cuh.
@@ -262,10 +289,7 @@ PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_
   in_t* const spikes_row = p.spikes + row;
   acc_t h[LANES];
   for (int j = 0; j < LANES; ++j) {
-    h[j] = charge(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o);
-    const acc_t s = fire<SURROGATE>(h[j], o);
-    st.v[j] = reset(h[j], s, o);
-    spikes_row[j] = store_as<in_t>(s);
+    spikes_row[j] = store_as<in_t>(forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o, h[j]));
   }
   if (p.h_seq != nullptr) {
     for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
@@ -338,16 +362,10 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
       h_prev = s_prev = acc_t(0);
       v_prev = v_init[(n0 + j) * v_init_stride];
     }
-    const acc_t h = st.h[j];
-    const acc_t sg = surrogate_grad<SURROGATE>(h - o.v_threshold, o);
-    const acc_t r = reset_grad(h, st.s[j], sg, o);
-    const acc_t via_membrane = (grad_v[j] + st.grad_h_next[j] * (acc_t(1) - st.k[j])) * r;
-    const acc_t via_spike = grad_s[j] * sg;
-    const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
-    grad_x_row[j] = store_as<in_t>(pick(o.decay_input, st.k[j] * grad_h, grad_h));
-    const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
-    st.grad_k_sum[j] += grad_h * dh_dk_scaled;
-    st.grad_h_next[j] = grad_h;
+    const acc_t grad_x = backward_neuron<SURROGATE>(st.h[j], st.s[j], v_prev, st.k[j], grad_v[j], grad_s[j],
+                                                    through_spike, through_membrane, o, st.grad_h_next[j],
+                                                    st.grad_k_sum[j]);
+    grad_x_row[j] = store_as<in_t>(grad_x);
     st.h[j] = h_prev;
     st.s[j] = s_prev;
   }

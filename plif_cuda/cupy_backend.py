@@ -41,8 +41,9 @@ _FLAG_DECAY_INPUT = 2
 _FLAG_DETACH_RESET = 4
 _FLAG_SPIKING = 8
 
-# As the extension's launcher (csrc/plif_cuda.cu): one thread per neuron, the grid capped at
-# what the device keeps resident, the grid-stride loops take the rest.
+# As the extension's launcher (csrc/plif_cuda.cu, plif::launch_blocks): one thread per neuron, the
+# grid capped at the blocks of that kernel the device keeps resident; the kernels' grid-stride
+# loops take the rest and pick their memory path from the grid they get.
 _THREADS_PER_BLOCK = 256
 
 
@@ -157,15 +158,9 @@ def _binding():
     return _nvrtc.nvrtc_binding("cupy")
 
 
-@functools.cache
-def _grid_cap(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return props.multi_processor_count * max(1, props.max_threads_per_multi_processor // _THREADS_PER_BLOCK)
-
-
 def _kernel_pair(device_index: int, dtype: torch.dtype):
-    """{"forward": ..., "backward": ...}: CuPy functions for ``dtype`` on the device, compiled and
-    loaded once. The caller has made the device current."""
+    """{"forward": (function, resident blocks), "backward": ...}: CuPy functions for ``dtype`` on
+    the device, compiled and loaded once. The caller has made the device current."""
     key = (device_index, dtype)
     pair = _kernels.get(key)
     if pair is not None:
@@ -182,10 +177,14 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
             module = cupy.cuda.function.Module()
             module.load(bytes(image.image))
             forward_name, backward_name = _nvrtc.program(dtype)[1]
-            pair = {
-                "forward": module.get_function(image.lowered_names[forward_name]),
-                "backward": module.get_function(image.lowered_names[backward_name]),
-            }
+            from cupy_backends.cuda.api import driver
+
+            multiprocessors = torch.cuda.get_device_properties(device_index).multi_processor_count
+            pair = {}
+            for direction, name in (("forward", forward_name), ("backward", backward_name)):
+                function = module.get_function(image.lowered_names[name])
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, _THREADS_PER_BLOCK, 0)
+                pair[direction] = (function, multiprocessors * max(1, per_sm))
             _kernels[key] = pair
     return pair
 
@@ -199,10 +198,10 @@ def _cupy_stream(torch_stream: torch.cuda.Stream):
 
 
 def _launch(direction: str, device: torch.device, dtype: torch.dtype, neurons: int, args: tuple) -> None:
-    grid = max(1, min(-(-neurons // _THREADS_PER_BLOCK), _grid_cap(device.index)))
     # torch's guard restores the previous device without creating a context on it.
     with torch.cuda.device(device.index):
-        kernel = _kernel_pair(device.index, dtype)[direction]
+        kernel, resident_blocks = _kernel_pair(device.index, dtype)[direction]
+        grid = max(1, min(-(-neurons // _THREADS_PER_BLOCK), resident_blocks))
         stream = _cupy_stream(torch.cuda.current_stream(device))
         kernel((grid,), (_THREADS_PER_BLOCK,), args, stream=stream)
 

@@ -14,6 +14,12 @@ if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
 
 from plif_cuda import backends as plif_backends  # noqa: E402
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu_emulation: the CUDA kernels compiled for the CPU and run under an emulated launch "
+        "(tests/test_gpu_emulation.py)")
+
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")

@@ -255,8 +255,8 @@ def _kernel_parameter_types(kernel: str, acc) -> list:
     header = (_nvrtc.kernel_source_dir() / _nvrtc.KERNEL_HEADER).read_text()
     declaration = re.search(rf"__global__ void {kernel}\(([^)]*)\)", header).group(1)
     types = []
-    for parameter in declaration.split(","):
-        c_type = parameter.strip().rsplit(" ", 1)[0]
+    for parameter in re.split(r",(?![^<]*>)", declaration):  # not the commas of template arguments
+        c_type = parameter.replace("__restrict__", "").strip().rsplit(" ", 1)[0].strip()
         if c_type.endswith("*"):
             types.append(np.uint64)
         else:

@@ -1,0 +1,60 @@
+"""A few representative launches of the fused CUDA kernels, forward and backward, for
+`compute-sanitizer` (benchmarks/gpu_check.sh runs this file under memcheck and racecheck).
+
+Each case takes a different path through the kernels: the vector path with a grid-stride loop
+(large N), the scalar path with tails, a misaligned input and chunks shorter than T, the smooth
+mode in float64, and the CuPy launcher of the same kernels. Exits non-zero if a launch fails.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import plif_cuda
+from plif_cuda import backends
+
+# (name, dtype, T, neurons, options, misaligned input)
+CASES = [
+    ("vector path fp32", torch.float32, 8, 1 << 20, {"store_v_seq": True}, False),
+    ("vector path bf16, soft reset", torch.bfloat16, 5, 1 << 21, {"v_reset": None}, False),
+    ("scalar path fp16, tail, misaligned x, T=37", torch.float16, 37, 3001, {"surrogate": "atan"}, True),
+    ("smooth mode fp64", torch.float64, 9, 777, {"spiking": False, "surrogate": "atan", "store_v_seq": True}, False),
+]
+
+
+def run(name: str, backend: str, dtype, steps: int, neurons: int, options: dict, misaligned: bool) -> None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    values = torch.randn(steps * neurons + 1, generator=generator, device=device) * 1.5 + 0.4
+    storage = values.to(dtype)
+    # A contiguous view one element into its storage: no 16-byte alignment.
+    x = (storage[1:] if misaligned else storage[:-1]).view(steps, neurons).requires_grad_()
+    w = torch.zeros((neurons,), device=device, requires_grad=True)
+    spikes, v_last, v_seq = plif_cuda.plif_multistep(x, w, backend=backend, **options)
+    loss = spikes.float().sum() + v_last.float().sum()
+    if v_seq is not None:
+        loss = loss + v_seq.float().sum()
+    loss.backward()
+    torch.cuda.synchronize()
+    print(f"ok  {backend:5s} {name}: T={steps} N={neurons} {dtype}, spikes {int(spikes.float().sum())}, "
+          f"|grad x| {float(x.grad.float().abs().sum()):.4g}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.parse_args()
+    launchers = [b for b in ("cuda", "cupy") if backends.unavailable_reason(b, torch.device("cuda")) is None]
+    if "cuda" not in launchers:
+        print(f"the cuda backend is unavailable: {backends.unavailable_reason('cuda', torch.device('cuda'))}")
+        return 1
+    for case in CASES:
+        run(case[0], "cuda", *case[1:])
+    if "cupy" in launchers:
+        run(CASES[0][0], "cupy", *CASES[0][1:])
+        run(CASES[2][0], "cupy", *CASES[2][1:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

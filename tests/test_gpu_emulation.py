@@ -1,0 +1,298 @@
+"""Every line of the CUDA kernels run on the CPU: csrc/plif_kernels.cuh compiled by the host
+compiler under an emulation of the launch (tests/gpu_emulation/emulated_launch.cpp), with the grid
+the extension's launcher picks, the alignment of every vector access checked, and the results
+compared bit for bit with the fused CPU kernel.
+
+The cases cover both memory paths of the kernels (vector accesses, picked for large N on aligned
+tensors, and the scalar one for small N, tails and misaligned tensors), T below, at and above
+the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype, and
+absent gradients. The vector path needs N >= neurons per thread x resident threads; to reach it
+with a few thousand neurons, the emulated device keeps only one or two blocks resident.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import plif_cuda  # noqa: F401  (loads the compiled ops)
+from plif_cuda import _nvrtc
+from plif_cuda.reference import compute_dtype
+from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
+
+pytestmark = pytest.mark.gpu_emulation
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE = REPO / "tests" / "gpu_emulation" / "emulated_launch.cpp"
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = tuple(DTYPE_CODES)
+# Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# enum OptionFlags of csrc/plif_params.h.
+FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING = 1, 2, 4, 8
+
+# Resident blocks of the emulated device: an H200 at two 256-thread blocks per multiprocessor
+# (scalar path for every N here), and devices small enough for the vector path.
+H200_BLOCKS = 132 * 2
+T_LONG = 37  # prime: no chunk size divides it, and above the deepest chunk (32 steps)
+
+
+def _half_header_dir() -> Path | None:
+    """A CUDA include folder whose half headers compile on the host: cuda_fp16.h needs the
+    toolkit's crt/host_defines.h, which the CUDA runtime wheels lack."""
+    candidates = [Path(os.environ[var]) / "include" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    candidates.append(Path("/usr/local/cuda/include"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    try:
+        candidates.append(_nvrtc.cuda_include_dir())
+    except FileNotFoundError:
+        pass
+    for folder in candidates:
+        if (folder / "cuda_fp16.h").is_file() and (folder / "crt" / "host_defines.h").is_file():
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulation(tmp_path_factory):
+    """The emulation library, built once per session (a few seconds)."""
+    include = _half_header_dir()
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    missing = None if include else "no CUDA toolkit include folder with cuda_fp16.h and crt/host_defines.h"
+    if compiler is None:
+        missing = "no host C++ compiler (g++ or $CXX)"
+    if missing:
+        if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
+            pytest.fail(f"the GPU emulation cannot be built: {missing}")
+        pytest.skip(f"the GPU emulation cannot be built: {missing}")
+    sources = sorted((REPO / "csrc").glob("*.h")) + sorted((REPO / "csrc").glob("*.cuh")) + [SOURCE]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    library = tmp_path_factory.mktemp("gpu_emulation") / f"emulated_launch_{digest}.so"
+    command = [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{REPO / 'csrc'}",
+               f"-I{include}", str(SOURCE), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(library))
+    pointer, i64, f64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_int
+    tail = [i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, ctypes.c_char_p, i32]
+    lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail
+    lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 9 + tail
+    lib.plif_emulate_vector_load.argtypes = [pointer, ctypes.c_char_p, i32]
+    for fn in (lib.plif_emulate_forward, lib.plif_emulate_backward, lib.plif_emulate_vector_load):
+        fn.restype = i64
+    return lib
+
+
+def _call(fn, *args) -> int:
+    error = ctypes.create_string_buffer(256)
+    count = fn(*args, error, len(error))
+    assert count >= 0, error.value.decode()
+    return count
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _placed(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t``'s values in a contiguous tensor whose data starts ``offset`` elements into a fresh
+    allocation: 0 is 16-byte aligned, 1 is not."""
+    flat = torch.empty(t.numel() + offset + 8, dtype=t.dtype)
+    placed = flat[offset:offset + t.numel()].view(t.shape)
+    placed.copy_(t)
+    return placed
+
+
+def _empty_placed(shape, dtype, offset: int) -> torch.Tensor:
+    return _placed(torch.full(shape, float("nan"), dtype=dtype), offset)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, name
+    same = actual.contiguous().view(BITS[actual.dtype]) == expected.contiguous().view(BITS[expected.dtype])
+    if not bool(same.all()):
+        index = int((~same).flatten().nonzero()[0])
+        raise AssertionError(f"{name}: {int((~same).sum())} of {same.numel()} values differ from the CPU kernel; "
+                             f"first at flat index {index}: {actual.flatten()[index]} vs {expected.flatten()[index]}")
+
+
+def _options(v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None,
+             spiking=True):
+    """The op's scalar options, as plif_cuda.functional passes them."""
+    soft_reset = v_reset is None
+    alpha = {"sigmoid": 4.0, "atan": 2.0, "erf": 2.0, "soft_sign": 2.0}.get(surrogate, 1.0) if alpha is None else alpha
+    return (float(v_threshold), 0.0 if soft_reset else float(v_reset), soft_reset, decay_input, detach_reset,
+            SURROGATE_IDS[surrogate], float(alpha), spiking)
+
+
+def _flags(options) -> int:
+    _, _, soft_reset, decay_input, detach_reset, _, _, spiking = options
+    return ((FLAG_SOFT_RESET if soft_reset else 0) | (FLAG_DECAY_INPUT if decay_input else 0)
+            | (FLAG_DETACH_RESET if detach_reset else 0) | (FLAG_SPIKING if spiking else 0))
+
+
+def _kernel_scalars(options):
+    v_threshold, v_reset, _, _, _, surrogate, alpha, _ = options
+    return v_threshold, v_reset, alpha, surrogate, _flags(options)
+
+
+def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
+             store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0) -> tuple[int, int]:
+    """Forward and backward through the CPU op and through the emulated kernels, on inputs and
+    outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
+    asserts every output bit-equal. Returns the vector accesses of the emulated forward and
+    backward."""
+    x_offset = offset if x_offset is None else x_offset
+    generator = torch.Generator().manual_seed(seed)
+    acc = compute_dtype(dtype)
+    x = (torch.randn(steps, neurons, generator=generator, dtype=torch.float64) * 1.5 + 0.4).to(dtype)
+    count = neurons if per_neuron else 1
+    k = torch.sigmoid(torch.randn(count, generator=generator, dtype=torch.float64) * 0.6).to(acc)
+    v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
+    ops = torch.ops.plif_cuda
+
+    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, True)
+    em_x = _placed(x, x_offset)
+    em = {
+        "spikes": _empty_placed(x.shape, dtype, offset),
+        "v_last": _empty_placed(v_last.shape, v_last.dtype, offset),
+        "v_seq": _empty_placed(x.shape, dtype, offset) if store_v_seq else None,
+        "h_seq": _empty_placed(x.shape, acc, offset),
+    }
+    stride = 1 if per_neuron else 0
+    # Named, so that they live until the kernels have run.
+    em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
+    forward_vectors = _call(
+        lib.plif_emulate_forward, DTYPE_CODES[dtype], _ptr(em_x), _ptr(em_k), _ptr(em_v_init), _ptr(em["spikes"]), _ptr(em["v_last"]), _ptr(em["v_seq"]), _ptr(em["h_seq"]),
+        stride, stride, steps, neurons, *_kernel_scalars(options), resident_blocks)
+    assert_bits_equal(em["spikes"], spikes, "spikes")
+    assert_bits_equal(em["v_last"], v_last, "v_last")
+    assert_bits_equal(em["h_seq"], h_seq, "h_seq")
+    if store_v_seq:
+        assert_bits_equal(em["v_seq"], v_seq, "v_seq")
+
+    upstream = {name: torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+                for name, out in (("spikes", spikes), ("v_last", v_last), ("v_seq", x))}
+    grad_spikes = upstream["spikes"] if "spikes" in grads else None
+    grad_v_last = upstream["v_last"] if "v_last" in grads else None
+    grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
+    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init,
+                                                         dtype, *options)
+
+    em_inputs = [None if t is None else _placed(t, at) for t, at in
+                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))]
+    em_grad_x = _empty_placed(x.shape, dtype, offset)
+    em_grad_k = _empty_placed((neurons,), acc, offset)
+    em_grad_v_init = _empty_placed((neurons,), acc, offset)
+    backward_vectors = _call(
+        lib.plif_emulate_backward, DTYPE_CODES[dtype], *(_ptr(t) for t in em_inputs), _ptr(em_k), _ptr(em_v_init),
+        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons, *_kernel_scalars(options), resident_blocks)
+    assert_bits_equal(em_grad_x, grad_x, "grad_x")
+    assert_bits_equal(em_grad_k, grad_k, "grad_k")
+    assert_bits_equal(em_grad_v_init, grad_v_init, "grad_v_init")
+    return forward_vectors, backward_vectors
+
+
+OPTION_SETS = [
+    pytest.param({}, id="defaults"),
+    pytest.param({"v_reset": None}, id="soft_reset"),
+    pytest.param({"decay_input": False}, id="no_decay_input"),
+    pytest.param({"detach_reset": True}, id="detach_reset"),
+    pytest.param({"v_reset": None, "decay_input": False, "detach_reset": True}, id="soft_nodecay_detach"),
+    pytest.param({"v_reset": -0.3, "v_threshold": 0.7}, id="reset_threshold"),
+    pytest.param({"surrogate": "atan", "detach_reset": True}, id="paper_atan"),
+    pytest.param({"spiking": False, "surrogate": "atan"}, id="smooth_atan"),
+]
+# (resident blocks, neurons): the scalar path on an H200-sized grid with a tail in every dtype's
+# lanes, and the vector path, with a grid-stride loop, on a device keeping two blocks resident.
+GEOMETRIES = [
+    pytest.param(H200_BLOCKS, 1000, id="scalar"),
+    pytest.param(2, 2 * 256 * 8 * 2, id="vector"),
+]
+
+
+@pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
+    forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options),
+                                                 resident_blocks)
+    vector = resident_blocks != H200_BLOCKS
+    assert (forward_vectors > 0) == vector and (backward_vectors > 0) == vector
+
+
+SURROGATE_CASES = [
+    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
+    for name in SURROGATE_IDS
+    for spiking in (True, False)
+    if spiking or name in HAS_PRIMITIVE
+]
+
+
+@pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, spiking):
+    options = _options(surrogate=surrogate, alpha=1.7, spiking=spiking)
+    run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
+    _, backward_vectors = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
+    assert backward_vectors > 0
+
+
+@pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
+    options = _options(v_reset=None, surrogate="piecewise_quadratic")
+    run_case(emulation, dtype, steps, 100, options, H200_BLOCKS, seed=steps)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps)
+
+
+@pytest.mark.parametrize("neurons", (1, 3, 4095, 4097, 4100), ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
+    # One resident block: the vector path would be chosen if N were a multiple of the lanes and
+    # large enough; 4100 is a multiple of 4 (float32's lanes, the half types' backward lanes).
+    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, _options(), 1, seed=neurons)
+    lanes_forward = 16 // torch.tensor([], dtype=dtype).element_size()
+    lanes_backward = 4 if dtype in (torch.float16, torch.bfloat16) else lanes_forward
+    assert (forward_vectors > 0) == (neurons % lanes_forward == 0 and neurons >= 256 * lanes_forward)
+    assert (backward_vectors > 0) == (neurons % lanes_backward == 0 and neurons >= 256 * lanes_backward)
+
+
+@pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
+    # Offsets in elements: 1 and 3 leave every dtype off its 16-byte alignment. One misaligned
+    # stream is enough to take the whole launch down the scalar path.
+    offset, x_offset = offsets
+    forward_vectors, backward_vectors = run_case(emulation, dtype, 11, 4096, _options(), 1, offset=offset,
+                                                 x_offset=x_offset)
+    assert forward_vectors == 0 and backward_vectors == 0
+
+
+@pytest.mark.parametrize("grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()],
+                         ids=lambda g: "+".join(g) or "none")
+@pytest.mark.parametrize("resident_blocks", (H200_BLOCKS, 1), ids=("scalar", "vector"))
+def test_absent_gradients(emulation, grads, resident_blocks):
+    run_case(emulation, torch.float32, 10, 1024, _options(), resident_blocks, grads=grads,
+             store_v_seq="v_seq" in grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
+    run_case(emulation, dtype, 10, 2048, _options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+
+
+def test_a_misaligned_vector_access_is_reported(emulation):
+    buffer = torch.zeros(16)
+    assert _call(emulation.plif_emulate_vector_load, buffer.data_ptr()) == 1
+    error = ctypes.create_string_buffer(256)
+    assert emulation.plif_emulate_vector_load(buffer[1:].data_ptr(), error, len(error)) == -1
+    assert b"misaligned 16-byte vector access" in error.value
