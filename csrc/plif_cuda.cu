@@ -69,23 +69,23 @@ index_t resident_blocks() {
 template <typename in_t, typename acc_t>
 void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
-  const Options<acc_t>& o = p.opts;
   constexpr auto kernel = plif_forward_kernel<cuda_t, acc_t>;
-  kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, p.k_stride,
-          p.v_init_stride, p.T, p.N, o.v_threshold, o.v_reset, o.alpha, o.surrogate, option_flags(o));
+  with_scalar_arguments(p, [&](auto... scalars) {
+    kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename in_t, typename acc_t>
 void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
-  const Options<acc_t>& o = p.opts;
   constexpr auto kernel = plif_backward_kernel<cuda_t, acc_t>;
-  kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
-          as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.k_stride, p.v_init_stride, p.T, p.N, o.v_threshold,
-          o.v_reset, o.alpha, o.surrogate, option_flags(o));
+  with_scalar_arguments(p, [&](auto... scalars) {
+    kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
+        as_cuda(p.grad_x), p.grad_k, p.grad_v_init, scalars...);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,5 +1,10 @@
 // The binding layer: op schemas, argument checks, output allocation, and dispatch to the
-// CPU or CUDA kernels. All checks live here; the kernels trust their parameters.
+// CPU or CUDA kernels. All checks live here; the kernels trust their parameters. CUDA tensors
+// reach the same kernels through one of two launchers (the ops' `launcher` argument): the
+// kernels nvcc compiled into this library (plif_cuda.cu, built with PLIF_WITH_CUDA), or the
+// same kernels compiled at run time through NVRTC and launched by plif_cuda/cupy_backend.py,
+// which implements the nvrtc_launch_* ops below. The CUDA registration needs no CUDA header,
+// so a library built without a toolkit still serves CUDA tensors through the NVRTC launcher.
 //
 // Layout contract (the Python layer arranges it, see plif_cuda/functional.py): x is a
 // contiguous [T, *S] tensor, k and v_init are contiguous and either hold one value or
@@ -10,14 +15,14 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
-#ifdef PLIF_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "plif_cpu_buffers.h"
 #include "plif_launch.h"
@@ -25,9 +30,20 @@
 extern "C" {
 // A Python module with nothing in it: importing plif_cuda._C loads the library, whose static
 // initialisers register the ops below.
+// Its one attribute, HAS_COMPILED_CUDA_KERNELS, says whether the nvcc launcher exists.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef PLIF_WITH_CUDA
+  constexpr long kHasCompiledCudaKernels = 1;
+#else
+  constexpr long kHasCompiledCudaKernels = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "HAS_COMPILED_CUDA_KERNELS", kHasCompiledCudaKernels) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
@@ -84,6 +100,69 @@ T* ptr_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
+// The ops' `launcher` argument; plif_cuda/ops.py names the same values.
+enum Launcher : int64_t { kCompiledLauncher = 0, kNvrtcLauncher = 1 };
+
+void check_launcher(int64_t launcher) {
+  TORCH_CHECK(launcher == kCompiledLauncher || launcher == kNvrtcLauncher,
+              "launcher must be 0 (compiled kernels) or 1 (NVRTC), got ", launcher);
+}
+
+// A kernel argument as the NVRTC launcher op takes it: a tensor where the kernel gets a
+// pointer (None for a null one, as ptr_or_null decides), then the scalar block.
+c10::IValue pointer_argument(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? c10::IValue(t) : c10::IValue();
+}
+c10::IValue pointer_argument(const std::optional<Tensor>& t) {
+  return t ? pointer_argument(*t) : c10::IValue();
+}
+
+template <typename Params>
+void launch_nvrtc(const char* op_name, std::vector<c10::IValue> arguments, const Params& p) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
+  TORCH_CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::CUDA),
+              "the NVRTC launcher is not loaded: import plif_cuda.cupy_backend (backend='cupy' does)");
+  with_scalar_arguments(p, [&](auto... scalars) {
+    auto as_ivalue = [](auto scalar) {
+      if constexpr (std::is_floating_point_v<decltype(scalar)>) {
+        return c10::IValue(static_cast<double>(scalar));
+      } else {
+        return c10::IValue(static_cast<int64_t>(scalar));
+      }
+    };
+    (arguments.push_back(as_ivalue(scalars)), ...);
+  });
+  op.callBoxed(&arguments);
+}
+
+// Runs the kernel of CUDA tensors on the launcher asked for; the device guard makes the
+// tensors' device current for either.
+template <typename in_t, typename acc_t>
+void launch_cuda(const ForwardParams<in_t, acc_t>& p, int64_t launcher, std::vector<c10::IValue> tensors) {
+  if (launcher == kNvrtcLauncher) {
+    launch_nvrtc("plif_cuda::nvrtc_launch_forward", std::move(tensors), p);
+    return;
+  }
+#ifdef PLIF_WITH_CUDA
+  forward_cuda(p);
+#else
+  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
+#endif
+}
+
+template <typename in_t, typename acc_t>
+void launch_cuda(const BackwardParams<in_t, acc_t>& p, int64_t launcher, std::vector<c10::IValue> tensors) {
+  if (launcher == kNvrtcLauncher) {
+    launch_nvrtc("plif_cuda::nvrtc_launch_backward", std::move(tensors), p);
+    return;
+  }
+#ifdef PLIF_WITH_CUDA
+  backward_cuda(p);
+#else
+  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
+#endif
+}
+
 // Dispatch over the four supported (input, compute) type pairs.
 template <typename Fn>
 void dispatch_types(at::ScalarType t, Fn fn) {
@@ -99,13 +178,14 @@ void dispatch_types(at::ScalarType t, Fn fn) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
     bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
-    bool store_v_seq, bool save_h) {
+    bool store_v_seq, bool save_h, int64_t launcher) {
   TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   const int64_t T = x.size(0);
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
   check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
   check_per_neuron(v_init, "v_init", x.device(), x.scalar_type(), N);
+  check_launcher(launcher);
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
@@ -137,12 +217,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     if (x.is_cpu()) {
       forward_cpu(p);
     } else {
-#ifdef PLIF_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(x.device());
-      forward_cuda(p);
-#else
-      TORCH_CHECK(false, "plif_cuda was built without CUDA support");
-#endif
+      const c10::DeviceGuard guard(x.device());
+      launch_cuda(p, launcher,
+                  {pointer_argument(x), pointer_argument(k), pointer_argument(v_init), pointer_argument(spikes),
+                   pointer_argument(v_last), pointer_argument(v_seq), pointer_argument(h_seq)});
     }
   });
   return {spikes, v_last, v_seq, h_seq};
@@ -152,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last,
     const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq, const Tensor& k, const Tensor& v_init,
     at::ScalarType x_dtype, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-    bool detach_reset, int64_t surrogate, double alpha, bool spiking) {
+    bool detach_reset, int64_t surrogate, double alpha, bool spiking, int64_t launcher) {
   TORCH_CHECK(h_seq.dim() >= 1, "h_seq must have a time dimension");
   TORCH_CHECK(h_seq.scalar_type() == compute_type_of(x_dtype), "h_seq must have dtype ", compute_type_of(x_dtype));
   TORCH_CHECK(h_seq.is_contiguous(), "h_seq must be contiguous");
@@ -167,6 +245,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
+  check_launcher(launcher);
 
   Tensor grad_x = empty_output(h_seq.sizes(), h_seq.options().dtype(x_dtype));
   Tensor grad_k = at::empty({N}, h_seq.options());
@@ -200,12 +279,11 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     if (h_seq.is_cpu()) {
       backward_cpu(p);
     } else {
-#ifdef PLIF_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(h_seq.device());
-      backward_cuda(p);
-#else
-      TORCH_CHECK(false, "plif_cuda was built without CUDA support");
-#endif
+      const c10::DeviceGuard guard(h_seq.device());
+      launch_cuda(p, launcher,
+                  {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
+                   pointer_argument(h_seq), pointer_argument(k), pointer_argument(v_init), pointer_argument(grad_x),
+                   pointer_argument(grad_k), pointer_argument(grad_v_init)});
     }
   });
   return {grad_x, grad_k, grad_v_init};
@@ -217,12 +295,23 @@ TORCH_LIBRARY(plif_cuda, m) {
   m.def(
       "multistep_forward(Tensor x, Tensor k, Tensor v_init, float v_threshold, float v_reset, "
       "bool soft_reset, bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, "
-      "bool store_v_seq, bool save_h) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
+      "bool store_v_seq, bool save_h, int launcher=0) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
   m.def(
       "multistep_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
       "Tensor k, Tensor v_init, ScalarType x_dtype, float v_threshold, float v_reset, bool soft_reset, "
-      "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking) "
+      "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, int launcher=0) "
       "-> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)");
+  // The NVRTC launcher (plif_cuda/cupy_backend.py implements them for CUDA tensors): the
+  // kernels' arguments in their order, tensors for pointers (None: null), then the scalar
+  // block of with_scalar_arguments (plif_params.h).
+  m.def(
+      "nvrtc_launch_forward(Tensor x, Tensor k, Tensor v_init, Tensor(a!) spikes, Tensor(b!) v_last, "
+      "Tensor(c!)? v_seq, Tensor(d!)? h_seq, int k_stride, int v_init_stride, int T, int N, float v_threshold, "
+      "float v_reset, float alpha, int surrogate, int flags) -> ()");
+  m.def(
+      "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
+      "Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
+      "int v_init_stride, int T, int N, float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   // The CPU op's buffer cache (plif_cpu_buffers.h).
   m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
@@ -233,11 +322,9 @@ TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {
   m.impl("multistep_backward", &multistep_backward);
 }
 
-#ifdef PLIF_WITH_CUDA
 TORCH_LIBRARY_IMPL(plif_cuda, CUDA, m) {
   m.impl("multistep_forward", &multistep_forward);
   m.impl("multistep_backward", &multistep_backward);
 }
-#endif
 
 }  // namespace plif

@@ -35,7 +35,7 @@ struct Options {
 };
 
 // The boolean options packed into one int, for kernels that take scalar arguments only
-// (plif_kernels.cuh; the CuPy backend builds the same bits in Python).
+// (plif_kernels.cuh).
 enum OptionFlags : int {
   kFlagSoftReset = 1,
   kFlagDecayInput = 2,
@@ -47,6 +47,15 @@ template <typename acc_t>
 inline int option_flags(const Options<acc_t>& o) {
   return (o.soft_reset ? kFlagSoftReset : 0) | (o.decay_input ? kFlagDecayInput : 0) |
          (o.detach_reset ? kFlagDetachReset : 0) | (o.spiking ? kFlagSpiking : 0);
+}
+
+// The kernels' scalar arguments, in their parameter order (plif_kernels.cuh), passed to `fn`.
+// Every launcher passes exactly these: the nvcc one (plif_cuda.cu) and the NVRTC one
+// (plif_ops.cpp hands them to plif_cuda/cupy_backend.py).
+template <typename Params, typename Fn>
+inline void with_scalar_arguments(const Params& p, Fn fn) {
+  fn(p.k_stride, p.v_init_stride, p.T, p.N, p.opts.v_threshold, p.opts.v_reset, p.opts.alpha, p.opts.surrogate,
+     option_flags(p.opts));
 }
 
 // Memory layout: every [T, N] tensor is contiguous with time outermost (element (t, n) at

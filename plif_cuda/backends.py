@@ -2,7 +2,8 @@
 
 - "cpu":   the fused C++ kernel of the compiled extension (CPU tensors)
 - "cuda":  the fused CUDA kernels of the compiled extension (CUDA tensors)
-- "cupy":  the same CUDA kernels compiled at run time through NVRTC by CuPy (CUDA tensors)
+- "cupy":  the same op, its CUDA kernels compiled at run time through NVRTC and launched by CuPy
+           (CUDA tensors; needs the extension, but not its compiled CUDA kernels)
 - "torch": the pure-PyTorch reference (any device; slow, always there)
 - "auto":  the best of the above for the tensor's device; when none of the fused backends
            can run, the reference, with a one-time warning that says why.
@@ -55,6 +56,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"backend 'cuda' runs on CUDA tensors, but the input is on {device}"
         return _no_gpu_reason(device)
     if backend == "cupy":
+        if not ops.extension_available():
+            return ops.extension_error()
         if device.type not in ("cuda", "meta"):
             return f"backend 'cupy' runs on CUDA tensors, but the input is on {device}"
         return _no_gpu_reason(device) or _cupy_module().unavailable_reason()
@@ -96,11 +99,18 @@ def select(backend: str, x: torch.Tensor) -> str:
 
 
 def forward_op(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.plif_cuda.multistep_forward
+    """The fused op; every fused backend runs it, with ``launcher(backend)`` as its last argument."""
+    if backend not in ("cpu", "cuda", "cupy"):
+        raise ValueError(f"backend {backend!r} has no fused op")
+    return torch.ops.plif_cuda.multistep_forward
+
+
+def launcher(backend: str) -> int:
+    """The fused op's ``launcher`` argument for ``backend``."""
     if backend == "cupy":
-        return _cupy_module().forward_op()
-    raise ValueError(f"backend {backend!r} has no fused op")
+        _cupy_module()  # registers the NVRTC launcher
+        return ops.NVRTC_LAUNCHER
+    return ops.COMPILED_LAUNCHER
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

@@ -170,7 +170,7 @@ def multistep_keeping_state(
     forward_op = backends.forward_op(chosen)
     spikes, v_last, v_seq, _ = forward_op(
         x_op, k_op, v_init_op, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None, decay_input,
-        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save_h,
+        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save_h, backends.launcher(chosen),
     )
     back = [0] + [d + 1 for d in _inverse(order)]
     spike_seq = spikes.permute(back)

@@ -1,10 +1,11 @@
 """The fused ops as torch.library ops: fake kernels and autograd, shared by every backend.
 
 The compiled extension (``plif_cuda._C``) defines ``plif_cuda::multistep_forward`` and
-``plif_cuda::multistep_backward`` with CPU and, when built with CUDA, CUDA kernels. The
-CuPy backend (``plif_cuda.cupy_backend``) defines twins with the same schema under other
-names and registers them through ``register_op_pair``, so that torch.compile, autograd and
-opcheck treat every backend alike.
+``plif_cuda::multistep_backward`` with their argument checks, for CPU and CUDA tensors. Their
+last argument, ``launcher``, says how CUDA tensors' kernels are launched: ``COMPILED_LAUNCHER``
+(the kernels nvcc built into the extension) or ``NVRTC_LAUNCHER`` (the same kernels compiled at
+run time, ``plif_cuda.cupy_backend``); CPU tensors ignore it. So every backend is one op, and
+torch.compile, autograd and opcheck treat them alike.
 
 Op contract (arranged by ``plif_cuda.functional``): ``x`` is a contiguous ``[T, *S]``
 tensor; ``k`` and ``v_init`` are contiguous, in the compute dtype (float64 for float64
@@ -37,19 +38,20 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-# Looked up once: backend selection runs inside torch.compile'd code, which should not trace
-# into the dispatcher's registry.
-_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "plif_cuda::multistep_forward", "CUDA"
-)
+# The ops' `launcher` argument (enum Launcher of csrc/plif_ops.cpp).
+COMPILED_LAUNCHER = 0
+NVRTC_LAUNCHER = 1
+
+_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and bool(_C.HAS_COMPILED_CUDA_KERNELS)
 
 
 def extension_has_cuda() -> bool:
+    """Whether the extension carries CUDA kernels compiled by nvcc (the NVRTC launcher needs none)."""
     return _EXTENSION_HAS_CUDA
 
 
 def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha,
-                  spiking, store_v_seq, save_h):
+                  spiking, store_v_seq, save_h, launcher):
     acc = compute_dtype(x.dtype)
     spikes = x.new_empty(x.shape)
     v_last = x.new_empty(x.shape[1:], dtype=acc)
@@ -59,7 +61,7 @@ def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, d
 
 
 def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, x_dtype, v_threshold, v_reset,
-                   soft_reset, decay_input, detach_reset, surrogate, alpha, spiking):
+                   soft_reset, decay_input, detach_reset, surrogate, alpha, spiking, launcher):
     neurons = h_seq.shape[1:].numel()
     return (
         h_seq.new_empty(h_seq.shape, dtype=x_dtype),
@@ -69,7 +71,7 @@ def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, x_dty
 
 
 def _setup_context(ctx, inputs, output):
-    x, k, v_init, *options, store_v_seq, save_h = inputs
+    x, k, v_init, *options, store_v_seq, save_h, launcher = inputs
     if not save_h:
         raise RuntimeError(
             "plif_cuda: the forward ran with save_h=False, so it cannot be differentiated; "
@@ -81,6 +83,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = tuple(options)
     ctx.x_dtype = x.dtype
     ctx.store_v_seq = store_v_seq
+    ctx.launcher = launcher
     ctx.save_for_backward(output[3], k, v_init)
 
 
@@ -114,31 +117,29 @@ def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return grad_per_neuron.reshape(like.shape)
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
-        h_seq, k, v_init = ctx.saved_tensors
-        if torch.is_grad_enabled() or grad_h_seq is not None:
-            # create_graph=True (a higher-order gradient will follow), or the second pass of
-            # one: the fused backward op has no derivative of its own.
-            grad_x, grad_k, grad_v_init = _differentiable_backward(
-                grad_spikes, grad_v_last, grad_v_seq if ctx.store_v_seq else None, grad_h_seq, h_seq, k, v_init,
-                *ctx.options,
-            )
-            grad_x = grad_x.to(ctx.x_dtype)
-        else:
-            grad_x, grad_k, grad_v_init = backward_op(
-                None if grad_spikes is None else grad_spikes.contiguous(),
-                None if grad_v_last is None else grad_v_last.contiguous(),
-                grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
-                h_seq,
-                k,
-                v_init,
-                ctx.x_dtype,
-                *ctx.options,
-            )
-        return (grad_x, _reduce_to(grad_k, k), _reduce_to(grad_v_init, v_init)) + (None,) * 10
-
-    return backward
+def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
+    h_seq, k, v_init = ctx.saved_tensors
+    if torch.is_grad_enabled() or grad_h_seq is not None:
+        # create_graph=True (a higher-order gradient will follow), or the second pass of
+        # one: the fused backward op has no derivative of its own.
+        grad_x, grad_k, grad_v_init = _differentiable_backward(
+            grad_spikes, grad_v_last, grad_v_seq if ctx.store_v_seq else None, grad_h_seq, h_seq, k, v_init,
+            *ctx.options,
+        )
+        grad_x = grad_x.to(ctx.x_dtype)
+    else:
+        grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
+            None if grad_spikes is None else grad_spikes.contiguous(),
+            None if grad_v_last is None else grad_v_last.contiguous(),
+            grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
+            h_seq,
+            k,
+            v_init,
+            ctx.x_dtype,
+            *ctx.options,
+            ctx.launcher,
+        )
+    return (grad_x, _reduce_to(grad_k, k), _reduce_to(grad_v_init, v_init)) + (None,) * 11
 
 
 def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, v_threshold,
@@ -204,14 +205,6 @@ def _sum_present(*terms):
     return sum(present[1:], present[0]) if present else None
 
 
-def register_op_pair(forward_name: str, backward_name: str) -> None:
-    """Give a forward/backward op pair its fake kernels and autograd formula."""
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(getattr(torch.ops, backward_name.split("::")[0]), backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-
-
 def cpu_cache_bytes() -> int:
     """Bytes of released CPU output buffers the op keeps for reuse (0 without the extension)."""
     return torch.ops.plif_cuda.cpu_cache_bytes() if extension_available() else 0
@@ -224,4 +217,6 @@ def empty_cpu_cache() -> None:
 
 
 if extension_available():
-    register_op_pair("plif_cuda::multistep_forward", "plif_cuda::multistep_backward")
+    torch.library.register_fake("plif_cuda::multistep_forward")(_fake_forward)
+    torch.library.register_fake("plif_cuda::multistep_backward")(_fake_backward)
+    torch.library.register_autograd("plif_cuda::multistep_forward", _backward, setup_context=_setup_context)

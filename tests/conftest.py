@@ -75,6 +75,8 @@ BACKENDS = [
     pytest.param("cupy", id="cupy", marks=pytest.mark.skipif(
         _cuda_skip_reason("cupy") is not None, reason=f"cupy backend: {_cuda_skip_reason('cupy')}")),
 ]
+# The two launchers of the op for CUDA tensors.
+GPU_BACKENDS = BACKENDS[1:]
 
 
 # ---- inputs -------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The fused CUDA kernels (backend="cuda") against the reference, and what only CUDA has:
-graph capture, side streams, a second device, large launches, half types.
+"""The fused CUDA kernels against the reference, and what only CUDA has: graph capture, side
+streams, a second device, large launches, half types. Every test runs for both launchers of the
+one op (conftest's GPU_BACKENDS): "cuda", the kernels nvcc compiled into the extension, and
+"cupy", the same kernels compiled at run time through NVRTC.
 
-Skipped without a GPU or without the CUDA kernels in the extension (benchmarks/gpu_check.sh
-asserts that they are there on a GPU machine). Reference runs are on the same GPU; half inputs
+Each launcher skips without a GPU or where it cannot run (benchmarks/gpu_check.sh asserts that
+both run on a GPU machine). Reference runs are on the same GPU; half inputs
 are compared with the reference computed in float32 on the same (rounded) values, so the only
 difference is the final rounding of the outputs to the half format.
 """
@@ -12,24 +14,17 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import GRAD_TOLERANCE, MEMBRANE_TOLERANCE
+from conftest import GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not ops.extension_has_cuda(), reason="the extension was built without CUDA kernels"),
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # T, B, C, H, W: 210 neurons per step, fewer than one 256-thread block and not a multiple of it.
 SHAPE = (8, 2, 3, 5, 7)
-
-# (rtol, atol) per dtype: the suite-wide tables of conftest.py.
-OUTPUT_TOLERANCE = MEMBRANE_TOLERANCE
-
 
 reference_dtype = compute_dtype
 
@@ -71,18 +66,18 @@ def make_upstream(shape, dtype, seed):
     )
 
 
-def assert_matches_reference(x, w, v_init=None, seed=0, **options):
-    """The fused CUDA run equals the reference: spikes exactly (when spiking), membranes and
+def assert_matches_reference(backend, x, w, v_init=None, seed=0, **options):
+    """The fused run equals the reference: spikes exactly (when spiking), membranes and
     gradients within the dtype's tolerance."""
     dtype = x.dtype
     upstream = make_upstream(x.shape, dtype, seed + 100)
-    (spikes, v_last, v_seq), grads = forward_backward(x, w, v_init, "cuda", upstream, **options)
+    (spikes, v_last, v_seq), grads = forward_backward(x, w, v_init, backend, upstream, **options)
     x_ref = x.to(reference_dtype(dtype))
     (ref_spikes, ref_v_last, ref_v_seq), ref_grads = forward_backward(x_ref, w, v_init, "torch", upstream, **options)
 
     assert spikes.dtype == dtype and v_last.dtype == dtype
     assert spikes.device == x.device
-    rtol, atol = OUTPUT_TOLERANCE[dtype]
+    rtol, atol = MEMBRANE_TOLERANCE[dtype]
     if options.get("spiking", True):
         assert torch.equal(spikes, ref_spikes.to(dtype)), "spikes differ from the reference"
     else:
@@ -110,10 +105,11 @@ def tau_weight(shape, seed, dtype=torch.float32):
     return random_on_cuda(shape, seed, dtype, scale=0.6)
 
 
-def test_auto_backend_picks_cuda_kernels():
+def test_auto_backend_prefers_the_compiled_kernels():
     x = torch.zeros(2, 3, device=CUDA)
-    assert backends.select("auto", x) == "cuda"
-    assert "cuda" in plif_cuda.available_backends(CUDA)
+    expected = "cuda" if ops.extension_has_cuda() else "cupy"
+    assert backends.select("auto", x) == expected
+    assert expected in plif_cuda.available_backends(CUDA)
 
 
 OPTION_SETS = [
@@ -130,9 +126,10 @@ OPTION_SETS = [
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_reference_for_every_option(dtype, options):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_matches_reference_for_every_option(backend, dtype, options):
     x = random_on_cuda(SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(x, tau_weight((), seed=2), **options)
+    assert_matches_reference(backend, x, tau_weight((), seed=2), **options)
 
 
 SURROGATE_CASES = [
@@ -145,9 +142,10 @@ SURROGATE_CASES = [
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-def test_cuda_matches_reference_for_every_surrogate(dtype, surrogate, spiking):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_matches_reference_for_every_surrogate(backend, dtype, surrogate, spiking):
     x = random_on_cuda(SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(x, tau_weight((), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
+    assert_matches_reference(backend, x, tau_weight((), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
 
 
 W_SHAPES = [
@@ -170,26 +168,29 @@ def make_v_init(kind: str, dtype: torch.dtype):
 @pytest.mark.parametrize("v_init_kind", V_INIT_KINDS)
 @pytest.mark.parametrize("w_shape", W_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_reference_for_w_and_v_init_shapes(dtype, w_shape, v_init_kind):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_matches_reference_for_w_and_v_init_shapes(backend, dtype, w_shape, v_init_kind):
     x = random_on_cuda(SHAPE, seed=5, dtype=dtype, scale=1.5, shift=0.4)
     w = tau_weight(w_shape, seed=7, dtype=reference_dtype(dtype))
-    assert_matches_reference(x, w, make_v_init(v_init_kind, dtype), v_reset=None, store_v_seq=True)
+    assert_matches_reference(backend, x, w, make_v_init(v_init_kind, dtype), v_reset=None, store_v_seq=True)
 
 
 @pytest.mark.parametrize("neurons", (1, 255, 257, 1000))
-def test_cuda_neuron_counts_around_the_block_size(neurons):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_neuron_counts_around_the_block_size(backend, neurons):
     x = random_on_cuda((5, neurons), seed=8, scale=1.5, shift=0.4)
-    assert_matches_reference(x, tau_weight((neurons,), seed=9), store_v_seq=True)
+    assert_matches_reference(backend, x, tau_weight((neurons,), seed=9), store_v_seq=True)
 
 
-def test_cuda_large_neuron_count_uses_the_grid_stride_loop():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_large_neuron_count_uses_the_grid_stride_loop(backend):
     # 2^24 neurons: far more than one wave of resident threads on any GPU, so most threads scan
     # several neurons. T is small to keep the reference cheap.
     neurons = 1 << 24
     x = random_on_cuda((3, neurons), seed=10, scale=1.5, shift=0.4)
     w = tau_weight((neurons,), seed=11)
     upstream = make_upstream(x.shape, x.dtype, seed=12)
-    (spikes, v_last, _), grads = forward_backward(x, w, None, "cuda", upstream)
+    (spikes, v_last, _), grads = forward_backward(x, w, None, backend, upstream)
     (ref_spikes, ref_v_last, _), ref_grads = forward_backward(x, w, None, "torch", upstream)
     assert torch.equal(spikes, ref_spikes)
     torch.testing.assert_close(v_last, ref_v_last, rtol=1e-5, atol=1e-6)
@@ -197,12 +198,13 @@ def test_cuda_large_neuron_count_uses_the_grid_stride_loop():
     torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=1e-4, atol=1e-5)
 
 
-def test_cuda_zero_time_steps_and_zero_neurons():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_zero_time_steps_and_zero_neurons(backend):
     w = torch.tensor(0.0, device=CUDA)
-    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=CUDA), w, 0.5, backend="cuda")
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=CUDA), w, 0.5, backend=backend)
     assert spikes.shape == (0, 4)
     assert torch.equal(v_last, torch.full((4,), 0.5, device=CUDA))
-    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(3, 0, device=CUDA), w, backend="cuda")
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(3, 0, device=CUDA), w, backend=backend)
     assert spikes.shape == (3, 0) and v_last.shape == (0,)
 
 
@@ -226,15 +228,16 @@ def time_not_outermost(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", (seq_channels_last, sliced, time_not_outermost), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-def test_cuda_strided_inputs_match_contiguous(dtype, layout):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_strided_inputs_match_contiguous(backend, dtype, layout):
     x = random_on_cuda(SHAPE, seed=13, dtype=dtype, scale=1.5, shift=0.4)
     x_strided = layout(x)
     assert not x_strided.is_contiguous() and torch.equal(x_strided, x)
     w = tau_weight((3, 1, 1), seed=14)
     upstream = make_upstream(x.shape, dtype, seed=15)
     options = {"v_reset": None, "store_v_seq": True}
-    outputs, grads = forward_backward(x_strided, w, None, "cuda", upstream, **options)
-    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream, **options)
+    outputs, grads = forward_backward(x_strided, w, None, backend, upstream, **options)
+    expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream, **options)
     for name, out, expected in zip(("spike_seq", "v_last", "v_seq"), outputs, expected_outputs):
         assert torch.equal(out, expected), f"{name} differs from the contiguous run"
     assert torch.equal(grads["x"], expected_grads["x"])
@@ -246,14 +249,15 @@ def test_cuda_strided_inputs_match_contiguous(dtype, layout):
         assert outputs[2].stride() == x_strided.stride()
 
 
-def test_cuda_graph_capture_and_replay_forward_and_backward():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay_forward_and_backward(backend):
     shape = (6, 1000)
     x = random_on_cuda(shape, seed=16, scale=1.5, shift=0.4).requires_grad_()
     w = torch.zeros((), device=CUDA, requires_grad=True)
     grad_spikes, grad_v_last, _ = make_upstream(shape, torch.float32, seed=17)
 
     def step():
-        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend="cuda")
+        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend=backend)
         torch.autograd.backward([spikes, v_last], [grad_spikes, grad_v_last])
         return spikes, v_last
 
@@ -277,20 +281,21 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
             w.fill_(seed / 40)
         graph.replay()
         upstream = (grad_spikes, grad_v_last, torch.zeros(shape, device=CUDA))
-        (spikes, v_last, _), grads = forward_backward(new_x, w, None, "cuda", upstream)
+        (spikes, v_last, _), grads = forward_backward(new_x, w, None, backend, upstream)
         assert torch.equal(static_spikes, spikes)
         assert torch.equal(static_v_last, v_last)
         assert torch.equal(x.grad, grads["x"])
         assert torch.equal(w.grad, grads["w"])
 
 
-def test_cuda_runs_on_the_current_stream():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_runs_on_the_current_stream(backend):
     # The input is written on a side stream after a long sleep there. A kernel launched on any
     # other stream would run before the write and read zeros.
     shape = (4, 4096)
     source = random_on_cuda(shape, seed=20, scale=1.5, shift=0.4)
     w = torch.tensor(0.3, device=CUDA)
-    expected_spikes, expected_v_last, _ = plif_cuda.plif_multistep(source, w, backend="cuda")
+    expected_spikes, expected_v_last, _ = plif_cuda.plif_multistep(source, w, backend=backend)
     assert expected_spikes.any(), "the test input must make some neurons fire"
 
     x = torch.zeros(shape, device=CUDA)
@@ -299,21 +304,22 @@ def test_cuda_runs_on_the_current_stream():
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)
         x.copy_(source)
-        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend="cuda")
+        spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend=backend)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(spikes, expected_spikes)
     assert torch.equal(v_last, expected_v_last)
 
 
-def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream(backend):
     x = random_on_cuda(SHAPE, seed=21, scale=1.5, shift=0.4)
     w = tau_weight((3, 1, 1), seed=22)
     upstream = make_upstream(SHAPE, torch.float32, seed=23)
-    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream, store_v_seq=True)
+    expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream, store_v_seq=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        outputs, grads = forward_backward(x, w, None, "cuda", upstream, store_v_seq=True)
+        outputs, grads = forward_backward(x, w, None, backend, upstream, store_v_seq=True)
     torch.cuda.current_stream().wait_stream(side)
     for out, expected in zip(outputs, expected_outputs):
         assert torch.equal(out, expected)
@@ -322,15 +328,16 @@ def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
-def test_cuda_second_device_while_the_first_is_current():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_second_device_while_the_first_is_current(backend):
     second = torch.device("cuda", 1)
     x = random_on_cuda(SHAPE, seed=24, scale=1.5, shift=0.4)
     w = tau_weight((3, 5, 7), seed=25)
     upstream = make_upstream(SHAPE, torch.float32, seed=26)
-    expected_outputs, expected_grads = forward_backward(x, w, None, "cuda", upstream)
+    expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream)
     with torch.cuda.device(0):
         outputs, grads = forward_backward(
-            x.to(second), w.to(second), None, "cuda", [g.to(second) for g in upstream]
+            x.to(second), w.to(second), None, backend, [g.to(second) for g in upstream]
         )
     assert outputs[0].device == second and grads["x"].device == second and grads["w"].device == second
     for out, expected in zip(outputs[:2], expected_outputs[:2]):
@@ -340,41 +347,78 @@ def test_cuda_second_device_while_the_first_is_current():
 
 
 @pytest.mark.parametrize("w_shape", ((), (64, 1)), ids=("per_layer", "per_channel"))
-def test_cuda_w_gradient_is_bitwise_reproducible(w_shape):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_w_gradient_is_bitwise_reproducible(backend, w_shape):
     shape = (4, 64, 4096)
     x = random_on_cuda(shape, seed=27, scale=1.5, shift=0.4)
     w = tau_weight(w_shape, seed=28)
     upstream = make_upstream(shape, torch.float32, seed=29)
-    first = forward_backward(x, w, None, "cuda", upstream)[1]["w"]
+    first = forward_backward(x, w, None, backend, upstream)[1]["w"]
     for _ in range(3):
-        again = forward_backward(x, w, None, "cuda", upstream)[1]["w"]
+        again = forward_backward(x, w, None, backend, upstream)[1]["w"]
         assert torch.equal(again, first)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
-def test_cuda_keeps_one_sequence_for_backward(dtype):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_keeps_one_sequence_for_backward(backend, dtype):
     x = random_on_cuda(SHAPE, seed=30, dtype=dtype).requires_grad_()
     w = torch.zeros((), device=CUDA, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        plif_cuda.plif_multistep(x, w, backend="cuda")
+        plif_cuda.plif_multistep(x, w, backend=backend)
     sequences = [t for t in saved if t.numel() >= x.numel()]
     assert len(sequences) == 1, [tuple(t.shape) for t in saved]
     assert sequences[0].dtype == reference_dtype(dtype)
 
 
-def test_cuda_opcheck():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_opcheck(backend):
     x = random_on_cuda((5, 3, 7), seed=31, scale=1.5, shift=0.4)
     k = torch.sigmoid(tau_weight((21,), seed=32))
     v_init = torch.zeros(1, device=CUDA)
     options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, True))
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
+                          (x, k, v_init, *options, True, True, backends.launcher(backend)))
 
 
 @pytest.mark.parametrize("argument", ("w", "v_init"))
-def test_cuda_refuses_parameters_on_another_device(argument):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_refuses_parameters_on_another_device(backend, argument):
     x = torch.zeros(3, 4, device=CUDA)
     tensors = {"w": torch.zeros((), device=CUDA), "v_init": torch.zeros(4, device=CUDA)}
     tensors[argument] = tensors[argument].cpu()
     with pytest.raises(ValueError, match=f"{argument} is on cpu"):
-        plif_cuda.plif_multistep(x, tensors["w"], tensors["v_init"], backend="cuda")
+        plif_cuda.plif_multistep(x, tensors["w"], tensors["v_init"], backend=backend)
+
+
+OP_OPTION_SETS = {
+    "hard": (1.0, -0.5, False, True, True),
+    "soft_nodecay": (1.0, 0.0, True, False, False),
+}
+
+
+@pytest.mark.skipif(
+    any(backends.unavailable_reason(b, CUDA) for b in ("cuda", "cupy")), reason="needs both GPU launchers"
+)
+@pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
+@pytest.mark.parametrize("options", OP_OPTION_SETS, ids=list(OP_OPTION_SETS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_launchers_give_the_same_bits(dtype, options, spiking):
+    """Both launchers run the same kernels with the same parameter block: every output and
+    gradient is bit-equal."""
+    x = random_on_cuda((11, 5, 9), seed=33, dtype=dtype, scale=1.5, shift=0.4)
+    acc = reference_dtype(dtype)
+    k = torch.sigmoid(tau_weight((45,), seed=34, dtype=acc))
+    v_init = random_on_cuda((1,), seed=35, dtype=acc)
+    scalars = (*OP_OPTION_SETS[options], SURROGATE_IDS["atan"], 1.7, spiking)
+    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, True, ops.COMPILED_LAUNCHER)
+    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, True, ops.NVRTC_LAUNCHER)
+    for a, b in zip(compiled, nvrtc):
+        assert torch.equal(a, b)
+    grads = (random_on_cuda(x.shape, 36, dtype), random_on_cuda(x.shape[1:], 37, acc), random_on_cuda(x.shape, 38, dtype))
+    compiled = torch.ops.plif_cuda.multistep_backward(*grads, compiled[3], k, v_init, dtype, *scalars,
+                                                      ops.COMPILED_LAUNCHER)
+    nvrtc = torch.ops.plif_cuda.multistep_backward(*grads, nvrtc[3], k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER)
+    for a, b in zip(compiled, nvrtc):
+        assert torch.equal(a, b)

@@ -1,5 +1,6 @@
-"""The CuPy backend: its NVRTC build (CPU, no GPU needed), its ops' contract, and on a GPU its
-results against the reference and, bit for bit, against the compiled extension."""
+"""The CuPy backend, checked without a GPU: its NVRTC build of every kernel variant, and the
+NVRTC launcher behind the one op (its arguments are the kernel's). On a GPU, tests/test_cuda.py
+runs it against the reference and, bit for bit, against the compiled kernels."""
 from __future__ import annotations
 
 import re
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from plif_cuda import _nvrtc, backends, cupy_backend, ops, plif_multistep
-from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,76 +150,75 @@ def test_cuda_include_dir_has_the_half_headers():
     assert (folder / "cuda_fp16.h").is_file() and (folder / "cuda_bf16.h").is_file()
 
 
-# ---- the ops' contract, checked on CPU and meta tensors ----------------------------------------------
-@pytest.mark.skipif(not ops.extension_available(), reason="the compiled extension is not built")
-@pytest.mark.parametrize("name", ["multistep_forward", "multistep_backward"])
-def test_schema_equals_the_compiled_ops(name):
-    compiled = str(getattr(torch.ops.plif_cuda, name).default._schema)
-    cupy_op = str(getattr(torch.ops.plif_cuda, name + "_cupy").default._schema)
-    assert cupy_op == compiled.replace(f"plif_cuda::{name}(", f"plif_cuda::{name}_cupy(", 1)
+# ---- the NVRTC launcher behind the one op, checked on CPU -----------------------------------------------
+def _kernel_parameters(kernel: str) -> list[tuple[str, str]]:
+    """(C type, name) of a kernel's parameters, read from its declaration in plif_kernels.cuh."""
+    header = (_nvrtc.kernel_source_dir() / _nvrtc.KERNEL_HEADER).read_text()
+    declaration = re.search(rf"__global__ void {kernel}\(([^)]*)\)", header).group(1)
+    parameters = []
+    for parameter in re.split(r",(?![^<]*>)", declaration):  # not the commas of template arguments
+        c_type, name = parameter.replace("__restrict__", "").strip().rsplit(" ", 1)
+        parameters.append((c_type.strip(), name))
+    return parameters
 
 
-def test_ops_exist_without_the_compiled_extension():
-    """The CuPy backend is for machines that could not build the extension: its ops, fake
-    kernels and autograd must not depend on it."""
-    script = (
-        "import sys; sys.modules['plif_cuda._C'] = None\n"
-        "import torch\n"
-        "from plif_cuda import cupy_backend, ops\n"
-        "assert not ops.extension_available()\n"
-        "x = torch.empty(3, 4, device='meta', requires_grad=True)\n"
-        "out = cupy_backend.forward_op()(x, torch.empty(1, device='meta'), torch.empty(1, device='meta'),\n"
-        "                                1.0, 0.0, False, True, False, 0, 4.0, True, False, True)\n"
-        "assert [tuple(t.shape) for t in out] == [(3, 4), (4,), (0,), (3, 4)]\n"
-        "out[0].sum().backward()\n"
-        "assert x.grad.shape == (3, 4)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+def _numpy_type(c_type: str, acc):
+    return np.uint64 if c_type.endswith("*") else {"index_t": np.int64, "int": np.int32, "acc_t": acc}[c_type]
 
 
-def test_fake_kernel_gives_the_output_shapes():
-    x = torch.empty(5, 3, 4, device="meta", dtype=torch.bfloat16)
-    k = torch.empty(1, device="meta")
-    v_init = torch.empty(12, device="meta")
-    spikes, v_last, v_seq, h_seq = cupy_backend.forward_op()(
-        x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, True, True)
-    assert spikes.shape == x.shape and v_seq.shape == x.shape and v_last.shape == (3, 4)
-    assert spikes.dtype == torch.bfloat16 and h_seq.dtype == torch.float32 and h_seq.shape == x.shape
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_nvrtc_launcher_op_takes_the_kernel_parameters(direction):
+    """plif_cuda::nvrtc_launch_* (declared by the extension, run by cupy_backend) take the
+    kernel's parameters by name and in order: a tensor for each pointer, the scalar block after."""
+    schema = getattr(torch.ops.plif_cuda, f"nvrtc_launch_{direction}").default._schema
+    parameters = _kernel_parameters(f"plif_{direction}_kernel")
+    assert [argument.name for argument in schema.arguments] == [name for _, name in parameters]
+    for argument, (c_type, name) in zip(schema.arguments, parameters):
+        expected = "Tensor" if c_type.endswith("*") else {"index_t": "int", "int": "int", "acc_t": "float"}[c_type]
+        type_name = str(argument.type)
+        assert type_name in (expected, f"Optional[{expected}]"), name
 
 
-def _forward_case(x=None, k=None, v_init=None, surrogate=0, spiking=True):
-    x = torch.zeros(4, 6) if x is None else x
-    k = torch.full((1,), 0.5) if k is None else k
-    v_init = torch.zeros(6) if v_init is None else v_init
-    return x, k, v_init, surrogate, spiking
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch):
+    """What the NVRTC launcher hands CuPy matches the kernel's parameter list one by one: the
+    tensors' own pointers, null for None, and the scalar block in the kernel's C types."""
+    launches = []
+
+    def record(grid, block, args, stream):
+        launches.append((grid, block, args))
+
+    monkeypatch.setattr(cupy_backend, "_kernel_pair", lambda device, dtype: {d: (record, 7) for d in ("forward", "backward")})
+    monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    acc = np.float64 if dtype == torch.float64 else np.float32
+    x, spikes, h_seq = (torch.randn(4, 3, 5, dtype=dtype) for _ in range(3))
+    k, v_init, v_last = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype), torch.zeros(15, dtype=dtype)
+    scalars = (0, 1, 4, 3000, 1.0, -0.5, 2.0, SURROGATE_IDS["erf"], 2 | 4 | 8)
+    cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *scalars)
+    (grid, block, args), = launches
+    assert (grid, block) == ((7,), (256,)), "3000 neurons: 12 blocks wanted, capped at the 7 resident ones"
+    assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_forward_kernel")]
+    assert [int(a) for a in args[:7]] == [x.data_ptr(), k.data_ptr(), v_init.data_ptr(), spikes.data_ptr(),
+                                          v_last.data_ptr(), 0, h_seq.data_ptr()]
+    assert [float(a) for a in args[7:]] == [float(s) for s in scalars]
+
+    launches.clear()
+    grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
+    cupy_backend._launch_backward(x, None, None, h_seq, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 1.0, 0.0,
+                                  4.0, 0, 1)
+    (grid, _, args), = launches
+    assert grid == (1,)
+    assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_backward_kernel")]
+    assert [int(a) for a in args[:3]] == [x.data_ptr(), 0, 0]
 
 
-BAD_FORWARD = {
-    "x without time dim": (_forward_case(x=torch.tensor(1.0)), "x must have a time dimension"),
-    "x not contiguous": (_forward_case(x=torch.zeros(6, 4).t()), "x must be contiguous"),
-    "k dtype": (_forward_case(k=torch.full((1,), 0.5, dtype=torch.float64)), "k must have dtype"),
-    "k not contiguous": (_forward_case(k=torch.zeros(12)[::2]), "k must be contiguous"),
-    "v_init count": (_forward_case(v_init=torch.zeros(5)), "v_init must hold 1 or 6 values"),
-    "surrogate id": (_forward_case(surrogate=7), "surrogate id out of range"),
-    "super_spike smooth": (_forward_case(surrogate=SURROGATE_IDS["super_spike"], spiking=False), "super_spike"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_FORWARD, ids=list(BAD_FORWARD))
-def test_forward_checks_mirror_the_extension(case):
-    (x, k, v_init, surrogate, spiking), message = BAD_FORWARD[case]
-    with pytest.raises(RuntimeError, match=re.escape(message)):
-        cupy_backend.check_forward_args(x, k, v_init, surrogate, spiking)
-    if ops.extension_available():
-        with pytest.raises(RuntimeError, match=re.escape(message)):
-            torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, surrogate, 1.0,
-                                                  spiking, False, False)
-
-
-def test_forward_checks_refuse_integer_input():
-    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
-        cupy_backend.check_forward_args(torch.zeros(3, 2, dtype=torch.int32), torch.zeros(1), torch.zeros(1), 0, True)
+def test_cuda_tensors_reach_the_op_in_every_build():
+    """The op's CUDA registration does not depend on the compiled CUDA kernels: an extension
+    built without a toolkit serves CUDA tensors through the NVRTC launcher."""
+    for name in ("multistep_forward", "multistep_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"plif_cuda::{name}", "CUDA")
 
 
 def _backward_case(**overrides):
@@ -239,227 +239,52 @@ BAD_BACKWARD = {
 
 
 @pytest.mark.parametrize("case", BAD_BACKWARD, ids=list(BAD_BACKWARD))
-def test_backward_checks_mirror_the_extension(case):
+def test_backward_op_checks(case):
     args, message = BAD_BACKWARD[case]
     positional = [args[n] for n in ("grad_spikes", "grad_v_last", "grad_v_seq", "h_seq", "k", "v_init")]
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        cupy_backend.check_backward_args(*positional, torch.float32, 0, True)
-    if ops.extension_available():
-        with pytest.raises(RuntimeError, match=re.escape(message)):
-            torch.ops.plif_cuda.multistep_backward(*positional, torch.float32, 1.0, 0.0, False, True, False, 0,
-                                                   4.0, True)
+        torch.ops.plif_cuda.multistep_backward(*positional, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
 
 
-def _kernel_parameter_types(kernel: str, acc) -> list:
-    """numpy types of a kernel's parameters, read from its declaration in plif_kernels.cuh."""
-    header = (_nvrtc.kernel_source_dir() / _nvrtc.KERNEL_HEADER).read_text()
-    declaration = re.search(rf"__global__ void {kernel}\(([^)]*)\)", header).group(1)
-    types = []
-    for parameter in re.split(r",(?![^<]*>)", declaration):  # not the commas of template arguments
-        c_type = parameter.replace("__restrict__", "").strip().rsplit(" ", 1)[0].strip()
-        if c_type.endswith("*"):
-            types.append(np.uint64)
-        else:
-            types.append({"index_t": np.int64, "int": np.int32, "acc_t": acc}[c_type])
-    return types
+def test_op_refuses_an_unknown_launcher():
+    x, k = torch.zeros(3, 4), torch.full((1,), 0.5)
+    with pytest.raises(RuntimeError, match="launcher must be 0 .* or 1 .*, got 2"):
+        torch.ops.plif_cuda.multistep_forward(x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, False, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch):
-    """The arguments packed for CuPy match the kernels' parameter lists one by one, pointers
-    are the tensors' own, and absent outputs are null."""
-    launches = []
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *call: launches.append(call))
-    acc = np.float64 if dtype == torch.float64 else np.float32
-    x = torch.randn(4, 3, 5, dtype=dtype)
-    k, v_init = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype)
-    spikes, v_last, v_seq, h_seq = cupy_backend._multistep_forward(
-        x, k, v_init, 1.0, -0.5, False, True, True, SURROGATE_IDS["erf"], 2.0, True, False, True)
-    (direction, _, launched_dtype, neurons, args), = launches
-    assert (direction, launched_dtype, neurons) == ("forward", dtype, 15)
-    assert [type(a) for a in args] == _kernel_parameter_types("plif_forward_kernel", acc)
-    assert [int(a) for a in args[:7]] == [x.data_ptr(), k.data_ptr(), v_init.data_ptr(), spikes.data_ptr(),
-                                          v_last.data_ptr(), 0, h_seq.data_ptr()]
-    assert [float(a) for a in args[7:14]] == [0, 1, 4, 15, 1.0, -0.5, 2.0]
-    assert int(args[14]) == SURROGATE_IDS["erf"] and int(args[15]) == 2 | 4 | 8
+def test_cpu_tensors_ignore_the_launcher():
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) + 0.6
+    k, v_init = torch.full((1,), 0.4), torch.zeros(7)
+    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True, True, True)
+    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.COMPILED_LAUNCHER)
+    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.NVRTC_LAUNCHER)
+    assert compiled[0].any()
+    for a, b in zip(compiled, nvrtc):
+        assert torch.equal(a, b)
 
-    launches.clear()
-    grad_spikes = torch.randn_like(x)
-    cupy_backend._multistep_backward(grad_spikes, None, None, h_seq, k, v_init, dtype, 1.0, -0.5, True, False,
-                                     False, 0, 4.0, False)
-    (direction, _, _, _, args), = launches
-    assert direction == "backward"
-    assert [type(a) for a in args] == _kernel_parameter_types("plif_backward_kernel", acc)
-    assert [int(a) for a in args[:3]] == [grad_spikes.data_ptr(), 0, 0]
-    assert float(args[14]) == 0.0, "soft reset passes v_reset = 0, as the extension does"
-    assert int(args[17]) == 1
+
+def test_launcher_reaches_the_backward():
+    """The autograd formula passes the forward's launcher on to the backward op."""
+    x = torch.randn(4, 6, requires_grad=True)
+    k, v_init = torch.full((1,), 0.5), torch.zeros(1)
+    calls = []
+
+    class RecordBackwardLauncher(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.plif_cuda.multistep_backward.default:
+                calls.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    spikes = torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, False,
+                                                   True, ops.NVRTC_LAUNCHER)[0]
+    with RecordBackwardLauncher():
+        spikes.sum().backward()
+    assert calls == [ops.NVRTC_LAUNCHER]
 
 
 def test_unavailable_reasons_say_why():
     assert "CUDA tensors" in backends.unavailable_reason("cupy", torch.device("cpu"))
+    assert backends.launcher("cupy") == ops.NVRTC_LAUNCHER and backends.launcher("cuda") == ops.COMPILED_LAUNCHER
     reason = cupy_backend.unavailable_reason()
     if not torch.cuda.is_available():
         assert reason is not None and ("CUDA device" in reason or "cupy" in reason)
-
-
-# ---- on a GPU -------------------------------------------------------------------------------------------
-needs_cupy_gpu = pytest.mark.skipif(
-    cupy_backend.unavailable_reason() is not None, reason=f"cupy backend: {cupy_backend.unavailable_reason()}"
-)
-GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-OPTION_SETS = {
-    "hard": dict(v_reset=0.0),
-    "hard-detach-nodecay": dict(v_reset=-0.5, detach_reset=True, decay_input=False),
-    "soft": dict(v_reset=None, store_v_seq=True),
-    "soft-detach": dict(v_reset=None, detach_reset=True, decay_input=False, store_v_seq=True),
-    "smooth": dict(spiking=False, store_v_seq=True),
-}
-
-
-def _inputs(shape, dtype, w_shape, device="cuda", seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 1.5 + 0.4).to(device=device, dtype=dtype)
-    acc = compute_dtype(dtype)
-    w = (torch.randn(w_shape, generator=generator, dtype=torch.float64) * 0.5).to(device=device, dtype=acc)
-    v_init = (torch.rand(shape[1:], generator=generator, dtype=torch.float64) * 0.5).to(device=device, dtype=acc)
-    return x, w, v_init
-
-
-def _run(backend, x, w, v_init, **options):
-    """Outputs and the gradients of a random-weighted sum of every output."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, v_init)]
-    spikes, v_last, v_seq = plif_multistep(*leaves, backend=backend, **options)
-    generator = torch.Generator().manual_seed(99)
-    loss = 0
-    for out in (spikes, v_last, v_seq):
-        if out is not None:
-            weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-            loss = loss + (out * weights.to(device=out.device, dtype=out.dtype)).sum()
-    loss.backward()
-    return (spikes, v_last, v_seq), [leaf.grad for leaf in leaves]
-
-
-@needs_cupy_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", OPTION_SETS, ids=list(OPTION_SETS))
-@pytest.mark.parametrize("surrogate", sorted(SURROGATE_IDS))
-@pytest.mark.parametrize("w_shape", [(), (3, 1), (3, 7)], ids=["layer", "channel", "neuron"])
-def test_matches_the_reference(dtype, options, surrogate, w_shape):
-    options = dict(OPTION_SETS[options], surrogate=surrogate)
-    if not options.get("spiking", True) and surrogate == "super_spike":
-        pytest.skip("super_spike has no smooth primitive")
-    x, w, v_init = _inputs((9, 3, 7), dtype, w_shape)
-    (outs, grads), (ref_outs, ref_grads) = _run("cupy", x, w, v_init, **options), _run("torch", x, w, v_init, **options)
-    tolerance = GRAD_TOLERANCE[dtype]
-    if options.get("spiking", True):
-        assert torch.equal(outs[0], ref_outs[0]), "spikes differ from the reference"
-    for out, ref in zip(outs, ref_outs):
-        assert (out is None) == (ref is None)
-        if out is not None:
-            assert out.dtype == dtype and out.device == x.device
-            torch.testing.assert_close(out, ref, rtol=tolerance, atol=tolerance)
-    w_terms = x.numel() // max(1, w.numel())
-    for grad, ref, terms in zip(grads, ref_grads, (1, w_terms, x.shape[0])):
-        torch.testing.assert_close(grad.double(), ref.double(), rtol=tolerance, atol=tolerance * terms ** 0.5)
-
-
-@needs_cupy_gpu
-@pytest.mark.parametrize("neurons", [1, 3, 257, 1001])
-def test_odd_neuron_counts_in_fp16(neurons):
-    x, w, v_init = _inputs((5, neurons), torch.float16, ())
-    (outs, grads), (ref_outs, ref_grads) = _run("cupy", x, w, v_init), _run("torch", x, w, v_init)
-    assert torch.equal(outs[0], ref_outs[0])
-    torch.testing.assert_close(outs[1], ref_outs[1], rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(grads[0], ref_grads[0], rtol=2e-3, atol=2e-3)
-
-
-def _op_args(dtype, surrogate, options, neurons_k):
-    x, _, _ = _inputs((11, 5, 9), dtype, ())
-    acc = compute_dtype(dtype)
-    k = torch.rand(neurons_k, device="cuda", dtype=acc) * 0.8 + 0.1
-    v_init = torch.rand(45, device="cuda", dtype=acc) - 0.2
-    v_reset = options.get("v_reset", 0.0)
-    scalars = (1.0, 0.0 if v_reset is None else v_reset, v_reset is None, options.get("decay_input", True),
-               options.get("detach_reset", False), SURROGATE_IDS[surrogate], 1.7, options.get("spiking", True))
-    return x, k, v_init, scalars
-
-
-@needs_cupy_gpu
-@pytest.mark.skipif(not ops.extension_has_cuda(), reason="the compiled extension has no CUDA kernels")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", OPTION_SETS, ids=list(OPTION_SETS))
-@pytest.mark.parametrize("surrogate", sorted(SURROGATE_IDS))
-@pytest.mark.parametrize("neurons_k", [1, 45], ids=["shared-k", "per-neuron-k"])
-def test_bit_equal_to_the_compiled_extension(dtype, options, surrogate, neurons_k):
-    options = OPTION_SETS[options]
-    if not options.get("spiking", True) and surrogate == "super_spike":
-        pytest.skip("super_spike has no smooth primitive")
-    x, k, v_init, scalars = _op_args(dtype, surrogate, options, neurons_k)
-    ours = torch.ops.plif_cuda.multistep_forward_cupy(x, k, v_init, *scalars, True, True)
-    theirs = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, True)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-    grads = [torch.randn_like(x), torch.randn_like(x[0]), torch.randn_like(x)]
-    ours = torch.ops.plif_cuda.multistep_backward_cupy(*grads, ours[3], k, v_init, dtype, *scalars)
-    theirs = torch.ops.plif_cuda.multistep_backward(*grads, theirs[3], k, v_init, dtype, *scalars)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-
-
-@needs_cupy_gpu
-def test_gradients_are_deterministic():
-    x, w, v_init = _inputs((16, 64, 65), torch.float32, ())
-    first = _run("cupy", x, w, v_init, store_v_seq=True)[1]
-    second = _run("cupy", x, w, v_init, store_v_seq=True)[1]
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-@needs_cupy_gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_runs_on_the_tensors_device_and_keeps_the_current_device():
-    torch.cuda.set_device(0)
-    x, w, v_init = _inputs((6, 40), torch.float32, (), device="cuda:1")
-    (outs, grads) = _run("cupy", x, w, v_init)
-    assert torch.cuda.current_device() == 0
-    assert outs[0].device == torch.device("cuda:1")
-    (ref_outs, ref_grads) = _run("cupy", *(t.to("cuda:0") for t in (x, w, v_init)))
-    assert torch.cuda.current_device() == 0
-    assert torch.equal(outs[0].cpu(), ref_outs[0].cpu()) and torch.equal(grads[0].cpu(), ref_grads[0].cpu())
-
-
-@needs_cupy_gpu
-def test_runs_on_the_current_side_stream():
-    x, w, v_init = _inputs((8, 1 << 16), torch.float32, ())
-    x_doubled = x * 2  # kept alive, so that the allocator cannot hand its memory to x_late below
-    expected = plif_multistep(x_doubled, w, v_init, backend="cupy")[0]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        # The input is written on the side stream behind a long sleep: a kernel launched on any
-        # other stream would read it before it is ready.
-        torch.cuda._sleep(50_000_000)
-        x_late = x * 2
-        spikes = plif_multistep(x_late, w, v_init, backend="cupy")[0]
-    side.synchronize()
-    assert torch.equal(spikes, expected)
-
-
-@needs_cupy_gpu
-def test_empty_inputs():
-    x = torch.zeros(0, 3, device="cuda")
-    k, v_init = torch.full((1,), 0.5, device="cuda"), torch.full((3,), 0.25, device="cuda")
-    _, v_last, _, _ = torch.ops.plif_cuda.multistep_forward_cupy(x, k, v_init, 1.0, 0.0, False, True, False, 0,
-                                                                 4.0, True, False, True)
-    assert torch.equal(v_last, v_init)
-    spikes, v_last, _, _ = torch.ops.plif_cuda.multistep_forward_cupy(
-        torch.zeros(4, 0, device="cuda"), k, torch.zeros(1, device="cuda"), 1.0, 0.0, False, True, False, 0, 4.0,
-        True, False, True)
-    assert spikes.shape == (4, 0) and v_last.shape == (0,)
-
-
-@needs_cupy_gpu
-def test_opcheck():
-    x, k, v_init, scalars = _op_args(torch.float32, "atan", {}, 45)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward_cupy.default, (x, k, v_init, *scalars, True, True))
