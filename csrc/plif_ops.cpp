@@ -117,6 +117,8 @@ c10::IValue pointer_argument(const std::optional<Tensor>& t) {
   return t ? pointer_argument(*t) : c10::IValue();
 }
 
+// The NVRTC launcher: the op `op_name` with the kernel's tensors, then its scalar block. The
+// caller's device guard makes the tensors' device current, as for the nvcc launcher.
 template <typename Params>
 void launch_nvrtc(const char* op_name, std::vector<c10::IValue> arguments, const Params& p) {
   const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
@@ -135,33 +137,22 @@ void launch_nvrtc(const char* op_name, std::vector<c10::IValue> arguments, const
   op.callBoxed(&arguments);
 }
 
-// Runs the kernel of CUDA tensors on the launcher asked for; the device guard makes the
-// tensors' device current for either.
-template <typename in_t, typename acc_t>
-void launch_cuda(const ForwardParams<in_t, acc_t>& p, int64_t launcher, std::vector<c10::IValue> tensors) {
-  if (launcher == kNvrtcLauncher) {
-    launch_nvrtc("plif_cuda::nvrtc_launch_forward", std::move(tensors), p);
-    return;
-  }
+// The nvcc launcher (plif_cuda.cu), where the library has it.
 #ifdef PLIF_WITH_CUDA
+template <typename in_t, typename acc_t>
+void launch_compiled(const ForwardParams<in_t, acc_t>& p) {
   forward_cuda(p);
-#else
-  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
-#endif
 }
-
 template <typename in_t, typename acc_t>
-void launch_cuda(const BackwardParams<in_t, acc_t>& p, int64_t launcher, std::vector<c10::IValue> tensors) {
-  if (launcher == kNvrtcLauncher) {
-    launch_nvrtc("plif_cuda::nvrtc_launch_backward", std::move(tensors), p);
-    return;
-  }
-#ifdef PLIF_WITH_CUDA
+void launch_compiled(const BackwardParams<in_t, acc_t>& p) {
   backward_cuda(p);
-#else
-  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
-#endif
 }
+#else
+template <typename Params>
+void launch_compiled(const Params&) {
+  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
+}
+#endif
 
 // Dispatch over the four supported (input, compute) type pairs.
 template <typename Fn>
@@ -218,9 +209,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
       forward_cpu(p);
     } else {
       const c10::DeviceGuard guard(x.device());
-      launch_cuda(p, launcher,
-                  {pointer_argument(x), pointer_argument(k), pointer_argument(v_init), pointer_argument(spikes),
-                   pointer_argument(v_last), pointer_argument(v_seq), pointer_argument(h_seq)});
+      if (launcher == kNvrtcLauncher) {
+        launch_nvrtc("plif_cuda::nvrtc_launch_forward",
+                     {pointer_argument(x), pointer_argument(k), pointer_argument(v_init), pointer_argument(spikes),
+                      pointer_argument(v_last), pointer_argument(v_seq), pointer_argument(h_seq)},
+                     p);
+      } else {
+        launch_compiled(p);
+      }
     }
   });
   return {spikes, v_last, v_seq, h_seq};
@@ -280,10 +276,15 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
       backward_cpu(p);
     } else {
       const c10::DeviceGuard guard(h_seq.device());
-      launch_cuda(p, launcher,
-                  {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
-                   pointer_argument(h_seq), pointer_argument(k), pointer_argument(v_init), pointer_argument(grad_x),
-                   pointer_argument(grad_k), pointer_argument(grad_v_init)});
+      if (launcher == kNvrtcLauncher) {
+        launch_nvrtc("plif_cuda::nvrtc_launch_backward",
+                     {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
+                      pointer_argument(h_seq), pointer_argument(k), pointer_argument(v_init),
+                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init)},
+                     p);
+      } else {
+        launch_compiled(p);
+      }
     }
   });
   return {grad_x, grad_k, grad_v_init};

@@ -4,8 +4,8 @@ This is a launcher only. The op is the extension's ``plif_cuda::multistep_forwar
 backward) with ``launcher=ops.NVRTC_LAUNCHER``: its checks, outputs and autograd are the
 compiled backend's, and for CUDA tensors it calls ``plif_cuda::nvrtc_launch_forward`` (and
 backward), which this module implements; an extension built without a CUDA toolkit has them.
-The kernels are compiled once per (dtype, architecture) by ``_nvrtc.compile_variant`` (the same build ``python -m plif_cuda doctor --nvrtc-arch`` checks),
-loaded once per device by CuPy, and launched on PyTorch's current stream of the tensors' device.
+The kernels are compiled once per (dtype, architecture) by ``_nvrtc.compile_variant`` (the same
+build ``python -m plif_cuda doctor --nvrtc-arch`` checks), loaded once per device by CuPy, and launched on PyTorch's current stream of the tensors' device.
 A call never synchronises with the host, copies nothing to the device besides the kernel
 arguments, and leaves the process's current device as it found it.
 """
