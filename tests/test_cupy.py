@@ -261,6 +261,9 @@ def test_cpu_tensors_ignore_the_launcher():
     assert compiled[0].any()
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
+    # Fake kernel, autograd formula and schema take the launcher like any other argument.
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
+                          (x.requires_grad_(), k, v_init, *options, ops.NVRTC_LAUNCHER))
 
 
 def test_launcher_reaches_the_backward():
