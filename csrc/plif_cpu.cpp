@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -41,13 +43,24 @@ constexpr index_t kBlock = kLanes * kGroups;
 // backward. Those passes compute each step of a block into an L1-resident staging row and
 // write it out with non-temporal stores, which skip that read. Smaller passes store
 // directly, leaving their outputs in cache for the next op.
+// The largest cache of CPU 0 as Linux describes it (sysfs); glibc's sysconf answers from
+// cpuid, which on an AMD guest reports the host's L3 summed over its dies (384 MiB where a
+// core shares 32 MiB).
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    for (const int name : {_SC_LEVEL4_CACHE_SIZE, _SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
-      const long size = sysconf(name);
-      if (size > 0) return static_cast<int64_t>(size);
+    int64_t largest = 0;
+    for (int index = 0; index < 8; ++index) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+      int64_t size = 0;
+      std::string unit;
+      if (!(file >> size)) continue;
+      file >> unit;
+      const int64_t scale = unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20 : unit == "G" ? 1 << 30 : 1;
+      largest = std::max(largest, size * scale);
     }
-    return int64_t(32) << 20;  // not reported: a typical server L3
+    if (largest > 0) return largest;
+    const long reported = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t(32) << 20;
   }();
   return bytes;
 }
