@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -30,7 +31,19 @@ class OutputCache final : public c10::Allocator {
     limit_bytes_ = env != nullptr ? std::strtoull(env, nullptr, 10) << 20 : SIZE_MAX;
   }
 
-  bool enabled() const { return limit_bytes_ > 0; }
+  bool enabled() const { return limit_bytes_.load() > 0; }
+
+  size_t set_limit(size_t bytes) {
+    std::vector<Block> evicted;
+    size_t previous;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      previous = limit_bytes_.exchange(bytes);
+      evict_until(bytes, evicted);
+    }
+    unmap(evicted);
+    return previous;
+  }
 
   c10::DataPtr allocate(size_t bytes) override {
     if (bytes < kMinCachedBytes || !enabled()) return c10::GetCPUAllocator()->allocate(bytes);
@@ -123,7 +136,7 @@ class OutputCache final : public c10::Allocator {
       free_.push_back(block);
       cached_bytes_ += block.bytes;
       // live + cached is unchanged by a release, so only the explicit cap can be exceeded.
-      evict_until(std::min(limit_bytes_, peak_live_bytes_ - live_bytes_), evicted);
+      evict_until(std::min(limit_bytes_.load(), peak_live_bytes_ - live_bytes_), evicted);
     }
     unmap(evicted);
   }
@@ -148,7 +161,7 @@ class OutputCache final : public c10::Allocator {
   size_t cached_bytes_ = 0;
   size_t live_bytes_ = 0;
   size_t peak_live_bytes_ = 0;
-  size_t limit_bytes_ = SIZE_MAX;
+  std::atomic<size_t> limit_bytes_{SIZE_MAX};  // read without the lock by enabled()
 };
 
 // Never destroyed: tensors released during interpreter shutdown still return their buffers.
@@ -175,5 +188,10 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& opti
 int64_t cpu_cache_bytes() { return static_cast<int64_t>(cache().cached_bytes()); }
 
 void empty_cpu_cache() { cache().clear(); }
+
+int64_t set_cpu_cache_limit(int64_t bytes) {
+  const size_t previous = cache().set_limit(bytes < 0 ? SIZE_MAX : static_cast<size_t>(bytes));
+  return previous == SIZE_MAX ? -1 : static_cast<int64_t>(previous);
+}
 
 }  // namespace plif

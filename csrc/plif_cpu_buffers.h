@@ -33,4 +33,8 @@ int64_t cpu_cache_bytes();
 // (buffers still in use are not affected).
 void empty_cpu_cache();
 
+// Caps the bytes the cache keeps (negative: no cap beyond the peak; 0: off, later outputs come
+// from torch's allocator) and returns the previous cap. PLIF_CPU_CACHE_MB sets the first one.
+int64_t set_cpu_cache_limit(int64_t bytes);
+
 }  // namespace plif
