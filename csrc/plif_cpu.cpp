@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -218,16 +219,18 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
 }
 
 // Whole blocks in parallel, then the remaining N % kBlock neurons one lane-group (or one
-// neuron) at a time.
+// neuron) at a time. The threads take blocks one by one from a shared counter rather than a
+// fixed half each: on a machine shared with other work, a thread that starts late or loses
+// its core leaves the rest of its share to the others instead of holding them at the end.
 template <typename Params, typename BlockFn, typename GroupFn, typename NeuronFn>
 void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neuron) {
   const index_t blocks = p.N / kBlock;
-  const index_t work_per_block = p.T * kBlock;
-  // At least ~2^17 neuron-steps (tens of microseconds) per task: below that, waking a second
+  // At least ~2^17 neuron-steps (tens of microseconds) per thread: below that, waking a second
   // thread costs more than it saves.
-  const int64_t grain = work_per_block >= (1 << 17) ? 1 : (1 << 17) / work_per_block;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) block(p, b * kBlock);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks * p.T * kBlock >> 17));
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_block++; b < blocks; b = next_block++) block(p, b * kBlock);
   });
   index_t n = blocks * kBlock;
   for (; n + kLanes <= p.N; n += kLanes) group(p, n);
