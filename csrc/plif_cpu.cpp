@@ -25,7 +25,7 @@ namespace {
 // A block is kGroups groups of kLanes neurons. Each step runs one fused loop over a group (wide
 // enough to vectorise, small enough for its temporaries to stay in L1), and the block walks
 // time step by time step through all its groups, so every [T, N] stream is read and written
-// in runs of kGroups * kLanes values that the hardware prefetchers follow.
+// in runs of kGroups * kLanes values, each requested a step ahead (prefetch_row).
 constexpr int kLanes = 128;
 constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
@@ -89,6 +89,14 @@ void fence_streamed_rows() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// Requests a block's rows for the next step while this one computes: each step reads runs of
+// kBlock values from rows T*N apart, too short for the hardware prefetchers to get ahead of.
+template <typename T>
+PLIF_HD void prefetch_row(const T* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (size_t offset = 0; offset < kBlock * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset);
 }
 
 // The block's step-t rows in a one-step view (N = 0: a step's row offsets are then just the
@@ -173,6 +181,7 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
+    if (t + 1 < p.T) prefetch_row(p.x + (t + 1) * p.N + n0);
     for (int g = 0; g < kGroups; ++g) forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     if (stream) stream_forward_step(p, t, n0, staging);
   }
@@ -211,6 +220,8 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   for (index_t t = p.T - 1; t >= 0; --t) {
     BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, stream ? grad_x_staging : nullptr);
     fix_options<OPTIONS>(view);
+    if (t >= 1 && p.grad_spikes != nullptr) prefetch_row(p.grad_spikes + (t - 1) * p.N + n0);
+    if (t >= 2) prefetch_row(p.h_seq + (t - 2) * p.N + n0);
     for (int g = 0; g < kGroups; ++g) backward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     if (stream) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, sizeof(grad_x_staging));
   }
