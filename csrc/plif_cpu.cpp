@@ -92,7 +92,7 @@ void fence_streamed_rows() {
 }
 
 // Requests a block's rows for the next step while this one computes: each step reads runs of
-// kBlock values from rows T*N apart, too short for the hardware prefetchers to get ahead of.
+// kBlock values from rows N values apart, too short for the hardware prefetchers to get ahead of.
 template <typename T>
 PLIF_HD void prefetch_row(const T* row) {
   const char* bytes = reinterpret_cast<const char*>(row);
