@@ -15,9 +15,10 @@ shape ``[C, 1]``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -69,6 +70,7 @@ class Implementation:
     unsupported: Callable[[Config, torch.device], str | None]
     build: Callable[[Config, torch.device], Neuron]
     notes: str = ""
+    setting: Callable[[], ContextManager] = contextlib.nullcontext  # held while it is measured
 
     @property
     def is_slow(self) -> bool:
@@ -95,6 +97,22 @@ def _ours(backend: str) -> Implementation:
     kind = "reference" if backend == "torch" else "fused"
     label = "torch (reference)" if backend == "torch" else f"plif_cuda {backend}"
     return Implementation(backend, kind, label, missing, _supported_everywhere, build)
+
+
+@contextlib.contextmanager
+def _cpu_cache_off():
+    previous = plif_cuda.ops.set_cpu_cache_limit(0)
+    try:
+        yield
+    finally:
+        plif_cuda.ops.set_cpu_cache_limit(previous)
+
+
+def _ours_cpu_cache_off() -> Implementation:
+    """The CPU op with its output cache off: every large output from torch's allocator."""
+    cpu = _ours("cpu")
+    return Implementation("cpu-cache-off", "fused", "plif_cuda cpu, cache off", cpu.missing, cpu.unsupported, cpu.build,
+                          notes="as PLIF_CPU_CACHE_MB=0", setting=_cpu_cache_off)
 
 
 def _module_missing(module: str, hint: str) -> str | None:
@@ -203,6 +221,8 @@ def implementations(device: torch.device, backends: list[str], peers: list[str])
             if backend in ("cuda", "cupy") and device.type != "cuda":
                 continue
             chosen.append(_ours(backend))
+            if backend == "cpu":
+                chosen.append(_ours_cpu_cache_off())
         else:
             raise ValueError(f"--backends takes {FUSED_BACKENDS + ('torch',)}, got {backend!r}")
     makers = {"compile": _compile_peer, "spikingjelly": _spikingjelly_peer, "snntorch": _snntorch_peer}

@@ -200,6 +200,21 @@ def memory_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[
     return lines
 
 
+def cache_fit_lines(result: dict) -> list[str]:
+    """Per CPU size: do one fwd+bwd call's [T, N] streams (minimum traffic) fit in the last-level cache?"""
+    llc = result["copy_bandwidth"].get("cpu", {}).get("last_level_cache_bytes")
+    sizes = {}
+    for row in result["rows"]:
+        if row["device"] == "cpu" and "call_fits_cache" in row:
+            sizes[(row["T"], row["neurons"], row["dtype"])] = row["call_fits_cache"]
+    if not llc or not sizes:
+        return []
+    cells = [f"T={T} {_size_label(N)} {dtype}: {'fits' if fits else 'does not fit'}"
+             for (T, N, dtype), fits in sorted(sizes.items())]
+    return ["", f"CPU last-level cache {llc / 2**20:.0f} MiB (sysfs); one fwd+bwd call's [T, N] streams: "
+            + "; ".join(cells) + "."]
+
+
 def network_table(rows: list[dict]) -> list[str]:
     lines = ["| device | neuron layer | T | batch | training step ms (median) | IQR ms | x reference layer |",
              "|---|---|---|---|---|---|---|"]
@@ -244,6 +259,7 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         "",
     ]
     lines += op_table(result, impl_names, labels)
+    lines += cache_fit_lines(result)
     lines += ["", "## Memory kept for backward (bytes per neuron-step, distinct storages; GPU: peak of fwd+bwd)", ""]
     lines += memory_table(result["rows"], impl_names, labels)
     if result["network"]:

@@ -290,6 +290,7 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
                 "dtype": dtype_name(config.dtype), "tau": config.tau, "input_shape": [config.T, *config.step_shape],
                 "rotation_buffers": count, "rotated_bytes": count * per_call,
                 "rotation_fits_cache": bool(llc) and count * per_call < llc and flush is None,
+                "call_fits_cache": bool(llc) and per_call <= llc,  # one call's [T, N] streams
                 "cache_flushed": flush is not None, "copy_gbps": copy["gbps"]}
         for impl in chosen:
             row = {**base, "impl": impl.name, "label": impl.label, "kind": impl.kind, "notes": impl.notes}
@@ -306,8 +307,9 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
                 continue
             case_rows: list[dict] = []
             try:
-                neuron = impl.build(config, device)
-                measure_case(args, impl, neuron, config, buffers, device, flush, progress, row, case_rows)
+                with impl.setting():
+                    neuron = impl.build(config, device)
+                    measure_case(args, impl, neuron, config, buffers, device, flush, progress, row, case_rows)
             except Exception as error:  # one failing case must not lose the rest of the run
                 status = "error" if impl.kind != "peer" else "unsupported"
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -316,6 +316,7 @@ TORCH_LIBRARY(plif_cuda, m) {
   // The CPU op's buffer cache (plif_cpu_buffers.h).
   m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
+  m.def("set_cpu_cache_limit(int bytes) -> int", &set_cpu_cache_limit);
 }
 
 TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {

@@ -217,6 +217,12 @@ def empty_cpu_cache() -> None:
         torch.ops.plif_cuda.empty_cpu_cache()
 
 
+def set_cpu_cache_limit(nbytes: int) -> int:
+    """Cap the bytes the CPU op's buffer cache keeps (negative: no cap beyond the op's own peak;
+    0: off, later outputs come from torch's allocator) and return the previous cap (-1: none)."""
+    return torch.ops.plif_cuda.set_cpu_cache_limit(nbytes) if extension_available() else 0
+
+
 if extension_available():
     torch.library.register_fake("plif_cuda::multistep_forward")(_fake_forward)
     torch.library.register_fake("plif_cuda::multistep_backward")(_fake_backward)

@@ -1,8 +1,13 @@
-"""The CPU op's page-resident output buffers: reused only once released, never aliased."""
+"""The CPU op's page-resident output buffers: reused only once released, never aliased, bounded;
+their tensors behave like any other."""
 import gc
+import glob
+import io
 import os
+import pickle
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -78,3 +83,151 @@ def test_cache_turned_off_still_gives_the_reference_results():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def _in_fresh_process(code: str, **env) -> str:
+    """Runs ``code`` in a new interpreter (a cache of its own) and returns what it printed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_outputs_resize_like_any_tensor():
+    x = torch.randn(SHAPE)
+    spikes, _, _ = _run(x, torch.tensor(0.0))
+    kept = spikes.clone()
+    spikes.resize_(2 * SHAPE[0], SHAPE[1])  # grows past the cached buffer: a new one, contents kept
+    assert torch.equal(spikes[: SHAPE[0]], kept)
+    spikes.resize_(1, 8)
+    assert torch.equal(spikes, kept.view(-1)[:8].view(1, 8))
+
+
+def test_outputs_pickle_and_share_like_any_tensor():
+    x = torch.randn(SHAPE, requires_grad=True)
+    spikes, _, _ = _run(x, torch.tensor(0.0))
+    (grad_x,) = torch.autograd.grad(spikes.sum(), [x])
+    for tensor in (spikes.detach(), grad_x):
+        assert torch.equal(pickle.loads(pickle.dumps(tensor)), tensor)
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer), tensor)
+        shared = tensor.clone().share_memory_()
+        assert shared.is_shared() and torch.equal(shared, tensor)
+    kept = grad_x.clone()
+    grad_x.share_memory_()  # moves the storage itself into shared memory
+    assert grad_x.is_shared() and torch.equal(grad_x, kept)
+
+
+def test_cache_holds_at_most_the_peak_of_live_outputs():
+    # Random shapes, as a loop over varied batches would ask: after each call (everything
+    # released) the cache never holds more than the largest set of outputs alive at once.
+    code = (
+        "import random, torch, plif_cuda\n"
+        "rng = random.Random(0)\n"
+        "page = 4096\n"
+        "peak = 0\n"
+        "w = torch.tensor(0.0, requires_grad=True)\n"
+        "for _ in range(40):\n"
+        "    T, N = rng.randint(1, 16), int(10 ** rng.uniform(3, 6))\n"
+        "    x = torch.randn(T, N, requires_grad=True)\n"
+        "    s, v, _ = plif_cuda.plif_multistep(x, w, backend='cpu')\n"
+        "    torch.autograd.grad(s.sum(), [x, w])\n"
+        "    del x, s, v\n"
+        "    one = -(-T * N * 4 // page) * page\n"
+        "    if one >= 1 << 20:\n"
+        "        peak = max(peak, 3 * one)  # spikes, H and grad_x alive together in backward\n"
+        "    assert plif_cuda.cpu_cache_bytes() <= peak, (plif_cuda.cpu_cache_bytes(), peak)\n"
+        "print(peak > 0 and plif_cuda.cpu_cache_bytes() > 0)\n"
+    )
+    assert _in_fresh_process(code) == "True"
+
+
+def test_cache_cap_from_the_environment():
+    code = (
+        "import torch, plif_cuda\n"
+        "for n in (1 << 18, 1 << 19, 3 << 18):\n"
+        "    s, v, _ = plif_cuda.plif_multistep(torch.randn(4, n), torch.tensor(0.0), backend='cpu')\n"
+        "    del s, v\n"
+        "print(plif_cuda.cpu_cache_bytes())\n"
+    )
+    assert int(_in_fresh_process(code, PLIF_CPU_CACHE_MB="5")) <= 5 << 20
+    assert int(_in_fresh_process(code)) > 5 << 20
+
+
+def test_outputs_are_right_when_threads_share_the_cache():
+    w = torch.tensor(0.2)
+    inputs = [torch.randn(4, (1 << 16) * (1 + i % 3)) for i in range(8)]
+    expected = [plif_cuda.plif_multistep(x, w, backend="torch")[0] for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(5):
+            spikes, _, _ = _run(inputs[i], w)
+            if not torch.equal(spikes, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+class _CacheInWorker(torch.utils.data.Dataset):
+    """Reports, from inside a DataLoader worker, what the cache held on arrival and whether the
+    op still computes the reference's spikes there."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        held_on_arrival = plif_cuda.cpu_cache_bytes() if index == 0 else 0
+        spikes, _, _ = _run(self.x, torch.tensor(0.0))
+        expected, _, _ = plif_cuda.plif_multistep(self.x, torch.tensor(0.0), backend="torch")
+        return held_on_arrival, torch.equal(spikes, expected)
+
+
+def test_forked_dataloader_worker_starts_with_an_empty_cache():
+    x = torch.randn(SHAPE)
+    spikes, _, _ = _run(x, torch.tensor(0.0))
+    del spikes
+    gc.collect()
+    assert plif_cuda.cpu_cache_bytes() > 0
+    loader = torch.utils.data.DataLoader(_CacheInWorker(x), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")
+    reports = list(loader)
+    assert reports[0][0] == 0  # the worker's copy of the parent's cache was dropped at fork
+    assert all(right for _, right in reports)
+    assert plif_cuda.cpu_cache_bytes() > 0  # the parent keeps its own
+
+
+def _last_level_cache_bytes() -> int:
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as file:
+            text = file.read().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1].isalpha()
+                     else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def test_passes_larger_than_the_last_level_cache_match_the_reference():
+    # Their outputs are written with streaming stores from staging rows; spikes stay exact.
+    T = 4
+    N = _last_level_cache_bytes() // (T * 4) + 4099  # one input exceeds the cache; an odd tail
+    x = (torch.randn(T, N) * 0.8 + 1.2).requires_grad_()
+    w = torch.tensor(0.3, requires_grad=True)
+    spikes, v_last, _ = _run(x, w)
+    grads = torch.autograd.grad(spikes.sum() + v_last.sum(), [x, w])
+    ref_spikes, ref_v_last, _ = plif_cuda.plif_multistep(x, w, backend="torch")
+    ref_grads = torch.autograd.grad(ref_spikes.sum() + ref_v_last.sum(), [x, w])
+    assert torch.equal(spikes, ref_spikes)
+    torch.testing.assert_close(v_last, ref_v_last, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-4, atol=1e-3)
