@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <type_traits>
@@ -44,11 +45,16 @@ constexpr index_t kBlock = kLanes * kGroups;
 // backward. Those passes compute each step of a block into an L1-resident staging row and
 // write it out with non-temporal stores, which skip that read. Smaller passes store
 // directly, leaving their outputs in cache for the next op.
-// The largest cache of CPU 0 as Linux describes it (sysfs); glibc's sysconf answers from
-// cpuid, which on an AMD guest reports the host's L3 summed over its dies (384 MiB where a
-// core shares 32 MiB).
+// PLIF_CPU_LLC_MB when set (a VM may describe its caches wrongly), else the largest cache of
+// CPU 0 as Linux describes it (sysfs); glibc's sysconf answers from cpuid, which on an AMD guest
+// reports the host's L3 summed over its dies (384 MiB where a core shares 32 MiB).
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
+    if (const char* mib = std::getenv("PLIF_CPU_LLC_MB")) {
+      char* end = nullptr;
+      const double value = std::strtod(mib, &end);
+      if (end != mib && *end == '\0' && value > 0) return static_cast<int64_t>(value * (1 << 20));
+    }
     int64_t largest = 0;
     for (int index = 0; index < 8; ++index) {
       std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
