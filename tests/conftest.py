@@ -23,6 +23,13 @@ def pytest_configure(config):
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
+# (surrogate, spiking) pairs: every surrogate spiking, and smooth where it has a primitive.
+SURROGATE_CASES = [
+    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
+    for name in SURROGATES
+    for spiking in (True, False)
+    if spiking or name in SMOOTH_SURROGATES
+]
 
 # (rtol, atol) per dtype. Half inputs are compared with the reference run on the same half
 # input (which computes in float32 too), so the difference is the rounding of the outputs

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE
+from conftest import GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
+from plif_cuda.surrogate import SURROGATE_IDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -130,14 +130,6 @@ OPTION_SETS = [
 def test_cuda_matches_reference_for_every_option(backend, dtype, options):
     x = random_on_cuda(SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
     assert_matches_reference(backend, x, tau_weight((), seed=2), **options)
-
-
-SURROGATE_CASES = [
-    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
-    for name in SURROGATE_IDS
-    for spiking in (True, False)
-    if spiking or name in HAS_PRIMITIVE
-]
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)

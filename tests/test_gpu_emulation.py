@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
+from conftest import SURROGATE_CASES
 from plif_cuda import _nvrtc
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import HAS_PRIMITIVE, SURROGATE_IDS
+from plif_cuda.surrogate import SURROGATE_IDS
 
 pytestmark = pytest.mark.gpu_emulation
 
@@ -227,14 +228,6 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
                                                  resident_blocks)
     vector = resident_blocks != H200_BLOCKS
     assert (forward_vectors > 0) == vector and (backward_vectors > 0) == vector
-
-
-SURROGATE_CASES = [
-    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
-    for name in SURROGATE_IDS
-    for spiking in (True, False)
-    if spiking or name in HAS_PRIMITIVE
-]
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
