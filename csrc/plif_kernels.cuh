@@ -83,6 +83,10 @@ struct Geometry {
   static constexpr int kForwardAhead = 4;
   static constexpr int kBackwardLanes = sizeof(in_t) == 2 ? 4 : static_cast<int>(16 / sizeof(in_t));
   static constexpr int kBackwardAhead = sizeof(in_t) == 2 ? 3 : 2;
+  // Two resident blocks (<= 128 registers) keep the backward's loads in flight per SM; left free,
+  // ptxas took 134 registers in the half types (one block) once the absent-gradient selects came
+  // in. float64 needs more than 128 without spilling.
+  static constexpr int kBackwardMinBlocks = sizeof(in_t) == 8 ? 1 : 2;
 };
 
 __device__ __forceinline__ bool aligned16(const void* pointer) {
@@ -418,7 +422,7 @@ __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>
 }
 
 template <typename in_t, typename acc_t>
-__global__ void plif_backward_kernel(const in_t* __restrict__ grad_spikes,
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t>::kBackwardMinBlocks) plif_backward_kernel(const in_t* __restrict__ grad_spikes,
                                      GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
                                      const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
                                      const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,

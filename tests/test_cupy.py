@@ -154,7 +154,7 @@ def test_cuda_include_dir_has_the_half_headers():
 def _kernel_parameters(kernel: str) -> list[tuple[str, str]]:
     """(C type, name) of a kernel's parameters, read from its declaration in plif_kernels.cuh."""
     header = (_nvrtc.kernel_source_dir() / _nvrtc.KERNEL_HEADER).read_text()
-    declaration = re.search(rf"__global__ void {kernel}\(([^)]*)\)", header).group(1)
+    declaration = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{kernel}\(([^)]*)\)", header).group(1)
     parameters = []
     for parameter in re.split(r",(?![^<]*>)", declaration):  # not the commas of template arguments
         c_type, name = parameter.replace("__restrict__", "").strip().rsplit(" ", 1)

@@ -38,6 +38,8 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
 #define blockIdx plif_emulation::block_idx
 #define threadIdx plif_emulation::thread_idx
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
+// Launch bounds steer only the device compiler's register allocation.
+#define __launch_bounds__(...)
 
 #include "plif_kernels.cuh"
 
