@@ -179,7 +179,10 @@ def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h
         if not detach_reset:
             reset_slope = reset_slope + (v_r - h_seq) * slope
     v_before = torch.cat([v_init.expand(h_seq.shape[1:]).unsqueeze(0), v_seq[:-1]])
-    h_slope_k = (h_seq - v_before) / k if decay_input else v_r - v_before
+    # Where k underflows to 0, H = V[t-1] and the slope is not recoverable, nor needed (dk/dw = 0):
+    # dividing by 1 there keeps it 0, as the kernels do, instead of 0/0.
+    k_divisor = torch.where(k == 0, torch.ones_like(k), k)
+    h_slope_k = (h_seq - v_before) / k_divisor if decay_input else v_r - v_before
 
     steps = h_seq.shape[0]
     grad_h = [None] * steps

@@ -133,6 +133,27 @@ def test_tau_gradient_is_zero_where_k_underflows(backend, dtype, w_value):
         assert_grad_close(grad, ref_grad, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivative_is_finite_where_k_underflows(backend):
+    # create_graph takes the differentiable recurrence (ops._differentiable_backward), which
+    # recovers dH/dk by the same division by k as the kernels.
+    device = BACKEND_DEVICE[backend]
+
+    def second_derivatives(chosen):
+        x_seq = _seeded((5, 7), 6, torch.float32, 1.5, 0.4).to(device).requires_grad_()
+        w = torch.tensor([-110.0, 0.0] * 3 + [-110.0], device=device, requires_grad=True)
+        spike_seq, v_last, _ = plif_multistep(x_seq, w, backend=chosen)
+        (grad_w,) = torch.autograd.grad(spike_seq.sum() + v_last.sum(), w, create_graph=True)
+        return grad_w, torch.autograd.grad(grad_w.sum(), [x_seq, w])
+
+    grad_w, second = second_derivatives(backend)
+    ref_grad_w, ref_second = second_derivatives("torch")
+    assert torch.isfinite(grad_w).all() and all(torch.isfinite(g).all() for g in second)
+    assert_grad_close(grad_w, ref_grad_w, torch.float32)
+    for grad, ref_grad in zip(second, ref_second):
+        assert_grad_close(grad, ref_grad, torch.float32)
+
+
 # ---- NaN / inf inputs with absent incoming gradients ---------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_on", ["v_last", "v_seq"])
