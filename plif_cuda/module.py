@@ -1,7 +1,6 @@
 """``ParametricLIFNode`` and ``LIFNode``: drop-ins for SpikingJelly's layers of the same names, on the fused op."""
 from __future__ import annotations
 
-import math
 import warnings
 from numbers import Real
 
@@ -9,7 +8,7 @@ import torch
 from torch import nn
 
 from .functional import multistep_keeping_state
-from .reference import compute_dtype, plif_time_loop
+from .reference import compute_dtype, plif_time_loop, w_for_tau
 from .spikingjelly_compat import MemoryModule
 from .surrogate import Sigmoid, describe_surrogate
 
@@ -67,7 +66,7 @@ class ParametricLIFNode(MemoryModule):
 
     def _init_time_constant(self, init_tau, tau_shape, learnable_tau) -> None:
         self.init_tau = _check_tau(init_tau, "init_tau")
-        w = torch.full(tuple(tau_shape), -math.log(self.init_tau - 1.0))
+        w = torch.full(tuple(tau_shape), w_for_tau(self.init_tau))
         if learnable_tau:
             self.w = nn.Parameter(w)
         else:
@@ -233,7 +232,7 @@ class LIFNode(ParametricLIFNode):
 
     def _w(self, x_seq: torch.Tensor) -> torch.Tensor:
         # Built from tau at every call, in the compute dtype, so that tau is rounded only there.
-        return torch.full((), -math.log(self.tau - 1.0), dtype=compute_dtype(x_seq.dtype), device=x_seq.device)
+        return torch.full((), w_for_tau(self.tau), dtype=compute_dtype(x_seq.dtype), device=x_seq.device)
 
     def _tau_text(self) -> str:
         return f"{self.tau:.4f}"

@@ -6,9 +6,16 @@ not to be fast; the arithmetic order here is the order the kernels reproduce
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .surrogate import heaviside_with_surrogate, surrogate_primitive
+
+
+def w_for_tau(tau: float) -> float:
+    """The ``w`` with ``k = sigmoid(w) = 1/tau``: ``-log(tau - 1)`` (tau > 1)."""
+    return -math.log(tau - 1.0)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

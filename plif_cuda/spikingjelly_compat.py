@@ -10,10 +10,11 @@ Without SpikingJelly it is a stand-in with the same protocol (``register_memory`
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
+
+from .reference import w_for_tau
 
 try:
     from spikingjelly.activation_based import base as _sj_base
@@ -115,7 +116,7 @@ def _plif_w(layer):
 
 def _lif_w(layer):
     # SpikingJelly's LIFNode keeps tau as a float; k = sigmoid(w) = 1/tau.
-    return -math.log(layer.tau - 1.0)
+    return w_for_tau(layer.tau)
 
 
 def _fused_multi_step_forward(cls, w_of):
