@@ -115,6 +115,9 @@ struct ForwardStaging {
 };
 
 template <typename in_t, typename acc_t>
+index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0);
+
+template <typename in_t, typename acc_t>
 ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0,
                                               ForwardStaging<in_t, acc_t>* staging) {
   ForwardParams<in_t, acc_t> view = p;
@@ -123,8 +126,14 @@ ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p
   view.x = p.x + row;
   view.spikes = staging ? staging->spikes : p.spikes + row;
   if (p.v_seq != nullptr) view.v_seq = staging ? staging->v_seq : p.v_seq + row;
-  if (p.h_seq != nullptr) view.h_seq = staging ? staging->h_seq : p.h_seq + row;
+  if (p.h_seq != nullptr) view.h_seq = staging ? staging->h_seq : p.h_seq + h_row_offset(p, t, n0);
   return view;
+}
+
+// Where step t's H goes in h_seq (a checkpoint step's row in kSaveCheckpoints mode).
+template <typename in_t, typename acc_t>
+index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0) {
+  return (p.opts.h_checkpoints ? (is_checkpoint_step(t, p.T) ? checkpoint_row(t) : 0) : t) * p.N + n0;
 }
 
 template <typename in_t, typename acc_t>
@@ -133,7 +142,9 @@ void stream_forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t
   const index_t row = t * p.N + n0;
   stream_row(p.spikes + row, staging.spikes, sizeof(staging.spikes));
   if (p.v_seq != nullptr) stream_row(p.v_seq + row, staging.v_seq, sizeof(staging.v_seq));
-  if (p.h_seq != nullptr) stream_row(p.h_seq + row, staging.h_seq, sizeof(staging.h_seq));
+  if (p.h_seq != nullptr && (!p.opts.h_checkpoints || is_checkpoint_step(t, p.T))) {
+    stream_row(p.h_seq + h_row_offset(p, t, n0), staging.h_seq, sizeof(staging.h_seq));
+  }
 }
 
 // The options a spiking block fixes at compile time (a mask of these bits), so that its step
@@ -204,15 +215,65 @@ BackwardParams<in_t, acc_t> backward_step_view(const BackwardParams<in_t, acc_t>
   if (p.grad_spikes != nullptr) view.grad_spikes = p.grad_spikes + row;
   if (p.grad_v_seq != nullptr) view.grad_v_seq = p.grad_v_seq + row;
   if (p.grad_v_last != nullptr) view.grad_v_last = p.grad_v_last + n0;
-  if (t > 0) view.h_seq = p.h_seq + (row - p.N);  // H[t-1], the only H row a step reads
   view.v_init = p.v_init + n0 * p.v_init_stride;
   view.grad_x = grad_x_staging ? grad_x_staging : p.grad_x + row;
   return view;
 }
 
+// h_last: H[T-1] of the block's first neuron.
 template <int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t n0, BackwardState<kLanes, acc_t>* state) {
-  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes, SURROGATE>(p, n0 + g * kLanes, state[g]);
+PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
+                                   BackwardState<kLanes, acc_t>* state) {
+  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes, SURROGATE>(p, n0 + g * kLanes, h_last + g * kLanes, state[g]);
+}
+
+template <int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
+                         BackwardState<kLanes, acc_t>* state) {
+  if (p.k_stride == 0) backward_begin_groups<SURROGATE>(with_strides<0, 0>(p), n0, h_last, state);
+  else backward_begin_groups<SURROGATE>(with_strides<1, 0>(p), n0, h_last, state);
+}
+
+// Step t of every group of the block, H[t-1] of the block's first neuron in h_prev_row.
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, const acc_t* h_prev_row,
+                                 in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
+  BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, grad_x_staging);
+  fix_options<OPTIONS>(view);
+  if (t >= 1 && p.grad_spikes != nullptr) prefetch_row(p.grad_spikes + (t - 1) * p.N + n0);
+  for (int g = 0; g < kGroups; ++g) {
+    backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
+  }
+  if (grad_x_staging != nullptr) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, kBlock * sizeof(in_t));
+}
+
+// kSaveCheckpoints: each chunk of kCheckpointSteps steps, from the last, has its H recomputed
+// into rows that stay in the core's caches, then is walked back (see backward_scan).
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, index_t n0, in_t* grad_x_staging,
+                                        BackwardState<kLanes, acc_t>* state) {
+  // h_rows[i + 1]: H[t0 + i] of the block; h_rows[0]: the checkpoint H[t0 - 1].
+  acc_t h_rows[kCheckpointSteps + 1][kBlock];
+  const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+  for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
+    const index_t t0 = chunk * kCheckpointSteps;
+    const int count = static_cast<int>(std::min<index_t>(kCheckpointSteps, p.T - t0));
+    ForwardState<kLanes, acc_t> forward_state[kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      recompute_chunk_begin<kLanes, SURROGATE>(p, chunk, n0 + g * kLanes, forward_state[g], h_rows[0] + g * kLanes);
+    }
+    for (int i = 0; i < count; ++i) {
+      const in_t* const x_row = p.x + (t0 + i) * p.N + n0;
+      if (i + 1 < count) prefetch_row(x_row + p.N);
+      for (int g = 0; g < kGroups; ++g) {
+        recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
+      }
+    }
+    if (chunk == last_chunk) begin_block<SURROGATE>(p, n0, h_rows[count], state);
+    for (int i = count - 1; i >= 0; --i) {
+      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, h_rows[i], grad_x_staging, state);
+    }
+  }
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
@@ -221,15 +282,15 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   fix_options<OPTIONS>(p);
   BackwardState<kLanes, acc_t> state[kGroups];
   in_t grad_x_staging[kBlock];
-  if (p.k_stride == 0) backward_begin_groups<SURROGATE>(with_strides<0, 0>(p), n0, state);
-  else backward_begin_groups<SURROGATE>(with_strides<1, 0>(p), n0, state);
-  for (index_t t = p.T - 1; t >= 0; --t) {
-    BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, stream ? grad_x_staging : nullptr);
-    fix_options<OPTIONS>(view);
-    if (t >= 1 && p.grad_spikes != nullptr) prefetch_row(p.grad_spikes + (t - 1) * p.N + n0);
-    if (t >= 2) prefetch_row(p.h_seq + (t - 2) * p.N + n0);
-    for (int g = 0; g < kGroups; ++g) backward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
-    if (stream) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, sizeof(grad_x_staging));
+  in_t* const staging = stream ? grad_x_staging : nullptr;
+  if (p.opts.h_checkpoints) {
+    backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, staging, state);
+  } else {
+    begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
+    for (index_t t = p.T - 1; t >= 0; --t) {
+      if (t >= 2) prefetch_row(p.h_seq + (t - 2) * p.N + n0);
+      backward_block_step<SURROGATE, OPTIONS>(p, t, n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr, staging, state);
+    }
   }
   for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
   if (stream) fence_streamed_rows();
@@ -282,7 +343,8 @@ void with_options(const Options<acc_t>& o, Fn fn) {
 
 template <int SURROGATE, typename in_t, typename acc_t>
 void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
-  const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.v_seq != nullptr) + (p.h_seq != nullptr));
+  const bool stream =
+      exceeds_cache<in_t>(p.T, p.N, 2 + (p.v_seq != nullptr) + (p.h_seq != nullptr && !p.opts.h_checkpoints));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
         p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0) {

@@ -382,7 +382,7 @@ __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_
                                                  const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x,
                                                  index_t n0) {
   BackwardState<LANES, acc_t> st;
-  backward_begin<LANES, SURROGATE>(p, n0, st);
+  backward_begin<LANES, SURROGATE>(p, n0, h_seq + (p.T - 1) * p.N + n0, st);
   const Options<acc_t> o = p.opts;
   // One loop with one call site of each step function: the code is instantiated per surrogate
   // and path, and its size is what the build's time goes into.

@@ -260,6 +260,12 @@ PLIF_HD acc_t load_as(const in_t& v) { return static_cast<acc_t>(v); }
 template <typename out_t, typename acc_t>
 PLIF_HD out_t store_as(acc_t v) { return static_cast<out_t>(v); }
 
+// ---- checkpoints (kSaveCheckpoints) -----------------------------------------------------------
+// Step t's H is a checkpoint where it ends a chunk of kCheckpointSteps steps other than the last.
+PLIF_HD bool is_checkpoint_step(index_t t, index_t T) { return (t + 1) % kCheckpointSteps == 0 && t + 1 < T; }
+// Its row among the checkpoints: H[K-1] is row 0, H[2K-1] row 1, ...
+PLIF_HD index_t checkpoint_row(index_t t) { return (t + 1) / kCheckpointSteps - 1; }
+
 // ---- the scans ------------------------------------------------------------------------------
 // Each scan is split into begin / step / end over an explicit state, so that a backend can
 // interleave the steps of several groups of lanes (the CPU kernel walks a wide block of
@@ -291,8 +297,9 @@ PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_
   for (int j = 0; j < LANES; ++j) {
     spikes_row[j] = store_as<in_t>(forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o, h[j]));
   }
-  if (p.h_seq != nullptr) {
-    for (int j = 0; j < LANES; ++j) p.h_seq[row + j] = h[j];
+  if (p.h_seq != nullptr && (!o.h_checkpoints || is_checkpoint_step(t, p.T))) {
+    acc_t* const h_row = p.h_seq + (o.h_checkpoints ? checkpoint_row(t) * p.N + n0 : row);
+    for (int j = 0; j < LANES; ++j) h_row[j] = h[j];
   }
   if (p.v_seq != nullptr) {
     for (int j = 0; j < LANES; ++j) p.v_seq[row + j] = store_as<in_t>(st.v[j]);
@@ -324,14 +331,15 @@ struct BackwardState {
   acc_t grad_k_sum[LANES];
 };
 
+// h_last: H[T-1] of these lanes.
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, BackwardState<LANES, acc_t>& st) {
-  const index_t last = (p.T - 1) * p.N + n0;
+PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
+                            BackwardState<LANES, acc_t>& st) {
   for (int j = 0; j < LANES; ++j) {
     st.k[j] = p.k[(n0 + j) * p.k_stride];
     st.grad_h_next[j] = acc_t(0);
     st.grad_k_sum[j] = acc_t(0);
-    st.h[j] = p.h_seq[last + j];
+    st.h[j] = h_last[j];
     st.s[j] = fire<SURROGATE>(st.h[j], p.opts);
   }
 }
@@ -343,12 +351,12 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, Ba
 // dropped, not multiplied as a zero, since 0 * surrogate'(NaN) or 0 * dV/dH(inf) is NaN.
 // `through_spike` says whether dL/dS[t] arrives (grad_spikes present), `through_membrane` whether
 // dL/dV[t] does (always below T-1 once anything arrives; at T-1 only from v_seq or v_last).
+// h_prev_row: H[t-1] of these lanes (where HAS_PREV).
 template <bool HAS_PREV, int LANES, int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
+PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0, const acc_t* h_prev_row,
                             const acc_t (&grad_v)[LANES], const acc_t (&grad_s)[LANES], bool through_spike,
                             bool through_membrane, BackwardState<LANES, acc_t>& st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
-  const acc_t* const h_prev_row = HAS_PREV ? p.h_seq + (row - p.N) : nullptr;
   in_t* const grad_x_row = p.grad_x + row;
   const acc_t* const v_init = p.v_init;
   const index_t v_init_stride = p.v_init_stride;
@@ -371,8 +379,9 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
   }
 }
 
+// One step t back in time; h_prev_row: H[t-1] of these lanes (unused at t = 0).
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0,
+PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, const acc_t* h_prev_row,
                            BackwardState<LANES, acc_t>& st) {
   const index_t row = t * p.N + n0;
   acc_t grad_v[LANES], grad_s[LANES];
@@ -393,10 +402,38 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
   const bool through_membrane =
       p.grad_v_seq != nullptr || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
   if (t > 0) {
-    backward_lanes<true, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, through_spike, through_membrane, st);
+    backward_lanes<true, LANES, SURROGATE>(p, row, n0, h_prev_row, grad_v, grad_s, through_spike, through_membrane,
+                                           st);
   } else {
-    backward_lanes<false, LANES, SURROGATE>(p, row, n0, grad_v, grad_s, through_spike, through_membrane, st);
+    backward_lanes<false, LANES, SURROGATE>(p, row, n0, h_prev_row, grad_v, grad_s, through_spike,
+                                            through_membrane, st);
   }
+}
+
+// The forward state entering chunk `chunk` (kSaveCheckpoints): k, and v_init or the membrane
+// after the checkpoint H[t0 - 1], which goes to h_before as well (the H the chunk's first step
+// reads as H[t-1]); h_before is left alone for chunk 0.
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void recompute_chunk_begin(const BackwardParams<in_t, acc_t>& p, index_t chunk, index_t n0,
+                                   ForwardState<LANES, acc_t>& st, acc_t* h_before) {
+  const Options<acc_t> o = p.opts;
+  for (int j = 0; j < LANES; ++j) st.k[j] = p.k[(n0 + j) * p.k_stride];
+  if (chunk == 0) {
+    for (int j = 0; j < LANES; ++j) st.v[j] = p.v_init[(n0 + j) * p.v_init_stride];
+  } else {
+    const acc_t* const checkpoint = p.h_seq + (chunk - 1) * p.N + n0;
+    for (int j = 0; j < LANES; ++j) {
+      h_before[j] = checkpoint[j];
+      st.v[j] = reset(h_before[j], fire<SURROGATE>(h_before[j], o), o);
+    }
+  }
+}
+
+// One forward step recomputed for the backward: H into h_row, nothing stored elsewhere. The
+// same expressions as forward_step, so the same bits.
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void recompute_step(const in_t* x_row, const Options<acc_t>& o, ForwardState<LANES, acc_t>& st, acc_t* h_row) {
+  for (int j = 0; j < LANES; ++j) forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o, h_row[j]);
 }
 
 // Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and the sum is 0 (or NaN
@@ -415,11 +452,30 @@ PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, cons
 }
 
 // Backward over all T steps (T >= 1) for neurons n0 .. n0 + LANES - 1 (all in range).
+// From every H (kSaveH), or from X and the checkpoints: then chunk by chunk from the last, each
+// chunk's H recomputed first (recompute_chunk_begin, recompute_step) and walked back.
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
   BackwardState<LANES, acc_t> st;
-  backward_begin<LANES, SURROGATE>(p, n0, st);
-  for (index_t t = p.T - 1; t >= 0; --t) backward_step<LANES, SURROGATE>(p, t, n0, st);
+  if (!p.opts.h_checkpoints) {
+    backward_begin<LANES, SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, st);
+    for (index_t t = p.T - 1; t >= 0; --t) {
+      backward_step<LANES, SURROGATE>(p, t, n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr, st);
+    }
+  } else {
+    // h[i + 1]: H[t0 + i]; h[0]: H[t0 - 1], the checkpoint before the chunk.
+    acc_t h[kCheckpointSteps + 1][LANES];
+    const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+    for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
+      const index_t t0 = chunk * kCheckpointSteps;
+      const int count = static_cast<int>(p.T - t0 < kCheckpointSteps ? p.T - t0 : kCheckpointSteps);
+      ForwardState<LANES, acc_t> fst;
+      recompute_chunk_begin<LANES, SURROGATE>(p, chunk, n0, fst, h[0]);
+      for (int i = 0; i < count; ++i) recompute_step<LANES, SURROGATE>(p.x + (t0 + i) * p.N + n0, p.opts, fst, h[i + 1]);
+      if (chunk == last_chunk) backward_begin<LANES, SURROGATE>(p, n0, h[count], st);
+      for (int i = count - 1; i >= 0; --i) backward_step<LANES, SURROGATE>(p, t0 + i, n0, h[i], st);
+    }
+  }
   backward_end<LANES>(p, n0, st);
 }
 

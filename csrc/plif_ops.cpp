@@ -66,16 +66,16 @@ void check_per_neuron(const Tensor& t, const char* name, const c10::Device& devi
               " values (one per neuron), got ", t.numel());
 }
 
-void check_seq(const Tensor& t, const char* name, const Tensor& h_seq, at::ScalarType x_dtype) {
-  TORCH_CHECK(t.device() == h_seq.device(), name, " is on ", t.device(), " but expected ", h_seq.device());
-  TORCH_CHECK(t.sizes() == h_seq.sizes(), name, " must have shape ", h_seq.sizes(), ", got ", t.sizes());
+void check_seq(const Tensor& t, const char* name, const Tensor& like, at::ScalarType x_dtype) {
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but expected ", like.device());
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x_dtype, name, " must have dtype ", x_dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 template <typename acc_t>
 Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-                            bool detach_reset, int64_t surrogate, double alpha, bool spiking) {
+                            bool detach_reset, int64_t surrogate, double alpha, bool spiking, bool h_checkpoints) {
   TORCH_CHECK(surrogate >= kSigmoid && surrogate <= kErf, "surrogate id out of range: ", surrogate);
   TORCH_CHECK(spiking || surrogate != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
   Options<acc_t> o;
@@ -87,12 +87,20 @@ Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset,
   o.decay_input = decay_input;
   o.detach_reset = detach_reset;
   o.spiking = spiking;
+  o.h_checkpoints = h_checkpoints;
   return o;
 }
 
 // [T, N] outputs: on CPU from the page-resident cache (plif_cpu_buffers.h).
 Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
+}
+
+// The checkpoint rows of H for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
+Tensor checkpoints_like(const Tensor& x, at::ScalarType acc_type) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes[0] = checkpoint_rows(sizes[0]);
+  return at::empty(sizes, x.options().dtype(acc_type));
 }
 
 template <typename T>
@@ -169,20 +177,25 @@ void dispatch_types(at::ScalarType t, Fn fn) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
     bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
-    bool store_v_seq, bool save_h, int64_t launcher) {
+    bool store_v_seq, int64_t save, int64_t launcher) {
   TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   const int64_t T = x.size(0);
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
   check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
   check_per_neuron(v_init, "v_init", x.device(), x.scalar_type(), N);
+  TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
+              "save must be 0 (nothing), 1 (every H) or 2 (checkpoints), got ", save);
   check_launcher(launcher);
+  TORCH_CHECK(x.is_cpu() || save != kSaveCheckpoints, "save=2 (checkpoints) is not implemented for CUDA tensors yet");
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
   Tensor v_last = at::empty(x.sizes().slice(1), x.options().dtype(acc_type));
   Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor h_seq = save_h ? empty_output(x.sizes(), x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
+  Tensor h_seq = save == kSaveH ? empty_output(x.sizes(), x.options().dtype(acc_type))
+                 : save == kSaveCheckpoints ? checkpoints_like(x, acc_type)
+                                            : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
     v_last.view({N}).copy_(v_init.reshape({-1}).expand({N}));
@@ -204,7 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
     p.N = N;
-    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
+                                 save == kSaveCheckpoints);
     if (x.is_cpu()) {
       forward_cpu(p);
     } else {
@@ -224,26 +238,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
 
 std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last,
-    const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq, const Tensor& k, const Tensor& v_init,
-    at::ScalarType x_dtype, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-    bool detach_reset, int64_t surrogate, double alpha, bool spiking, int64_t launcher) {
+    const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq, const std::optional<Tensor>& x, const Tensor& k,
+    const Tensor& v_init, at::ScalarType x_dtype, double v_threshold, double v_reset, bool soft_reset,
+    bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking, int64_t launcher) {
   TORCH_CHECK(h_seq.dim() >= 1, "h_seq must have a time dimension");
   TORCH_CHECK(h_seq.scalar_type() == compute_type_of(x_dtype), "h_seq must have dtype ", compute_type_of(x_dtype));
   TORCH_CHECK(h_seq.is_contiguous(), "h_seq must be contiguous");
-  const int64_t T = h_seq.size(0);
-  const int64_t N = c10::multiply_integers(h_seq.sizes().slice(1));
+  // With x (kSaveCheckpoints), h_seq holds H's checkpoint rows and x gives the shape.
+  const Tensor& shape_source = x ? *x : h_seq;
+  if (x) {
+    TORCH_CHECK(x->dim() >= 1, "x must have a time dimension");
+    TORCH_CHECK(x->device() == h_seq.device(), "x is on ", x->device(), " but h_seq is on ", h_seq.device());
+    TORCH_CHECK(x->scalar_type() == x_dtype, "x must have dtype ", x_dtype, ", got ", x->scalar_type());
+    TORCH_CHECK(x->is_contiguous(), "x must be contiguous");
+    std::vector<int64_t> expected(x->sizes().begin(), x->sizes().end());
+    expected[0] = checkpoint_rows(expected[0]);
+    TORCH_CHECK(h_seq.sizes() == at::IntArrayRef(expected), "h_seq must hold the checkpoint rows of x: shape ",
+                at::IntArrayRef(expected), ", got ", h_seq.sizes());
+  }
+  const int64_t T = shape_source.size(0);
+  const int64_t N = c10::multiply_integers(shape_source.sizes().slice(1));
   check_per_neuron(k, "k", h_seq.device(), x_dtype, N);
   check_per_neuron(v_init, "v_init", h_seq.device(), x_dtype, N);
-  if (grad_spikes) check_seq(*grad_spikes, "grad_spikes", h_seq, x_dtype);
-  if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", h_seq, x_dtype);
+  if (grad_spikes) check_seq(*grad_spikes, "grad_spikes", shape_source, x_dtype);
+  if (grad_v_seq) check_seq(*grad_v_seq, "grad_v_seq", shape_source, x_dtype);
   if (grad_v_last) {
     TORCH_CHECK(grad_v_last->numel() == N && grad_v_last->is_contiguous() &&
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
   check_launcher(launcher);
+  TORCH_CHECK(h_seq.is_cpu() || !x, "recomputing H from x is not implemented for CUDA tensors yet");
 
-  Tensor grad_x = empty_output(h_seq.sizes(), h_seq.options().dtype(x_dtype));
+  Tensor grad_x = empty_output(shape_source.sizes(), h_seq.options().dtype(x_dtype));
   Tensor grad_k = at::empty({N}, h_seq.options());
   Tensor grad_v_init = at::empty({N}, h_seq.options());
   if (N == 0) return {grad_x, grad_k, grad_v_init};
@@ -261,7 +288,8 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.grad_spikes = grad_spikes ? ptr_or_null<in_t>(*grad_spikes) : nullptr;
     p.grad_v_last = grad_v_last ? ptr_or_null<acc_t>(*grad_v_last) : nullptr;
     p.grad_v_seq = grad_v_seq ? ptr_or_null<in_t>(*grad_v_seq) : nullptr;
-    p.h_seq = h_seq.data_ptr<acc_t>();
+    p.h_seq = ptr_or_null<acc_t>(h_seq);
+    p.x = x ? x->data_ptr<in_t>() : nullptr;
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.grad_x = grad_x.data_ptr<in_t>();
@@ -271,7 +299,8 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
     p.N = N;
-    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
+                                 x.has_value());
     if (h_seq.is_cpu()) {
       backward_cpu(p);
     } else {
@@ -296,9 +325,9 @@ TORCH_LIBRARY(plif_cuda, m) {
   m.def(
       "multistep_forward(Tensor x, Tensor k, Tensor v_init, float v_threshold, float v_reset, "
       "bool soft_reset, bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, "
-      "bool store_v_seq, bool save_h, int launcher=0) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
+      "bool store_v_seq, int save, int launcher=0) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
   m.def(
-      "multistep_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
+      "multistep_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, Tensor? x, "
       "Tensor k, Tensor v_init, ScalarType x_dtype, float v_threshold, float v_reset, bool soft_reset, "
       "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, int launcher=0) "
       "-> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)");

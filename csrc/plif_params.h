@@ -19,6 +19,17 @@ enum SurrogateId : int {
   kErf = 6,
 };
 
+// What a forward keeps for the backward (the forward op's `save` argument; plif_cuda/ops.py
+// names the same values). kSaveCheckpoints keeps H only at the last step of every chunk of
+// kCheckpointSteps steps but the final one (rows K-1, 2K-1, ...: (T-1)/K rows of N), and the
+// backward, given X as well, recomputes each chunk's H from X and the checkpoint before it:
+// bit for bit the H the forward computed, so the backward is the same as from every H.
+enum SaveMode : int { kSaveNothing = 0, kSaveH = 1, kSaveCheckpoints = 2 };
+enum CheckpointGeometry : int { kCheckpointSteps = 8 };
+
+// Rows of H kept in kSaveCheckpoints mode for T steps.
+inline index_t checkpoint_rows(index_t T) { return T > 0 ? (T - 1) / kCheckpointSteps : 0; }
+
 // Options that are uniform over the whole launch. They are runtime values, not template
 // parameters: every neuron takes the same branch, so on a GPU the branch is warp-uniform
 // and on a CPU the compiler hoists it out of the vectorised loops.
@@ -32,6 +43,7 @@ struct Options {
   bool decay_input;
   bool detach_reset;
   bool spiking;
+  bool h_checkpoints;  // h_seq holds the checkpoint rows only (kSaveCheckpoints)
 };
 
 // The boolean options packed into one int, for kernels that take scalar arguments only
@@ -41,12 +53,14 @@ enum OptionFlags : int {
   kFlagDecayInput = 2,
   kFlagDetachReset = 4,
   kFlagSpiking = 8,
+  kFlagHCheckpoints = 16,
 };
 
 template <typename acc_t>
 inline int option_flags(const Options<acc_t>& o) {
   return (o.soft_reset ? kFlagSoftReset : 0) | (o.decay_input ? kFlagDecayInput : 0) |
-         (o.detach_reset ? kFlagDetachReset : 0) | (o.spiking ? kFlagSpiking : 0);
+         (o.detach_reset ? kFlagDetachReset : 0) | (o.spiking ? kFlagSpiking : 0) |
+         (o.h_checkpoints ? kFlagHCheckpoints : 0);
 }
 
 // The kernels' scalar arguments, in their parameter order (plif_kernels.cuh), passed to `fn`.
@@ -69,7 +83,7 @@ struct ForwardParams {
   in_t* spikes;         // [T, N]
   acc_t* v_last;        // [N], in the compute dtype: the state a layer carries to its next call
   in_t* v_seq;          // [T, N] or null (store_v_seq off)
-  acc_t* h_seq;         // [T, N] or null (nothing saved for backward)
+  acc_t* h_seq;         // [T, N], checkpoint rows only ([(T-1)/K, N], opts.h_checkpoints), or null
   index_t k_stride;
   index_t v_init_stride;
   index_t T;
@@ -82,7 +96,8 @@ struct BackwardParams {
   const in_t* grad_spikes;  // [T, N] or null (zero)
   const acc_t* grad_v_last; // [N] or null (zero)
   const in_t* grad_v_seq;   // [T, N] or null (zero)
-  const acc_t* h_seq;       // [T, N]: H saved by the forward
+  const acc_t* h_seq;       // [T, N]: H saved by the forward, or its checkpoint rows (opts.h_checkpoints)
+  const in_t* x;            // [T, N]: the forward's input where h_seq holds checkpoints, else null
   const acc_t* k;
   const acc_t* v_init;
   in_t* grad_x;             // [T, N]

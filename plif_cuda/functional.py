@@ -19,6 +19,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import backends
+from .ops import save_mode
 from .reference import compute_dtype, plif_multistep_ref
 from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, in_functorch_transform, resolve_surrogate
 
@@ -166,11 +167,13 @@ def multistep_keeping_state(
     x_op, order = _to_op_layout(x_seq)
     k_op = _per_neuron(k, step_shape, order, acc)
     v_init_op = _per_neuron(v_init, step_shape, order, acc)
-    save_h = torch.is_grad_enabled() and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad)
+    save = save_mode(
+        x_op, torch.is_grad_enabled() and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad)
+    )
     forward_op = backends.forward_op(chosen)
     spikes, v_last, v_seq, _ = forward_op(
         x_op, k_op, v_init_op, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None, decay_input,
-        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save_h, backends.launcher(chosen),
+        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save, backends.launcher(chosen),
     )
     back = [0] + [d + 1 for d in _inverse(order)]
     spike_seq = spikes.permute(back)

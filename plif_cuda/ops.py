@@ -50,32 +50,62 @@ def extension_has_cuda() -> bool:
     return _EXTENSION_HAS_CUDA
 
 
+# The forward op's `save` argument (enum SaveMode of csrc/plif_params.h): what it keeps for
+# the backward. SAVE_CHECKPOINTS keeps H only every CHECKPOINT_STEPS steps (its h_seq output is
+# [(T-1) // CHECKPOINT_STEPS, *S]) and autograd keeps x: the backward recomputes H from them.
+SAVE_NOTHING = 0
+SAVE_H = 1
+SAVE_CHECKPOINTS = 2
+CHECKPOINT_STEPS = 8
+
+
+def save_mode(x: torch.Tensor, needs_grad: bool) -> int:
+    """What a differentiable forward of ``x`` keeps: float16/bfloat16 inputs keep themselves
+    (2 bytes per neuron-step) and fp32 checkpoints of H (at most 0.5 more), fp32/fp64 keep H
+    (as small as the input, and nothing to recompute)."""
+    if not needs_grad:
+        return SAVE_NOTHING
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        return SAVE_CHECKPOINTS
+    return SAVE_H
+
+
+def checkpoint_rows(steps: int) -> int:
+    return (steps - 1) // CHECKPOINT_STEPS if steps > 0 else 0
+
+
 # `launcher` has the schema's default: opcheck calls the fake kernels with the arguments as given.
 def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha,
-                  spiking, store_v_seq, save_h, launcher=COMPILED_LAUNCHER):
+                  spiking, store_v_seq, save, launcher=COMPILED_LAUNCHER):
     acc = compute_dtype(x.dtype)
     spikes = x.new_empty(x.shape)
     v_last = x.new_empty(x.shape[1:], dtype=acc)
     v_seq = x.new_empty(x.shape) if store_v_seq else x.new_empty((0,))
-    h_seq = x.new_empty(x.shape, dtype=acc) if save_h else x.new_empty((0,), dtype=acc)
+    if save == SAVE_H:
+        h_seq = x.new_empty(x.shape, dtype=acc)
+    elif save == SAVE_CHECKPOINTS:
+        h_seq = x.new_empty((checkpoint_rows(x.shape[0]), *x.shape[1:]), dtype=acc)
+    else:
+        h_seq = x.new_empty((0,), dtype=acc)
     return spikes, v_last, v_seq, h_seq
 
 
-def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, x_dtype, v_threshold, v_reset,
+def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, x_dtype, v_threshold, v_reset,
                    soft_reset, decay_input, detach_reset, surrogate, alpha, spiking, launcher=COMPILED_LAUNCHER):
-    neurons = h_seq.shape[1:].numel()
+    shape = h_seq.shape if x is None else x.shape
+    neurons = shape[1:].numel()
     return (
-        h_seq.new_empty(h_seq.shape, dtype=x_dtype),
+        h_seq.new_empty(shape, dtype=x_dtype),
         h_seq.new_empty((neurons,)),
         h_seq.new_empty((neurons,)),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, k, v_init, *options, store_v_seq, save_h, launcher = inputs
-    if not save_h:
+    x, k, v_init, *options, store_v_seq, save, launcher = inputs
+    if save == SAVE_NOTHING:
         raise RuntimeError(
-            "plif_cuda: the forward ran with save_h=False, so it cannot be differentiated; "
+            "plif_cuda: the forward ran with save=0 (nothing saved), so it cannot be differentiated; "
             "call it through plif_cuda.plif_multistep"
         )
     # Outputs nobody differentiates (h_seq always, often v_seq) then arrive as None instead of
@@ -85,7 +115,12 @@ def _setup_context(ctx, inputs, output):
     ctx.x_dtype = x.dtype
     ctx.store_v_seq = store_v_seq
     ctx.launcher = launcher
-    ctx.save_for_backward(output[3], k, v_init)
+    if save == SAVE_CHECKPOINTS:
+        # The checkpoint rows are a means of the backward, not a function anyone differentiates.
+        ctx.mark_non_differentiable(output[3])
+        ctx.save_for_backward(output[3], k, v_init, x)
+    else:
+        ctx.save_for_backward(output[3], k, v_init, None)
 
 
 # Values per row of the fixed-order sum below.
@@ -119,10 +154,13 @@ def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor) -> torch.Tenso
 
 
 def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
-    h_seq, k, v_init = ctx.saved_tensors
+    h_seq, k, v_init, x = ctx.saved_tensors
     if torch.is_grad_enabled() or grad_h_seq is not None:
         # create_graph=True (a higher-order gradient will follow), or the second pass of
         # one: the fused backward op has no derivative of its own.
+        if x is not None:
+            # Every H, as a differentiable function of (x, k, v_init): the forward op again.
+            h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *ctx.options, False, SAVE_H, ctx.launcher)[3]
         grad_x, grad_k, grad_v_init = _differentiable_backward(
             grad_spikes, grad_v_last, grad_v_seq if ctx.store_v_seq else None, grad_h_seq, h_seq, k, v_init,
             *ctx.options,
@@ -134,6 +172,7 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             None if grad_v_last is None else grad_v_last.contiguous(),
             grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
             h_seq,
+            x,
             k,
             v_init,
             ctx.x_dtype,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import plif_cuda
-from plif_cuda import plif_multistep
+from plif_cuda import ops, plif_multistep
 from plif_cuda.surrogate import SURROGATE_IDS
 
 
@@ -145,9 +145,9 @@ def test_module_bad_backend_and_options():
 
 
 # ---- the raw ops: bad calls are errors, not crashes -------------------------------------------------
-def _raw_forward(x, k, v_init, surrogate=SURROGATE_IDS["sigmoid"], spiking=True, save_h=False):
+def _raw_forward(x, k, v_init, surrogate=SURROGATE_IDS["sigmoid"], spiking=True, save=ops.SAVE_NOTHING):
     return torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, surrogate, 4.0,
-                                                 spiking, False, save_h)
+                                                 spiking, False, save)
 
 
 def test_raw_op_checks():
@@ -167,5 +167,7 @@ def test_raw_op_checks():
         _raw_forward(x, one, one, surrogate=SURROGATE_IDS["super_spike"], spiking=False)
     with pytest.raises(RuntimeError, match=r"\bx\b"):
         _raw_forward(torch.ones((3, 4), dtype=torch.int32), one, one)
-    with pytest.raises(RuntimeError, match="save_h"):
-        _raw_forward(x.requires_grad_(), one, one, save_h=False)
+    with pytest.raises(RuntimeError, match="save=0"):
+        _raw_forward(x.requires_grad_(), one, one)
+    with pytest.raises(RuntimeError, match="save must be 0 .*, 1 .* or 2 .*, got 3"):
+        _raw_forward(x, one, one, save=3)

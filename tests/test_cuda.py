@@ -371,7 +371,7 @@ def test_cuda_opcheck(backend):
     v_init = torch.zeros(1, device=CUDA)
     options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
     torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
-                          (x, k, v_init, *options, True, True, backends.launcher(backend)))
+                          (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend)))
 
 
 @pytest.mark.parametrize("argument", ("w", "v_init"))
@@ -404,13 +404,13 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
     k = torch.sigmoid(tau_weight((45,), seed=34, dtype=acc))
     v_init = random_on_cuda((1,), seed=35, dtype=acc)
     scalars = (*OP_OPTION_SETS[options], SURROGATE_IDS["atan"], 1.7, spiking)
-    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, True, ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, True, ops.NVRTC_LAUNCHER)
+    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.COMPILED_LAUNCHER)
+    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
     grads = (random_on_cuda(x.shape, 36, dtype), random_on_cuda(x.shape[1:], 37, acc), random_on_cuda(x.shape, 38, dtype))
-    compiled = torch.ops.plif_cuda.multistep_backward(*grads, compiled[3], k, v_init, dtype, *scalars,
+    compiled = torch.ops.plif_cuda.multistep_backward(*grads, compiled[3], None, k, v_init, dtype, *scalars,
                                                       ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_backward(*grads, nvrtc[3], k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER)
+    nvrtc = torch.ops.plif_cuda.multistep_backward(*grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)

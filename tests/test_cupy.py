@@ -223,7 +223,7 @@ def test_cuda_tensors_reach_the_op_in_every_build():
 
 def _backward_case(**overrides):
     args = dict(grad_spikes=torch.zeros(4, 6), grad_v_last=torch.zeros(6), grad_v_seq=None,
-                h_seq=torch.zeros(4, 6), k=torch.full((1,), 0.5), v_init=torch.zeros(1))
+                h_seq=torch.zeros(4, 6), x=None, k=torch.full((1,), 0.5), v_init=torch.zeros(1))
     args.update(overrides)
     return args
 
@@ -241,7 +241,7 @@ BAD_BACKWARD = {
 @pytest.mark.parametrize("case", BAD_BACKWARD, ids=list(BAD_BACKWARD))
 def test_backward_op_checks(case):
     args, message = BAD_BACKWARD[case]
-    positional = [args[n] for n in ("grad_spikes", "grad_v_last", "grad_v_seq", "h_seq", "k", "v_init")]
+    positional = [args[n] for n in ("grad_spikes", "grad_v_last", "grad_v_seq", "h_seq", "x", "k", "v_init")]
     with pytest.raises(RuntimeError, match=re.escape(message)):
         torch.ops.plif_cuda.multistep_backward(*positional, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
 
@@ -249,13 +249,13 @@ def test_backward_op_checks(case):
 def test_op_refuses_an_unknown_launcher():
     x, k = torch.zeros(3, 4), torch.full((1,), 0.5)
     with pytest.raises(RuntimeError, match="launcher must be 0 .* or 1 .*, got 2"):
-        torch.ops.plif_cuda.multistep_forward(x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, False, 2)
+        torch.ops.plif_cuda.multistep_forward(x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_NOTHING, 2)
 
 
 def test_cpu_tensors_ignore_the_launcher():
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) + 0.6
     k, v_init = torch.full((1,), 0.4), torch.zeros(7)
-    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True, True, True)
+    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True, True, ops.SAVE_H)
     compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.COMPILED_LAUNCHER)
     nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.NVRTC_LAUNCHER)
     assert compiled[0].any()
@@ -279,7 +279,7 @@ def test_launcher_reaches_the_backward():
             return func(*args, **(kwargs or {}))
 
     spikes = torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, False,
-                                                   True, ops.NVRTC_LAUNCHER)[0]
+                                                   ops.SAVE_H, ops.NVRTC_LAUNCHER)[0]
     with RecordBackwardLauncher():
         spikes.sum().backward()
     assert calls == [ops.NVRTC_LAUNCHER]

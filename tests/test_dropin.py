@@ -204,7 +204,7 @@ def test_op_returns_v_last_in_the_compute_dtype():
     for device in ("cpu", "meta"):
         spikes, v_last, v_seq, _ = torch.ops.plif_cuda.multistep_forward(
             x.to(device), one.to(device) * 0.5, one.to(device) * 0, 1.0, 0.0, False, True, False, 0, 4.0, True,
-            True, False)
+            True, 0)
         assert (spikes.dtype, v_last.dtype, v_seq.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     spike_seq, v_last, _ = plif_cuda.plif_multistep(x, torch.zeros(()))
     assert v_last.dtype == torch.bfloat16  # the public function keeps x_seq's dtype

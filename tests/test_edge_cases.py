@@ -223,7 +223,7 @@ def test_backward_with_no_incoming_gradient_gives_zeros():
     h_seq = torch.tensor([[0.5, float("nan")], [float("inf"), 0.2]])
     k, v_init = torch.tensor([0.5]), torch.tensor([0.0])
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        None, None, None, h_seq, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
+        None, None, None, h_seq, None, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
     assert torch.equal(grad_x, torch.zeros(2, 2))
     assert torch.equal(grad_k, torch.zeros(2)) and torch.equal(grad_v_init, torch.zeros(2))
 

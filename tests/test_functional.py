@@ -22,6 +22,7 @@ from conftest import (
     run_with_grads,
 )
 from plif_cuda import backends as plif_backends
+from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 from plif_cuda.reference import compute_dtype
 
@@ -314,8 +315,8 @@ def test_meta_tensors_give_output_shapes(layout):
 
 
 # ---- what backward keeps ------------------------------------------------------------------------
-# Position of save_h among the forward op's arguments (the launcher follows it).
-SAVE_H = 12
+# Position of `save` among the forward op's arguments (the launcher follows it).
+SAVE_ARGUMENT = 12
 
 
 def _record_forward_calls(monkeypatch):
@@ -349,7 +350,7 @@ def test_no_grad_saves_nothing(backend, monkeypatch):
         plif_multistep(x_seq.detach(), w.detach(), backend=backend)
     assert packed == []
     assert spikes.grad_fn is None and v_last.grad_fn is None
-    assert [call[SAVE_H] for call in calls] == [False, False], "save_h must be False when nothing needs a gradient"
+    assert [call[SAVE_ARGUMENT] for call in calls] == [plif_ops.SAVE_NOTHING] * 2, "nothing to save without a gradient"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -362,7 +363,7 @@ def test_backward_keeps_one_sequence_tensor(backend, monkeypatch):
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         spikes, v_last, v_seq = plif_multistep(x_seq, w, backend=backend, store_v_seq=True)
-    assert calls[0][SAVE_H] is True
+    assert calls[0][SAVE_ARGUMENT] == plif_ops.SAVE_H
     sequence_sized = [t for t in packed if t.numel() >= x_seq.numel()]
     assert len(sequence_sized) == 1, [tuple(t.shape) for t in packed]
     assert all(t.numel() <= x_seq[0].numel() for t in packed if t.numel() < x_seq.numel())

@@ -24,6 +24,7 @@ import torch
 import plif_cuda  # noqa: F401  (loads the compiled ops)
 from conftest import SURROGATE_CASES
 from plif_cuda import _nvrtc
+from plif_cuda import ops as plif_ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS
 
@@ -160,7 +161,7 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
     ops = torch.ops.plif_cuda
 
-    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, True)
+    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, plif_ops.SAVE_H)
     em_x = _placed(x, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
@@ -185,7 +186,7 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
-    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init,
+    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, None, k, v_init,
                                                          dtype, *options)
 
     em_inputs = [None if t is None else _placed(t, at) for t, at in

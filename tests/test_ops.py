@@ -43,14 +43,14 @@ def _op_inputs(device, dtype, per_neuron, requires_grad):
                          ids=("f32-layer", "f64-neuron", "bf16-neuron"))
 def test_opcheck_forward(backend, options, store_v_seq, dtype, per_neuron):
     x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], dtype, per_neuron, requires_grad=True)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, True))
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, plif_ops.save_mode(x, True)))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
 def test_opcheck_forward_without_saving(backend):
     x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], torch.float32, True, requires_grad=False)
     options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, False))
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, plif_ops.SAVE_NOTHING))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
@@ -60,7 +60,9 @@ def test_opcheck_forward_without_saving(backend):
 def test_opcheck_backward(backend, options, which_grads, dtype):
     device = BACKEND_DEVICE[backend]
     x, k, v_init = _op_inputs(device, dtype, per_neuron=True, requires_grad=False)
-    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, True)
+    save = plif_ops.save_mode(x, True)
+    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, save)
+    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
     grad_v_last = make_seq(x.shape[1:], h_seq.dtype, device, seed=2)  # v_last is in the compute dtype
     grad_v_seq = make_seq(x.shape, dtype, device, seed=3)
@@ -70,7 +72,7 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
         grad_spikes = grad_v_seq = None
     torch.library.opcheck(
         torch.ops.plif_cuda.multistep_backward,
-        (grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, dtype, *options),
+        (grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options),
     )
 
 
