@@ -55,19 +55,51 @@ class SpikingConvNet(nn.Module):
 
 
 def neuron_factories(device: torch.device, with_spikingjelly: bool):
-    """(name, make_neuron or None, why missing) for each neuron layer compared."""
-    factories = [
-        ("plif_cuda (auto)", lambda: plif_cuda.ParametricLIFNode(step_mode="m"), None),
-        ("plif_cuda backend='torch'", lambda: plif_cuda.ParametricLIFNode(step_mode="m", backend="torch"), None),
-    ]
+    """(name, make_neuron or None, why missing, dtype) for each neuron layer and dtype compared."""
+    fused = ("plif_cuda (auto)", lambda: plif_cuda.ParametricLIFNode(step_mode="m"), None)
+    reference = ("plif_cuda backend='torch'", lambda: plif_cuda.ParametricLIFNode(step_mode="m", backend="torch"), None)
+    factories = [(*fused, torch.float32), (*reference, torch.float32), (*fused, torch.bfloat16),
+                 (*reference, torch.bfloat16)]
     if with_spikingjelly:
         try:
             neuron = importlib.import_module("spikingjelly.activation_based.neuron")
-            factories.append(("SpikingJelly ParametricLIFNode", lambda: neuron.ParametricLIFNode(step_mode="m"), None))
+            factories.append(("SpikingJelly ParametricLIFNode", lambda: neuron.ParametricLIFNode(step_mode="m"), None,
+                              torch.float32))
         except Exception as error:
             factories.append(("SpikingJelly ParametricLIFNode", None,
-                              f"spikingjelly is not importable ({type(error).__name__}: {error})"))
+                              f"spikingjelly is not importable ({type(error).__name__}: {error})", torch.float32))
     return factories
+
+
+def neuron_saved_bytes_per_step(net: SpikingConvNet, x_seq: torch.Tensor) -> float:
+    """Bytes the neuron layers keep for backward during one forward, per neuron-step (distinct
+    storages saved while a neuron layer runs; what the layers around them keep is not counted)."""
+    inside = []
+    neuron_steps = []
+    storages: dict[int, int] = {}
+
+    def enter(module, args):
+        inside.append(module)
+        neuron_steps.append(args[0].numel())
+
+    def leave(module, args, output):
+        inside.pop()
+
+    def pack(tensor):
+        if inside:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    neurons = (net.neuron1, net.neuron2)
+    handles = [m.register_forward_pre_hook(enter) for m in neurons] + [m.register_forward_hook(leave) for m in neurons]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            net.reset()
+            net(x_seq)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(storages.values()) / sum(neuron_steps)
 
 
 def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int, repeats: int, budget_s: float,
@@ -77,20 +109,23 @@ def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int,
     inputs = [image.unsqueeze(0).expand(T, *image.shape) for image in images]
     labels = [torch.randint(0, CLASSES, (batch,), generator=generator).to(device) for _ in range(4)]
     rows = []
-    for name, make_neuron, why_missing in neuron_factories(device, with_spikingjelly):
-        row = {"layer": name, "device": device.type, "T": T, "batch": batch, "image": [1, IMAGE, IMAGE]}
+    for name, make_neuron, why_missing, dtype in neuron_factories(device, with_spikingjelly):
+        dtype_name = str(dtype).removeprefix("torch.")
+        row = {"layer": name, "dtype": dtype_name, "device": device.type, "T": T, "batch": batch,
+               "image": [1, IMAGE, IMAGE]}
         if make_neuron is None:
             rows.append({**row, "status": "missing", "reason": why_missing})
             progress(f"network {name}: missing ({why_missing})")
             continue
         torch.manual_seed(0)
-        net = SpikingConvNet(make_neuron).to(device)
+        net = SpikingConvNet(make_neuron).to(device, dtype)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        typed_inputs = [x.to(dtype) for x in inputs]
 
         def step(i):
             net.reset()
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(net(inputs[i]), labels[i])
+            loss = nn.functional.cross_entropy(net(typed_inputs[i]).float(), labels[i])
             loss.backward()
             optimizer.step()
             return loss
@@ -102,10 +137,13 @@ def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int,
             rows.append({**row, "status": "error", "reason": f"{type(error).__name__}: {error}"})
             progress(f"network {name}: error {error}")
             continue
-        rows.append({**row, "status": "ok", **timing.as_dict()})
-        progress(f"network {name}: {timing.median_ms:.1f} ms per training step (IQR {timing.iqr_ms:.1f})")
-    reference = next((r for r in rows if r["layer"] == "plif_cuda backend='torch'" and r["status"] == "ok"), None)
+        saved = neuron_saved_bytes_per_step(net, typed_inputs[0])
+        rows.append({**row, "status": "ok", **timing.as_dict(), "neuron_saved_bytes_per_neuron_step": saved})
+        progress(f"network {name} {dtype_name}: {timing.median_ms:.1f} ms per training step (IQR {timing.iqr_ms:.1f}), "
+                 f"neuron layers keep {saved:.2f} B per neuron-step")
+    references = {r["dtype"]: r for r in rows if r["layer"] == "plif_cuda backend='torch'" and r["status"] == "ok"}
     for row in rows:
+        reference = references.get(row["dtype"])
         if reference is not None and row["status"] == "ok":
             row["speedup_vs_reference_layer"] = reference["median_ms"] / row["median_ms"]
     return rows

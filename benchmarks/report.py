@@ -216,14 +216,18 @@ def cache_fit_lines(result: dict) -> list[str]:
 
 
 def network_table(rows: list[dict]) -> list[str]:
-    lines = ["| device | neuron layer | T | batch | training step ms (median) | IQR ms | x reference layer |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| device | neuron layer | dtype | T | batch | training step ms (median) | IQR ms | x reference layer "
+             "| neuron layers keep (B per neuron-step) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        head = f"| {row['device']} | {row['layer']} | {row.get('dtype', 'float32')} | {row['T']} | {row['batch']} |"
         if row["status"] == "ok":
-            lines.append(f"| {row['device']} | {row['layer']} | {row['T']} | {row['batch']} | {row['median_ms']:.1f} | "
-                         f"{row['iqr_ms']:.1f} | {row.get('speedup_vs_reference_layer', float('nan')):.2f} |")
+            saved = row.get("neuron_saved_bytes_per_neuron_step")
+            lines.append(f"{head} {row['median_ms']:.1f} | {row['iqr_ms']:.1f} | "
+                         f"{row.get('speedup_vs_reference_layer', float('nan')):.2f} | "
+                         f"{'' if saved is None else f'{saved:.2f}'} |")
         else:
-            lines.append(f"| {row['device']} | {row['layer']} | {row['T']} | {row['batch']} | {row['status']} | | |")
+            lines.append(f"{head} {row['status']} | | | |")
     return lines
 
 
