@@ -100,11 +100,13 @@ struct Geometry {
     return steps_for(LANES * static_cast<int>((GRAD_V ? 2 : 1) * sizeof(in_t) + sizeof(acc_t)));
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds): half the threads of an
-  // sm_80 / sm_90 multiprocessor. The float64 backward cannot keep its 64 bytes in flight in 64
-  // registers (its double-precision surrogates and division need more), so it is built for 2.
+  // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward cannot keep its 64
+  // bytes in flight in 64 registers (ptxas spills 312 bytes on sm_90: its state and loads are
+  // twice as wide, its surrogates double precision); built for 3 blocks it takes 80, no spills.
+  // .ci/check_cuda_build.py lists it as the one exception.
   enum : int {
     kForwardMinBlocks = 4,
-    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 4,
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 3 : 4,
   };
 };
 
