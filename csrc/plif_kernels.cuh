@@ -40,23 +40,15 @@
 #endif
 
 // An optimisation barrier on a row offset: without it nvcc computes the 64-bit offsets of every
-// step of a chunk up front, one register pair per step and stream (134 instead of 64 registers
-// for the fp16 forward). No code on the host.
+// step of a forward chunk up front, one register pair per step and stream (134 instead of 64
+// registers for the fp16 forward). No code on the host. (The backward chunk fits 64 registers
+// only without it.)
 #if defined(__CUDA_ARCH__)
 #define PLIF_KEEP_IN_ORDER(offset) asm volatile("" : "+l"(offset))
 #else
 #define PLIF_KEEP_IN_ORDER(offset) ((void)0)
 #endif
 
-// The same barrier on a loaded 32-bit word: the compiler must have it in a register here, so
-// it cannot sink the load into the step that uses it (a chunk's steps past the end of the
-// sequence are skipped, and without this every load but the first step's moved behind that
-// test, one load in flight at a time again).
-#if defined(__CUDA_ARCH__)
-#define PLIF_KEEP_LOADED(word) asm volatile("" : "+r"(word))
-#else
-#define PLIF_KEEP_LOADED(word) ((void)0)
-#endif
 
 namespace plif {
 
@@ -103,10 +95,16 @@ struct Geometry {
   // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward cannot keep its 64
   // bytes in flight in 64 registers (ptxas spills 312 bytes on sm_90: its state and loads are
   // twice as wide, its surrogates double precision); built for 3 blocks it takes 80, no spills.
-  // .ci/check_cuda_build.py lists it as the one exception.
+  // ptxas for sm_80 (A100) spills 60 bytes of the half types' backward at 64 registers, where
+  // for sm_90 it needs none; there they are built for 3 blocks too. .ci/check_cuda_build.py
+  // lists both exceptions.
   enum : int {
     kForwardMinBlocks = 4,
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    kBackwardMinBlocks = sizeof(acc_t) == 8 || sizeof(in_t) == 2 ? 3 : 4,
+#else
     kBackwardMinBlocks = sizeof(acc_t) == 8 ? 3 : 4,
+#endif
   };
 };
 
@@ -164,26 +162,6 @@ struct LoadedLanes {
     const Word* from = reinterpret_cast<const Word*>(source);
 #pragma unroll
     for (int w = 0; w < kWords; ++w) words[w] = from[w];
-  }
-
-  // Ends the chunk's loads: see PLIF_KEEP_LOADED.
-  __device__ __forceinline__ void keep() {
-    static_assert(sizeof(words) % 4 == 0 || sizeof(words) == 2, "loaded words are whole 32-bit registers or one 16-bit value");
-    if constexpr (sizeof(words) == 2) {
-      unsigned int word;
-      unsigned short bits;
-      memcpy(&bits, words, 2);
-      word = bits;
-      PLIF_KEEP_LOADED(word);
-      bits = static_cast<unsigned short>(word);
-      memcpy(words, &bits, 2);
-    } else {
-      unsigned int registers[sizeof(words) / 4];
-      memcpy(registers, words, sizeof(words));
-#pragma unroll
-      for (int r = 0; r < static_cast<int>(sizeof(words) / 4); ++r) PLIF_KEEP_LOADED(registers[r]);
-      memcpy(words, registers, sizeof(words));
-    }
   }
 
   __device__ __forceinline__ T operator[](int lane) const {

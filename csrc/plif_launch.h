@@ -28,15 +28,14 @@ void backward_cuda(const BackwardParams<in_t, acc_t>& p);
 enum LaunchShape : int { kThreadsPerBlock = 256 };
 
 // Blocks of a launch over `neurons`: one thread per neuron, capped at the blocks the device
-// keeps resident (multiprocessors x blocks of that kernel per multiprocessor, which its
-// register use decides); the kernels' grid-stride loops take the rest, and pick their memory
-// path from the grid they get. Both GPU launchers call this: the nvcc one (plif_cuda.cu) with
-// the CUDA runtime's occupancy, the NVRTC one (plif_cuda/cupy_backend.py, through the op
+// keeps resident (multiprocessors x blocks of that kernel per multiprocessor, which its register
+// use decides), and at least one; the kernels' grid-stride loops take the rest, and pick their
+// memory path from the grid they get. Both GPU launchers call this: the nvcc one (plif_cuda.cu)
+// with the CUDA runtime's occupancy, the NVRTC one (plif_cuda/cupy_backend.py, through the op
 // plif_cuda::launch_blocks) with the driver's for the run-time-compiled kernel.
-inline long long launch_blocks(index_t neurons, index_t multiprocessors, index_t blocks_per_multiprocessor) {
+inline index_t launch_blocks(index_t neurons, index_t resident_blocks) {
   const index_t needed = (neurons + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  const index_t resident = multiprocessors * blocks_per_multiprocessor;
-  const index_t capped = needed < resident ? needed : resident;
+  const index_t capped = needed < resident_blocks ? needed : resident_blocks;
   return capped > 1 ? capped : 1;
 }
 
