@@ -11,10 +11,14 @@ Asserts, reading the library with `cuobjdump` (no GPU needed):
   3. every plif kernel in every cubin uses zero local memory and a zero-byte stack frame, so
      no register spills to local memory;
   4. every plif kernel in every cubin keeps at least 64 bytes of loads in flight per thread in
-     the main loops of both its memory paths (two innermost loops or more), read from the SASS (`cuobjdump -sass`): the bytes of global loads one thread
-     issues in a straight run, with no store, branch or barrier between them, inside a loop
-     (the kernels load several time steps before running the recurrence over them; one load
-     per step, waiting for it before the next, cannot fill the memory system).
+     its chunk loops (two innermost loops or more: the vector and scalar paths, the backward's
+     chunks with and without grad_v_seq), read from the SASS (`cuobjdump -sass`): the bytes of
+     global loads one thread issues in a straight run, with no store, branch or barrier between
+     them, inside a loop (the kernels load several time steps before running the recurrence
+     over them; one load per step, waiting for it before the next, cannot fill the memory system);
+  5. every plif kernel keeps at least half a multiprocessor's threads resident: its registers
+     per thread (`cuobjdump -res-usage`) leave room for that many 256-thread blocks, except the
+     kernels listed in OCCUPANCY_EXCEPTIONS with the occupancy they keep instead and why.
 With --ptxas-log (a build log made with PLIF_PTXAS_VERBOSE=1) it also asserts that ptxas
 reported "0 bytes spill stores, 0 bytes spill loads" for every plif kernel it compiled.
 
@@ -35,6 +39,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
 MIN_LOAD_BYTES_IN_FLIGHT = 64
+THREADS_PER_BLOCK = 256  # plif::kThreadsPerBlock (csrc/plif_launch.h)
+# Per multiprocessor: 64K 32-bit registers on every architecture here, allocated per warp in
+# units of 256, and at most this many resident threads.
+REGISTERS_PER_SM = 65536
+REGISTER_ALLOCATION_UNIT = 256
+MAX_THREADS_PER_SM = {"sm_70": 2048, "sm_75": 1024, "sm_80": 2048, "sm_86": 1536, "sm_87": 2048, "sm_89": 1536,
+                      "sm_90": 2048, "sm_100": 2048, "sm_120": 1536}
+# Kernels that keep fewer than half the threads resident: (architecture or "*", kernel label) ->
+# (the resident threads per multiprocessor they must keep at least, why). The launch bounds in
+# csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks) build them for 3 blocks.
+OCCUPANCY_EXCEPTIONS = {
+    ("*", "backward float64"): (768, "64 bytes of loads ahead are 8 double registers per step and its surrogates "
+                                     "are double precision: ptxas spills 312 bytes at 64 registers (sm_90), none at 80"),
+    ("sm_80", "backward float16"): (768, "ptxas for sm_80 spills 60 bytes at 64 registers (none for sm_90)"),
+    ("sm_80", "backward bfloat16"): (768, "ptxas for sm_80 spills 60 bytes at 64 registers (none for sm_90)"),
+}
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.
 DTYPE_PAIRS = {"Iff": "float32", "Idd": "float64", "I6__halff": "float16", "I13__nv_bfloat16f": "bfloat16"}
 
@@ -183,14 +203,40 @@ def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]
             figures = loads_in_flight_per_loop(body)
             most = max(figures, default=0)
             deep = sum(1 for figure in figures if figure >= MIN_LOAD_BYTES_IN_FLIGHT)
-            # Both memory paths of a kernel (vector and scalar accesses) have a chunk loop.
+            # Every kernel has two chunk loops or more (see the module docstring).
             verdict = "ok" if deep >= 2 else "TOO FEW"
             print(f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
                   f"{deep} of {len(figures)} such loops >= {MIN_LOAD_BYTES_IN_FLIGHT} B  {verdict}")
             if verdict != "ok":
                 problems.append(f"{arch}: {label}: {deep} innermost loops keep {MIN_LOAD_BYTES_IN_FLIGHT} bytes of "
-                                f"loads in flight per iteration (at most {most} B); the vector and the scalar "
-                                f"path each need one")
+                                f"loads in flight per iteration (at most {most} B); every chunk loop needs "
+                                f"them")
+    return problems
+
+
+def resident_threads(registers: int, arch: str) -> int:
+    """Threads of 256-thread blocks a multiprocessor of `arch` keeps resident at `registers` per thread."""
+    per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    warps = REGISTERS_PER_SM // per_warp if per_warp else REGISTERS_PER_SM
+    blocks = warps // (THREADS_PER_BLOCK // 32)
+    return min(blocks * THREADS_PER_BLOCK, MAX_THREADS_PER_SM.get(arch, 2048) // THREADS_PER_BLOCK * THREADS_PER_BLOCK)
+
+
+def check_occupancy(usage: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    problems = []
+    for arch in sorted(usage):
+        wanted = MAX_THREADS_PER_SM.get(arch, 2048) // 2
+        for label, res in sorted(usage[arch].items()):
+            threads = resident_threads(res["REG"], arch)
+            exception = OCCUPANCY_EXCEPTIONS.get((arch, label)) or OCCUPANCY_EXCEPTIONS.get(("*", label))
+            floor = min(wanted, exception[0]) if exception else wanted
+            verdict = "ok" if threads >= floor else "TOO FEW"
+            note = f" (exception: {exception[1]})" if exception and threads < wanted else ""
+            print(f"  {arch}  {label:<18} REG:{res['REG']:<3} -> {threads} resident threads per SM "
+                  f"(half: {wanted})  {verdict}{note}")
+            if verdict != "ok":
+                problems.append(f"{arch}: {label}: {res['REG']} registers per thread keep {threads} threads resident "
+                                f"per multiprocessor, fewer than {floor}")
     return problems
 
 
@@ -254,6 +300,7 @@ def main() -> int:
     for arch in required:
         if arch in archs_present and not usage.get(arch):
             problems.append(f"{arch}: cubin present but cuobjdump -res-usage lists no plif kernel in it")
+    problems.extend(check_occupancy(usage))
     problems.extend(check_loads_in_flight(sass))
     for arch in required:
         if arch in archs_present and not sass.get(arch):
@@ -270,7 +317,8 @@ def main() -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
-          f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration")
+          f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration and half a "
+          f"multiprocessor's threads resident (or its listed exception's)")
     return 0
 
 

@@ -24,7 +24,8 @@
 #   nvidia-smi.txt    nvidia-smi before and after the runs
 #   build.log         the full build output, with the ptxas report (PLIF_PTXAS_VERBOSE=1)
 #   ptxas.txt         just the ptxas lines of build.log
-#   build_check.txt   .ci/check_cuda_build.py: cubins, no spills or local memory, loads in flight
+#   build_check.txt   .ci/check_cuda_build.py: cubins, no spills or local memory, loads in flight,
+#                     resident threads per SM (half an SM, or the exceptions it lists)
 #   pytest-gpu.log, junit-gpu.xml      the CUDA (and CuPy) test files
 #   memcheck.log, racecheck.log        benchmarks/gpu_sanitizer_launches.py under compute-sanitizer
 #   pytest-rest.log, junit-rest.xml    the rest of the suite

@@ -10,7 +10,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 
@@ -58,7 +57,7 @@ index_t resident_blocks() {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreadsPerBlock, 0));
     int multiprocessors = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-    blocks = static_cast<index_t>(multiprocessors) * std::max(1, per_sm);
+    blocks = static_cast<index_t>(multiprocessors) * per_sm;
     cache[device].store(blocks, std::memory_order_relaxed);
   }
   return blocks;
@@ -71,7 +70,8 @@ void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   constexpr auto kernel = plif_forward_kernel<cuda_t, acc_t>;
   with_scalar_arguments(p, [&](auto... scalars) {
-    kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto blocks = static_cast<unsigned int>(launch_blocks(p.N, resident_blocks<kernel>()));
+    kernel<<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
         as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -82,7 +82,8 @@ void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   constexpr auto kernel = plif_backward_kernel<cuda_t, acc_t>;
   with_scalar_arguments(p, [&](auto... scalars) {
-    kernel<<<launch_blocks(p.N, resident_blocks<kernel>()), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto blocks = static_cast<unsigned int>(launch_blocks(p.N, resident_blocks<kernel>()));
+    kernel<<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
         as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, p.k, p.v_init,
         as_cuda(p.grad_x), p.grad_k, p.grad_v_init, scalars...);
   });

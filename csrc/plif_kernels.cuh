@@ -8,15 +8,20 @@
 // the recurrence over them: every chunk of steps issues all its loads (at least 64 bytes per
 // thread; .ci/check_cuda_build.py reads that from the SASS) before its first store. Two paths,
 // picked per launch from N, the grid and the tensors' alignment (vector_path below):
-//   vector: LANES consecutive neurons per thread, every [T, N] access an 8- or 16-byte vector,
-//           AHEAD steps per chunk; where N is a multiple of LANES and so large that every
+//   vector: LANES consecutive neurons per thread, every [T, N] access one 4-, 8- or 16-byte
+//           word (or two 16-byte words); where N is a multiple of LANES and so large that every
 //           thread of the grid takes LANES neurons or more anyway;
-//   scalar: one neuron per thread, LANES * AHEAD steps per chunk (the same bytes in flight):
-//           small N (one thread per neuron, and the whole of a short sequence in flight at
-//           once), misaligned tensors, N not a multiple of LANES.
-// The last chunk is shorter where T is not a multiple of the chunk. The smooth mode
-// (spiking=False, for gradcheck) runs one step at a time, as do the backward's steps T-1 (which
-// adds the gradient on the last membrane) and 0 (whose previous membrane is v_init).
+//   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
+//           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
+// Each path takes as many steps per chunk as 64 bytes of its loads need (Geometry below). The
+// last chunk is shorter where T is not a multiple of the chunk. The smooth mode (spiking=False,
+// for gradcheck) runs one step at a time, as do the backward's steps T-1 (which adds the
+// gradient on the last membrane) and 0 (whose previous membrane is v_init).
+//
+// Every kernel keeps at least half a multiprocessor's threads resident (kMinBlocksPerSM blocks
+// of plif_launch.h's kThreadsPerBlock; at most 64 registers each on sm_80 / sm_90), which is
+// what the geometry is sized for: few lanes, loads kept as the words they arrive in until their
+// step, and no predicated loads.
 //
 // Kernel arguments are plain scalars and pointers (no structs) so that CuPy can pass them.
 // Half types are CUDA's __half / __nv_bfloat16, whose bits equal c10::Half / c10::BFloat16.
@@ -25,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "plif_launch.h"
 #include "plif_math.h"
 
 // The emulation asserts the alignment of every vector access; on a GPU a misaligned vector
@@ -34,13 +40,15 @@
 #endif
 
 // An optimisation barrier on a row offset: without it nvcc computes the 64-bit offsets of every
-// step of a chunk up front, one register pair per step and stream (134 instead of 64 registers
-// for the fp16 forward). No code on the host.
+// step of a forward chunk up front, one register pair per step and stream (134 instead of 64
+// registers for the fp16 forward). No code on the host. (The backward chunk fits 64 registers
+// only without it.)
 #if defined(__CUDA_ARCH__)
 #define PLIF_KEEP_IN_ORDER(offset) asm volatile("" : "+l"(offset))
 #else
 #define PLIF_KEEP_IN_ORDER(offset) ((void)0)
 #endif
+
 
 namespace plif {
 
@@ -60,33 +68,44 @@ __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>
 }
 
 // ---- launch geometry ---------------------------------------------------------------------------
-// The grid: one thread per neuron, capped at what the device keeps resident (the kernels'
-// grid-stride loops take the rest). Host code: the nvcc launcher and the emulation call it.
-// An enumerator, as in plif_math.h: NVRTC names a namespace-scope constant per compilation.
-enum LaunchShape : int { kThreadsPerBlock = 256 };
-
-inline unsigned int launch_blocks(index_t neurons, index_t resident_blocks) {
-  const index_t needed = (neurons + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  const index_t capped = needed < resident_blocks ? needed : resident_blocks;
-  return static_cast<unsigned int>(capped > 1 ? capped : 1);
-}
-
-// Neurons per thread (LANES) and time steps per chunk (AHEAD) of the vector path; the scalar
-// path takes one neuron per thread and LANES * AHEAD steps per chunk, the same loads in flight.
-// Every chunk loads at least 64 bytes per thread. Forward: 4 steps of one 16-byte vector of x.
-// Backward: per step grad_spikes (LANES in_t) and H (LANES acc_t), and grad_v_seq when given:
-// 2 x 16 bytes in float32 and float64; in the half types 4 lanes (8 + 16 bytes per step, 3
-// steps): 8 lanes of 2 steps held 161 registers, one 256-thread block per multiprocessor.
-template <typename in_t>
+// Neurons per thread of the vector path (the scalar path takes one) and time steps per chunk.
+// A chunk loads at least kLoadBytesAhead per thread: ceil(64 / bytes per step) steps, where a
+// step of LANES neurons loads x (forward), or grad_spikes and H, plus grad_v_seq when given
+// (backward). The forward's state is small and its lanes fill one 16-byte word. The backward's
+// per-neuron state (k, H, S, two gradient sums) is not: two lanes fit 64 registers only in the
+// half types (a 4-byte word of two gradients), and float32 and float64 take the scalar path
+// always (one lane: no vector path); a warp's accesses are whole segments either way.
+template <typename in_t, typename acc_t>
 struct Geometry {
-  static constexpr int kForwardLanes = static_cast<int>(16 / sizeof(in_t));
-  static constexpr int kForwardAhead = 4;
-  static constexpr int kBackwardLanes = sizeof(in_t) == 2 ? 4 : static_cast<int>(16 / sizeof(in_t));
-  static constexpr int kBackwardAhead = sizeof(in_t) == 2 ? 3 : 2;
-  // Two resident blocks (<= 128 registers) keep the backward's loads in flight per SM; left free,
-  // ptxas took 134 registers in the half types (one block) once the absent-gradient selects came
-  // in. float64 needs more than 128 without spilling.
-  static constexpr int kBackwardMinBlocks = sizeof(in_t) == 8 ? 1 : 2;
+  enum : int {
+    kLoadBytesAhead = 64,
+    kForwardLanes = 16 / sizeof(in_t),
+    kBackwardLanes = sizeof(in_t) == 2 ? 2 : 1,
+  };
+  static constexpr int steps_for(int step_bytes) { return (kLoadBytesAhead + step_bytes - 1) / step_bytes; }
+  template <int LANES>
+  static constexpr int forward_steps() {
+    return steps_for(LANES * static_cast<int>(sizeof(in_t)));
+  }
+  template <int LANES, bool GRAD_V>
+  static constexpr int backward_steps() {
+    return steps_for(LANES * static_cast<int>((GRAD_V ? 2 : 1) * sizeof(in_t) + sizeof(acc_t)));
+  }
+  // Blocks per multiprocessor the kernels are built for (launch bounds): half the threads of an
+  // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward cannot keep its 64
+  // bytes in flight in 64 registers (ptxas spills 312 bytes on sm_90: its state and loads are
+  // twice as wide, its surrogates double precision); built for 3 blocks it takes 80, no spills.
+  // ptxas for sm_80 (A100) spills 60 bytes of the half types' backward at 64 registers, where
+  // for sm_90 it needs none; there they are built for 3 blocks too. .ci/check_cuda_build.py
+  // lists both exceptions.
+  enum : int {
+    kForwardMinBlocks = 4,
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    kBackwardMinBlocks = sizeof(acc_t) == 8 || sizeof(in_t) == 2 ? 3 : 4,
+#else
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 3 : 4,
+#endif
+  };
 };
 
 __device__ __forceinline__ bool aligned16(const void* pointer) {
@@ -103,7 +122,7 @@ __device__ __forceinline__ bool vector_path(index_t N, const void* a, const void
 }
 
 // ---- accesses of LANES consecutive values ------------------------------------------------------
-// Vector accesses move 16-byte words, or one 8-byte word where LANES values fill only that.
+// Vector accesses move 16-byte words, or one 4- or 8-byte word where LANES values fill only that.
 template <int BYTES>
 struct VectorWord {
   using type = uint4;
@@ -112,34 +131,52 @@ template <>
 struct VectorWord<8> {
   using type = uint2;
 };
+template <>
+struct VectorWord<4> {
+  using type = unsigned int;
+};
 
-// LANES consecutive values: as vector words (VECTOR: the address is aligned to the word), or
-// one access per value.
 template <bool VECTOR, int LANES, typename T>
-__device__ __forceinline__ void load_lanes(const T* __restrict__ source, T (&values)[LANES]) {
-  if constexpr (VECTOR) {
-    constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-    using Word = typename VectorWord<kBytes>::type;
-    static_assert(kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole 8- or 16-byte words");
-    PLIF_CHECK_VECTOR_ACCESS(source, sizeof(Word));
-    const Word* words = reinterpret_cast<const Word*>(source);
+struct AccessWord {
+  using type = T;
+};
+template <int LANES, typename T>
+struct AccessWord<true, LANES, T> {
+  using type = typename VectorWord<LANES * static_cast<int>(sizeof(T))>::type;
+};
+
+// LANES consecutive values as loaded: vector words (VECTOR: the address is aligned to the
+// word), or one access per value. A value is taken out of its word only at its step, so that
+// two half values in flight share one register instead of taking one each.
+template <bool VECTOR, int LANES, typename T>
+struct LoadedLanes {
+  using Word = typename AccessWord<VECTOR, LANES, T>::type;
+  static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
+  static_assert(!VECTOR || kBytes == 4 || kBytes == 8 || kBytes % 16 == 0,
+                "a vector access moves whole 4-, 8- or 16-byte words");
+  static constexpr int kWords = kBytes / static_cast<int>(sizeof(Word));
+  Word words[kWords];
+
+  __device__ __forceinline__ void load(const T* __restrict__ source) {
+    if constexpr (VECTOR) PLIF_CHECK_VECTOR_ACCESS(source, sizeof(Word));
+    const Word* from = reinterpret_cast<const Word*>(source);
 #pragma unroll
-    for (int w = 0; w < static_cast<int>(kBytes / sizeof(Word)); ++w) {
-      const Word word = words[w];
-      memcpy(reinterpret_cast<char*>(values) + sizeof(Word) * w, &word, sizeof(Word));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < LANES; ++j) values[j] = source[j];
+    for (int w = 0; w < kWords; ++w) words[w] = from[w];
   }
-}
+
+  __device__ __forceinline__ T operator[](int lane) const {
+    T value;
+    memcpy(&value, reinterpret_cast<const char*>(words) + sizeof(T) * lane, sizeof(T));
+    return value;
+  }
+};
 
 template <bool VECTOR, int LANES, typename T>
 __device__ __forceinline__ void store_lanes(T* __restrict__ target, const T (&values)[LANES]) {
   if constexpr (VECTOR) {
     constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
     using Word = typename VectorWord<kBytes>::type;
-    static_assert(kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole 8- or 16-byte words");
+    static_assert(kBytes == 4 || kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole 4-, 8- or 16-byte words");
     PLIF_CHECK_VECTOR_ACCESS(target, sizeof(Word));
     Word* words = reinterpret_cast<Word*>(target);
 #pragma unroll
@@ -189,19 +226,21 @@ __device__ __forceinline__ Options<acc_t> make_options(acc_t v_threshold, acc_t 
 template <typename in_t, typename acc_t>
 using VLast = typename PointeeOf<decltype(ForwardParams<in_t, acc_t>::v_last)>::type;
 
-// `count` (1 .. STEPS) time steps from t0 for LANES neurons from n0: every load first, then the
-// recurrence. The [T, N] streams come as __restrict__ pointers, which lets the loads of a chunk
-// move above the stores of the steps before (a pointer inside ForwardParams carries no such
-// promise).
+// Up to STEPS time steps from t0 for LANES neurons from n0: every load first, then the
+// recurrence; returns the steps taken (fewer at the end of the sequence). The [T, N] streams
+// come as __restrict__ pointers, which lets the loads of a chunk move above the stores of the
+// steps before (a pointer inside ForwardParams carries no such promise).
 template <int STEPS, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void forward_chunk(const in_t* __restrict__ x, in_t* __restrict__ spikes,
-                                              in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t N,
-                                              const Options<acc_t>& o, index_t t0, int count, index_t n0,
-                                              ForwardState<LANES, acc_t>& st) {
-  in_t inputs[STEPS][LANES];
+__device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* __restrict__ spikes,
+                                             in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t T,
+                                             index_t N, const Options<acc_t>& o, index_t t0, index_t n0,
+                                             ForwardState<LANES, acc_t>& st) {
+  const int count = T - t0 < STEPS ? static_cast<int>(T - t0) : STEPS;
+  LoadedLanes<VECTOR, LANES, in_t> inputs[STEPS];
 #pragma unroll
-  for (int i = 0; i < STEPS; ++i) {
-    if (i < count) load_lanes<VECTOR>(x + (t0 + i) * N + n0, inputs[i]);
+  const in_t* source = x + t0 * N + n0;
+  for (int i = 0; i < STEPS; ++i, source += N) {
+    if (i < count) inputs[i].load(source);
   }
   index_t row = t0 * N + n0;
 #pragma unroll
@@ -217,54 +256,56 @@ __device__ __forceinline__ void forward_chunk(const in_t* __restrict__ x, in_t* 
     if (h_seq != nullptr) store_lanes<VECTOR>(h_seq + row, h);
     if (v_seq != nullptr) store_lanes_as<VECTOR>(v_seq + row, st.v);
   }
+  return count;
 }
 
-// All T steps of the neurons n0 .. n0 + LANES - 1, in chunks of AHEAD steps (the last one
+// All T steps of the neurons n0 .. n0 + LANES - 1, in chunks of STEPS steps (the last one
 // shorter). One call site of the chunk: its code is what the build's time goes into.
-template <int AHEAD, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
+template <int STEPS, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void forward_neurons(const ForwardParams<in_t, acc_t>& p, const in_t* __restrict__ x,
                                                 in_t* __restrict__ spikes, in_t* __restrict__ v_seq,
                                                 acc_t* __restrict__ h_seq, index_t n0) {
   ForwardState<LANES, acc_t> st;
   forward_begin<LANES>(p, n0, st);
   const Options<acc_t> o = p.opts;
-  for (index_t t = 0; t < p.T; t += AHEAD) {
-    const int count = p.T - t < AHEAD ? static_cast<int>(p.T - t) : AHEAD;
-    forward_chunk<AHEAD, VECTOR, LANES, SURROGATE>(x, spikes, v_seq, h_seq, p.N, o, t, count, n0, st);
+  for (index_t t = 0; t < p.T;) {
+    t += forward_chunk<STEPS, VECTOR, LANES, SURROGATE>(x, spikes, v_seq, h_seq, p.T, p.N, o, t, n0, st);
   }
   forward_end<LANES>(p, n0, st);
 }
 
-// The vector path (VECTOR_AHEAD steps per chunk) or the scalar one (SCALAR_AHEAD), each
-// thread taking neurons in a grid-stride loop. Chunks only where the surrogate is fixed: the
-// smooth mode (kRuntime) is for gradcheck and runs one step at a time.
-template <int VECTOR_AHEAD, int SCALAR_AHEAD, int SURROGATE, typename in_t, typename acc_t>
+// The vector path or the scalar one, each thread taking neurons in a grid-stride loop. The
+// smooth mode (kRuntime) is for gradcheck: one step at a time, scalar path only (a fourth loop
+// cost the other three registers).
+template <int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& p, const in_t* __restrict__ x,
                                               in_t* __restrict__ spikes, in_t* __restrict__ v_seq,
                                               acc_t* __restrict__ h_seq) {
-  constexpr int kLanes = Geometry<in_t>::kForwardLanes;
+  using Shape = Geometry<in_t, acc_t>;
+  constexpr int kLanes = Shape::kForwardLanes;
+  constexpr bool kChunked = SURROGATE != kRuntime;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
+  if (kChunked && vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
+    constexpr int kSteps = Shape::template forward_steps<kLanes>();
     for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
-      forward_neurons<SURROGATE == kRuntime ? 1 : VECTOR_AHEAD, true, kLanes, SURROGATE>(p, x, spikes, v_seq, h_seq,
-                                                                                        n);
+      forward_neurons<kSteps, true, kLanes, SURROGATE>(p, x, spikes, v_seq, h_seq, n);
     }
   } else {
+    constexpr int kSteps = kChunked ? Shape::template forward_steps<1>() : 1;
     for (index_t n = first; n < p.N; n += threads) {
-      forward_neurons<SURROGATE == kRuntime ? 1 : SCALAR_AHEAD, false, 1, SURROGATE>(p, x, spikes, v_seq, h_seq,
-                                                                                    n);
+      forward_neurons<kSteps, false, 1, SURROGATE>(p, x, spikes, v_seq, h_seq, n);
     }
   }
 }
 
 template <typename in_t, typename acc_t>
-__global__ void plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __restrict__ k,
-                                    const acc_t* __restrict__ v_init, in_t* __restrict__ spikes,
-                                    VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
-                                    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T,
-                                    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate,
-                                    int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kForwardMinBlocks))
+    plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
+                        in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last,
+                        in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t k_stride,
+                        index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha,
+                        int surrogate, int flags) {
   ForwardParams<in_t, acc_t> p;
   p.x = x;
   p.k = k;
@@ -278,12 +319,10 @@ __global__ void plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __r
   p.T = T;
   p.N = N;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-  constexpr int kVectorAhead = Geometry<in_t>::kForwardAhead;
-  constexpr int kScalarAhead = Geometry<in_t>::kForwardLanes * kVectorAhead;
   if (p.opts.spiking) {
-    forward_paths<kVectorAhead, kScalarAhead, kSpikingForward>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
   } else {
-    forward_paths<kVectorAhead, kScalarAhead, kRuntime>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kRuntime>(p, x, spikes, v_seq, h_seq);
   }
 }
 
@@ -292,51 +331,61 @@ __global__ void plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __r
 template <typename in_t, typename acc_t>
 using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_v_last)>::type;
 
-// `count` (1 .. STEPS) time steps t_hi, t_hi - 1, ..., t_hi - count + 1 (all >= 1) for LANES
-// neurons from n0: every load (the gradients of those steps, H of the steps before them) first,
-// then the recursion.
-template <int STEPS, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_chunk(const in_t* __restrict__ grad_spikes,
-                                               const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
-                                               in_t* __restrict__ grad_x, index_t N, const Options<acc_t>& o,
-                                               bool grad_v_last_present, index_t t_hi, int count, index_t n0,
-                                               BackwardState<LANES, acc_t>& st) {
-  in_t grad_s[STEPS][LANES], grad_v[STEPS][LANES];
-  acc_t h_prev[STEPS][LANES];
+// Up to STEPS time steps t_hi, t_hi - 1, ... (all >= 1) for LANES neurons from n0: every load
+// (the gradients of those steps, H of the steps before them) first, then the recursion; returns
+// the steps taken (fewer near step 0, whose previous membrane is v_init). GRAD_V: grad_v_seq is
+// given (a third stream, so fewer steps fill the same bytes). Steps past the end run on the last
+// step's rows and are discarded, as in forward_chunk.
+template <int STEPS, bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
+__device__ __forceinline__ int backward_chunk(const in_t* __restrict__ grad_spikes,
+                                              const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
+                                              in_t* __restrict__ grad_x, index_t N, const Options<acc_t>& o,
+                                              bool grad_v_last_present, index_t t_hi, index_t n0,
+                                              BackwardState<LANES, acc_t>& st) {
+  const int count = t_hi < STEPS ? static_cast<int>(t_hi) : STEPS;
+  LoadedLanes<VECTOR, LANES, in_t> grad_s[STEPS], grad_v[STEPS];
+  LoadedLanes<VECTOR, LANES, acc_t> h_prev[STEPS];
+  // Without grad_spikes its loads read H's rows instead (in bounds: sizeof(in_t) <= sizeof(acc_t);
+  // and in cache), and their values are dropped: no branch splits the chunk's loads.
+  const in_t* const grad_s_rows = grad_spikes != nullptr ? grad_spikes : reinterpret_cast<const in_t*>(h_seq);
+  const index_t first_row = t_hi * N + n0;
+  index_t load_row = first_row;
 #pragma unroll
-  for (int i = 0; i < STEPS; ++i) {
-    const index_t row = (t_hi - i) * N + n0;
-    if (i < count) load_lanes<VECTOR>(h_seq + row - N, h_prev[i]);
-    if (i < count && grad_spikes != nullptr) load_lanes<VECTOR>(grad_spikes + row, grad_s[i]);
-    if (i < count && grad_v_seq != nullptr) load_lanes<VECTOR>(grad_v_seq + row, grad_v[i]);
+  for (int i = 0; i < STEPS; ++i, load_row -= N) {
+    if (i < count) {
+      h_prev[i].load(h_seq + load_row - N);
+      grad_s[i].load(grad_s_rows + load_row);
+      if (GRAD_V) grad_v[i].load(grad_v_seq + load_row);
+    }
   }
   // Chunk steps are below T-1, where dL/dV arrives whenever any gradient does (see backward_lanes).
   const bool through_spike = grad_spikes != nullptr;
-  const bool through_membrane = through_spike || grad_v_seq != nullptr || grad_v_last_present;
-  index_t row = t_hi * N + n0;
+  const bool through_membrane = through_spike || GRAD_V || grad_v_last_present;
+  index_t row = first_row;
 #pragma unroll
   for (int i = 0; i < STEPS; ++i, row -= N) {
     if (i >= count) break;
-    PLIF_KEEP_IN_ORDER(row);
     acc_t gx[LANES];
 #pragma unroll
     for (int j = 0; j < LANES; ++j) {
-      const acc_t gs = grad_spikes != nullptr ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
-      const acc_t gv = grad_v_seq != nullptr ? load_as<acc_t>(grad_v[i][j]) : acc_t(0);
-      const acc_t s_prev = fire<SURROGATE>(h_prev[i][j], o);
-      const acc_t v_prev = reset(h_prev[i][j], s_prev, o);
+      const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
+      const acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[i][j]) : acc_t(0);
+      const acc_t h = h_prev[i][j];
+      const acc_t s_prev = fire<SURROGATE>(h, o);
+      const acc_t v_prev = reset(h, s_prev, o);
       gx[j] = backward_neuron<SURROGATE>(st.h[j], st.s[j], v_prev, st.k[j], gv, gs, through_spike,
                                          through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
-      st.h[j] = h_prev[i][j];
+      st.h[j] = h;
       st.s[j] = s_prev;
     }
     store_lanes_as<VECTOR>(grad_x + row, gx);
   }
+  return count;
 }
 
 // One step t, any t: T-1 adds the gradient on the last membrane, and step 0's previous membrane
 // is v_init.
-template <bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
+template <bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_single_step(const BackwardParams<in_t, acc_t>& p,
                                                      const in_t* __restrict__ grad_spikes,
                                                      const in_t* __restrict__ grad_v_seq,
@@ -345,16 +394,15 @@ __device__ __forceinline__ void backward_single_step(const BackwardParams<in_t, 
                                                      BackwardState<LANES, acc_t>& st) {
   const index_t row = t * p.N + n0;
   const bool through_spike = grad_spikes != nullptr;
-  const bool through_membrane =
-      grad_v_seq != nullptr || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
-  in_t grad_s[LANES], grad_v[LANES];
-  if (grad_spikes != nullptr) load_lanes<VECTOR>(grad_spikes + row, grad_s);
-  if (grad_v_seq != nullptr) load_lanes<VECTOR>(grad_v_seq + row, grad_v);
+  const bool through_membrane = GRAD_V || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
+  LoadedLanes<VECTOR, LANES, in_t> grad_s, grad_v;
+  if (grad_spikes != nullptr) grad_s.load(grad_spikes + row);
+  if (GRAD_V) grad_v.load(grad_v_seq + row);
   acc_t gx[LANES];
 #pragma unroll
   for (int j = 0; j < LANES; ++j) {
     const acc_t gs = grad_spikes != nullptr ? load_as<acc_t>(grad_s[j]) : acc_t(0);
-    acc_t gv = grad_v_seq != nullptr ? load_as<acc_t>(grad_v[j]) : acc_t(0);
+    acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[j]) : acc_t(0);
     if (t == p.T - 1 && p.grad_v_last != nullptr) gv += load_as<acc_t>(p.grad_v_last[n0 + j]);
     acc_t h_prev, s_prev, v_prev;
     if (t > 0) {
@@ -374,62 +422,67 @@ __device__ __forceinline__ void backward_single_step(const BackwardParams<in_t, 
 }
 
 // All T steps (T >= 1) of the neurons n0 .. n0 + LANES - 1, back in time: step T-1 alone, then
-// chunks of AHEAD steps (the last one shorter) down to step 1, then step 0 alone.
-template <int AHEAD, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
+// chunks (the last one shorter) down to step 1, then step 0 alone. The smooth mode (kRuntime)
+// runs one step at a time.
+template <bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
                                                  const in_t* __restrict__ grad_spikes,
                                                  const in_t* __restrict__ grad_v_seq,
                                                  const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x,
                                                  index_t n0) {
+  using Shape = Geometry<in_t, acc_t>;
   BackwardState<LANES, acc_t> st;
   backward_begin<LANES, SURROGATE>(p, n0, h_seq + (p.T - 1) * p.N + n0, st);
   const Options<acc_t> o = p.opts;
+  const bool grad_v_last_present = p.grad_v_last != nullptr;
   // One loop with one call site of each step function: the code is instantiated per surrogate
   // and path, and its size is what the build's time goes into.
   for (index_t t = p.T - 1; t >= 0;) {
-    if (AHEAD > 1 && t < p.T - 1 && t >= 1) {
-      const int count = t < AHEAD ? static_cast<int>(t) : AHEAD;
-      backward_chunk<AHEAD, VECTOR, LANES, SURROGATE>(grad_spikes, grad_v_seq, h_seq, grad_x, p.N, o,
-                                                      p.grad_v_last != nullptr, t, count, n0, st);
-      t -= count;
+    if (SURROGATE != kRuntime && t < p.T - 1 && t >= 1) {
+      t -= backward_chunk<Shape::template backward_steps<LANES, GRAD_V>(), GRAD_V, VECTOR, LANES, SURROGATE>(
+          grad_spikes, grad_v_seq, h_seq, grad_x, p.N, o, grad_v_last_present, t, n0, st);
     } else {
-      backward_single_step<VECTOR, LANES, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, o, t, n0, st);
+      backward_single_step<GRAD_V, VECTOR, LANES, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, o, t, n0,
+                                                             st);
       --t;
     }
   }
   backward_end<LANES>(p, n0, st);
 }
 
-template <int VECTOR_AHEAD, int SCALAR_AHEAD, int SURROGATE, typename in_t, typename acc_t>
+// The vector path or the scalar one, each thread taking neurons in a grid-stride loop (the
+// smooth mode, as in the forward, takes the scalar path). GRAD_V: grad_v_seq is given. Each of
+// these loops is compiled on its own: in one loop the chunks with and without grad_v_seq cost
+// registers for both.
+template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>& p,
                                                const in_t* __restrict__ grad_spikes,
                                                const in_t* __restrict__ grad_v_seq,
                                                const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x) {
-  constexpr int kLanes = Geometry<in_t>::kBackwardLanes;
+  constexpr int kLanes = Geometry<in_t, acc_t>::kBackwardLanes;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vector_path<kLanes>(p.N, grad_spikes, grad_v_seq, h_seq, grad_x)) {
-    for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
-      backward_neurons<SURROGATE == kRuntime ? 1 : VECTOR_AHEAD, true, kLanes, SURROGATE>(p, grad_spikes, grad_v_seq,
-                                                                                         h_seq, grad_x, n);
+  if constexpr (kLanes > 1 && SURROGATE != kRuntime) {
+    if (vector_path<kLanes>(p.N, grad_spikes, grad_v_seq, h_seq, grad_x)) {
+      for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
+        backward_neurons<GRAD_V, true, kLanes, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
+      }
+      return;
     }
-  } else {
-    for (index_t n = first; n < p.N; n += threads) {
-      backward_neurons<SURROGATE == kRuntime ? 1 : SCALAR_AHEAD, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq,
-                                                                                     h_seq, grad_x, n);
-    }
+  }
+  for (index_t n = first; n < p.N; n += threads) {
+    backward_neurons<GRAD_V, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
   }
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t>::kBackwardMinBlocks) plif_backward_kernel(const in_t* __restrict__ grad_spikes,
-                                     GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-                                     const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
-                                     const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
-                                     in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k,
-                                     acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride,
-                                     index_t T, index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha,
-                                     int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kBackwardMinBlocks))
+    plif_backward_kernel(const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+                         const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
+                         const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
+                         acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride,
+                         index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset,
+                         acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;
@@ -445,10 +498,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t>::kBackwardMin
   p.T = T;
   p.N = N;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-  constexpr int kVectorAhead = Geometry<in_t>::kBackwardAhead;
-  constexpr int kScalarAhead = Geometry<in_t>::kBackwardLanes * kVectorAhead;
-#define PLIF_BACKWARD_PATHS(mode) \
-  backward_paths<kVectorAhead, kScalarAhead, mode>(p, grad_spikes, grad_v_seq, h_seq, grad_x)
+#define PLIF_BACKWARD_PATHS(mode)                                                   \
+  (grad_v_seq != nullptr ? backward_paths<true, mode>(p, grad_spikes, grad_v_seq, h_seq, grad_x) \
+                         : backward_paths<false, mode>(p, grad_spikes, grad_v_seq, h_seq, grad_x))
   // Spiking mode with the surrogate fixed at compile time (branch-free chunks); the smooth mode
   // switches per step.
   if (!p.opts.spiking) return PLIF_BACKWARD_PATHS(kRuntime);

@@ -342,6 +342,10 @@ TORCH_LIBRARY(plif_cuda, m) {
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
       "Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
       "int v_init_stride, int T, int N, float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
+  // The launch shape of both GPU launchers (plif_launch.h), for the NVRTC one.
+  m.def("threads_per_block() -> int", []() -> int64_t { return kThreadsPerBlock; });
+  m.def("launch_blocks(int neurons, int resident_blocks) -> int",
+        [](int64_t neurons, int64_t resident_blocks) -> int64_t { return launch_blocks(neurons, resident_blocks); });
   // The CPU op's buffer cache (plif_cpu_buffers.h).
   m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);

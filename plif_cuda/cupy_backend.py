@@ -19,11 +19,6 @@ import torch
 
 from . import _nvrtc, ops
 
-# As the extension's launcher (csrc/plif_kernels.cuh, plif::launch_blocks): one thread per neuron,
-# the grid capped at the blocks of that kernel the device keeps resident; the kernels'
-# grid-stride loops take the rest and pick their memory path from the grid they get.
-_THREADS_PER_BLOCK = 256
-
 
 @functools.cache
 def unavailable_reason() -> str | None:
@@ -75,11 +70,12 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
             from cupy_backends.cuda.api import driver
 
             multiprocessors = torch.cuda.get_device_properties(device_index).multi_processor_count
+            threads = torch.ops.plif_cuda.threads_per_block()
             pair = {}
             for direction, name in (("forward", forward_name), ("backward", backward_name)):
                 function = module.get_function(image.lowered_names[name])
-                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, _THREADS_PER_BLOCK, 0)
-                pair[direction] = (function, multiprocessors * max(1, per_sm))
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, 0)
+                pair[direction] = (function, multiprocessors * per_sm)
             _kernels[key] = pair
     return pair
 
@@ -100,10 +96,11 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
     args = tuple(np.uint64(0 if t is None else t.data_ptr()) for t in pointers) + tuple(
         convert(value) for convert, value in zip(_scalar_types(acc), scalars, strict=True)
     )
-    neurons = scalars[3]
-    grid = max(1, min(-(-neurons // _THREADS_PER_BLOCK), resident_blocks))
+    # The launch shape of the nvcc launcher too (csrc/plif_launch.h); scalars[3] is N.
+    grid = torch.ops.plif_cuda.launch_blocks(scalars[3], resident_blocks)
+    block = torch.ops.plif_cuda.threads_per_block()
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
-    kernel((grid,), (_THREADS_PER_BLOCK,), args, stream=stream)
+    kernel((grid,), (block,), args, stream=stream)
 
 
 def _scalar_types(acc) -> tuple:

@@ -7,7 +7,8 @@ The cases cover both memory paths of the kernels (vector accesses, picked for la
 tensors, and the scalar one for small N, tails and misaligned tensors), T below, at and above
 the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype, and
 absent gradients. The vector path needs N >= neurons per thread x resident threads; to reach it
-with a few thousand neurons, the emulated device keeps only one or two blocks resident.
+with a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the
+spiking mode takes it, and in the backward only the half types (see Geometry in the kernels).
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: t
 # enum OptionFlags of csrc/plif_params.h.
 FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING = 1, 2, 4, 8
 
-# Resident blocks of the emulated device: an H200 at two 256-thread blocks per multiprocessor
+# Resident blocks of the emulated device: an H200 at four 256-thread blocks per multiprocessor
 # (scalar path for every N here), and devices small enough for the vector path.
-H200_BLOCKS = 132 * 2
+H200_BLOCKS = 132 * 4
 T_LONG = 37  # prime: no chunk size divides it, and above the deepest chunk (32 steps)
 
 
@@ -146,6 +147,15 @@ def _kernel_scalars(options):
     return v_threshold, v_reset, alpha, surrogate, _flags(options)
 
 
+def forward_lanes(dtype) -> int:
+    return 16 // torch.tensor([], dtype=dtype).element_size()
+
+
+def backward_lanes(dtype) -> int:
+    """Neurons per thread of the backward's vector path; 1: it has none (float32, float64)."""
+    return 2 if dtype in (torch.float16, torch.bfloat16) else 1
+
+
 def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
              store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
@@ -227,8 +237,9 @@ GEOMETRIES = [
 def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options),
                                                  resident_blocks)
-    vector = resident_blocks != H200_BLOCKS
-    assert (forward_vectors > 0) == vector and (backward_vectors > 0) == vector
+    vector = resident_blocks != H200_BLOCKS and options.get("spiking", True)
+    assert (forward_vectors > 0) == vector
+    assert (backward_vectors > 0) == (vector and backward_lanes(dtype) > 1)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -237,7 +248,7 @@ def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, sp
     options = _options(surrogate=surrogate, alpha=1.7, spiking=spiking)
     run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
     _, backward_vectors = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
-    assert backward_vectors > 0
+    assert (backward_vectors > 0) == (spiking and backward_lanes(dtype) > 1)
 
 
 @pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
@@ -252,12 +263,12 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
     # One resident block: the vector path would be chosen if N were a multiple of the lanes and
-    # large enough; 4100 is a multiple of 4 (float32's lanes, the half types' backward lanes).
+    # large enough; 4100 is a multiple of 4 (float32's lanes) and 2 (the half types' backward lanes).
     forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, _options(), 1, seed=neurons)
-    lanes_forward = 16 // torch.tensor([], dtype=dtype).element_size()
-    lanes_backward = 4 if dtype in (torch.float16, torch.bfloat16) else lanes_forward
+    lanes_forward, lanes_backward = forward_lanes(dtype), backward_lanes(dtype)
     assert (forward_vectors > 0) == (neurons % lanes_forward == 0 and neurons >= 256 * lanes_forward)
-    assert (backward_vectors > 0) == (neurons % lanes_backward == 0 and neurons >= 256 * lanes_backward)
+    assert (backward_vectors > 0) == (lanes_backward > 1 and neurons % lanes_backward == 0
+                                      and neurons >= 256 * lanes_backward)
 
 
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")
@@ -274,9 +285,11 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
 @pytest.mark.parametrize("grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()],
                          ids=lambda g: "+".join(g) or "none")
 @pytest.mark.parametrize("resident_blocks", (H200_BLOCKS, 1), ids=("scalar", "vector"))
-def test_absent_gradients(emulation, grads, resident_blocks):
-    run_case(emulation, torch.float32, 10, 1024, _options(), resident_blocks, grads=grads,
-             store_v_seq="v_seq" in grads)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_absent_gradients(emulation, dtype, grads, resident_blocks):
+    # Without grad_spikes the chunks load H's rows in its place (and drop the values): the
+    # bfloat16 vector path reads them as 4-byte words of two gradients.
+    run_case(emulation, dtype, 10, 1024, _options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -290,3 +303,14 @@ def test_a_misaligned_vector_access_is_reported(emulation):
     error = ctypes.create_string_buffer(256)
     assert emulation.plif_emulate_vector_load(buffer[1:].data_ptr(), error, len(error)) == -1
     assert b"misaligned 16-byte vector access" in error.value
+
+
+@pytest.mark.parametrize("neurons, resident_blocks, blocks", [
+    (0, 528, 1), (1, 528, 1), (256, 528, 1), (257, 528, 2), (3000, 7, 7), (10**9, 528, 528),
+    (5000, 0, 1),  # an occupancy of 0 (the kernel cannot launch): one block, and the launch reports why
+], ids=lambda v: str(v))
+def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
+    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through these ops)
+    # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
+    assert torch.ops.plif_cuda.threads_per_block() == 256
+    assert torch.ops.plif_cuda.launch_blocks(neurons, resident_blocks) == blocks

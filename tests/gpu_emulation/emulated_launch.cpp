@@ -49,7 +49,7 @@ using plif::index_t;
 
 template <typename Kernel>
 void launch(index_t neurons, index_t resident_blocks, Kernel run_thread) {
-  plif_emulation::grid_dim = dim3(plif::launch_blocks(neurons, resident_blocks));
+  plif_emulation::grid_dim = dim3(static_cast<unsigned int>(plif::launch_blocks(neurons, resident_blocks)));
   plif_emulation::block_dim = dim3(plif::kThreadsPerBlock);
   for (unsigned int b = 0; b < plif_emulation::grid_dim.x; ++b) {
     for (unsigned int t = 0; t < plif_emulation::block_dim.x; ++t) {
@@ -133,8 +133,8 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
 // A vector access at `pointer`, for the test that the alignment check fires.
 long long plif_emulate_vector_load(const void* pointer, char* error, int error_size) {
   return guarded(error, error_size, [&] {
-    float values[4];
-    plif::load_lanes<true>(static_cast<const float*>(pointer), values);
+    plif::LoadedLanes<true, 4, float> values;
+    values.load(static_cast<const float*>(pointer));
   });
 }
 
