@@ -232,8 +232,8 @@ __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* _
                                              ForwardState<LANES, acc_t>& st) {
   const int count = T - t0 < STEPS ? static_cast<int>(T - t0) : STEPS;
   LoadedLanes<VECTOR, LANES, in_t> inputs[STEPS];
-#pragma unroll
   const in_t* source = x + t0 * N + n0;
+#pragma unroll
   for (int i = 0; i < STEPS; ++i, source += N) {
     if (i < count) inputs[i].load(source);
   }
