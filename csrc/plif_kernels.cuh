@@ -295,12 +295,11 @@ __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& 
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kForwardMinBlocks))
-    plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
-                        in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last,
-                        in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t k_stride,
-                        index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha,
-                        int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForwardMinBlocks) plif_forward_kernel(
+    const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
+    in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
+    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, acc_t v_threshold,
+    acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   ForwardParams<in_t, acc_t> p;
   p.x = x;
   p.k = k;
@@ -461,13 +460,12 @@ __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kBackwardMinBlocks))
-    plif_backward_kernel(const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-                         const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
-                         const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-                         acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride,
-                         index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset,
-                         acc_t alpha, int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
+    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const acc_t* __restrict__ k,
+    const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k,
+    acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
+    acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;
