@@ -47,13 +47,12 @@ REGISTER_ALLOCATION_UNIT = 256
 MAX_THREADS_PER_SM = {"sm_70": 2048, "sm_75": 1024, "sm_80": 2048, "sm_86": 1536, "sm_87": 2048, "sm_89": 1536,
                       "sm_90": 2048, "sm_100": 2048, "sm_120": 1536}
 # Kernels that keep fewer than half the threads resident: (architecture or "*", kernel label) ->
-# (the resident threads per multiprocessor they must keep at least, why). The launch bounds in
-# csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks) build them for 3 blocks.
+# (the resident threads per multiprocessor they must keep at least, why). Their launch bounds are
+# in csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks).
 OCCUPANCY_EXCEPTIONS = {
-    ("*", "backward float64"): (768, "64 bytes of loads ahead are 8 double registers per step and its surrogates "
-                                     "are double precision: ptxas spills 312 bytes at 64 registers (sm_90), none at 80"),
-    ("sm_80", "backward float16"): (768, "ptxas for sm_80 spills 60 bytes at 64 registers (none for sm_90)"),
-    ("sm_80", "backward bfloat16"): (768, "ptxas for sm_80 spills 60 bytes at 64 registers (none for sm_90)"),
+    ("*", "backward float64"): (512, "64 bytes of loads ahead are 16-24 registers of doubles and its surrogates "
+                                     "are double precision: at 64 registers ptxas spills 312 bytes (sm_90), at 80 "
+                                     "the division's slow path takes a 24-byte stack frame"),
 }
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.
 DTYPE_PAIRS = {"Iff": "float32", "Idd": "float64", "I6__halff": "float16", "I13__nv_bfloat16f": "bfloat16"}

@@ -9,19 +9,20 @@
 // thread; .ci/check_cuda_build.py reads that from the SASS) before its first store. Two paths,
 // picked per launch from N, the grid and the tensors' alignment (vector_path below):
 //   vector: LANES consecutive neurons per thread, every [T, N] access one 4-, 8- or 16-byte
-//           word (or two 16-byte words); where N is a multiple of LANES and so large that every
-//           thread of the grid takes LANES neurons or more anyway;
+//           word; where N is a multiple of LANES and so large that every thread of the grid
+//           takes LANES neurons or more anyway (forward; backward in the half types only);
 //   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
 // Each path takes as many steps per chunk as 64 bytes of its loads need (Geometry below). The
 // last chunk is shorter where T is not a multiple of the chunk. The smooth mode (spiking=False,
-// for gradcheck) runs one step at a time, as do the backward's steps T-1 (which adds the
-// gradient on the last membrane) and 0 (whose previous membrane is v_init).
+// for gradcheck) runs one step at a time on the scalar path, as do the backward's steps T-1
+// (which adds the gradient on the last membrane) and 0 (whose previous membrane is v_init).
 //
-// Every kernel keeps at least half a multiprocessor's threads resident (kMinBlocksPerSM blocks
-// of plif_launch.h's kThreadsPerBlock; at most 64 registers each on sm_80 / sm_90), which is
-// what the geometry is sized for: few lanes, loads kept as the words they arrive in until their
-// step, and no predicated loads.
+// The kernels keep half a multiprocessor's threads resident (Geometry's launch bounds: four
+// blocks of plif_launch.h's kThreadsPerBlock at 64 registers; the exceptions are listed there),
+// and the geometry is sized for that: two backward neurons per thread at most, loads kept as the
+// words they arrive in until their step, the backward's loops with and without grad_v_seq
+// compiled apart. ptxas is fragile here: benchmarks/NOTES.md lists what each register took.
 //
 // Kernel arguments are plain scalars and pointers (no structs) so that CuPy can pass them.
 // Half types are CUDA's __half / __nv_bfloat16, whose bits equal c10::Half / c10::BFloat16.
@@ -68,19 +69,19 @@ __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>
 }
 
 // ---- launch geometry ---------------------------------------------------------------------------
-// Neurons per thread of the vector path (the scalar path takes one) and time steps per chunk.
-// A chunk loads at least kLoadBytesAhead per thread: ceil(64 / bytes per step) steps, where a
-// step of LANES neurons loads x (forward), or grad_spikes and H, plus grad_v_seq when given
-// (backward). The forward's state is small and its lanes fill one 16-byte word. The backward's
-// per-neuron state (k, H, S, two gradient sums) is not: two lanes fit 64 registers only in the
-// half types (a 4-byte word of two gradients), and float32 and float64 take the scalar path
-// always (one lane: no vector path); a warp's accesses are whole segments either way.
+// Neurons per thread of the forward's vector path (its scalar path and the backward take one)
+// and time steps per chunk. A chunk loads at least kLoadBytesAhead per thread: ceil(64 / bytes
+// per step) steps, where a step of LANES neurons loads x (forward), or grad_spikes and H, plus
+// grad_v_seq when given (backward). The forward's state is small and its lanes fill one 16-byte
+// word. The backward's per-neuron state (k, H, S, two gradient sums) is not: with two neurons per
+// thread it did not fit 64 registers (float32 spilled; the half types' division slow path took a
+// stack frame), so it has no vector path. A warp's accesses are whole 128-byte lines either way;
+// a vector access only saves load instructions.
 template <typename in_t, typename acc_t>
 struct Geometry {
   enum : int {
     kLoadBytesAhead = 64,
     kForwardLanes = 16 / sizeof(in_t),
-    kBackwardLanes = sizeof(in_t) == 2 ? 2 : 1,
   };
   static constexpr int steps_for(int step_bytes) { return (kLoadBytesAhead + step_bytes - 1) / step_bytes; }
   template <int LANES>
@@ -92,19 +93,13 @@ struct Geometry {
     return steps_for(LANES * static_cast<int>((GRAD_V ? 2 : 1) * sizeof(in_t) + sizeof(acc_t)));
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds): half the threads of an
-  // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward cannot keep its 64
-  // bytes in flight in 64 registers (ptxas spills 312 bytes on sm_90: its state and loads are
-  // twice as wide, its surrogates double precision); built for 3 blocks it takes 80, no spills.
-  // ptxas for sm_80 (A100) spills 60 bytes of the half types' backward at 64 registers, where
-  // for sm_90 it needs none; there they are built for 3 blocks too. .ci/check_cuda_build.py
-  // lists both exceptions.
+  // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward does not fit: at 64
+  // registers ptxas spills 312 bytes (sm_90), at 80 (3 blocks) the IEEE division's slow path
+  // saves registers to a 24-byte stack frame; at 2 blocks it takes 116 (sm_90), no local memory.
+  // .ci/check_cuda_build.py lists it as the one exception.
   enum : int {
     kForwardMinBlocks = 4,
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    kBackwardMinBlocks = sizeof(acc_t) == 8 || sizeof(in_t) == 2 ? 3 : 4,
-#else
-    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 3 : 4,
-#endif
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 4,
   };
 };
 
@@ -237,8 +232,8 @@ __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* _
                                              ForwardState<LANES, acc_t>& st) {
   const int count = T - t0 < STEPS ? static_cast<int>(T - t0) : STEPS;
   LoadedLanes<VECTOR, LANES, in_t> inputs[STEPS];
-#pragma unroll
   const in_t* source = x + t0 * N + n0;
+#pragma unroll
   for (int i = 0; i < STEPS; ++i, source += N) {
     if (i < count) inputs[i].load(source);
   }
@@ -300,12 +295,11 @@ __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& 
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kForwardMinBlocks))
-    plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
-                        in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last,
-                        in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t k_stride,
-                        index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha,
-                        int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForwardMinBlocks) plif_forward_kernel(
+    const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
+    in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
+    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, acc_t v_threshold,
+    acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   ForwardParams<in_t, acc_t> p;
   p.x = x;
   p.k = k;
@@ -334,8 +328,7 @@ using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_
 // Up to STEPS time steps t_hi, t_hi - 1, ... (all >= 1) for LANES neurons from n0: every load
 // (the gradients of those steps, H of the steps before them) first, then the recursion; returns
 // the steps taken (fewer near step 0, whose previous membrane is v_init). GRAD_V: grad_v_seq is
-// given (a third stream, so fewer steps fill the same bytes). Steps past the end run on the last
-// step's rows and are discarded, as in forward_chunk.
+// given (a third stream, so fewer steps fill the same bytes).
 template <int STEPS, bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ int backward_chunk(const in_t* __restrict__ grad_spikes,
                                               const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
@@ -450,39 +443,29 @@ __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_
   backward_end<LANES>(p, n0, st);
 }
 
-// The vector path or the scalar one, each thread taking neurons in a grid-stride loop (the
-// smooth mode, as in the forward, takes the scalar path). GRAD_V: grad_v_seq is given. Each of
-// these loops is compiled on its own: in one loop the chunks with and without grad_v_seq cost
-// registers for both.
+// One neuron per thread (the backward has no vector path: see Geometry), in a grid-stride loop.
+// GRAD_V: grad_v_seq is given; the loops with and without it are compiled apart (in one loop the
+// chunks of both cost registers for both). The step functions above keep the forward's
+// LANES / VECTOR parameters: written for one lane only, ptxas allocated them worse (spills).
 template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>& p,
                                                const in_t* __restrict__ grad_spikes,
                                                const in_t* __restrict__ grad_v_seq,
                                                const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x) {
-  constexpr int kLanes = Geometry<in_t, acc_t>::kBackwardLanes;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if constexpr (kLanes > 1 && SURROGATE != kRuntime) {
-    if (vector_path<kLanes>(p.N, grad_spikes, grad_v_seq, h_seq, grad_x)) {
-      for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
-        backward_neurons<GRAD_V, true, kLanes, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
-      }
-      return;
-    }
-  }
   for (index_t n = first; n < p.N; n += threads) {
     backward_neurons<GRAD_V, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
   }
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, (Geometry<in_t, acc_t>::kBackwardMinBlocks))
-    plif_backward_kernel(const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-                         const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
-                         const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-                         acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride,
-                         index_t v_init_stride, index_t T, index_t N, acc_t v_threshold, acc_t v_reset,
-                         acc_t alpha, int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
+    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const acc_t* __restrict__ k,
+    const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k,
+    acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
+    acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;

@@ -8,7 +8,8 @@ tensors, and the scalar one for small N, tails and misaligned tensors), T below,
 the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype, and
 absent gradients. The vector path needs N >= neurons per thread x resident threads; to reach it
 with a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the
-spiking mode takes it, and in the backward only the half types (see Geometry in the kernels).
+spiking mode takes it, and only the forward (the backward takes one neuron per thread: see
+Geometry in the kernels).
 """
 from __future__ import annotations
 
@@ -151,11 +152,6 @@ def forward_lanes(dtype) -> int:
     return 16 // torch.tensor([], dtype=dtype).element_size()
 
 
-def backward_lanes(dtype) -> int:
-    """Neurons per thread of the backward's vector path; 1: it has none (float32, float64)."""
-    return 2 if dtype in (torch.float16, torch.bfloat16) else 1
-
-
 def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
              store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
@@ -238,8 +234,7 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
     forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options),
                                                  resident_blocks)
     vector = resident_blocks != H200_BLOCKS and options.get("spiking", True)
-    assert (forward_vectors > 0) == vector
-    assert (backward_vectors > 0) == (vector and backward_lanes(dtype) > 1)
+    assert (forward_vectors > 0) == vector and backward_vectors == 0
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -247,8 +242,8 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
 def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, spiking):
     options = _options(surrogate=surrogate, alpha=1.7, spiking=spiking)
     run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
-    _, backward_vectors = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
-    assert (backward_vectors > 0) == (spiking and backward_lanes(dtype) > 1)
+    forward_vectors, _ = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
+    assert (forward_vectors > 0) == spiking
 
 
 @pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
@@ -263,12 +258,10 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
     # One resident block: the vector path would be chosen if N were a multiple of the lanes and
-    # large enough; 4100 is a multiple of 4 (float32's lanes) and 2 (the half types' backward lanes).
+    # large enough; 4100 is a multiple of 4 (float32's lanes).
     forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, _options(), 1, seed=neurons)
-    lanes_forward, lanes_backward = forward_lanes(dtype), backward_lanes(dtype)
-    assert (forward_vectors > 0) == (neurons % lanes_forward == 0 and neurons >= 256 * lanes_forward)
-    assert (backward_vectors > 0) == (lanes_backward > 1 and neurons % lanes_backward == 0
-                                      and neurons >= 256 * lanes_backward)
+    lanes = forward_lanes(dtype)
+    assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
 
 
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")
@@ -287,8 +280,8 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
 @pytest.mark.parametrize("resident_blocks", (H200_BLOCKS, 1), ids=("scalar", "vector"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_absent_gradients(emulation, dtype, grads, resident_blocks):
-    # Without grad_spikes the chunks load H's rows in its place (and drop the values): the
-    # bfloat16 vector path reads them as 4-byte words of two gradients.
+    # Without grad_spikes the backward's chunks load H's rows in its place (and drop the values),
+    # read as gradients of the input dtype.
     run_case(emulation, dtype, 10, 1024, _options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
 
 
