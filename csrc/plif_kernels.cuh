@@ -8,9 +8,9 @@
 // the recurrence over them: every chunk of steps issues all its loads (at least 64 bytes per
 // thread; .ci/check_cuda_build.py reads that from the SASS) before its first store. Two paths,
 // picked per launch from N, the grid and the tensors' alignment (vector_path below):
-//   vector: LANES consecutive neurons per thread, every [T, N] access one 4-, 8- or 16-byte
-//           word; where N is a multiple of LANES and so large that every thread of the grid
-//           takes LANES neurons or more anyway (forward; backward in the half types only);
+//   vector: LANES consecutive neurons per thread, every [T, N] access one 16-byte word; where N
+//           is a multiple of LANES and so large that every thread of the grid takes LANES
+//           neurons or more anyway (the forward only: see Geometry);
 //   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
 // Each path takes as many steps per chunk as 64 bytes of its loads need (Geometry below). The
@@ -117,27 +117,14 @@ __device__ __forceinline__ bool vector_path(index_t N, const void* a, const void
 }
 
 // ---- accesses of LANES consecutive values ------------------------------------------------------
-// Vector accesses move 16-byte words, or one 4- or 8-byte word where LANES values fill only that.
-template <int BYTES>
-struct VectorWord {
-  using type = uint4;
-};
-template <>
-struct VectorWord<8> {
-  using type = uint2;
-};
-template <>
-struct VectorWord<4> {
-  using type = unsigned int;
-};
-
-template <bool VECTOR, int LANES, typename T>
+// Vector accesses move 16-byte words.
+template <bool VECTOR, typename T>
 struct AccessWord {
   using type = T;
 };
-template <int LANES, typename T>
-struct AccessWord<true, LANES, T> {
-  using type = typename VectorWord<LANES * static_cast<int>(sizeof(T))>::type;
+template <typename T>
+struct AccessWord<true, T> {
+  using type = uint4;
 };
 
 // LANES consecutive values as loaded: vector words (VECTOR: the address is aligned to the
@@ -145,10 +132,9 @@ struct AccessWord<true, LANES, T> {
 // two half values in flight share one register instead of taking one each.
 template <bool VECTOR, int LANES, typename T>
 struct LoadedLanes {
-  using Word = typename AccessWord<VECTOR, LANES, T>::type;
+  using Word = typename AccessWord<VECTOR, T>::type;
   static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-  static_assert(!VECTOR || kBytes == 4 || kBytes == 8 || kBytes % 16 == 0,
-                "a vector access moves whole 4-, 8- or 16-byte words");
+  static_assert(!VECTOR || kBytes % 16 == 0, "a vector access moves whole 16-byte words");
   static constexpr int kWords = kBytes / static_cast<int>(sizeof(Word));
   Word words[kWords];
 
@@ -170,8 +156,8 @@ template <bool VECTOR, int LANES, typename T>
 __device__ __forceinline__ void store_lanes(T* __restrict__ target, const T (&values)[LANES]) {
   if constexpr (VECTOR) {
     constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-    using Word = typename VectorWord<kBytes>::type;
-    static_assert(kBytes == 4 || kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole 4-, 8- or 16-byte words");
+    using Word = typename AccessWord<true, T>::type;
+    static_assert(kBytes % 16 == 0, "a vector access moves whole 16-byte words");
     PLIF_CHECK_VECTOR_ACCESS(target, sizeof(Word));
     Word* words = reinterpret_cast<Word*>(target);
 #pragma unroll
