@@ -199,6 +199,7 @@ __device__ __forceinline__ Options<acc_t> make_options(acc_t v_threshold, acc_t 
   o.decay_input = (flags & kFlagDecayInput) != 0;
   o.detach_reset = (flags & kFlagDetachReset) != 0;
   o.spiking = (flags & kFlagSpiking) != 0;
+  o.h_checkpoints = (flags & kFlagHCheckpoints) != 0;
   return o;
 }
 
@@ -234,7 +235,9 @@ __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* _
       spike[j] = forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(inputs[i][j]), st.k[j], o, h[j]);
     }
     store_lanes_as<VECTOR>(spikes + row, spike);
-    if (h_seq != nullptr) store_lanes<VECTOR>(h_seq + row, h);
+    if (h_seq != nullptr && (!o.h_checkpoints || is_checkpoint_step(t0 + i, T))) {
+      store_lanes<VECTOR>(h_seq + (o.h_checkpoints ? checkpoint_row(t0 + i) * N + n0 : row), h);
+    }
     if (v_seq != nullptr) store_lanes_as<VECTOR>(v_seq + row, st.v);
   }
   return count;
@@ -429,34 +432,143 @@ __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_
   backward_end<LANES>(p, n0, st);
 }
 
-// One neuron per thread (the backward has no vector path: see Geometry), in a grid-stride loop.
-// GRAD_V: grad_v_seq is given; the loops with and without it are compiled apart (in one loop the
-// chunks of both cost registers for both). The step functions above keep the forward's
-// LANES / VECTOR parameters: written for one lane only, ptxas allocated them worse (spills).
+// kSaveCheckpoints (half inputs): all T steps of neuron n, in chunks of kCheckpointSteps from
+// the last. A chunk loads its X (16 bytes per thread), recomputes its H from X and the
+// checkpoint before it (the forward's expressions: the same bits), then walks back through it
+// as backward_chunk does, four steps' gradients loaded at a time (eight spill). The chunk's H
+// sits in shared memory, one column per thread (9 KB per block): in registers it took nine more
+// of them and left no room within the 64 that four resident blocks allow.
+// This thread's column of the recomputed chunk: one array per compute type, shared by every
+// instantiation of the path (one each would add up to a block's whole shared memory).
+template <typename acc_t>
+__device__ __forceinline__ acc_t* chunk_h_column() {
+  __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kThreadsPerBlock];
+  return chunk_h + threadIdx.x;
+}
+
 template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+__device__ __forceinline__ void backward_neuron_recomputing(const BackwardParams<in_t, acc_t>& p,
+                                                            const in_t* __restrict__ grad_spikes,
+                                                            const in_t* __restrict__ grad_v_seq,
+                                                            const in_t* __restrict__ x, in_t* __restrict__ grad_x,
+                                                            index_t n) {
+  constexpr int K = kCheckpointSteps;
+  constexpr int kPart = 4;
+  // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1].
+  acc_t* const h = chunk_h_column<acc_t>();
+  const Options<acc_t> o = p.opts;
+  const bool through_spike = grad_spikes != nullptr;
+  BackwardState<1, acc_t> st;
+  const index_t last_chunk = (p.T - 1) / K;
+  for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
+    const index_t t0 = chunk * K;
+    const int count = p.T - t0 < K ? static_cast<int>(p.T - t0) : K;
+    {
+      // Steps past the end load the last step's row again (in bounds), as backward_chunk does.
+      in_t inputs[K];
+      index_t row = t0 * p.N + n;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        PLIF_KEEP_IN_ORDER(row);
+        inputs[i] = x[row];
+        if (i + 1 < count) row += p.N;
+      }
+      ForwardState<1, acc_t> forward;
+      recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, h);
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        if (i < count) {
+          acc_t h_step;
+          forward_neuron<SURROGATE>(forward.v[0], load_as<acc_t>(inputs[i]), forward.k[0], o, h_step);
+          h[(i + 1) * kThreadsPerBlock] = h_step;
+        }
+      }
+    }
+    if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &h[count * kThreadsPerBlock], st);
+    // Rows are running offsets: computed per step, ptxas keeps a 64-bit offset for every step.
+    index_t row = (t0 + count - 1) * p.N + n;
+#pragma unroll
+    for (int part = K / kPart - 1; part >= 0; --part) {
+      const int lo = part * kPart;
+      if (lo >= count) continue;
+      in_t grad_s[kPart], grad_v[kPart];
+      index_t load_row = row;
+#pragma unroll
+      for (int i = lo + kPart - 1; i >= lo; --i) {
+        PLIF_KEEP_IN_ORDER(load_row);
+        if (through_spike) grad_s[i - lo] = grad_spikes[load_row];
+        if (GRAD_V) grad_v[i - lo] = grad_v_seq[load_row];
+        if (i < count && i > lo) load_row -= p.N;
+      }
+#pragma unroll
+      for (int i = lo + kPart - 1; i >= lo; --i) {
+        if (i >= count) continue;
+        PLIF_KEEP_IN_ORDER(row);
+        const index_t t = t0 + i;
+        const bool through_membrane = GRAD_V || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
+        const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i - lo]) : acc_t(0);
+        acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[i - lo]) : acc_t(0);
+        if (t == p.T - 1 && p.grad_v_last != nullptr) gv += load_as<acc_t>(p.grad_v_last[n]);
+        const acc_t h_prev = h[i * kThreadsPerBlock];
+        acc_t s_prev, v_prev;
+        if (t > 0) {
+          s_prev = fire<SURROGATE>(h_prev, o);
+          v_prev = reset(h_prev, s_prev, o);
+        } else {
+          s_prev = acc_t(0);
+          v_prev = p.v_init[n * p.v_init_stride];
+        }
+        const acc_t gx = backward_neuron<SURROGATE>(st.h[0], st.s[0], v_prev, st.k[0], gv, gs, through_spike,
+                                                    through_membrane, o, st.grad_h_next[0], st.grad_k_sum[0]);
+        grad_x[row] = store_as<in_t>(gx);
+        row -= p.N;
+        st.h[0] = h_prev;
+        st.s[0] = s_prev;
+      }
+    }
+  }
+  backward_end<1>(p, n, st);
+}
+
+// One neuron per thread (the backward has no vector path: see Geometry), in a grid-stride loop,
+// from every H or (RECOMPUTE) from the checkpoints and x. GRAD_V: grad_v_seq is given; the loops
+// with and without it are compiled apart (in one loop the chunks of both cost registers for
+// both). The step functions above keep the forward's LANES / VECTOR parameters: written for one
+// lane only, ptxas allocated them worse (spills).
+template <bool RECOMPUTE, bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>& p,
                                                const in_t* __restrict__ grad_spikes,
                                                const in_t* __restrict__ grad_v_seq,
-                                               const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x) {
+                                               const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
+                                               in_t* __restrict__ grad_x) {
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (index_t n = first; n < p.N; n += threads) {
-    backward_neurons<GRAD_V, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
+    if constexpr (RECOMPUTE) {
+      backward_neuron_recomputing<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n);
+    } else {
+      backward_neurons<GRAD_V, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
+    }
   }
 }
 
-template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
+// Both backward kernels take the same arguments and run the same modes; the one from checkpoints
+// (plif_recompute_backward_kernel, half inputs only: the dtypes that keep checkpoints) is a kernel
+// of its own, with its own registers and shared memory, so that neither path's needs weigh on
+// the other's occupancy.
+template <bool RECOMPUTE, typename in_t, typename acc_t>
+__device__ __forceinline__ void backward_kernel_body(
     const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const acc_t* __restrict__ k,
-    const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k,
-    acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
-    acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
+    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
+    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
+    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;
   p.grad_v_seq = grad_v_seq;
   p.h_seq = h_seq;
+  p.x = x;
   p.k = k;
   p.v_init = v_init;
   p.grad_x = grad_x;
@@ -467,9 +579,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
   p.T = T;
   p.N = N;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-#define PLIF_BACKWARD_PATHS(mode)                                                   \
-  (grad_v_seq != nullptr ? backward_paths<true, mode>(p, grad_spikes, grad_v_seq, h_seq, grad_x) \
-                         : backward_paths<false, mode>(p, grad_spikes, grad_v_seq, h_seq, grad_x))
+#define PLIF_BACKWARD_PATHS(mode)                                                                        \
+  (grad_v_seq != nullptr ? backward_paths<RECOMPUTE, true, mode>(p, grad_spikes, grad_v_seq, h_seq, x, grad_x) \
+                         : backward_paths<RECOMPUTE, false, mode>(p, grad_spikes, grad_v_seq, h_seq, x, grad_x))
   // Spiking mode with the surrogate fixed at compile time (branch-free chunks); the smooth mode
   // switches per step.
   if (!p.opts.spiking) return PLIF_BACKWARD_PATHS(kRuntime);
@@ -483,6 +595,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     default: return PLIF_BACKWARD_PATHS(kErf);
   }
 #undef PLIF_BACKWARD_PATHS
+}
+
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
+    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
+    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
+    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
+    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+  backward_kernel_body<false>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
+                     v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags);
+}
+
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_recompute_backward_kernel(
+    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
+    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
+    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
+    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+  backward_kernel_body<true>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
+                     v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags);
 }
 
 }  // namespace plif

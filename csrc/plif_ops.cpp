@@ -96,6 +96,13 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
 }
 
+// The CUDA kernels recompute H from checkpoints for the half types only, the inputs that keep
+// them (plif_cuda/ops.py save_mode); the CPU kernel for every dtype.
+void check_checkpoints_supported(const c10::Device& device, at::ScalarType x_dtype, bool checkpoints) {
+  TORCH_CHECK(!checkpoints || device.is_cpu() || x_dtype == at::kHalf || x_dtype == at::kBFloat16,
+              "save=2 (checkpoints) needs float16 or bfloat16 x on CUDA tensors, got ", x_dtype);
+}
+
 // The checkpoint rows of H for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
 Tensor checkpoints_like(const Tensor& x, at::ScalarType acc_type) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
@@ -187,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
               "save must be 0 (nothing), 1 (every H) or 2 (checkpoints), got ", save);
   check_launcher(launcher);
-  TORCH_CHECK(x.is_cpu() || save != kSaveCheckpoints, "save=2 (checkpoints) is not implemented for CUDA tensors yet");
+  check_checkpoints_supported(x.device(), x.scalar_type(), save == kSaveCheckpoints);
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
@@ -268,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
   check_launcher(launcher);
-  TORCH_CHECK(h_seq.is_cpu() || !x, "recomputing H from x is not implemented for CUDA tensors yet");
+  check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
 
   Tensor grad_x = empty_output(shape_source.sizes(), h_seq.options().dtype(x_dtype));
   Tensor grad_k = at::empty({N}, h_seq.options());
@@ -308,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
       if (launcher == kNvrtcLauncher) {
         launch_nvrtc("plif_cuda::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
-                      pointer_argument(h_seq), pointer_argument(k), pointer_argument(v_init),
+                      pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
                       pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init)},
                      p);
       } else {
@@ -339,8 +346,8 @@ TORCH_LIBRARY(plif_cuda, m) {
       "Tensor(c!)? v_seq, Tensor(d!)? h_seq, int k_stride, int v_init_stride, int T, int N, float v_threshold, "
       "float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
-      "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
-      "Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
+      "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
+      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
       "int v_init_stride, int T, int N, float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   // The launch shape of both GPU launchers (plif_launch.h), for the NVRTC one.
   m.def("threads_per_block() -> int", []() -> int64_t { return kThreadsPerBlock; });

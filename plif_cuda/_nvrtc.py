@@ -75,14 +75,22 @@ def cuda_include_dir() -> Path:
     )
 
 
-def program(dtype: torch.dtype) -> tuple[str, list[str]]:
-    """Source text and name expressions of the forward and backward kernels for inputs of ``dtype``."""
+def kernel_names(dtype: torch.dtype) -> dict[str, str]:
+    """Name expressions of the kernels for inputs of ``dtype``, by what they launch: "forward",
+    "backward" (from every H) and, for the half types, "recompute_backward" (from checkpoints)."""
     if dtype not in VARIANTS:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {dtype}")
     in_t, acc_t = VARIANTS[dtype]
-    source = f'#include "{KERNEL_HEADER}"\n'
-    names = [f"plif::plif_forward_kernel<{in_t}, {acc_t}>", f"plif::plif_backward_kernel<{in_t}, {acc_t}>"]
-    return source, names
+    names = {"forward": f"plif::plif_forward_kernel<{in_t}, {acc_t}>",
+             "backward": f"plif::plif_backward_kernel<{in_t}, {acc_t}>"}
+    if dtype in (torch.float16, torch.bfloat16):
+        names["recompute_backward"] = f"plif::plif_recompute_backward_kernel<{in_t}, {acc_t}>"
+    return names
+
+
+def program(dtype: torch.dtype) -> tuple[str, list[str]]:
+    """Source text and name expressions of the kernels for inputs of ``dtype``."""
+    return f'#include "{KERNEL_HEADER}"\n', list(kernel_names(dtype).values())
 
 
 def compile_options(arch: str) -> list[str]:
@@ -243,7 +251,7 @@ def runtime_arch(capability: tuple[int, int], supported: list[int]) -> str:
 
 
 def compile_variant(dtype: torch.dtype, arch: str, binding=None) -> CompiledProgram:
-    """Compile the forward and backward kernels for inputs of ``dtype`` for ``arch``."""
+    """Compile the kernels for inputs of ``dtype`` for ``arch``."""
     binding = binding or nvrtc_binding()
     source, names = program(dtype)
     return binding.compile(source, compile_options(arch), names, want_cubin=arch.startswith("sm_"))

@@ -49,8 +49,9 @@ def _binding():
 
 
 def _kernel_pair(device_index: int, dtype: torch.dtype):
-    """{"forward": (function, resident blocks), "backward": ...}: CuPy functions for ``dtype`` on
-    the device, compiled and loaded once. The caller has made the device current."""
+    """{"forward": (function, resident blocks), "backward": ..., ...} (_nvrtc.kernel_names): CuPy
+    functions for ``dtype`` on the device, compiled and loaded once. The caller has made the
+    device current."""
     key = (device_index, dtype)
     pair = _kernels.get(key)
     if pair is not None:
@@ -66,13 +67,12 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
                 image = _images[(dtype, arch)] = _nvrtc.compile_variant(dtype, arch, _binding())
             module = cupy.cuda.function.Module()
             module.load(bytes(image.image))
-            forward_name, backward_name = _nvrtc.program(dtype)[1]
             from cupy_backends.cuda.api import driver
 
             multiprocessors = torch.cuda.get_device_properties(device_index).multi_processor_count
             threads = torch.ops.plif_cuda.threads_per_block()
             pair = {}
-            for direction, name in (("forward", forward_name), ("backward", backward_name)):
+            for direction, name in _nvrtc.kernel_names(dtype).items():
                 function = module.get_function(image.lowered_names[name])
                 per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, 0)
                 pair[direction] = (function, multiprocessors * per_sm)
@@ -103,6 +103,10 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
     kernel((grid,), (block,), args, stream=stream)
 
 
+# kFlagHCheckpoints of csrc/plif_params.h: the `flags` scalar's bit for checkpoints.
+_FLAG_H_CHECKPOINTS = 16
+
+
 def _scalar_types(acc) -> tuple:
     """C types of the kernels' scalar block (with_scalar_arguments in csrc/plif_params.h):
     k_stride, v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags."""
@@ -116,9 +120,11 @@ def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
     _launch("forward", x.dtype, (x, k, v_init, spikes, v_last, v_seq, h_seq), scalars)
 
 
-def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, grad_x, grad_k, grad_v_init,
+def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init,
                      *scalars):
-    _launch("backward", grad_x.dtype, (grad_spikes, grad_v_last, grad_v_seq, h_seq, k, v_init, grad_x, grad_k,
+    # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
+    direction = "recompute_backward" if scalars[-1] & _FLAG_H_CHECKPOINTS else "backward"
+    _launch(direction, grad_x.dtype, (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k,
                                        grad_v_init), scalars)
 
 

@@ -65,7 +65,7 @@ def save_mode(x: torch.Tensor, needs_grad: bool) -> int:
     (as small as the input, and nothing to recompute)."""
     if not needs_grad:
         return SAVE_NOTHING
-    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+    if x.dtype in (torch.float16, torch.bfloat16):
         return SAVE_CHECKPOINTS
     return SAVE_H
 

@@ -206,12 +206,32 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
 
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
-    cupy_backend._launch_backward(x, None, None, h_seq, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 1.0, 0.0,
-                                  4.0, 0, 1)
+    cupy_backend._launch_backward(x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 1.0,
+                                  0.0, 4.0, 0, 1)
     (grid, _, args), = launches
     assert grid == (1,)
     assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_backward_kernel")]
     assert [int(a) for a in args[:3]] == [x.data_ptr(), 0, 0]
+
+
+def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
+    """Both backward kernels take the same parameters; the launcher picks the one from
+    checkpoints by the flags, as the nvcc launcher does."""
+    assert _kernel_parameters("plif_recompute_backward_kernel") == _kernel_parameters("plif_backward_kernel")
+    assert set(_nvrtc.kernel_names(torch.bfloat16)) == {"forward", "backward", "recompute_backward"}
+    assert set(_nvrtc.kernel_names(torch.float32)) == {"forward", "backward"}
+    launched = []
+    monkeypatch.setattr(cupy_backend, "_kernel_pair", lambda device, dtype: {
+        d: (lambda grid, block, args, stream, d=d: launched.append(d), 7) for d in _nvrtc.kernel_names(dtype)})
+    monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    x = torch.randn(9, 5).bfloat16()
+    h_seq, k, grad_k = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(5)
+    for flags in (8, 8 | 16):
+        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 1.0, 0.0, 4.0, 0,
+                                      flags)
+    assert launched == ["backward", "recompute_backward"]
 
 
 def test_cuda_tensors_reach_the_op_in_every_build():

@@ -39,7 +39,7 @@ DTYPES = tuple(DTYPE_CODES)
 # Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # enum OptionFlags of csrc/plif_params.h.
-FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING = 1, 2, 4, 8
+FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING, FLAG_H_CHECKPOINTS = 1, 2, 4, 8, 16
 
 # Resident blocks of the emulated device: an H200 at four 256-thread blocks per multiprocessor
 # (scalar path for every N here), and devices small enough for the vector path.
@@ -88,7 +88,7 @@ def emulation(tmp_path_factory):
     pointer, i64, f64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_int
     tail = [i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, ctypes.c_char_p, i32]
     lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail
-    lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 9 + tail
+    lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 10 + tail
     lib.plif_emulate_vector_load.argtypes = [pointer, ctypes.c_char_p, i32]
     for fn in (lib.plif_emulate_forward, lib.plif_emulate_backward, lib.plif_emulate_vector_load):
         fn.restype = i64
@@ -143,9 +143,10 @@ def _flags(options) -> int:
             | (FLAG_DETACH_RESET if detach_reset else 0) | (FLAG_SPIKING if spiking else 0))
 
 
-def _kernel_scalars(options):
+def _kernel_scalars(options, save=plif_ops.SAVE_H):
     v_threshold, v_reset, _, _, _, surrogate, alpha, _ = options
-    return v_threshold, v_reset, alpha, surrogate, _flags(options)
+    checkpoints = FLAG_H_CHECKPOINTS if save == plif_ops.SAVE_CHECKPOINTS else 0
+    return v_threshold, v_reset, alpha, surrogate, _flags(options) | checkpoints
 
 
 def forward_lanes(dtype) -> int:
@@ -153,11 +154,13 @@ def forward_lanes(dtype) -> int:
 
 
 def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
-             store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0) -> tuple[int, int]:
+             store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0,
+             save=plif_ops.SAVE_H) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
     outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
-    asserts every output bit-equal. Returns the vector accesses of the emulated forward and
-    backward."""
+    asserts every output bit-equal. ``save``: what the forward keeps (every H, or checkpoints,
+    from which the backward recomputes H with x). Returns the vector accesses of the emulated
+    forward and backward."""
     x_offset = offset if x_offset is None else x_offset
     generator = torch.Generator().manual_seed(seed)
     acc = compute_dtype(dtype)
@@ -167,20 +170,21 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
     ops = torch.ops.plif_cuda
 
-    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, plif_ops.SAVE_H)
+    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, save)
+    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
     em_x = _placed(x, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
         "v_last": _empty_placed(v_last.shape, v_last.dtype, offset),
         "v_seq": _empty_placed(x.shape, dtype, offset) if store_v_seq else None,
-        "h_seq": _empty_placed(x.shape, acc, offset),
+        "h_seq": _empty_placed(h_seq.shape, acc, offset),
     }
     stride = 1 if per_neuron else 0
     # Named, so that they live until the kernels have run.
     em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
     forward_vectors = _call(
         lib.plif_emulate_forward, DTYPE_CODES[dtype], _ptr(em_x), _ptr(em_k), _ptr(em_v_init), _ptr(em["spikes"]), _ptr(em["v_last"]), _ptr(em["v_seq"]), _ptr(em["h_seq"]),
-        stride, stride, steps, neurons, *_kernel_scalars(options), resident_blocks)
+        stride, stride, steps, neurons, *_kernel_scalars(options, save), resident_blocks)
     assert_bits_equal(em["spikes"], spikes, "spikes")
     assert_bits_equal(em["v_last"], v_last, "v_last")
     assert_bits_equal(em["h_seq"], h_seq, "h_seq")
@@ -192,17 +196,19 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
-    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, None, k, v_init,
-                                                         dtype, *options)
+    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k,
+                                                         v_init, dtype, *options)
 
     em_inputs = [None if t is None else _placed(t, at) for t, at in
-                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))]
+                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset),
+                  (saved_x, x_offset))]
     em_grad_x = _empty_placed(x.shape, dtype, offset)
     em_grad_k = _empty_placed((neurons,), acc, offset)
     em_grad_v_init = _empty_placed((neurons,), acc, offset)
     backward_vectors = _call(
         lib.plif_emulate_backward, DTYPE_CODES[dtype], *(_ptr(t) for t in em_inputs), _ptr(em_k), _ptr(em_v_init),
-        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons, *_kernel_scalars(options), resident_blocks)
+        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons,
+        *_kernel_scalars(options, save), resident_blocks)
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
     assert_bits_equal(em_grad_k, grad_k, "grad_k")
     assert_bits_equal(em_grad_v_init, grad_v_init, "grad_v_init")
@@ -307,3 +313,39 @@ def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
     # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
     assert torch.ops.plif_cuda.threads_per_block() == 256
     assert torch.ops.plif_cuda.launch_blocks(neurons, resident_blocks) == blocks
+
+
+# ---- checkpoints (half inputs keep x and every eighth H; the backward recomputes the rest) -----
+CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
+
+
+@pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
+    """The forward stores the checkpoint rows only; the backward recomputes H from x in
+    registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
+    _, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks,
+                                   save=plif_ops.SAVE_CHECKPOINTS)
+    assert backward_vectors == 0
+
+
+@pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
+    options = _options(v_reset=None, surrogate="piecewise_quadratic")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=plif_ops.SAVE_CHECKPOINTS)
+
+
+@pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
+def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
+    run_case(emulation, torch.bfloat16, 20, 700, _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
+             H200_BLOCKS, seed=3, save=plif_ops.SAVE_CHECKPOINTS)
+
+
+@pytest.mark.parametrize("grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()],
+                         ids=lambda g: "+".join(g) or "none")
+def test_checkpoints_absent_gradients(emulation, grads):
+    run_case(emulation, torch.float16, 19, 1024, _options(), 1, grads=grads, store_v_seq="v_seq" in grads,
+             per_neuron=False, save=plif_ops.SAVE_CHECKPOINTS)

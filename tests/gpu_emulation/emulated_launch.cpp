@@ -40,6 +40,10 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
 // Launch bounds steer only the device compiler's register allocation.
 #define __launch_bounds__(...)
+// The threads of the emulated grid run one after another, each to its end, so one copy of a
+// block's shared array serves them all (a thread uses its own column only).
+#undef __shared__
+#define __shared__ static
 
 #include "plif_kernels.cuh"
 
@@ -110,19 +114,24 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
 }
 
 long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* grad_v_last, const void* grad_v_seq,
-                                const void* h_seq, const void* k, const void* v_init, void* grad_x, void* grad_k,
-                                void* grad_v_init, long long k_stride, long long v_init_stride, long long T,
+                                const void* h_seq, const void* x, const void* k, const void* v_init, void* grad_x,
+                                void* grad_k, void* grad_v_init, long long k_stride, long long v_init_stride, long long T,
                                 long long N, double v_threshold, double v_reset, double alpha, int surrogate,
                                 int flags, long long resident_blocks, char* error, int error_size) {
   return guarded(error, error_size, [&] {
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
+      // The launchers' choice (csrc/plif_cuda.cu backward_cuda): checkpoints have their own kernel.
+      auto kernel = plif::plif_backward_kernel<in_t, acc_t>;
+      if constexpr (sizeof(in_t) == 2) {
+        if (flags & plif::kFlagHCheckpoints) kernel = plif::plif_recompute_backward_kernel<in_t, acc_t>;
+      }
       launch(N, resident_blocks, [&] {
-        plif::plif_backward_kernel<in_t, acc_t>(
+        kernel(
             static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
-            static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const acc_t*>(k),
-            static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x), static_cast<acc_t*>(grad_k),
+            static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const in_t*>(x),
+            static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x), static_cast<acc_t*>(grad_k),
             static_cast<acc_t*>(grad_v_init), k_stride, v_init_stride, T, N, static_cast<acc_t>(v_threshold),
             static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
       });
