@@ -283,8 +283,8 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   BackwardState<kLanes, acc_t> state[kGroups];
   in_t grad_x_staging[kBlock];
   in_t* const staging = stream ? grad_x_staging : nullptr;
-  if (p.opts.h_checkpoints) {
-    backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, staging, state);
+  if (sizeof(in_t) == 2 && p.opts.h_checkpoints) {
+    if constexpr (sizeof(in_t) == 2) backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, staging, state);
   } else {
     begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
     for (index_t t = p.T - 1; t >= 0; --t) {
@@ -356,6 +356,17 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
 
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
+  if constexpr (sizeof(in_t) != 2) {
+    // Checkpoints are what half inputs keep (plif_cuda/ops.py save_mode); other dtypes have
+    // them only when the op is asked directly, and take the plain scans, a copy fewer to build.
+    if (p.opts.h_checkpoints) {
+      return for_each_neuron(
+          p, [](const BackwardParams<in_t, acc_t>& q, index_t n0) {
+            for (int g = 0; g < kGroups; ++g) backward_scan<kLanes, SURROGATE>(q, n0 + g * kLanes);
+          },
+          backward_scan<kLanes, SURROGATE, in_t, acc_t>, backward_scan<1, SURROGATE, in_t, acc_t>);
+    }
+  }
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
