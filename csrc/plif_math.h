@@ -353,7 +353,7 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, Ba
 // dL/dV[t] does (always below T-1 once anything arrives; at T-1 only from v_seq or v_last).
 template <bool HAS_PREV, int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
-                            const acc_t (&grad_v)[LANES], const acc_t* grad_s, bool through_spike,
+                            const acc_t* grad_v, const acc_t* grad_s, bool through_spike,
                             bool through_membrane, BackwardState<LANES, acc_t>& st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
   const acc_t* const h_prev_row = HAS_PREV ? p.h_seq + (row - p.N) : nullptr;
@@ -379,8 +379,8 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
   }
 }
 
-// A step's row of dL/dS as the compute type: read in place where it already is, else converted
-// into `staged` (saves a copy per step in float32 and float64).
+// A step's row of an incoming gradient as the compute type: read in place where it already is,
+// else converted into `staged` (saves a copy per step in float32 and float64).
 template <int LANES, typename acc_t>
 PLIF_HD const acc_t* gradient_row(const acc_t* row, acc_t (&)[LANES]) {
   return row;
@@ -394,22 +394,18 @@ PLIF_HD const acc_t* gradient_row(const in_t* row, acc_t (&staged)[LANES]) {
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0,
                            BackwardState<LANES, acc_t>& st) {
+  // An absent gradient reads a constant row of zeros: a local row zero-filled every step
+  // compiled to a `rep stos` per group and step (7% of the backward's time in cache).
+  static const acc_t zeros[LANES] = {};
   const index_t row = t * p.N + n0;
-  acc_t grad_v[LANES], grad_s_staged[LANES];
-  if (p.grad_v_seq != nullptr) {
-    for (int j = 0; j < LANES; ++j) grad_v[j] = load_as<acc_t>(p.grad_v_seq[row + j]);
-  } else {
-    for (int j = 0; j < LANES; ++j) grad_v[j] = acc_t(0);
-  }
+  acc_t grad_v_staged[LANES], grad_s_staged[LANES];
+  const acc_t* grad_v = zeros;
+  if (p.grad_v_seq != nullptr) grad_v = gradient_row<LANES>(p.grad_v_seq + row, grad_v_staged);
   if (t == p.T - 1 && p.grad_v_last != nullptr) {
-    for (int j = 0; j < LANES; ++j) grad_v[j] += p.grad_v_last[n0 + j];
+    for (int j = 0; j < LANES; ++j) grad_v_staged[j] = grad_v[j] + p.grad_v_last[n0 + j];
+    grad_v = grad_v_staged;
   }
-  const acc_t* grad_s = grad_s_staged;
-  if (p.grad_spikes != nullptr) {
-    grad_s = gradient_row<LANES>(p.grad_spikes + row, grad_s_staged);
-  } else {
-    for (int j = 0; j < LANES; ++j) grad_s_staged[j] = acc_t(0);
-  }
+  const acc_t* const grad_s = p.grad_spikes != nullptr ? gradient_row<LANES>(p.grad_spikes + row, grad_s_staged) : zeros;
   const bool through_spike = p.grad_spikes != nullptr;
   const bool through_membrane =
       p.grad_v_seq != nullptr || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
