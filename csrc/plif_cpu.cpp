@@ -97,12 +97,13 @@ void fence_streamed_rows() {
 #endif
 }
 
-// Requests a block's rows for the next step while this one computes: each step reads runs of
-// kBlock values from rows N values apart, too short for the hardware prefetchers to get ahead of.
-template <typename T>
+// Requests VALUES values of a row for the next step while this one computes: each step reads
+// runs of kBlock values from rows N values apart, too short for the hardware prefetchers to get
+// ahead of.
+template <int VALUES, typename T>
 PLIF_HD void prefetch_row(const T* row) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (size_t offset = 0; offset < kBlock * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset);
+  for (size_t offset = 0; offset < VALUES * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset);
 }
 
 // The block's step-t rows in a one-step view (N = 0: a step's row offsets are then just the
@@ -198,7 +199,7 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
-    if (t + 1 < p.T) prefetch_row(p.x + (t + 1) * p.N + n0);
+    if (t + 1 < p.T) prefetch_row<kBlock>(p.x + (t + 1) * p.N + n0);
     for (int g = 0; g < kGroups; ++g) forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     if (stream) stream_forward_step(p, t, n0, staging);
   }
@@ -240,8 +241,13 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
                                  in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
   BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, grad_x_staging);
   fix_options<OPTIONS>(view);
-  if (t >= 1 && p.grad_spikes != nullptr) prefetch_row(p.grad_spikes + (t - 1) * p.N + n0);
+  // Each group requests its own part of the next step's rows: spread over the step, the
+  // requests find free miss buffers, where the whole block's at once stalled the backward
+  // (-12% time at 2^20 neurons, one thread). H comes from memory on the H path only.
   for (int g = 0; g < kGroups; ++g) {
+    const index_t next = n0 + g * kLanes;
+    if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next);
+    if (t >= 2 && !p.opts.h_checkpoints) prefetch_row<kLanes>(p.h_seq + (t - 2) * p.N + next);
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
   }
   if (grad_x_staging != nullptr) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, kBlock * sizeof(in_t));
@@ -264,7 +270,7 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     }
     for (int i = 0; i < count; ++i) {
       const in_t* const x_row = p.x + (t0 + i) * p.N + n0;
-      if (i + 1 < count) prefetch_row(x_row + p.N);
+      if (i + 1 < count) prefetch_row<kBlock>(x_row + p.N);
       for (int g = 0; g < kGroups; ++g) {
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
       }
@@ -288,7 +294,6 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   } else {
     begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
     for (index_t t = p.T - 1; t >= 0; --t) {
-      if (t >= 2) prefetch_row(p.h_seq + (t - 2) * p.N + n0);
       backward_block_step<SURROGATE, OPTIONS>(p, t, n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr, staging, state);
     }
   }

@@ -251,6 +251,26 @@ def test_sigmoid_derivative_does_not_cancel_where_alpha_x_is_large():
     torch.testing.assert_close(surrogate_derivative("sigmoid", alpha, x).double(), exact, rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("surrogate", ("sigmoid", "piecewise_exp", "erf"))
+def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
+    """The CPU kernel's exp (plif_math.h, vectorised, not libm's) in each derivative that uses it,
+    from exp(0) down through subnormal results to 0: one step, dL/dS = 1 and k = 1, so dL/dX is
+    the derivative itself, against the same formula in float32 torch ops (libm's exp)."""
+    from plif_cuda.surrogate import SURROGATE_IDS
+
+    alpha = DEFAULT_ALPHA[surrogate]
+    reach = (120.0 / alpha) if surrogate != "erf" else math.sqrt(120.0) / alpha  # exp(-120) rounds to 0
+    h_seq = (1.0 + torch.linspace(-reach, reach, 40001)).reshape(1, -1)
+    grad_x, _, _ = torch.ops.plif_cuda.multistep_backward(
+        torch.ones_like(h_seq), None, None, h_seq, torch.ones(1), torch.zeros(1), torch.float32,
+        1.0, 0.0, False, True, False, SURROGATE_IDS[surrogate], alpha, True)
+    expected = surrogate_derivative(surrogate, alpha, h_seq - 1.0)
+    smallest_subnormal = 2.0 ** -149
+    # The range reaches subnormal results and results that round to 0.
+    assert ((expected < 2.0 ** -126) & (expected > 0)).sum() > 100 and (expected == 0).sum() > 100
+    torch.testing.assert_close(grad_x, expected, rtol=3e-7, atol=4 * smallest_subnormal)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_smooth_piecewise_exp_gradient_at_the_threshold(backend):
     """H = V_th exactly (0 + 0.5 (2 - 0) = 1): dS/dx = k alpha / 2 = 0.25, in the reference too."""
