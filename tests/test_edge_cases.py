@@ -262,7 +262,7 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
     reach = (120.0 / alpha) if surrogate != "erf" else math.sqrt(120.0) / alpha  # exp(-120) rounds to 0
     h_seq = (1.0 + torch.linspace(-reach, reach, 40001)).reshape(1, -1)
     grad_x, _, _ = torch.ops.plif_cuda.multistep_backward(
-        torch.ones_like(h_seq), None, None, h_seq, torch.ones(1), torch.zeros(1), torch.float32,
+        torch.ones_like(h_seq), None, None, h_seq, None, torch.ones(1), torch.zeros(1), torch.float32,
         1.0, 0.0, False, True, False, SURROGATE_IDS[surrogate], alpha, True)
     expected = surrogate_derivative(surrogate, alpha, h_seq - 1.0)
     smallest_subnormal = 2.0 ** -149
