@@ -115,8 +115,11 @@ struct ForwardStaging {
   acc_t h_seq[kBlock];
 };
 
+// Where step t's H goes in h_seq (a checkpoint step's row in kSaveCheckpoints mode).
 template <typename in_t, typename acc_t>
-index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0);
+index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0) {
+  return (p.opts.h_checkpoints ? (is_checkpoint_step(t, p.T) ? checkpoint_row(t) : 0) : t) * p.N + n0;
+}
 
 template <typename in_t, typename acc_t>
 ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0,
@@ -129,12 +132,6 @@ ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p
   if (p.v_seq != nullptr) view.v_seq = staging ? staging->v_seq : p.v_seq + row;
   if (p.h_seq != nullptr) view.h_seq = staging ? staging->h_seq : p.h_seq + h_row_offset(p, t, n0);
   return view;
-}
-
-// Where step t's H goes in h_seq (a checkpoint step's row in kSaveCheckpoints mode).
-template <typename in_t, typename acc_t>
-index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0) {
-  return (p.opts.h_checkpoints ? (is_checkpoint_step(t, p.T) ? checkpoint_row(t) : 0) : t) * p.N + n0;
 }
 
 template <typename in_t, typename acc_t>

@@ -103,11 +103,11 @@ void check_checkpoints_supported(const c10::Device& device, at::ScalarType x_dty
               "save=2 (checkpoints) needs float16 or bfloat16 x on CUDA tensors, got ", x_dtype);
 }
 
-// The checkpoint rows of H for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
-Tensor checkpoints_like(const Tensor& x, at::ScalarType acc_type) {
+// The shape of H's checkpoint rows for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
+std::vector<int64_t> checkpoint_sizes(const Tensor& x) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes[0] = checkpoint_rows(sizes[0]);
-  return at::empty(sizes, x.options().dtype(acc_type));
+  return sizes;
 }
 
 template <typename T>
@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   Tensor v_last = at::empty(x.sizes().slice(1), x.options().dtype(acc_type));
   Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   Tensor h_seq = save == kSaveH ? empty_output(x.sizes(), x.options().dtype(acc_type))
-                 : save == kSaveCheckpoints ? checkpoints_like(x, acc_type)
+                 : save == kSaveCheckpoints ? at::empty(checkpoint_sizes(x), x.options().dtype(acc_type))
                                             : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
@@ -258,8 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     TORCH_CHECK(x->device() == h_seq.device(), "x is on ", x->device(), " but h_seq is on ", h_seq.device());
     TORCH_CHECK(x->scalar_type() == x_dtype, "x must have dtype ", x_dtype, ", got ", x->scalar_type());
     TORCH_CHECK(x->is_contiguous(), "x must be contiguous");
-    std::vector<int64_t> expected(x->sizes().begin(), x->sizes().end());
-    expected[0] = checkpoint_rows(expected[0]);
+    const std::vector<int64_t> expected = checkpoint_sizes(*x);
     TORCH_CHECK(h_seq.sizes() == at::IntArrayRef(expected), "h_seq must hold the checkpoint rows of x: shape ",
                 at::IntArrayRef(expected), ", got ", h_seq.sizes());
   }
