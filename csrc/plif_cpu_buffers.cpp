@@ -92,10 +92,15 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // Best fit within a fifth of waste; on ties the most recently released (its lines are the
-      // likeliest to be in cache).
+      // likeliest to be in cache). Where a new buffer would push live + cached over the peak,
+      // the smallest cached buffer that holds the request serves it whatever the waste:
+      // evicting a large buffer to map a small one would fault both in again (a backward's
+      // [N] gradient next to the forward's [T, N] H, every training step).
+      const bool over_peak = live_bytes_ + cached_bytes_ + bytes > peak_live_bytes_;
       auto best = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->bytes >= bytes && it->bytes - bytes <= it->bytes / 5 && (best == free_.end() || it->bytes <= best->bytes)) {
+        if (it->bytes >= bytes && (over_peak || it->bytes - bytes <= it->bytes / 5) &&
+            (best == free_.end() || it->bytes <= best->bytes)) {
           best = it;
         }
       }

@@ -7,7 +7,8 @@
 // buffers its outputs release and hands them out again.
 //
 // What it keeps: released buffers of 1 MiB and more, each serving later requests of its size
-// down to 4/5 of it (best fit, most recently released first). Bound: what the op's outputs
+// down to 4/5 of it (best fit, most recently released first), or any smaller request where a
+// new buffer would exceed the bound below. Bound: what the op's outputs
 // held at their peak (since the start or the last empty_cpu_cache()): live plus cached bytes
 // never exceed it, so idle memory is at most one peak's worth of outputs, and less where
 // PLIF_CPU_CACHE_MB caps it (0 turns the cache off: outputs then come from torch's allocator).

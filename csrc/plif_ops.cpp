@@ -91,7 +91,9 @@ Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset,
   return o;
 }
 
-// [T, N] outputs: on CPU from the page-resident cache (plif_cpu_buffers.h).
+// Every output, the [N] ones included (at 2^20 neurons v_last, grad_k and grad_v_init are
+// 4 MiB each, a thousand fresh-page faults apiece): on CPU from the page-resident cache
+// (plif_cpu_buffers.h), which passes small requests on to torch's allocator.
 Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
 }
@@ -198,10 +200,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
-  Tensor v_last = at::empty(x.sizes().slice(1), x.options().dtype(acc_type));
+  Tensor v_last = empty_output(x.sizes().slice(1), x.options().dtype(acc_type));
   Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   Tensor h_seq = save == kSaveH ? empty_output(x.sizes(), x.options().dtype(acc_type))
-                 : save == kSaveCheckpoints ? at::empty(checkpoint_sizes(x), x.options().dtype(acc_type))
+                 : save == kSaveCheckpoints ? empty_output(checkpoint_sizes(x), x.options().dtype(acc_type))
                                             : at::empty({0}, x.options().dtype(acc_type));
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
@@ -277,8 +279,8 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
   check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
 
   Tensor grad_x = empty_output(shape_source.sizes(), h_seq.options().dtype(x_dtype));
-  Tensor grad_k = at::empty({N}, h_seq.options());
-  Tensor grad_v_init = at::empty({N}, h_seq.options());
+  Tensor grad_k = empty_output({N}, h_seq.options());
+  Tensor grad_v_init = empty_output({N}, h_seq.options());
   if (N == 0) return {grad_x, grad_k, grad_v_init};
   if (T == 0) {
     grad_k.zero_();
