@@ -14,7 +14,7 @@
 #include <string>
 #include <type_traits>
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "plif_launch.h"
@@ -72,22 +72,45 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Copies a staged row to memory with 16-byte non-temporal stores (the write-combining buffers
-// merge them into whole lines); the unaligned ends go through ordinary stores.
+// Copies a staged row to memory with non-temporal stores of whole 64-byte lines where the CPU
+// has AVX-512, else of 32 or 16 bytes (on the AMD EPYC guest of benchmarks/NOTES.md, 16-byte
+// ones, four per line, made the forward 20% slower); the unaligned ends go through ordinary
+// stores. One function per store width, each compiled for its instruction set (the intrinsics
+// need it), all from this one body; each returns the bytes it wrote, the tail left to stream_row.
+#define PLIF_STREAM_ROW(NAME, TARGET, WIDTH, STORE)                                      \
+  TARGET size_t NAME(char* d, const char* s, size_t bytes) {                             \
+    const size_t head = std::min(bytes, (WIDTH - reinterpret_cast<uintptr_t>(d) % WIDTH) % WIDTH); \
+    std::memcpy(d, s, head);                                                            \
+    size_t done = head;                                                                 \
+    for (; bytes - done >= WIDTH; done += WIDTH) STORE;                                 \
+    return done;                                                                        \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+PLIF_STREAM_ROW(stream_lines_avx512, __attribute__((target("avx512f"))), 64,
+                _mm512_stream_si512(reinterpret_cast<__m512i*>(d + done), _mm512_loadu_si512(s + done)))
+PLIF_STREAM_ROW(stream_lines_avx, __attribute__((target("avx"))), 32,
+                _mm256_stream_si256(reinterpret_cast<__m256i*>(d + done),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + done))))
+#endif
+#if defined(__SSE2__)
+PLIF_STREAM_ROW(stream_lines_sse2, , 16,
+                _mm_stream_si128(reinterpret_cast<__m128i*>(d + done),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + done))))
+#endif
+#undef PLIF_STREAM_ROW
+
 void stream_row(void* dst, const void* src, size_t bytes) {
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-#if defined(__SSE2__)
-  const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
-  std::memcpy(d, s, head);
-  d += head;
-  s += head;
-  bytes -= head;
-  for (; bytes >= 16; bytes -= 16, d += 16, s += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-  }
+  size_t done = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int width = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx") ? 32 : 16;
+  done = width == 64 ? stream_lines_avx512(d, s, bytes) : width == 32 ? stream_lines_avx(d, s, bytes)
+                                                                      : stream_lines_sse2(d, s, bytes);
+#elif defined(__SSE2__)
+  done = stream_lines_sse2(d, s, bytes);
 #endif
-  std::memcpy(d, s, bytes);
+  std::memcpy(d + done, s + done, bytes - done);
 }
 
 // Streaming stores are weakly ordered: fenced before a block's results count as written.
@@ -181,7 +204,8 @@ PLIF_HD void forward_begin_groups(const ForwardParams<in_t, acc_t>& p, index_t n
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, bool stream) {
+PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
+                                   bool stream) {
   ForwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   ForwardState<kLanes, acc_t> state[kGroups];
@@ -196,8 +220,13 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
-    if (t + 1 < p.T) prefetch_row<kBlock>(p.x + (t + 1) * p.N + n0);
-    for (int g = 0; g < kGroups; ++g) forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
+    // Each group requests its part of the next step's X, as the backward does (see there); the
+    // last step, the first X row of the block this thread takes next.
+    for (int g = 0; g < kGroups; ++g) {
+      if (t + 1 < p.T) prefetch_row<kLanes>(p.x + (t + 1) * p.N + n0 + g * kLanes);
+      else if (following_n0 >= 0) prefetch_row<kLanes>(p.x + following_n0 + g * kLanes);
+      forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
+    }
     if (stream) stream_forward_step(p, t, n0, staging);
   }
   for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(p, n0 + g * kLanes, state[g]);
@@ -234,17 +263,23 @@ PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const
 
 // Step t of every group of the block, H[t-1] of the block's first neuron in h_prev_row.
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, const acc_t* h_prev_row,
-                                 in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
+PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, index_t following_n0,
+                                 const acc_t* h_prev_row, in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
   BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, grad_x_staging);
   fix_options<OPTIONS>(view);
   // Each group requests its own part of the next step's rows: spread over the step, the
   // requests find free miss buffers, where the whole block's at once stalled the backward
-  // (-12% time at 2^20 neurons, one thread). H comes from memory on the H path only.
+  // (-12% time at 2^20 neurons, one thread). H comes from memory on the H path only. Step 0
+  // requests the first rows of the block this thread takes next (following_n0, if any).
   for (int g = 0; g < kGroups; ++g) {
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next);
     if (t >= 2 && !p.opts.h_checkpoints) prefetch_row<kLanes>(p.h_seq + (t - 2) * p.N + next);
+    if (t == 0 && following_n0 >= 0 && !p.opts.h_checkpoints) {
+      const index_t ahead = following_n0 + g * kLanes;
+      if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead);
+      for (index_t row = p.T - 1; row >= 0 && row >= p.T - 2; --row) prefetch_row<kLanes>(p.h_seq + row * p.N + ahead);
+    }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
   }
   if (grad_x_staging != nullptr) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, kBlock * sizeof(in_t));
@@ -274,13 +309,14 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     }
     if (chunk == last_chunk) begin_block<SURROGATE>(p, n0, h_rows[count], state);
     for (int i = count - 1; i >= 0; --i) {
-      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, h_rows[i], grad_x_staging, state);
+      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, -1, h_rows[i], grad_x_staging, state);
     }
   }
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, bool stream) {
+PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
+                                    bool stream) {
   BackwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   BackwardState<kLanes, acc_t> state[kGroups];
@@ -291,7 +327,8 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   } else {
     begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
     for (index_t t = p.T - 1; t >= 0; --t) {
-      backward_block_step<SURROGATE, OPTIONS>(p, t, n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr, staging, state);
+      backward_block_step<SURROGATE, OPTIONS>(p, t, n0, following_n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr,
+                                              staging, state);
     }
   }
   for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
@@ -310,7 +347,13 @@ void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neu
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks * p.T * kBlock >> 17));
   std::atomic<int64_t> next_block{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next_block++; b < blocks; b = next_block++) block(p, b * kBlock);
+    // Each thread claims its next block before it walks this one, so that this one's last step
+    // can request the next one's first rows.
+    for (int64_t b = next_block++; b < blocks;) {
+      const int64_t following = next_block++;
+      block(p, b * kBlock, following < blocks ? following * kBlock : index_t(-1));
+      b = following;
+    }
   });
   index_t n = blocks * kBlock;
   for (; n + kLanes <= p.N; n += kLanes) group(p, n);
@@ -349,8 +392,8 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
       exceeds_cache<in_t>(p.T, p.N, 2 + (p.v_seq != nullptr) + (p.h_seq != nullptr && !p.opts.h_checkpoints));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
-        p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0) {
-          forward_block<SURROGATE, decltype(options)::value>(q, n0, stream);
+        p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
+          forward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
         },
         forward_scan<kLanes, SURROGATE, in_t, acc_t>, forward_scan<1, SURROGATE, in_t, acc_t>);
   });
@@ -363,7 +406,7 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
     // them only when the op is asked directly, and take the plain scans, a copy fewer to build.
     if (p.opts.h_checkpoints) {
       return for_each_neuron(
-          p, [](const BackwardParams<in_t, acc_t>& q, index_t n0) {
+          p, [](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
             for (int g = 0; g < kGroups; ++g) backward_scan<kLanes, SURROGATE>(q, n0 + g * kLanes);
           },
           backward_scan<kLanes, SURROGATE, in_t, acc_t>, backward_scan<1, SURROGATE, in_t, acc_t>);
@@ -372,8 +415,8 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
-        p, [stream](const BackwardParams<in_t, acc_t>& q, index_t n0) {
-          backward_block<SURROGATE, decltype(options)::value>(q, n0, stream);
+        p, [stream](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
+          backward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
         },
         backward_scan<kLanes, SURROGATE, in_t, acc_t>, backward_scan<1, SURROGATE, in_t, acc_t>);
   });
