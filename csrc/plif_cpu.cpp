@@ -229,8 +229,16 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
     }
     if (stream) stream_forward_step(p, t, n0, staging);
   }
-  for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(p, n0 + g * kLanes, state[g]);
-  if (stream) fence_streamed_rows();
+  if (stream) {
+    // v_last too goes out through a staging row (an ordinary store would read each line first).
+    ForwardParams<in_t, acc_t> staged = p;
+    staged.v_last = staging.h_seq;
+    for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(staged, g * kLanes, state[g]);
+    stream_row(p.v_last + n0, staging.h_seq, kBlock * sizeof(acc_t));
+    fence_streamed_rows();
+  } else {
+    for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(p, n0 + g * kLanes, state[g]);
+  }
 }
 
 template <typename in_t, typename acc_t>
@@ -331,8 +339,19 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
                                               staging, state);
     }
   }
-  for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
-  if (stream) fence_streamed_rows();
+  if (stream) {
+    // The per-neuron gradients too go out through staging rows.
+    acc_t grad_k_staging[kBlock], grad_v_init_staging[kBlock];
+    BackwardParams<in_t, acc_t> staged = p;
+    staged.grad_k = grad_k_staging;
+    staged.grad_v_init = grad_v_init_staging;
+    for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(staged, g * kLanes, state[g]);
+    stream_row(p.grad_k + n0, grad_k_staging, sizeof(grad_k_staging));
+    stream_row(p.grad_v_init + n0, grad_v_init_staging, sizeof(grad_v_init_staging));
+    fence_streamed_rows();
+  } else {
+    for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
+  }
 }
 
 // Whole blocks in parallel, then the remaining N % kBlock neurons one lane-group (or one

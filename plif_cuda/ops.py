@@ -179,7 +179,13 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             *ctx.options,
             ctx.launcher,
         )
-    return (grad_x, _reduce_to(grad_k, k), _reduce_to(grad_v_init, v_init)) + (None,) * 11
+    # Per-neuron gradients reduce to a per-layer tau (a pass over N values) only where asked for:
+    # v_init is a constant for a fresh layer, and a frozen tau needs nothing either.
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        _reduce_to(grad_k, k) if ctx.needs_input_grad[1] else None,
+        _reduce_to(grad_v_init, v_init) if ctx.needs_input_grad[2] else None,
+    ) + (None,) * 11
 
 
 def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, v_threshold,

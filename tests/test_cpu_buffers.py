@@ -241,14 +241,19 @@ T, N = 4, (1 << 20) // 16 + 4099  # one input exceeds the 1 MiB cache it is told
 torch.manual_seed(0)
 x = (torch.randn(T, N) * 0.8 + 1.2).requires_grad_()
 w = torch.tensor(0.3, requires_grad=True)
-spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend="cpu")
-grads = torch.autograd.grad(spikes.sum() + v_last.sum(), [x, w])
-ref_spikes, ref_v_last, _ = plif_cuda.plif_multistep(x, w, backend="torch")
-ref_grads = torch.autograd.grad(ref_spikes.sum() + ref_v_last.sum(), [x, w])
-assert torch.equal(spikes, ref_spikes)
-torch.testing.assert_close(v_last, ref_v_last, rtol=1e-5, atol=1e-6)
-torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-4, atol=1e-3)
+v_init = (torch.randn(N) * 0.2).requires_grad_()  # per-neuron dL/dv_init and v_last both streamed out
+for v0 in (None, v_init):
+    inputs = [x, w] if v0 is None else [x, w, v0]
+    spikes, v_last, _ = plif_cuda.plif_multistep(x, w, v0, backend="cpu")
+    grads = torch.autograd.grad(spikes.sum() + v_last.sum(), inputs)
+    ref_spikes, ref_v_last, _ = plif_cuda.plif_multistep(x, w, v0, backend="torch")
+    ref_grads = torch.autograd.grad(ref_spikes.sum() + ref_v_last.sum(), inputs)
+    assert torch.equal(spikes, ref_spikes)
+    torch.testing.assert_close(v_last, ref_v_last, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-4, atol=1e-3)
+    if v0 is not None:
+        torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
