@@ -230,7 +230,8 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
     if (stream) stream_forward_step(p, t, n0, staging);
   }
   if (stream) {
-    // v_last too goes out through a staging row (an ordinary store would read each line first).
+    // v_last too goes out through a staging row, H's (free after the last step): an ordinary
+    // store would read each line first.
     ForwardParams<in_t, acc_t> staged = p;
     staged.v_last = staging.h_seq;
     for (int g = 0; g < kGroups; ++g) forward_end<kLanes>(staged, g * kLanes, state[g]);
@@ -286,7 +287,8 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
     if (t == 0 && following_n0 >= 0 && !p.opts.h_checkpoints) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead);
-      for (index_t row = p.T - 1; row >= 0 && row >= p.T - 2; --row) prefetch_row<kLanes>(p.h_seq + row * p.N + ahead);
+      prefetch_row<kLanes>(p.h_seq + (p.T - 1) * p.N + ahead);
+      if (p.T >= 2) prefetch_row<kLanes>(p.h_seq + (p.T - 2) * p.N + ahead);
     }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
   }
