@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +14,17 @@ if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
     sys.modules["spikingjelly"] = None
 
 from plif_cuda import backends as plif_backends  # noqa: E402
+
+def printed_by_fresh_interpreter(code: str, **env: str) -> str:
+    """What ``python -c code`` prints in a new interpreter, run from the repository root with
+    ``env`` added to the environment: for what a process reads once (environment variables at
+    import, the CPU op's output cache) or must not share with the test process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
 
 def pytest_configure(config):
     config.addinivalue_line(

@@ -2,15 +2,13 @@
 their tensors behave like any other."""
 import gc
 import io
-import os
 import pickle
-import subprocess
-import sys
 import threading
 
 import torch
 
 import plif_cuda
+from conftest import printed_by_fresh_interpreter
 
 # Large enough (>= 1 MiB per [T, ...] output) to come from the buffer cache.
 SHAPE = (4, 1 << 17)
@@ -78,18 +76,7 @@ def test_cache_turned_off_still_gives_the_reference_results():
         "r, rv, _ = plif_cuda.plif_multistep(x, torch.tensor(0.0), backend='torch')\n"
         "print(int(torch.equal(s, r) and torch.equal(v, rv)))\n"
     )
-    env = dict(os.environ, PLIF_CPU_CACHE_MB="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
-
-
-def _in_fresh_process(code: str, **env) -> str:
-    """Runs ``code`` in a new interpreter (a cache of its own) and returns what it printed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root,
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    assert printed_by_fresh_interpreter(code, PLIF_CPU_CACHE_MB="0") == "1"
 
 
 def test_outputs_resize_like_any_tensor():
@@ -140,7 +127,7 @@ def test_cache_holds_at_most_the_peak_of_live_outputs():
         "    assert plif_cuda.cpu_cache_bytes() <= peak, (plif_cuda.cpu_cache_bytes(), peak)\n"
         "print(peak > 0 and plif_cuda.cpu_cache_bytes() > 0)\n"
     )
-    assert _in_fresh_process(code) == "True"
+    assert printed_by_fresh_interpreter(code) == "True"
 
 
 def test_alternating_passes_at_the_peak_map_no_new_pages():
@@ -169,7 +156,7 @@ def test_alternating_passes_at_the_peak_map_no_new_pages():
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "print(max(faults[3:]))\n"
     )
-    assert int(_in_fresh_process(code)) < 64
+    assert int(printed_by_fresh_interpreter(code)) < 64
 
 
 def test_cache_cap_from_the_environment():
@@ -180,8 +167,8 @@ def test_cache_cap_from_the_environment():
         "    del s, v\n"
         "print(plif_cuda.cpu_cache_bytes())\n"
     )
-    assert int(_in_fresh_process(code, PLIF_CPU_CACHE_MB="5")) <= 5 << 20
-    assert int(_in_fresh_process(code)) > 5 << 20
+    assert int(printed_by_fresh_interpreter(code, PLIF_CPU_CACHE_MB="5")) <= 5 << 20
+    assert int(printed_by_fresh_interpreter(code)) > 5 << 20
 
 
 def test_outputs_are_right_when_threads_share_the_cache():
@@ -261,7 +248,4 @@ print("ok")
 def test_passes_larger_than_the_last_level_cache_match_the_reference():
     # Their outputs are written with streaming stores from staging rows; spikes stay exact. A
     # subprocess told of a 1 MiB cache takes that path at a small size on any machine.
-    env = dict(os.environ, PLIF_CPU_LLC_MB="1")
-    done = subprocess.run([sys.executable, "-c", _PASS_LARGER_THAN_THE_CACHE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert printed_by_fresh_interpreter(_PASS_LARGER_THAN_THE_CACHE, PLIF_CPU_LLC_MB="1") == "ok"

@@ -4,15 +4,12 @@ rest; gradients equal those from every H bit for bit."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import plif_cuda
-from conftest import SURROGATE_CASES, assert_grad_close
+from conftest import SURROGATE_CASES, assert_grad_close, printed_by_fresh_interpreter
 from plif_cuda import ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
@@ -174,10 +171,7 @@ print("ok")
 
 
 def test_checkpoints_past_the_last_level_cache():
-    env = dict(os.environ, PLIF_CPU_LLC_MB="1")
-    done = subprocess.run([sys.executable, "-c", _LEAN_PASS_LARGER_THAN_THE_CACHE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert printed_by_fresh_interpreter(_LEAN_PASS_LARGER_THAN_THE_CACHE, PLIF_CPU_LLC_MB="1") == "ok"
 
 
 def test_backward_op_checks_the_checkpoint_shape():
