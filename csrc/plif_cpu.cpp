@@ -198,6 +198,18 @@ PLIF_HD Params with_strides(const Params& p) {
   return view;
 }
 
+// Calls fn(view of p) with k's and v_init's strides (0 or 1) fixed at compile time.
+template <typename Params, typename Fn>
+PLIF_HD void with_constant_strides(const Params& p, Fn fn) {
+  if (p.k_stride == 0) {
+    if (p.v_init_stride == 0) fn(with_strides<0, 0>(p));
+    else fn(with_strides<0, 1>(p));
+  } else {
+    if (p.v_init_stride == 0) fn(with_strides<1, 0>(p));
+    else fn(with_strides<1, 1>(p));
+  }
+}
+
 template <typename in_t, typename acc_t>
 PLIF_HD void forward_begin_groups(const ForwardParams<in_t, acc_t>& p, index_t n0, ForwardState<kLanes, acc_t>* state) {
   for (int g = 0; g < kGroups; ++g) forward_begin<kLanes>(p, n0 + g * kLanes, state[g]);
@@ -210,13 +222,7 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
   fix_options<OPTIONS>(p);
   ForwardState<kLanes, acc_t> state[kGroups];
   ForwardStaging<in_t, acc_t> staging;
-  if (p.k_stride == 0) {
-    if (p.v_init_stride == 0) forward_begin_groups(with_strides<0, 0>(p), n0, state);
-    else forward_begin_groups(with_strides<0, 1>(p), n0, state);
-  } else {
-    if (p.v_init_stride == 0) forward_begin_groups(with_strides<1, 0>(p), n0, state);
-    else forward_begin_groups(with_strides<1, 1>(p), n0, state);
-  }
+  with_constant_strides(p, [&](const ForwardParams<in_t, acc_t>& view) { forward_begin_groups(view, n0, state); });
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
@@ -284,11 +290,18 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next);
     if (t >= 2 && !p.opts.h_checkpoints) prefetch_row<kLanes>(p.h_seq + (t - 2) * p.N + next);
-    if (t == 0 && following_n0 >= 0 && !p.opts.h_checkpoints) {
+    if (t == 0 && following_n0 >= 0) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead);
-      prefetch_row<kLanes>(p.h_seq + (p.T - 1) * p.N + ahead);
-      if (p.T >= 2) prefetch_row<kLanes>(p.h_seq + (p.T - 2) * p.N + ahead);
+      if (!p.opts.h_checkpoints) {
+        prefetch_row<kLanes>(p.h_seq + (p.T - 1) * p.N + ahead);
+        if (p.T >= 2) prefetch_row<kLanes>(p.h_seq + (p.T - 2) * p.N + ahead);
+      } else {
+        // The next block's recompute starts from its last chunk's checkpoint and first X row.
+        const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+        if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead);
+        prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.N + ahead);
+      }
     }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
   }
@@ -298,8 +311,8 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
 // kSaveCheckpoints: each chunk of kCheckpointSteps steps, from the last, has its H recomputed
 // into rows that stay in the core's caches, then is walked back (see backward_scan).
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, index_t n0, in_t* grad_x_staging,
-                                        BackwardState<kLanes, acc_t>* state) {
+PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
+                                        in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
   // h_rows[i + 1]: H[t0 + i] of the block; h_rows[0]: the checkpoint H[t0 - 1].
   acc_t h_rows[kCheckpointSteps + 1][kBlock];
   const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
@@ -307,19 +320,21 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     const index_t t0 = chunk * kCheckpointSteps;
     const int count = static_cast<int>(std::min<index_t>(kCheckpointSteps, p.T - t0));
     ForwardState<kLanes, acc_t> forward_state[kGroups];
-    for (int g = 0; g < kGroups; ++g) {
-      recompute_chunk_begin<kLanes, SURROGATE>(p, chunk, n0 + g * kLanes, forward_state[g], h_rows[0] + g * kLanes);
-    }
+    with_constant_strides(p, [&](const BackwardParams<in_t, acc_t>& view) {
+      for (int g = 0; g < kGroups; ++g) {
+        recompute_chunk_begin<kLanes, SURROGATE>(view, chunk, n0 + g * kLanes, forward_state[g], h_rows[0] + g * kLanes);
+      }
+    });
     for (int i = 0; i < count; ++i) {
       const in_t* const x_row = p.x + (t0 + i) * p.N + n0;
-      if (i + 1 < count) prefetch_row<kBlock>(x_row + p.N);
       for (int g = 0; g < kGroups; ++g) {
+        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.N + g * kLanes);
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
       }
     }
     if (chunk == last_chunk) begin_block<SURROGATE>(p, n0, h_rows[count], state);
     for (int i = count - 1; i >= 0; --i) {
-      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, -1, h_rows[i], grad_x_staging, state);
+      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, following_n0, h_rows[i], grad_x_staging, state);
     }
   }
 }
@@ -333,7 +348,7 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   in_t grad_x_staging[kBlock];
   in_t* const staging = stream ? grad_x_staging : nullptr;
   if (sizeof(in_t) == 2 && p.opts.h_checkpoints) {
-    if constexpr (sizeof(in_t) == 2) backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, staging, state);
+    if constexpr (sizeof(in_t) == 2) backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, following_n0, staging, state);
   } else {
     begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
     for (index_t t = p.T - 1; t >= 0; --t) {
