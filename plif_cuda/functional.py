@@ -61,6 +61,9 @@ def _to_op_layout(x_seq: torch.Tensor):
     steps = range(x_seq.dim() - 1)
     # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
     order = sorted(steps, key=lambda d: (x_seq.shape[d + 1] == 1, -x_seq.stride(d + 1)))
+    if order == list(steps):
+        # No view (and no autograd node to walk back) where the order is already the op's.
+        return x_seq.contiguous(), order
     return x_seq.permute([0] + [d + 1 for d in order]).contiguous(), order
 
 
@@ -68,7 +71,7 @@ def _per_neuron(t: torch.Tensor, step_shape, order, dtype) -> torch.Tensor:
     """A per-step tensor as the op takes it: one value, or one per neuron in memory order."""
     t = t.to(dtype)
     if t.numel() == 1:
-        return t.reshape(1)
+        return t  # the op takes any contiguous one-value tensor
     return t.expand(step_shape).permute(order).contiguous()
 
 
@@ -175,6 +178,8 @@ def multistep_keeping_state(
         x_op, k_op, v_init_op, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None, decay_input,
         detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save, backends.launcher(chosen),
     )
+    if order == sorted(order):
+        return spikes, v_last, v_seq if store_v_seq else None
     back = [0] + [d + 1 for d in _inverse(order)]
     spike_seq = spikes.permute(back)
     v_last = v_last.permute(_inverse(order))

@@ -140,8 +140,10 @@ def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
     total = values
     while total.numel() > _SUM_ROW:
         whole = total.numel() // _SUM_ROW * _SUM_ROW
-        row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
-        if whole < total.numel():
+        if whole == total.numel():
+            row_sums = total.view(-1, _SUM_ROW).sum(dim=1).double()
+        else:
+            row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
             row_sums = torch.cat([row_sums, total[whole:].sum().double().reshape(1)])
         total = row_sums
     return total.sum(dtype=torch.float64)
