@@ -13,6 +13,7 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -348,9 +349,48 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
   }
 }
 
+// Where k (v_init) is one value for the layer, dL/dk (dL/dv_init) is the sum of every neuron's
+// share. Each block sums its neurons' shares into a slot of its own and backward_cpu adds the
+// slots in block order, so the bits do not depend on the number of threads; nothing per neuron
+// is written (at 2^20 neurons, 4 MiB written and read again per output). Null: per neuron.
+struct ShareSlots {
+  double* grad_k;
+  double* grad_v_init;
+};
+
+// The sum of `count` shares in an order fixed by `count`, one that vectorises: 64 running sums
+// across the row, then added pairwise, then the values past the last whole 64.
+template <typename acc_t>
+PLIF_HD double sum_of_shares(const acc_t* row, index_t count) {
+  constexpr int kWidth = 64;
+  acc_t running[kWidth] = {};
+  const index_t whole = count / kWidth * kWidth;
+  for (index_t j = 0; j < whole; j += kWidth) {
+    for (int l = 0; l < kWidth; ++l) running[l] += row[j + l];
+  }
+  for (int width = kWidth / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) running[l] += running[l + width];
+  }
+  double total = running[0];
+  for (index_t j = 0; j < count - whole; ++j) total += row[whole + j];
+  return total;
+}
+
+// A block's row of per-neuron shares: summed into its slot, or written out at neuron n0.
+template <typename acc_t>
+PLIF_HD void emit_shares(acc_t* out, index_t n0, const acc_t* row, index_t count, bool stream, double* slot) {
+  if (slot != nullptr) {
+    *slot = sum_of_shares(row, count);
+  } else if (stream) {
+    stream_row(out + n0, row, count * sizeof(acc_t));
+  } else {
+    std::memcpy(out + n0, row, count * sizeof(acc_t));
+  }
+}
+
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
 PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
-                                    bool stream) {
+                                    bool stream, ShareSlots slots) {
   BackwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   BackwardState<kLanes, acc_t> state[kGroups];
@@ -365,27 +405,90 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
                                               staging, state);
     }
   }
-  if (stream) {
-    // The per-neuron gradients too go out through staging rows.
-    acc_t grad_k_staging[kBlock], grad_v_init_staging[kBlock];
-    BackwardParams<in_t, acc_t> staged = p;
-    staged.grad_k = grad_k_staging;
-    staged.grad_v_init = grad_v_init_staging;
-    for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(staged, g * kLanes, state[g]);
-    stream_row(p.grad_k + n0, grad_k_staging, sizeof(grad_k_staging));
-    stream_row(p.grad_v_init + n0, grad_v_init_staging, sizeof(grad_v_init_staging));
-    fence_streamed_rows();
-  } else {
-    for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(p, n0 + g * kLanes, state[g]);
-  }
+  // The per-neuron gradients go through rows on the stack: out with streaming stores when the
+  // pass streams (an ordinary store would read each line first), or into their sums.
+  acc_t grad_k_row[kBlock], grad_v_init_row[kBlock];
+  BackwardParams<in_t, acc_t> staged = p;
+  staged.grad_k = grad_k_row;
+  staged.grad_v_init = grad_v_init_row;
+  for (int g = 0; g < kGroups; ++g) backward_end<kLanes>(staged, g * kLanes, state[g]);
+  emit_shares(p.grad_k, n0, grad_k_row, kBlock, stream, slots.grad_k);
+  emit_shares(p.grad_v_init, n0, grad_v_init_row, kBlock, stream, slots.grad_v_init);
+  if (stream) fence_streamed_rows();
 }
 
-// Whole blocks in parallel, then the remaining N % kBlock neurons one lane-group (or one
-// neuron) at a time. The threads take blocks one by one from a shared counter rather than a
-// fixed half each: on a machine shared with other work, a thread that starts late or loses
-// its core leaves the rest of its share to the others instead of holding them at the end.
-template <typename Params, typename BlockFn, typename GroupFn, typename NeuronFn>
-void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neuron) {
+// The neurons from n_begin on, as a view whose neuron 0 is n_begin (rows keep their stride N;
+// grad_k and grad_v_init are left for the caller to place).
+template <typename in_t, typename acc_t>
+BackwardParams<in_t, acc_t> neurons_from(const BackwardParams<in_t, acc_t>& p, index_t n_begin) {
+  const auto shifted = [n_begin](auto* values) { return values == nullptr ? values : values + n_begin; };
+  BackwardParams<in_t, acc_t> view = p;
+  view.grad_spikes = shifted(p.grad_spikes);
+  view.grad_v_last = shifted(p.grad_v_last);
+  view.grad_v_seq = shifted(p.grad_v_seq);
+  view.h_seq = shifted(p.h_seq);
+  view.x = shifted(p.x);
+  view.k = p.k + n_begin * p.k_stride;
+  view.v_init = p.v_init + n_begin * p.v_init_stride;
+  view.grad_x = p.grad_x + n_begin;
+  return view;
+}
+
+// Neurons [n_begin, n_end) (at most kBlock) one group of lanes (then one neuron) at a time,
+// through all T steps: the N % kBlock neurons after the last block, and the blocks of the
+// float32/float64 checkpoint mode.
+template <int SURROGATE, typename in_t, typename acc_t>
+void backward_scans(const BackwardParams<in_t, acc_t>& p, index_t n_begin, index_t n_end, ShareSlots slots) {
+  BackwardParams<in_t, acc_t> view = neurons_from(p, n_begin);
+  acc_t grad_k_row[kBlock], grad_v_init_row[kBlock];
+  view.grad_k = slots.grad_k != nullptr ? grad_k_row : p.grad_k + n_begin;
+  view.grad_v_init = slots.grad_v_init != nullptr ? grad_v_init_row : p.grad_v_init + n_begin;
+  const index_t count = n_end - n_begin;
+  index_t n = 0;
+  for (; n + kLanes <= count; n += kLanes) backward_scan<kLanes, SURROGATE>(view, n);
+  for (; n < count; ++n) backward_scan<1, SURROGATE>(view, n);
+  if (slots.grad_k != nullptr) *slots.grad_k = sum_of_shares(grad_k_row, count);
+  if (slots.grad_v_init != nullptr) *slots.grad_v_init = sum_of_shares(grad_v_init_row, count);
+}
+
+// One slot per block and one for the neurons after the last block, where k (v_init) is one value.
+template <typename acc_t>
+class ShareSums {
+ public:
+  template <typename in_t>
+  explicit ShareSums(const BackwardParams<in_t, acc_t>& p) {
+    const size_t slots = static_cast<size_t>(p.N / kBlock) + 1;
+    if (p.k_stride == 0) grad_k_.assign(slots, 0.0);
+    if (p.v_init_stride == 0) grad_v_init_.assign(slots, 0.0);
+  }
+
+  ShareSlots slots_of_block(index_t block) {
+    return {grad_k_.empty() ? nullptr : &grad_k_[block], grad_v_init_.empty() ? nullptr : &grad_v_init_[block]};
+  }
+
+  template <typename in_t>
+  void store(const BackwardParams<in_t, acc_t>& p) const {
+    if (!grad_k_.empty()) p.grad_k[0] = static_cast<acc_t>(in_order(grad_k_));
+    if (!grad_v_init_.empty()) p.grad_v_init[0] = static_cast<acc_t>(in_order(grad_v_init_));
+  }
+
+ private:
+  static double in_order(const std::vector<double>& slots) {
+    double total = 0.0;
+    for (double slot : slots) total += slot;
+    return total;
+  }
+
+  std::vector<double> grad_k_;
+  std::vector<double> grad_v_init_;
+};
+
+// Whole blocks in parallel, then tail(p, n) for the N % kBlock neurons from n on, if any. The
+// threads take blocks one by one from a shared counter rather than a fixed half each: on a
+// machine shared with other work, a thread that starts late or loses its core leaves the rest
+// of its share to the others instead of holding them at the end.
+template <typename Params, typename BlockFn, typename TailFn>
+void for_each_neuron(const Params& p, BlockFn block, TailFn tail) {
   const index_t blocks = p.N / kBlock;
   // At least ~2^17 neuron-steps (tens of microseconds) per thread: below that, waking a second
   // thread costs more than it saves.
@@ -400,9 +503,7 @@ void for_each_neuron(const Params& p, BlockFn block, GroupFn group, NeuronFn neu
       b = following;
     }
   });
-  index_t n = blocks * kBlock;
-  for (; n + kLanes <= p.N; n += kLanes) group(p, n);
-  for (; n < p.N; ++n) neuron(p, n);
+  if (blocks * kBlock < p.N) tail(p, blocks * kBlock);
 }
 
 // Bytes of the [T, N] streams a pass reads and writes: above the last-level cache it streams.
@@ -440,31 +541,42 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
         p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
           forward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
         },
-        forward_scan<kLanes, SURROGATE, in_t, acc_t>, forward_scan<1, SURROGATE, in_t, acc_t>);
+        [](const ForwardParams<in_t, acc_t>& q, index_t n_begin) {
+          index_t n = n_begin;
+          for (; n + kLanes <= q.N; n += kLanes) forward_scan<kLanes, SURROGATE>(q, n);
+          for (; n < q.N; ++n) forward_scan<1, SURROGATE>(q, n);
+        });
   });
 }
 
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
+  ShareSums<acc_t> sums(p);
+  const auto tail = [&sums](const BackwardParams<in_t, acc_t>& q, index_t n_begin) {
+    backward_scans<SURROGATE>(q, n_begin, q.N, sums.slots_of_block(q.N / kBlock));
+  };
   if constexpr (sizeof(in_t) != 2) {
     // Checkpoints are what half inputs keep (plif_cuda/ops.py save_mode); other dtypes have
     // them only when the op is asked directly, and take the plain scans, a copy fewer to build.
     if (p.opts.h_checkpoints) {
-      return for_each_neuron(
-          p, [](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
-            for (int g = 0; g < kGroups; ++g) backward_scan<kLanes, SURROGATE>(q, n0 + g * kLanes);
+      for_each_neuron(
+          p, [&sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
+            backward_scans<SURROGATE>(q, n0, n0 + kBlock, sums.slots_of_block(n0 / kBlock));
           },
-          backward_scan<kLanes, SURROGATE, in_t, acc_t>, backward_scan<1, SURROGATE, in_t, acc_t>);
+          tail);
+      return sums.store(p);
     }
   }
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
-        p, [stream](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
-          backward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
+        p, [stream, &sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
+          backward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream,
+                                                              sums.slots_of_block(n0 / kBlock));
         },
-        backward_scan<kLanes, SURROGATE, in_t, acc_t>, backward_scan<1, SURROGATE, in_t, acc_t>);
+        tail);
   });
+  sums.store(p);
 }
 
 }  // namespace

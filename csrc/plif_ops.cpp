@@ -183,6 +183,19 @@ void dispatch_types(at::ScalarType t, Fn fn) {
   }
 }
 
+// `values` ([N]) as `count` values: themselves (count N), or their sum in float64 (count 1),
+// in an order fixed by N: a CUDA reduction's order depends only on the shape; on CPU (reached
+// only without a time step) a plain loop, since torch's CPU sum splits by thread count.
+Tensor sum_to_count(const Tensor& values, int64_t count) {
+  if (count != 1 || values.numel() == 1) return values;
+  if (values.is_cuda()) return at::sum(values, at::kDouble).to(values.scalar_type());
+  const Tensor doubles = values.to(at::kDouble).contiguous();
+  const double* data = doubles.data_ptr<double>();
+  double total = 0.0;
+  for (int64_t i = 0; i < doubles.numel(); ++i) total += data[i];
+  return at::scalar_tensor(total, values.options());
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
     bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
@@ -278,16 +291,24 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
   check_launcher(launcher);
   check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
 
+  // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
+  // or one per neuron.
   Tensor grad_x = empty_output(shape_source.sizes(), h_seq.options().dtype(x_dtype));
-  Tensor grad_k = empty_output({N}, h_seq.options());
-  Tensor grad_v_init = empty_output({N}, h_seq.options());
-  if (N == 0) return {grad_x, grad_k, grad_v_init};
-  if (T == 0) {
+  Tensor grad_k = empty_output({k.numel()}, h_seq.options());
+  Tensor grad_v_init = empty_output({v_init.numel()}, h_seq.options());
+  if (N == 0 || T == 0) {
+    // No step: nothing reaches k, and dL/dv_init is dL/dV[T-1] (zero for N = 0).
     grad_k.zero_();
-    if (grad_v_last) grad_v_init.copy_(grad_v_last->reshape({N}));
+    if (grad_v_last && N > 0) grad_v_init.copy_(sum_to_count(grad_v_last->reshape({N}), v_init.numel()));
     else grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
+  // The GPU kernels write every neuron's share; where k (v_init) is one value they go to a
+  // scratch row that is summed after the launch (the CPU kernel sums them itself).
+  const bool gpu_sums_k = !h_seq.is_cpu() && k.numel() == 1 && N > 1;
+  const bool gpu_sums_v_init = !h_seq.is_cpu() && v_init.numel() == 1 && N > 1;
+  Tensor grad_k_shares = gpu_sums_k ? at::empty({N}, h_seq.options()) : grad_k;
+  Tensor grad_v_init_shares = gpu_sums_v_init ? at::empty({N}, h_seq.options()) : grad_v_init;
 
   dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
@@ -301,8 +322,8 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.grad_x = grad_x.data_ptr<in_t>();
-    p.grad_k = grad_k.data_ptr<acc_t>();
-    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
+    p.grad_k = grad_k_shares.data_ptr<acc_t>();
+    p.grad_v_init = grad_v_init_shares.data_ptr<acc_t>();
     p.k_stride = k.numel() == 1 ? 0 : 1;
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
@@ -317,13 +338,16 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
         launch_nvrtc("plif_cuda::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init)},
+                      pointer_argument(grad_x), pointer_argument(grad_k_shares),
+                      pointer_argument(grad_v_init_shares)},
                      p);
       } else {
         launch_compiled(p);
       }
     }
   });
+  if (gpu_sums_k) grad_k.copy_(sum_to_count(grad_k_shares, 1));
+  if (gpu_sums_v_init) grad_v_init.copy_(sum_to_count(grad_v_init_shares, 1));
   return {grad_x, grad_k, grad_v_init};
 }
 

@@ -101,8 +101,10 @@ struct BackwardParams {
   const acc_t* k;
   const acc_t* v_init;
   in_t* grad_x;             // [T, N]
-  acc_t* grad_k;            // [N]: per-neuron share of dL/dk, reduced to k's shape by the caller
-  acc_t* grad_v_init;       // [N]
+  // dL/dk and dL/dv_init: [N], each neuron's share; the CPU kernel writes one value, the sum
+  // of the shares, where k (v_init) is one value (stride 0), and the GPU launchers sum [N].
+  acc_t* grad_k;
+  acc_t* grad_v_init;
   index_t k_stride;
   index_t v_init_stride;
   index_t T;

@@ -12,7 +12,10 @@ tensor; ``k`` and ``v_init`` are contiguous, in the compute dtype (float64 for f
 inputs, float32 otherwise), and hold one value or one value per neuron of ``S``. ``v_last``
 (and so its gradient) is in the compute dtype as well: it is the state a layer carries into its
 next call, which must not be rounded to a half dtype between calls. ``spikes``, ``v_seq`` and
-``grad_x`` have ``x``'s dtype.
+``grad_x`` have ``x``'s dtype. The backward's ``grad_k`` and ``grad_v_init`` hold as many
+values as ``k`` and ``v_init``: where one value serves every neuron, its gradient is the sum of
+the neurons' shares, added in an order fixed by the shape (the CPU kernel sums per block of
+neurons and adds the blocks in order), so its bits do not depend on the number of threads.
 """
 from __future__ import annotations
 
@@ -93,11 +96,10 @@ def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, d
 def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, x_dtype, v_threshold, v_reset,
                    soft_reset, decay_input, detach_reset, surrogate, alpha, spiking, launcher=COMPILED_LAUNCHER):
     shape = h_seq.shape if x is None else x.shape
-    neurons = shape[1:].numel()
     return (
         h_seq.new_empty(shape, dtype=x_dtype),
-        h_seq.new_empty((neurons,)),
-        h_seq.new_empty((neurons,)),
+        h_seq.new_empty((k.numel(),)),
+        h_seq.new_empty((v_init.numel(),)),
     )
 
 
@@ -149,10 +151,12 @@ def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
     return total.sum(dtype=torch.float64)
 
 
-def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if like.numel() == 1:
-        return _fixed_order_sum(grad_per_neuron).to(like.dtype).reshape(like.shape)
-    return grad_per_neuron.reshape(like.shape)
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gradient in ``like``'s shape: the op's already is (one value where ``like`` has one);
+    the differentiable recurrence's is per neuron, summed here for a one-value ``like``."""
+    if grad.numel() != like.numel():
+        grad = _fixed_order_sum(grad)
+    return grad.to(like.dtype).reshape(like.shape)
 
 
 def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):

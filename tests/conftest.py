@@ -13,6 +13,14 @@ import torch
 if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
     sys.modules["spikingjelly"] = None
 
+# torch.compile's on-disk cache keys graphs by their code, not by the fake kernels of the custom
+# ops in them: a graph compiled against an older plif_cuda would be reused with its old output
+# shapes. The suite compiles into a cache of its own run (README, torch.compile).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="plif_tests_inductor_")
+
 from plif_cuda import backends as plif_backends  # noqa: E402
 
 def printed_by_fresh_interpreter(code: str, **env: str) -> str:

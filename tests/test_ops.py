@@ -76,6 +76,49 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("neurons", (100, 3 * 1024 + 200), ids=("one_group", "blocks_and_a_tail"))
+@pytest.mark.parametrize("dtype, save", [(torch.float32, plif_ops.SAVE_H), (torch.float32, plif_ops.SAVE_CHECKPOINTS),
+                                         (torch.float64, plif_ops.SAVE_H), (torch.bfloat16, plif_ops.SAVE_CHECKPOINTS)],
+                         ids=("f32", "f32-checkpoints", "f64", "bf16-checkpoints"))
+def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons, dtype, save):
+    """Where k or v_init is one value, the backward op returns one value: the sum of what the same
+    call returns per neuron when they are given per neuron (the same arithmetic, neuron by neuron)."""
+    device = BACKEND_DEVICE[backend]
+    if device == "cuda" and save == plif_ops.SAVE_CHECKPOINTS and dtype == torch.float32:
+        pytest.skip("checkpoints are for half inputs on CUDA")
+    launcher = plif_backends.launcher(backend)
+    options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_seq((11, neurons), dtype, device)
+    k_one = torch.full((1,), 0.4, dtype=acc, device=device)
+    v_init_one = torch.full((1,), 0.1, dtype=acc, device=device)
+    k_all, v_init_all = k_one.expand(neurons).contiguous(), v_init_one.expand(neurons).contiguous()
+    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k_one, v_init_one, *options, False, save, launcher)
+    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    grad_spikes = make_seq(x.shape, dtype, device, seed=1)
+    grad_v_last = make_seq((neurons,), acc, device, seed=2)
+
+    def backward(k, v_init):
+        return torch.ops.plif_cuda.multistep_backward(grad_spikes, grad_v_last, None, h_seq, saved_x, k, v_init, dtype,
+                                                      *options, launcher)
+
+    grad_x, shares_k, shares_v_init = backward(k_all, v_init_all)
+    for k, v_init in ((k_one, v_init_one), (k_one, v_init_all), (k_all, v_init_one)):
+        one_grad_x, grad_k, grad_v_init = backward(k, v_init)
+        assert torch.equal(one_grad_x, grad_x)
+        for grad, like, shares in ((grad_k, k, shares_k), (grad_v_init, v_init, shares_v_init)):
+            assert grad.shape == like.shape
+            if like.numel() == neurons:
+                assert torch.equal(grad, shares)
+            else:
+                scale = shares.double().abs().sum().item()
+                torch.testing.assert_close(grad.double(), shares.double().sum().reshape(1), rtol=0.0,
+                                           atol=1e-6 * scale)
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_backward,
+                          (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one, dtype, *options, launcher))
+
+
 # ---- torch.compile ------------------------------------------------------------------------------
 class SmallConvNet(nn.Module):
     """conv-BN-PLIF over a time-first sequence, as in the PLIF paper's networks."""
