@@ -483,24 +483,64 @@ class ShareSums {
   std::vector<double> grad_v_init_;
 };
 
-// Whole blocks in parallel, then tail(p, n) for the N % kBlock neurons from n on, if any. The
-// threads take blocks one by one from a shared counter rather than a fixed half each: on a
-// machine shared with other work, a thread that starts late or loses its core leaves the rest
-// of its share to the others instead of holding them at the end.
+// The blocks of a pass split into one contiguous range per thread, the same ranges for every pass
+// of a size: a block's forward and backward run on the same thread, so the lines one pass leaves
+// in that core's caches are where the next pass looks for them. (On the EPYC guest of
+// benchmarks/NOTES.md, whose two vCPUs sit on two CCDs in some minutes, a shared counter that
+// sent each block to either thread made passes that stay in cache 2-5x slower in those minutes.)
+// A thread whose range is done takes blocks from the back of the others': one that starts late
+// or loses its core leaves the rest of its range to them instead of holding them at the end.
+class BlockRanges {
+ public:
+  BlockRanges(int64_t blocks, int64_t threads) : ranges_(threads) {
+    // Fronts and backs fit 32 bits: 2^32 blocks would be 2^42 neurons.
+    for (int64_t t = 0; t < threads; ++t) ranges_[t].store(pack(blocks * t / threads, blocks * (t + 1) / threads));
+  }
+
+  // The next block for thread `self`: the front of its own range, else the back of another's;
+  // -1 once every range is empty.
+  int64_t claim(int64_t self) {
+    const int64_t count = static_cast<int64_t>(ranges_.size());
+    int64_t block = take(ranges_[self], /*from_front=*/true);
+    for (int64_t k = 1; block < 0 && k < count; ++k) block = take(ranges_[(self + k) % count], /*from_front=*/false);
+    return block;
+  }
+
+ private:
+  static uint64_t pack(uint64_t front, uint64_t back) { return front << 32 | back; }
+
+  static int64_t take(std::atomic<uint64_t>& range, bool from_front) {
+    uint64_t packed = range.load();
+    for (;;) {
+      const uint64_t front = packed >> 32, back = packed & 0xffffffffu;
+      if (front >= back) return -1;
+      const uint64_t rest = from_front ? pack(front + 1, back) : pack(front, back - 1);
+      if (range.compare_exchange_weak(packed, rest)) return static_cast<int64_t>(from_front ? front : back - 1);
+    }
+  }
+
+  std::vector<std::atomic<uint64_t>> ranges_;  // per thread: front << 32 | back
+};
+
+// Whole blocks in parallel (BlockRanges), then tail(p, n) for the N % kBlock neurons from n on,
+// if any.
 template <typename Params, typename BlockFn, typename TailFn>
 void for_each_neuron(const Params& p, BlockFn block, TailFn tail) {
   const index_t blocks = p.N / kBlock;
   // At least ~2^17 neuron-steps (tens of microseconds) per thread: below that, waking a second
   // thread costs more than it saves.
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks * p.T * kBlock >> 17));
-  std::atomic<int64_t> next_block{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // Each thread claims its next block before it walks this one, so that this one's last step
-    // can request the next one's first rows.
-    for (int64_t b = next_block++; b < blocks;) {
-      const int64_t following = next_block++;
-      block(p, b * kBlock, following < blocks ? following * kBlock : index_t(-1));
-      b = following;
+  BlockRanges ranges(blocks, threads);
+  // Chunk t of the parallel_for runs on the pool's thread t in every call.
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t self = begin; self < end; ++self) {
+      // Each thread claims its next block before it walks this one, so that this one's last step
+      // can request the next one's first rows.
+      for (int64_t b = ranges.claim(self); b >= 0;) {
+        const int64_t following = ranges.claim(self);
+        block(p, b * kBlock, following >= 0 ? following * kBlock : index_t(-1));
+        b = following;
+      }
     }
   });
   if (blocks * kBlock < p.N) tail(p, blocks * kBlock);
