@@ -61,7 +61,7 @@ def _to_op_layout(x_seq: torch.Tensor):
     steps = range(x_seq.dim() - 1)
     # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
     order = sorted(steps, key=lambda d: (x_seq.shape[d + 1] == 1, -x_seq.stride(d + 1)))
-    if order == list(steps):
+    if order == sorted(order):
         # No view (and no autograd node to walk back) where the order is already the op's.
         return x_seq.contiguous(), order
     return x_seq.permute([0] + [d + 1 for d in order]).contiguous(), order

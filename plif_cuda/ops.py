@@ -142,10 +142,8 @@ def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
     total = values
     while total.numel() > _SUM_ROW:
         whole = total.numel() // _SUM_ROW * _SUM_ROW
-        if whole == total.numel():
-            row_sums = total.view(-1, _SUM_ROW).sum(dim=1).double()
-        else:
-            row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
+        row_sums = total[:whole].view(-1, _SUM_ROW).sum(dim=1).double()
+        if whole < total.numel():
             row_sums = torch.cat([row_sums, total[whole:].sum().double().reshape(1)])
         total = row_sums
     return total.sum(dtype=torch.float64)
@@ -185,8 +183,8 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             *ctx.options,
             ctx.launcher,
         )
-    # Per-neuron gradients reduce to a per-layer tau (a pass over N values) only where asked for:
-    # v_init is a constant for a fresh layer, and a frozen tau needs nothing either.
+    # Gradients only for the inputs that need them: v_init is a constant for a fresh layer, and a
+    # frozen tau needs nothing either.
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         _reduce_to(grad_k, k) if ctx.needs_input_grad[1] else None,
