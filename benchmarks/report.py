@@ -151,7 +151,7 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
         key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
         cases.setdefault(key, []).append(row)
     header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
-              + ["fused GB/s", "% of copy", "x ref", "x SJ", "saved B/neuron-step"])
+              + ["fused GB/s", "copy GB/s", "% of copy", "x ref", "x SJ", "saved B/neuron-step"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, case_rows in cases.items():
         device, _, T, N, dtype, tau, pass_name = key
@@ -162,10 +162,11 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
         size = _size_label(N) + mark
         cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
         if best is None:
-            cells += ["", "", "", "", ""]
+            cells += ["", "", "", "", "", ""]
         else:
             cells += [
                 f"{best['gbps']:.1f}",
+                f"{best['copy_gbps']:.1f}",
                 f"{100 * best['copy_fraction']:.0f}%{mark}",
                 f"{best['speedup_vs_reference']:.1f}" if best.get("speedup_vs_reference") else "",
                 f"{best['speedup_vs_spikingjelly']:.1f}" if best.get("speedup_vs_spikingjelly") else "",
@@ -254,7 +255,9 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         "## The op alone (median ms per call; lower is better)",
         "",
         "Fused GB/s = minimum traffic of the pass (benchmarks/traffic.py) / median time of the fastest fused "
-        "backend; % of copy = that over the measured copy bandwidth; x ref and x SJ = speedup of that "
+        "backend; copy GB/s = the copy bandwidth measured right before and right after that backend's passes "
+        "(the higher of the two: the bandwidth of this machine can move from minute to minute, and the copy "
+        "line above is the run's start); % of copy = fused GB/s over copy GB/s; x ref and x SJ = speedup of that "
         "backend over the PyTorch reference and over SpikingJelly. \u2020: one call's data fits in the "
         "last-level cache, so the pass may run from cache, faster than the copy bandwidth (measured over "
         "copies larger than that cache) allows: its % of copy can pass 100%, and which sizes do depends on "

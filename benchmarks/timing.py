@@ -125,24 +125,33 @@ def measure(prepare, run, n_buffers: int, device: torch.device, *, warmup: int, 
     return Timing(samples)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> dict:
-    """Device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, counted as read + write, median."""
-    numel = max(nbytes // 4, 1)
-    src = torch.rand(numel, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    timing = measure(lambda i: None, lambda _: dst.copy_(src), 1, device, warmup=1, repeats=repeats,
-                     budget_s=float("inf"), min_repeats=repeats)
-    traffic = 2 * numel * 4
-    return {
-        "bytes_per_copy": numel * 4,
-        "traffic_bytes": traffic,
-        "median_ms": timing.median_ms,
-        "min_ms": timing.min_ms,
-        "gbps": traffic / (timing.median_ms * 1e-3) / 1e9,
-        "gbps_best": traffic / (timing.min_ms * 1e-3) / 1e9,
-    }
+class CopyProbe:
+    """Device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, counted as read + write, median.
+
+    The buffers stay allocated so that the bandwidth can be measured again next to each case:
+    on a shared VM it moves from minute to minute (benchmarks/NOTES.md), and a pass is judged
+    against the bandwidth of its own minute."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.device = device
+        numel = max(nbytes // 4, 1)
+        self.src = torch.rand(numel, dtype=torch.float32, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+        synchronize(device)
+
+    def __call__(self, repeats: int = 7) -> dict:
+        timing = measure(lambda i: None, lambda _: self.dst.copy_(self.src), 1, self.device, warmup=1,
+                         repeats=repeats, budget_s=float("inf"), min_repeats=repeats)
+        traffic = 2 * self.src.numel() * 4
+        return {
+            "bytes_per_copy": self.src.numel() * 4,
+            "traffic_bytes": traffic,
+            "median_ms": timing.median_ms,
+            "min_ms": timing.min_ms,
+            "gbps": traffic / (timing.median_ms * 1e-3) / 1e9,
+            "gbps_best": traffic / (timing.min_ms * 1e-3) / 1e9,
+        }
 
 
 def saved_tensor_bytes(forward) -> dict:

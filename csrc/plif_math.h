@@ -46,6 +46,9 @@ PLIF_HD float exp_nonpositive_(float x) { return ::expf(x); }
 // Written without compares, selects or float-int conversions besides the one clamp: in the
 // vectorised loops each of those costs mask operations, and the round-half-away, two-sided
 // clamp and two-factor scaling this replaced made exp two thirds of the sigmoid backward.
+// Its multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every
+// CPU; a call on one without FMA instructions): they shorten each exp's chain of dependent
+// operations, which is what the backward waits on (-8% backward time, benchmarks/NOTES.md).
 PLIF_HD float exp_nonpositive_(float x) {
   // Below -104 the result rounds to 0; a NaN fails the comparison and stays NaN through r and p.
   const float clamped = x < -104.0f ? -104.0f : x;
@@ -53,22 +56,25 @@ PLIF_HD float exp_nonpositive_(float x) {
   // n + 151 (1 to 151) in its low mantissa bits, which shifted into the exponent field make
   // 2^(n + 24), a normal number for every n from -150 to 0.
   const float shifter = 12583063.0f;
-  const float shifted = clamped * 1.44269504088896341f + shifter;
+  const float shifted = std::fma(clamped, 1.44269504088896341f, shifter);
   const float n = shifted - shifter;
-  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
-  // Cephes' polynomial in Estrin's order (a shorter dependency chain than Horner's).
+  const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, clamped));
+  // Cephes' polynomial 1 + r + r^2 (low + middle r^2 + high r^4) in Estrin's order, every
+  // coefficient times 2^-24 (exact: a power of two, far from underflow), so that one product
+  // with 2^(n + 24) gives the result, rounded once where it is subnormal.
+  constexpr float two_to_minus_24 = 5.9604644775390625e-8f;
   const float r2 = r * r;
-  const float high = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  const float middle = 8.3334519073e-3f * r + 4.1665795894e-2f;
-  const float low = 1.6666665459e-1f * r + 5.0000001201e-1f;
-  const float p = (high * (r2 * r2) + (middle * r2 + low)) * r2 + r + 1.0f;
+  const float high = std::fma(1.9875691500e-4f * two_to_minus_24, r, 1.3981999507e-3f * two_to_minus_24);
+  const float middle = std::fma(8.3334519073e-3f * two_to_minus_24, r, 4.1665795894e-2f * two_to_minus_24);
+  const float low = std::fma(1.6666665459e-1f * two_to_minus_24, r, 5.0000001201e-1f * two_to_minus_24);
+  const float tail = std::fma(high, r2 * r2, std::fma(middle, r2, low));
+  const float p = std::fma(tail, r2, r * two_to_minus_24) + two_to_minus_24;
   uint32_t scale_bits;
   std::memcpy(&scale_bits, &shifted, sizeof(float));
   scale_bits <<= 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(float));
-  // p 2^(n + 24) is exact; the factor 2^-24 rounds once where the result is subnormal.
-  return p * scale * 5.9604644775390625e-8f;
+  return p * scale;
 }
 #endif
 PLIF_HD double exp_nonpositive_(double x) { return ::exp(x); }
@@ -336,13 +342,14 @@ PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
   forward_end<LANES>(p, n0, st);
 }
 
-// Backward state of LANES neurons while walking back from t = T-1: H[t] and S[t] (loaded one
-// step ahead), dL/dH[t+1], and the running sum for dL/dk.
+// Backward state of LANES neurons while walking back from t = T-1: H[t], S[t] and the surrogate
+// derivative at H[t] (all computed one step ahead), dL/dH[t+1], and the running sum for dL/dk.
 template <int LANES, typename acc_t>
 struct BackwardState {
   acc_t k[LANES];
   acc_t h[LANES];
   acc_t s[LANES];
+  acc_t surrogate_grad[LANES];
   acc_t grad_h_next[LANES];
   acc_t grad_k_sum[LANES];
 };
@@ -357,6 +364,7 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
     st.grad_k_sum[j] = acc_t(0);
     st.h[j] = h_last[j];
     st.s[j] = fire<SURROGATE>(st.h[j], p.opts);
+    st.surrogate_grad[j] = surrogate_grad<SURROGATE>(st.h[j] - p.opts.v_threshold, p.opts);
   }
 }
 
@@ -376,12 +384,6 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
   in_t* const grad_x_row = p.grad_x + row;
   const acc_t* const v_init = p.v_init;
   const index_t v_init_stride = p.v_init_stride;
-  // Every lane's surrogate derivative first, in a loop of its own: each one is a long chain of
-  // dependent operations (exp, division), and a loop of only those keeps more of them in flight
-  // than one that also carries the rest of the step (-8 to -11% backward time on the CPU of
-  // benchmarks/NOTES.md). The same expressions, so the same bits.
-  acc_t sg[LANES];
-  for (int j = 0; j < LANES; ++j) sg[j] = surrogate_grad<SURROGATE>(st.h[j] - o.v_threshold, o);
   for (int j = 0; j < LANES; ++j) {
     acc_t h_prev, s_prev, v_prev;
     if constexpr (HAS_PREV) {
@@ -392,12 +394,17 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
       h_prev = s_prev = acc_t(0);
       v_prev = v_init[(n0 + j) * v_init_stride];
     }
-    const acc_t grad_x = backward_neuron_given_surrogate(st.h[j], st.s[j], sg[j], v_prev, st.k[j], grad_v[j],
+    const acc_t grad_x = backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, st.k[j], grad_v[j],
                                                          grad_s[j], through_spike, through_membrane, o,
                                                          st.grad_h_next[j], st.grad_k_sum[j]);
     grad_x_row[j] = store_as<in_t>(grad_x);
     st.h[j] = h_prev;
     st.s[j] = s_prev;
+    // The derivative the previous step will need, computed here, a step ahead: its exp and
+    // division are a long chain of dependent operations that depends on nothing of this step,
+    // so it runs beside this step's chain instead of before it (-9% backward time on the CPU of
+    // benchmarks/NOTES.md). The same expression, so the same bits.
+    if constexpr (HAS_PREV) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
   }
 }
 
