@@ -343,7 +343,8 @@ PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
 }
 
 // Backward state of LANES neurons while walking back from t = T-1: H[t], S[t] and the surrogate
-// derivative at H[t] (all computed one step ahead), dL/dH[t+1], and the running sum for dL/dk.
+// derivative at H[t] (all computed one step ahead; the GPU kernels, which compute the derivative
+// within the step, leave the last one unread), dL/dH[t+1], and the running sum for dL/dk.
 template <int LANES, typename acc_t>
 struct BackwardState {
   acc_t k[LANES];
@@ -399,8 +400,8 @@ PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, i
       h_prev = s_prev = acc_t(0);
       v_prev = v_init[(n0 + j) * v_init_stride];
     }
-    const acc_t grad_x = backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, st.k[j], grad_v[j],
-                                                         grad_s[j], through_spike, through_membrane, o,
+    const acc_t grad_x = backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, st.k[j],
+                                                         grad_v[j], grad_s[j], through_spike, through_membrane, o,
                                                          st.grad_h_next[j], st.grad_k_sum[j]);
     grad_x_row[j] = store_as<in_t>(grad_x);
     st.h[j] = h_prev;
