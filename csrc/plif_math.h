@@ -41,40 +41,41 @@ PLIF_HD float exp_nonpositive_(float x) { return ::expf(x); }
 #else
 // expf that a compiler can vectorise (libm's expf is a call, and GCC maps it to a vector
 // version only under -ffast-math, which would also reorder the spike arithmetic). Cephes'
-// range reduction and polynomial: relative error below 1e-7 over the whole range, gradual
-// underflow to 0, NaN propagated. Never used in the spiking forward, so spikes stay bit-exact.
-// Written without compares, selects or float-int conversions besides the one clamp: in the
-// vectorised loops each of those costs mask operations, and the round-half-away, two-sided
-// clamp and two-factor scaling this replaced made exp two thirds of the sigmoid backward.
-// Its multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every
-// CPU; a call on one without FMA instructions): they shorten each exp's chain of dependent
-// operations, which is what the backward waits on (-8% backward time, benchmarks/NOTES.md).
+// range reduction and a degree-6 polynomial: relative error within 1.2e-7 over the whole
+// range, gradual underflow to 0, NaN propagated. Never used in the spiking forward, so spikes stay bit-exact.
+// Written with one compare and select, at the end, off the chain of dependent operations
+// that the backward waits on: below -104 (where the result rounds to 0) n + 151 leaves its
+// bits and the scale is garbage, so such lanes are replaced by 0 after the product. Its
+// multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every CPU;
+// a call on one without FMA instructions), which shortens the chain too.
 PLIF_HD float exp_nonpositive_(float x) {
-  // Below -104 the result rounds to 0; a NaN fails the comparison and stays NaN through r and p.
-  const float clamped = x < -104.0f ? -104.0f : x;
   // n = x / ln 2 rounded to nearest, by adding and subtracting 1.5 * 2^23 + 151: the sum holds
-  // n + 151 (1 to 151) in its low mantissa bits, which shifted into the exponent field make
-  // 2^(n + 24), a normal number for every n from -150 to 0.
+  // n + 151 (1 to 151 for x >= -104) in its low mantissa bits, which shifted into the exponent
+  // field make 2^(n + 24), a normal number for every n from -150 to 0. A NaN stays NaN
+  // through n, r and p, and fails the final comparison.
   const float shifter = 12583063.0f;
-  const float shifted = std::fma(clamped, 1.44269504088896341f, shifter);
+  const float shifted = std::fma(x, 1.44269504088896341f, shifter);
   const float n = shifted - shifter;
-  const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, clamped));
-  // Cephes' polynomial 1 + r + r^2 (low + middle r^2 + high r^4) in Estrin's order, every
-  // coefficient times 2^-24 (exact: a power of two, far from underflow), so that one product
-  // with 2^(n + 24) gives the result, rounded once where it is subnormal.
+  const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, x));
+  // exp(r) on |r| <= ln 2 / 2 as 1 + r + r^2 q(r), q a minimax cubic-plus-quartic (relative
+  // error 3e-9 before rounding; benchmarks/NOTES.md), in Estrin's order. Every coefficient is
+  // times 2^-24 (exact: a power of two, far from underflow), so that one product with
+  // 2^(n + 24) gives the result, rounded once where it is subnormal. Measured over every
+  // x <= 0: relative error <= 1.2e-7 (Cephes' degree-7 polynomial: 8.7e-8, two operations
+  // more), subnormal results within 0.81 ulp.
   constexpr float two_to_minus_24 = 5.9604644775390625e-8f;
   const float r2 = r * r;
-  const float high = std::fma(1.9875691500e-4f * two_to_minus_24, r, 1.3981999507e-3f * two_to_minus_24);
-  const float middle = std::fma(8.3334519073e-3f * two_to_minus_24, r, 4.1665795894e-2f * two_to_minus_24);
-  const float low = std::fma(1.6666665459e-1f * two_to_minus_24, r, 5.0000001201e-1f * two_to_minus_24);
-  const float tail = std::fma(high, r2 * r2, std::fma(middle, r2, low));
-  const float p = std::fma(tail, r2, r * two_to_minus_24) + two_to_minus_24;
+  const float lower = std::fma(1.6666520689e-01f * two_to_minus_24, r, 4.9999993452e-01f * two_to_minus_24);
+  const float upper = std::fma(8.3687099613e-03f * two_to_minus_24, r, 4.1668387374e-02f * two_to_minus_24);
+  const float q = std::fma(std::fma(1.3814613093e-03f * two_to_minus_24, r2, upper), r2, lower);
+  const float p = std::fma(q, r2, std::fma(r, two_to_minus_24, two_to_minus_24));
   uint32_t scale_bits;
   std::memcpy(&scale_bits, &shifted, sizeof(float));
   scale_bits <<= 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(float));
-  return p * scale;
+  const float e = p * scale;
+  return x < -104.0f ? 0.0f : e;
 }
 #endif
 PLIF_HD double exp_nonpositive_(double x) { return ::exp(x); }
@@ -84,6 +85,11 @@ PLIF_HD float erfc_(float x) { return ::erfcf(x); }
 PLIF_HD double erfc_(double x) { return ::erfc(x); }
 PLIF_HD float abs_(float x) { return ::fabsf(x); }
 PLIF_HD double abs_(double x) { return ::fabs(x); }
+// a * b + c rounded once. The backward's sums are written with it: fewer operations per
+// neuron-step, and no less exact; the forward never uses it (spikes follow the reference's
+// separately rounded operations).
+PLIF_HD float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
+PLIF_HD double fma_(double a, double b, double c) { return ::fma(a, b, c); }
 
 
 // A select on a uniform flag (an option). On the host it is written as bit operations: GCC 12
@@ -235,7 +241,7 @@ PLIF_HD acc_t reset(acc_t h, acc_t s, const Options<acc_t>& o) {
 template <typename acc_t>
 PLIF_HD acc_t reset_grad(acc_t h, acc_t s, acc_t sg, const Options<acc_t>& o) {
   const acc_t soft = pick(o.detach_reset, acc_t(1), acc_t(1) - o.v_threshold * sg);
-  const acc_t hard = pick(o.detach_reset, acc_t(1) - s, (acc_t(1) - s) + (o.v_reset - h) * sg);
+  const acc_t hard = pick(o.detach_reset, acc_t(1) - s, fma_(o.v_reset - h, sg, acc_t(1) - s));
   return pick(o.soft_reset, soft, hard);
 }
 
@@ -257,11 +263,11 @@ PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t 
                                               acc_t grad_s, bool through_spike, bool through_membrane,
                                               const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
   const acc_t r = reset_grad(h, s, sg, o);
-  const acc_t via_membrane = (grad_v + grad_h_next * (acc_t(1) - k)) * r;
+  const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
   const acc_t via_spike = grad_s * sg;
   const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
   const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
-  grad_k_sum += grad_h * dh_dk_scaled;
+  grad_k_sum = fma_(grad_h, dh_dk_scaled, grad_k_sum);
   grad_h_next = grad_h;
   return pick(o.decay_input, k * grad_h, grad_h);
 }
