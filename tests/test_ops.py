@@ -119,6 +119,34 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
                           (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one, dtype, *options, launcher))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", ("hard-decay-sigmoid", "soft-nodecay-atan-detach"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=("f32", "f64", "bf16"))
+def test_a_membrane_gradient_of_zeros_gives_the_bits_of_an_absent_one(backend, options, dtype):
+    """Training's usual call (dL/dS only) takes a copy of the CPU loop of its own, without the
+    selects for absent gradients; given dL/dV[t] as zeros, the general loop must give the same bits."""
+    device = BACKEND_DEVICE[backend]
+    launcher = plif_backends.launcher(backend)
+    options = OPCHECK_OPTION_SETS[options]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_seq((9, 3 * 1024 + 200), dtype, device)
+    k = torch.full((1,), 0.4, dtype=acc, device=device)
+    v_init = torch.full((1,), 0.1, dtype=acc, device=device)
+    save = plif_ops.save_mode(x, True)
+    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, False, save, launcher)
+    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    grad_spikes = make_seq(x.shape, dtype, device, seed=1)
+
+    def backward(grad_v_seq):
+        return torch.ops.plif_cuda.multistep_backward(grad_spikes, None, grad_v_seq, h_seq, saved_x, k, v_init, dtype,
+                                                      *options, launcher)
+
+    absent, zeros = backward(None), backward(torch.zeros_like(x))
+    assert torch.isfinite(absent[0].float()).all() and absent[0].abs().sum() > 0
+    for got, want in zip(zeros, absent):
+        assert torch.equal(got, want)
+
+
 # ---- torch.compile ------------------------------------------------------------------------------
 class SmallConvNet(nn.Module):
     """conv-BN-PLIF over a time-first sequence, as in the PLIF paper's networks."""
