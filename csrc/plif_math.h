@@ -42,12 +42,12 @@ PLIF_HD float exp_nonpositive_(float x) { return ::expf(x); }
 // expf that a compiler can vectorise (libm's expf is a call, and GCC maps it to a vector
 // version only under -ffast-math, which would also reorder the spike arithmetic). Cephes'
 // range reduction and a degree-6 polynomial: relative error within 1.2e-7 over the whole
-// range, gradual underflow to 0, NaN propagated. Never used in the spiking forward, so spikes stay bit-exact.
-// Written with one compare and select, at the end, off the chain of dependent operations
-// that the backward waits on: below -104 (where the result rounds to 0) n + 151 leaves its
-// bits and the scale is garbage, so such lanes are replaced by 0 after the product. Its
-// multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every CPU;
-// a call on one without FMA instructions), which shortens the chain too.
+// range, gradual underflow to 0, NaN propagated. Never used in the spiking forward, so spikes
+// stay bit-exact. Written with one compare and select, at the end, off the chain of dependent
+// operations that the backward waits on: below -104 (where the result rounds to 0) n + 151
+// leaves its bits and the scale is garbage, so such lanes are replaced by 0 after the product.
+// Its multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every
+// CPU; a call on one without FMA instructions), which shortens the chain too.
 PLIF_HD float exp_nonpositive_(float x) {
   // n = x / ln 2 rounded to nearest, by adding and subtracting 1.5 * 2^23 + 151: the sum holds
   // n + 151 (1 to 151 for x >= -104) in its low mantissa bits, which shifted into the exponent
@@ -57,8 +57,8 @@ PLIF_HD float exp_nonpositive_(float x) {
   const float shifted = std::fma(x, 1.44269504088896341f, shifter);
   const float n = shifted - shifter;
   const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, x));
-  // exp(r) on |r| <= ln 2 / 2 as 1 + r + r^2 q(r), q a minimax cubic-plus-quartic (relative
-  // error 3e-9 before rounding; benchmarks/NOTES.md), in Estrin's order. Every coefficient is
+  // exp(r) on |r| <= ln 2 / 2 as 1 + r + r^2 q(r), q a minimax quartic (relative error 3e-9
+  // before rounding; benchmarks/NOTES.md), in Estrin's order. Every coefficient is
   // times 2^-24 (exact: a power of two, far from underflow), so that one product with
   // 2^(n + 24) gives the result, rounded once where it is subnormal. Measured over every
   // x <= 0: relative error <= 1.2e-7 (Cephes' degree-7 polynomial: 8.7e-8, two operations
