@@ -118,6 +118,25 @@ def test_round_trip_gives_bit_identical_spikes(granularity, decay_input, tmp_pat
         assert loaded.layers[name].decay_input is decay_input
 
 
+def test_sum_pooling_round_trips_as_nir_sum_pooling(tmp_path):
+    generator = torch.Generator().manual_seed(10)
+    neuron = ParametricLIFNode(step_mode="m", tau_shape=(3, 1, 1), v_threshold=1.2)
+    with torch.no_grad():
+        neuron.w.copy_(random_w((3, 1, 1), generator))
+    model = nn.Sequential(SeqToBatch(nn.AvgPool2d(2, divisor_override=1)), neuron,
+                          SeqToBatch(nn.AvgPool2d(3, stride=1, padding=1)),
+                          ParametricLIFNode(step_mode="m", v_threshold=0.3))
+    x = torch.rand(T, N, 3, 8, 8, generator=generator)
+    graph = plif_nir.export(model, x)
+    assert isinstance(graph.nodes["0_module"], nir.SumPool2d)
+    assert isinstance(graph.nodes["2_module"], nir.AvgPool2d)
+    np.testing.assert_array_equal(graph.nodes["2_module"].padding, [1, 1])
+    expected = run_fresh(model, x)
+    assert_spiking(expected)
+    with torch.no_grad():
+        assert torch.equal(round_trip(graph, tmp_path)(x), expected)
+
+
 def test_exported_lif_nodes_follow_the_euler_mapping():
     generator = torch.Generator().manual_seed(2)
     dt = 2.5e-3
