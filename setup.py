@@ -110,19 +110,5 @@ class build_py_with_kernel_sources(build_py):
 ext_modules, cmdclass = extensions()
 cmdclass["build_py"] = build_py_with_kernel_sources
 
-setup(
-    name="plif_cuda",
-    version="0.1.0",
-    description="Fused multi-step Parametric LIF spiking neuron for PyTorch (CPU, CUDA, CuPy)",
-    packages=["plif_cuda"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "cupy": ["cupy-cuda13x"],
-        "test": ["pytest"],
-        "bench": ["matplotlib"],
-        "examples": ["scikit-learn", "matplotlib", "tqdm"],
-    },
-)
+# The package's metadata, version and dependencies are in pyproject.toml; this file builds the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
