@@ -175,11 +175,14 @@ def _conv_node(conv: nn.Conv2d, step_shape, name: str) -> nir.Conv2d:
     weight = conv.weight.detach().cpu().numpy()
     bias = (np.zeros(weight.shape[0], dtype=weight.dtype) if conv.bias is None
             else conv.bias.detach().cpu().numpy())
-    return nir.Conv2d(
+    node = nir.Conv2d(
         input_shape=np.array(step_shape[1:]), weight=weight, stride=_pair(conv.stride, "stride", name),
         padding=_pair(padding, "padding", name), dilation=_pair(conv.dilation, "dilation", name),
         groups=conv.groups, bias=bias,
     )
+    # nir 1.0 takes the input channels from the weight, which holds in_channels / groups of them.
+    node.input_type = {"input": np.array(step_shape)}
+    return node
 
 
 def _linear_node(weight: np.ndarray, bias) -> nir.NIRNode:
@@ -207,8 +210,10 @@ def _fold_batch_norm(node: nir.NIRNode, bn: nn.modules.batchnorm._BatchNorm, nam
     weight = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(dtype)
     bias = (bias * scale + shift).astype(dtype)
     if isinstance(node, nir.Conv2d):
-        return nir.Conv2d(input_shape=node.input_shape, weight=weight, stride=node.stride, padding=node.padding,
-                          dilation=node.dilation, groups=node.groups, bias=bias)
+        folded = nir.Conv2d(input_shape=node.input_shape, weight=weight, stride=node.stride, padding=node.padding,
+                            dilation=node.dilation, groups=node.groups, bias=bias)
+        folded.input_type = node.input_type
+        return folded
     return nir.Affine(weight=weight, bias=bias)
 
 
