@@ -47,11 +47,20 @@ def make_neuron(implementation: str, neuron: str) -> torch.nn.Module:
 def time_case(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict:
     """Median forward+backward milliseconds over ``repeats`` timed calls after two warm-ups, and
     the peak memory allocated during one call (inputs and parameters included)."""
+    leaves = [x, *model.parameters()]
+    grad_out = None
+
     def call():
+        nonlocal grad_out
         for module in model.modules():
             if hasattr(module, "reset"):
                 module.reset()
-        model(x).float().sum().backward()
+        for leaf in leaves:  # fresh gradients: no accumulation kernels in the figure
+            leaf.grad = None
+        out = model(x)
+        if grad_out is None:
+            grad_out = torch.ones_like(out)
+        out.backward(grad_out)
 
     for _ in range(2):
         call()

@@ -52,7 +52,7 @@ log() { echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*"; }
 
 # Packs what is done into OUT_DIR (at most 8 files), so that a call cut at any point returns it.
 pack() {
-  tar -czf "$OUT_DIR/results.tar.gz.part" -C "$WORK" . && mv "$OUT_DIR/results.tar.gz.part" "$OUT_DIR/results.tar.gz"
+  tar -czf "$OUT_DIR/results.tar.gz.part" --exclude=./site -C "$WORK" . && mv "$OUT_DIR/results.tar.gz.part" "$OUT_DIR/results.tar.gz"
   for name in summary.txt environment.txt smoke.txt kernels.json benchmark.json anchors.json; do
     [[ -f $WORK/$name ]] && cp "$WORK/$name" "$OUT_DIR/$name"
   done
@@ -125,24 +125,25 @@ else
   BUILD_LOG=$WORK/build.log
 fi
 grep -E '^ptxas|bytes stack frame' "$BUILD_LOG" >"$WORK/ptxas.txt" 2>/dev/null
-run_phase build-check 30 "$PYTHON" .ci/check_cuda_build.py --arch 90 --ptxas-log "$BUILD_LOG"
+run_phase build-check 60 "$PYTHON" .ci/check_cuda_build.py --arch 90 --ptxas-log "$BUILD_LOG"
 
 # One forward+backward per dtype on both launchers against the CPU op: the first GPU figures.
 run_phase smoke 45 "$PYTHON" benchmarks/gpu_smoke.py "${DRY[@]}" --out "$WORK/smoke.txt"
 
 # Kernel-only (CUDA-graph replay) and per-call times at the sizes benchmarks/NOTES.md predicts.
 run_phase kernels 45 "$PYTHON" benchmarks/run.py "${DRY[@]}" --devices cuda --backends cuda --T 8 \
-  --neurons 2^16,2^18,2^20,2^24 --dtypes fp32,fp16,bf16 --tau layer --peers none --no-network --kernel-only \
+  --neurons 2^16,2^18,2^20,2^24 --dtypes fp32,fp16,bf16 --tau layer --peers none --no-network --kernel-only on \
   --out "$WORK" --name kernels
 
 # The same cases beside SpikingJelly's GPU paths (CuPy and Triton) and our CuPy launcher.
 run_phase benchmark 90 "$PYTHON" benchmarks/run.py "${DRY[@]}" --devices cuda --T 8 \
-  --neurons 2^20,2^24 --dtypes fp32,fp16 --tau layer --peers spikingjelly --no-network --out "$WORK" --name benchmark
+  --neurons 2^20,2^24 --dtypes fp32,fp16 --tau layer --peers spikingjelly --no-network --kernel-only off \
+  --out "$WORK" --name benchmark
 
 # The anchors' own configurations: SpikingJelly's Triton tutorial and the Open Neuromorphic case.
 run_phase anchors 60 "$PYTHON" benchmarks/anchors.py "${DRY[@]}" --out "$WORK/anchors.json"
 
-GPU_TESTS=(tests/test_cuda.py -m "not gpu_emulation" -p no:cacheprovider -q -rs --junitxml="$WORK/junit-gpu.xml")
+GPU_TESTS=(tests/test_cuda.py tests/test_traffic.py -p no:cacheprovider -q -rs --junitxml="$WORK/junit-gpu.xml")
 ((DRY_RUN)) && GPU_TESTS+=(--collect-only)
 run_phase gpu-tests 60 "$PYTHON" -m pytest "${GPU_TESTS[@]}"
 
