@@ -575,6 +575,26 @@ def test_train_script_learns_real_fashion_mnist_from_its_default_folder(tmp_path
     assert float(rows[1]["elapsed_seconds"]) - float(rows[0]["elapsed_seconds"]) >= float(rows[1]["epoch_seconds"])
 
 
+def test_tau_sensitivity_compares_plif_and_lif_on_real_fashion_mnist(tmp_path, capsys):
+    import importlib.util
+
+    from test_models import TRAIN_SCRIPT
+
+    spec = importlib.util.spec_from_file_location("tau_sensitivity", TRAIN_SCRIPT.parent / "tau_sensitivity.py")
+    tau_sensitivity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tau_sensitivity)
+    assert tau_sensitivity.parse_args(["--dataset", "fashion-mnist"]).out.name == "tau_sensitivity-fashion-mnist"
+    tau_sensitivity.main(["--dataset", "fashion-mnist", "--taus", "2", "--seeds", "0", "--epochs", "1", "--T", "2",
+                          "--train-subset", "200", "--test-subset", "100", "--out", str(tmp_path)])
+    assert "fashion-mnist: 200 train / 100 test samples" in capsys.readouterr().out
+    with open(tmp_path / "tau_sensitivity.csv", newline="") as f:
+        rows = {row["neuron"]: row for row in csv.DictReader(f)}
+    taus = {neuron: [float(v) for k, v in row.items() if k.startswith("tau:")] for neuron, row in rows.items()}
+    assert taus["lif"] == [2.0] * 4  # fixed
+    assert all(tau != 2.0 for tau in taus["plif"])  # learned
+    assert (tmp_path / "tau_sensitivity.png").stat().st_size > 0
+
+
 def test_train_script_names_the_apt_package_when_fashion_mnist_is_missing(tmp_path, monkeypatch):
     from test_models import load_train_script
 
