@@ -72,3 +72,13 @@ def test_a_spent_budget_skips_the_rest_and_still_packs(tmp_path):
     assert all(verdicts[name] == "SKIPPED (budget spent)" for name in PHASES), verdicts
     assert verdicts["total"] == "FAILED"
     assert (tmp_path / "results.tar.gz").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script", ["gpu_smoke.py", "gpu_sanitizer_launches.py", "anchors.py"])
+def test_each_gpu_script_finds_the_package_of_its_tree_by_itself(script, tmp_path):
+    """compute-sanitizer starts them as plain scripts: no PYTHONPATH, another working directory."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--dry-run"], cwd=tmp_path,
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "everything before the first GPU call ran" in done.stdout
