@@ -80,11 +80,23 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
     return pair
 
 
+class _StreamHandle:
+    """A torch stream's pointer under the CUDA stream protocol, which torch implements only from
+    2.10 on: CuPy 14 takes external streams through that protocol alone (ExternalStream is
+    deprecated there), older CuPy only as an ExternalStream."""
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return (0, self.pointer)
+
+
 def _cupy_stream(torch_stream: torch.cuda.Stream):
-    # By pointer and device, not Stream.from_external: that needs torch's __cuda_stream__ (torch
-    # 2.10+) and leaves the device unknown.
     import cupy
 
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(torch_stream.cuda_stream))
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 
