@@ -53,7 +53,9 @@ def extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu.cpp", "csrc/plif_cpu_buffers.cpp"]
+    # The CPU kernels are split by direction and dtype so that the compiler runs them in parallel.
+    cpu_kernels = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("plif_cpu_*ward*.cpp"))
+    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu_buffers.cpp", *cpu_kernels]
     # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
     # -fno-trapping-math changes no result (it lets the vectoriser if-convert selects around
     # float-to-int conversions); -ffast-math is never used, it would reorder the arithmetic.
@@ -110,19 +112,5 @@ class build_py_with_kernel_sources(build_py):
 ext_modules, cmdclass = extensions()
 cmdclass["build_py"] = build_py_with_kernel_sources
 
-setup(
-    name="plif_cuda",
-    version="0.1.0",
-    description="Fused multi-step Parametric LIF spiking neuron for PyTorch (CPU, CUDA, CuPy)",
-    packages=["plif_cuda"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "cupy": ["cupy-cuda13x"],
-        "test": ["pytest"],
-        "bench": ["matplotlib"],
-        "examples": ["scikit-learn", "matplotlib", "tqdm"],
-    },
-)
+# The package's metadata, version and dependencies are in pyproject.toml; this file builds the extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

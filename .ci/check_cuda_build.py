@@ -16,6 +16,10 @@ Asserts, reading the library with `cuobjdump` (no GPU needed):
      global loads one thread issues in a straight run, with no store, branch or barrier between
      them, inside a loop (the kernels load several time steps before running the recurrence
      over them; one load per step, waiting for it before the next, cannot fill the memory system);
+  6. every forward kernel's vector path stores whole 16-byte words: each forward kernel has an
+     innermost loop whose global loads are all 16-byte words (the vector path's chunk loop), and
+     no global store in such a loop is narrower (the spikes, H and V rows of a step each leave
+     as 16-byte stores, not one store per neuron);
   5. every plif kernel keeps at least half a multiprocessor's threads resident: its registers
      per thread (`cuobjdump -res-usage`) leave room for that many 256-thread blocks, except the
      kernels listed in OCCUPANCY_EXCEPTIONS with the occupancy they keep instead and why.
@@ -145,13 +149,29 @@ _RUN_ENDS = {"STG", "ST", "STS", "RED", "ATOM", "ATOMG", "BRA", "BRX", "JMP", "J
              "BSYNC", "BSSY", "WARPSYNC", "BAR"}
 
 
+# Width suffixes of global access opcodes (LDG.E.128, STG.E.U16, ...); no suffix: 4 bytes.
+_ACCESS_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+# The word of a vector access (csrc/plif_kernels.cuh: AccessWord).
+VECTOR_WORD_BYTES = 16
+# Kernels with a vector path, by label kind (the backward has none: Geometry in plif_kernels.cuh).
+VECTOR_PATH_KERNELS = ("forward",)
+
+
+def _global_access_bytes(opcode: str, kinds: tuple[str, ...]) -> int:
+    parts = opcode.split(".")
+    if parts[0] not in kinds:
+        return 0
+    return next((_ACCESS_BYTES[part] for part in parts[1:] if part in _ACCESS_BYTES), 4)
+
+
 def global_load_bytes(opcode: str) -> int:
     """Bytes one thread loads with a global (or generic) load opcode such as LDG.E.128; 0 for others."""
-    parts = opcode.split(".")
-    if parts[0] not in ("LDG", "LD"):
-        return 0
-    sizes = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
-    return next((sizes[part] for part in parts[1:] if part in sizes), 4)
+    return _global_access_bytes(opcode, ("LDG", "LD"))
+
+
+def global_store_bytes(opcode: str) -> int:
+    """Bytes one thread stores with a global (or generic) store opcode such as STG.E.128; 0 for others."""
+    return _global_access_bytes(opcode, ("STG", "ST"))
 
 
 def parse_sass(text: str) -> dict[str, dict[str, list[tuple[int, str, str]]]]:
@@ -176,19 +196,23 @@ def parse_sass(text: str) -> dict[str, dict[str, list[tuple[int, str, str]]]]:
     return functions
 
 
-def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
-    """For every innermost loop (a branch back to an earlier address, with no other such branch
-    inside), the most bytes of global loads one thread issues in it before a store, branch or
-    barrier: what one iteration keeps in flight."""
+def innermost_loops(body: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """(first, last address) of every innermost loop: a branch back to an earlier address, with
+    no other such branch inside."""
     loops = []
     for address, opcode, operands in body:
         target = re.search(r"0x([0-9a-f]+)", operands)
         if opcode.split(".")[0] == "BRA" and target and int(target.group(1), 16) <= address:
             loops.append((int(target.group(1), 16), address))
-    innermost = [(start, end) for start, end in loops
-                 if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+    return [(start, end) for start, end in loops
+            if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+
+
+def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
+    """For every innermost loop, the most bytes of global loads one thread issues in it before a
+    store, branch or barrier: what one iteration keeps in flight."""
     figures = []
-    for start, end in innermost:
+    for start, end in innermost_loops(body):
         best = run = 0
         for address, opcode, _ in body:
             if start <= address <= end:
@@ -219,6 +243,48 @@ def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]
                 problems.append(f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
                                 f"loads in flight per iteration (at most {most} B); every chunk loop needs "
                                 f"them")
+    return problems
+
+
+def vector_loop_store_widths(body: list[tuple[int, str, str]]) -> list[dict[int, int]]:
+    """For every innermost loop whose global loads are all 16-byte words (a vector path's chunk
+    loop), its global stores as {bytes per store: count}."""
+    widths = []
+    for start, end in innermost_loops(body):
+        inside = [opcode for address, opcode, _ in body if start <= address <= end]
+        loads = [global_load_bytes(opcode) for opcode in inside if global_load_bytes(opcode)]
+        if not loads or any(size != VECTOR_WORD_BYTES for size in loads):
+            continue
+        stores: dict[int, int] = {}
+        for opcode in inside:
+            size = global_store_bytes(opcode)
+            if size:
+                stores[size] = stores.get(size, 0) + 1
+        widths.append(stores)
+    return widths
+
+
+def check_vector_stores(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
+    problems = []
+    for arch in sorted(sass):
+        for label, body in sorted(sass[arch].items()):
+            if label.split()[0] not in VECTOR_PATH_KERNELS:
+                continue
+            loops = vector_loop_store_widths(body)
+            whole = sum(count for stores in loops for size, count in stores.items() if size >= VECTOR_WORD_BYTES)
+            narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
+            problem = None
+            if not loops:
+                problem = (f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's "
+                           f"chunk loop)")
+            elif narrow:
+                problem = (f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
+                           f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
+                           f"{VECTOR_WORD_BYTES}-byte words")
+            print(f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
+                  f"{narrow} narrower  {'FAIL' if problem else 'ok'}")
+            if problem:
+                problems.append(f"{arch}: {label}: {problem}")
     return problems
 
 
@@ -311,6 +377,7 @@ def main() -> int:
             problems.append(f"{arch}: cubin present but cuobjdump -res-usage lists no plif kernel in it")
     problems.extend(check_occupancy(usage))
     problems.extend(check_loads_in_flight(sass))
+    problems.extend(check_vector_stores(sass))
     for arch in required:
         if arch in archs_present and not sass.get(arch):
             problems.append(f"{arch}: cuobjdump -sass shows no plif kernel")
@@ -327,7 +394,8 @@ def main() -> int:
         return 1
     print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
           f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration and half a "
-          f"multiprocessor's threads resident (or its listed exception's)")
+          f"multiprocessor's threads resident (or its listed exception's); the forward's vector path stores "
+          f"{VECTOR_WORD_BYTES}-byte words only")
     return 0
 
 

@@ -4,15 +4,19 @@
 Each case takes a different path through the kernels: the vector path with a grid-stride loop
 (large N), the scalar path with tails, a misaligned input and chunks shorter than T, the smooth
 mode in float64, and the CuPy launcher of the same kernels. Exits non-zero if a launch fails.
+Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: the caching allocator's segments would hide an
+out-of-bounds access from memcheck.
 """
 from __future__ import annotations
 
 import argparse
 
-import torch
+import gpu_phase
 
-import plif_cuda
-from plif_cuda import backends
+import torch  # noqa: E402
+
+import plif_cuda  # noqa: E402
+from plif_cuda import backends  # noqa: E402
 
 # (name, dtype, T, neurons, options, misaligned input)
 CASES = [
@@ -43,7 +47,9 @@ def run(name: str, backend: str, dtype, steps: int, neurons: int, options: dict,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="stop before the first GPU call")
+    args = parser.parse_args()
+    gpu_phase.stop_unless_gpu(args.dry_run, "gpu_sanitizer_launches")
     launchers = [b for b in ("cuda", "cupy") if backends.unavailable_reason(b, torch.device("cuda")) is None]
     if "cuda" not in launchers:
         print(f"the cuda backend is unavailable: {backends.unavailable_reason('cuda', torch.device('cuda'))}")

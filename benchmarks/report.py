@@ -136,22 +136,40 @@ def _best_fused(rows_for_case):
 
 
 def may_run_from_cache(row: dict, result: dict) -> bool:
-    """Whether the data of one call of the row's pass (its minimum traffic) fits in the device's
+    """Whether the data of one call of the row's pass (its traffic) fits in the device's
     last-level cache. Then the pass may run from cache (the backward's inputs were just written by
     its untimed forward; rotated inputs stay partly cached) and beat the copy bandwidth, which is
     measured over copies larger than that cache; which sizes do depends on the machine."""
     llc = result["copy_bandwidth"].get(row["device"], {}).get("last_level_cache_bytes")
-    return bool(llc) and (row["min_bytes"] <= llc or bool(row.get("rotation_fits_cache")))
+    return bool(llc) and (row["traffic_bytes"] <= llc or bool(row.get("rotation_fits_cache")))
+
+
+def _best_kernel_only(rows_for_case):
+    timed = [r for r in rows_for_case if r["status"] == "ok" and r.get("kernel_median_ms") is not None]
+    return min(timed, key=lambda r: r["kernel_median_ms"]) if timed else None
+
+
+def _kernel_cells(rows_for_case) -> list[str]:
+    """Kernel-only ms and % of copy of the fastest fused backend by that figure (CUDA graph replays)."""
+    best = _best_kernel_only(rows_for_case)
+    if best is None:
+        errors = [r["kernel_error"] for r in rows_for_case if r.get("kernel_error")]
+        return ["failed" if errors else "", ""]
+    return [f"{best['kernel_median_ms']:.3g}", f"{100 * best['kernel_copy_fraction']:.0f}%"]
 
 
 def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
-    """One line per (device, config, pass); a column per implementation (median ms)."""
+    """One line per (device, config, pass); a column per implementation (median ms per call), and
+    where any row has one, the fused backends' kernel-only figure."""
     cases: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
         key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
         cases.setdefault(key, []).append(row)
+    with_kernels = any("kernel_median_ms" in r or "kernel_error" in r for r in result["rows"])
     header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
-              + ["fused GB/s", "copy GB/s", "% of copy", "x ref", "x SJ", "saved B/neuron-step"])
+              + ["fused GB/s", "copy GB/s", "% of copy"]
+              + (["kernel-only ms", "kernel-only % of copy"] if with_kernels else [])
+              + ["x ref", "x SJ", "saved B/neuron-step"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, case_rows in cases.items():
         device, _, T, N, dtype, tau, pass_name = key
@@ -161,13 +179,15 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
         mark = "\u2020" if cached else ""
         size = _size_label(N) + mark
         cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
+        kernel_cells = _kernel_cells(case_rows) if with_kernels else []
         if best is None:
-            cells += ["", "", "", "", "", ""]
+            cells += ["", "", ""] + kernel_cells + ["", "", ""]
         else:
             cells += [
                 f"{best['gbps']:.1f}",
                 f"{best['copy_gbps']:.1f}",
                 f"{100 * best['copy_fraction']:.0f}%{mark}",
+                *kernel_cells,
                 f"{best['speedup_vs_reference']:.1f}" if best.get("speedup_vs_reference") else "",
                 f"{best['speedup_vs_spikingjelly']:.1f}" if best.get("speedup_vs_spikingjelly") else "",
                 f"{best['saved_bytes_per_neuron_step']:.1f}" if best.get("saved_bytes_per_neuron_step") is not None else "",
@@ -254,15 +274,19 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         "",
         "## The op alone (median ms per call; lower is better)",
         "",
-        "Fused GB/s = minimum traffic of the pass (benchmarks/traffic.py) / median time of the fastest fused "
-        "backend; copy GB/s = the copy bandwidth measured right before and right after that backend's passes "
+        "Fused GB/s = traffic of the pass (benchmarks/traffic.py: the bytes the fused op's kernels move) / "
+        "median time per call of the fastest fused backend; copy GB/s = the copy bandwidth measured right "
+        "before and right after that backend's passes "
         "(the higher of the two: the bandwidth of this machine can move from minute to minute, and the copy "
         "line above is the run's start; a case whose two copies differ by more than 1.2x is timed again, up "
         "to three times); % of copy = fused GB/s over copy GB/s; x ref and x SJ = speedup of that "
         "backend over the PyTorch reference and over SpikingJelly. \u2020: one call's data fits in the "
         "last-level cache, so the pass may run from cache, faster than the copy bandwidth (measured over "
         "copies larger than that cache) allows: its % of copy can pass 100%, and which sizes do depends on "
-        "the cache size of the machine. n/a: unsupported configuration; "
+        "the cache size of the machine. Kernel-only (CUDA): the calls over every rotated buffer captured "
+        "once as a CUDA graph and replayed back to back, per call: the GPU's time without the host's part "
+        "of a call (checks, autograd, launches), of the fused backend fastest by that figure. "
+        "n/a: unsupported configuration; "
         "skip: left out of this run (see the JSON for why).",
         "",
     ]

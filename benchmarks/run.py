@@ -7,6 +7,11 @@
 
 Writes <out>/<name>.json (every measurement, its configuration and the environment),
 <out>/<name>.md (the tables) and <out>/<name>.png (the plot); prints progress and the table.
+The JSON and the tables are rewritten after every case ("complete": false until the end), so a
+run cut short leaves valid files with the cases it finished.
+On CUDA every fused backend's pass is timed twice: per call (events around one Python call, the
+host's work included) and kernel-only (the calls captured as a CUDA graph and replayed; off with
+--kernel-only off).
 <out> is benchmarks/runs/ (not tracked by git) unless --out says otherwise; the results the
 README shows are updated only on purpose, with --out benchmarks/results.
 """
@@ -32,7 +37,15 @@ import implementations as impls  # noqa: E402
 import network  # noqa: E402
 import report  # noqa: E402
 import traffic  # noqa: E402
-from timing import CacheFlusher, CopyProbe, measure, peak_memory_bytes, rotation_count, saved_tensor_bytes  # noqa: E402
+from timing import (  # noqa: E402
+    CacheFlusher,
+    CopyProbe,
+    measure,
+    measure_kernels,
+    peak_memory_bytes,
+    rotation_count,
+    saved_tensor_bytes,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 # glibc reads these at start-up only, hence the re-execution. 32 MiB is glibc's largest mmap
@@ -115,6 +128,9 @@ def arguments(argv=None) -> argparse.Namespace:
     timing.add_argument("--flush-cache", action="store_true",
                         help="write a scratch buffer larger than the last-level cache before every timed call")
     timing.add_argument("--copy-mb", type=float, help="MiB per copy for the bandwidth roofline (default: the LLC, 512 at least)")
+    timing.add_argument("--kernel-only", choices=("on", "off"), default="on",
+                        help="on CUDA, also time each fused backend's pass as CUDA graph replays, without the "
+                             "host's part of a call (default on; CPU rows have no such figure)")
     timing.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     timing.add_argument("--malloc-tuned", action="store_true",
                         help="re-execute with " + " ".join(f"{k}={v}" for k, v in MALLOC_TUNED_ENV.items()))
@@ -123,6 +139,10 @@ def arguments(argv=None) -> argparse.Namespace:
                         help="output folder (default benchmarks/runs, not tracked by git; the committed results "
                              "the README shows are in benchmarks/results)")
     output.add_argument("--name", help="file stem (default bench-<devices>-<malloc-default|malloc-tuned>)")
+    output.add_argument("--dry-run", action="store_true",
+                        help="everything up to the first call on a device: parse, plan the cases, check which "
+                             "implementations are available, write the (empty) result files; with --devices cuda "
+                             "it runs without a GPU")
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full contradict each other")
@@ -202,27 +222,55 @@ class Buffers:
     """Rotated inputs and output gradients for one configuration, shared by every implementation."""
 
     def __init__(self, config: impls.Config, device: torch.device, count: int, seed: int = 0):
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # Drawn on the device itself: a GPU fills gigabytes in milliseconds, where the CPU takes seconds.
+        generator = torch.Generator(device=device).manual_seed(seed)
         shape = (config.T, *config.step_shape)
         # Inputs around the threshold so that a realistic share of neurons fire.
-        self.x = [(torch.randn(shape, generator=generator) * 0.8 + 1.2).to(device, config.dtype).requires_grad_()
+        self.x = [(torch.randn(shape, generator=generator, device=device) * 0.8 + 1.2).to(config.dtype).requires_grad_()
                   for _ in range(count)]
-        self.grad = [torch.randn(shape, generator=generator).to(device, config.dtype) for _ in range(count)]
+        self.grad = [torch.randn(shape, generator=generator, device=device).to(config.dtype) for _ in range(count)]
 
     def __len__(self):
         return len(self.x)
 
 
-def pass_functions(pass_name: str, neuron: impls.Neuron, buffers: Buffers):
-    """(prepare, run) for ``timing.measure``; gradients via autograd.grad so nothing accumulates."""
+def pass_functions(pass_name: str, neuron: impls.Neuron, buffers: Buffers, retain_graph: bool = False):
+    """(prepare, run) for ``timing.measure``; gradients via autograd.grad so nothing accumulates.
+    ``retain_graph``: the backward pass may run again on one prepared forward (graph replays)."""
     def gradients(out, i):
-        return torch.autograd.grad(out, [buffers.x[i], *neuron.params], buffers.grad[i])
+        return torch.autograd.grad(out, [buffers.x[i], *neuron.params], buffers.grad[i], retain_graph=retain_graph)
 
     if pass_name == "fwd":
         return (lambda i: i), (lambda i: neuron.run(buffers.x[i]))
     if pass_name == "bwd":
         return (lambda i: (neuron.run(buffers.x[i]), i)), (lambda state: gradients(*state))
     return (lambda i: i), (lambda i: gradients(neuron.run(buffers.x[i]), i))
+
+
+def op_k_values(config: impls.Config) -> int:
+    """Values of k the fused op is given: one per layer, or a per-channel tau expanded to every neuron."""
+    return 1 if config.tau_values == 1 else config.N
+
+
+def traffic_bytes(pass_name: str, config: impls.Config, device: torch.device) -> int:
+    return traffic.pass_bytes(pass_name, config.T, config.N, config.dtype, k_values=op_k_values(config),
+                              device=device.type)
+
+
+def kernel_only_fields(args, impl, neuron, buffers, device, pass_name: str, nbytes: int, copy_gbps: float) -> dict:
+    """The kernel-only figure of a fused backend's pass on CUDA (empty elsewhere); a capture that
+    fails is recorded in the row, not raised: the per-call figure stands without it."""
+    if args.kernel_only == "off" or device.type != "cuda" or impl.kind != "fused":
+        return {}
+    try:
+        kernels = measure_kernels(*pass_functions(pass_name, neuron, buffers, retain_graph=True), len(buffers),
+                                  device, samples=args.repeats)
+    except Exception as error:  # e.g. a launcher that cannot be captured
+        return {"kernel_error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    fields = kernels.as_dict()
+    fields["kernel_gbps"] = nbytes / (fields["kernel_median_ms"] * 1e-3) / 1e9
+    fields["kernel_copy_fraction"] = fields["kernel_gbps"] / copy_gbps
+    return fields
 
 
 def measure_case(args, impl, neuron, config, buffers, device, flush, progress, base_row, rows: list[dict]) -> None:
@@ -247,15 +295,21 @@ def measure_case(args, impl, neuron, config, buffers, device, flush, progress, b
             state = prepare(0)
             peak = peak_memory_bytes(device, lambda: run(state))
             del state
-        nbytes = traffic.min_bytes(pass_name, config.T, config.N, config.dtype, config.tau_values)
+        nbytes = traffic_bytes(pass_name, config, device)
         gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
+        kernels = kernel_only_fields(args, impl, neuron, buffers, device, pass_name, nbytes, base_row["copy_gbps"])
         row = {**base_row, "pass": pass_name, "status": "ok", "detail": detail, **timing.as_dict(),
-               "first_call_s": first_call_s, "min_bytes": nbytes, "gbps": gbps,
-               "copy_fraction": gbps / base_row["copy_gbps"], "saved_bytes": saved["bytes"],
+               "first_call_s": first_call_s, "traffic_bytes": nbytes, "gbps": gbps,
+               "copy_fraction": gbps / base_row["copy_gbps"], **kernels, "saved_bytes": saved["bytes"],
                "saved_tensors": saved["tensors"], "saved_bytes_per_neuron_step": saved_per_step, "peak_bytes": peak}
         rows.append(row)
+        kernel_note = ""
+        if "kernel_median_ms" in kernels:
+            kernel_note = f"; kernel-only {kernels['kernel_median_ms']:.3f} ms {kernels['kernel_gbps']:6.1f} GB/s"
+        elif "kernel_error" in kernels:
+            kernel_note = f"; kernel-only failed: {kernels['kernel_error']}"
         progress(f"  {impl.label:32s} {report.PASS_LABELS[pass_name]:8s} {timing.median_ms:9.3f} ms "
-                 f"(IQR {timing.iqr_ms:.3f}, n={len(timing.samples_ms)})  {gbps:6.1f} GB/s")
+                 f"(IQR {timing.iqr_ms:.3f}, n={len(timing.samples_ms)})  {gbps:6.1f} GB/s{kernel_note}")
 
 
 # Copies timed right before and right after each fused backend's passes.
@@ -293,12 +347,61 @@ def judge_by_adjacent_copies(case_rows: list[dict], before_gbps: float, after_gb
         if row.get("status") == "ok":
             row.update(copy_gbps_before=before_gbps, copy_gbps_after=after_gbps, copy_gbps=adjacent,
                        copy_fraction=row["gbps"] / adjacent)
+            if "kernel_gbps" in row:
+                row["kernel_copy_fraction"] = row["kernel_gbps"] / adjacent
     fractions = ", ".join(f"{report.PASS_LABELS[r['pass']]} {100 * r['copy_fraction']:.0f}%"
                           for r in case_rows if r.get("status") == "ok")
     progress(f"  {'':32s} copy {before_gbps:.1f} GB/s before, {after_gbps:.1f} after: {fractions}")
 
 
-def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, list[dict]]:
+def plan_only(args, device: torch.device, progress) -> list[str]:
+    """The dry run's part of run_device: what would be measured on ``device``, with no call on it.
+    Returns the requested peers that are missing (ours may lack only the device)."""
+    chosen = impls.implementations(device, args.backends, [p for p in args.peers if p != "none"])
+    missing_peers = []
+    for impl in chosen:
+        reason = impl.missing(device)
+        progress(f"{device}: {impl.label}: {'missing: ' + reason if reason else 'available'}")
+        if reason and impl.kind == "peer":
+            missing_peers.append(f"{device}: {impl.label}: {reason}")
+    for index, (suite, config) in enumerate(plan(args, device), 1):
+        passes = ", ".join(f"{p} {traffic_bytes(p, config, device) / 1e6:.1f} MB" for p in args.passes)
+        progress(f"{device} [{index}] {suite}: T={config.T} N={config.N} {dtype_name(config.dtype)} "
+                 f"tau per {config.tau}: {passes}")
+    return missing_peers
+
+
+class RunRecord:
+    """The run's results so far, rewritten to <out>/<stem>.json and .md after every case (each
+    file written whole to a temporary and renamed over the old one), so that a run cut short, by a
+    timeout or a crash, leaves valid files holding every case it finished."""
+
+    def __init__(self, out: Path, stem: str, header: dict, began: float):
+        self.json_path, self.markdown_path = out / f"{stem}.json", out / f"{stem}.md"
+        self.header = header
+        self.rows: list[dict] = []
+        self.copies: dict[str, dict] = {}
+        self.network: list[dict] = []
+        self.began = began
+
+    def implementations(self) -> tuple[list[str], dict]:
+        return list(dict.fromkeys(r["impl"] for r in self.rows)), {r["impl"]: r["label"] for r in self.rows}
+
+    def result(self, complete: bool) -> dict:
+        add_speedups(self.rows)
+        return {**self.header, "complete": complete, "copy_bandwidth": self.copies, "rows": self.rows,
+                "network": self.network, "wall_s": time.perf_counter() - self.began}
+
+    def save(self, complete: bool = False) -> dict:
+        result = self.result(complete)
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        report.write_json(self.json_path, result)
+        markdown = report.markdown(result, *self.implementations())
+        report.write_atomic(self.markdown_path, lambda p: p.write_text(markdown))
+        return result
+
+
+def run_device(args, device: torch.device, progress, record: RunRecord) -> None:
     llc = (report.last_level_cache() or (None, None))[1] if device.type == "cpu" else None
     if device.type == "cuda":
         llc = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
@@ -311,6 +414,7 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
     copy_probe = CopyProbe(device, copy_bytes)
     copy = copy_probe()
     copy["last_level_cache_bytes"] = llc
+    record.copies[device.type] = copy
     progress(f"{device}: copy bandwidth {copy['gbps']:.1f} GB/s (median), best {copy['gbps_best']:.1f}")
     flush = CacheFlusher(device, 2 * llc) if args.flush_cache and llc else None
 
@@ -320,9 +424,8 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
         if missing[impl.name]:
             progress(f"{device}: {impl.label} missing: {missing[impl.name]}")
     cases = plan(args, device)
-    rows: list[dict] = []
     for index, (suite, config) in enumerate(cases, 1):
-        per_call = traffic.min_bytes("fwdbwd", config.T, config.N, config.dtype, config.tau_values)
+        per_call = traffic_bytes("fwdbwd", config, device)
         count = rotation_count(per_call, rotate_bytes, args.max_buffers)
         progress(f"{device} [{index}/{len(cases)}] {suite}: T={config.T} N={config.N} {dtype_name(config.dtype)} "
                  f"tau per {config.tau}; {count} rotated buffers")
@@ -342,7 +445,7 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
             if reason is None:
                 reason, status = skip_reason(args, impl, suite, config, device), "skipped"
             if reason is not None:
-                rows += [{**row, "pass": p, "status": status, "reason": reason} for p in args.passes]
+                record.rows += [{**row, "pass": p, "status": status, "reason": reason} for p in args.passes]
                 if status != "missing":
                     progress(f"  {impl.label:32s} {status}: {reason}")
                 continue
@@ -365,19 +468,19 @@ def run_device(args, device: torch.device, progress) -> tuple[list[dict], dict, 
                               for p in args.passes if p not in measured]
                 progress(f"  {impl.label:32s} {status}: {reason}")
             finally:
-                rows += case_rows
+                record.rows += case_rows
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            record.save()
         del buffers
 
-    network_rows = []
     if not args.no_network:
         batch = 2 if args.quick else (64 if device.type == "cuda" else 16)
         progress(f"{device}: training step of a small spiking convnet (batch {batch})")
-        network_rows = network.training_step_rows(
+        record.network += network.training_step_rows(
             device, T=4 if args.quick else 8, batch=batch, warmup=1, repeats=2 if args.quick else args.repeats,
             budget_s=max(args.case_seconds, 2.0), with_spikingjelly="spikingjelly" in args.peers, progress=progress)
-    return rows, copy, network_rows
+        record.save()
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -413,41 +516,38 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc)
     wall_begin = time.perf_counter()
     devices = args.devices or default_devices()
-    if "cuda" in devices and not torch.cuda.is_available():
+    if "cuda" in devices and not torch.cuda.is_available() and not args.dry_run:
         print("--devices cuda: no CUDA device is available to torch", file=sys.stderr)
         return 2
     env = report.environment(ROOT, malloc_tuned=args.malloc_tuned)
     progress(f"torch {env['torch']}, {env['cpu_model']}, {env['torch_threads']} threads, "
              f"GPU {env['gpu']['name'] if env['gpu'] else 'none'}; allocator "
              f"{'tuned' if args.malloc_tuned else 'default'}")
-    rows, copies, network_rows = [], {}, []
-    for name in devices:
-        device = torch.device(name)
-        device_rows, copies[name], device_network = run_device(args, device, progress)
-        rows += device_rows
-        network_rows += device_network
-    add_speedups(rows)
-    env["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-    impl_names = list(dict.fromkeys(r["impl"] for r in rows))
-    labels = {r["impl"]: r["label"] for r in rows}
-    result = {
+    header = {
         "schema": 1,
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": env,
         "traffic_model": traffic.__doc__,
-        "copy_bandwidth": copies,
-        "rows": rows,
-        "network": network_rows,
-        "wall_s": time.perf_counter() - wall_begin,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(args, devices)
+    record = RunRecord(args.out, stem, header, began=wall_begin)
+    if args.dry_run:
+        missing_peers = [line for name in devices for line in plan_only(args, torch.device(name), progress)]
+        record.save()
+        print(f"dry run: wrote {args.out / stem}.json, .md (no measurement)")
+        if missing_peers:
+            print("dry run: requested peers are missing:\n" + "\n".join(missing_peers), file=sys.stderr)
+            return 1
+        return 0
+    for name in devices:
+        run_device(args, torch.device(name), progress, record)
+    env["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result = record.save(complete=True)
+    rows, network_rows = record.rows, record.network
+    impl_names, labels = record.implementations()
     markdown = report.markdown(result, impl_names, labels)
-    report.write_json(args.out / f"{stem}.json", result)
-    report.write_atomic(args.out / f"{stem}.md", lambda p: p.write_text(markdown))
     plot_problem = report.plot(args.out / f"{stem}.png", result, impl_names, labels)
     print()
     print(markdown)

@@ -9,6 +9,10 @@ Rules, so that numbers from different implementations can be compared:
 - what a call needs but should not be timed (e.g. the forward graph for a backward) is
   prepared for every buffer of a round before any of them is timed, so it is cold too;
 - the summary is the median with the inter-quartile range and the minimum.
+
+On CUDA a second figure, kernel-only (``measure_kernels``): one round of calls over every buffer
+captured once as a CUDA graph and replayed back to back between two events, so the host's part of
+a call (argument checks, the autograd graph, launches) is left out and only the GPU's time stays.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -123,6 +128,87 @@ def measure(prepare, run, n_buffers: int, device: torch.device, *, warmup: int, 
         if len(samples) >= min_repeats and time.perf_counter() - started > budget_s:
             break
     return Timing(samples)
+
+
+# Kernel-only timing: warm-up rounds on the capture stream before the capture (lazy
+# initialisation must not happen inside it), and replays per sample enough to fill this many
+# milliseconds of GPU time (the two events' own cost then vanishes), within a cap.
+CAPTURE_WARMUP_ROUNDS = 2
+KERNEL_SAMPLE_MS = 5.0
+MAX_REPLAYS_PER_SAMPLE = 1000
+
+
+@dataclass
+class KernelTiming:
+    """Per-call times from graph replays: each sample is one replay batch's time over its calls."""
+
+    timing: Timing
+    calls_per_replay: int
+    replays_per_sample: int
+
+    def as_dict(self) -> dict:
+        return {
+            "kernel_median_ms": self.timing.median_ms,
+            "kernel_iqr_ms": self.timing.iqr_ms,
+            "kernel_min_ms": self.timing.min_ms,
+            "kernel_samples": len(self.timing.samples_ms),
+            "kernel_calls_per_sample": self.calls_per_replay * self.replays_per_sample,
+        }
+
+
+def replay_samples(replay: Callable[[], None], time_replays: Callable[[Callable[[], None], int], float],
+                   calls_per_replay: int, samples: int) -> KernelTiming:
+    """``samples`` per-call times of ``replay`` (which runs ``calls_per_replay`` calls), each from
+    ``time_replays(replay, count)``, the milliseconds that ``count`` back-to-back replays take."""
+    if calls_per_replay < 1 or samples < 1:
+        raise ValueError(f"calls_per_replay and samples must be >= 1, got {calls_per_replay} and {samples}")
+    one_ms = time_replays(replay, 1)
+    count = MAX_REPLAYS_PER_SAMPLE if one_ms <= 0 else math.ceil(KERNEL_SAMPLE_MS / one_ms)
+    count = max(1, min(MAX_REPLAYS_PER_SAMPLE, count))
+    per_call = [time_replays(replay, count) / (count * calls_per_replay) for _ in range(samples)]
+    return KernelTiming(Timing(per_call), calls_per_replay, count)
+
+
+def event_timer(cuda, device) -> Callable[[Callable[[], None], int], float]:
+    """``time_replays`` for ``replay_samples``: milliseconds between two CUDA events around
+    ``count`` calls on the current stream."""
+    def time_replays(replay, count):
+        begin, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(count):
+            replay()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+
+    return time_replays
+
+
+def measure_kernels(prepare, run, n_buffers: int, device, *, samples: int, cuda=torch.cuda) -> KernelTiming:
+    """Kernel-only per-call time of ``run(prepare(i))``: the calls over every buffer (as many
+    distinct inputs as ``measure`` rotates) captured as one CUDA graph, replayed back to back.
+
+    ``prepare`` runs before the capture, on the capture stream: a backward's forward must run on
+    the stream its backward is captured on (autograd runs each backward node on its forward's
+    stream), and its graph must outlive the replays (``run`` has to keep it: retain_graph).
+    ``cuda`` is torch.cuda; a test passes a stand-in to run this on a CPU.
+    """
+    capture_stream = cuda.Stream(device)
+    capture_stream.wait_stream(cuda.current_stream(device))
+    with cuda.stream(capture_stream):
+        states = [prepare(i) for i in range(n_buffers)]
+
+        def call_round():
+            for state in states:
+                run(state)  # outputs dropped: their memory returns to the graph's pool
+
+        for _ in range(CAPTURE_WARMUP_ROUNDS):
+            call_round()
+    graph = cuda.CUDAGraph()
+    with cuda.graph(graph, stream=capture_stream):
+        call_round()
+    cuda.current_stream(device).wait_stream(capture_stream)
+    return replay_samples(graph.replay, event_timer(cuda, device), n_buffers, samples)
 
 
 class CopyProbe:

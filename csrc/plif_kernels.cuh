@@ -28,6 +28,10 @@
 // Half types are CUDA's __half / __nv_bfloat16, whose bits equal c10::Half / c10::BFloat16.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
+#include <string.h>  // memcpy, unqualified: NVRTC's built-in device one has no std:: name
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -83,13 +87,15 @@ struct Geometry {
     kLoadBytesAhead = 64,
     kForwardLanes = 16 / sizeof(in_t),
   };
-  static constexpr int steps_for(int step_bytes) { return (kLoadBytesAhead + step_bytes - 1) / step_bytes; }
+  __host__ __device__ static constexpr int steps_for(int step_bytes) {
+    return (kLoadBytesAhead + step_bytes - 1) / step_bytes;
+  }
   template <int LANES>
-  static constexpr int forward_steps() {
+  __host__ __device__ static constexpr int forward_steps() {
     return steps_for(LANES * static_cast<int>(sizeof(in_t)));
   }
   template <int LANES, bool GRAD_V>
-  static constexpr int backward_steps() {
+  __host__ __device__ static constexpr int backward_steps() {
     return steps_for(LANES * static_cast<int>((GRAD_V ? 2 : 1) * sizeof(in_t) + sizeof(acc_t)));
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds): half the threads of an
@@ -214,9 +220,9 @@ using VLast = typename PointeeOf<decltype(ForwardParams<in_t, acc_t>::v_last)>::
 // steps before (a pointer inside ForwardParams carries no such promise).
 template <int STEPS, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* __restrict__ spikes,
-                                             in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t T,
-                                             index_t N, index_t x_step, const Options<acc_t>& o, index_t t0,
-                                             index_t n0, ForwardState<LANES, acc_t>& st) {
+                                             in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t T, index_t N,
+                                             index_t x_step, const Options<acc_t>& o, index_t t0, index_t n0,
+                                             ForwardState<LANES, acc_t>& st) {
   const int count = T - t0 < STEPS ? static_cast<int>(T - t0) : STEPS;
   LoadedLanes<VECTOR, LANES, in_t> inputs[STEPS];
   const in_t* source = x + t0 * x_step + n0;
@@ -235,8 +241,11 @@ __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* _
       spike[j] = forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(inputs[i][j]), st.k[j], o, h[j]);
     }
     store_lanes_as<VECTOR>(spikes + row, spike);
+    // Chosen before the store's condition: a row select sunk into the store split its 16-byte
+    // words into one store per neuron (.ci/check_cuda_build.py asserts the widths).
+    const index_t h_row = o.h_checkpoints ? checkpoint_row(t0 + i) * N + n0 : row;
     if (h_seq != nullptr && (!o.h_checkpoints || is_checkpoint_step(t0 + i, T))) {
-      store_lanes<VECTOR>(h_seq + (o.h_checkpoints ? checkpoint_row(t0 + i) * N + n0 : row), h);
+      store_lanes<VECTOR>(h_seq + h_row, h);
     }
     if (v_seq != nullptr) store_lanes_as<VECTOR>(v_seq + row, st.v);
   }

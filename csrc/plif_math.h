@@ -16,12 +16,17 @@
 
 #include "plif_params.h"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define PLIF_HD __host__ __device__ __forceinline__
-#else
+// For the host branches below, which nvcc's host pass compiles too; NVRTC has no standard
+// headers and takes the device branches only.
+#if !defined(__CUDACC_RTC__)
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define PLIF_HD __host__ __device__ __forceinline__
+#else
 // Forced inlining on the host: the CPU kernel compiles one copy of each scan per instruction
 // set (target_clones), and the scans must be inlined into those copies to be vectorised for them.
 #if defined(__GNUC__)

@@ -88,9 +88,7 @@ void check_steps_contiguous(const Tensor& x) {
 
 // Elements from one step of x to the next (N where there is only one step, whose stride means
 // nothing).
-int64_t step_stride(const Tensor& x, int64_t N) {
-  return x.size(0) > 1 ? x.stride(0) : N;
-}
+int64_t step_stride(const Tensor& x, int64_t N) { return x.size(0) > 1 ? x.stride(0) : N; }
 
 template <typename acc_t>
 Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input,

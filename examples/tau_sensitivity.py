@@ -2,23 +2,32 @@
 
     python examples/tau_sensitivity.py                         # digits, init tau 2 4 8 16, seeds 0 1 2: ~4 min on 2 CPU cores
     python examples/tau_sensitivity.py --out examples/results  # update the committed figure the README shows
+    python examples/tau_sensitivity.py --dataset fashion-mnist --taus 2 16 --seeds 0 --epochs 4 \
+        --train-subset 15000 --test-subset 5000 --out examples/results/fashion-mnist  # 11 min on 2 cores
 
-Every (neuron, init tau, seed) run is examples/train.py on the bundled digits with the same
-seed, so PLIF and LIF start from the same weights and see the same batches; only tau differs.
-Writes <out>/tau_sensitivity.csv (one row per run and epoch, with the learned tau of every
-layer) and <out>/tau_sensitivity.png (test accuracy vs epoch, learned tau vs epoch, final accuracy).
-<out> defaults to examples/runs/tau_sensitivity/, which git does not track.
+Every (neuron, init tau, seed) run is examples/train.py on the dataset (default: the bundled
+digits) with the same seed, so PLIF and LIF start from the same weights and see the same batches;
+only tau differs. Other datasets run train.py's preset network for that dataset, on random
+subsets when asked. Writes <out>/tau_sensitivity.csv (one row per run and epoch, with the learned
+tau of every layer) and <out>/tau_sensitivity.png (test accuracy vs epoch, learned tau vs epoch, final accuracy;
+its title names the CPU, the date and the wall time the runs took).
+<out> defaults to examples/runs/tau_sensitivity/ (digits) or examples/runs/tau_sensitivity-<dataset>/,
+which git does not track.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import importlib.util
+import os
+import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DIGITS_T = 8
 
 
 def load_train_module():
@@ -30,15 +39,26 @@ def load_train_module():
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="a dataset of examples/train.py (default: digits)")
     parser.add_argument("--taus", type=float, nargs="+", default=[2.0, 4.0, 8.0, 16.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--T", type=int, default=8, help="time steps (the paper's T for static images)")
-    parser.add_argument("--out", type=Path, default=HERE / "runs" / "tau_sensitivity",
-                        help="output folder (default examples/runs/tau_sensitivity, not tracked by git; "
+    parser.add_argument("--T", type=int, default=None,
+                        help="time steps (default: 8, the paper's T for static images, on digits; "
+                             "else train.py's preset)")
+    parser.add_argument("--train-subset", type=int, default=None, help="passed on to train.py")
+    parser.add_argument("--test-subset", type=int, default=None, help="passed on to train.py")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default examples/runs/tau_sensitivity[-<dataset>], not tracked by git; "
                              "the committed results the README shows are in examples/results)")
     parser.add_argument("--backend", default="auto")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dataset == "digits" and args.T is None:
+        args.T = DIGITS_T
+    if args.out is None:
+        name = "tau_sensitivity" if args.dataset == "digits" else f"tau_sensitivity-{args.dataset}"
+        args.out = HERE / "runs" / name
+    return args
 
 
 def run_all(args, train):
@@ -48,8 +68,12 @@ def run_all(args, train):
             for neuron in ("plif", "lif"):
                 for seed in args.seeds:
                     out_dir = Path(scratch) / f"{neuron}-{init_tau}-{seed}"
-                    train.main(["--dataset", "digits", "--neuron", neuron, "--init-tau", str(init_tau),
-                                "--seed", str(seed), "--epochs", str(args.epochs), "--T", str(args.T),
+                    options = {"--T": args.T, "--train-subset": args.train_subset,
+                               "--test-subset": args.test_subset}
+                    given = [str(item) for name, value in options.items() if value is not None
+                             for item in (name, value)]
+                    train.main(["--dataset", args.dataset, "--neuron", neuron, "--init-tau", str(init_tau),
+                                "--seed", str(seed), "--epochs", str(args.epochs), *given,
                                 "--backend", args.backend, "--out-dir", str(out_dir), "--no-progress", "--no-plot"])
                     with open(out_dir / "metrics.csv", newline="") as f:
                         for row in csv.DictReader(f):
@@ -75,7 +99,16 @@ def summarize(rows, args) -> list[str]:
     return lines
 
 
-def plot(rows, args, path: Path) -> None:
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def plot(rows, args, path: Path, machine: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +129,7 @@ def plot(rows, args, path: Path) -> None:
         tau_keys = [k for k in rows[0] if k.startswith("tau:")]
         layer_mean = [statistics.mean(v) for v in zip(*(mean_curve("plif", init_tau, k) for k in tau_keys))]
         axes[1].plot(epochs, layer_mean, color=colors[init_tau], label=f"PLIF init tau {init_tau:g}")
-    axes[0].set_title(f"digits test accuracy (mean of seeds {args.seeds})")
+    axes[0].set_title(f"{args.dataset} test accuracy (mean of seeds {args.seeds})")
     axes[0].set_ylim(0, 1)
     axes[1].set_title("PLIF: learned tau (mean over layers and seeds)")
     axes[1].set_yscale("log", base=2)
@@ -121,7 +154,9 @@ def plot(rows, args, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"PLIF vs LIF on digits, T={args.T}")
+    subsets = f", {args.train_subset or 'all'} train / {args.test_subset or 'all'} test samples" \
+        if args.train_subset or args.test_subset else ""
+    fig.suptitle(f"PLIF vs LIF on {args.dataset}, T={args.T}{subsets}. {machine}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -130,7 +165,13 @@ def plot(rows, args, path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     train = load_train_module()
+    if args.T is None:
+        args.T = train.PRESETS[args.dataset]["T"]
+    started = time.gmtime()
+    start = time.time()
     rows = run_all(args, train)
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores; runs from {time.strftime('%Y-%m-%d %H:%M UTC', started)}, "
+               f"{(time.time() - start) / 60:.0f} min in all")
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "tau_sensitivity.csv"
     with open(csv_path, "w", newline="") as f:
@@ -140,7 +181,7 @@ def main(argv=None):
     lines = summarize(rows, args)
     print("\n".join(lines))
     png_path = args.out / "tau_sensitivity.png"
-    plot(rows, args, png_path)
+    plot(rows, args, png_path, machine)
     print(f"wrote {csv_path} and {png_path}")
 
 

@@ -25,3 +25,12 @@ __all__ = [
     "surrogate",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # plif_cuda.nir needs the optional 'nir' package, so it is imported on first use only.
+    if name == "nir":
+        import importlib
+
+        return importlib.import_module(".nir", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

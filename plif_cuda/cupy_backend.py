@@ -81,10 +81,10 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
 
 
 def _cupy_stream(torch_stream: torch.cuda.Stream):
+    # By pointer and device, not Stream.from_external: that needs torch's __cuda_stream__ (torch
+    # 2.10+) and leaves the device unknown.
     import cupy
 
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(torch_stream)
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 

@@ -1,7 +1,8 @@
 """Readers for the PLIF paper's datasets, from local files only (nothing is ever downloaded).
 
 - ``load_digits``: scikit-learn's bundled 8x8 digits (no files needed).
-- ``load_mnist`` / ``load_fashion_mnist``: the standard IDX files, gzipped or not.
+- ``load_mnist`` / ``load_fashion_mnist``: the standard IDX files, gzipped or not; Fashion-MNIST
+  by default from Debian's package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``).
 - ``load_cifar10``: the standard python pickle batches (``cifar-10-batches-py``).
 - ``NMNISTFrames``: N-MNIST's binary event files, integrated into T frames per sample.
 - ``CIFAR10DVSFrames``: CIFAR10-DVS's jAER AEDAT 2.0 files (one folder per class), split 9:1 per class.
@@ -18,6 +19,7 @@ import io
 import math
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +77,10 @@ _IDX_DTYPES = {
 def _read_maybe_gzip(path: Path) -> bytes:
     data = Path(path).read_bytes()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as error:  # gzip's own errors name no file
+            raise ValueError(f"{path}: truncated or corrupt gzip file ({error})") from error
     return data
 
 
@@ -106,18 +111,26 @@ _IDX_FILES = {
 }
 
 
+FASHION_MNIST_APT_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx_spellings(name: str) -> tuple[str, str]:
+    """The official name and the one some mirrors use, with a dot before ``idx`` (t10k-labels.idx1-ubyte)."""
+    return name, name.replace("-idx", ".idx")
+
+
 def _find_file(folders, name: str) -> Path | None:
     for folder in folders:
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
+        for spelling in _idx_spellings(name):
+            for candidate in (folder / spelling, folder / f"{spelling}.gz"):
+                if candidate.is_file():
+                    return candidate
     return None
 
 
-def _load_idx_dataset(data_dir, folder_name: str, title: str):
-    data_dir = Path(data_dir)
-    # Also the layout torchvision leaves behind (<name>/raw), so existing copies work as they are.
-    folders = [data_dir / folder_name, data_dir / folder_name / "raw", data_dir]
+def _load_idx_dataset(folders, destination: Path, title: str, hint: str = ""):
+    """Reads the four IDX files, each from the first of ``folders`` that holds it."""
     splits = {}
     missing = []
     for split, names in _IDX_FILES.items():
@@ -127,7 +140,7 @@ def _load_idx_dataset(data_dir, folder_name: str, title: str):
     if missing:
         raise DatasetNotFoundError(
             f"{title} not found: put the four IDX files {', '.join(n for pair in _IDX_FILES.values() for n in pair)} "
-            f"(gzipped .gz or not) in {data_dir / folder_name}/ ; missing: {', '.join(missing)}. "
+            f"(gzipped .gz or not) in {destination}/ ; missing: {', '.join(missing)}. {hint}"
             "Nothing is downloaded."
         )
     result = []
@@ -145,14 +158,31 @@ def _load_idx_dataset(data_dir, folder_name: str, title: str):
     return tuple(result)
 
 
+def _idx_folders(data_dir, folder_name: str) -> list[Path]:
+    data_dir = Path(data_dir)
+    # Also the layout torchvision leaves behind (<name>/raw), so existing copies work as they are.
+    return [data_dir / folder_name, data_dir / folder_name / "raw", data_dir]
+
+
 def load_mnist(data_dir):
     """MNIST from ``<data_dir>/MNIST/`` (IDX files). Returns ``((x_train, y_train), (x_test, y_test))``."""
-    return _load_idx_dataset(data_dir, "MNIST", "MNIST")
+    return _load_idx_dataset(_idx_folders(data_dir, "MNIST"), Path(data_dir) / "MNIST", "MNIST")
 
 
-def load_fashion_mnist(data_dir):
-    """Fashion-MNIST from ``<data_dir>/FashionMNIST/`` (IDX files, the same names as MNIST's)."""
-    return _load_idx_dataset(data_dir, "FashionMNIST", "Fashion-MNIST")
+def load_fashion_mnist(data_dir=None):
+    """Fashion-MNIST: the IDX files (the same names as MNIST's) from ``<data_dir>/FashionMNIST/``,
+    its ``raw/`` or ``data_dir`` itself; by default from ``FASHION_MNIST_DEBIAN_DIR``, where
+    Debian's package ``dataset-fashion-mnist`` installs them. Returns ``((x_train, y_train), (x_test, y_test))``.
+    """
+    if data_dir is None:
+        return _load_idx_dataset(
+            [FASHION_MNIST_DEBIAN_DIR], FASHION_MNIST_DEBIAN_DIR, "Fashion-MNIST",
+            f"Install Debian's package: apt-get install {FASHION_MNIST_APT_PACKAGE} (it puts them there), "
+            "or pass the folder that holds them as data_dir (examples/train.py: --data-dir). ")
+    return _load_idx_dataset(
+        _idx_folders(data_dir, "FashionMNIST"), Path(data_dir) / "FashionMNIST", "Fashion-MNIST",
+        f"Or leave the folder unset to read {FASHION_MNIST_DEBIAN_DIR}/, where "
+        f"apt-get install {FASHION_MNIST_APT_PACKAGE} puts them. ")
 
 
 # ---------------------------------------------------------------- CIFAR-10

@@ -40,6 +40,25 @@ else
   echo "$pip_fingerprint" > "$PIP_STAMP"
 fi
 
+# Fashion-MNIST, the main example's data and a test's: Debian's package, when apt-get can install it.
+# FASHION_MNIST_DIR: where the package puts the files (the tests point it elsewhere).
+FASHION_MNIST_PACKAGE=dataset-fashion-mnist
+FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+if [ -d "$FASHION_MNIST_DIR" ]; then
+  echo "[setup] Fashion-MNIST: installed in $FASHION_MNIST_DIR"
+elif command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's $FASHION_MNIST_PACKAGE (Fashion-MNIST, into $FASHION_MNIST_DIR)"
+  # A fresh image has no package lists: update only when the install cannot find the package.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$FASHION_MNIST_PACKAGE" > /dev/null 2>&1 ||
+    { apt-get update -q > /dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$FASHION_MNIST_PACKAGE" > /dev/null; } ||
+    echo "[setup] warning: apt-get could not install $FASHION_MNIST_PACKAGE; the Fashion-MNIST example" \
+         "and its tests need it" >&2
+else
+  echo "[setup] Fashion-MNIST not installed and apt-get cannot install it here (it needs root and apt-get):" \
+       "run 'apt-get install $FASHION_MNIST_PACKAGE' as root for the Fashion-MNIST example and its tests" >&2
+fi
+
 # nvcc on PATH may be a wrapper script; point torch's cpp_extension at the toolkit root.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

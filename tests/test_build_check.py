@@ -1,14 +1,21 @@
-"""The SASS reading of .ci/check_cuda_build.py (loads in flight per loop iteration), on
-hand-written SASS in cuobjdump's format: the CUDA build itself is checked by .ci/run."""
+"""The SASS reading of .ci/check_cuda_build.py (loads in flight per loop iteration, store widths
+of the forward's vector path), on hand-written SASS in cuobjdump's format: the CUDA build itself is
+checked by .ci/run. And the kernel headers under nvcc on their own (no GPU needed): each compiles
+alone, and the forward kernels compiled from plif_kernels.cuh alone pass the store-width check."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "check_cuda_build", Path(__file__).resolve().parent.parent / ".ci" / "check_cuda_build.py")
+from plif_cuda import _nvrtc
+
+REPO = Path(__file__).resolve().parent.parent
+_SPEC = importlib.util.spec_from_file_location("check_cuda_build", REPO / ".ci" / "check_cuda_build.py")
 check = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(check)
 
@@ -52,3 +59,109 @@ def test_a_kernel_needs_two_loops_with_64_bytes():
     assert check.check_loads_in_flight(check.parse_sass(one_path))
     both_paths = sass(*chunk, "BRA 0x0", *chunk, "BRA 0x60")
     assert check.check_loads_in_flight(check.parse_sass(both_paths)) == []
+
+
+@pytest.mark.parametrize("opcode, size", [("STG.E.128", 16), ("STG.E.64", 8), ("STG.E", 4), ("STG.E.U16", 2),
+                                          ("ST.E.128", 16), ("LDG.E.128", 0), ("STS.128", 0)])
+def test_store_sizes(opcode, size):
+    assert check.global_store_bytes(opcode) == size
+
+
+def forward_with_loops(*loops: list[str], name: str = FORWARD) -> str:
+    """A kernel whose innermost loops have the given bodies, each closed by a branch back to its start."""
+    lines: list[str] = []
+    for body in loops:
+        start = 16 * len(lines)
+        lines += [*body, f"@P0 BRA 0x{start:x}"]
+    return sass(*lines, name=name)
+
+
+VECTOR_LOADS = ["LDG.E.128.CONSTANT R4, desc[UR4][R2.64]"] * 4
+SCALAR_LOOP = ["LDG.E.CONSTANT R4, desc[UR4][R2.64]"] * 16 + ["STG.E desc[UR4][R6.64], R4"] * 3
+
+
+def test_the_vector_path_must_store_whole_words():
+    # The H row split into one store per lane (as before issue 22's fix), spikes and V whole.
+    split = VECTOR_LOADS + ["STG.E.128 desc[UR4][R8.64], R12", "STG.E desc[UR4][R10.64], R16",
+                            "STG.E desc[UR4][R10.64+0x4], R17", "STG.E desc[UR4][R10.64+0x8], R18",
+                            "STG.E desc[UR4][R10.64+0xc], R19", "STG.E.128 desc[UR4][R14.64], R20"]
+    whole = VECTOR_LOADS + ["STG.E.128 desc[UR4][R8.64], R12", "@P1 STG.E.128 desc[UR4][R10.64], R16",
+                            "STG.E.128 desc[UR4][R14.64], R20"]
+    assert check.vector_loop_store_widths(check.parse_sass(forward_with_loops(SCALAR_LOOP, split))["sm_90"]
+                                          ["forward float32"]) == [{16: 2, 4: 4}]
+    (problem,) = check.check_vector_stores(check.parse_sass(forward_with_loops(SCALAR_LOOP, split)))
+    assert "forward float32" in problem and "4 stores narrower than 16 B beside 2" in problem
+    # The scalar path's narrow stores are its own: only the loop of 16-byte loads is held to whole words.
+    assert check.check_vector_stores(check.parse_sass(forward_with_loops(SCALAR_LOOP, whole))) == []
+
+
+def test_a_forward_without_a_vector_loop_fails_and_the_backward_is_not_held_to_it():
+    mixed = ["LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "LDG.E R8, desc[UR4][R2.64]",
+             "STG.E.128 desc[UR4][R8.64], R12"]
+    (problem,) = check.check_vector_stores(check.parse_sass(forward_with_loops(SCALAR_LOOP, mixed)))
+    assert "no innermost loop loads 16-byte words only" in problem
+    backward = "_ZN4plif20plif_backward_kernelIffEEvPKT_"
+    narrow = VECTOR_LOADS + ["STG.E desc[UR4][R10.64], R16"]
+    assert check.check_vector_stores(check.parse_sass(forward_with_loops(narrow, name=backward))) == []
+
+
+# ---- the kernel headers under nvcc, without the extension's build ---------------------------------
+def _nvcc() -> str | None:
+    candidates = [Path(os.environ[var]) / "bin" / "nvcc" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    found = shutil.which("nvcc")
+    if found:
+        candidates.append(Path(found))
+    return next((str(path) for path in candidates if path.is_file() and os.access(path, os.X_OK)), None)
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME); CI has it")
+# The device code's floating-point flags of setup.py's build (no contraction into FMA).
+DEVICE_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-arch=sm_90"]
+
+
+def nvcc_compile(tmp_path: Path, source: str, *flags: str) -> subprocess.CompletedProcess:
+    unit = tmp_path / "unit.cu"
+    unit.write_text(source)
+    return subprocess.run([NVCC, *DEVICE_FLAGS, f"-I{REPO / 'csrc'}", *flags, str(unit)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("header", ["plif_kernels.cuh", "plif_math.h", "plif_params.h", "plif_launch.h"])
+def test_each_kernel_header_compiles_alone_under_nvcc(tmp_path, header):
+    done = nvcc_compile(tmp_path, f'#include "{header}"\n', "-c", "-o", "unit.o")
+    assert done.returncode == 0, done.stderr
+
+
+def kernel_references(directions: tuple[str, ...] | None = None) -> str:
+    """A translation unit of plif_kernels.cuh alone that instantiates the kernels NVRTC compiles,
+    by the same names (those of ``directions`` only, if given), by taking their addresses."""
+    names = [name for dtype in _nvrtc.VARIANTS for direction, name in _nvrtc.kernel_names(dtype).items()
+             if directions is None or direction in directions]
+    return f'#include "{_nvrtc.KERNEL_HEADER}"\nvoid* plif_kernels[] = {{' + ", ".join(
+        f"(void*)&{name}" for name in names) + "};\n"
+
+
+@needs_nvcc
+def test_every_kernel_instantiates_from_the_header_alone(tmp_path):
+    # To PTX only: the compiler's checks of every template, without ptxas's minutes.
+    done = nvcc_compile(tmp_path, kernel_references(), "--ptx", "-o", "unit.ptx")
+    assert done.returncode == 0, done.stderr
+    entries = (tmp_path / "unit.ptx").read_text().count(".entry ")
+    assert entries == sum(len(_nvrtc.kernel_names(dtype)) for dtype in _nvrtc.VARIANTS)
+
+
+@needs_nvcc
+def test_the_forward_vector_path_stores_whole_words_in_real_sass(tmp_path):
+    try:
+        cuobjdump = check.find_cuobjdump()
+    except check.CheckFailed as error:
+        pytest.fail(str(error))
+    done = nvcc_compile(tmp_path, kernel_references(("forward",)), "-c", "-o", "unit.o")
+    assert done.returncode == 0, done.stderr
+    sass = check.parse_sass(check.run_cuobjdump(cuobjdump, "-sass", str(tmp_path / "unit.o")))
+    assert {label for label in sass["sm_90"] if label.startswith("forward")} == {
+        f"forward {dtype}" for dtype in ("float32", "float64", "float16", "bfloat16")}
+    assert check.check_vector_stores(sass) == []

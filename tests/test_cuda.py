@@ -1,12 +1,15 @@
 """The fused CUDA kernels against the reference, and what only CUDA has: graph capture, side
-streams, a second device, large launches, half types. Every test runs for both launchers of the
-one op (conftest's GPU_BACKENDS): "cuda", the kernels nvcc compiled into the extension, and
-"cupy", the same kernels compiled at run time through NVRTC.
+streams, a second device, large launches, half types. The device-generic tests run for every
+launcher of the one op (conftest's BACKENDS): "cuda", the kernels nvcc compiled into the
+extension, "cupy", the same kernels compiled at run time through NVRTC, and "cpu", their twin
+that runs everywhere, so that no assertion here is one nobody has seen pass. The tests of what
+only CUDA has run on a GPU alone; the kernels they launch also run on the CPU under an emulated
+launch (tests/test_gpu_emulation.py), bit-equal to the CPU kernel.
 
-Each launcher skips without a GPU or where it cannot run (benchmarks/gpu_check.sh asserts that
-both run on a GPU machine). Reference runs are on the same GPU; half inputs
-are compared with the reference computed in float32 on the same (rounded) values, so the only
-difference is the final rounding of the outputs to the half format.
+Each GPU launcher skips without a GPU or where it cannot run (benchmarks/gpu_check.sh runs this
+file on a GPU machine). Reference runs are on the same device; half inputs are compared with the
+reference computed in float32 on the same (rounded) values, so the only difference is the final
+rounding of the outputs to the half format.
 """
 from __future__ import annotations
 
@@ -14,12 +17,10 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
+from conftest import BACKEND_DEVICE, BACKENDS, GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -29,9 +30,14 @@ SHAPE = (8, 2, 3, 5, 7)
 reference_dtype = compute_dtype
 
 
-def random_on_cuda(shape, seed: int, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
-    generator = torch.Generator(device=CUDA).manual_seed(seed)
-    return (torch.randn(shape, generator=generator, device=CUDA) * scale + shift).to(dtype)
+def random_on(device, shape, seed: int, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
+    """Drawn on the CPU, so that every launcher gets the same values."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * scale + shift).to(device=device, dtype=dtype)
+
+
+def device_of(backend: str) -> torch.device:
+    return torch.device(BACKEND_DEVICE[backend])
 
 
 def forward_backward(x, w, v_init, backend, upstream, **options):
@@ -56,13 +62,13 @@ def forward_backward(x, w, v_init, backend, upstream, **options):
     return outputs, grads
 
 
-def make_upstream(shape, dtype, seed):
+def make_upstream(device, shape, dtype, seed):
     """Gradients for (spike_seq, v_last, v_seq), rounded to ``dtype`` so that the fused run and
     the float32 reference receive the same values."""
     return (
-        random_on_cuda(shape, seed, dtype),
-        random_on_cuda(shape[1:], seed + 1, dtype),
-        random_on_cuda(shape, seed + 2, dtype),
+        random_on(device, shape, seed, dtype),
+        random_on(device, shape[1:], seed + 1, dtype),
+        random_on(device, shape, seed + 2, dtype),
     )
 
 
@@ -70,7 +76,7 @@ def assert_matches_reference(backend, x, w, v_init=None, seed=0, **options):
     """The fused run equals the reference: spikes exactly (when spiking), membranes and
     gradients within the dtype's tolerance."""
     dtype = x.dtype
-    upstream = make_upstream(x.shape, dtype, seed + 100)
+    upstream = make_upstream(x.device, x.shape, dtype, seed + 100)
     (spikes, v_last, v_seq), grads = forward_backward(x, w, v_init, backend, upstream, **options)
     x_ref = x.to(reference_dtype(dtype))
     (ref_spikes, ref_v_last, ref_v_seq), ref_grads = forward_backward(x_ref, w, v_init, "torch", upstream, **options)
@@ -100,11 +106,12 @@ def assert_matches_reference(backend, x, w, v_init=None, seed=0, **options):
         torch.testing.assert_close(grads["v_init"], ref_grads["v_init"], rtol=acc_rtol, atol=acc_atol * shared**0.5)
 
 
-def tau_weight(shape, seed, dtype=torch.float32):
+def tau_weight(device, shape, seed, dtype=torch.float32):
     """w with k = sigmoid(w) spread over (0.2, 0.8)."""
-    return random_on_cuda(shape, seed, dtype, scale=0.6)
+    return random_on(device, shape, seed, dtype, scale=0.6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_backend_prefers_the_compiled_kernels():
     x = torch.zeros(2, 3, device=CUDA)
     expected = "cuda" if ops.extension_has_cuda() else "cupy"
@@ -126,18 +133,20 @@ OPTION_SETS = [
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_reference_for_every_option(backend, dtype, options):
-    x = random_on_cuda(SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(backend, x, tau_weight((), seed=2), **options)
+    device = device_of(backend)
+    x = random_on(device, SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
+    assert_matches_reference(backend, x, tau_weight(device, (), seed=2), **options)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_reference_for_every_surrogate(backend, dtype, surrogate, spiking):
-    x = random_on_cuda(SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(backend, x, tau_weight((), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
+    device = device_of(backend)
+    x = random_on(device, SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
+    assert_matches_reference(backend, x, tau_weight(device, (), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
 
 
 W_SHAPES = [
@@ -149,29 +158,31 @@ W_SHAPES = [
 V_INIT_KINDS = ("none", "scalar_tensor", "per_neuron")
 
 
-def make_v_init(kind: str, dtype: torch.dtype):
+def make_v_init(device, kind: str, dtype: torch.dtype):
     if kind == "none":
         return None
     if kind == "scalar_tensor":
-        return torch.tensor(0.25, device=CUDA, dtype=reference_dtype(dtype))
-    return random_on_cuda(SHAPE[1:], seed=6, dtype=reference_dtype(dtype), scale=0.5)
+        return torch.tensor(0.25, device=device, dtype=reference_dtype(dtype))
+    return random_on(device, SHAPE[1:], seed=6, dtype=reference_dtype(dtype), scale=0.5)
 
 
 @pytest.mark.parametrize("v_init_kind", V_INIT_KINDS)
 @pytest.mark.parametrize("w_shape", W_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_reference_for_w_and_v_init_shapes(backend, dtype, w_shape, v_init_kind):
-    x = random_on_cuda(SHAPE, seed=5, dtype=dtype, scale=1.5, shift=0.4)
-    w = tau_weight(w_shape, seed=7, dtype=reference_dtype(dtype))
-    assert_matches_reference(backend, x, w, make_v_init(v_init_kind, dtype), v_reset=None, store_v_seq=True)
+    device = device_of(backend)
+    x = random_on(device, SHAPE, seed=5, dtype=dtype, scale=1.5, shift=0.4)
+    w = tau_weight(device, w_shape, seed=7, dtype=reference_dtype(dtype))
+    assert_matches_reference(backend, x, w, make_v_init(device, v_init_kind, dtype), v_reset=None, store_v_seq=True)
 
 
 @pytest.mark.parametrize("neurons", (1, 255, 257, 1000))
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_neuron_counts_around_the_block_size(backend, neurons):
-    x = random_on_cuda((5, neurons), seed=8, scale=1.5, shift=0.4)
-    assert_matches_reference(backend, x, tau_weight((neurons,), seed=9), store_v_seq=True)
+    device = device_of(backend)
+    x = random_on(device, (5, neurons), seed=8, scale=1.5, shift=0.4)
+    assert_matches_reference(backend, x, tau_weight(device, (neurons,), seed=9), store_v_seq=True)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -179,9 +190,9 @@ def test_cuda_large_neuron_count_uses_the_grid_stride_loop(backend):
     # 2^24 neurons: far more than one wave of resident threads on any GPU, so most threads scan
     # several neurons. T is small to keep the reference cheap.
     neurons = 1 << 24
-    x = random_on_cuda((3, neurons), seed=10, scale=1.5, shift=0.4)
-    w = tau_weight((neurons,), seed=11)
-    upstream = make_upstream(x.shape, x.dtype, seed=12)
+    x = random_on(CUDA, (3, neurons), seed=10, scale=1.5, shift=0.4)
+    w = tau_weight(CUDA, (neurons,), seed=11)
+    upstream = make_upstream(CUDA, x.shape, x.dtype, seed=12)
     (spikes, v_last, _), grads = forward_backward(x, w, None, backend, upstream)
     (ref_spikes, ref_v_last, _), ref_grads = forward_backward(x, w, None, "torch", upstream)
     assert torch.equal(spikes, ref_spikes)
@@ -190,13 +201,14 @@ def test_cuda_large_neuron_count_uses_the_grid_stride_loop(backend):
     torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_zero_time_steps_and_zero_neurons(backend):
-    w = torch.tensor(0.0, device=CUDA)
-    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=CUDA), w, 0.5, backend=backend)
+    device = device_of(backend)
+    w = torch.tensor(0.0, device=device)
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=device), w, 0.5, backend=backend)
     assert spikes.shape == (0, 4)
-    assert torch.equal(v_last, torch.full((4,), 0.5, device=CUDA))
-    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(3, 0, device=CUDA), w, backend=backend)
+    assert torch.equal(v_last, torch.full((4,), 0.5, device=device))
+    spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(3, 0, device=device), w, backend=backend)
     assert spikes.shape == (3, 0) and v_last.shape == (0,)
 
 
@@ -220,13 +232,14 @@ def time_not_outermost(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", (seq_channels_last, sliced, time_not_outermost), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_strided_inputs_match_contiguous(backend, dtype, layout):
-    x = random_on_cuda(SHAPE, seed=13, dtype=dtype, scale=1.5, shift=0.4)
+    device = device_of(backend)
+    x = random_on(device, SHAPE, seed=13, dtype=dtype, scale=1.5, shift=0.4)
     x_strided = layout(x)
     assert not x_strided.is_contiguous() and torch.equal(x_strided, x)
-    w = tau_weight((3, 1, 1), seed=14)
-    upstream = make_upstream(x.shape, dtype, seed=15)
+    w = tau_weight(device, (3, 1, 1), seed=14)
+    upstream = make_upstream(device, x.shape, dtype, seed=15)
     options = {"v_reset": None, "store_v_seq": True}
     outputs, grads = forward_backward(x_strided, w, None, backend, upstream, **options)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream, **options)
@@ -244,9 +257,9 @@ def test_cuda_strided_inputs_match_contiguous(backend, dtype, layout):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_capture_and_replay_forward_and_backward(backend):
     shape = (6, 1000)
-    x = random_on_cuda(shape, seed=16, scale=1.5, shift=0.4).requires_grad_()
+    x = random_on(CUDA, shape, seed=16, scale=1.5, shift=0.4).requires_grad_()
     w = torch.zeros((), device=CUDA, requires_grad=True)
-    grad_spikes, grad_v_last, _ = make_upstream(shape, torch.float32, seed=17)
+    grad_spikes, grad_v_last, _ = make_upstream(CUDA, shape, torch.float32, seed=17)
 
     def step():
         spikes, v_last, _ = plif_cuda.plif_multistep(x, w, backend=backend)
@@ -267,7 +280,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward(backend):
         static_spikes, static_v_last = step()
 
     for seed in (18, 19):
-        new_x = random_on_cuda(shape, seed=seed, scale=1.5, shift=0.4)
+        new_x = random_on(CUDA, shape, seed=seed, scale=1.5, shift=0.4)
         with torch.no_grad():
             x.copy_(new_x)
             w.fill_(seed / 40)
@@ -285,7 +298,7 @@ def test_cuda_runs_on_the_current_stream(backend):
     # The input is written on a side stream after a long sleep there. A kernel launched on any
     # other stream would run before the write and read zeros.
     shape = (4, 4096)
-    source = random_on_cuda(shape, seed=20, scale=1.5, shift=0.4)
+    source = random_on(CUDA, shape, seed=20, scale=1.5, shift=0.4)
     w = torch.tensor(0.3, device=CUDA)
     expected_spikes, expected_v_last, _ = plif_cuda.plif_multistep(source, w, backend=backend)
     assert expected_spikes.any(), "the test input must make some neurons fire"
@@ -304,9 +317,9 @@ def test_cuda_runs_on_the_current_stream(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream(backend):
-    x = random_on_cuda(SHAPE, seed=21, scale=1.5, shift=0.4)
-    w = tau_weight((3, 1, 1), seed=22)
-    upstream = make_upstream(SHAPE, torch.float32, seed=23)
+    x = random_on(CUDA, SHAPE, seed=21, scale=1.5, shift=0.4)
+    w = tau_weight(CUDA, (3, 1, 1), seed=22)
+    upstream = make_upstream(CUDA, SHAPE, torch.float32, seed=23)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream, store_v_seq=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -323,9 +336,9 @@ def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream(bac
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_second_device_while_the_first_is_current(backend):
     second = torch.device("cuda", 1)
-    x = random_on_cuda(SHAPE, seed=24, scale=1.5, shift=0.4)
-    w = tau_weight((3, 5, 7), seed=25)
-    upstream = make_upstream(SHAPE, torch.float32, seed=26)
+    x = random_on(CUDA, SHAPE, seed=24, scale=1.5, shift=0.4)
+    w = tau_weight(CUDA, (3, 5, 7), seed=25)
+    upstream = make_upstream(CUDA, SHAPE, torch.float32, seed=26)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream)
     with torch.cuda.device(0):
         outputs, grads = forward_backward(
@@ -339,12 +352,13 @@ def test_cuda_second_device_while_the_first_is_current(backend):
 
 
 @pytest.mark.parametrize("w_shape", ((), (64, 1)), ids=("per_layer", "per_channel"))
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_w_gradient_is_bitwise_reproducible(backend, w_shape):
+    device = device_of(backend)
     shape = (4, 64, 4096)
-    x = random_on_cuda(shape, seed=27, scale=1.5, shift=0.4)
-    w = tau_weight(w_shape, seed=28)
-    upstream = make_upstream(shape, torch.float32, seed=29)
+    x = random_on(device, shape, seed=27, scale=1.5, shift=0.4)
+    w = tau_weight(device, w_shape, seed=28)
+    upstream = make_upstream(device, shape, torch.float32, seed=29)
     first = forward_backward(x, w, None, backend, upstream)[1]["w"]
     for _ in range(3):
         again = forward_backward(x, w, None, backend, upstream)[1]["w"]
@@ -352,35 +366,44 @@ def test_cuda_w_gradient_is_bitwise_reproducible(backend, w_shape):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_keeps_one_sequence_for_backward(backend, dtype):
-    x = random_on_cuda(SHAPE, seed=30, dtype=dtype).requires_grad_()
-    w = torch.zeros((), device=CUDA, requires_grad=True)
+    device = device_of(backend)
+    x = random_on(device, SHAPE, seed=30, dtype=dtype).requires_grad_()
+    w = torch.zeros((), device=device, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         plif_cuda.plif_multistep(x, w, backend=backend)
     sequences = [t for t in saved if t.numel() >= x.numel()]
     assert len(sequences) == 1, [tuple(t.shape) for t in saved]
-    assert sequences[0].dtype == reference_dtype(dtype)
+    (kept,) = sequences
+    assert kept.dtype == dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        assert kept.data_ptr() == x.data_ptr(), "half inputs keep x itself (and checkpoints past T=8)"
+    else:
+        assert kept.data_ptr() != x.data_ptr(), "full precision keeps H"
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_opcheck(backend):
-    x = random_on_cuda((5, 3, 7), seed=31, scale=1.5, shift=0.4)
-    k = torch.sigmoid(tau_weight((21,), seed=32))
-    v_init = torch.zeros(1, device=CUDA)
+    device = device_of(backend)
+    x = random_on(device, (5, 3, 7), seed=31, scale=1.5, shift=0.4)
+    k = torch.sigmoid(tau_weight(device, (21,), seed=32))
+    v_init = torch.zeros(1, device=device)
     options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
     torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
                           (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend)))
 
 
 @pytest.mark.parametrize("argument", ("w", "v_init"))
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_refuses_parameters_on_another_device(backend, argument):
-    x = torch.zeros(3, 4, device=CUDA)
-    tensors = {"w": torch.zeros((), device=CUDA), "v_init": torch.zeros(4, device=CUDA)}
-    tensors[argument] = tensors[argument].cpu()
-    with pytest.raises(ValueError, match=f"{argument} is on cpu"):
+    device = device_of(backend)
+    x = torch.zeros(3, 4, device=device)
+    tensors = {"w": torch.zeros((), device=device), "v_init": torch.zeros(4, device=device)}
+    elsewhere = "cpu" if device.type == "cuda" else "meta"
+    tensors[argument] = tensors[argument].to(elsewhere)
+    with pytest.raises(ValueError, match=f"{argument} is on {elsewhere}"):
         plif_cuda.plif_multistep(x, tensors["w"], tensors["v_init"], backend=backend)
 
 
@@ -399,16 +422,16 @@ OP_OPTION_SETS = {
 def test_launchers_give_the_same_bits(dtype, options, spiking):
     """Both launchers run the same kernels with the same parameter block: every output and
     gradient is bit-equal."""
-    x = random_on_cuda((11, 5, 9), seed=33, dtype=dtype, scale=1.5, shift=0.4)
+    x = random_on(CUDA, (11, 5, 9), seed=33, dtype=dtype, scale=1.5, shift=0.4)
     acc = reference_dtype(dtype)
-    k = torch.sigmoid(tau_weight((45,), seed=34, dtype=acc))
-    v_init = random_on_cuda((1,), seed=35, dtype=acc)
+    k = torch.sigmoid(tau_weight(CUDA, (45,), seed=34, dtype=acc))
+    v_init = random_on(CUDA, (1,), seed=35, dtype=acc)
     scalars = (*OP_OPTION_SETS[options], SURROGATE_IDS["atan"], 1.7, spiking)
     compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.COMPILED_LAUNCHER)
     nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
-    grads = (random_on_cuda(x.shape, 36, dtype), random_on_cuda(x.shape[1:], 37, acc), random_on_cuda(x.shape, 38, dtype))
+    grads = (random_on(CUDA, x.shape, 36, dtype), random_on(CUDA, x.shape[1:], 37, acc), random_on(CUDA, x.shape, 38, dtype))
     compiled = torch.ops.plif_cuda.multistep_backward(*grads, compiled[3], None, k, v_init, dtype, *scalars,
                                                       ops.COMPILED_LAUNCHER)
     nvrtc = torch.ops.plif_cuda.multistep_backward(*grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER)

@@ -179,19 +179,26 @@ def test_nvrtc_launcher_op_takes_the_kernel_parameters(direction):
         assert type_name in (expected, f"Optional[{expected}]"), name
 
 
+class _StreamOfOldTorch:
+    """What torch < 2.10 streams offer CuPy: the pointer and device, no __cuda_stream__ protocol."""
+
+    def __init__(self, cuda_stream: int, device_index: int):
+        self.cuda_stream, self.device_index = cuda_stream, device_index
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch):
     """What the NVRTC launcher hands CuPy matches the kernel's parameter list one by one: the
     tensors' own pointers, null for None, and the scalar block in the kernel's C types."""
-    launches = []
+    launches, streams = [], []
 
     def record(grid, block, args, stream):
         launches.append((grid, block, args))
+        streams.append(stream)
 
     monkeypatch.setattr(cupy_backend, "_kernel_pair", lambda device, dtype: {d: (record, 7) for d in ("forward", "backward")})
-    monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StreamOfOldTorch(0xC0FFEE, 0))
     acc = np.float64 if dtype == torch.float64 else np.float32
     x, spikes, h_seq = (torch.randn(4, 3, 5, dtype=dtype) for _ in range(3))
     k, v_init, v_last = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype), torch.zeros(15, dtype=dtype)
@@ -203,6 +210,8 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     assert [int(a) for a in args[:7]] == [x.data_ptr(), k.data_ptr(), v_init.data_ptr(), spikes.data_ptr(),
                                           v_last.data_ptr(), 0, h_seq.data_ptr()]
     assert [float(a) for a in args[7:]] == [float(s) for s in scalars]
+    (stream,) = streams
+    assert (stream.ptr, stream.device_id) == (0xC0FFEE, 0), "CuPy launches on torch's current stream"
 
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)

@@ -1,4 +1,6 @@
-"""plif_cuda.datasets on small files in each dataset's real format, written here."""
+"""plif_cuda.datasets on small files in each dataset's real format, written here, and on the real
+Fashion-MNIST of Debian's package dataset-fashion-mnist (scripts/setup_env.sh installs it)."""
+import csv
 import gzip
 import pickle
 import struct
@@ -55,6 +57,66 @@ def test_fashion_mnist_reads_the_torchvision_layout(tmp_path):
     (_, y_train), (x_test, _) = datasets.load_fashion_mnist(tmp_path)
     assert torch.equal(y_train, torch.from_numpy(arrays["train"][1]).long())
     assert torch.equal(x_test[:, 0], torch.from_numpy(arrays["t10k"][0]).float() / 255)
+
+
+def test_fashion_mnist_reads_debians_folder_by_default(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    arrays = write_mnist_like(tmp_path / "fashion-mnist", True, rng)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "fashion-mnist")
+    (x_train, y_train), (_, y_test) = datasets.load_fashion_mnist()
+    assert torch.equal(x_train[:, 0], torch.from_numpy(arrays["train"][0]).float() / 255)
+    assert torch.equal(y_train, torch.from_numpy(arrays["train"][1]).long())
+    assert torch.equal(y_test, torch.from_numpy(arrays["t10k"][1]).long())
+
+
+def test_missing_fashion_mnist_names_the_apt_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "fashion-mnist")
+    with pytest.raises(datasets.DatasetNotFoundError) as error:
+        datasets.load_fashion_mnist()
+    message = str(error.value)
+    assert f"in {tmp_path / 'fashion-mnist'}/" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    with pytest.raises(datasets.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist(tmp_path)
+
+
+def test_truncated_gzip_raises_value_error_naming_the_file(tmp_path):
+    folder = tmp_path / "FashionMNIST"
+    write_mnist_like(folder, True, np.random.default_rng(4))
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: truncated or corrupt gzip"):
+        datasets.load_fashion_mnist(tmp_path)
+    path.write_bytes(b"\x1f\x8b" + bytes(30))  # the gzip magic number, then no valid header
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: truncated or corrupt gzip"):
+        datasets.read_idx(path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_files_with_a_dot_before_idx_are_found(tmp_path, compress):
+    folder = tmp_path / "FashionMNIST"
+    arrays = write_mnist_like(folder, compress, np.random.default_rng(5))
+    for path in folder.iterdir():
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    assert (folder / ("t10k-labels.idx1-ubyte" + (".gz" if compress else ""))).is_file()
+    (_, y_train), (x_test, y_test) = datasets.load_fashion_mnist(tmp_path)
+    assert torch.equal(y_train, torch.from_numpy(arrays["train"][1]).long())
+    assert torch.equal(x_test[:, 0], torch.from_numpy(arrays["t10k"][0]).float() / 255)
+    assert torch.equal(y_test, torch.from_numpy(arrays["t10k"][1]).long())
+
+
+def test_real_fashion_mnist_from_debians_package():
+    """The files of ``apt-get install dataset-fashion-mnist`` (scripts/setup_env.sh installs it)."""
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist()
+    assert x_train.shape == (60000, 1, 28, 28) and x_test.shape == (10000, 1, 28, 28)
+    assert y_train.shape == (60000,) and y_test.shape == (10000,)
+    # Fashion-MNIST is balanced: 6000 train and 1000 test images of each of the ten classes.
+    assert torch.bincount(y_train, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(y_test, minlength=10).tolist() == [1000] * 10
+    assert x_train.min() == 0.0 and x_train.max() == 1.0
+    # The published per-pixel statistics of the training images (mean 0.2860, std 0.3530).
+    assert abs(x_train.mean().item() - 0.2860) < 5e-4
+    assert abs(x_train.std().item() - 0.3530) < 5e-4
 
 
 def test_read_idx_multi_byte_big_endian(tmp_path):
@@ -493,6 +555,67 @@ def test_train_script_lists_every_dataset_and_takes_the_papers_networks(capsys):
     for dataset, depth in (("cifar10-dvs", 4), ("dvs128-gesture", 5)):
         args = train.parse_args(["--dataset", dataset])
         assert (args.T, args.depth, args.width, args.convs_per_stage, args.fc_width) == (20, depth, 128, 1, 512)
+
+
+def test_train_script_learns_real_fashion_mnist_from_its_default_folder(tmp_path):
+    """A smoke test on the real data (Debian's package, read from its folder without --data-dir):
+    a small network on a random 2000-image subset, seconds on 2 CPU cores."""
+    from test_models import load_train_script
+
+    out_dir = tmp_path / "run"
+    row = load_train_script().main(["--dataset", "fashion-mnist", "--train-subset", "2000", "--test-subset", "1000",
+                                    "--epochs", "2", "--T", "4", "--width", "8", "--fc-width", "64", "--lr", "5e-3",
+                                    "--batch-size", "32", "--threads", "1", "--out-dir", str(out_dir),
+                                    "--no-progress", "--no-plot"])
+    assert float(row["test_acc"]) > 0.65, row  # chance is 0.1
+    with open(out_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    elapsed = [float(r["elapsed_seconds"]) for r in rows]
+    assert len(rows) == 2 and 0 < elapsed[0] < elapsed[1]
+    # The wall time between two rows holds the second epoch (elapsed_seconds is rounded to 0.1 s).
+    assert elapsed[1] - elapsed[0] >= float(rows[1]["epoch_seconds"]) - 0.1
+
+
+def test_tau_sensitivity_compares_plif_and_lif_on_real_fashion_mnist(tmp_path, capsys):
+    import importlib.util
+
+    from test_models import TRAIN_SCRIPT
+
+    spec = importlib.util.spec_from_file_location("tau_sensitivity", TRAIN_SCRIPT.parent / "tau_sensitivity.py")
+    tau_sensitivity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tau_sensitivity)
+    assert tau_sensitivity.parse_args(["--dataset", "fashion-mnist"]).out.name == "tau_sensitivity-fashion-mnist"
+    tau_sensitivity.main(["--dataset", "fashion-mnist", "--taus", "2", "--seeds", "0", "--epochs", "1", "--T", "2",
+                          "--train-subset", "200", "--test-subset", "100", "--out", str(tmp_path)])
+    assert "fashion-mnist: 200 train / 100 test samples" in capsys.readouterr().out
+    with open(tmp_path / "tau_sensitivity.csv", newline="") as f:
+        rows = {row["neuron"]: row for row in csv.DictReader(f)}
+    taus = {neuron: [float(v) for k, v in row.items() if k.startswith("tau:")] for neuron, row in rows.items()}
+    assert taus["lif"] == [2.0] * 4  # fixed
+    assert all(tau != 2.0 for tau in taus["plif"])  # learned
+    assert (tmp_path / "tau_sensitivity.png").stat().st_size > 0
+
+
+def test_train_script_names_the_apt_package_when_fashion_mnist_is_missing(tmp_path, monkeypatch):
+    from test_models import load_train_script
+
+    train = load_train_script()
+    assert train.parse_args(["--dataset", "fashion-mnist"]).data_dir is None  # the package's folder
+    assert train.parse_args(["--dataset", "mnist"]).data_dir == train.DEFAULT_DATA_DIR
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(datasets.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        train.main(["--dataset", "fashion-mnist", "--out-dir", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_train_script_subsets_are_checked(tmp_path):
+    from test_models import load_train_script
+
+    train = load_train_script()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train-subset", "0"])
+    with pytest.raises(ValueError, match="--test-subset 5000 is larger than the 450 samples"):
+        train.main(["--dataset", "digits", "--test-subset", "5000", "--epochs", "1", "--out-dir", str(tmp_path),
+                    "--no-progress", "--no-plot"])
 
 
 @pytest.mark.parametrize("dataset", ["cifar10-dvs", "dvs128-gesture"])

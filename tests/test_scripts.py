@@ -52,7 +52,8 @@ def run_script(sandbox: Path, script: str, *args: str, **env: str) -> tuple[str,
     log = sandbox / ".venv" / "calls.log"
     log.unlink(missing_ok=True)
     environment = {k: v for k, v in os.environ.items() if k not in BUILD_VARIABLES}
-    environment.update(CUDA_HOME="", MAX_JOBS="1", **env)
+    # An existing folder stands in for the installed Fashion-MNIST: only the tests below run apt-get (a stand-in).
+    environment.update({"CUDA_HOME": "", "MAX_JOBS": "1", "FASHION_MNIST_DIR": str(sandbox), **env})
     completed = subprocess.run(["bash", str(sandbox / "scripts" / script), *args], cwd=sandbox, env=environment,
                                capture_output=True, text=True, timeout=120)
     output = completed.stdout + completed.stderr
@@ -130,6 +131,62 @@ def test_a_failed_build_is_retried(sandbox):
         run_script(sandbox, "setup_env.sh", FAKE_BUILD_FAILS="1")
     _, calls = run_script(sandbox, "setup_env.sh")
     assert len(builds(calls)) == 1
+
+
+FAKE_APT_GET = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_APT_LOG"
+case "$1" in
+  update) touch "$FAKE_APT_LOG.lists" ;;
+  install)
+    if [ "${FAKE_APT_NO_LISTS:-0}" = 1 ] && [ ! -f "$FAKE_APT_LOG.lists" ]; then
+      echo "E: Unable to locate package"; exit 100
+    fi
+    mkdir -p "$FASHION_MNIST_DIR" ;;
+esac
+exit 0
+"""
+
+
+def fake_commands(sandbox: Path, uid: int) -> dict:
+    """PATH with a stand-in apt-get (logs its arguments, "installs" the folder) and an id that says ``uid``."""
+    bin_dir = sandbox / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "apt-get").write_text(FAKE_APT_GET)
+    (bin_dir / "id").write_text(f"#!/usr/bin/env bash\necho {uid}\n")
+    for tool in ("apt-get", "id"):
+        (bin_dir / tool).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_APT_LOG": str(sandbox / "apt.log"),
+            "FASHION_MNIST_DIR": str(sandbox / "datasets" / "fashion-mnist")}
+
+
+def apt_calls(sandbox: Path) -> list[str]:
+    log = sandbox / "apt.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("package_lists", ("present", "absent"))
+def test_set_up_installs_fashion_mnist_with_apt_get_once(sandbox, package_lists):
+    env = fake_commands(sandbox, uid=0)
+    if package_lists == "absent":
+        env["FAKE_APT_NO_LISTS"] = "1"
+    output, _ = run_script(sandbox, "setup_env.sh", **env)
+    expected = ["install -y -q dataset-fashion-mnist"]
+    if package_lists == "absent":
+        expected += ["update -q", "install -y -q dataset-fashion-mnist"]
+    assert apt_calls(sandbox) == expected
+    assert "installing Debian's dataset-fashion-mnist" in output
+    assert (sandbox / "datasets" / "fashion-mnist").is_dir()
+    output, _ = run_script(sandbox, "setup_env.sh", **env)
+    assert apt_calls(sandbox) == expected, "apt-get ran again with the dataset installed"
+    assert "Fashion-MNIST: installed in" in output
+
+
+def test_set_up_without_root_skips_fashion_mnist_and_says_how_to_install_it(sandbox):
+    output, calls = run_script(sandbox, "setup_env.sh", **fake_commands(sandbox, uid=1000))
+    assert apt_calls(sandbox) == []
+    assert "apt-get cannot install it here (it needs root and apt-get)" in output
+    assert "apt-get install dataset-fashion-mnist" in output
+    assert len(builds(calls)) == 1, "the rest of the set-up must go on"
 
 
 @pytest.mark.parametrize("args", (["-q", "tests/test_bad_inputs.py"], ["-q", "-ra"], ["tests/test_ops.py::test_x", "-x"]))

@@ -1,5 +1,9 @@
 // Fused CPU kernels: blocks of neurons in parallel, each block walked through all T steps
-// with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py).
+// with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py). Included
+// only by the plif_cpu_*.cpp files, each instantiating one direction and dtype, so that they
+// compile in parallel.
+#pragma once
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -647,13 +651,9 @@ void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
   }
 }
 
-#define PLIF_INSTANTIATE_CPU(in_t, acc_t)                                    \
-  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
+#define PLIF_INSTANTIATE_CPU_FORWARD(in_t, acc_t) \
+  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&);
+#define PLIF_INSTANTIATE_CPU_BACKWARD(in_t, acc_t) \
   template void backward_cpu<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-
-PLIF_INSTANTIATE_CPU(float, float)
-PLIF_INSTANTIATE_CPU(double, double)
-PLIF_INSTANTIATE_CPU(c10::Half, float)
-PLIF_INSTANTIATE_CPU(c10::BFloat16, float)
 
 }  // namespace plif
