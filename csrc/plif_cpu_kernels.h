@@ -163,7 +163,8 @@ ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p
   ForwardParams<in_t, acc_t> view = p;
   const index_t row = t * p.N + n0;
   view.N = 0;
-  view.x = p.x + row;
+  view.x_step = 0;
+  view.x = p.x + t * p.x_step + n0;
   view.spikes = staging ? staging->spikes : p.spikes + row;
   if (p.v_seq != nullptr) view.v_seq = staging ? staging->v_seq : p.v_seq + row;
   if (p.h_seq != nullptr) view.h_seq = staging ? staging->h_seq : p.h_seq + h_row_offset(p, t, n0);
@@ -242,7 +243,7 @@ PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, inde
     // Each group requests its part of the next step's X, as the backward does (see there); the
     // last step, the first X row of the block this thread takes next.
     for (int g = 0; g < kGroups; ++g) {
-      if (t + 1 < p.T) prefetch_row<kLanes>(p.x + (t + 1) * p.N + n0 + g * kLanes, stream);
+      if (t + 1 < p.T) prefetch_row<kLanes>(p.x + (t + 1) * p.x_step + n0 + g * kLanes, stream);
       else if (following_n0 >= 0) prefetch_row<kLanes>(p.x + following_n0 + g * kLanes, stream);
       forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     }
@@ -314,7 +315,7 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
         // The next block's recompute starts from its last chunk's checkpoint and first X row.
         const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
         if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead, stream);
-        prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.N + ahead, stream);
+        prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.x_step + ahead, stream);
       }
     }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
@@ -340,9 +341,9 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
       }
     });
     for (int i = 0; i < count; ++i) {
-      const in_t* const x_row = p.x + (t0 + i) * p.N + n0;
+      const in_t* const x_row = p.x + (t0 + i) * p.x_step + n0;
       for (int g = 0; g < kGroups; ++g) {
-        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.N + g * kLanes, grad_x_staging != nullptr);
+        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, grad_x_staging != nullptr);
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
       }
     }

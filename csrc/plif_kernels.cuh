@@ -220,14 +220,14 @@ using VLast = typename PointeeOf<decltype(ForwardParams<in_t, acc_t>::v_last)>::
 // steps before (a pointer inside ForwardParams carries no such promise).
 template <int STEPS, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ int forward_chunk(const in_t* __restrict__ x, in_t* __restrict__ spikes,
-                                             in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t T,
-                                             index_t N, const Options<acc_t>& o, index_t t0, index_t n0,
+                                             in_t* __restrict__ v_seq, acc_t* __restrict__ h_seq, index_t T, index_t N,
+                                             index_t x_step, const Options<acc_t>& o, index_t t0, index_t n0,
                                              ForwardState<LANES, acc_t>& st) {
   const int count = T - t0 < STEPS ? static_cast<int>(T - t0) : STEPS;
   LoadedLanes<VECTOR, LANES, in_t> inputs[STEPS];
-  const in_t* source = x + t0 * N + n0;
+  const in_t* source = x + t0 * x_step + n0;
 #pragma unroll
-  for (int i = 0; i < STEPS; ++i, source += N) {
+  for (int i = 0; i < STEPS; ++i, source += x_step) {
     if (i < count) inputs[i].load(source);
   }
   index_t row = t0 * N + n0;
@@ -262,7 +262,7 @@ __device__ __forceinline__ void forward_neurons(const ForwardParams<in_t, acc_t>
   forward_begin<LANES>(p, n0, st);
   const Options<acc_t> o = p.opts;
   for (index_t t = 0; t < p.T;) {
-    t += forward_chunk<STEPS, VECTOR, LANES, SURROGATE>(x, spikes, v_seq, h_seq, p.T, p.N, o, t, n0, st);
+    t += forward_chunk<STEPS, VECTOR, LANES, SURROGATE>(x, spikes, v_seq, h_seq, p.T, p.N, p.x_step, o, t, n0, st);
   }
   forward_end<LANES>(p, n0, st);
 }
@@ -279,7 +279,8 @@ __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& 
   constexpr bool kChunked = SURROGATE != kRuntime;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (kChunked && vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
+  // Every step of x starts on a 16-byte word too: its step x_step (0 included) whole vectors.
+  if (kChunked && p.x_step % kLanes == 0 && vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
     constexpr int kSteps = Shape::template forward_steps<kLanes>();
     for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
       forward_neurons<kSteps, true, kLanes, SURROGATE>(p, x, spikes, v_seq, h_seq, n);
@@ -296,8 +297,8 @@ template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForwardMinBlocks) plif_forward_kernel(
     const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
     in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
-    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, acc_t v_threshold,
-    acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, index_t x_step,
+    acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   ForwardParams<in_t, acc_t> p;
   p.x = x;
   p.k = k;
@@ -310,6 +311,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForw
   p.v_init_stride = v_init_stride;
   p.T = T;
   p.N = N;
+  p.x_step = x_step;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
   if (p.opts.spiking) {
     forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
@@ -475,12 +477,12 @@ __device__ __forceinline__ void backward_neuron_recomputing(const BackwardParams
     {
       // Steps past the end load the last step's row again (in bounds), as backward_chunk does.
       in_t inputs[K];
-      index_t row = t0 * p.N + n;
+      index_t row = t0 * p.x_step + n;
 #pragma unroll
       for (int i = 0; i < K; ++i) {
         PLIF_KEEP_IN_ORDER(row);
         inputs[i] = x[row];
-        if (i + 1 < count) row += p.N;
+        if (i + 1 < count) row += p.x_step;
       }
       ForwardState<1, acc_t> forward;
       recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, h);
@@ -571,7 +573,7 @@ __device__ __forceinline__ void backward_kernel_body(
     const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
     const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
     acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;
@@ -587,6 +589,7 @@ __device__ __forceinline__ void backward_kernel_body(
   p.v_init_stride = v_init_stride;
   p.T = T;
   p.N = N;
+  p.x_step = x_step;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
 #define PLIF_BACKWARD_PATHS(mode)                                                                        \
   (grad_v_seq != nullptr ? backward_paths<RECOMPUTE, true, mode>(p, grad_spikes, grad_v_seq, h_seq, x, grad_x) \
@@ -612,9 +615,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
     const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
     acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   backward_kernel_body<false>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
-                     v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags);
+                     v_init_stride, T, N, x_step, v_threshold, v_reset, alpha, surrogate, flags);
 }
 
 template <typename in_t, typename acc_t>
@@ -623,9 +626,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
     const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
     acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   backward_kernel_body<true>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
-                     v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags);
+                     v_init_stride, T, N, x_step, v_threshold, v_reset, alpha, surrogate, flags);
 }
 
 }  // namespace plif

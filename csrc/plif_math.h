@@ -324,7 +324,7 @@ template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0, ForwardState<LANES, acc_t>& st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through spikes cannot alias it
   const index_t row = t * p.N + n0;
-  const in_t* const x_row = p.x + row;
+  const in_t* const x_row = p.x + t * p.x_step + n0;
   in_t* const spikes_row = p.spikes + row;
   acc_t h[LANES];
   for (int j = 0; j < LANES; ++j) {
@@ -531,7 +531,9 @@ PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
       const int count = static_cast<int>(p.T - t0 < kCheckpointSteps ? p.T - t0 : kCheckpointSteps);
       ForwardState<LANES, acc_t> fst;
       recompute_chunk_begin<LANES, SURROGATE>(p, chunk, n0, fst, h[0]);
-      for (int i = 0; i < count; ++i) recompute_step<LANES, SURROGATE>(p.x + (t0 + i) * p.N + n0, p.opts, fst, h[i + 1]);
+      for (int i = 0; i < count; ++i) {
+        recompute_step<LANES, SURROGATE>(p.x + (t0 + i) * p.x_step + n0, p.opts, fst, h[i + 1]);
+      }
       if (chunk == last_chunk) backward_begin<LANES, SURROGATE>(p, n0, h[count], st);
       for (int i = count - 1; i >= 0; --i) backward_step<LANES, SURROGATE>(p, t0 + i, n0, h[i], st);
     }

@@ -7,11 +7,12 @@
 // so a library built without a toolkit still serves CUDA tensors through the NVRTC launcher.
 //
 // Layout contract (the Python layer arranges it, see plif_cuda/functional.py): x is a
-// contiguous [T, *S] tensor, k and v_init are contiguous and either hold one value or
-// one value per neuron of S, in the compute dtype (float64 for float64 inputs, float32
-// otherwise). v_last (and so its gradient) is in the compute dtype too: it is the state a
-// layer carries into its next call, and rounding it there would make a split sequence differ
-// from one call; spikes, v_seq and grad_x have x's dtype.
+// [T, *S] tensor whose steps are each contiguous, at any distance apart (stride 0 included:
+// one step broadcast over time, as y.expand(T, ...) gives); k and v_init are contiguous and
+// either hold one value or one value per neuron of S, in the compute dtype (float64 for
+// float64 inputs, float32 otherwise). v_last (and so its gradient) is in the compute dtype too:
+// it is the state a layer carries into its next call, and rounding it there would make a split
+// sequence differ from one call; spikes, v_seq and grad_x have x's dtype and are contiguous.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -72,6 +73,22 @@ void check_seq(const Tensor& t, const char* name, const Tensor& like, at::Scalar
   TORCH_CHECK(t.scalar_type() == x_dtype, name, " must have dtype ", x_dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
+
+// x as the kernels read it: every step x[t] contiguous (size-1 dims anywhere), the steps any
+// stride apart. A broadcast or sliced time dimension is read in place, not copied.
+void check_steps_contiguous(const Tensor& x) {
+  int64_t expected = 1;
+  for (int64_t d = x.dim() - 1; d >= 1; --d) {
+    if (x.size(d) == 1) continue;
+    TORCH_CHECK(x.stride(d) == expected, "every step of x must be contiguous (x[t].is_contiguous()), got sizes ",
+                x.sizes(), " and strides ", x.strides());
+    expected *= x.size(d);
+  }
+}
+
+// Elements from one step of x to the next (N where there is only one step, whose stride means
+// nothing).
+int64_t step_stride(const Tensor& x, int64_t N) { return x.size(0) > 1 ? x.stride(0) : N; }
 
 template <typename acc_t>
 Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input,
@@ -201,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
     bool store_v_seq, int64_t save, int64_t launcher) {
   TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  check_steps_contiguous(x);
   const int64_t T = x.size(0);
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
   check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
@@ -239,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
     p.N = N;
+    p.x_step = step_stride(x, N);
     p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
                                  save == kSaveCheckpoints);
     if (x.is_cpu()) {
@@ -272,7 +290,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     TORCH_CHECK(x->dim() >= 1, "x must have a time dimension");
     TORCH_CHECK(x->device() == h_seq.device(), "x is on ", x->device(), " but h_seq is on ", h_seq.device());
     TORCH_CHECK(x->scalar_type() == x_dtype, "x must have dtype ", x_dtype, ", got ", x->scalar_type());
-    TORCH_CHECK(x->is_contiguous(), "x must be contiguous");
+    check_steps_contiguous(*x);
     const std::vector<int64_t> expected = checkpoint_sizes(*x);
     TORCH_CHECK(h_seq.sizes() == at::IntArrayRef(expected), "h_seq must hold the checkpoint rows of x: shape ",
                 at::IntArrayRef(expected), ", got ", h_seq.sizes());
@@ -328,6 +346,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
     p.N = N;
+    p.x_step = x ? step_stride(*x, N) : N;
     p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
                                  x.has_value());
     if (h_seq.is_cpu()) {
@@ -368,12 +387,13 @@ TORCH_LIBRARY(plif_cuda, m) {
   // block of with_scalar_arguments (plif_params.h).
   m.def(
       "nvrtc_launch_forward(Tensor x, Tensor k, Tensor v_init, Tensor(a!) spikes, Tensor(b!) v_last, "
-      "Tensor(c!)? v_seq, Tensor(d!)? h_seq, int k_stride, int v_init_stride, int T, int N, float v_threshold, "
-      "float v_reset, float alpha, int surrogate, int flags) -> ()");
+      "Tensor(c!)? v_seq, Tensor(d!)? h_seq, int k_stride, int v_init_stride, int T, int N, int x_step, "
+      "float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
       "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
-      "int v_init_stride, int T, int N, float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
+      "int v_init_stride, int T, int N, int x_step, float v_threshold, float v_reset, float alpha, int surrogate, "
+      "int flags) -> ()");
   // The launch shape of both GPU launchers (plif_launch.h), for the NVRTC one.
   m.def("threads_per_block() -> int", []() -> int64_t { return kThreadsPerBlock; });
   m.def("launch_blocks(int neurons, int resident_blocks) -> int",

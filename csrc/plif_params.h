@@ -68,16 +68,18 @@ inline int option_flags(const Options<acc_t>& o) {
 // (plif_ops.cpp hands them to plif_cuda/cupy_backend.py).
 template <typename Params, typename Fn>
 inline void with_scalar_arguments(const Params& p, Fn fn) {
-  fn(p.k_stride, p.v_init_stride, p.T, p.N, p.opts.v_threshold, p.opts.v_reset, p.opts.alpha, p.opts.surrogate,
-     option_flags(p.opts));
+  fn(p.k_stride, p.v_init_stride, p.T, p.N, p.x_step, p.opts.v_threshold, p.opts.v_reset, p.opts.alpha,
+     p.opts.surrogate, option_flags(p.opts));
 }
 
 // Memory layout: every [T, N] tensor is contiguous with time outermost (element (t, n) at
-// t * N + n); every per-neuron tensor is [N] contiguous or, where its stride is 0, a
-// single value shared by all neurons.
+// t * N + n), except x, whose steps are x_step elements apart (element (t, n) at t * x_step + n):
+// N where it is contiguous, 0 where one step is broadcast over time, any other value where it is
+// a slice of a larger tensor. Every per-neuron tensor is [N] contiguous or, where its stride is
+// 0, a single value shared by all neurons.
 template <typename in_t, typename acc_t>
 struct ForwardParams {
-  const in_t* x;        // [T, N]
+  const in_t* x;        // [T, N], steps x_step apart
   const acc_t* k;       // [N] or one value (k_stride = 0); k = sigmoid(w) = 1/tau
   const acc_t* v_init;  // [N] or one value (v_init_stride = 0)
   in_t* spikes;         // [T, N]
@@ -88,6 +90,7 @@ struct ForwardParams {
   index_t v_init_stride;
   index_t T;
   index_t N;
+  index_t x_step;
   Options<acc_t> opts;
 };
 
@@ -97,7 +100,7 @@ struct BackwardParams {
   const acc_t* grad_v_last; // [N] or null (zero)
   const in_t* grad_v_seq;   // [T, N] or null (zero)
   const acc_t* h_seq;       // [T, N]: H saved by the forward, or its checkpoint rows (opts.h_checkpoints)
-  const in_t* x;            // [T, N]: the forward's input where h_seq holds checkpoints, else null
+  const in_t* x;            // [T, N], steps x_step apart: the forward's input where h_seq holds checkpoints, else null
   const acc_t* k;
   const acc_t* v_init;
   in_t* grad_x;             // [T, N]
@@ -109,6 +112,7 @@ struct BackwardParams {
   index_t v_init_stride;
   index_t T;
   index_t N;
+  index_t x_step;
   Options<acc_t> opts;
 };
 

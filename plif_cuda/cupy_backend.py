@@ -121,8 +121,8 @@ _FLAG_H_CHECKPOINTS = 16
 
 def _scalar_types(acc) -> tuple:
     """C types of the kernels' scalar block (with_scalar_arguments in csrc/plif_params.h):
-    k_stride, v_init_stride, T, N, v_threshold, v_reset, alpha, surrogate, flags."""
-    return (np.int64,) * 4 + (acc,) * 3 + (np.int32,) * 2
+    k_stride, v_init_stride, T, N, x_step, v_threshold, v_reset, alpha, surrogate, flags."""
+    return (np.int64,) * 5 + (acc,) * 3 + (np.int32,) * 2
 
 
 # The NVRTC launcher ops of csrc/plif_ops.cpp: that op has checked the arguments, allocated the

@@ -1,13 +1,16 @@
 """``plif_multistep``: the one public entry point for the PLIF math.
 
 It checks every argument (errors name the argument), arranges the layout the kernels
-expect, picks the backend and calls the op. The kernels take a dense ``[T, N]`` block with
-time outermost. The step dimensions of ``x_seq`` are permuted into their memory order
-(largest stride first) and the op works on that view, whose outputs are permuted back: a
-dense input whose time dimension is outermost in memory (contiguous, step dims permuted,
-channels-last) runs without a copy, and its outputs have its memory format. Any other input
-(non-dense: sliced with gaps, expanded; or time not outermost) is copied once into that
-order, and its outputs are dense, time outermost, with the step dims in the input's order.
+expect, picks the backend and calls the op. The kernels read ``[T, N]``: each time step one
+dense block of N values, the steps any distance apart. The step dimensions of ``x_seq`` are
+permuted into their memory order (largest stride first) and the op works on that view, whose
+outputs are permuted back. An input whose every step is then dense runs without a copy: the
+op reads the caller's storage. That covers contiguous and channels-last inputs, permuted step
+dims, one step broadcast over time (``y.expand(T, ...)``, time stride 0), every k-th step
+(``x[::k]``) and slices of time or of a wider tensor that leave each step dense. Its outputs
+are dense, time outermost, with the step dims in the input's memory order. Any other input
+(steps with gaps, or time not outermost) is copied once into that order, and its outputs
+have the step dims in the input's order.
 """
 from __future__ import annotations
 
@@ -56,15 +59,26 @@ def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size)
     return t
 
 
+def _steps_contiguous(x: torch.Tensor) -> bool:
+    """Whether every step ``x[t]`` is contiguous (size-1 dims anywhere), whatever the time
+    stride: the layout the op reads in place (csrc/plif_ops.cpp checks the same)."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
 def _to_op_layout(x_seq: torch.Tensor):
     """Return (x in the op's layout, the permutation of the step dims that it applies)."""
     steps = range(x_seq.dim() - 1)
     # Size-1 dims carry no offset; they go last so that ties in stride cannot misorder.
     order = sorted(steps, key=lambda d: (x_seq.shape[d + 1] == 1, -x_seq.stride(d + 1)))
-    if order == sorted(order):
-        # No view (and no autograd node to walk back) where the order is already the op's.
-        return x_seq.contiguous(), order
-    return x_seq.permute([0] + [d + 1 for d in order]).contiguous(), order
+    # No view (and no autograd node to walk back) where the order is already the op's.
+    x_op = x_seq if order == sorted(order) else x_seq.permute([0] + [d + 1 for d in order])
+    return (x_op if _steps_contiguous(x_op) else x_op.contiguous()), order
 
 
 def _per_neuron(t: torch.Tensor, step_shape, order, dtype) -> torch.Tensor:

@@ -6,8 +6,9 @@ into the batch (``[T*N, ...]``); the spiking neurons run all T steps in one fuse
 
 - ``StaticImageSNN``: images ``[N, C, H, W]``. The first conv+BN is applied once and its
   output repeated over T, as in the paper: the image is the same at every step, so this
-  layer computes the same thing T times otherwise. Its neurons are the encoder that turns
-  the analog image into spikes.
+  layer computes the same thing T times otherwise. The repetition is a broadcast
+  (``expand``, time stride 0) that the neurons' kernels read in place: no ``[T, ...]`` copy.
+  Its neurons are the encoder that turns the analog image into spikes.
 - ``EventFrameSNN``: event frames ``[T, N, 2, H, W]`` (one channel per polarity); every
   layer runs on every step.
 

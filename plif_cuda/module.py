@@ -13,6 +13,13 @@ from .spikingjelly_compat import MemoryModule
 from .surrogate import Sigmoid, describe_surrogate
 
 
+def _describe(value) -> str:
+    """A value's type, and its length where it has one: a message never prints a whole tensor."""
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
 def _check_tau(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 1:
         raise ValueError(f"{name} must be a number > 1 (tau = 1/sigmoid(w)), got {value!r}")
@@ -35,6 +42,11 @@ class ParametricLIFNode(MemoryModule):
     memory: it persists across calls (keeping its autograd graph, so gradient reaches the previous
     call) until ``reset()``, is cut from the graph by ``detach()``, and is kept in the compute
     dtype (float32 for half inputs), so that splitting a sequence into calls never rounds it.
+
+    SpikingJelly's functional API is there too: ``single_step_functional_forward`` and
+    ``multi_step_functional_forward`` take ``((x,), (v,))`` and return ``((spikes,), (v_next,))``
+    without touching the layer's memory (``v`` a float or a tensor of one step's shape), as
+    ``spikingjelly.activation_based.base.to_functional_forward`` and its checkpointing call them.
     """
 
     def __init__(
@@ -125,41 +137,77 @@ class ParametricLIFNode(MemoryModule):
             detach_reset=self.detach_reset,
         )
 
-    def _check_state(self, x_seq: torch.Tensor):
-        v = self.v
+    @staticmethod
+    def _check_state(v, x_seq: torch.Tensor, name: str):
         if isinstance(v, torch.Tensor) and v.shape != x_seq.shape[1:]:
             try:
                 torch.broadcast_shapes(v.shape, x_seq.shape[1:])
             except RuntimeError:
                 raise ValueError(
-                    f"the stored membrane v has shape {tuple(v.shape)} but the input step has shape "
+                    f"{name} has shape {tuple(v.shape)} but the input step has shape "
                     f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
                 ) from None
         return v
 
-    def _run(self, x_seq: torch.Tensor):
-        """All steps of ``x_seq`` from the stored membrane: (spike_seq, v_last, v_seq or None)."""
-        v_init = self._check_state(x_seq)
+    def _run(self, x_seq: torch.Tensor, v_init, store_v_seq: bool):
+        """All steps of ``x_seq`` from the membrane ``v_init``: (spike_seq, v_last, v_seq or None)."""
         described = self._surrogate()
         if described is None:
-            return self._generic_surrogate_forward(x_seq, v_init)
+            return self._generic_surrogate_forward(x_seq, v_init, store_v_seq)
         name, alpha, spiking = described
         return multistep_keeping_state(
             x_seq, self._w(x_seq), v_init, surrogate=name, alpha=alpha, spiking=spiking,
-            store_v_seq=self.store_v_seq, backend=self.backend, **self._options(),
+            store_v_seq=store_v_seq, backend=self.backend, **self._options(),
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        spike_seq, self.v, v_seq = self._run(x_seq)
+        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        spike_seq, self.v, v_seq = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self.v_seq = v_seq
         return spike_seq
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        spike_seq, self.v, v_step = self._run(x.unsqueeze(0))
+        x_seq = x.unsqueeze(0)
+        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        spike_seq, self.v, v_step = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self._append_v_seq(v_step)
         return spike_seq.squeeze(0)
+
+    # ---- SpikingJelly's functional API: the same transition on an explicit state ----------------
+    def _functional_arguments(self, inputs, states, kwargs, method: str):
+        if kwargs:
+            raise TypeError(f"{method} takes no keyword arguments, got {sorted(kwargs)}")
+        if not isinstance(inputs, (tuple, list)) or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise TypeError(f"{method}: inputs must be a tuple holding one tensor (x), got {_describe(inputs)}")
+        if not isinstance(states, (tuple, list)) or len(states) != 1:
+            raise ValueError(
+                f"{method}: states must be a tuple holding one state (the membrane v), got {_describe(states)}"
+            )
+        (v,) = states
+        if isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor)):
+            raise TypeError(f"{method}: the state v must be a float or a tensor, got {type(v).__name__}")
+        return inputs[0], v
+
+    def single_step_functional_forward(self, inputs, states, **kwargs):
+        """One step from the explicit membrane: ``((x,), (v,))`` -> ``((spike,), (v_next,))``.
+
+        SpikingJelly's pure transition: the layer's memory (``v``, ``v_seq``) is left as it is;
+        ``v`` is a float or a tensor broadcastable to ``x``'s shape; ``v_next`` is in the
+        compute dtype (float32 for half inputs), as the layer's own membrane is.
+        """
+        x, v = self._functional_arguments(inputs, states, kwargs, "single_step_functional_forward")
+        x_seq = x.unsqueeze(0)
+        spike_seq, v_next, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        return (spike_seq.squeeze(0),), (v_next,)
+
+    def multi_step_functional_forward(self, inputs, states, **kwargs):
+        """All steps in one fused call: ``((x_seq,), (v,))`` -> ``((spike_seq,), (v_last,))``,
+        ``x_seq`` time-first; otherwise as ``single_step_functional_forward``."""
+        x_seq, v = self._functional_arguments(inputs, states, kwargs, "multi_step_functional_forward")
+        spike_seq, v_last, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        return (spike_seq,), (v_last,)
 
     def _append_v_seq(self, v_step: torch.Tensor) -> None:
         # SpikingJelly's single-step rule: the sequence grows by one step per call and restarts
@@ -171,7 +219,7 @@ class ParametricLIFNode(MemoryModule):
         else:
             self.v_seq = torch.cat((v_seq, v_step))
 
-    def _generic_surrogate_forward(self, x_seq, v_init):
+    def _generic_surrogate_forward(self, x_seq, v_init, store_v_seq):
         """Any other callable surrogate: the reference time loop, calling it at each step."""
         if not self._warned_fallback:
             surrogate = self.surrogate_function
@@ -195,7 +243,7 @@ class ParametricLIFNode(MemoryModule):
             v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
         return plif_time_loop(
             x_seq, torch.sigmoid(self._w(x_seq)).to(acc), v_init.to(device=x_seq.device, dtype=acc),
-            self.surrogate_function, store_v_seq=self.store_v_seq, **self._options(),
+            self.surrogate_function, store_v_seq=store_v_seq, **self._options(),
         )
 
 

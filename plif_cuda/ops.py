@@ -7,9 +7,11 @@ last argument, ``launcher``, says how CUDA tensors' kernels are launched: ``COMP
 run time, ``plif_cuda.cupy_backend``); CPU tensors ignore it. So every backend is one op, and
 torch.compile, autograd and opcheck treat them alike.
 
-Op contract (arranged by ``plif_cuda.functional``): ``x`` is a contiguous ``[T, *S]``
-tensor; ``k`` and ``v_init`` are contiguous, in the compute dtype (float64 for float64
-inputs, float32 otherwise), and hold one value or one value per neuron of ``S``. ``v_last``
+Op contract (arranged by ``plif_cuda.functional``): ``x`` is a ``[T, *S]`` tensor whose
+steps ``x[t]`` are each contiguous, any distance apart (stride 0: one step broadcast over
+time), read where they are; ``k`` and ``v_init`` are contiguous, in the compute dtype
+(float64 for float64 inputs, float32 otherwise), and hold one value or one value per neuron
+of ``S``. ``v_last``
 (and so its gradient) is in the compute dtype as well: it is the state a layer carries into its
 next call, which must not be rounded to a half dtype between calls. ``spikes``, ``v_seq`` and
 ``grad_x`` have ``x``'s dtype. The backward's ``grad_k`` and ``grad_v_init`` hold as many

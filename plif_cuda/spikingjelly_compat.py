@@ -4,8 +4,8 @@
 importable, so that its tools (``functional.reset_net`` / ``detach_net`` / ``set_step_mode``,
 ``base.named_memories``, ``memopt`` checkpointing, monitors) treat our layers as their own.
 Without SpikingJelly it is a stand-in with the same protocol (``register_memory``, ``reset``,
-``memories``, ``named_memories``, ``step_mode``, memories converted by ``.to()``; our layers add
-``detach``).
+``memories``, ``named_memories``, ``step_mode``, ``functional_forward``, memories converted by
+``.to()``; our layers add ``detach`` and the single- and multi-step functional forwards).
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ class _MemoryModule(nn.Module):
         if self.step_mode == "m":
             return self.multi_step_forward(*args, **kwargs)
         return self.single_step_forward(*args, **kwargs)
+
+    def materialize_states(self, inputs, states, step_mode: str):
+        """The explicit states as the functional forwards take them (ours take them as they are)."""
+        return states
+
+    def functional_forward(self, inputs, states, **kwargs):
+        """``(outputs, updated_states)`` of one call in the current step mode, from explicit
+        states, leaving the module's memories alone."""
+        states = self.materialize_states(inputs, states, self.step_mode)
+        if self.step_mode == "m":
+            return self.multi_step_functional_forward(inputs, states, **kwargs)
+        return self.single_step_functional_forward(inputs, states, **kwargs)
 
     def register_memory(self, name: str, value) -> None:
         if hasattr(self, name):

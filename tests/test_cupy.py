@@ -202,7 +202,7 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     acc = np.float64 if dtype == torch.float64 else np.float32
     x, spikes, h_seq = (torch.randn(4, 3, 5, dtype=dtype) for _ in range(3))
     k, v_init, v_last = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype), torch.zeros(15, dtype=dtype)
-    scalars = (0, 1, 4, 3000, 1.0, -0.5, 2.0, SURROGATE_IDS["erf"], 2 | 4 | 8)
+    scalars = (0, 1, 4, 3000, 0, 1.0, -0.5, 2.0, SURROGATE_IDS["erf"], 2 | 4 | 8)
     cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *scalars)
     (grid, block, args), = launches
     assert (grid, block) == ((7,), (256,)), "3000 neurons: 12 blocks wanted, capped at the 7 resident ones"
@@ -215,8 +215,8 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
 
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
-    cupy_backend._launch_backward(x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 1.0,
-                                  0.0, 4.0, 0, 1)
+    cupy_backend._launch_backward(x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 15,
+                                  1.0, 0.0, 4.0, 0, 1)
     (grid, _, args), = launches
     assert grid == (1,)
     assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_backward_kernel")]
@@ -238,8 +238,8 @@ def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
     x = torch.randn(9, 5).bfloat16()
     h_seq, k, grad_k = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(5)
     for flags in (8, 8 | 16):
-        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 1.0, 0.0, 4.0, 0,
-                                      flags)
+        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 5, 1.0, 0.0, 4.0,
+                                      0, flags)
     assert launched == ["backward", "recompute_backward"]
 
 

@@ -5,11 +5,12 @@ compared bit for bit with the fused CPU kernel.
 
 The cases cover both memory paths of the kernels (vector accesses, picked for large N on aligned
 tensors, and the scalar one for small N, tails and misaligned tensors), T below, at and above
-the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype, and
-absent gradients. The vector path needs N >= neurons per thread x resident threads; to reach it
-with a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the
-spiking mode takes it, and only the forward (the backward takes one neuron per thread: see
-Geometry in the kernels).
+the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype,
+absent gradients, and x read with its steps any distance apart (one step broadcast over time,
+slices), compared with the CPU kernel on its contiguous copy. The vector path needs N >= neurons
+per thread x resident threads; to reach it with a few thousand neurons, the emulated device keeps
+only one or two blocks resident. Only the spiking mode takes it, and only the forward (the
+backward takes one neuron per thread: see Geometry in the kernels).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def emulation(tmp_path_factory):
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
     lib = ctypes.CDLL(str(library))
     pointer, i64, f64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_int
-    tail = [i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, ctypes.c_char_p, i32]
+    tail = [i64, i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, ctypes.c_char_p, i32]
     lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail
     lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 10 + tail
     lib.plif_emulate_vector_load.argtypes = [pointer, ctypes.c_char_p, i32]
@@ -117,6 +118,19 @@ def _placed(t: torch.Tensor, offset: int) -> torch.Tensor:
 
 def _empty_placed(shape, dtype, offset: int) -> torch.Tensor:
     return _placed(torch.full(shape, float("nan"), dtype=dtype), offset)
+
+
+def _placed_steps(x: torch.Tensor, step: int, offset: int) -> torch.Tensor:
+    """``x`` ([T, N]) as a view whose steps lie ``step`` elements apart (0: one step read at every
+    time step), starting ``offset`` elements into a fresh allocation whose gaps hold NaN."""
+    steps, neurons = x.shape
+    flat = torch.full((max(steps - 1, 0) * step + neurons + offset + 8,), float("nan"), dtype=x.dtype)
+    placed = flat.as_strided(x.shape, (step, 1), offset)
+    if step == 0:
+        placed[:1].copy_(x[:1])
+    else:
+        placed.copy_(x)
+    return placed
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
@@ -155,16 +169,20 @@ def forward_lanes(dtype) -> int:
 
 def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
              store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0,
-             save=plif_ops.SAVE_H) -> tuple[int, int]:
+             save=plif_ops.SAVE_H, x_step=None) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
     outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
     asserts every output bit-equal. ``save``: what the forward keeps (every H, or checkpoints,
-    from which the backward recomputes H with x). Returns the vector accesses of the emulated
-    forward and backward."""
+    from which the backward recomputes H with x). ``x_step``: elements between the emulated x's
+    steps (None: N, contiguous; 0: one step broadcast over time); the CPU op gets the contiguous
+    copy. Returns the vector accesses of the emulated forward and backward."""
     x_offset = offset if x_offset is None else x_offset
+    x_step = neurons if x_step is None else x_step
     generator = torch.Generator().manual_seed(seed)
     acc = compute_dtype(dtype)
     x = (torch.randn(steps, neurons, generator=generator, dtype=torch.float64) * 1.5 + 0.4).to(dtype)
+    if x_step == 0:
+        x = x[:1].expand(steps, neurons).contiguous()
     count = neurons if per_neuron else 1
     k = torch.sigmoid(torch.randn(count, generator=generator, dtype=torch.float64) * 0.6).to(acc)
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
@@ -172,7 +190,7 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
 
     spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, save)
     saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
-    em_x = _placed(x, x_offset)
+    em_x = _placed_steps(x, x_step, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
         "v_last": _empty_placed(v_last.shape, v_last.dtype, offset),
@@ -184,7 +202,7 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
     forward_vectors = _call(
         lib.plif_emulate_forward, DTYPE_CODES[dtype], _ptr(em_x), _ptr(em_k), _ptr(em_v_init), _ptr(em["spikes"]), _ptr(em["v_last"]), _ptr(em["v_seq"]), _ptr(em["h_seq"]),
-        stride, stride, steps, neurons, *_kernel_scalars(options, save), resident_blocks)
+        stride, stride, steps, neurons, x_step, *_kernel_scalars(options, save), resident_blocks)
     assert_bits_equal(em["spikes"], spikes, "spikes")
     assert_bits_equal(em["v_last"], v_last, "v_last")
     assert_bits_equal(em["h_seq"], h_seq, "h_seq")
@@ -200,14 +218,14 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
                                                          v_init, dtype, *options)
 
     em_inputs = [None if t is None else _placed(t, at) for t, at in
-                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset),
-                  (saved_x, x_offset))]
+                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))]
+    em_inputs.append(None if saved_x is None else em_x)
     em_grad_x = _empty_placed(x.shape, dtype, offset)
     em_grad_k = _empty_placed((neurons,), acc, offset)
     em_grad_v_init = _empty_placed((neurons,), acc, offset)
     backward_vectors = _call(
         lib.plif_emulate_backward, DTYPE_CODES[dtype], *(_ptr(t) for t in em_inputs), _ptr(em_k), _ptr(em_v_init),
-        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons,
+        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons, x_step,
         *_kernel_scalars(options, save), resident_blocks)
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
     shares_k, shares_v_init = grad_k, grad_v_init
@@ -362,3 +380,42 @@ def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
 def test_checkpoints_absent_gradients(emulation, grads):
     run_case(emulation, torch.float16, 19, 1024, _options(), 1, grads=grads, store_v_seq="v_seq" in grads,
              per_neuron=False, save=plif_ops.SAVE_CHECKPOINTS)
+
+
+# ---- x read in place: steps any distance apart (a broadcast over time, a slice) -----------------
+# Elements between x's steps, as a function of N and the dtype's lanes: one step broadcast over
+# time (y.expand(T, ...)), every other step of a longer sequence (x[::2]), a slice of wider rows
+# that keeps every step on a 16-byte word, and one that does not.
+X_STEPS = [
+    pytest.param(lambda neurons, lanes: 0, id="broadcast"),
+    pytest.param(lambda neurons, lanes: 2 * neurons, id="every_other_step"),
+    pytest.param(lambda neurons, lanes: neurons + lanes, id="aligned_slice"),
+    pytest.param(lambda neurons, lanes: neurons + 1, id="misaligned_slice"),
+]
+
+
+@pytest.mark.parametrize("x_step_of", X_STEPS)
+@pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, resident_blocks, neurons, x_step_of):
+    """The kernels read x's steps where they are: the results are those of its contiguous copy,
+    and the vector path is taken whenever every step starts on a 16-byte word."""
+    lanes = forward_lanes(dtype)
+    x_step = x_step_of(neurons, lanes)
+    forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(detach_reset=True),
+                                                 resident_blocks, seed=5, x_step=x_step)
+    assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
+    assert backward_vectors == 0
+
+
+@pytest.mark.parametrize("x_step_of", X_STEPS)
+@pytest.mark.parametrize("steps", (1, 9, T_LONG), ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_step_of):
+    """From checkpoints the backward reads x again: in place too, at the same step."""
+    x_step = x_step_of(300, forward_lanes(dtype))
+    options = _options(v_reset=None, surrogate="atan")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step,
+             save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, x_step=x_step_of(2048, forward_lanes(dtype)),
+             save=plif_ops.SAVE_CHECKPOINTS)

@@ -95,8 +95,8 @@ extern "C" {
 
 long long plif_emulate_forward(int dtype, const void* x, const void* k, const void* v_init, void* spikes, void* v_last,
                                void* v_seq, void* h_seq, long long k_stride, long long v_init_stride, long long T,
-                               long long N, double v_threshold, double v_reset, double alpha, int surrogate,
-                               int flags, long long resident_blocks, char* error, int error_size) {
+                               long long N, long long x_step, double v_threshold, double v_reset, double alpha,
+                               int surrogate, int flags, long long resident_blocks, char* error, int error_size) {
   return guarded(error, error_size, [&] {
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
@@ -106,7 +106,7 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
         plif::plif_forward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(x), static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init),
             static_cast<in_t*>(spikes), static_cast<v_last_t*>(v_last), static_cast<in_t*>(v_seq),
-            static_cast<acc_t*>(h_seq), k_stride, v_init_stride, T, N, static_cast<acc_t>(v_threshold),
+            static_cast<acc_t*>(h_seq), k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold),
             static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
       });
     });
@@ -115,9 +115,10 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
 
 long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* grad_v_last, const void* grad_v_seq,
                                 const void* h_seq, const void* x, const void* k, const void* v_init, void* grad_x,
-                                void* grad_k, void* grad_v_init, long long k_stride, long long v_init_stride, long long T,
-                                long long N, double v_threshold, double v_reset, double alpha, int surrogate,
-                                int flags, long long resident_blocks, char* error, int error_size) {
+                                void* grad_k, void* grad_v_init, long long k_stride, long long v_init_stride,
+                                long long T, long long N, long long x_step, double v_threshold, double v_reset,
+                                double alpha, int surrogate, int flags, long long resident_blocks, char* error,
+                                int error_size) {
   return guarded(error, error_size, [&] {
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
@@ -131,9 +132,9 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
         kernel(
             static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
             static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const in_t*>(x),
-            static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x), static_cast<acc_t*>(grad_k),
-            static_cast<acc_t*>(grad_v_init), k_stride, v_init_stride, T, N, static_cast<acc_t>(v_threshold),
-            static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x),
+            static_cast<acc_t*>(grad_k), static_cast<acc_t*>(grad_v_init), k_stride, v_init_stride, T, N, x_step,
+            static_cast<acc_t>(v_threshold), static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
       });
     });
   });
