@@ -53,9 +53,8 @@ def extensions():
     import torch
     from torch.utils import cpp_extension
 
-    # The CPU kernels are split by direction and dtype so that the compiler runs them in parallel.
-    cpu_kernels = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("plif_cpu_*ward*.cpp"))
-    sources = ["csrc/plif_ops.cpp", "csrc/plif_cpu_buffers.cpp", *cpu_kernels]
+    # Every C++ file of csrc/: the CPU kernels come in parts that the compiler runs in parallel.
+    sources = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp"))
     # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
     # -fno-trapping-math changes no result (it lets the vectoriser if-convert selects around
     # float-to-int conversions); -ffast-math is never used, it would reorder the arithmetic.

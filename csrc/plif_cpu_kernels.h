@@ -1,7 +1,6 @@
 // Fused CPU kernels: blocks of neurons in parallel, each block walked through all T steps
 // with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py). Included
-// only by the plif_cpu_*.cpp files, each instantiating one direction and dtype, so that they
-// compile in parallel.
+// only by the plif_cpu_*.cpp files, each instantiating a part, so that they compile in parallel.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -637,23 +636,48 @@ void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
   }
 }
 
+// One surrogate's backward kernels (every option mask). Instantiated apart, by the
+// plif_cpu_backward_*.cpp files, a few surrogates each: the backward is most of the build, and
+// split so its parts compile in parallel.
+template <int SURROGATE, typename in_t, typename acc_t>
+void backward_with_surrogate(const BackwardParams<in_t, acc_t>& p) {
+  backward_in_mode<SURROGATE>(p);
+}
+
+#define PLIF_FOR_EACH_BACKWARD_VARIANT(MACRO, in_t, acc_t) \
+  MACRO(kRuntime, in_t, acc_t)                             \
+  MACRO(kSigmoid, in_t, acc_t)                             \
+  MACRO(kAtan, in_t, acc_t)                                \
+  MACRO(kPiecewiseQuadratic, in_t, acc_t)                  \
+  MACRO(kPiecewiseExp, in_t, acc_t)                        \
+  MACRO(kSoftSign, in_t, acc_t)                            \
+  MACRO(kSuperSpike, in_t, acc_t)                          \
+  MACRO(kErf, in_t, acc_t)
+#define PLIF_DECLARE_BACKWARD_VARIANT(SURROGATE, in_t, acc_t) \
+  extern template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
+#define PLIF_INSTANTIATE_CPU_BACKWARD(SURROGATE, in_t, acc_t) \
+  template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
+PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, float, float)
+PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, double, double)
+PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::Half, float)
+PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::BFloat16, float)
+
 template <typename in_t, typename acc_t>
 void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  if (!p.opts.spiking) return backward_in_mode<kRuntime>(p);
+  if (!p.opts.spiking) return backward_with_surrogate<kRuntime>(p);
   switch (p.opts.surrogate) {
-    case kSigmoid: return backward_in_mode<kSigmoid>(p);
-    case kAtan: return backward_in_mode<kAtan>(p);
-    case kPiecewiseQuadratic: return backward_in_mode<kPiecewiseQuadratic>(p);
-    case kPiecewiseExp: return backward_in_mode<kPiecewiseExp>(p);
-    case kSoftSign: return backward_in_mode<kSoftSign>(p);
-    case kSuperSpike: return backward_in_mode<kSuperSpike>(p);
-    default: return backward_in_mode<kErf>(p);
+    case kSigmoid: return backward_with_surrogate<kSigmoid>(p);
+    case kAtan: return backward_with_surrogate<kAtan>(p);
+    case kPiecewiseQuadratic: return backward_with_surrogate<kPiecewiseQuadratic>(p);
+    case kPiecewiseExp: return backward_with_surrogate<kPiecewiseExp>(p);
+    case kSoftSign: return backward_with_surrogate<kSoftSign>(p);
+    case kSuperSpike: return backward_with_surrogate<kSuperSpike>(p);
+    default: return backward_with_surrogate<kErf>(p);
   }
 }
 
-#define PLIF_INSTANTIATE_CPU_FORWARD(in_t, acc_t) \
-  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&);
-#define PLIF_INSTANTIATE_CPU_BACKWARD(in_t, acc_t) \
+#define PLIF_INSTANTIATE_CPU_ENTRY_POINTS(in_t, acc_t)                       \
+  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
   template void backward_cpu<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
 
 }  // namespace plif

@@ -1,0 +1,7 @@
+// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+#include "plif_cpu_kernels.h"
+
+namespace plif {
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseExp, c10::BFloat16, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kSoftSign, c10::BFloat16, float)
+}  // namespace plif

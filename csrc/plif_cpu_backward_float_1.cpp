@@ -1,0 +1,9 @@
+// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+#include "plif_cpu_kernels.h"
+
+namespace plif {
+PLIF_INSTANTIATE_CPU_BACKWARD(kRuntime, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kSigmoid, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, float, float)
+}  // namespace plif

@@ -1,0 +1,9 @@
+// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+#include "plif_cpu_kernels.h"
+
+namespace plif {
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseExp, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kSoftSign, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kSuperSpike, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kErf, float, float)
+}  // namespace plif

@@ -1,0 +1,7 @@
+// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+#include "plif_cpu_kernels.h"
+
+namespace plif {
+PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, c10::Half, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, c10::Half, float)
+}  // namespace plif
