@@ -10,6 +10,7 @@ Environment:
     PLIF_CPU_ONLY=1         skip the CUDA kernels even where they could be built
     PLIF_PTXAS_VERBOSE=1    print ptxas register/spill report for every kernel
 """
+
 import os
 import shutil
 import sys

@@ -29,6 +29,7 @@ reported "0 bytes spill stores, 0 bytes spill loads" for every plif kernel it co
 cuobjdump is looked up in $CUOBJDUMP, $CUDA_HOME/bin, PATH, then in triton's wheel (which
 ships one: a minimal CUDA toolkit may lack it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,23 +48,38 @@ HALF_ONLY_KERNELS = ("plif_recompute_backward_kernel",)
 MIN_LOAD_BYTES_IN_FLIGHT = 64
 # Kernels built for fewer bytes ahead: (kernel kind -> (bytes, why)).
 LOAD_BYTES_EXCEPTIONS = {
-    "recompute": (16, "one neuron per thread recomputing 8 steps from one 2-byte input each (16 B), then "
-                      "gradients 4 steps at a time, within the 64 registers of four resident blocks"),
+    "recompute": (
+        16,
+        "one neuron per thread recomputing 8 steps from one 2-byte input each (16 B), then "
+        "gradients 4 steps at a time, within the 64 registers of four resident blocks",
+    ),
 }
 THREADS_PER_BLOCK = 256  # plif::kThreadsPerBlock (csrc/plif_launch.h)
 # Per multiprocessor: 64K 32-bit registers on every architecture here, allocated per warp in
 # units of 256, and at most this many resident threads.
 REGISTERS_PER_SM = 65536
 REGISTER_ALLOCATION_UNIT = 256
-MAX_THREADS_PER_SM = {"sm_70": 2048, "sm_75": 1024, "sm_80": 2048, "sm_86": 1536, "sm_87": 2048, "sm_89": 1536,
-                      "sm_90": 2048, "sm_100": 2048, "sm_120": 1536}
+MAX_THREADS_PER_SM = {
+    "sm_70": 2048,
+    "sm_75": 1024,
+    "sm_80": 2048,
+    "sm_86": 1536,
+    "sm_87": 2048,
+    "sm_89": 1536,
+    "sm_90": 2048,
+    "sm_100": 2048,
+    "sm_120": 1536,
+}
 # Kernels that keep fewer than half the threads resident: (architecture or "*", kernel label) ->
 # (the resident threads per multiprocessor they must keep at least, why). Their launch bounds are
 # in csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks).
 OCCUPANCY_EXCEPTIONS = {
-    ("*", "backward float64"): (512, "64 bytes of loads ahead are 16-24 registers of doubles and its surrogates "
-                                     "are double precision: at 64 registers ptxas spills 312 bytes (sm_90), at 80 "
-                                     "the division's slow path takes a 24-byte stack frame"),
+    ("*", "backward float64"): (
+        512,
+        "64 bytes of loads ahead are 16-24 registers of doubles and its surrogates "
+        "are double precision: at 64 registers ptxas spills 312 bytes (sm_90), at 80 "
+        "the division's slow path takes a 24-byte stack frame",
+    ),
 }
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.
 DTYPE_PAIRS = {"Iff": "float32", "Idd": "float64", "I6__halff": "float16", "I13__nv_bfloat16f": "bfloat16"}
@@ -145,8 +161,25 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
 _SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 # Instructions that end a run of loads in flight: stores and atomics (a load may not pass them
 # unless the compiler knows the pointers do not alias), branches and barriers.
-_RUN_ENDS = {"STG", "ST", "STS", "RED", "ATOM", "ATOMG", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL",
-             "BSYNC", "BSSY", "WARPSYNC", "BAR"}
+_RUN_ENDS = {
+    "STG",
+    "ST",
+    "STS",
+    "RED",
+    "ATOM",
+    "ATOMG",
+    "BRA",
+    "BRX",
+    "JMP",
+    "JMX",
+    "EXIT",
+    "RET",
+    "CALL",
+    "BSYNC",
+    "BSSY",
+    "WARPSYNC",
+    "BAR",
+}
 
 
 # Width suffixes of global access opcodes (LDG.E.128, STG.E.U16, ...); no suffix: 4 bytes.
@@ -204,8 +237,11 @@ def innermost_loops(body: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
         target = re.search(r"0x([0-9a-f]+)", operands)
         if opcode.split(".")[0] == "BRA" and target and int(target.group(1), 16) <= address:
             loops.append((int(target.group(1), 16), address))
-    return [(start, end) for start, end in loops
-            if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+    return [
+        (start, end)
+        for start, end in loops
+        if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)
+    ]
 
 
 def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
@@ -237,12 +273,16 @@ def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]
             # Every kernel has two chunk loops or more (see the module docstring).
             verdict = "ok" if deep >= 2 else "TOO FEW"
             note = f" (exception: {why})" if why else ""
-            print(f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
-                  f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}")
+            print(
+                f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
+                f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}"
+            )
             if verdict != "ok":
-                problems.append(f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
-                                f"loads in flight per iteration (at most {most} B); every chunk loop needs "
-                                f"them")
+                problems.append(
+                    f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
+                    f"loads in flight per iteration (at most {most} B); every chunk loop needs "
+                    f"them"
+                )
     return problems
 
 
@@ -275,14 +315,17 @@ def check_vector_stores(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) 
             narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
             problem = None
             if not loops:
-                problem = (f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's "
-                           f"chunk loop)")
+                problem = f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's chunk loop)"
             elif narrow:
-                problem = (f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
-                           f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
-                           f"{VECTOR_WORD_BYTES}-byte words")
-            print(f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
-                  f"{narrow} narrower  {'FAIL' if problem else 'ok'}")
+                problem = (
+                    f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
+                    f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
+                    f"{VECTOR_WORD_BYTES}-byte words"
+                )
+            print(
+                f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
+                f"{narrow} narrower  {'FAIL' if problem else 'ok'}"
+            )
             if problem:
                 problems.append(f"{arch}: {label}: {problem}")
     return problems
@@ -306,11 +349,15 @@ def check_occupancy(usage: dict[str, dict[str, dict[str, int]]]) -> list[str]:
             floor = min(wanted, exception[0]) if exception else wanted
             verdict = "ok" if threads >= floor else "TOO FEW"
             note = f" (exception: {exception[1]})" if exception and threads < wanted else ""
-            print(f"  {arch}  {label:<18} REG:{res['REG']:<3} -> {threads} resident threads per SM "
-                  f"(half: {wanted})  {verdict}{note}")
+            print(
+                f"  {arch}  {label:<18} REG:{res['REG']:<3} -> {threads} resident threads per SM "
+                f"(half: {wanted})  {verdict}{note}"
+            )
             if verdict != "ok":
-                problems.append(f"{arch}: {label}: {res['REG']} registers per thread keep {threads} threads resident "
-                                f"per multiprocessor, fewer than {floor}")
+                problems.append(
+                    f"{arch}: {label}: {res['REG']} registers per thread keep {threads} threads resident "
+                    f"per multiprocessor, fewer than {floor}"
+                )
     return problems
 
 
@@ -330,7 +377,9 @@ def check_ptxas_log(path: Path) -> list[str]:
             seen += 1
             stack, stores, loads = (int(v) for v in frame.groups())
             if stack or stores or loads:
-                problems.append(f"ptxas: {current}: {stack} bytes stack, {stores} bytes spill stores, {loads} bytes spill loads")
+                problems.append(
+                    f"ptxas: {current}: {stack} bytes stack, {stores} bytes spill stores, {loads} bytes spill loads"
+                )
             current = None
     if seen == 0:
         problems.append(f"ptxas log {path} has no report for any plif kernel (was it built with PLIF_PTXAS_VERBOSE=1?)")
@@ -340,7 +389,9 @@ def check_ptxas_log(path: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--library", help="the extension library (default: the one in plif_cuda/)")
-    parser.add_argument("--arch", action="append", help="required SASS architecture, e.g. 80 (repeatable; default 80 and 90)")
+    parser.add_argument(
+        "--arch", action="append", help="required SASS architecture, e.g. 80 (repeatable; default 80 and 90)"
+    )
     parser.add_argument("--ptxas-log", type=Path, help="build log made with PLIF_PTXAS_VERBOSE=1")
     args = parser.parse_args()
     required = [f"sm_{a.removeprefix('sm_')}" for a in (args.arch or ["80", "90"])]
@@ -351,7 +402,9 @@ def main() -> int:
         print(f"library:   {library}\ncuobjdump: {cuobjdump}")
         elf_list = run_cuobjdump(cuobjdump, "--list-elf", str(library))
         archs_present = sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", elf_list)))
-        ptx_present = sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", run_cuobjdump(cuobjdump, "--list-ptx", str(library)))))
+        ptx_present = sorted(
+            set(re.findall(r"\.(sm_\d+a?)\.ptx", run_cuobjdump(cuobjdump, "--list-ptx", str(library))))
+        )
         print(f"cubins:    {', '.join(archs_present) or 'none'}\nPTX:       {', '.join(ptx_present) or 'none'}")
         usage = parse_resource_usage(run_cuobjdump(cuobjdump, "-res-usage", str(library)))
         sass = parse_sass(run_cuobjdump(cuobjdump, "-sass", str(library)))
@@ -360,8 +413,12 @@ def main() -> int:
         return 1
 
     problems = [f"no {arch} cubin in the library" for arch in required if arch not in archs_present]
-    expected = {f"{kernel.split('_')[1]} {dtype}" for kernel in KERNELS for dtype in DTYPE_PAIRS.values()
-                if kernel not in HALF_ONLY_KERNELS or dtype in ("float16", "bfloat16")}
+    expected = {
+        f"{kernel.split('_')[1]} {dtype}"
+        for kernel in KERNELS
+        for dtype in DTYPE_PAIRS.values()
+        if kernel not in HALF_ONLY_KERNELS or dtype in ("float16", "bfloat16")
+    }
     for arch in sorted(usage):
         kernels = usage[arch]
         missing = expected - kernels.keys()
@@ -369,7 +426,9 @@ def main() -> int:
             problems.append(f"{arch}: kernels missing: {', '.join(sorted(missing))}")
         for label, res in sorted(kernels.items()):
             verdict = "ok" if res["LOCAL"] == 0 and res["STACK"] == 0 else "SPILLS"
-            print(f"  {arch}  {label:<18} REG:{res['REG']:<3} STACK:{res['STACK']:<4} LOCAL:{res['LOCAL']:<4} {verdict}")
+            print(
+                f"  {arch}  {label:<18} REG:{res['REG']:<3} STACK:{res['STACK']:<4} LOCAL:{res['LOCAL']:<4} {verdict}"
+            )
             if verdict != "ok":
                 problems.append(f"{arch}: {label} uses local memory (STACK:{res['STACK']} LOCAL:{res['LOCAL']})")
     for arch in required:
@@ -392,10 +451,12 @@ def main() -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    print(f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
-          f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration and half a "
-          f"multiprocessor's threads resident (or its listed exception's); the forward's vector path stores "
-          f"{VECTOR_WORD_BYTES}-byte words only")
+    print(
+        f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
+        f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration and half a "
+        f"multiprocessor's threads resident (or its listed exception's); the forward's vector path stores "
+        f"{VECTOR_WORD_BYTES}-byte words only"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ SJ_<NEURON>_CUDA_IMPLEMENTATION variables, read at import) runs in a subprocess 
 
     python benchmarks/anchors.py [--dry-run] [--out anchors.json] [--repeats 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ import subprocess
 import sys
 import time
 
-import gpu_phase
-
 import torch  # noqa: E402
+
+import gpu_phase
 
 TUTORIAL_SHAPE, TUTORIAL_STEPS = (64, 65536), (4, 8, 16, 32)
 OPEN_NEUROMORPHIC = dict(steps=500, batch=16, features=16384)
@@ -88,15 +89,29 @@ def run_cases(implementation: str, repeats: int) -> list[dict]:
         for steps in TUTORIAL_STEPS:
             x = torch.randn(steps, *TUTORIAL_SHAPE, device=device, dtype=torch.float16).requires_grad_()
             model = make_neuron(implementation, neuron).to(device)
-            rows.append({"case": "triton-tutorial", "neuron": neuron, "T": steps, "dtype": "float16",
-                         **time_case(model, x, repeats)})
+            rows.append(
+                {
+                    "case": "triton-tutorial",
+                    "neuron": neuron,
+                    "T": steps,
+                    "dtype": "float16",
+                    **time_case(model, x, repeats),
+                }
+            )
             del x, model
         case = OPEN_NEUROMORPHIC
         linear = torch.nn.Linear(case["features"], case["features"])
         model = torch.nn.Sequential(_TimeFolded(linear), make_neuron(implementation, neuron)).to(device)
         x = torch.randn(case["steps"], case["batch"], case["features"], device=device).requires_grad_()
-        rows.append({"case": "open-neuromorphic", "neuron": neuron, "T": case["steps"], "dtype": "float32",
-                     **time_case(model, x, max(3, repeats // 3))})
+        rows.append(
+            {
+                "case": "open-neuromorphic",
+                "neuron": neuron,
+                "T": case["steps"],
+                "dtype": "float32",
+                **time_case(model, x, max(3, repeats // 3)),
+            }
+        )
         del x, model
         torch.cuda.empty_cache()
     return rows
@@ -143,11 +158,16 @@ def main() -> int:
             path = implementation.removeprefix("spikingjelly-")
             env.update(SJ_PLIF_CUDA_IMPLEMENTATION=path, SJ_LIF_CUDA_IMPLEMENTATION=path)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", implementation, "--repeats", str(args.repeats)],
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", implementation, "--repeats", str(args.repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {"implementation": implementation,
-                                                      "error": done.stderr.strip()[-2000:]}
+        result = (
+            json.loads(lines[-1]) if lines else {"implementation": implementation, "error": done.stderr.strip()[-2000:]}
+        )
         result["seconds"] = round(time.perf_counter() - start, 1)
         results["implementations"].append(result)
         print(json.dumps(result))

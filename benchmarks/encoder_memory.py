@@ -15,6 +15,7 @@ backward, SGD step), and reports:
 
     python benchmarks/encoder_memory.py [--batch 32] [--width 128] [--T 8] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,10 @@ def measure_one(mode: str, dtype_name: str, batch: int, width: int, steps: int) 
     with torch.no_grad():
         first = model.first_conv.module(images)
     return {
-        "mode": mode, "dtype": dtype_name, "peak_mib": (peak - before) / 1024, "saved_mib": sum(saved.values()) / 2**20,
+        "mode": mode,
+        "dtype": dtype_name,
+        "peak_mib": (peak - before) / 1024,
+        "saved_mib": sum(saved.values()) / 2**20,
         "encoder_input_mib": steps * first.numel() * first.element_size() / 2**20,
     }
 
@@ -92,21 +96,41 @@ def main() -> None:
         print(json.dumps(measure_one(*args.one, args.batch, args.width, args.T)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    print(f"StaticImageSNN, batch {args.batch}, width {args.width}, T {args.T}, 28x28 images; "
-          f"{args.repeats} fresh processes per case (MiB)")
+    print(
+        f"StaticImageSNN, batch {args.batch}, width {args.width}, T {args.T}, 28x28 images; "
+        f"{args.repeats} fresh processes per case (MiB)"
+    )
     for dtype_name in DTYPES:
         for mode in MODES:
             runs = []
             for _ in range(args.repeats):
                 done = subprocess.run(
-                    [sys.executable, __file__, "--batch", str(args.batch), "--width", str(args.width), "--T",
-                     str(args.T), "--one", mode, dtype_name], env=env, capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--batch",
+                        str(args.batch),
+                        "--width",
+                        str(args.width),
+                        "--T",
+                        str(args.T),
+                        "--one",
+                        mode,
+                        dtype_name,
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs.append(json.loads(done.stdout))
             peaks = sorted(run["peak_mib"] for run in runs)
             runs_text = ", ".join(f"{p:.1f}" for p in peaks)
-            print(f"{dtype_name:9s} {mode:9s} peak {peaks[len(peaks) // 2]:7.1f} (runs {runs_text})"
-                  f"  saved for backward {runs[0]['saved_mib']:7.1f}"
-                  f"  encoder input x T {runs[0]['encoder_input_mib']:6.1f}")
+            print(
+                f"{dtype_name:9s} {mode:9s} peak {peaks[len(peaks) // 2]:7.1f} (runs {runs_text})"
+                f"  saved for backward {runs[0]['saved_mib']:7.1f}"
+                f"  encoder input x T {runs[0]['encoder_input_mib']:6.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The GPU check runs its scripts in an uninstalled tree (the extension built in pl
 puts the repository root first on sys.path; `--dry-run` runs a script up to its first GPU call,
 where it stops with success when the only thing missing is a GPU.
 """
+
 from __future__ import annotations
 
 import sys

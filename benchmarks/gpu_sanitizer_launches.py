@@ -7,14 +7,14 @@ mode in float64, and the CuPy launcher of the same kernels. Exits non-zero if a 
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: the caching allocator's segments would hide an
 out-of-bounds access from memcheck.
 """
+
 from __future__ import annotations
 
 import argparse
 
-import gpu_phase
-
 import torch  # noqa: E402
 
+import gpu_phase
 import plif_cuda  # noqa: E402
 from plif_cuda import backends  # noqa: E402
 
@@ -41,8 +41,10 @@ def run(name: str, backend: str, dtype, steps: int, neurons: int, options: dict,
         loss = loss + v_seq.float().sum()
     loss.backward()
     torch.cuda.synchronize()
-    print(f"ok  {backend:5s} {name}: T={steps} N={neurons} {dtype}, spikes {int(spikes.float().sum())}, "
-          f"|grad x| {float(x.grad.float().abs().sum()):.4g}")
+    print(
+        f"ok  {backend:5s} {name}: T={steps} N={neurons} {dtype}, spikes {int(spikes.float().sum())}, "
+        f"|grad x| {float(x.grad.float().abs().sum()):.4g}"
+    )
 
 
 def main() -> int:

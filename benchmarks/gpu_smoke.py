@@ -5,16 +5,16 @@ on the CPU, expf on the GPU). Every case runs even when one fails; exit 1 if any
 
     python benchmarks/gpu_smoke.py [--dry-run] [--out smoke.txt]
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 import traceback
 
-import gpu_phase
-
 import torch  # noqa: E402
 
+import gpu_phase
 import plif_cuda  # noqa: E402
 from plif_cuda import backends  # noqa: E402
 
@@ -32,8 +32,10 @@ def inputs(dtype: torch.dtype):
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(STEPS, NEURONS, generator=generator) * 1.5 + 0.4).to(dtype)
     w = torch.randn(NEURONS, generator=generator) * 0.6
-    upstream = [torch.randn(STEPS, NEURONS, generator=generator).to(dtype),
-                torch.randn(NEURONS, generator=generator).to(dtype)]
+    upstream = [
+        torch.randn(STEPS, NEURONS, generator=generator).to(dtype),
+        torch.randn(NEURONS, generator=generator).to(dtype),
+    ]
     return x, w, upstream
 
 

@@ -13,6 +13,7 @@ All of them get the same input, ``[T, C, N // C]`` with C = 64 channels, and a l
 that starts at 2: one value per layer (``tau='layer'``) or one per channel (``tau='channel'``,
 shape ``[C, 1]``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,16 @@ def _cpu_cache_off():
 def _ours_cpu_cache_off() -> Implementation:
     """The CPU op with its output cache off: every large output from torch's allocator."""
     cpu = _ours("cpu")
-    return Implementation("cpu-cache-off", "fused", "plif_cuda cpu, cache off", cpu.missing, cpu.unsupported, cpu.build,
-                          notes="as PLIF_CPU_CACHE_MB=0", setting=_cpu_cache_off)
+    return Implementation(
+        "cpu-cache-off",
+        "fused",
+        "plif_cuda cpu, cache off",
+        cpu.missing,
+        cpu.unsupported,
+        cpu.build,
+        notes="as PLIF_CPU_CACHE_MB=0",
+        setting=_cpu_cache_off,
+    )
 
 
 def _module_missing(module: str, hint: str) -> str | None:
@@ -133,12 +142,22 @@ def _compile_peer() -> Implementation:
         key = (config.T, config.dtype, config.tau, device.type)
         compiled = _compile_cache.get(key)
         if compiled is None:
+
             def reference_spikes(x, w):
                 k = torch.sigmoid(w)
                 v_init = torch.zeros((), dtype=torch.float32, device=x.device)
                 return plif_cuda.plif_multistep_ref(
-                    x, k, v_init, v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False,
-                    surrogate="sigmoid", alpha=4.0, spiking=True, store_v_seq=False,
+                    x,
+                    k,
+                    v_init,
+                    v_threshold=1.0,
+                    v_reset=0.0,
+                    decay_input=True,
+                    detach_reset=False,
+                    surrogate="sigmoid",
+                    alpha=4.0,
+                    spiking=True,
+                    store_v_seq=False,
                 )[0]
 
             compiled = torch.compile(reference_spikes, dynamic=True)
@@ -146,8 +165,15 @@ def _compile_peer() -> Implementation:
         w = _tau_parameter(config, device)
         return Neuron(lambda x: compiled(x, w), [w], "inductor, dynamic=True")
 
-    return Implementation("compile", "peer", "torch.compile(reference)", missing, _supported_everywhere, build,
-                          notes="first call compiles (see first_call_s)")
+    return Implementation(
+        "compile",
+        "peer",
+        "torch.compile(reference)",
+        missing,
+        _supported_everywhere,
+        build,
+        notes="first call compiles (see first_call_s)",
+    )
 
 
 _compile_cache: dict = {}
@@ -167,8 +193,10 @@ def spikingjelly_path(device: torch.device) -> str:
 
 def _spikingjelly_peer() -> Implementation:
     def missing(device):
-        return _module_missing("spikingjelly.activation_based.neuron",
-                               "pip install spikingjelly==2.0.0 (the harness needs only its neuron module)")
+        return _module_missing(
+            "spikingjelly.activation_based.neuron",
+            "pip install spikingjelly==2.0.0 (the harness needs only its neuron module)",
+        )
 
     def unsupported(config, device):
         if config.tau != "layer":
@@ -207,8 +235,15 @@ def _snntorch_peer() -> Implementation:
 
         return Neuron(run, [leaky.beta], "Leaky stepped over T in Python")
 
-    return Implementation("snntorch", "peer", "snnTorch Leaky", missing, _supported_everywhere, build,
-                          notes="different neuron model: no input decay, subtractive reset")
+    return Implementation(
+        "snntorch",
+        "peer",
+        "snnTorch Leaky",
+        missing,
+        _supported_everywhere,
+        build,
+        notes="different neuron model: no input decay, subtractive reset",
+    )
 
 
 def implementations(device: torch.device, backends: list[str], peers: list[str]) -> list[Implementation]:

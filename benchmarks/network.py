@@ -9,6 +9,7 @@ Convolutions and BatchNorm run on the [T*B, ...] view (one call for all steps); 
 layers run all T steps at once (step_mode 'm'). A training step is zero_grad, forward,
 loss, backward and an SGD step, with the neuron state reset before it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 import plif_cuda
-
 from timing import measure
 
 CHANNELS = 32
@@ -58,16 +58,27 @@ def neuron_factories(device: torch.device, with_spikingjelly: bool):
     """(name, make_neuron or None, why missing, dtype) for each neuron layer and dtype compared."""
     fused = ("plif_cuda (auto)", lambda: plif_cuda.ParametricLIFNode(step_mode="m"), None)
     reference = ("plif_cuda backend='torch'", lambda: plif_cuda.ParametricLIFNode(step_mode="m", backend="torch"), None)
-    factories = [(*fused, torch.float32), (*reference, torch.float32), (*fused, torch.bfloat16),
-                 (*reference, torch.bfloat16)]
+    factories = [
+        (*fused, torch.float32),
+        (*reference, torch.float32),
+        (*fused, torch.bfloat16),
+        (*reference, torch.bfloat16),
+    ]
     if with_spikingjelly:
         try:
             neuron = importlib.import_module("spikingjelly.activation_based.neuron")
-            factories.append(("SpikingJelly ParametricLIFNode", lambda: neuron.ParametricLIFNode(step_mode="m"), None,
-                              torch.float32))
+            factories.append(
+                ("SpikingJelly ParametricLIFNode", lambda: neuron.ParametricLIFNode(step_mode="m"), None, torch.float32)
+            )
         except Exception as error:
-            factories.append(("SpikingJelly ParametricLIFNode", None,
-                              f"spikingjelly is not importable ({type(error).__name__}: {error})", torch.float32))
+            factories.append(
+                (
+                    "SpikingJelly ParametricLIFNode",
+                    None,
+                    f"spikingjelly is not importable ({type(error).__name__}: {error})",
+                    torch.float32,
+                )
+            )
     return factories
 
 
@@ -102,8 +113,17 @@ def neuron_saved_bytes_per_step(net: SpikingConvNet, x_seq: torch.Tensor) -> flo
     return sum(storages.values()) / sum(neuron_steps)
 
 
-def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int, repeats: int, budget_s: float,
-                       with_spikingjelly: bool, progress) -> list[dict]:
+def training_step_rows(
+    device: torch.device,
+    *,
+    T: int,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    with_spikingjelly: bool,
+    progress,
+) -> list[dict]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     images = [torch.rand(batch, 1, IMAGE, IMAGE, generator=generator).to(device) for _ in range(4)]
     inputs = [image.unsqueeze(0).expand(T, *image.shape) for image in images]
@@ -111,8 +131,14 @@ def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int,
     rows = []
     for name, make_neuron, why_missing, dtype in neuron_factories(device, with_spikingjelly):
         dtype_name = str(dtype).removeprefix("torch.")
-        row = {"layer": name, "dtype": dtype_name, "device": device.type, "T": T, "batch": batch,
-               "image": [1, IMAGE, IMAGE]}
+        row = {
+            "layer": name,
+            "dtype": dtype_name,
+            "device": device.type,
+            "T": T,
+            "batch": batch,
+            "image": [1, IMAGE, IMAGE],
+        }
         if make_neuron is None:
             rows.append({**row, "status": "missing", "reason": why_missing})
             progress(f"network {name}: missing ({why_missing})")
@@ -131,16 +157,26 @@ def training_step_rows(device: torch.device, *, T: int, batch: int, warmup: int,
             return loss
 
         try:
-            timing = measure(lambda i: i, step, len(inputs), device, warmup=warmup, repeats=repeats,
-                             budget_s=budget_s, min_repeats=min(3, repeats))
+            timing = measure(
+                lambda i: i,
+                step,
+                len(inputs),
+                device,
+                warmup=warmup,
+                repeats=repeats,
+                budget_s=budget_s,
+                min_repeats=min(3, repeats),
+            )
         except Exception as error:
             rows.append({**row, "status": "error", "reason": f"{type(error).__name__}: {error}"})
             progress(f"network {name}: error {error}")
             continue
         saved = neuron_saved_bytes_per_step(net, typed_inputs[0])
         rows.append({**row, "status": "ok", **timing.as_dict(), "neuron_saved_bytes_per_neuron_step": saved})
-        progress(f"network {name} {dtype_name}: {timing.median_ms:.1f} ms per training step (IQR {timing.iqr_ms:.1f}), "
-                 f"neuron layers keep {saved:.2f} B per neuron-step")
+        progress(
+            f"network {name} {dtype_name}: {timing.median_ms:.1f} ms per training step (IQR {timing.iqr_ms:.1f}), "
+            f"neuron layers keep {saved:.2f} B per neuron-step"
+        )
     references = {r["dtype"]: r for r in rows if r["layer"] == "plif_cuda backend='torch'" and r["status"] == "ok"}
     for row in rows:
         reference = references.get(row["dtype"])

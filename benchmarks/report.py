@@ -1,4 +1,5 @@
 """What a run records about itself, and the three files it writes (JSON, Markdown, PNG)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ import torch
 
 import plif_cuda
 
-MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
-                    "GLIBC_TUNABLES", "LD_PRELOAD")
+MALLOC_VARIABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
 PASS_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd+bwd"}
 
 
@@ -54,8 +61,11 @@ def machine_label(result: dict, device: str) -> str:
         l2 = env["gpu"].get("l2_cache_bytes")
         return env["gpu"]["name"] + (f" (L2 {_mib(l2)})" if l2 else "")
     level, size = env.get("last_level_cache_level"), env.get("last_level_cache_bytes")
-    cache = f"L{level} {_mib(size)}" if level and size else (f"last-level cache {_mib(size)}" if size else
-                                                               "last-level cache unknown")
+    cache = (
+        f"L{level} {_mib(size)}"
+        if level and size
+        else (f"last-level cache {_mib(size)}" if size else "last-level cache unknown")
+    )
     return f"{env['cpu_model']} ({env['cpu_count']} cores, {cache})"
 
 
@@ -166,10 +176,13 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
         key = (row["device"], row["suite"], row["T"], row["neurons"], row["dtype"], row["tau"], row["pass"])
         cases.setdefault(key, []).append(row)
     with_kernels = any("kernel_median_ms" in r or "kernel_error" in r for r in result["rows"])
-    header = (["device", "T", "neurons", "dtype", "tau", "pass"] + [f"{labels[n]} ms" for n in impl_names]
-              + ["fused GB/s", "copy GB/s", "% of copy"]
-              + (["kernel-only ms", "kernel-only % of copy"] if with_kernels else [])
-              + ["x ref", "x SJ", "saved B/neuron-step"])
+    header = (
+        ["device", "T", "neurons", "dtype", "tau", "pass"]
+        + [f"{labels[n]} ms" for n in impl_names]
+        + ["fused GB/s", "copy GB/s", "% of copy"]
+        + (["kernel-only ms", "kernel-only % of copy"] if with_kernels else [])
+        + ["x ref", "x SJ", "saved B/neuron-step"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, case_rows in cases.items():
         device, _, T, N, dtype, tau, pass_name = key
@@ -178,7 +191,9 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
         cached = best is not None and may_run_from_cache(best, result)
         mark = "\u2020" if cached else ""
         size = _size_label(N) + mark
-        cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [_fmt_ms(by_name.get(n)) for n in impl_names]
+        cells = [device, str(T), size, dtype, tau, PASS_LABELS[pass_name]] + [
+            _fmt_ms(by_name.get(n)) for n in impl_names
+        ]
         kernel_cells = _kernel_cells(case_rows) if with_kernels else []
         if best is None:
             cells += ["", "", ""] + kernel_cells + ["", "", ""]
@@ -190,7 +205,9 @@ def op_table(result: dict, impl_names: list[str], labels: dict) -> list[str]:
                 *kernel_cells,
                 f"{best['speedup_vs_reference']:.1f}" if best.get("speedup_vs_reference") else "",
                 f"{best['speedup_vs_spikingjelly']:.1f}" if best.get("speedup_vs_spikingjelly") else "",
-                f"{best['saved_bytes_per_neuron_step']:.1f}" if best.get("saved_bytes_per_neuron_step") is not None else "",
+                f"{best['saved_bytes_per_neuron_step']:.1f}"
+                if best.get("saved_bytes_per_neuron_step") is not None
+                else "",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -204,8 +221,10 @@ def memory_table(rows: list[dict], impl_names: list[str], labels: dict) -> list[
             continue
         key = (row["device"], row["T"], row["neurons"], row["dtype"], row["tau"])
         seen.setdefault(key, {})[row["impl"]] = row
-    lines = ["| device | T | neurons | dtype | tau | " + " | ".join(labels[n] for n in impl_names) + " |",
-             "|" + "---|" * (5 + len(impl_names))]
+    lines = [
+        "| device | T | neurons | dtype | tau | " + " | ".join(labels[n] for n in impl_names) + " |",
+        "|" + "---|" * (5 + len(impl_names)),
+    ]
     for (device, T, N, dtype, tau), by_name in seen.items():
         cells = []
         for name in impl_names:
@@ -230,23 +249,33 @@ def cache_fit_lines(result: dict) -> list[str]:
             sizes[(row["T"], row["neurons"], row["dtype"])] = row["call_fits_cache"]
     if not llc or not sizes:
         return []
-    cells = [f"T={T} {_size_label(N)} {dtype}: {'fits' if fits else 'does not fit'}"
-             for (T, N, dtype), fits in sorted(sizes.items())]
-    return ["", f"CPU last-level cache {llc / 2**20:.0f} MiB (sysfs); one fwd+bwd call's [T, N] streams: "
-            + "; ".join(cells) + "."]
+    cells = [
+        f"T={T} {_size_label(N)} {dtype}: {'fits' if fits else 'does not fit'}"
+        for (T, N, dtype), fits in sorted(sizes.items())
+    ]
+    return [
+        "",
+        f"CPU last-level cache {llc / 2**20:.0f} MiB (sysfs); one fwd+bwd call's [T, N] streams: "
+        + "; ".join(cells)
+        + ".",
+    ]
 
 
 def network_table(rows: list[dict]) -> list[str]:
-    lines = ["| device | neuron layer | dtype | T | batch | training step ms (median) | IQR ms | x reference layer "
-             "| neuron layers keep (B per neuron-step) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| device | neuron layer | dtype | T | batch | training step ms (median) | IQR ms | x reference layer "
+        "| neuron layers keep (B per neuron-step) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         head = f"| {row['device']} | {row['layer']} | {row.get('dtype', 'float32')} | {row['T']} | {row['batch']} |"
         if row["status"] == "ok":
             saved = row.get("neuron_saved_bytes_per_neuron_step")
-            lines.append(f"{head} {row['median_ms']:.1f} | {row['iqr_ms']:.1f} | "
-                         f"{row.get('speedup_vs_reference_layer', float('nan')):.2f} | "
-                         f"{'' if saved is None else f'{saved:.2f}'} |")
+            lines.append(
+                f"{head} {row['median_ms']:.1f} | {row['iqr_ms']:.1f} | "
+                f"{row.get('speedup_vs_reference_layer', float('nan')):.2f} | "
+                f"{'' if saved is None else f'{saved:.2f}'} |"
+            )
         else:
             lines.append(f"{head} {row['status']} | | | |")
     return lines
@@ -268,8 +297,10 @@ def markdown(result: dict, impl_names: list[str], labels: dict) -> str:
         f"- run time {result['wall_s']:.0f} s; command `{result['command']}`",
     ]
     for device, copy in result["copy_bandwidth"].items():
-        lines.append(f"- {device} copy bandwidth: {copy['gbps']:.1f} GB/s (median; best {copy['gbps_best']:.1f}) "
-                     f"over {copy['bytes_per_copy'] / 2**20:.0f} MiB copies")
+        lines.append(
+            f"- {device} copy bandwidth: {copy['gbps']:.1f} GB/s (median; best {copy['gbps_best']:.1f}) "
+            f"over {copy['bytes_per_copy'] / 2**20:.0f} MiB copies"
+        )
     lines += [
         "",
         "## The op alone (median ms per call; lower is better)",
@@ -315,45 +346,73 @@ def plot(path: Path, result: dict, impl_names: list[str], labels: dict) -> str |
     devices = sorted({r["device"] for r in result["rows"]})
     fig, axes = plt.subplots(len(devices), 2, figsize=(12, 4.5 * len(devices)), squeeze=False)
     for axis_row, device in zip(axes, devices):
-        main = [r for r in result["rows"] if r["device"] == device and r["suite"] in ("sizes", "grid")
-                and r["status"] == "ok"]
+        main = [
+            r
+            for r in result["rows"]
+            if r["device"] == device and r["suite"] in ("sizes", "grid") and r["status"] == "ok"
+        ]
         T_main = min((r["T"] for r in main), key=lambda t: abs(t - 8), default=None)
         dtype_main = "fp32" if any(r["dtype"] == "fp32" for r in main) else next((r["dtype"] for r in main), None)
         picked = [r for r in main if r["T"] == T_main and r["dtype"] == dtype_main and r["tau"] == "layer"]
         for name in impl_names:
-            points = sorted((r["neurons"], r["median_ms"]) for r in picked if r["impl"] == name and r["pass"] == "fwdbwd")
+            points = sorted(
+                (r["neurons"], r["median_ms"]) for r in picked if r["impl"] == name and r["pass"] == "fwdbwd"
+            )
             if points:
                 axis_row[0].plot(*zip(*points), marker="o", label=labels[name])
-        axis_row[0].set(xscale="log", yscale="log", xlabel="neurons", ylabel="ms per fwd+bwd",
-                        title=f"{device}: op fwd+bwd, T={T_main}, {dtype_main}, per-layer tau")
+        axis_row[0].set(
+            xscale="log",
+            yscale="log",
+            xlabel="neurons",
+            ylabel="ms per fwd+bwd",
+            title=f"{device}: op fwd+bwd, T={T_main}, {dtype_main}, per-layer tau",
+        )
         axis_row[0].legend(fontsize=8)
         axis_row[0].grid(True, which="both", alpha=0.3)
         any_cached = False
         for name in impl_names:
             for pass_name, style in (("fwd", ":"), ("bwd", "--"), ("fwdbwd", "-")):
-                points = sorted((r["neurons"], 100 * r["copy_fraction"], may_run_from_cache(r, result))
-                                for r in picked if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused")
+                points = sorted(
+                    (r["neurons"], 100 * r["copy_fraction"], may_run_from_cache(r, result))
+                    for r in picked
+                    if r["impl"] == name and r["pass"] == pass_name and r["kind"] == "fused"
+                )
                 if not points:
                     continue
                 sizes, percents, cached = zip(*points)
-                line, = axis_row[1].plot(sizes, percents, style, marker="o",
-                                         label=f"{labels[name]} {PASS_LABELS[pass_name]}")
+                (line,) = axis_row[1].plot(
+                    sizes, percents, style, marker="o", label=f"{labels[name]} {PASS_LABELS[pass_name]}"
+                )
                 # Hollow markers: the inputs fit in the last-level cache, so the copy roofline,
                 # measured beyond that cache, does not bound them.
                 in_cache = [(n, p) for n, p, c in points if c]
                 if in_cache:
                     any_cached = True
-                    axis_row[1].plot(*zip(*in_cache), linestyle="none", marker="o", markersize=7,
-                                     markerfacecolor="white", markeredgecolor=line.get_color())
+                    axis_row[1].plot(
+                        *zip(*in_cache),
+                        linestyle="none",
+                        marker="o",
+                        markersize=7,
+                        markerfacecolor="white",
+                        markeredgecolor=line.get_color(),
+                    )
         axis_row[1].axhline(100, color="grey", linewidth=0.8)
-        axis_row[1].set(xscale="log", xlabel="neurons", ylabel="% of copy bandwidth", ylim=(0, None),
-                        title=f"{device}: fused backends, fraction of the copy roofline")
+        axis_row[1].set(
+            xscale="log",
+            xlabel="neurons",
+            ylabel="% of copy bandwidth",
+            ylim=(0, None),
+            title=f"{device}: fused backends, fraction of the copy roofline",
+        )
         if any_cached:
             copy = result["copy_bandwidth"].get(device, {})
             axis_row[1].annotate(
                 "hollow: one call's data fits in the last-level cache,\nso it can beat the copy roofline "
                 f"(copies of {_mib(copy.get('bytes_per_copy', 0))} exceed the cache)",
-                xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
+                xy=(0.02, 0.02),
+                xycoords="axes fraction",
+                fontsize=7,
+            )
         axis_row[1].legend(fontsize=8)
         axis_row[1].grid(True, which="both", alpha=0.3)
     fig.suptitle(" / ".join(machine_label(result, device) for device in devices), fontsize=10)

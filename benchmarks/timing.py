@@ -14,6 +14,7 @@ On CUDA a second figure, kernel-only (``measure_kernels``): one round of calls o
 captured once as a CUDA graph and replayed back to back between two events, so the host's part of
 a call (argument checks, the autograd graph, launches) is left out and only the GPU's time stays.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,18 @@ class CacheFlusher:
         self.scratch.fill_(float(self.calls % 7))
 
 
-def measure(prepare, run, n_buffers: int, device: torch.device, *, warmup: int, repeats: int,
-            budget_s: float, min_repeats: int = 3, flush=None) -> Timing:
+def measure(
+    prepare,
+    run,
+    n_buffers: int,
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    min_repeats: int = 3,
+    flush=None,
+) -> Timing:
     """Time ``run(state)`` where ``state = prepare(buffer_index)``.
 
     Samples are taken in rounds: a round prepares its buffers, then times one call per
@@ -156,8 +167,12 @@ class KernelTiming:
         }
 
 
-def replay_samples(replay: Callable[[], None], time_replays: Callable[[Callable[[], None], int], float],
-                   calls_per_replay: int, samples: int) -> KernelTiming:
+def replay_samples(
+    replay: Callable[[], None],
+    time_replays: Callable[[Callable[[], None], int], float],
+    calls_per_replay: int,
+    samples: int,
+) -> KernelTiming:
     """``samples`` per-call times of ``replay`` (which runs ``calls_per_replay`` calls), each from
     ``time_replays(replay, count)``, the milliseconds that ``count`` back-to-back replays take."""
     if calls_per_replay < 1 or samples < 1:
@@ -172,6 +187,7 @@ def replay_samples(replay: Callable[[], None], time_replays: Callable[[Callable[
 def event_timer(cuda, device) -> Callable[[Callable[[], None], int], float]:
     """``time_replays`` for ``replay_samples``: milliseconds between two CUDA events around
     ``count`` calls on the current stream."""
+
     def time_replays(replay, count):
         begin, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
         begin.record()
@@ -227,8 +243,16 @@ class CopyProbe:
         synchronize(device)
 
     def __call__(self, repeats: int = 7) -> dict:
-        timing = measure(lambda i: None, lambda _: self.dst.copy_(self.src), 1, self.device, warmup=1,
-                         repeats=repeats, budget_s=float("inf"), min_repeats=repeats)
+        timing = measure(
+            lambda i: None,
+            lambda _: self.dst.copy_(self.src),
+            1,
+            self.device,
+            warmup=1,
+            repeats=repeats,
+            budget_s=float("inf"),
+            min_repeats=repeats,
+        )
         traffic = 2 * self.src.numel() * 4
         return {
             "bytes_per_copy": self.src.numel() * 4,

@@ -28,6 +28,7 @@ a per-channel tau's expansion to N and the sum of its gradient back), and what a
 implementation moves beyond this (the Python-loop implementations write many [N] temporaries
 per step: that is what they cost).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,8 +104,9 @@ def _check(T: int, N: int, k_values: int, v_init_values: int) -> None:
             raise ValueError(f"{name} must be 1 or N={N} (one value, or one per neuron), got {values}")
 
 
-def forward_traffic(T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1,
-                    v_init_values: int = 1) -> Traffic:
+def forward_traffic(
+    T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
+) -> Traffic:
     """The forward kernel's streams (``save`` None: the training forward's own save mode)."""
     _check(T, N, k_values, v_init_values)
     save = training_save_mode(dtype) if save is None else save
@@ -114,8 +116,16 @@ def forward_traffic(T: int, N: int, dtype: torch.dtype, *, save: int | None = No
     return Traffic(reads, writes)
 
 
-def backward_traffic(T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1,
-                     v_init_values: int = 1, device: str = "cuda") -> Traffic:
+def backward_traffic(
+    T: int,
+    N: int,
+    dtype: torch.dtype,
+    *,
+    save: int | None = None,
+    k_values: int = 1,
+    v_init_values: int = 1,
+    device: str = "cuda",
+) -> Traffic:
     """The backward kernel's streams and, on CUDA, the op's sums of one-value gradients' shares."""
     _check(T, N, k_values, v_init_values)
     save = training_save_mode(dtype) if save is None else save
@@ -135,13 +145,21 @@ def backward_traffic(T: int, N: int, dtype: torch.dtype, *, save: int | None = N
     return Traffic(tuple(reads), tuple(writes))
 
 
-def pass_traffic(pass_name: str, T: int, N: int, dtype: torch.dtype, *, k_values: int = 1, v_init_values: int = 1,
-                 device: str = "cuda", save: int | None = None) -> Traffic:
+def pass_traffic(
+    pass_name: str,
+    T: int,
+    N: int,
+    dtype: torch.dtype,
+    *,
+    k_values: int = 1,
+    v_init_values: int = 1,
+    device: str = "cuda",
+    save: int | None = None,
+) -> Traffic:
     forward = forward_traffic(T, N, dtype, save=save, k_values=k_values, v_init_values=v_init_values)
     if pass_name == "fwd":
         return forward
-    backward = backward_traffic(T, N, dtype, save=save, k_values=k_values, v_init_values=v_init_values,
-                                device=device)
+    backward = backward_traffic(T, N, dtype, save=save, k_values=k_values, v_init_values=v_init_values, device=device)
     if pass_name == "bwd":
         return backward
     if pass_name == "fwdbwd":
@@ -149,15 +167,26 @@ def pass_traffic(pass_name: str, T: int, N: int, dtype: torch.dtype, *, k_values
     raise ValueError(f"pass must be one of {PASSES}, got {pass_name!r}")
 
 
-def pass_bytes(pass_name: str, T: int, N: int, dtype: torch.dtype, *, k_values: int = 1, v_init_values: int = 1,
-               device: str = "cuda", save: int | None = None) -> int:
+def pass_bytes(
+    pass_name: str,
+    T: int,
+    N: int,
+    dtype: torch.dtype,
+    *,
+    k_values: int = 1,
+    v_init_values: int = 1,
+    device: str = "cuda",
+    save: int | None = None,
+) -> int:
     """Bytes the fused op's kernels move in one call of the pass."""
-    return pass_traffic(pass_name, T, N, dtype, k_values=k_values, v_init_values=v_init_values, device=device,
-                        save=save).total
+    return pass_traffic(
+        pass_name, T, N, dtype, k_values=k_values, v_init_values=v_init_values, device=device, save=save
+    ).total
 
 
-def saved_bytes(T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1,
-                v_init_values: int = 1) -> int:
+def saved_bytes(
+    T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
+) -> int:
     """Bytes autograd keeps for the backward of one forward (distinct storages)."""
     _check(T, N, k_values, v_init_values)
     save = training_save_mode(dtype) if save is None else save

@@ -1,6 +1,7 @@
-"""The PLIF paper's central experiment, small: PLIF (learned tau) vs LIF (fixed tau) at several initial tau.
+"""The PLIF paper's central experiment, small: PLIF (learned tau) vs LIF (fixed tau) at several
+initial tau.
 
-    python examples/tau_sensitivity.py                         # digits, init tau 2 4 8 16, seeds 0 1 2: ~4 min on 2 CPU cores
+    python examples/tau_sensitivity.py                         # digits, tau 2 4 8 16, seeds 0 1 2: ~4 min, 2 cores
     python examples/tau_sensitivity.py --out examples/results  # update the committed figure the README shows
     python examples/tau_sensitivity.py --dataset fashion-mnist --taus 2 16 --seeds 0 --epochs 4 \
         --train-subset 15000 --test-subset 5000 --out examples/results/fashion-mnist  # 11 min on 2 cores
@@ -14,6 +15,7 @@ its title names the CPU, the date and the wall time the runs took).
 <out> defaults to examples/runs/tau_sensitivity/ (digits) or examples/runs/tau_sensitivity-<dataset>/,
 which git does not track.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +45,21 @@ def parse_args(argv=None):
     parser.add_argument("--taus", type=float, nargs="+", default=[2.0, 4.0, 8.0, 16.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--T", type=int, default=None,
-                        help="time steps (default: 8, the paper's T for static images, on digits; "
-                             "else train.py's preset)")
+    parser.add_argument(
+        "--T",
+        type=int,
+        default=None,
+        help="time steps (default: 8, the paper's T for static images, on digits; else train.py's preset)",
+    )
     parser.add_argument("--train-subset", type=int, default=None, help="passed on to train.py")
     parser.add_argument("--test-subset", type=int, default=None, help="passed on to train.py")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default examples/runs/tau_sensitivity[-<dataset>], not tracked by git; "
-                             "the committed results the README shows are in examples/results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default examples/runs/tau_sensitivity[-<dataset>], not tracked by git; "
+        "the committed results the README shows are in examples/results)",
+    )
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
     if args.dataset == "digits" and args.T is None:
@@ -68,13 +77,31 @@ def run_all(args, train):
             for neuron in ("plif", "lif"):
                 for seed in args.seeds:
                     out_dir = Path(scratch) / f"{neuron}-{init_tau}-{seed}"
-                    options = {"--T": args.T, "--train-subset": args.train_subset,
-                               "--test-subset": args.test_subset}
-                    given = [str(item) for name, value in options.items() if value is not None
-                             for item in (name, value)]
-                    train.main(["--dataset", args.dataset, "--neuron", neuron, "--init-tau", str(init_tau),
-                                "--seed", str(seed), "--epochs", str(args.epochs), *given,
-                                "--backend", args.backend, "--out-dir", str(out_dir), "--no-progress", "--no-plot"])
+                    options = {"--T": args.T, "--train-subset": args.train_subset, "--test-subset": args.test_subset}
+                    given = [
+                        str(item) for name, value in options.items() if value is not None for item in (name, value)
+                    ]
+                    train.main(
+                        [
+                            "--dataset",
+                            args.dataset,
+                            "--neuron",
+                            neuron,
+                            "--init-tau",
+                            str(init_tau),
+                            "--seed",
+                            str(seed),
+                            "--epochs",
+                            str(args.epochs),
+                            *given,
+                            "--backend",
+                            args.backend,
+                            "--out-dir",
+                            str(out_dir),
+                            "--no-progress",
+                            "--no-plot",
+                        ]
+                    )
                     with open(out_dir / "metrics.csv", newline="") as f:
                         for row in csv.DictReader(f):
                             rows.append({"neuron": neuron, "init_tau": init_tau, "seed": seed, **row})
@@ -94,8 +121,10 @@ def summarize(rows, args) -> list[str]:
             tau_keys = [k for k in last[0] if k.startswith("tau:")]
             taus = " ".join(f"{k[4:]}={statistics.mean(float(r[k]) for r in last):.2f}" for k in tau_keys)
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"init tau {init_tau:>4g} {neuron:>4}: final test acc {statistics.mean(accs):.4f} "
-                         f"+- {spread:.4f} (min {min(accs):.4f}) | tau after training: {taus}")
+            lines.append(
+                f"init tau {init_tau:>4g} {neuron:>4}: final test acc {statistics.mean(accs):.4f} "
+                f"+- {spread:.4f} (min {min(accs):.4f}) | tau after training: {taus}"
+            )
     return lines
 
 
@@ -114,7 +143,9 @@ def plot(rows, args, path: Path, machine: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(args.taus, plt.cm.viridis([i / max(1, len(args.taus) - 1) * 0.85 for i in range(len(args.taus))])))
+    colors = dict(
+        zip(args.taus, plt.cm.viridis([i / max(1, len(args.taus) - 1) * 0.85 for i in range(len(args.taus))]))
+    )
     epochs = list(range(1, args.epochs + 1))
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
 
@@ -124,8 +155,13 @@ def plot(rows, args, path: Path, machine: str) -> None:
 
     for init_tau in args.taus:
         for neuron, style in (("plif", "-"), ("lif", "--")):
-            axes[0].plot(epochs, mean_curve(neuron, init_tau, "test_acc"), style, color=colors[init_tau],
-                         label=f"{neuron.upper()} init tau {init_tau:g}")
+            axes[0].plot(
+                epochs,
+                mean_curve(neuron, init_tau, "test_acc"),
+                style,
+                color=colors[init_tau],
+                label=f"{neuron.upper()} init tau {init_tau:g}",
+            )
         tau_keys = [k for k in rows[0] if k.startswith("tau:")]
         layer_mean = [statistics.mean(v) for v in zip(*(mean_curve("plif", init_tau, k) for k in tau_keys))]
         axes[1].plot(epochs, layer_mean, color=colors[init_tau], label=f"PLIF init tau {init_tau:g}")
@@ -154,8 +190,11 @@ def plot(rows, args, path: Path, machine: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    subsets = f", {args.train_subset or 'all'} train / {args.test_subset or 'all'} test samples" \
-        if args.train_subset or args.test_subset else ""
+    subsets = (
+        f", {args.train_subset or 'all'} train / {args.test_subset or 'all'} test samples"
+        if args.train_subset or args.test_subset
+        else ""
+    )
     fig.suptitle(f"PLIF vs LIF on {args.dataset}, T={args.T}{subsets}. {machine}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -170,8 +209,10 @@ def main(argv=None):
     started = time.gmtime()
     start = time.time()
     rows = run_all(args, train)
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores; runs from {time.strftime('%Y-%m-%d %H:%M UTC', started)}, "
-               f"{(time.time() - start) / 60:.0f} min in all")
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} cores; runs from {time.strftime('%Y-%m-%d %H:%M UTC', started)}, "
+        f"{(time.time() - start) / 60:.0f} min in all"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "tau_sensitivity.csv"
     with open(csv_path, "w", newline="") as f:

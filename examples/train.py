@@ -20,6 +20,7 @@ Fashion-MNIST, the main example, runs the paper's network at a width that fits t
 accuracy in about 8 minutes, 91.9% after its 5 epochs in 18 (results in examples/results/fashion-mnist/).
 Unset architecture/training options take the dataset's preset (PRESETS below).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,31 +50,90 @@ from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_
 # thread, and two threads that wait on each other at every op are 10x slower when other
 # processes share the cores, hence threads=1.
 PRESETS = {
-    "digits": dict(T=4, depth=2, width=32, convs_per_stage=1, fc_width=128, dropout=0.0,
-                   epochs=12, batch_size=32, lr=1e-3, threads=1),
-    "mnist": dict(T=8, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5,
-                  epochs=100, batch_size=16, lr=1e-3),
+    "digits": dict(
+        T=4,
+        depth=2,
+        width=32,
+        convs_per_stage=1,
+        fc_width=128,
+        dropout=0.0,
+        epochs=12,
+        batch_size=32,
+        lr=1e-3,
+        threads=1,
+    ),
+    "mnist": dict(
+        T=8, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
+    ),
     # The paper's Fashion-MNIST network narrowed to fit 2 shared CPU cores: T=4 (paper 8), 32 conv
     # channels (128), FC256 (2048), no dropout (0.5: it slows a 5-epoch run more than it guards
     # against overfitting); ~2.2 ms of one core per training image. It reached 90.7% test accuracy
     # after its second epoch (8 min) and 91.9% after the fifth (18 min) on the 2-core AMD EPYC VM
     # (examples/results/fashion-mnist/). One thread, as for digits: two are 3x slower when other
     # processes share the cores.
-    "fashion-mnist": dict(T=4, depth=2, width=32, convs_per_stage=1, fc_width=256, dropout=0.0,
-                          epochs=5, batch_size=64, lr=1e-3, threads=1),
-    "cifar10": dict(T=8, depth=2, width=256, convs_per_stage=3, fc_width=2048, dropout=0.5,
-                    epochs=200, batch_size=16, lr=1e-3),
-    "nmnist": dict(T=10, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5,
-                   epochs=100, batch_size=16, lr=1e-3),
-    "cifar10-dvs": dict(T=20, depth=4, width=128, convs_per_stage=1, fc_width=512, dropout=0.5,
-                        epochs=200, batch_size=16, test_batch_size=32, lr=1e-3),
-    "dvs128-gesture": dict(T=20, depth=5, width=128, convs_per_stage=1, fc_width=512, dropout=0.5,
-                           epochs=200, batch_size=16, test_batch_size=32, lr=1e-3),
+    "fashion-mnist": dict(
+        T=4,
+        depth=2,
+        width=32,
+        convs_per_stage=1,
+        fc_width=256,
+        dropout=0.0,
+        epochs=5,
+        batch_size=64,
+        lr=1e-3,
+        threads=1,
+    ),
+    "cifar10": dict(
+        T=8, depth=2, width=256, convs_per_stage=3, fc_width=2048, dropout=0.5, epochs=200, batch_size=16, lr=1e-3
+    ),
+    "nmnist": dict(
+        T=10, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
+    ),
+    "cifar10-dvs": dict(
+        T=20,
+        depth=4,
+        width=128,
+        convs_per_stage=1,
+        fc_width=512,
+        dropout=0.5,
+        epochs=200,
+        batch_size=16,
+        test_batch_size=32,
+        lr=1e-3,
+    ),
+    "dvs128-gesture": dict(
+        T=20,
+        depth=5,
+        width=128,
+        convs_per_stage=1,
+        fc_width=512,
+        dropout=0.5,
+        epochs=200,
+        batch_size=16,
+        test_batch_size=32,
+        lr=1e-3,
+    ),
 }
-EVENT_DATASETS = {"nmnist": datasets.NMNISTFrames, "cifar10-dvs": datasets.CIFAR10DVSFrames,
-                  "dvs128-gesture": datasets.DVS128GestureFrames}
-MODEL_KEYS = ("T", "depth", "width", "convs_per_stage", "fc_width", "voting", "neuron", "pooling",
-              "tau_granularity", "init_tau", "surrogate", "detach_reset", "dropout")
+EVENT_DATASETS = {
+    "nmnist": datasets.NMNISTFrames,
+    "cifar10-dvs": datasets.CIFAR10DVSFrames,
+    "dvs128-gesture": datasets.DVS128GestureFrames,
+}
+MODEL_KEYS = (
+    "T",
+    "depth",
+    "width",
+    "convs_per_stage",
+    "fc_width",
+    "voting",
+    "neuron",
+    "pooling",
+    "tau_granularity",
+    "init_tau",
+    "surrogate",
+    "detach_reset",
+    "dropout",
+)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -82,15 +142,27 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=datasets.DATASETS, default="digits")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder holding the dataset files (default: examples/data; for fashion-mnist "
-                             f"{datasets.FASHION_MNIST_DEBIAN_DIR}, where apt-get install "
-                             f"{datasets.FASHION_MNIST_APT_PACKAGE} puts them)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="metrics, checkpoint and plot go here (default: examples/runs/<dataset>-<neuron>)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding the dataset files (default: examples/data; for fashion-mnist "
+        f"{datasets.FASHION_MNIST_DEBIAN_DIR}, where apt-get install "
+        f"{datasets.FASHION_MNIST_APT_PACKAGE} puts them)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="metrics, checkpoint and plot go here (default: examples/runs/<dataset>-<neuron>)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="stop after this many epochs (of --epochs, whose schedule stays); --resume continues")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many epochs (of --epochs, whose schedule stays); --resume continues",
+    )
     parser.add_argument("--neuron", choices=("plif", "lif"), default="plif")
     parser.add_argument("--init-tau", type=float, default=2.0)
     parser.add_argument("--tau-granularity", choices=("layer", "channel"), default="layer")
@@ -107,19 +179,35 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="per process, under DDP")
-    parser.add_argument("--test-batch-size", type=int, default=None,
-                        help="per process (default: the preset's, else max(batch size, 256))")
+    parser.add_argument(
+        "--test-batch-size",
+        type=int,
+        default=None,
+        help="per process (default: the preset's, else max(batch size, 256))",
+    )
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on this many samples, drawn at random (by --seed) from the training set")
-    parser.add_argument("--test-subset", type=int, default=None,
-                        help="test on this many samples, drawn at random (by --seed) from the test set")
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="train on this many samples, drawn at random (by --seed) from the training set",
+    )
+    parser.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="test on this many samples, drawn at random (by --seed) from the test set",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--split-by", choices=datasets.SPLIT_BY, default="number",
-                        help="event datasets: the same number of events, or the same time span, per frame")
+    parser.add_argument(
+        "--split-by",
+        choices=datasets.SPLIT_BY,
+        default="number",
+        help="event datasets: the same number of events, or the same time span, per frame",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -132,8 +220,19 @@ def parse_args(argv=None):
         args.out_dir = Path(__file__).resolve().parent / "runs" / f"{args.dataset}-{args.neuron}"
     if args.data_dir is None and args.dataset != "fashion-mnist":
         args.data_dir = DEFAULT_DATA_DIR
-    for key in ("T", "depth", "width", "convs_per_stage", "fc_width", "voting", "epochs", "batch_size",
-                "test_batch_size", "train_subset", "test_subset"):
+    for key in (
+        "T",
+        "depth",
+        "width",
+        "convs_per_stage",
+        "fc_width",
+        "voting",
+        "epochs",
+        "batch_size",
+        "test_batch_size",
+        "train_subset",
+        "test_subset",
+    ):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     return args
@@ -181,7 +280,7 @@ def augment_cifar(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     images = torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
     padded = F.pad(images, (4, 4, 4, 4))
     offsets = torch.randint(0, 9, (n, 2), generator=generator)
-    return torch.stack([padded[i, :, dy:dy + 32, dx:dx + 32] for i, (dy, dx) in enumerate(offsets.tolist())])
+    return torch.stack([padded[i, :, dy : dy + 32, dx : dx + 32] for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
 def to_model_input(images: torch.Tensor, event_frames: bool) -> torch.Tensor:
@@ -215,8 +314,7 @@ def lr_at(epoch: int, args) -> float:
     return 0.5 * args.lr * (1.0 + math.cos(math.pi * epoch / args.epochs))
 
 
-def run_epoch(model, loader, optimizer, device, num_classes, event_frames, show_progress, description,
-              augment=None):
+def run_epoch(model, loader, optimizer, device, num_classes, event_frames, show_progress, description, augment=None):
     """One pass over ``loader``; trains when ``optimizer`` is given. Returns (summed loss, correct, count)."""
     training = optimizer is not None
     model.train(training)
@@ -309,7 +407,9 @@ def load_checkpoint(path: Path, args, model, optimizer):
     differing = {k: (saved.get(k), v) for k, v in model_config(args).items() if saved.get(k) != v}
     if differing or state["dataset"] != args.dataset:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items())
-        raise ValueError(f"--resume: {path} was trained with other settings ({details or 'dataset ' + state['dataset']})")
+        raise ValueError(
+            f"--resume: {path} was trained with other settings ({details or 'dataset ' + state['dataset']})"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_state"])
@@ -377,14 +477,31 @@ def main(argv=None) -> dict:
     # samples count twice in the DDP test accuracy.
     test_sampler = DistributedSampler(test_set, shuffle=False) if world_size > 1 else None
     shuffle_generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, num_workers=args.workers, generator=shuffle_generator,
-                              pin_memory=device.type == "cuda", drop_last=False)
-    test_loader = DataLoader(test_set, batch_size=args.test_batch_size, sampler=test_sampler,
-                             num_workers=args.workers, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
+        num_workers=args.workers,
+        generator=shuffle_generator,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+    test_loader = DataLoader(
+        test_set,
+        batch_size=args.test_batch_size,
+        sampler=test_sampler,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
-    model = model_class(in_channels=in_channels, image_size=image_size, num_classes=num_classes, backend=args.backend,
-                        **model_config(args)).to(device)
+    model = model_class(
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        backend=args.backend,
+        **model_config(args),
+    ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out_dir / "checkpoint.pt"
@@ -406,9 +523,11 @@ def main(argv=None) -> dict:
 
     if is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test samples; "
-              f"{model_class.__name__} ({n_params} parameters, neuron={args.neuron}, T={args.T}) on {device}"
-              f"{f' x {world_size} processes' if world_size > 1 else ''}; writing to {args.out_dir}")
+        print(
+            f"{args.dataset}: {len(train_set)} train / {len(test_set)} test samples; "
+            f"{model_class.__name__} ({n_params} parameters, neuron={args.neuron}, T={args.T}) on {device}"
+            f"{f' x {world_size} processes' if world_size > 1 else ''}; writing to {args.out_dir}"
+        )
     show_progress = is_main and not args.no_progress
     start_time = time.time()
     row = rows[-1] if rows else {}
@@ -424,10 +543,20 @@ def main(argv=None) -> dict:
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         epoch_start = time.time()
-        train_stats = run_epoch(network, train_loader, optimizer, device, num_classes, event_frames, show_progress,
-                                f"epoch {epoch + 1} train", augment)
-        test_stats = run_epoch(network, test_loader, None, device, num_classes, event_frames, show_progress,
-                               f"epoch {epoch + 1} test")
+        train_stats = run_epoch(
+            network,
+            train_loader,
+            optimizer,
+            device,
+            num_classes,
+            event_frames,
+            show_progress,
+            f"epoch {epoch + 1} train",
+            augment,
+        )
+        test_stats = run_epoch(
+            network, test_loader, None, device, num_classes, event_frames, show_progress, f"epoch {epoch + 1} test"
+        )
         train_loss, train_correct, train_count = all_reduce_sum(*train_stats)
         test_loss, test_correct, test_count = all_reduce_sum(*test_stats)
         test_acc = test_correct.item() / test_count.item()
@@ -447,17 +576,28 @@ def main(argv=None) -> dict:
         rows.append(row)
         if is_main:
             taus = " ".join(f"{name}={tau:.3f}" for name, tau in learned_taus(model).items())
-            print(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']} acc {row['train_acc']} | "
-                  f"test loss {row['test_loss']} acc {row['test_acc']} | {row['epoch_seconds']} s | tau {taus}",
-                  flush=True)
+            print(
+                f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']} acc {row['train_acc']} | "
+                f"test loss {row['test_loss']} acc {row['test_acc']} | {row['epoch_seconds']} s | tau {taus}",
+                flush=True,
+            )
             write_metrics(metrics_path, rows)
-            torch.save({
-                "epoch": epoch + 1, "best_test_acc": best_test_acc, "dataset": args.dataset,
-                "model_config": model_config(args), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
-            }, checkpoint_path)
+            torch.save(
+                {
+                    "epoch": epoch + 1,
+                    "best_test_acc": best_test_acc,
+                    "dataset": args.dataset,
+                    "model_config": model_config(args),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng_state": torch.get_rng_state(),
+                },
+                checkpoint_path,
+            )
     if is_main and rows:
-        print(f"done: test accuracy {row['test_acc']} (best {row['best_test_acc']}) in {time.time() - start_time:.1f} s")
+        print(
+            f"done: test accuracy {row['test_acc']} (best {row['best_test_acc']}) in {time.time() - start_time:.1f} s"
+        )
         if not args.no_plot:
             plot_path = args.out_dir / "curves.png"
             if plot_curves(rows, plot_path, f"{args.dataset}, {args.neuron}, init tau {args.init_tau}"):

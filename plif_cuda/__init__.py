@@ -1,10 +1,13 @@
 """plif_cuda: fused multi-step Parametric LIF spiking neurons for PyTorch.
 
-    spike_seq, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w)
-    layer = plif_cuda.ParametricLIFNode(step_mode="m")
+spike_seq, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w)
+layer = plif_cuda.ParametricLIFNode(step_mode="m")
 """
-from . import ops  # noqa: F401  (registers the compiled ops, when built)
-from . import surrogate
+
+from . import (
+    ops,  # noqa: F401  (registers the compiled ops, when built)
+    surrogate,
+)
 from .backends import available_backends
 from .functional import plif_multistep
 from .module import LIFNode, ParametricLIFNode

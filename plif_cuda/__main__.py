@@ -5,6 +5,7 @@ the others cannot), the architectures the compiled extension was built for, and 
 ``--nvrtc-arch`` it compiles every kernel variant of the CuPy backend through NVRTC for that
 architecture (no GPU needed) and exits non-zero when one fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,14 +94,21 @@ def _print_extension() -> None:
     if _build_info.CUDA_SKIPPED_BECAUSE:
         print(f"extension   CPU kernels only (CUDA kernels not built because {_build_info.CUDA_SKIPPED_BECAUSE})")
     else:
-        print(f"extension   CPU kernels, and CUDA kernels for {_arch_names(_build_info.CUDA_ARCHS)} "
-              f"(TORCH_CUDA_ARCH_LIST={_build_info.CUDA_ARCHS})")
+        print(
+            f"extension   CPU kernels, and CUDA kernels for {_arch_names(_build_info.CUDA_ARCHS)} "
+            f"(TORCH_CUDA_ARCH_LIST={_build_info.CUDA_ARCHS})"
+        )
         for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             capability = torch.cuda.get_device_capability(index)
             code = cuda_code_for(capability, _build_info.CUDA_ARCHS)
-            print(f"            cuda:{index} (sm_{capability[0]}{capability[1]}) runs " + (
-                code or f"none of them: rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}, "
-                        "or use the cupy backend"))
+            print(
+                f"            cuda:{index} (sm_{capability[0]}{capability[1]}) runs "
+                + (
+                    code
+                    or f"none of them: rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}, "
+                    "or use the cupy backend"
+                )
+            )
     print(f"            built against torch {_build_info.TORCH_VERSION}")
 
 
@@ -160,7 +168,8 @@ def nvrtc_arch(text: str) -> str:
     """An NVRTC target as the doctor accepts it (argparse type)."""
     if not re.fullmatch(r"(sm|compute)_\d+[af]?", text):
         raise argparse.ArgumentTypeError(
-            f"expected sm_XX (a cubin, e.g. sm_90) or compute_XX (PTX, e.g. compute_90), got {text!r}")
+            f"expected sm_XX (a cubin, e.g. sm_90) or compute_XX (PTX, e.g. compute_90), got {text!r}"
+        )
     return text
 
 
@@ -169,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     doctor_parser = commands.add_parser("doctor", help="versions, available backends and why not, NVRTC check")
     doctor_parser.add_argument(
-        "--nvrtc-arch", metavar="sm_XX", type=nvrtc_arch,
+        "--nvrtc-arch",
+        metavar="sm_XX",
+        type=nvrtc_arch,
         help="compile every kernel variant of the CuPy backend through NVRTC for this architecture, "
-             "sm_XX (a cubin) or compute_XX (PTX), e.g. sm_90 (no GPU needed)",
+        "sm_XX (a cubin) or compute_XX (PTX), e.g. sm_90 (no GPU needed)",
     )
     doctor_parser.add_argument(
-        "--nvrtc-binding", choices=sorted(_nvrtc.NVRTC_BINDINGS),
+        "--nvrtc-binding",
+        choices=sorted(_nvrtc.NVRTC_BINDINGS),
         help="which Python binding of NVRTC to use (default: cupy's when installed, else cuda-bindings')",
     )
     args = parser.parse_args(argv)

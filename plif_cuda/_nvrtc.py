@@ -6,6 +6,7 @@ The program is compiled here rather than by ``cupy.RawModule(code=...)`` because
 ``-ftz=true`` to every NVRTC compile, and flushing denormals would break bit-equality with the
 nvcc-built extension (and with the reference). CuPy loads the resulting cubin and launches it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,10 @@ def kernel_names(dtype: torch.dtype) -> dict[str, str]:
     if dtype not in VARIANTS:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {dtype}")
     in_t, acc_t = VARIANTS[dtype]
-    names = {"forward": f"plif::plif_forward_kernel<{in_t}, {acc_t}>",
-             "backward": f"plif::plif_backward_kernel<{in_t}, {acc_t}>"}
+    names = {
+        "forward": f"plif::plif_forward_kernel<{in_t}, {acc_t}>",
+        "backward": f"plif::plif_backward_kernel<{in_t}, {acc_t}>",
+    }
     if dtype in (torch.float16, torch.bfloat16):
         names["recompute_backward"] = f"plif::plif_recompute_backward_kernel<{in_t}, {acc_t}>"
     return names

@@ -8,6 +8,7 @@
 - "auto":  the best of the above for the tensor's device; when none of the fused backends
            can run, the reference, with a one-time warning that says why.
 """
+
 from __future__ import annotations
 
 import warnings

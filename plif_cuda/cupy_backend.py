@@ -5,10 +5,12 @@ backward) with ``launcher=ops.NVRTC_LAUNCHER``: its checks, outputs and autograd
 compiled backend's, and for CUDA tensors it calls ``plif_cuda::nvrtc_launch_forward`` (and
 backward), which this module implements; an extension built without a CUDA toolkit has them.
 The kernels are compiled once per (dtype, architecture) by ``_nvrtc.compile_variant`` (the same
-build ``python -m plif_cuda doctor --nvrtc-arch`` checks), loaded once per device by CuPy, and launched on PyTorch's current stream of the tensors' device.
+build ``python -m plif_cuda doctor --nvrtc-arch`` checks), loaded once per device by CuPy, and
+launched on PyTorch's current stream of the tensors' device.
 A call never synchronises with the host, copies nothing to the device besides the kernel
 arguments, and leaves the process's current device as it found it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -132,12 +134,15 @@ def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
     _launch("forward", x.dtype, (x, k, v_init, spikes, v_last, v_seq, h_seq), scalars)
 
 
-def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init,
-                     *scalars):
+def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, *scalars):
     # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
     direction = "recompute_backward" if scalars[-1] & _FLAG_H_CHECKPOINTS else "backward"
-    _launch(direction, grad_x.dtype, (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k,
-                                       grad_v_init), scalars)
+    _launch(
+        direction,
+        grad_x.dtype,
+        (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init),
+        scalars,
+    )
 
 
 if ops.extension_available():

@@ -12,6 +12,7 @@ Images come back as float tensors in [0, 1], ``[N, C, H, W]``, with int64 labels
 datasets give ``(frames [T, 2, H, W], label)`` items (``EventFrames``).
 A missing file raises ``DatasetNotFoundError`` saying where to put which files.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -95,7 +96,7 @@ def read_idx(path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = int(np.prod(shape, dtype=np.int64))
     if len(data) - header != count * dtype.itemsize:
         raise ValueError(
@@ -176,13 +177,19 @@ def load_fashion_mnist(data_dir=None):
     """
     if data_dir is None:
         return _load_idx_dataset(
-            [FASHION_MNIST_DEBIAN_DIR], FASHION_MNIST_DEBIAN_DIR, "Fashion-MNIST",
+            [FASHION_MNIST_DEBIAN_DIR],
+            FASHION_MNIST_DEBIAN_DIR,
+            "Fashion-MNIST",
             f"Install Debian's package: apt-get install {FASHION_MNIST_APT_PACKAGE} (it puts them there), "
-            "or pass the folder that holds them as data_dir (examples/train.py: --data-dir). ")
+            "or pass the folder that holds them as data_dir (examples/train.py: --data-dir). ",
+        )
     return _load_idx_dataset(
-        _idx_folders(data_dir, "FashionMNIST"), Path(data_dir) / "FashionMNIST", "Fashion-MNIST",
+        _idx_folders(data_dir, "FashionMNIST"),
+        Path(data_dir) / "FashionMNIST",
+        "Fashion-MNIST",
         f"Or leave the folder unset to read {FASHION_MNIST_DEBIAN_DIR}/, where "
-        f"apt-get install {FASHION_MNIST_APT_PACKAGE} puts them. ")
+        f"apt-get install {FASHION_MNIST_APT_PACKAGE} puts them. ",
+    )
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -381,7 +388,7 @@ CIFAR10_DVS_TRAIN_FRACTION = 0.9
 def _aedat2_events_offset(data: bytes, path: Path) -> int:
     """Where the events start: after the header lines, which all begin with '#'."""
     if data.startswith(b"#!AER-DAT") and not data.startswith(b"#!AER-DAT2."):
-        version = data[len(b"#!AER-DAT"):data.find(b"\n")].strip().decode(errors="replace")
+        version = data[len(b"#!AER-DAT") : data.find(b"\n")].strip().decode(errors="replace")
         raise ValueError(f"{path}: AEDAT version {version!r}; this reader takes AEDAT 2.0 (8-byte events)")
     offset = 0
     while data.startswith(b"#", offset):
@@ -404,8 +411,9 @@ def read_aedat2_events(path):
     data = path.read_bytes()
     offset = _aedat2_events_offset(data, path)
     if (len(data) - offset) % 8 != 0:
-        raise ValueError(f"{path}: {len(data) - offset} bytes after the header is not a whole number of "
-                         "8-byte AEDAT 2.0 events")
+        raise ValueError(
+            f"{path}: {len(data) - offset} bytes after the header is not a whole number of 8-byte AEDAT 2.0 events"
+        )
     words = np.frombuffer(data, dtype=">u4", offset=offset).reshape(-1, 2).astype(np.int64)
     address, timestamp = words[:, 0], words[:, 1]
     jaer_x = (address >> 1) & 0x7F
@@ -440,7 +448,8 @@ class CIFAR10DVSFrames(EventFrames):
         if empty:
             raise DatasetNotFoundError(
                 "CIFAR10-DVS not found: extract the ten class archives "
-                f"({', '.join(f'{n}.zip' for n in CIFAR10_DVS_CLASSES)}) into {root}/ so that each {root}/<class>/ holds that class's AEDAT 2.0 .aedat files; "
+                f"({', '.join(f'{n}.zip' for n in CIFAR10_DVS_CLASSES)}) into {root}/ so that each "
+                f"{root}/<class>/ holds that class's AEDAT 2.0 .aedat files; "
                 f"no .aedat files in: {', '.join(empty)}. Nothing is downloaded."
             )
 
@@ -480,13 +489,17 @@ def _aedat3_polarity_packets(data: bytes, path: Path) -> np.ndarray:
         events_offset = offset + _AEDAT3_PACKET_HEADER.size
         end = events_offset + capacity * size
         if size < 1 or not 0 <= number <= capacity or end > len(data):
-            raise ValueError(f"{path}: bad packet at byte {offset} (event size {size}, number {number}, "
-                             f"capacity {capacity}; the file ends at byte {len(data)})")
+            raise ValueError(
+                f"{path}: bad packet at byte {offset} (event size {size}, number {number}, "
+                f"capacity {capacity}; the file ends at byte {len(data)})"
+            )
         if kind == _AEDAT3_POLARITY and number > 0:
             if size != 8 or ts_offset != 4:
-                raise ValueError(f"{path}: polarity packet at byte {offset} has {size}-byte events with the "
-                                 f"timestamp at byte {ts_offset}; AEDAT 3.1 polarity events are 8 bytes, "
-                                 "timestamp at byte 4")
+                raise ValueError(
+                    f"{path}: polarity packet at byte {offset} has {size}-byte events with the "
+                    f"timestamp at byte {ts_offset}; AEDAT 3.1 polarity events are 8 bytes, "
+                    "timestamp at byte 4"
+                )
             packets.append((events_offset, number, overflow))
         offset = end
     return np.array(packets, dtype=np.int64).reshape(-1, 3)
@@ -496,8 +509,13 @@ def _aedat3_polarity_words(data: bytes, packets: np.ndarray, base: int = 0):
     """(32-bit event data, full timestamps) of every event in ``packets``; ``data`` starts at file byte ``base``."""
     if len(packets) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    words = np.concatenate([np.frombuffer(data, dtype="<u4", count=2 * n, offset=offset - base)
-                            for offset, n, _ in packets.tolist()]).reshape(-1, 2).astype(np.int64)
+    words = (
+        np.concatenate(
+            [np.frombuffer(data, dtype="<u4", count=2 * n, offset=offset - base) for offset, n, _ in packets.tolist()]
+        )
+        .reshape(-1, 2)
+        .astype(np.int64)
+    )
     timestamp = words[:, 1] | (np.repeat(packets[:, 2], packets[:, 1]) << 31)
     return words[:, 0], timestamp
 
@@ -506,8 +524,12 @@ def _decode_aedat3_polarity(event_data: np.ndarray, timestamp: np.ndarray) -> di
     """Bit 0: valid (invalid events are dropped), bit 1: polarity, bits 2-16: y, bits 17-31: x."""
     valid = (event_data & 1) == 1
     event_data = event_data[valid]
-    return {"x": (event_data >> 17) & 0x7FFF, "y": (event_data >> 2) & 0x7FFF, "p": (event_data >> 1) & 1,
-            "t": timestamp[valid]}
+    return {
+        "x": (event_data >> 17) & 0x7FFF,
+        "y": (event_data >> 2) & 0x7FFF,
+        "p": (event_data >> 1) & 1,
+        "t": timestamp[valid],
+    }
 
 
 def read_aedat3_events(path):
@@ -533,11 +555,13 @@ def read_dvs_gesture_labels(path) -> list[tuple[int, int, int]]:
         try:
             gesture, start, end = (int(field) for field in line.split(","))
         except ValueError:
-            raise ValueError(f"{path}, line {number}: expected three integers 'class,start,end', "
-                             f"got {line!r}") from None
+            raise ValueError(
+                f"{path}, line {number}: expected three integers 'class,start,end', got {line!r}"
+            ) from None
         if not 1 <= gesture <= DVS_GESTURE_CLASSES or start >= end:
-            raise ValueError(f"{path}, line {number}: class must be 1..{DVS_GESTURE_CLASSES} and start < end, "
-                             f"got {line!r}")
+            raise ValueError(
+                f"{path}, line {number}: class must be 1..{DVS_GESTURE_CLASSES} and start < end, got {line!r}"
+            )
         rows.append((gesture - 1, start, end))
     return rows
 

@@ -12,6 +12,7 @@ are dense, time outermost, with the step dims in the input's memory order. Any o
 (steps with gaps, or time not outermost) is copied once into that order, and its outputs
 have the step dims in the input's order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -154,8 +155,12 @@ def multistep_keeping_state(
     surrogate, alpha = resolve_surrogate(surrogate, alpha)
     if not spiking and surrogate not in HAS_PRIMITIVE:
         raise ValueError(f"surrogate {surrogate!r} has no closed-form primitive, so spiking=False is not available")
-    for flag_name, flag in (("decay_input", decay_input), ("detach_reset", detach_reset),
-                            ("store_v_seq", store_v_seq), ("spiking", spiking)):
+    for flag_name, flag in (
+        ("decay_input", decay_input),
+        ("detach_reset", detach_reset),
+        ("store_v_seq", store_v_seq),
+        ("spiking", spiking),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
 
@@ -177,8 +182,17 @@ def multistep_keeping_state(
         chosen = "torch"
     if chosen == "torch":
         return plif_multistep_ref(
-            x_seq, k, v_init.to(acc), v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, store_v_seq=store_v_seq,
+            x_seq,
+            k,
+            v_init.to(acc),
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            decay_input=decay_input,
+            detach_reset=detach_reset,
+            surrogate=surrogate,
+            alpha=alpha,
+            spiking=spiking,
+            store_v_seq=store_v_seq,
         )
 
     x_op, order = _to_op_layout(x_seq)
@@ -189,8 +203,20 @@ def multistep_keeping_state(
     )
     forward_op = backends.forward_op(chosen)
     spikes, v_last, v_seq, _ = forward_op(
-        x_op, k_op, v_init_op, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None, decay_input,
-        detach_reset, SURROGATE_IDS[surrogate], alpha, spiking, store_v_seq, save, backends.launcher(chosen),
+        x_op,
+        k_op,
+        v_init_op,
+        v_threshold,
+        0.0 if v_reset is None else v_reset,
+        v_reset is None,
+        decay_input,
+        detach_reset,
+        SURROGATE_IDS[surrogate],
+        alpha,
+        spiking,
+        store_v_seq,
+        save,
+        backends.launcher(chosen),
     )
     if order == sorted(order):
         return spikes, v_last, v_seq if store_v_seq else None

@@ -20,6 +20,7 @@ the mean over T of that is the firing rate, the network's output in ``[0, 1]``.
 The neurons keep their membrane across calls (as SpikingJelly's do): call
 ``reset_states(model)`` after each batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -161,21 +162,33 @@ class SpikingConvNet(nn.Module):
         repeat_first_block: bool,
     ):
         super().__init__()
-        for value, name in ((in_channels, "in_channels"), (image_size, "image_size"), (num_classes, "num_classes"),
-                            (T, "T"), (depth, "depth"), (width, "width"), (convs_per_stage, "convs_per_stage"),
-                            (fc_width, "fc_width"), (voting, "voting")):
+        for value, name in (
+            (in_channels, "in_channels"),
+            (image_size, "image_size"),
+            (num_classes, "num_classes"),
+            (T, "T"),
+            (depth, "depth"),
+            (width, "width"),
+            (convs_per_stage, "convs_per_stage"),
+            (fc_width, "fc_width"),
+            (voting, "voting"),
+        ):
             _check_positive_int(value, name)
         _check_choice(neuron, "neuron", NEURONS)
         _check_choice(pooling, "pooling", POOLINGS)
         _check_choice(tau_granularity, "tau_granularity", TAU_GRANULARITIES)
-        if image_size < 2 ** depth:
+        if image_size < 2**depth:
             raise ValueError(f"image_size {image_size} is too small for depth {depth}: each stage halves the side")
         self.T = T
         self.num_classes = num_classes
         self.repeat_first_block = repeat_first_block
         neuron_options = dict(
-            neuron=neuron, tau_granularity=tau_granularity, init_tau=init_tau, surrogate=surrogate,
-            detach_reset=detach_reset, backend=backend,
+            neuron=neuron,
+            tau_granularity=tau_granularity,
+            init_tau=init_tau,
+            surrogate=surrogate,
+            detach_reset=detach_reset,
+            backend=backend,
         )
         pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
 
@@ -194,7 +207,7 @@ class SpikingConvNet(nn.Module):
                 body += [SeqToBatch(*conv_bn(channels)), make_neuron(width, conv=True, **neuron_options)]
             body.append(SeqToBatch(pool(2, 2)))
         self.body = nn.Sequential(*body)
-        features = width * (image_size // 2 ** depth) ** 2  # pooling floors odd sides
+        features = width * (image_size // 2**depth) ** 2  # pooling floors odd sides
         self.head = nn.Sequential(
             SeqToBatch(nn.Flatten()),
             SeqDropout(dropout),
@@ -224,8 +237,17 @@ class SpikingConvNet(nn.Module):
         return self.vote(self.head(self.body(self.encode(x))))
 
 
-def make_neuron(channels: int, *, conv: bool, neuron: str, tau_granularity: str, init_tau: float, surrogate: str,
-                detach_reset: bool, backend: str) -> ParametricLIFNode:
+def make_neuron(
+    channels: int,
+    *,
+    conv: bool,
+    neuron: str,
+    tau_granularity: str,
+    init_tau: float,
+    surrogate: str,
+    detach_reset: bool,
+    backend: str,
+) -> ParametricLIFNode:
     """One multi-step neuron layer with hard reset to 0 and threshold 1 (the paper's settings).
 
     ``tau_granularity`` shapes a PLIF layer's ``w``; a LIF layer's tau is one constant."""
@@ -248,8 +270,9 @@ class StaticImageSNN(SpikingConvNet):
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, **kwargs):
-        super().__init__(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
-                         repeat_first_block=True, **kwargs)
+        super().__init__(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, repeat_first_block=True, **kwargs
+        )
 
 
 class EventFrameSNN(SpikingConvNet):
@@ -259,8 +282,14 @@ class EventFrameSNN(SpikingConvNet):
     """
 
     def __init__(self, in_channels: int = 2, image_size: int = 34, num_classes: int = 10, T: int = 10, **kwargs):
-        super().__init__(in_channels=in_channels, image_size=image_size, num_classes=num_classes, T=T,
-                         repeat_first_block=False, **kwargs)
+        super().__init__(
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=num_classes,
+            T=T,
+            repeat_first_block=False,
+            **kwargs,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5 and x.shape[0] != self.T:

@@ -1,4 +1,5 @@
 """``ParametricLIFNode`` and ``LIFNode``: drop-ins for SpikingJelly's layers of the same names, on the fused op."""
+
 from __future__ import annotations
 
 import warnings
@@ -133,7 +134,9 @@ class ParametricLIFNode(MemoryModule):
 
     def _options(self):
         return dict(
-            v_threshold=self.v_threshold, v_reset=self.v_reset, decay_input=self.decay_input,
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            decay_input=self.decay_input,
             detach_reset=self.detach_reset,
         )
 
@@ -156,8 +159,15 @@ class ParametricLIFNode(MemoryModule):
             return self._generic_surrogate_forward(x_seq, v_init, store_v_seq)
         name, alpha, spiking = described
         return multistep_keeping_state(
-            x_seq, self._w(x_seq), v_init, surrogate=name, alpha=alpha, spiking=spiking,
-            store_v_seq=store_v_seq, backend=self.backend, **self._options(),
+            x_seq,
+            self._w(x_seq),
+            v_init,
+            surrogate=name,
+            alpha=alpha,
+            spiking=spiking,
+            store_v_seq=store_v_seq,
+            backend=self.backend,
+            **self._options(),
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -214,7 +224,10 @@ class ParametricLIFNode(MemoryModule):
         # when the step's shape, device or dtype changes.
         v_seq = self.v_seq
         if v_seq is None or (v_seq.shape[1:], v_seq.device, v_seq.dtype) != (
-                v_step.shape[1:], v_step.device, v_step.dtype):
+            v_step.shape[1:],
+            v_step.device,
+            v_step.dtype,
+        ):
             self.v_seq = v_step
         else:
             self.v_seq = torch.cat((v_seq, v_step))
@@ -242,8 +255,12 @@ class ParametricLIFNode(MemoryModule):
         if not isinstance(v_init, torch.Tensor):
             v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
         return plif_time_loop(
-            x_seq, torch.sigmoid(self._w(x_seq)).to(acc), v_init.to(device=x_seq.device, dtype=acc),
-            self.surrogate_function, store_v_seq=store_v_seq, **self._options(),
+            x_seq,
+            torch.sigmoid(self._w(x_seq)).to(acc),
+            v_init.to(device=x_seq.device, dtype=acc),
+            self.surrogate_function,
+            store_v_seq=store_v_seq,
+            **self._options(),
         )
 
 
@@ -267,9 +284,15 @@ class LIFNode(ParametricLIFNode):
         store_v_seq: bool = False,
     ):
         super().__init__(
-            init_tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-            surrogate_function=surrogate_function, detach_reset=detach_reset, step_mode=step_mode,
-            backend=backend, store_v_seq=store_v_seq,
+            init_tau=tau,
+            decay_input=decay_input,
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            surrogate_function=surrogate_function,
+            detach_reset=detach_reset,
+            step_mode=step_mode,
+            backend=backend,
+            store_v_seq=store_v_seq,
         )
 
     # A plain attribute (set in _init_time_constant) in place of ParametricLIFNode's property.

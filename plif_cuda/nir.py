@@ -12,6 +12,7 @@ to the same float32 ``w`` (so ``k = sigmoid(w)``, and the spikes, are bit-identi
 
 Needs the ``nir`` package (``pip install nir``); ``import plif_cuda`` does not import it.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,12 +67,18 @@ def _spikingjelly_classes():
     return (sj_neuron.ParametricLIFNode, sj_neuron.LIFNode), (sj_layer.Dropout,)
 
 
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-              nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-             SeqDropout)
-_STATELESS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Flatten, nn.AvgPool2d, nn.Identity,
-              VotingLayer)
+_MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, SeqDropout)
+_STATELESS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Flatten, nn.AvgPool2d, nn.Identity, VotingLayer)
 
 
 def _layer_kinds():
@@ -99,16 +106,21 @@ def _traced_calls(model: nn.Module, sample_input: torch.Tensor, layer_types):
 
     def hook_layers(module: nn.Module, prefix: str) -> None:
         if isinstance(module, layer_types) or not any(True for _ in module.children()):
+
             def record(layer, args, output, name=prefix or type(module).__name__):
                 calls.append(_Call(name, layer, args, output))
+
             handles.append(module.register_forward_hook(record))
             return
         for child_name, child in module.named_children():
             hook_layers(child, f"{prefix}.{child_name}" if prefix else child_name)
 
     training = {m: m.training for m in model.modules()}
-    saved_state = {m: (dict(m._memories), m.__dict__.get("v_seq")) for m in model.modules()
-                   if isinstance(getattr(m, "_memories", None), dict)}
+    saved_state = {
+        m: (dict(m._memories), m.__dict__.get("v_seq"))
+        for m in model.modules()
+        if isinstance(getattr(m, "_memories", None), dict)
+    }
     hook_layers(model, "")
     try:
         model.eval()
@@ -173,12 +185,15 @@ def _conv_node(conv: nn.Conv2d, step_shape, name: str) -> nir.Conv2d:
                 f"{name}: padding='same' with an even kernel pads asymmetrically, which NIR cannot express"
             )
     weight = conv.weight.detach().cpu().numpy()
-    bias = (np.zeros(weight.shape[0], dtype=weight.dtype) if conv.bias is None
-            else conv.bias.detach().cpu().numpy())
+    bias = np.zeros(weight.shape[0], dtype=weight.dtype) if conv.bias is None else conv.bias.detach().cpu().numpy()
     node = nir.Conv2d(
-        input_shape=np.array(step_shape[1:]), weight=weight, stride=_pair(conv.stride, "stride", name),
-        padding=_pair(padding, "padding", name), dilation=_pair(conv.dilation, "dilation", name),
-        groups=conv.groups, bias=bias,
+        input_shape=np.array(step_shape[1:]),
+        weight=weight,
+        stride=_pair(conv.stride, "stride", name),
+        padding=_pair(padding, "padding", name),
+        dilation=_pair(conv.dilation, "dilation", name),
+        groups=conv.groups,
+        bias=bias,
     )
     # nir 1.0 takes the input channels from the weight, which holds in_channels / groups of them.
     node.input_type = {"input": np.array(step_shape)}
@@ -210,8 +225,15 @@ def _fold_batch_norm(node: nir.NIRNode, bn: nn.modules.batchnorm._BatchNorm, nam
     weight = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(dtype)
     bias = (bias * scale + shift).astype(dtype)
     if isinstance(node, nir.Conv2d):
-        folded = nir.Conv2d(input_shape=node.input_shape, weight=weight, stride=node.stride, padding=node.padding,
-                            dilation=node.dilation, groups=node.groups, bias=bias)
+        folded = nir.Conv2d(
+            input_shape=node.input_shape,
+            weight=weight,
+            stride=node.stride,
+            padding=node.padding,
+            dilation=node.dilation,
+            groups=node.groups,
+            bias=bias,
+        )
         folded.input_type = node.input_type
         return folded
     return nir.Affine(weight=weight, bias=bias)
@@ -222,8 +244,12 @@ def _flatten_node(in_shape, out_shape, name: str) -> nir.Flatten:
     while kept < min(len(in_shape), len(out_shape)) and in_shape[kept] == out_shape[kept]:
         kept += 1
     end = kept + len(in_shape) - len(out_shape)
-    if (end < kept or len(out_shape) <= kept or math.prod(in_shape[kept:end + 1]) != out_shape[kept]
-            or tuple(in_shape[end + 1:]) != tuple(out_shape[kept + 1:])):
+    if (
+        end < kept
+        or len(out_shape) <= kept
+        or math.prod(in_shape[kept : end + 1]) != out_shape[kept]
+        or tuple(in_shape[end + 1 :]) != tuple(out_shape[kept + 1 :])
+    ):
         raise ValueError(
             f"{name}: maps a step of shape {tuple(in_shape)} to {tuple(out_shape)}, which is not a flatten"
         )
@@ -278,8 +304,12 @@ def _lif_node(module: nn.Module, x_seq: torch.Tensor, dt: float, approximate_sof
         v_reset, reset = float(module.v_reset), HARD_RESET
     r = np.ones(step_shape) if module.decay_input else tau / dt
     node = nir.LIF(
-        tau=tau, r=r, v_leak=np.full(step_shape, v_reset), v_threshold=np.full(step_shape, v_threshold),
-        v_reset=np.full(step_shape, v_reset), metadata={"reset": reset, "layer": name},
+        tau=tau,
+        r=r,
+        v_leak=np.full(step_shape, v_reset),
+        v_threshold=np.full(step_shape, v_threshold),
+        v_reset=np.full(step_shape, v_reset),
+        metadata={"reset": reset, "layer": name},
     )
     return node, reset
 
@@ -287,7 +317,7 @@ def _lif_node(module: nn.Module, x_seq: torch.Tensor, dt: float, approximate_sof
 def _voting_node(voting: VotingLayer, features: int, classes: int) -> nir.Linear:
     weight = np.zeros((classes, features), dtype=np.float32)
     for c in range(classes):
-        weight[c, c * voting.voting:(c + 1) * voting.voting] = 1.0 / voting.voting
+        weight[c, c * voting.voting : (c + 1) * voting.voting] = 1.0 / voting.voting
     return nir.Linear(weight=weight)
 
 
@@ -303,8 +333,9 @@ def _check_export_args(model, sample_input, dt, approximate_soft_reset) -> float
     return float(dt)
 
 
-def export(model: nn.Module, sample_input: torch.Tensor, dt: float = DEFAULT_DT, *,
-           approximate_soft_reset: bool = False) -> nir.NIRGraph:
+def export(
+    model: nn.Module, sample_input: torch.Tensor, dt: float = DEFAULT_DT, *, approximate_soft_reset: bool = False
+) -> nir.NIRGraph:
     """The NIR graph of ``model``: one node per layer, chained from ``input`` to ``output``.
 
     Args:
@@ -426,11 +457,19 @@ def export(model: nn.Module, sample_input: torch.Tensor, dt: float = DEFAULT_DT,
         output_shape = tuple(current.shape[2:])
     else:
         output_shape = (call.output.shape[-1],)
-    return _chain_graph(nodes, input_shape, output_shape, dict(
-        dt=dt, discretisation=DISCRETISATION, firing=FIRING_RULE, producer=f"plif_cuda {__version__}",
-        reset=" and ".join(sorted(resets)) if resets else "no neurons",
-        **({"readout": readout} if readout else {}),
-    ))
+    return _chain_graph(
+        nodes,
+        input_shape,
+        output_shape,
+        dict(
+            dt=dt,
+            discretisation=DISCRETISATION,
+            firing=FIRING_RULE,
+            producer=f"plif_cuda {__version__}",
+            reset=" and ".join(sorted(resets)) if resets else "no neurons",
+            **({"readout": readout} if readout else {}),
+        ),
+    )
 
 
 def _chain_graph(nodes, input_shape, output_shape, metadata) -> nir.NIRGraph:
@@ -457,8 +496,9 @@ def w_from_tau(tau: np.ndarray, dt: float) -> np.ndarray:
     # tau == dt (k = 1): the largest float32, whose sigmoid is 1, rather than an infinite w
     nearest = np.minimum(nearest, np.finfo(np.float32).max)
     with np.errstate(over="ignore"):
-        candidates = np.stack([nearest, np.nextafter(nearest, np.float32(-np.inf)),
-                               np.nextafter(nearest, np.float32(np.inf))])
+        candidates = np.stack(
+            [nearest, np.nextafter(nearest, np.float32(-np.inf)), np.nextafter(nearest, np.float32(np.inf))]
+        )
         error = np.abs(dt * (1.0 + np.exp(-candidates.astype(np.float64))) - tau)
     return np.take_along_axis(candidates, error.argmin(axis=0)[None], axis=0)[0]
 
@@ -499,11 +539,10 @@ def _lif_modules(node: nir.LIF, dt: float, name: str) -> list[tuple[str, nn.Modu
     r = np.broadcast_to(np.asarray(node.r, dtype=np.float64), tau.shape)
     v_threshold = _single_value(node.v_threshold, "v_threshold", name)
     v_reset = _single_value(node.v_reset, "v_reset", name)
-    if not np.array_equal(np.broadcast_to(np.asarray(node.v_leak, dtype=np.float64), tau.shape),
-                          np.full(tau.shape, v_reset)):
-        raise ValueError(
-            f"node {name!r}: v_leak differs from v_reset; plif_cuda's neuron leaks toward its reset value"
-        )
+    if not np.array_equal(
+        np.broadcast_to(np.asarray(node.v_leak, dtype=np.float64), tau.shape), np.full(tau.shape, v_reset)
+    ):
+        raise ValueError(f"node {name!r}: v_leak differs from v_reset; plif_cuda's neuron leaks toward its reset value")
     w = _compact(w_from_tau(tau, dt))
     modules = []
     if np.array_equal(r, np.ones_like(r)) or np.allclose(r, 1.0, rtol=0, atol=R_RELATIVE_TOLERANCE):
@@ -512,8 +551,9 @@ def _lif_modules(node: nir.LIF, dt: float, name: str) -> list[tuple[str, nn.Modu
         decay_input = False
         if not np.allclose(r, tau / dt, rtol=R_RELATIVE_TOLERANCE, atol=0):
             modules.append((f"{name}_input_weight", _Scale(_compact(r * dt / tau))))  # r/tau_plif, not decayed
-    neuron = ParametricLIFNode(decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset, step_mode="m",
-                               tau_shape=w.shape)
+    neuron = ParametricLIFNode(
+        decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset, step_mode="m", tau_shape=w.shape
+    )
     with torch.no_grad():
         neuron.w.copy_(torch.from_numpy(np.array(w)))
     modules.append((name, neuron))
@@ -556,9 +596,16 @@ def _stateless_module(node: nir.NIRNode, name: str) -> nn.Module:
         bias = np.asarray(node.bias, dtype=np.float32) if node.bias is not None else None
         has_bias = bias is not None and np.any(bias != 0)  # a zero bias adds nothing
         padding = node.padding if isinstance(node.padding, str) else _per_dim(node.padding, 2)
-        conv = nn.Conv2d(weight.shape[1] * int(node.groups), weight.shape[0], tuple(weight.shape[2:]),
-                         stride=_per_dim(node.stride, 2), padding=padding, dilation=_per_dim(node.dilation, 2),
-                         groups=int(node.groups), bias=has_bias)
+        conv = nn.Conv2d(
+            weight.shape[1] * int(node.groups),
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=_per_dim(node.stride, 2),
+            padding=padding,
+            dilation=_per_dim(node.dilation, 2),
+            groups=int(node.groups),
+            bias=has_bias,
+        )
         with torch.no_grad():
             conv.weight.copy_(weight)
             if has_bias:
@@ -567,8 +614,12 @@ def _stateless_module(node: nir.NIRNode, name: str) -> nn.Module:
     if isinstance(node, nir.Flatten):
         return nn.Flatten(_flatten_dim(node.start_dim), _flatten_dim(node.end_dim))
     if isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
-        return nn.AvgPool2d(_per_dim(node.kernel_size, 2), _per_dim(node.stride, 2), _per_dim(node.padding, 2),
-                            divisor_override=1 if isinstance(node, nir.SumPool2d) else None)
+        return nn.AvgPool2d(
+            _per_dim(node.kernel_size, 2),
+            _per_dim(node.stride, 2),
+            _per_dim(node.padding, 2),
+            divisor_override=1 if isinstance(node, nir.SumPool2d) else None,
+        )
     if isinstance(node, nir.Scale):
         return _Scale(node.scale)
     raise ValueError(

@@ -19,6 +19,7 @@ values as ``k`` and ``v_init``: where one value serves every neuron, its gradien
 the neurons' shares, added in an order fixed by the shape (the CPU kernel sums per block of
 neurons and adds the blocks in order), so its bits do not depend on the number of threads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,22 @@ def checkpoint_rows(steps: int) -> int:
 
 
 # `launcher` has the schema's default: opcheck calls the fake kernels with the arguments as given.
-def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha,
-                  spiking, store_v_seq, save, launcher=COMPILED_LAUNCHER):
+def _fake_forward(
+    x,
+    k,
+    v_init,
+    v_threshold,
+    v_reset,
+    soft_reset,
+    decay_input,
+    detach_reset,
+    surrogate,
+    alpha,
+    spiking,
+    store_v_seq,
+    save,
+    launcher=COMPILED_LAUNCHER,
+):
     acc = compute_dtype(x.dtype)
     spikes = x.new_empty(x.shape)
     v_last = x.new_empty(x.shape[1:], dtype=acc)
@@ -95,8 +110,25 @@ def _fake_forward(x, k, v_init, v_threshold, v_reset, soft_reset, decay_input, d
     return spikes, v_last, v_seq, h_seq
 
 
-def _fake_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, x_dtype, v_threshold, v_reset,
-                   soft_reset, decay_input, detach_reset, surrogate, alpha, spiking, launcher=COMPILED_LAUNCHER):
+def _fake_backward(
+    grad_spikes,
+    grad_v_last,
+    grad_v_seq,
+    h_seq,
+    x,
+    k,
+    v_init,
+    x_dtype,
+    v_threshold,
+    v_reset,
+    soft_reset,
+    decay_input,
+    detach_reset,
+    surrogate,
+    alpha,
+    spiking,
+    launcher=COMPILED_LAUNCHER,
+):
     shape = h_seq.shape if x is None else x.shape
     return (
         h_seq.new_empty(shape, dtype=x_dtype),
@@ -168,7 +200,13 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             # Every H, as a differentiable function of (x, k, v_init): the forward op again.
             h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *ctx.options, False, SAVE_H, ctx.launcher)[3]
         grad_x, grad_k, grad_v_init = _differentiable_backward(
-            grad_spikes, grad_v_last, grad_v_seq if ctx.store_v_seq else None, grad_h_seq, h_seq, k, v_init,
+            grad_spikes,
+            grad_v_last,
+            grad_v_seq if ctx.store_v_seq else None,
+            grad_h_seq,
+            h_seq,
+            k,
+            v_init,
             *ctx.options,
         )
         grad_x = grad_x.to(ctx.x_dtype)
@@ -194,8 +232,23 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
     ) + (None,) * 11
 
 
-def _differentiable_backward(grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, v_threshold,
-                             v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking):
+def _differentiable_backward(
+    grad_spikes,
+    grad_v_last,
+    grad_v_seq,
+    grad_h_seq,
+    h_seq,
+    k,
+    v_init,
+    v_threshold,
+    v_reset,
+    soft_reset,
+    decay_input,
+    detach_reset,
+    surrogate,
+    alpha,
+    spiking,
+):
     """The spec's backward recurrence in torch ops, differentiable in every argument.
 
     Only H is saved, so X is eliminated: dH[t]/dk = X[t] - (V[t-1] - V_r) is written as

@@ -4,6 +4,7 @@ Every fused kernel is tested against ``plif_multistep_ref``. It is written to be
 not to be fast; the arithmetic order here is the order the kernels reproduce
 (see ``csrc/plif_math.h``), so spikes match bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,14 +49,24 @@ def plif_multistep_ref(
         dtype, as the fused op returns it (``plif_multistep`` converts it to x_seq's dtype).
     """
     if spiking:
+
         def fire(centred):
             return heaviside_with_surrogate(centred, surrogate, alpha)
     else:
+
         def fire(centred):
             return surrogate_primitive(surrogate, alpha, centred)
+
     return plif_time_loop(
-        x_seq, k, v_init, fire, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-        detach_reset=detach_reset, store_v_seq=store_v_seq,
+        x_seq,
+        k,
+        v_init,
+        fire,
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        store_v_seq=store_v_seq,
     )
 
 

@@ -7,6 +7,7 @@ Without SpikingJelly it is a stand-in with the same protocol (``register_memory`
 ``memories``, ``named_memories``, ``step_mode``, ``functional_forward``, memories converted by
 ``.to()``; our layers add ``detach`` and the single- and multi-step functional forwards).
 """
+
 from __future__ import annotations
 
 import copy
@@ -141,7 +142,10 @@ def _fused_multi_step_forward(cls, w_of):
     def multi_step_forward(self, x_seq, *args, **kwargs):
         described = describe_surrogate(self.surrogate_function)
         if (
-            args or kwargs or described is None or self._neuron_precision is not None
+            args
+            or kwargs
+            or described is None
+            or self._neuron_precision is not None
             # A subclass with dynamics of its own (SpikingJelly's own test for this).
             or type(self).single_step_functional_forward is not cls.single_step_functional_forward
             or type(self).multi_step_functional_forward is not cls.multi_step_functional_forward
@@ -152,9 +156,17 @@ def _fused_multi_step_forward(cls, w_of):
         # x's dtype, a membrane of another shape restarts from the reset value.
         (v,) = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
         spike_seq, v_last, v_seq = plif_multistep(
-            x_seq, w_of(self), v, v_threshold=self.v_threshold, v_reset=self.v_reset,
-            decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=name, alpha=alpha,
-            spiking=spiking, store_v_seq=self.store_v_seq,
+            x_seq,
+            w_of(self),
+            v,
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            decay_input=self.decay_input,
+            detach_reset=self.detach_reset,
+            surrogate=name,
+            alpha=alpha,
+            spiking=spiking,
+            store_v_seq=self.store_v_seq,
         )
         # A fresh tensor, not our permuted view of the op's output: SpikingJelly's detach() works in
         # place (detach_), which views refuse.

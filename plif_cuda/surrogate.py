@@ -8,6 +8,7 @@ The classes below are thin descriptors that a user can pass as ``surrogate_funct
 They are also callable (``spike = surrogate(x)``) with the surrogate gradient in
 backward, so that code written for SpikingJelly's surrogate objects keeps working.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,7 @@ def is_constant_alpha(alpha) -> bool:
 def resolve_surrogate(name: str, alpha) -> tuple[str, float]:
     """Validate a surrogate name and alpha; return ``(name, alpha)`` with the default filled in."""
     if not isinstance(name, str) or name not in SURROGATE_IDS:
-        raise ValueError(
-            f"surrogate must be one of {sorted(SURROGATE_IDS)}, got {name!r}"
-        )
+        raise ValueError(f"surrogate must be one of {sorted(SURROGATE_IDS)}, got {name!r}")
     if alpha is None:
         alpha = DEFAULT_ALPHA[name]
     if isinstance(alpha, torch.Tensor):
@@ -141,9 +140,7 @@ def surrogate_primitive(name: str, alpha: float, x: torch.Tensor) -> torch.Tenso
         return 0.5 * (ax / (1.0 + ax.abs()) + 1.0)
     if name == "erf":
         return 0.5 * torch.erfc(-alpha * x)
-    raise ValueError(
-        f"surrogate {name!r} has no closed-form primitive, so spiking=False is not available for it"
-    )
+    raise ValueError(f"surrogate {name!r} has no closed-form primitive, so spiking=False is not available for it")
 
 
 class _HeavisideWithSurrogate(torch.autograd.Function):
@@ -263,7 +260,12 @@ def describe_surrogate(obj) -> tuple[str, float, bool] | None:
         return obj.name, obj.alpha, obj.spiking
     name = SPIKINGJELLY_CLASS_NAMES.get(type(obj).__name__)
     module = type(obj).__module__ or ""
-    if name is not None and module.startswith("spikingjelly") and hasattr(obj, "alpha") and is_constant_alpha(obj.alpha):
-        name, alpha = resolve_surrogate(name, getattr(obj, "alpha"))
+    if (
+        name is not None
+        and module.startswith("spikingjelly")
+        and hasattr(obj, "alpha")
+        and is_constant_alpha(obj.alpha)
+    ):
+        name, alpha = resolve_surrogate(name, obj.alpha)
         return name, alpha, bool(getattr(obj, "spiking", True))
     return None

@@ -1,4 +1,5 @@
 """Shared helpers for the plif_cuda test suite: tolerances, backends, awkward inputs, losses."""
+
 from __future__ import annotations
 
 import os
@@ -23,21 +24,25 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 from plif_cuda import backends as plif_backends  # noqa: E402
 
+
 def printed_by_fresh_interpreter(code: str, **env: str) -> str:
     """What ``python -c code`` prints in a new interpreter, run from the repository root with
     ``env`` added to the environment: for what a process reads once (environment variables at
     import, the CPU op's output cache) or must not share with the test process."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "gpu_emulation: the CUDA kernels compiled for the CPU and run under an emulated launch "
-        "(tests/test_gpu_emulation.py)")
+        "markers",
+        "gpu_emulation: the CUDA kernels compiled for the CPU and run under an emulated launch "
+        "(tests/test_gpu_emulation.py)",
+    )
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -81,7 +86,7 @@ def assert_grad_close(actual, expected, dtype, summed_terms: int = 1):
     (the w gradient of a 0-dim w sums over every neuron and step), which scales the
     absolute tolerance by the square root of that count (random rounding errors add up so)."""
     rtol, atol = GRAD_TOLERANCE[dtype]
-    atol = atol * max(1.0, summed_terms ** 0.5)
+    atol = atol * max(1.0, summed_terms**0.5)
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
 
 
@@ -97,10 +102,20 @@ BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "cupy": "cuda"}
 # The fused backends under test, each with the device it runs on. "cpu" never skips.
 BACKENDS = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        _cuda_skip_reason("cuda") is not None, reason=f"cuda backend: {_cuda_skip_reason('cuda')}")),
-    pytest.param("cupy", id="cupy", marks=pytest.mark.skipif(
-        _cuda_skip_reason("cupy") is not None, reason=f"cupy backend: {_cuda_skip_reason('cupy')}")),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(
+            _cuda_skip_reason("cuda") is not None, reason=f"cuda backend: {_cuda_skip_reason('cuda')}"
+        ),
+    ),
+    pytest.param(
+        "cupy",
+        id="cupy",
+        marks=pytest.mark.skipif(
+            _cuda_skip_reason("cupy") is not None, reason=f"cupy backend: {_cuda_skip_reason('cupy')}"
+        ),
+    ),
 ]
 # The two launchers of the op for CUDA tensors.
 GPU_BACKENDS = BACKENDS[1:]
@@ -154,14 +169,17 @@ def make_seq(shape, dtype=torch.float32, device="cpu", layout="contiguous", seed
     return out
 
 
-
 def distance_to_threshold(x_seq, w, v_init, v_reset, decay_input=True, v_threshold=1.0):
     """Smallest |H - V_th| over every neuron and step, recomputed in float64 with the spec's
     formulas: inputs with a margin cannot flip a spike through rounding differences."""
     x_seq = x_seq.detach().double()
     k = torch.sigmoid(w.detach().double()) if isinstance(w, torch.Tensor) else torch.sigmoid(torch.tensor(float(w)))
     v_r = 0.0 if v_reset is None else v_reset
-    v = v_init.detach().double() if isinstance(v_init, torch.Tensor) else torch.tensor(v_r if v_init is None else v_init)
+    v = (
+        v_init.detach().double()
+        if isinstance(v_init, torch.Tensor)
+        else torch.tensor(v_r if v_init is None else v_init)
+    )
     margin = float("inf")
     for x in x_seq:
         h = v + k * (x - (v - v_r)) if decay_input else v - k * (v - v_r) + x
@@ -218,4 +236,3 @@ def _fresh_backend_warnings():
     plif_backends._warned.clear()
     yield
     plif_backends._warned.clear()
-

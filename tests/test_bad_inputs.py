@@ -1,4 +1,5 @@
 """Every bad argument raises a Python exception whose message names it (never a crash)."""
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,17 @@ def test_unknown_backend():
         plif_multistep(_x(), W, backend=None)
 
 
-@pytest.mark.parametrize("alpha, error", ((0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError),
-                                           (math.inf, ValueError), ("2", TypeError), (True, TypeError)))
+@pytest.mark.parametrize(
+    "alpha, error",
+    (
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+    ),
+)
 def test_bad_alpha(alpha, error):
     with pytest.raises(error, match="alpha"):
         plif_multistep(_x(), W, alpha=alpha)
@@ -91,8 +101,17 @@ def test_super_spike_has_no_smooth_mode():
 
 
 @pytest.mark.parametrize("name", ("v_threshold", "v_reset"))
-@pytest.mark.parametrize("value, error", ((math.nan, ValueError), (math.inf, ValueError), (-math.inf, ValueError),
-                                          ("1.0", TypeError), (False, TypeError), (torch.tensor([1.0, 2.0]), TypeError)))
+@pytest.mark.parametrize(
+    "value, error",
+    (
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-math.inf, ValueError),
+        ("1.0", TypeError),
+        (False, TypeError),
+        (torch.tensor([1.0, 2.0]), TypeError),
+    ),
+)
 def test_bad_threshold_or_reset(name, value, error):
     with pytest.raises(error, match=name):
         plif_multistep(_x(), W, **{name: value})
@@ -146,8 +165,9 @@ def test_module_bad_backend_and_options():
 
 # ---- the raw ops: bad calls are errors, not crashes -------------------------------------------------
 def _raw_forward(x, k, v_init, surrogate=SURROGATE_IDS["sigmoid"], spiking=True, save=ops.SAVE_NOTHING):
-    return torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, surrogate, 4.0,
-                                                 spiking, False, save)
+    return torch.ops.plif_cuda.multistep_forward(
+        x, k, v_init, 1.0, 0.0, False, True, False, surrogate, 4.0, spiking, False, save
+    )
 
 
 def test_raw_op_checks():

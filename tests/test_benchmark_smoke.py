@@ -5,6 +5,7 @@ model, the saved-tensor count, missing peers reported as missing, the files of a
 the kernel-only timing's capture and replay logic under a stand-in for torch.cuda), not
 performance.
 """
+
 import json
 import math
 import os
@@ -23,9 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--devices", "cpu",
-         "--peers", "spikingjelly,snntorch", "--out", str(out), "--name", "smoke"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--devices",
+            "cpu",
+            "--peers",
+            "spikingjelly,snntorch",
+            "--out",
+            str(out),
+            "--name",
+            "smoke",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return out, json.loads((out / "smoke.json").read_text()), completed.stdout
@@ -38,8 +52,16 @@ def test_writes_json_markdown_and_png(quick_run):
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
     env = result["environment"]
-    for key in ("torch", "cpu_model", "torch_threads", "gpu", "malloc_environment", "malloc_tuned",
-                "last_level_cache_bytes", "last_level_cache_level"):
+    for key in (
+        "torch",
+        "cpu_model",
+        "torch_threads",
+        "gpu",
+        "malloc_environment",
+        "malloc_tuned",
+        "last_level_cache_bytes",
+        "last_level_cache_level",
+    ):
         assert key in env
     markdown = (out / "smoke.md").read_text()
     assert env["cpu_model"] in markdown
@@ -59,7 +81,7 @@ def test_every_pass_of_the_fused_backend_and_the_reference_is_measured(quick_run
     for impl in expected:
         rows = {r["pass"]: r for r in result["rows"] if r["impl"] == impl}
         assert set(rows) == {"fwd", "bwd", "fwdbwd"}
-        for pass_name, row in rows.items():
+        for row in rows.values():
             assert row["status"] == "ok", row
             assert row["samples"] >= 1 and row["median_ms"] > 0
             assert row["T"] == 4 and row["neurons"] == 4096 and row["dtype"] == "fp32"
@@ -122,9 +144,11 @@ def _load_harness(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize("copies, attempts", [((42.0, 75.0, 74.0, 76.0), 2), ((45.0, 46.0), 1),
-                                              ((42.0, 75.0, 75.0, 41.0, 44.0, 76.0), 3)],
-                         ids=("changed-then-steady", "steady", "never-steady"))
+@pytest.mark.parametrize(
+    "copies, attempts",
+    [((42.0, 75.0, 74.0, 76.0), 2), ((45.0, 46.0), 1), ((42.0, 75.0, 75.0, 41.0, 44.0, 76.0), 3)],
+    ids=("changed-then-steady", "steady", "never-steady"),
+)
 def test_a_case_whose_copies_disagree_is_timed_again(copies, attempts, monkeypatch):
     """A case during which the machine changed state (its copies 42 and 75 GB/s) is timed again,
     at most COPY_ATTEMPTS times; the last attempt's passes are rated against their own copies."""
@@ -150,9 +174,23 @@ def test_a_run_cut_short_leaves_valid_files_with_the_cases_it_finished(tmp_path)
     """The JSON is rewritten after every case: killed right after its first case, the run leaves a
     valid file with that case's rows, marked incomplete."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--devices", "cpu", "--peers", "none",
-         "--out", str(tmp_path), "--name", "cut"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--devices",
+            "cpu",
+            "--peers",
+            "none",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cut",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     path = tmp_path / "cut.json"
     deadline = time.monotonic() + 300
     try:
@@ -181,9 +219,30 @@ def test_dry_run_plans_cuda_cases_without_a_gpu(tmp_path, monkeypatch):
     """--dry-run goes as far as the first call on the device: the plan with each pass's bytes, the
     implementations' availability and the (empty, incomplete) result files; a missing peer that
     was asked for fails it."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--dry-run", "--devices", "cuda",
-               "--backends", "cuda", "--T", "8", "--neurons", "2^16,2^24", "--dtypes", "fp32,bf16", "--tau", "layer",
-               "--no-network", "--kernel-only", "on", "--out", str(tmp_path), "--name", "dry"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run.py"),
+        "--dry-run",
+        "--devices",
+        "cuda",
+        "--backends",
+        "cuda",
+        "--T",
+        "8",
+        "--neurons",
+        "2^16,2^24",
+        "--dtypes",
+        "fp32,bf16",
+        "--tau",
+        "layer",
+        "--no-network",
+        "--kernel-only",
+        "on",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "dry",
+    ]
     done = subprocess.run(command + ["--peers", "none"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -200,8 +259,13 @@ def test_dry_run_plans_cuda_cases_without_a_gpu(tmp_path, monkeypatch):
     shadow = tmp_path / "shadow" / "snntorch"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('shadowed by the test')\n")
-    missing_peer = subprocess.run(command + ["--peers", "snntorch"], capture_output=True, text=True, timeout=300,
-                                  env={**os.environ, "PYTHONPATH": str(shadow.parent)})
+    missing_peer = subprocess.run(
+        command + ["--peers", "snntorch"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(shadow.parent)},
+    )
     assert missing_peer.returncode == 1, missing_peer.stdout[-3000:] + missing_peer.stderr[-3000:]
     assert "requested peers are missing" in missing_peer.stderr and "shadowed by the test" in missing_peer.stderr
 
@@ -313,8 +377,11 @@ def test_kernel_only_timing_captures_one_round_and_times_replays_alone(pass_name
 
     result = timing.measure_kernels(logged_prepare, logged_run, buffers, "cuda", samples=4, cuda=cuda)
     rounds = timing.CAPTURE_WARMUP_ROUNDS
-    assert calls == ([("prepare", "side", False)] * buffers + [("run", "side", False)] * buffers * rounds
-                     + [("run", "side", True)] * buffers)
+    assert calls == (
+        [("prepare", "side", False)] * buffers
+        + [("run", "side", False)] * buffers * rounds
+        + [("run", "side", True)] * buffers
+    )
     assert cuda.log[0] == ("wait", "side", "default") and cuda.log[-1] == ("replay",)
     assert ("wait", "default", "side") in cuda.log
     replays = math.ceil(timing.KERNEL_SAMPLE_MS / 0.3)
@@ -340,8 +407,12 @@ def test_replays_per_sample_fill_the_sample_time_within_the_cap(monkeypatch):
     _load_harness(monkeypatch)  # puts benchmarks/ on the path
     import timing
 
-    for one_replay_ms, expected in ((0.001, timing.MAX_REPLAYS_PER_SAMPLE), (0.0, timing.MAX_REPLAYS_PER_SAMPLE),
-                                    (2.0, math.ceil(timing.KERNEL_SAMPLE_MS / 2.0)), (50.0, 1)):
+    for one_replay_ms, expected in (
+        (0.001, timing.MAX_REPLAYS_PER_SAMPLE),
+        (0.0, timing.MAX_REPLAYS_PER_SAMPLE),
+        (2.0, math.ceil(timing.KERNEL_SAMPLE_MS / 2.0)),
+        (50.0, 1),
+    ):
         counts = []
 
         def time_replays(replay, count):
@@ -370,9 +441,14 @@ def test_kernel_only_fields_rate_the_figure_and_keep_a_failed_capture(monkeypatc
     on, off = argparse.Namespace(kernel_only="on", repeats=3), argparse.Namespace(kernel_only="off", repeats=3)
     cuda = torch.device("cuda")
     monkeypatch.setattr(run, "pass_functions", lambda *args, **kwargs: (None, None))
-    monkeypatch.setattr(run, "measure_kernels", lambda prepare, run_pass, n, device, samples: timing.KernelTiming(
-        timing.Timing([0.5, 0.25, 1.0][:samples]), calls_per_replay=n, replays_per_sample=10))
-    fields = run.kernel_only_fields(on, fused, None, [0, 1], cuda, "fwd", 2 * 10 ** 9, 1000.0)
+    monkeypatch.setattr(
+        run,
+        "measure_kernels",
+        lambda prepare, run_pass, n, device, samples: timing.KernelTiming(
+            timing.Timing([0.5, 0.25, 1.0][:samples]), calls_per_replay=n, replays_per_sample=10
+        ),
+    )
+    fields = run.kernel_only_fields(on, fused, None, [0, 1], cuda, "fwd", 2 * 10**9, 1000.0)
     assert fields["kernel_median_ms"] == 0.5 and fields["kernel_calls_per_sample"] == 20
     assert fields["kernel_gbps"] == pytest.approx(4000.0) and fields["kernel_copy_fraction"] == pytest.approx(4.0)
     for args, impl, device in ((off, fused, cuda), (on, peer, cuda), (on, fused, torch.device("cpu"))):
@@ -383,19 +459,41 @@ def test_kernel_only_fields_rate_the_figure_and_keep_a_failed_capture(monkeypatc
 
     monkeypatch.setattr(run, "measure_kernels", failing)
     assert run.kernel_only_fields(on, fused, None, [0], cuda, "bwd", 1, 1.0) == {
-        "kernel_error": "RuntimeError: operation not permitted when stream is capturing"}
+        "kernel_error": "RuntimeError: operation not permitted when stream is capturing"
+    }
 
 
 def test_the_table_shows_the_fastest_kernel_only_figure(monkeypatch):
     _load_harness(monkeypatch)
     import report
 
-    base = {"device": "cuda", "suite": "grid", "T": 8, "neurons": 1 << 20, "dtype": "fp32", "tau": "layer",
-            "pass": "fwd", "status": "ok", "kind": "fused", "traffic_bytes": 1, "gbps": 100.0, "copy_gbps": 1000.0,
-            "copy_fraction": 0.1, "saved_bytes_per_neuron_step": 4.0}
-    rows = [{**base, "impl": "cuda", "label": "plif_cuda cuda", "median_ms": 0.09, "kernel_median_ms": 0.03,
-             "kernel_copy_fraction": 0.8},
-            {**base, "impl": "cupy", "label": "plif_cuda cupy", "median_ms": 0.08, "kernel_error": "RuntimeError: x"}]
+    base = {
+        "device": "cuda",
+        "suite": "grid",
+        "T": 8,
+        "neurons": 1 << 20,
+        "dtype": "fp32",
+        "tau": "layer",
+        "pass": "fwd",
+        "status": "ok",
+        "kind": "fused",
+        "traffic_bytes": 1,
+        "gbps": 100.0,
+        "copy_gbps": 1000.0,
+        "copy_fraction": 0.1,
+        "saved_bytes_per_neuron_step": 4.0,
+    }
+    rows = [
+        {
+            **base,
+            "impl": "cuda",
+            "label": "plif_cuda cuda",
+            "median_ms": 0.09,
+            "kernel_median_ms": 0.03,
+            "kernel_copy_fraction": 0.8,
+        },
+        {**base, "impl": "cupy", "label": "plif_cuda cupy", "median_ms": 0.08, "kernel_error": "RuntimeError: x"},
+    ]
     result = {"rows": rows, "copy_bandwidth": {"cuda": {}}}
     header, _, line = report.op_table(result, ["cuda", "cupy"], {"cuda": "cuda", "cupy": "cupy"})
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))

@@ -2,6 +2,7 @@
 of the forward's vector path), on hand-written SASS in cuobjdump's format: the CUDA build itself is
 checked by .ci/run. And the kernel headers under nvcc on their own (no GPU needed): each compiles
 alone, and the forward kernels compiled from plif_kernels.cuh alone pass the store-width check."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,23 +33,32 @@ def figures(text: str) -> list[int]:
     return check.loads_in_flight_per_loop(body)
 
 
-@pytest.mark.parametrize("opcode, size", [("LDG.E.128.CONSTANT", 16), ("LDG.E.64", 8), ("LDG.E", 4),
-                                          ("LDG.E.U16.CONSTANT", 2), ("LDG.E.U8", 1), ("STG.E.128", 0),
-                                          ("FADD", 0)])
+@pytest.mark.parametrize(
+    "opcode, size",
+    [
+        ("LDG.E.128.CONSTANT", 16),
+        ("LDG.E.64", 8),
+        ("LDG.E", 4),
+        ("LDG.E.U16.CONSTANT", 2),
+        ("LDG.E.U8", 1),
+        ("STG.E.128", 0),
+        ("FADD", 0),
+    ],
+)
 def test_load_sizes(opcode, size):
     assert check.global_load_bytes(opcode) == size
 
 
 def test_a_store_or_branch_ends_the_run_and_only_innermost_loops_count():
     text = sass(
-        "LDG.E R2, desc[UR4][R2.64]",                 # 0x00: outer loop only
-        "LDG.E.128 R4, desc[UR4][R8.64]",             # 0x10: inner loop from here
+        "LDG.E R2, desc[UR4][R2.64]",  # 0x00: outer loop only
+        "LDG.E.128 R4, desc[UR4][R8.64]",  # 0x10: inner loop from here
         "@P0 LDG.E.128 R12, desc[UR4][R10.64]",
-        "STG.E desc[UR4][R6.64], R4",                 # ends the run of 32 B
+        "STG.E desc[UR4][R6.64], R4",  # ends the run of 32 B
         "LDG.E.64 R16, desc[UR4][R14.64]",
-        "@P1 BRA 0x10",                               # 0x50: inner loop back edge
+        "@P1 BRA 0x10",  # 0x50: inner loop back edge
         "LDG.E.128 R4, desc[UR4][R8.64]",
-        "BRA 0x0",                                    # 0x70: outer loop back edge
+        "BRA 0x0",  # 0x70: outer loop back edge
     )
     assert figures(text) == [32]
 
@@ -61,8 +71,18 @@ def test_a_kernel_needs_two_loops_with_64_bytes():
     assert check.check_loads_in_flight(check.parse_sass(both_paths)) == []
 
 
-@pytest.mark.parametrize("opcode, size", [("STG.E.128", 16), ("STG.E.64", 8), ("STG.E", 4), ("STG.E.U16", 2),
-                                          ("ST.E.128", 16), ("LDG.E.128", 0), ("STS.128", 0)])
+@pytest.mark.parametrize(
+    "opcode, size",
+    [
+        ("STG.E.128", 16),
+        ("STG.E.64", 8),
+        ("STG.E", 4),
+        ("STG.E.U16", 2),
+        ("ST.E.128", 16),
+        ("LDG.E.128", 0),
+        ("STS.128", 0),
+    ],
+)
 def test_store_sizes(opcode, size):
     assert check.global_store_bytes(opcode) == size
 
@@ -82,13 +102,22 @@ SCALAR_LOOP = ["LDG.E.CONSTANT R4, desc[UR4][R2.64]"] * 16 + ["STG.E desc[UR4][R
 
 def test_the_vector_path_must_store_whole_words():
     # The H row split into one store per lane (as before issue 22's fix), spikes and V whole.
-    split = VECTOR_LOADS + ["STG.E.128 desc[UR4][R8.64], R12", "STG.E desc[UR4][R10.64], R16",
-                            "STG.E desc[UR4][R10.64+0x4], R17", "STG.E desc[UR4][R10.64+0x8], R18",
-                            "STG.E desc[UR4][R10.64+0xc], R19", "STG.E.128 desc[UR4][R14.64], R20"]
-    whole = VECTOR_LOADS + ["STG.E.128 desc[UR4][R8.64], R12", "@P1 STG.E.128 desc[UR4][R10.64], R16",
-                            "STG.E.128 desc[UR4][R14.64], R20"]
-    assert check.vector_loop_store_widths(check.parse_sass(forward_with_loops(SCALAR_LOOP, split))["sm_90"]
-                                          ["forward float32"]) == [{16: 2, 4: 4}]
+    split = VECTOR_LOADS + [
+        "STG.E.128 desc[UR4][R8.64], R12",
+        "STG.E desc[UR4][R10.64], R16",
+        "STG.E desc[UR4][R10.64+0x4], R17",
+        "STG.E desc[UR4][R10.64+0x8], R18",
+        "STG.E desc[UR4][R10.64+0xc], R19",
+        "STG.E.128 desc[UR4][R14.64], R20",
+    ]
+    whole = VECTOR_LOADS + [
+        "STG.E.128 desc[UR4][R8.64], R12",
+        "@P1 STG.E.128 desc[UR4][R10.64], R16",
+        "STG.E.128 desc[UR4][R14.64], R20",
+    ]
+    assert check.vector_loop_store_widths(
+        check.parse_sass(forward_with_loops(SCALAR_LOOP, split))["sm_90"]["forward float32"]
+    ) == [{16: 2, 4: 4}]
     (problem,) = check.check_vector_stores(check.parse_sass(forward_with_loops(SCALAR_LOOP, split)))
     assert "forward float32" in problem and "4 stores narrower than 16 B beside 2" in problem
     # The scalar path's narrow stores are its own: only the loop of 16-byte loads is held to whole words.
@@ -96,8 +125,7 @@ def test_the_vector_path_must_store_whole_words():
 
 
 def test_a_forward_without_a_vector_loop_fails_and_the_backward_is_not_held_to_it():
-    mixed = ["LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "LDG.E R8, desc[UR4][R2.64]",
-             "STG.E.128 desc[UR4][R8.64], R12"]
+    mixed = ["LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "LDG.E R8, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R8.64], R12"]
     (problem,) = check.check_vector_stores(check.parse_sass(forward_with_loops(SCALAR_LOOP, mixed)))
     assert "no innermost loop loads 16-byte words only" in problem
     backward = "_ZN4plif20plif_backward_kernelIffEEvPKT_"
@@ -124,8 +152,13 @@ DEVICE_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-arch=sm_90"]
 def nvcc_compile(tmp_path: Path, source: str, *flags: str) -> subprocess.CompletedProcess:
     unit = tmp_path / "unit.cu"
     unit.write_text(source)
-    return subprocess.run([NVCC, *DEVICE_FLAGS, f"-I{REPO / 'csrc'}", *flags, str(unit)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [NVCC, *DEVICE_FLAGS, f"-I{REPO / 'csrc'}", *flags, str(unit)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @needs_nvcc
@@ -138,10 +171,17 @@ def test_each_kernel_header_compiles_alone_under_nvcc(tmp_path, header):
 def kernel_references(directions: tuple[str, ...] | None = None) -> str:
     """A translation unit of plif_kernels.cuh alone that instantiates the kernels NVRTC compiles,
     by the same names (those of ``directions`` only, if given), by taking their addresses."""
-    names = [name for dtype in _nvrtc.VARIANTS for direction, name in _nvrtc.kernel_names(dtype).items()
-             if directions is None or direction in directions]
-    return f'#include "{_nvrtc.KERNEL_HEADER}"\nvoid* plif_kernels[] = {{' + ", ".join(
-        f"(void*)&{name}" for name in names) + "};\n"
+    names = [
+        name
+        for dtype in _nvrtc.VARIANTS
+        for direction, name in _nvrtc.kernel_names(dtype).items()
+        if directions is None or direction in directions
+    ]
+    return (
+        f'#include "{_nvrtc.KERNEL_HEADER}"\nvoid* plif_kernels[] = {{'
+        + ", ".join(f"(void*)&{name}" for name in names)
+        + "};\n"
+    )
 
 
 @needs_nvcc
@@ -163,5 +203,6 @@ def test_the_forward_vector_path_stores_whole_words_in_real_sass(tmp_path):
     assert done.returncode == 0, done.stderr
     sass = check.parse_sass(check.run_cuobjdump(cuobjdump, "-sass", str(tmp_path / "unit.o")))
     assert {label for label in sass["sm_90"] if label.startswith("forward")} == {
-        f"forward {dtype}" for dtype in ("float32", "float64", "float16", "bfloat16")}
+        f"forward {dtype}" for dtype in ("float32", "float64", "float16", "bfloat16")
+    }
     assert check.check_vector_stores(sass) == []

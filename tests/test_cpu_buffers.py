@@ -1,5 +1,6 @@
 """The CPU op's page-resident output buffers: reused only once released, never aliased, bounded;
 their tensors behave like any other."""
+
 import gc
 import io
 import pickle
@@ -214,8 +215,9 @@ def test_forked_dataloader_worker_starts_with_an_empty_cache():
     del spikes
     gc.collect()
     assert plif_cuda.cpu_cache_bytes() > 0
-    loader = torch.utils.data.DataLoader(_CacheInWorker(x), batch_size=None, num_workers=1,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        _CacheInWorker(x), batch_size=None, num_workers=1, multiprocessing_context="fork"
+    )
     reports = list(loader)
     assert reports[0][0] == 0  # the worker's copy of the parent's cache was dropped at fork
     assert all(right for _, right in reports)

@@ -11,6 +11,7 @@ file on a GPU machine). Reference runs are on the same device; half inputs are c
 reference computed in float32 on the same (rounded) values, so the only difference is the final
 rounding of the outputs to the half format.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -146,7 +147,9 @@ def test_cuda_matches_reference_for_every_option(backend, dtype, options):
 def test_cuda_matches_reference_for_every_surrogate(backend, dtype, surrogate, spiking):
     device = device_of(backend)
     x = random_on(device, SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(backend, x, tau_weight(device, (), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking)
+    assert_matches_reference(
+        backend, x, tau_weight(device, (), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking
+    )
 
 
 W_SHAPES = [
@@ -341,9 +344,7 @@ def test_cuda_second_device_while_the_first_is_current(backend):
     upstream = make_upstream(CUDA, SHAPE, torch.float32, seed=26)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream)
     with torch.cuda.device(0):
-        outputs, grads = forward_backward(
-            x.to(second), w.to(second), None, backend, [g.to(second) for g in upstream]
-        )
+        outputs, grads = forward_backward(x.to(second), w.to(second), None, backend, [g.to(second) for g in upstream])
     assert outputs[0].device == second and grads["x"].device == second and grads["w"].device == second
     for out, expected in zip(outputs[:2], expected_outputs[:2]):
         assert torch.equal(out.cpu(), expected.cpu())
@@ -391,8 +392,9 @@ def test_cuda_opcheck(backend):
     k = torch.sigmoid(tau_weight(device, (21,), seed=32))
     v_init = torch.zeros(1, device=device)
     options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
-                          (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend)))
+    torch.library.opcheck(
+        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend))
+    )
 
 
 @pytest.mark.parametrize("argument", ("w", "v_init"))
@@ -431,9 +433,16 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
     nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
-    grads = (random_on(CUDA, x.shape, 36, dtype), random_on(CUDA, x.shape[1:], 37, acc), random_on(CUDA, x.shape, 38, dtype))
-    compiled = torch.ops.plif_cuda.multistep_backward(*grads, compiled[3], None, k, v_init, dtype, *scalars,
-                                                      ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_backward(*grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER)
+    grads = (
+        random_on(CUDA, x.shape, 36, dtype),
+        random_on(CUDA, x.shape[1:], 37, acc),
+        random_on(CUDA, x.shape, 38, dtype),
+    )
+    compiled = torch.ops.plif_cuda.multistep_backward(
+        *grads, compiled[3], None, k, v_init, dtype, *scalars, ops.COMPILED_LAUNCHER
+    )
+    nvrtc = torch.ops.plif_cuda.multistep_backward(
+        *grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER
+    )
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)

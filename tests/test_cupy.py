@@ -1,6 +1,7 @@
 """The CuPy backend, checked without a GPU: its NVRTC build of every kernel variant, and the
 NVRTC launcher behind the one op (its arguments are the kernel's). On a GPU, tests/test_cuda.py
 runs it against the reference and, bit for bit, against the compiled kernels."""
+
 from __future__ import annotations
 
 import re
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plif_cuda import _nvrtc, backends, cupy_backend, ops, plif_multistep
+from plif_cuda import _nvrtc, backends, cupy_backend, ops
 from plif_cuda.surrogate import SURROGATE_IDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,10 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def run_doctor(*args):
     return subprocess.run(
-        [sys.executable, "-m", "plif_cuda", "doctor", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "plif_cuda", "doctor", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
 
@@ -119,8 +123,9 @@ def test_build_keeps_denormals(dtype):
     ptx = binding.compile(source, _nvrtc.compile_options("compute_90"), names, want_cubin=False).image.decode()
     assert not _FTZ_ARITHMETIC.search(ptx)
     if dtype != torch.float64:
-        flushed = binding.compile(source, _nvrtc.compile_options("compute_90") + ["-ftz=true"], names,
-                                  want_cubin=False).image.decode()
+        flushed = binding.compile(
+            source, _nvrtc.compile_options("compute_90") + ["-ftz=true"], names, want_cubin=False
+        ).image.decode()
         assert _FTZ_ARITHMETIC.search(flushed), "the check must see flushing when it is asked for"
 
 
@@ -196,7 +201,9 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
         launches.append((grid, block, args))
         streams.append(stream)
 
-    monkeypatch.setattr(cupy_backend, "_kernel_pair", lambda device, dtype: {d: (record, 7) for d in ("forward", "backward")})
+    monkeypatch.setattr(
+        cupy_backend, "_kernel_pair", lambda device, dtype: {d: (record, 7) for d in ("forward", "backward")}
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StreamOfOldTorch(0xC0FFEE, 0))
     acc = np.float64 if dtype == torch.float64 else np.float32
@@ -204,20 +211,28 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     k, v_init, v_last = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype), torch.zeros(15, dtype=dtype)
     scalars = (0, 1, 4, 3000, 0, 1.0, -0.5, 2.0, SURROGATE_IDS["erf"], 2 | 4 | 8)
     cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *scalars)
-    (grid, block, args), = launches
+    ((grid, block, args),) = launches
     assert (grid, block) == ((7,), (256,)), "3000 neurons: 12 blocks wanted, capped at the 7 resident ones"
     assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_forward_kernel")]
-    assert [int(a) for a in args[:7]] == [x.data_ptr(), k.data_ptr(), v_init.data_ptr(), spikes.data_ptr(),
-                                          v_last.data_ptr(), 0, h_seq.data_ptr()]
+    assert [int(a) for a in args[:7]] == [
+        x.data_ptr(),
+        k.data_ptr(),
+        v_init.data_ptr(),
+        spikes.data_ptr(),
+        v_last.data_ptr(),
+        0,
+        h_seq.data_ptr(),
+    ]
     assert [float(a) for a in args[7:]] == [float(s) for s in scalars]
     (stream,) = streams
     assert stream.ptr == 0xC0FFEE, "CuPy launches on torch's current stream"
 
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
-    cupy_backend._launch_backward(x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 15,
-                                  1.0, 0.0, 4.0, 0, 1)
-    (grid, _, args), = launches
+    cupy_backend._launch_backward(
+        x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 15, 1.0, 0.0, 4.0, 0, 1
+    )
+    ((grid, _, args),) = launches
     assert grid == (1,)
     assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_backward_kernel")]
     assert [int(a) for a in args[:3]] == [x.data_ptr(), 0, 0]
@@ -230,16 +245,22 @@ def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
     assert set(_nvrtc.kernel_names(torch.bfloat16)) == {"forward", "backward", "recompute_backward"}
     assert set(_nvrtc.kernel_names(torch.float32)) == {"forward", "backward"}
     launched = []
-    monkeypatch.setattr(cupy_backend, "_kernel_pair", lambda device, dtype: {
-        d: (lambda grid, block, args, stream, d=d: launched.append(d), 7) for d in _nvrtc.kernel_names(dtype)})
+    monkeypatch.setattr(
+        cupy_backend,
+        "_kernel_pair",
+        lambda device, dtype: {
+            d: (lambda grid, block, args, stream, d=d: launched.append(d), 7) for d in _nvrtc.kernel_names(dtype)
+        },
+    )
     monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     x = torch.randn(9, 5).bfloat16()
     h_seq, k, grad_k = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(5)
     for flags in (8, 8 | 16):
-        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 5, 1.0, 0.0, 4.0,
-                                      0, flags)
+        cupy_backend._launch_backward(
+            x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 5, 1.0, 0.0, 4.0, 0, flags
+        )
     assert launched == ["backward", "recompute_backward"]
 
 
@@ -251,16 +272,25 @@ def test_cuda_tensors_reach_the_op_in_every_build():
 
 
 def _backward_case(**overrides):
-    args = dict(grad_spikes=torch.zeros(4, 6), grad_v_last=torch.zeros(6), grad_v_seq=None,
-                h_seq=torch.zeros(4, 6), x=None, k=torch.full((1,), 0.5), v_init=torch.zeros(1))
+    args = dict(
+        grad_spikes=torch.zeros(4, 6),
+        grad_v_last=torch.zeros(6),
+        grad_v_seq=None,
+        h_seq=torch.zeros(4, 6),
+        x=None,
+        k=torch.full((1,), 0.5),
+        v_init=torch.zeros(1),
+    )
     args.update(overrides)
     return args
 
 
 BAD_BACKWARD = {
     "grad_spikes shape": (_backward_case(grad_spikes=torch.zeros(4, 5)), "grad_spikes must have shape"),
-    "grad_v_seq dtype": (_backward_case(grad_v_seq=torch.zeros(4, 6, dtype=torch.float64)),
-                         "grad_v_seq must have dtype"),
+    "grad_v_seq dtype": (
+        _backward_case(grad_v_seq=torch.zeros(4, 6, dtype=torch.float64)),
+        "grad_v_seq must have dtype",
+    ),
     "grad_v_last count": (_backward_case(grad_v_last=torch.zeros(5)), "grad_v_last must be a contiguous"),
     "h_seq dtype": (_backward_case(h_seq=torch.zeros(4, 6, dtype=torch.float64)), "h_seq must have dtype"),
     "k count": (_backward_case(k=torch.zeros(2)), "k must hold 1 or 6 values"),
@@ -278,7 +308,9 @@ def test_backward_op_checks(case):
 def test_op_refuses_an_unknown_launcher():
     x, k = torch.zeros(3, 4), torch.full((1,), 0.5)
     with pytest.raises(RuntimeError, match="launcher must be 0 .* or 1 .*, got 2"):
-        torch.ops.plif_cuda.multistep_forward(x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_NOTHING, 2)
+        torch.ops.plif_cuda.multistep_forward(
+            x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_NOTHING, 2
+        )
 
 
 def test_cpu_tensors_ignore_the_launcher():
@@ -291,8 +323,9 @@ def test_cpu_tensors_ignore_the_launcher():
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
     # Fake kernel, autograd formula and schema take the launcher like any other argument.
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward,
-                          (x.requires_grad_(), k, v_init, *options, ops.NVRTC_LAUNCHER))
+    torch.library.opcheck(
+        torch.ops.plif_cuda.multistep_forward, (x.requires_grad_(), k, v_init, *options, ops.NVRTC_LAUNCHER)
+    )
 
 
 def test_launcher_reaches_the_backward():
@@ -307,8 +340,9 @@ def test_launcher_reaches_the_backward():
                 calls.append(args[-1])
             return func(*args, **(kwargs or {}))
 
-    spikes = torch.ops.plif_cuda.multistep_forward(x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, False,
-                                                   ops.SAVE_H, ops.NVRTC_LAUNCHER)[0]
+    spikes = torch.ops.plif_cuda.multistep_forward(
+        x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_H, ops.NVRTC_LAUNCHER
+    )[0]
     with RecordBackwardLauncher():
         spikes.sum().backward()
     assert calls == [ops.NVRTC_LAUNCHER]

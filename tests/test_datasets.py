@@ -1,5 +1,6 @@
 """plif_cuda.datasets on small files in each dataset's real format, written here, and on the real
 Fashion-MNIST of Debian's package dataset-fashion-mnist (scripts/setup_env.sh installs it)."""
+
 import csv
 import gzip
 import pickle
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from plif_cuda import datasets
-
 
 # ---------------------------------------------------------------- IDX
 
@@ -153,8 +153,12 @@ def test_missing_mnist_says_where_to_put_which_files(tmp_path):
 
 def write_cifar_batch(path, images: np.ndarray, labels):
     """The layout of the python CIFAR-10 batches: bytes keys, data rows R plane | G plane | B plane."""
-    batch = {b"batch_label": b"test batch", b"labels": list(labels), b"data": images.reshape(len(images), -1),
-             b"filenames": [f"{i}.png".encode() for i in range(len(images))]}
+    batch = {
+        b"batch_label": b"test batch",
+        b"labels": list(labels),
+        b"data": images.reshape(len(images), -1),
+        b"filenames": [f"{i}.png".encode() for i in range(len(images))],
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
 
 
@@ -221,8 +225,12 @@ def test_nmnist_event_decoding(tmp_path):
 
 
 def test_events_to_frames_by_number_and_by_time():
-    events = {"x": np.array([0, 1, 2, 3, 3, 3]), "y": np.array([0, 0, 1, 1, 1, 2]),
-              "p": np.array([0, 1, 1, 0, 0, 1]), "t": np.array([0, 1, 2, 3, 49, 99])}
+    events = {
+        "x": np.array([0, 1, 2, 3, 3, 3]),
+        "y": np.array([0, 0, 1, 1, 1, 2]),
+        "p": np.array([0, 1, 1, 0, 0, 1]),
+        "t": np.array([0, 1, 2, 3, 49, 99]),
+    }
     by_number = datasets.events_to_frames(events, T=3, height=4, width=4, split_by="number")
     assert by_number.shape == (3, 2, 4, 4)
     assert by_number.sum(axis=(1, 2, 3)).tolist() == [2, 2, 2]
@@ -309,15 +317,18 @@ def expected_frames_by_number(x, y, p, T, size):
 
 # ---------------------------------------------------------------- CIFAR10-DVS (AEDAT 2.0)
 
-AEDAT2_HEADER = (b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n"
-                 b"# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
-                 b"# Timestamps tick is 1 us\r\n")
+AEDAT2_HEADER = (
+    b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n"
+    b"# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
+    b"# Timestamps tick is 1 us\r\n"
+)
 
 
 def encode_aedat2(jaer_x, jaer_y, bit0, t, header=AEDAT2_HEADER) -> bytes:
     """jAER DVS128 address: bit 0 polarity, bits 1-7 x, bits 8-14 y; then the timestamp; big-endian."""
-    body = b"".join(struct.pack(">II", (yi << 8) | (xi << 1) | bi, ti)
-                    for xi, yi, bi, ti in zip(jaer_x, jaer_y, bit0, t))
+    body = b"".join(
+        struct.pack(">II", (yi << 8) | (xi << 1) | bi, ti) for xi, yi, bi, ti in zip(jaer_x, jaer_y, bit0, t)
+    )
     return header + body
 
 
@@ -351,8 +362,12 @@ def write_cifar10_dvs(root, rng, files_per_class, n_events=45):
         folder = root / "CIFAR10-DVS" / name
         folder.mkdir(parents=True)
         for i in range(files_per_class[label]):
-            events = (rng.integers(0, 128, n_events), rng.integers(0, 128, n_events), rng.integers(0, 2, n_events),
-                      np.sort(rng.integers(0, 2**32, n_events)))
+            events = (
+                rng.integers(0, 128, n_events),
+                rng.integers(0, 128, n_events),
+                rng.integers(0, 2, n_events),
+                np.sort(rng.integers(0, 2**32, n_events)),
+            )
             path = folder / f"cifar10_{name}_{i}.aedat"
             path.write_bytes(encode_aedat2(*(e.tolist() for e in events)))
             written[path] = events
@@ -368,8 +383,11 @@ def test_cifar10_dvs_splits_each_class_9_to_1_in_name_order(tmp_path):
     assert train.labels == [0] * 10 + list(range(1, 9)) + [9] * 18
     assert test.labels == [0, 9, 9]
     # Name order: cifar10_airplane_10 sorts before _2, so _9 is the last airplane file.
-    assert [f.name for f in test.files] == ["cifar10_airplane_9.aedat", "cifar10_truck_8.aedat",
-                                            "cifar10_truck_9.aedat"]
+    assert [f.name for f in test.files] == [
+        "cifar10_airplane_9.aedat",
+        "cifar10_truck_8.aedat",
+        "cifar10_truck_9.aedat",
+    ]
     assert not set(train.files) & set(test.files) and len(train) + len(test) == len(written)
     frames, label = test[0]
     assert label == 0 and frames.shape == (20, 2, 128, 128) and frames.dtype == torch.float32
@@ -401,8 +419,10 @@ def test_missing_cifar10_dvs_names_the_empty_class_folders(tmp_path):
 
 # ---------------------------------------------------------------- DVS128 Gesture (AEDAT 3.1)
 
-AEDAT3_HEADER = (b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n"
-                 b"#Start-Time: 2017-01-01 12:00:00 (TZ+0000)\r\n#!END-HEADER\r\n")
+AEDAT3_HEADER = (
+    b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n"
+    b"#Start-Time: 2017-01-01 12:00:00 (TZ+0000)\r\n#!END-HEADER\r\n"
+)
 
 
 def aedat3_packet(event_type, events: bytes, number, overflow=0, capacity=None, event_size=8, ts_offset=4):
@@ -415,16 +435,18 @@ def aedat3_packet(event_type, events: bytes, number, overflow=0, capacity=None, 
 def polarity_events(x, y, p, t, valid=None) -> bytes:
     """8 bytes each: data (bit 0 valid, bit 1 polarity, bits 2-16 y, bits 17-31 x), int32 timestamp."""
     valid = [1] * len(x) if valid is None else valid
-    return b"".join(struct.pack("<Ii", (xi << 17) | (yi << 2) | (pi << 1) | vi, ti)
-                    for xi, yi, pi, ti, vi in zip(x, y, p, t, valid))
+    return b"".join(
+        struct.pack("<Ii", (xi << 17) | (yi << 2) | (pi << 1) | vi, ti) for xi, yi, pi, ti, vi in zip(x, y, p, t, valid)
+    )
 
 
 def test_aedat3_polarity_event_decoding(tmp_path):
     body = aedat3_packet(1, polarity_events([0, 127, 3], [5, 0, 127], [1, 0, 1], [10, 20, 30]), 3)
     body += aedat3_packet(0, polarity_events([9, 9], [9, 9], [1, 1], [40, 50]), 2)  # special events: skipped
     # Capacity 3, number 2: the third slot is not an event; the second event is marked invalid.
-    body += aedat3_packet(1, polarity_events([1, 2, 4], [1, 2, 4], [0, 1, 0], [60, 70, 80], valid=[1, 0, 1]), 2,
-                          capacity=3)
+    body += aedat3_packet(
+        1, polarity_events([1, 2, 4], [1, 2, 4], [0, 1, 0], [60, 70, 80], valid=[1, 0, 1]), 2, capacity=3
+    )
     body += aedat3_packet(1, polarity_events([100], [101], [0], [7]), 1, overflow=3)
     (tmp_path / "trial.aedat").write_bytes(AEDAT3_HEADER + body)
     events = datasets.read_aedat3_events(tmp_path / "trial.aedat")
@@ -467,8 +489,9 @@ def write_gesture_trial(root, name, rng, gestures, packet_events=7):
             continue
         chunk = slice(begin, end)
         overflow, stamps = int(t[begin]) >> 31, t[chunk] & (2**31 - 1)
-        body += aedat3_packet(1, polarity_events(x[chunk], y[chunk], p[chunk], stamps, valid[chunk]),
-                              len(stamps), overflow=overflow)
+        body += aedat3_packet(
+            1, polarity_events(x[chunk], y[chunk], p[chunk], stamps, valid[chunk]), len(stamps), overflow=overflow
+        )
         body += aedat3_packet(0, polarity_events([0], [0], [0], [int(stamps[0])]), 1, overflow=overflow)
     (root / f"{name}.aedat").write_bytes(AEDAT3_HEADER + body)
     rows = "".join(f"{c},{s},{e}\n" for c, s, e in gestures)
@@ -495,9 +518,14 @@ def test_dvs_gesture_cuts_trials_into_labelled_gestures(tmp_path):
     train = datasets.DVS128GestureFrames(tmp_path, train=True, T=4)
     test = datasets.DVS128GestureFrames(tmp_path, train=False, T=4)
     assert train.labels == [0, 10, 4, 2] and test.labels == [7, 7]
-    samples = [(train, 0, "user01_fluorescent", 0), (train, 1, "user01_fluorescent", 1),
-               (train, 2, "user01_fluorescent", 2), (train, 3, "user02_led", 0),
-               (test, 0, "user24_natural", 0), (test, 1, "user24_natural", 1)]
+    samples = [
+        (train, 0, "user01_fluorescent", 0),
+        (train, 1, "user01_fluorescent", 1),
+        (train, 2, "user01_fluorescent", 2),
+        (train, 3, "user02_led", 0),
+        (test, 0, "user24_natural", 0),
+        (test, 1, "user24_natural", 1),
+    ]
     for dataset, index, trial, gesture in samples:
         x, y, p, t, valid = written[trial]
         _, start, end = trials[trial]["gestures"][gesture]
@@ -533,8 +561,9 @@ def test_missing_dvs_gesture_names_the_expected_files(tmp_path):
     write_dvs_gesture(tmp_path, np.random.default_rng(7))
     (tmp_path / "DvsGesture" / "user02_led.aedat").unlink()
     (tmp_path / "DvsGesture" / "user01_fluorescent_labels.csv").unlink()
-    with pytest.raises(datasets.DatasetNotFoundError,
-                       match="missing: user01_fluorescent_labels.csv, user02_led.aedat."):
+    with pytest.raises(
+        datasets.DatasetNotFoundError, match="missing: user01_fluorescent_labels.csv, user02_led.aedat."
+    ):
         datasets.DVS128GestureFrames(tmp_path, train=True)
     assert len(datasets.DVS128GestureFrames(tmp_path, train=False)) == 2
 
@@ -563,10 +592,34 @@ def test_train_script_learns_real_fashion_mnist_from_its_default_folder(tmp_path
     from test_models import load_train_script
 
     out_dir = tmp_path / "run"
-    row = load_train_script().main(["--dataset", "fashion-mnist", "--train-subset", "2000", "--test-subset", "1000",
-                                    "--epochs", "2", "--T", "4", "--width", "8", "--fc-width", "64", "--lr", "5e-3",
-                                    "--batch-size", "32", "--threads", "1", "--out-dir", str(out_dir),
-                                    "--no-progress", "--no-plot"])
+    row = load_train_script().main(
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--train-subset",
+            "2000",
+            "--test-subset",
+            "1000",
+            "--epochs",
+            "2",
+            "--T",
+            "4",
+            "--width",
+            "8",
+            "--fc-width",
+            "64",
+            "--lr",
+            "5e-3",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(out_dir),
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     assert float(row["test_acc"]) > 0.65, row  # chance is 0.1
     with open(out_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -585,8 +638,26 @@ def test_tau_sensitivity_compares_plif_and_lif_on_real_fashion_mnist(tmp_path, c
     tau_sensitivity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tau_sensitivity)
     assert tau_sensitivity.parse_args(["--dataset", "fashion-mnist"]).out.name == "tau_sensitivity-fashion-mnist"
-    tau_sensitivity.main(["--dataset", "fashion-mnist", "--taus", "2", "--seeds", "0", "--epochs", "1", "--T", "2",
-                          "--train-subset", "200", "--test-subset", "100", "--out", str(tmp_path)])
+    tau_sensitivity.main(
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--taus",
+            "2",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--T",
+            "2",
+            "--train-subset",
+            "200",
+            "--test-subset",
+            "100",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert "fashion-mnist: 200 train / 100 test samples" in capsys.readouterr().out
     with open(tmp_path / "tau_sensitivity.csv", newline="") as f:
         rows = {row["neuron"]: row for row in csv.DictReader(f)}
@@ -614,8 +685,20 @@ def test_train_script_subsets_are_checked(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--train-subset", "0"])
     with pytest.raises(ValueError, match="--test-subset 5000 is larger than the 450 samples"):
-        train.main(["--dataset", "digits", "--test-subset", "5000", "--epochs", "1", "--out-dir", str(tmp_path),
-                    "--no-progress", "--no-plot"])
+        train.main(
+            [
+                "--dataset",
+                "digits",
+                "--test-subset",
+                "5000",
+                "--epochs",
+                "1",
+                "--out-dir",
+                str(tmp_path),
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10-dvs", "dvs128-gesture"])
@@ -630,9 +713,30 @@ def test_train_script_runs_on_event_files(tmp_path, dataset):
         write_dvs_gesture(tmp_path / "data", rng)
         n_classes = 11
     out_dir = tmp_path / "run"
-    row = load_train_script().main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--out-dir",
-                                    str(out_dir), "--epochs", "1", "--T", "3", "--width", "4", "--fc-width", "8",
-                                    "--batch-size", "4", "--threads", "1", "--no-progress", "--no-plot"])
+    row = load_train_script().main(
+        [
+            "--dataset",
+            dataset,
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out-dir",
+            str(out_dir),
+            "--epochs",
+            "1",
+            "--T",
+            "3",
+            "--width",
+            "4",
+            "--fc-width",
+            "8",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     assert row["epoch"] == 1
     state = torch.load(out_dir / "checkpoint.pt", weights_only=False)
     assert state["model"]["head.5.module.weight"].shape == (n_classes * 10, 8)  # voting: 10 neurons per class

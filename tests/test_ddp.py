@@ -4,6 +4,7 @@ Each process takes half of the global batch; DDP averages the gradients, so afte
 steps every parameter (the learnable tau included) must equal a single process's on the whole
 batch. The models have no batch-norm, whose statistics would differ per process.
 """
+
 import importlib.util
 import os
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from plif_cuda.models import StaticImageSNN, neuron_layers, reset_states
 
 # The example's process-group set-up and teardown, which the workers below use as it does.
-_spec = importlib.util.spec_from_file_location("plif_train_example",
-                                               Path(__file__).resolve().parent.parent / "examples" / "train.py")
+_spec = importlib.util.spec_from_file_location(
+    "plif_train_example", Path(__file__).resolve().parent.parent / "examples" / "train.py"
+)
 train_example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_example)
 
@@ -28,9 +30,20 @@ TAU_GRANULARITIES = ("layer", "channel")
 
 def make_model(tau_granularity):
     torch.manual_seed(0)
-    model = StaticImageSNN(in_channels=1, image_size=8, num_classes=4, T=4, depth=1, width=6, fc_width=16,
-                           voting=2, dropout=0.0, batch_norm=False, tau_granularity=tau_granularity,
-                           backend="cpu")
+    model = StaticImageSNN(
+        in_channels=1,
+        image_size=8,
+        num_classes=4,
+        T=4,
+        depth=1,
+        width=6,
+        fc_width=16,
+        voting=2,
+        dropout=0.0,
+        batch_norm=False,
+        tau_granularity=tau_granularity,
+        backend="cpu",
+    )
     with torch.no_grad():  # without batch-norm, weights this large keep every layer firing
         for parameter in model.parameters():
             if parameter.dim() > 1:
@@ -40,15 +53,20 @@ def make_model(tau_granularity):
 
 def make_batches():
     generator = torch.Generator().manual_seed(1)
-    return [(torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=generator) * 3,
-             torch.randint(0, 4, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=generator) * 3,
+            torch.randint(0, 4, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def train(model, batches, rank=0, world_size=1):
     optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
     share = GLOBAL_BATCH // world_size
     for images, labels in batches:
-        images, labels = images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
+        images, labels = images[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
         rates = model(images)
         loss = F.mse_loss(rates, F.one_hot(labels, 4).float())
         optimizer.zero_grad()
@@ -92,11 +110,13 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         train(model, make_batches())
         single = model.state_dict()
-        taus_moved = [name for name, layer in neuron_layers(model).items()
-                      if not torch.equal(layer.w, initial[f"{name}.w"])]
+        taus_moved = [
+            name for name, layer in neuron_layers(model).items() if not torch.equal(layer.w, initial[f"{name}.w"])
+        ]
         assert taus_moved, "the test must move tau to check its gradient is all-reduced"
         for key, value in single.items():
             assert not torch.equal(value, initial[key]) or key.endswith(".w"), f"{key} did not train"
             for rank, params in enumerate(per_rank):
-                assert torch.allclose(params[tau_granularity][key], value, rtol=1e-5, atol=1e-6), \
+                assert torch.allclose(params[tau_granularity][key], value, rtol=1e-5, atol=1e-6), (
                     f"{tau_granularity}: {key} on rank {rank} differs from the single process"
+                )

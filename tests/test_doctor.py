@@ -1,5 +1,6 @@
 """`available_backends` and `python -m plif_cuda doctor`: a backend is listed for a device only
 where it can run, and the doctor says what was built and why something cannot run."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ GPU_BACKENDS = ("cuda", "cupy", "torch")
 
 
 def run_doctor(*args, **env):
-    return subprocess.run([sys.executable, "-m", "plif_cuda", "doctor", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "plif_cuda", "doctor", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+    )
 
 
 def test_no_backend_runs_on_a_gpu_torch_cannot_see(monkeypatch):
@@ -64,9 +71,11 @@ def test_doctor_without_a_visible_gpu_says_why_nothing_runs_on_cuda():
     assert re.search(r"^\s+cuda\s+torch\s+unavailable: torch sees no CUDA device", out, re.MULTILINE)
     assert re.search(r"^\s+cpu\s+torch\s+available$", out, re.MULTILINE)
     extension = re.search(r"^extension\s+(.*)$", out, re.MULTILINE)[1]
-    assert (extension.startswith("CPU kernels only (CUDA kernels not built because ")
-            or re.match(r"CPU kernels, and CUDA kernels for sm_\d+", extension)
-            or extension.startswith("not available")), extension
+    assert (
+        extension.startswith("CPU kernels only (CUDA kernels not built because ")
+        or re.match(r"CPU kernels, and CUDA kernels for sm_\d+", extension)
+        or extension.startswith("not available")
+    ), extension
 
 
 def test_doctor_refuses_a_malformed_nvrtc_arch_and_names_the_accepted_forms():
@@ -82,13 +91,16 @@ def test_built_cuda_code_reads_the_arch_list():
     assert built_cuda_code("7.5 8.0+PTX") == ([(7, 5), (8, 0)], [(8, 0)])
 
 
-@pytest.mark.parametrize("capability, expected", [
-    ((9, 0), "sm_90 code"),
-    ((8, 7), "sm_86 code"),           # a cubin runs on later minor versions of its major architecture
-    ((8, 0), "sm_80 code"),
-    ((10, 0), "compute_90 PTX"),      # newer GPUs compile the PTX
-    ((7, 5), None),                   # older than everything built
-])
+@pytest.mark.parametrize(
+    "capability, expected",
+    [
+        ((9, 0), "sm_90 code"),
+        ((8, 7), "sm_86 code"),  # a cubin runs on later minor versions of its major architecture
+        ((8, 0), "sm_80 code"),
+        ((10, 0), "compute_90 PTX"),  # newer GPUs compile the PTX
+        ((7, 5), None),  # older than everything built
+    ],
+)
 def test_cuda_code_for_a_gpu(capability, expected):
     code = cuda_code_for(capability, "8.0;8.6;8.9;9.0+PTX")
     if expected is None:

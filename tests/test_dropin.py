@@ -5,6 +5,7 @@ device conversion of the membrane, state_dicts, chunked half sequences, tensor a
 Tests named ``test_sj_*`` need SpikingJelly; the others also run in a subprocess where
 SpikingJelly cannot be imported (``test_without_spikingjelly``).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ from plif_cuda.spikingjelly_compat import MemoryModule
 
 try:
     import spikingjelly.activation_based.base  # noqa: F401
+
     HAVE_SPIKINGJELLY = True
 except ImportError:
     HAVE_SPIKINGJELLY = False
@@ -39,6 +41,7 @@ LAYERS = {
 def _sj():
     from spikingjelly.activation_based import base, functional, neuron, surrogate
     from spikingjelly.activation_based.memopt import checkpointing
+
     return base, functional, neuron, surrogate, checkpointing
 
 
@@ -50,6 +53,7 @@ def _sj_monitor(monkeypatch):
     except ImportError:
         monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=None))
     from spikingjelly.activation_based import monitor
+
     return monitor
 
 
@@ -70,7 +74,7 @@ def test_memory_protocol(kind):
     layer = LAYERS[kind](step_mode="m", v_reset=-0.25)
     assert dict(layer.named_memories()) == {"v": -0.25} and list(layer.memories()) == [-0.25]
     layer(make_seq((3, 2, 5), torch.float32))
-    (name, v), = layer.named_memories()
+    ((name, v),) = layer.named_memories()
     assert name == "v" and v is layer.v and isinstance(v, torch.Tensor) and v.shape == (2, 5)
     layer.reset()
     assert layer.v == -0.25
@@ -104,10 +108,16 @@ def test_truncated_bptt_with_detach(kind):
     assert_grad_close(x_seq.grad[4:], fresh.grad, torch.float32)
 
 
-@pytest.mark.parametrize("conversion, dtype", [
-    (lambda m: m.double(), torch.float64), (lambda m: m.half(), torch.float16),
-    (lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.to(dtype=torch.float64), torch.float64),
-], ids=("double", "half", "to_bf16", "to_dtype"))
+@pytest.mark.parametrize(
+    "conversion, dtype",
+    [
+        (lambda m: m.double(), torch.float64),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.to(dtype=torch.float64), torch.float64),
+    ],
+    ids=("double", "half", "to_bf16", "to_dtype"),
+)
 def test_module_conversion_converts_the_membrane(conversion, dtype):
     layer = plif_cuda.ParametricLIFNode(step_mode="m")
     layer(make_seq((3, 2, 5), torch.float32))
@@ -203,8 +213,8 @@ def test_op_returns_v_last_in_the_compute_dtype():
     one = torch.ones(1)
     for device in ("cpu", "meta"):
         spikes, v_last, v_seq, _ = torch.ops.plif_cuda.multistep_forward(
-            x.to(device), one.to(device) * 0.5, one.to(device) * 0, 1.0, 0.0, False, True, False, 0, 4.0, True,
-            True, 0)
+            x.to(device), one.to(device) * 0.5, one.to(device) * 0, 1.0, 0.0, False, True, False, 0, 4.0, True, True, 0
+        )
         assert (spikes.dtype, v_last.dtype, v_seq.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     spike_seq, v_last, _ = plif_cuda.plif_multistep(x, torch.zeros(()))
     assert v_last.dtype == torch.bfloat16  # the public function keeps x_seq's dtype
@@ -229,9 +239,23 @@ def test_without_spikingjelly():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(tests_dir, "test_dropin.py"),
-         "-k", "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"],
-        cwd=tests_dir, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(tests_dir, "test_dropin.py"),
+            "-k",
+            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
+        ],
+        cwd=tests_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
@@ -376,7 +400,9 @@ def test_sj_surrogate_with_tensor_alpha():
     fused_calls = []
     real_forward_op = plif_backends.forward_op
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend))
+        patch.setattr(
+            plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend)
+        )
         layer = plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate.ATan(alpha=torch.tensor(3.0)))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -388,8 +414,10 @@ def test_sj_surrogate_with_tensor_alpha():
     # An alpha that needs a gradient takes the reference loop, which calls the surrogate object, so
     # alpha gets what SpikingJelly's own layer gives it (2.0.0's surrogates give it no gradient).
     results = []
-    for make in (lambda sg: plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=sg),
-                 lambda sg: _sj()[2].ParametricLIFNode(step_mode="m", surrogate_function=sg)):
+    for make in (
+        lambda sg: plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=sg),
+        lambda sg: _sj()[2].ParametricLIFNode(step_mode="m", surrogate_function=sg),
+    ):
         alpha = torch.tensor(3.0, requires_grad=True)
         layer = make(surrogate.ATan(alpha=alpha))
         x_leaf = x_seq.clone().requires_grad_()
@@ -412,8 +440,10 @@ def test_sj_surrogate_with_tensor_alpha():
 def _sj_network(neuron):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(12, 32), neuron.ParametricLIFNode(step_mode="m", detach_reset=True),
-        nn.Linear(32, 32), neuron.LIFNode(step_mode="m", v_reset=None),
+        nn.Linear(12, 32),
+        neuron.ParametricLIFNode(step_mode="m", detach_reset=True),
+        nn.Linear(32, 32),
+        neuron.LIFNode(step_mode="m", v_reset=None),
         nn.Linear(32, 4),
     )
 
@@ -444,7 +474,9 @@ def test_sj_patch_trains_like_spikingjelly(monkeypatch):
 
     fused_calls = []
     real_forward_op = plif_backends.forward_op
-    monkeypatch.setattr(plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend))
+    monkeypatch.setattr(
+        plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend)
+    )
     with plif_cuda.patch_spikingjelly():
         patched_net = _sj_network(neuron)
         patched = _train(patched_net)
@@ -461,7 +493,9 @@ def test_sj_patch_keeps_state_checkpoints_and_uncovered_cases(monkeypatch):
     _, sj_functional, neuron, surrogate, _ = _sj()
     fused_calls = []
     real_forward_op = plif_backends.forward_op
-    monkeypatch.setattr(plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend))
+    monkeypatch.setattr(
+        plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend)
+    )
     x_seq = make_seq((4, 2, 67), torch.float32)
     unpatched = neuron.ParametricLIFNode(step_mode="m", store_v_seq=True)
     reference_spikes = unpatched(x_seq)
@@ -482,7 +516,8 @@ def test_sj_patch_keeps_state_checkpoints_and_uncovered_cases(monkeypatch):
         custom = neuron.ParametricLIFNode(step_mode="m", surrogate_function=lambda h: (h >= 0).float())
         custom(x_seq)
         learnable_alpha = neuron.ParametricLIFNode(
-            step_mode="m", surrogate_function=surrogate.ATan(alpha=torch.tensor(2.0, requires_grad=True)))
+            step_mode="m", surrogate_function=surrogate.ATan(alpha=torch.tensor(2.0, requires_grad=True))
+        )
         learnable_alpha(x_seq)
         assert fused_calls == []
     finally:

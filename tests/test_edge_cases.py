@@ -1,6 +1,7 @@
 """Corners of the math and of the layout handling: memory layouts that are copied, precision of
 dL/dw at large tau, k underflowing to 0, NaN/inf inputs with absent gradients, the reference's
 own derivatives, and the thread-count independence of the reduced gradients."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from conftest import (
-    BACKEND_DEVICE, BACKENDS, SMOOTH_SURROGATES, assert_grad_close, assert_membrane_close, strided_leaf,
+    BACKEND_DEVICE,
+    BACKENDS,
+    SMOOTH_SURROGATES,
+    assert_grad_close,
+    assert_membrane_close,
+    strided_leaf,
 )
 from plif_cuda import plif_multistep
 from plif_cuda.functional import _to_op_layout
@@ -61,12 +67,14 @@ def test_sliced_input_is_copied_once_and_outputs_keep_its_dim_order():
     assert x_op.data_ptr() != x_seq.data_ptr() and x_op.is_contiguous()
     w, v_init = torch.tensor(-0.3), torch.tensor(0.1)
     (spike_seq, v_last, v_seq), grads = _outputs_and_grads(
-        x_seq, w, v_init, lambda s, v, vs: s.sum() + v.sum() + vs.sum(), store_v_seq=True, backend="cpu")
+        x_seq, w, v_init, lambda s, v, vs: s.sum() + v.sum() + vs.sum(), store_v_seq=True, backend="cpu"
+    )
     for out in (spike_seq, v_seq):
         assert out.is_contiguous(memory_format=torch.channels_last)
     assert v_last.permute(1, 2, 0).is_contiguous()  # [C, H, W] stored as H, W, C
     (ref_s, ref_v, ref_vs), ref_grads = _outputs_and_grads(
-        x_seq, w, v_init, lambda s, v, vs: s.sum() + v.sum() + vs.sum(), store_v_seq=True, backend="torch")
+        x_seq, w, v_init, lambda s, v, vs: s.sum() + v.sum() + vs.sum(), store_v_seq=True, backend="torch"
+    )
     assert torch.equal(spike_seq, ref_s)
     assert_membrane_close(v_seq, ref_vs)
     for grad, ref_grad in zip(grads, ref_grads):
@@ -101,19 +109,20 @@ def test_float32_tau_gradient_error_stays_within_the_documented_bound(w_value):
     6e-8) against a float64 evaluation, since X - (V - V_r) is recovered as (H - V) / k."""
     steps, neurons = 8, 4096
     x_seq = _seeded((steps, neurons), 2).float()
-    v_init = (torch.rand(neurons, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.3 - 0.5)
+    v_init = torch.rand(neurons, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.3 - 0.5
     grad_spikes, grad_v_last = _seeded((steps, neurons), 4), _seeded((neurons,), 5)
     args = (x_seq, v_init.float(), grad_spikes, grad_v_last)
     exact = _w_grad(w_value, torch.float64, "torch", *args)
     fused = _w_grad(w_value, torch.float32, "cpu", *args)
     k = 1.0 / (1.0 + math.exp(-w_value))
-    assert abs(fused - exact) <= 2.0 ** -24 / k * abs(exact)
+    assert abs(fused - exact) <= 2.0**-24 / k * abs(exact)
 
 
 # ---- k underflows to 0 ----------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,w_value", [(torch.float32, -110.0), (torch.float16, -18.0), (torch.bfloat16, -95.0),
-                                           (torch.float64, -750.0)])
+@pytest.mark.parametrize(
+    "dtype,w_value", [(torch.float32, -110.0), (torch.float16, -18.0), (torch.bfloat16, -95.0), (torch.float64, -750.0)]
+)
 def test_tau_gradient_is_zero_where_k_underflows(backend, dtype, w_value):
     device = BACKEND_DEVICE[backend]
     x_seq = _seeded((5, 7), 6, dtype, 1.5, 0.4).to(device)
@@ -211,8 +220,7 @@ def test_present_gradients_keep_a_nan_as_the_reference_does(backend, surrogate):
 
     # detach_reset keeps dV/dH free of the surrogate, so only the spike path meets the NaN.
     _, grads = _outputs_and_grads(x_seq, w, v_init, loss, surrogate=surrogate, detach_reset=True, backend=backend)
-    _, ref_grads = _outputs_and_grads(x_seq, w, v_init, loss, surrogate=surrogate, detach_reset=True,
-                                      backend="torch")
+    _, ref_grads = _outputs_and_grads(x_seq, w, v_init, loss, surrogate=surrogate, detach_reset=True, backend="torch")
     assert torch.isnan(grads[0][:, 1]).all() and torch.isfinite(grads[0][:, 0]).all()
     for grad, ref_grad in zip(grads, ref_grads):
         assert_grad_close(grad, ref_grad, torch.float32)
@@ -223,7 +231,8 @@ def test_backward_with_no_incoming_gradient_gives_zeros():
     h_seq = torch.tensor([[0.5, float("nan")], [float("inf"), 0.2]])
     k, v_init = torch.tensor([0.5]), torch.tensor([0.0])
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        None, None, None, h_seq, None, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
+        None, None, None, h_seq, None, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True
+    )
     assert torch.equal(grad_x, torch.zeros(2, 2))
     # One value each, as k and v_init hold: the sums of the neurons' (zero) shares.
     assert torch.equal(grad_k, torch.zeros(1)) and torch.equal(grad_v_init, torch.zeros(1))
@@ -263,12 +272,27 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
     reach = (120.0 / alpha) if surrogate != "erf" else math.sqrt(120.0) / alpha  # exp(-120) rounds to 0
     h_seq = (1.0 + torch.linspace(-reach, reach, 40001)).reshape(1, -1)
     grad_x, _, _ = torch.ops.plif_cuda.multistep_backward(
-        torch.ones_like(h_seq), None, None, h_seq, None, torch.ones(1), torch.zeros(1), torch.float32,
-        1.0, 0.0, False, True, False, SURROGATE_IDS[surrogate], alpha, True)
+        torch.ones_like(h_seq),
+        None,
+        None,
+        h_seq,
+        None,
+        torch.ones(1),
+        torch.zeros(1),
+        torch.float32,
+        1.0,
+        0.0,
+        False,
+        True,
+        False,
+        SURROGATE_IDS[surrogate],
+        alpha,
+        True,
+    )
     expected = surrogate_derivative(surrogate, alpha, h_seq - 1.0)
-    smallest_subnormal = 2.0 ** -149
+    smallest_subnormal = 2.0**-149
     # The range reaches subnormal results and results that round to 0.
-    assert ((expected < 2.0 ** -126) & (expected > 0)).sum() > 100 and (expected == 0).sum() > 100
+    assert ((expected < 2.0**-126) & (expected > 0)).sum() > 100 and (expected == 0).sum() > 100
     torch.testing.assert_close(grad_x, expected, rtol=3e-7, atol=4 * smallest_subnormal)
 
 
@@ -279,9 +303,14 @@ def test_smooth_piecewise_exp_gradient_at_the_threshold(backend):
     x_seq = torch.tensor([[2.0]], dtype=torch.float64, device=device)
     for name in (backend, "torch"):
         (spike_seq, _, _), grads = _outputs_and_grads(
-            x_seq, torch.tensor(0.0, dtype=torch.float64, device=device),
-            torch.tensor(0.0, dtype=torch.float64, device=device), lambda s, v, vs: s.sum(),
-            surrogate="piecewise_exp", spiking=False, backend=name)
+            x_seq,
+            torch.tensor(0.0, dtype=torch.float64, device=device),
+            torch.tensor(0.0, dtype=torch.float64, device=device),
+            lambda s, v, vs: s.sum(),
+            surrogate="piecewise_exp",
+            spiking=False,
+            backend=name,
+        )
         assert spike_seq.item() == 0.5
         assert grads[0].item() == 0.25
 

@@ -1,4 +1,5 @@
 """The fused op (``plif_multistep``) against the reference over every option, dtype and layout."""
+
 from __future__ import annotations
 
 import itertools
@@ -79,11 +80,18 @@ def compare_with_reference(backend, x_seq, w, v_init, x_view=None, **options):
 
 # ---- the options grid ---------------------------------------------------------------------------
 OPTION_GRID = [
-    pytest.param(v_reset, decay_input, detach_reset, spiking, surrogate,
-                 id=f"{reset_id}-{'decay' if decay_input else 'nodecay'}-"
-                    f"{'detach' if detach_reset else 'attached'}-{'spiking' if spiking else 'smooth'}-{surrogate}")
+    pytest.param(
+        v_reset,
+        decay_input,
+        detach_reset,
+        spiking,
+        surrogate,
+        id=f"{reset_id}-{'decay' if decay_input else 'nodecay'}-"
+        f"{'detach' if detach_reset else 'attached'}-{'spiking' if spiking else 'smooth'}-{surrogate}",
+    )
     for (reset_id, v_reset), decay_input, detach_reset, spiking, surrogate in itertools.product(
-        V_RESETS.items(), (True, False), (False, True), (True, False), SURROGATES)
+        V_RESETS.items(), (True, False), (False, True), (True, False), SURROGATES
+    )
     if spiking or surrogate != "super_spike"
 ]
 
@@ -98,8 +106,16 @@ def test_every_option_matches_reference(backend, dtype, v_reset, decay_input, de
     w = torch.tensor(0.3, dtype=param_dtype(dtype), device=device)
     v_init = 0.2 * make_seq((3, 67), param_dtype(dtype), device, seed=7)
     compare_with_reference(
-        backend, x_seq, w, v_init, v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset,
-        spiking=spiking, surrogate=surrogate, store_v_seq=True,
+        backend,
+        x_seq,
+        w,
+        v_init,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        spiking=spiking,
+        surrogate=surrogate,
+        store_v_seq=True,
     )
 
 
@@ -154,7 +170,14 @@ def test_w_and_v_init_shapes(backend, dtype, w_kind, v_init_kind, T, decay_input
     if v_init == "per-neuron":
         v_init = 0.3 * make_seq(STEP_SHAPE, acc, device, seed=11)
     _, v_last, _ = compare_with_reference(
-        backend, x_seq, w, v_init, decay_input=decay_input, v_reset=v_reset, store_v_seq=True, surrogate="atan",
+        backend,
+        x_seq,
+        w,
+        v_init,
+        decay_input=decay_input,
+        v_reset=v_reset,
+        store_v_seq=True,
+        surrogate="atan",
     )
     assert v_last.shape == STEP_SHAPE
 
@@ -423,8 +446,15 @@ def test_gradcheck_smooth_mode(backend, surrogate, v_reset, decay_input):
 
     def all_outputs(x_seq, w, v_init):
         return plif_multistep(
-            x_seq, w, v_init, v_reset=v_reset, decay_input=decay_input, surrogate=surrogate, spiking=False,
-            store_v_seq=True, backend=backend,
+            x_seq,
+            w,
+            v_init,
+            v_reset=v_reset,
+            decay_input=decay_input,
+            surrogate=surrogate,
+            spiking=False,
+            store_v_seq=True,
+            backend=backend,
         )
 
     assert torch.autograd.gradcheck(all_outputs, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -445,8 +475,15 @@ def test_gradcheck_spiking_membranes(backend, surrogate, v_reset, decay_input):
 
     def membranes(x_seq, w, v_init):
         _, v_last, v_seq = plif_multistep(
-            x_seq, w, v_init, v_reset=v_reset, detach_reset=True, surrogate=surrogate, store_v_seq=True,
-            backend=backend, **options,
+            x_seq,
+            w,
+            v_init,
+            v_reset=v_reset,
+            detach_reset=True,
+            surrogate=surrogate,
+            store_v_seq=True,
+            backend=backend,
+            **options,
         )
         return v_last, v_seq
 

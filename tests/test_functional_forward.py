@@ -6,6 +6,7 @@ SpikingJelly's own nodes and against our stateful forward; ``functional_forward`
 Tests named ``test_sj_*`` need SpikingJelly; the others also run where it cannot be imported
 (``test_without_spikingjelly``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,6 +26,7 @@ try:
     from spikingjelly.activation_based import base as sj_base
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly.activation_based import surrogate as sj_surrogate
+
     HAVE_SPIKINGJELLY = True
 except ImportError:
     HAVE_SPIKINGJELLY = False
@@ -32,8 +34,10 @@ needs_sj = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJelly is not
 
 STEP_SHAPE = (3, 37)
 OPTIONS = [
-    pytest.param(dict(decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset),
-                 id=f"decay{int(decay_input)}-{'soft' if v_reset is None else 'hard'}-detach{int(detach_reset)}")
+    pytest.param(
+        dict(decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset),
+        id=f"decay{int(decay_input)}-{'soft' if v_reset is None else 'hard'}-detach{int(detach_reset)}",
+    )
     for decay_input, v_reset, detach_reset in itertools.product((True, False), (0.0, None), (False, True))
 ]
 
@@ -279,10 +283,23 @@ def test_without_spikingjelly():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         os.path.join(tests_dir, "test_functional_forward.py"),
-         "-k", "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"],
-        cwd=tests_dir, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(tests_dir, "test_functional_forward.py"),
+            "-k",
+            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
+        ],
+        cwd=tests_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]

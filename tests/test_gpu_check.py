@@ -2,6 +2,7 @@
 the extension built in place) must pass, return what the device tool brings back (at most 8
 files, no folders) and run the phases in the order that makes a cut run useful; a run cut by
 its budget must still leave its summary and archive."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ DEVICE_RETURNS_FILES = 8
 def dry_run(out: Path, **env: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHON=sys.executable, **env)
     environment.pop("OUT", None)
-    return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def summary(out: Path) -> dict[str, str]:
@@ -50,7 +57,8 @@ def test_what_comes_back_fits_the_device_tool(full_dry_run):
     assert all(entry.is_file() for entry in entries), "the device returns files two levels down at most"
     assert len(entries) <= DEVICE_RETURNS_FILES, sorted(entry.name for entry in entries)
     assert {"summary.txt", "environment.txt", "results.tar.gz", "kernels.json", "benchmark.json"} <= {
-        entry.name for entry in entries}
+        entry.name for entry in entries
+    }
     with tarfile.open(out / "results.tar.gz") as archive:
         logged = {Path(name).name for name in archive.getnames()}
     assert {f"{phase}.log" for phase in PHASES} <= logged
@@ -78,7 +86,13 @@ def test_a_spent_budget_skips_the_rest_and_still_packs(tmp_path):
 def test_each_gpu_script_finds_the_package_of_its_tree_by_itself(script, tmp_path):
     """compute-sanitizer starts them as plain scripts: no PYTHONPATH, another working directory."""
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--dry-run"], cwd=tmp_path,
-                          env=environment, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--dry-run"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "everything before the first GPU call ran" in done.stdout

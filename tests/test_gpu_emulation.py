@@ -12,6 +12,7 @@ per thread x resident threads; to reach it with a few thousand neurons, the emul
 only one or two blocks resident. Only the spiking mode takes it, and only the forward (the
 backward takes one neuron per thread: see Geometry in the kernels).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -81,8 +82,19 @@ def emulation(tmp_path_factory):
     sources = sorted((REPO / "csrc").glob("*.h")) + sorted((REPO / "csrc").glob("*.cuh")) + [SOURCE]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = tmp_path_factory.mktemp("gpu_emulation") / f"emulated_launch_{digest}.so"
-    command = [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{REPO / 'csrc'}",
-               f"-I{include}", str(SOURCE), "-o", str(library)]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-O1",
+        "-ffp-contract=off",
+        "-fPIC",
+        "-shared",
+        f"-I{REPO / 'csrc'}",
+        f"-I{include}",
+        str(SOURCE),
+        "-o",
+        str(library),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
     lib = ctypes.CDLL(str(library))
@@ -111,7 +123,7 @@ def _placed(t: torch.Tensor, offset: int) -> torch.Tensor:
     """``t``'s values in a contiguous tensor whose data starts ``offset`` elements into a fresh
     allocation: 0 is 16-byte aligned, 1 is not."""
     flat = torch.empty(t.numel() + offset + 8, dtype=t.dtype)
-    placed = flat[offset:offset + t.numel()].view(t.shape)
+    placed = flat[offset : offset + t.numel()].view(t.shape)
     placed.copy_(t)
     return placed
 
@@ -138,23 +150,38 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
     same = actual.contiguous().view(BITS[actual.dtype]) == expected.contiguous().view(BITS[expected.dtype])
     if not bool(same.all()):
         index = int((~same).flatten().nonzero()[0])
-        raise AssertionError(f"{name}: {int((~same).sum())} of {same.numel()} values differ from the CPU kernel; "
-                             f"first at flat index {index}: {actual.flatten()[index]} vs {expected.flatten()[index]}")
+        raise AssertionError(
+            f"{name}: {int((~same).sum())} of {same.numel()} values differ from the CPU kernel; "
+            f"first at flat index {index}: {actual.flatten()[index]} vs {expected.flatten()[index]}"
+        )
 
 
-def _options(v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None,
-             spiking=True):
+def _options(
+    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
+):
     """The op's scalar options, as plif_cuda.functional passes them."""
     soft_reset = v_reset is None
     alpha = {"sigmoid": 4.0, "atan": 2.0, "erf": 2.0, "soft_sign": 2.0}.get(surrogate, 1.0) if alpha is None else alpha
-    return (float(v_threshold), 0.0 if soft_reset else float(v_reset), soft_reset, decay_input, detach_reset,
-            SURROGATE_IDS[surrogate], float(alpha), spiking)
+    return (
+        float(v_threshold),
+        0.0 if soft_reset else float(v_reset),
+        soft_reset,
+        decay_input,
+        detach_reset,
+        SURROGATE_IDS[surrogate],
+        float(alpha),
+        spiking,
+    )
 
 
 def _flags(options) -> int:
     _, _, soft_reset, decay_input, detach_reset, _, _, spiking = options
-    return ((FLAG_SOFT_RESET if soft_reset else 0) | (FLAG_DECAY_INPUT if decay_input else 0)
-            | (FLAG_DETACH_RESET if detach_reset else 0) | (FLAG_SPIKING if spiking else 0))
+    return (
+        (FLAG_SOFT_RESET if soft_reset else 0)
+        | (FLAG_DECAY_INPUT if decay_input else 0)
+        | (FLAG_DETACH_RESET if detach_reset else 0)
+        | (FLAG_SPIKING if spiking else 0)
+    )
 
 
 def _kernel_scalars(options, save=plif_ops.SAVE_H):
@@ -167,9 +194,23 @@ def forward_lanes(dtype) -> int:
     return 16 // torch.tensor([], dtype=dtype).element_size()
 
 
-def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, x_offset=None, per_neuron=True,
-             store_v_seq=True, grads=("spikes", "v_last", "v_seq"), seed=0,
-             save=plif_ops.SAVE_H, x_step=None) -> tuple[int, int]:
+def run_case(
+    lib,
+    dtype,
+    steps,
+    neurons,
+    options,
+    resident_blocks,
+    *,
+    offset=0,
+    x_offset=None,
+    per_neuron=True,
+    store_v_seq=True,
+    grads=("spikes", "v_last", "v_seq"),
+    seed=0,
+    save=plif_ops.SAVE_H,
+    x_step=None,
+) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
     outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
     asserts every output bit-equal. ``save``: what the forward keeps (every H, or checkpoints,
@@ -201,32 +242,65 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
     # Named, so that they live until the kernels have run.
     em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
     forward_vectors = _call(
-        lib.plif_emulate_forward, DTYPE_CODES[dtype], _ptr(em_x), _ptr(em_k), _ptr(em_v_init), _ptr(em["spikes"]), _ptr(em["v_last"]), _ptr(em["v_seq"]), _ptr(em["h_seq"]),
-        stride, stride, steps, neurons, x_step, *_kernel_scalars(options, save), resident_blocks)
+        lib.plif_emulate_forward,
+        DTYPE_CODES[dtype],
+        _ptr(em_x),
+        _ptr(em_k),
+        _ptr(em_v_init),
+        _ptr(em["spikes"]),
+        _ptr(em["v_last"]),
+        _ptr(em["v_seq"]),
+        _ptr(em["h_seq"]),
+        stride,
+        stride,
+        steps,
+        neurons,
+        x_step,
+        *_kernel_scalars(options, save),
+        resident_blocks,
+    )
     assert_bits_equal(em["spikes"], spikes, "spikes")
     assert_bits_equal(em["v_last"], v_last, "v_last")
     assert_bits_equal(em["h_seq"], h_seq, "h_seq")
     if store_v_seq:
         assert_bits_equal(em["v_seq"], v_seq, "v_seq")
 
-    upstream = {name: torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
-                for name, out in (("spikes", spikes), ("v_last", v_last), ("v_seq", x))}
+    upstream = {
+        name: torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+        for name, out in (("spikes", spikes), ("v_last", v_last), ("v_seq", x))
+    }
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
-    grad_x, grad_k, grad_v_init = ops.multistep_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k,
-                                                         v_init, dtype, *options)
+    grad_x, grad_k, grad_v_init = ops.multistep_backward(
+        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options
+    )
 
-    em_inputs = [None if t is None else _placed(t, at) for t, at in
-                 ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))]
+    em_inputs = [
+        None if t is None else _placed(t, at)
+        for t, at in ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))
+    ]
     em_inputs.append(None if saved_x is None else em_x)
     em_grad_x = _empty_placed(x.shape, dtype, offset)
     em_grad_k = _empty_placed((neurons,), acc, offset)
     em_grad_v_init = _empty_placed((neurons,), acc, offset)
     backward_vectors = _call(
-        lib.plif_emulate_backward, DTYPE_CODES[dtype], *(_ptr(t) for t in em_inputs), _ptr(em_k), _ptr(em_v_init),
-        _ptr(em_grad_x), _ptr(em_grad_k), _ptr(em_grad_v_init), stride, stride, steps, neurons, x_step,
-        *_kernel_scalars(options, save), resident_blocks)
+        lib.plif_emulate_backward,
+        DTYPE_CODES[dtype],
+        *(_ptr(t) for t in em_inputs),
+        _ptr(em_k),
+        _ptr(em_v_init),
+        _ptr(em_grad_x),
+        _ptr(em_grad_k),
+        _ptr(em_grad_v_init),
+        stride,
+        stride,
+        steps,
+        neurons,
+        x_step,
+        *_kernel_scalars(options, save),
+        resident_blocks,
+    )
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
     shares_k, shares_v_init = grad_k, grad_v_init
     if not per_neuron:
@@ -234,13 +308,22 @@ def run_case(lib, dtype, steps, neurons, options, resident_blocks, *, offset=0, 
         # GPU launchers sum the kernels' shares); the shares themselves, bit for bit the same
         # arithmetic, come from the same call with k and v_init given per neuron.
         _, shares_k, shares_v_init = ops.multistep_backward(
-            grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k.expand(neurons).contiguous(),
-            v_init.expand(neurons).contiguous(), dtype, *options)
+            grad_spikes,
+            grad_v_last,
+            grad_v_seq,
+            h_seq,
+            saved_x,
+            k.expand(neurons).contiguous(),
+            v_init.expand(neurons).contiguous(),
+            dtype,
+            *options,
+        )
         for total, shares in ((grad_k, shares_k), (grad_v_init, shares_v_init)):
             assert total.shape == (1,)
             scale = shares.double().abs().sum().item()
-            torch.testing.assert_close(total.double(), shares.double().sum().reshape(1), rtol=0.0,
-                                       atol=1e-6 * scale + 1e-30)
+            torch.testing.assert_close(
+                total.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale + 1e-30
+            )
     assert_bits_equal(em_grad_k, shares_k, "grad_k")
     assert_bits_equal(em_grad_v_init, shares_v_init, "grad_v_init")
     return forward_vectors, backward_vectors
@@ -268,8 +351,9 @@ GEOMETRIES = [
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
-    forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options),
-                                                 resident_blocks)
+    forward_vectors, backward_vectors = run_case(
+        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks
+    )
     vector = resident_blocks != H200_BLOCKS and options.get("spiking", True)
     assert (forward_vectors > 0) == vector and backward_vectors == 0
 
@@ -307,13 +391,15 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
     # Offsets in elements: 1 and 3 leave every dtype off its 16-byte alignment. One misaligned
     # stream is enough to take the whole launch down the scalar path.
     offset, x_offset = offsets
-    forward_vectors, backward_vectors = run_case(emulation, dtype, 11, 4096, _options(), 1, offset=offset,
-                                                 x_offset=x_offset)
+    forward_vectors, backward_vectors = run_case(
+        emulation, dtype, 11, 4096, _options(), 1, offset=offset, x_offset=x_offset
+    )
     assert forward_vectors == 0 and backward_vectors == 0
 
 
-@pytest.mark.parametrize("grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()],
-                         ids=lambda g: "+".join(g) or "none")
+@pytest.mark.parametrize(
+    "grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()], ids=lambda g: "+".join(g) or "none"
+)
 @pytest.mark.parametrize("resident_blocks", (H200_BLOCKS, 1), ids=("scalar", "vector"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_absent_gradients(emulation, dtype, grads, resident_blocks):
@@ -335,10 +421,19 @@ def test_a_misaligned_vector_access_is_reported(emulation):
     assert b"misaligned 16-byte vector access" in error.value
 
 
-@pytest.mark.parametrize("neurons, resident_blocks, blocks", [
-    (0, 528, 1), (1, 528, 1), (256, 528, 1), (257, 528, 2), (3000, 7, 7), (10**9, 528, 528),
-    (5000, 0, 1),  # an occupancy of 0 (the kernel cannot launch): one block, and the launch reports why
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "neurons, resident_blocks, blocks",
+    [
+        (0, 528, 1),
+        (1, 528, 1),
+        (256, 528, 1),
+        (257, 528, 2),
+        (3000, 7, 7),
+        (10**9, 528, 528),
+        (5000, 0, 1),  # an occupancy of 0 (the kernel cannot launch): one block, and the launch reports why
+    ],
+    ids=lambda v: str(v),
+)
 def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
     # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through these ops)
     # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
@@ -356,8 +451,9 @@ CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
 def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
     registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
-    _, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks,
-                                   save=plif_ops.SAVE_CHECKPOINTS)
+    _, backward_vectors = run_case(
+        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
+    )
     assert backward_vectors == 0
 
 
@@ -371,15 +467,34 @@ def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
-    run_case(emulation, torch.bfloat16, 20, 700, _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
-             H200_BLOCKS, seed=3, save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(
+        emulation,
+        torch.bfloat16,
+        20,
+        700,
+        _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
+        H200_BLOCKS,
+        seed=3,
+        save=plif_ops.SAVE_CHECKPOINTS,
+    )
 
 
-@pytest.mark.parametrize("grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()],
-                         ids=lambda g: "+".join(g) or "none")
+@pytest.mark.parametrize(
+    "grads", [("spikes",), ("v_last",), ("v_seq",), ("spikes", "v_seq"), ()], ids=lambda g: "+".join(g) or "none"
+)
 def test_checkpoints_absent_gradients(emulation, grads):
-    run_case(emulation, torch.float16, 19, 1024, _options(), 1, grads=grads, store_v_seq="v_seq" in grads,
-             per_neuron=False, save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(
+        emulation,
+        torch.float16,
+        19,
+        1024,
+        _options(),
+        1,
+        grads=grads,
+        store_v_seq="v_seq" in grads,
+        per_neuron=False,
+        save=plif_ops.SAVE_CHECKPOINTS,
+    )
 
 
 # ---- x read in place: steps any distance apart (a broadcast over time, a slice) -----------------
@@ -402,8 +517,9 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
     and the vector path is taken whenever every step starts on a 16-byte word."""
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
-    forward_vectors, backward_vectors = run_case(emulation, dtype, T_LONG, neurons, _options(detach_reset=True),
-                                                 resident_blocks, seed=5, x_step=x_step)
+    forward_vectors, backward_vectors = run_case(
+        emulation, dtype, T_LONG, neurons, _options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
+    )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
     assert backward_vectors == 0
 
@@ -415,7 +531,17 @@ def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_ste
     """From checkpoints the backward reads x again: in place too, at the same step."""
     x_step = x_step_of(300, forward_lanes(dtype))
     options = _options(v_reset=None, surrogate="atan")
-    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step,
-             save=plif_ops.SAVE_CHECKPOINTS)
-    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, x_step=x_step_of(2048, forward_lanes(dtype)),
-             save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(
+        emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=plif_ops.SAVE_CHECKPOINTS
+    )
+    run_case(
+        emulation,
+        dtype,
+        steps,
+        2048,
+        options,
+        1,
+        seed=steps,
+        x_step=x_step_of(2048, forward_lanes(dtype)),
+        save=plif_ops.SAVE_CHECKPOINTS,
+    )

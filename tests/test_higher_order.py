@@ -1,13 +1,23 @@
 """Gradients beyond first-order reverse mode: higher-order gradients through the fused op, and
 forward-mode AD and torch.func transforms (which plif_multistep runs on the reference's math)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from conftest import (BACKEND_DEVICE, BACKENDS, SMOOTH_SURROGATES, SURROGATES, assert_grad_close,
-                      assert_membrane_close, make_seq, outputs_loss, random_weights_like)
+from conftest import (
+    BACKEND_DEVICE,
+    BACKENDS,
+    SMOOTH_SURROGATES,
+    SURROGATES,
+    assert_grad_close,
+    assert_membrane_close,
+    make_seq,
+    outputs_loss,
+    random_weights_like,
+)
 from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
@@ -16,20 +26,21 @@ from plif_cuda import plif_multistep
 # shape of w (per layer, per channel) and of v_init (default, per neuron).
 OPTION_SETS = {
     "hard-decay-layer": dict(v_reset=0.0, decay_input=True, detach_reset=False, w_shape=(), v_init_shape=None),
-    "soft-nodecay-channel-vinit": dict(v_reset=None, decay_input=False, detach_reset=False, w_shape=(2, 1),
-                                       v_init_shape=(2, 5)),
-    "hard-detach-channel": dict(v_reset=-0.3, decay_input=True, detach_reset=True, w_shape=(2, 1),
-                                v_init_shape=None),
-    "soft-decay-detach-vinit": dict(v_reset=None, decay_input=True, detach_reset=True, w_shape=(),
-                                    v_init_shape=(5,)),
-    "hard-nodecay-neuron-vinit": dict(v_reset=0.2, decay_input=False, detach_reset=False, w_shape=(2, 5),
-                                      v_init_shape=(2, 5)),
+    "soft-nodecay-channel-vinit": dict(
+        v_reset=None, decay_input=False, detach_reset=False, w_shape=(2, 1), v_init_shape=(2, 5)
+    ),
+    "hard-detach-channel": dict(v_reset=-0.3, decay_input=True, detach_reset=True, w_shape=(2, 1), v_init_shape=None),
+    "soft-decay-detach-vinit": dict(v_reset=None, decay_input=True, detach_reset=True, w_shape=(), v_init_shape=(5,)),
+    "hard-nodecay-neuron-vinit": dict(
+        v_reset=0.2, decay_input=False, detach_reset=False, w_shape=(2, 5), v_init_shape=(2, 5)
+    ),
 }
 # detach_reset makes the first-order gradient differ from the derivative on purpose, so finite
 # differences cannot check it (the reference fails gradcheck there too).
 DIFFERENTIABLE_OPTION_SETS = {name: options for name, options in OPTION_SETS.items() if not options["detach_reset"]}
 FIRING_MODES = [pytest.param(s, True, id=f"{s}-spiking") for s in SURROGATES] + [
-    pytest.param(s, False, id=f"{s}-smooth") for s in SMOOTH_SURROGATES]
+    pytest.param(s, False, id=f"{s}-smooth") for s in SMOOTH_SURROGATES
+]
 
 
 def _inputs(device, dtype, options, seed=0):
@@ -46,16 +57,24 @@ def _inputs(device, dtype, options, seed=0):
 
 def _call(backend, x_seq, w, v_init, options, **kwargs):
     return plif_multistep(
-        x_seq, w, v_init, v_reset=options["v_reset"], decay_input=options["decay_input"],
-        detach_reset=options["detach_reset"], store_v_seq=True, backend=backend, **kwargs,
+        x_seq,
+        w,
+        v_init,
+        v_reset=options["v_reset"],
+        decay_input=options["decay_input"],
+        detach_reset=options["detach_reset"],
+        store_v_seq=True,
+        backend=backend,
+        **kwargs,
     )
 
 
 def _first_and_second_order(backend, device, dtype, options, **kwargs):
     """Gradients of a loss on every output, then gradients of a random mix of those gradients."""
     x_seq, w, v_init, leaves = _inputs(device, dtype, options)
-    first = torch.autograd.grad(outputs_loss(*_call(backend, x_seq, w, v_init, options, **kwargs)), leaves,
-                                create_graph=True)
+    first = torch.autograd.grad(
+        outputs_loss(*_call(backend, x_seq, w, v_init, options, **kwargs)), leaves, create_graph=True
+    )
     mixed = sum((g * random_weights_like(g, seed=7 + i)).sum() for i, g in enumerate(first))
     second = torch.autograd.grad(mixed, leaves, materialize_grads=True)
     return [g.detach() for g in first], second
@@ -66,6 +85,7 @@ def _first_and_second_order(backend, device, dtype, options, **kwargs):
 def test_second_derivative_of_the_issue_example_matches_the_reference(backend):
     """T=3, two neurons, x=0.5, w=-0.4, loss = sum(spikes) + sum(v_seq): d2L/dw2 = -0.2027 from
     the reference's autograd (the fused op once returned +0.1745 with only a warning)."""
+
     def second_derivative(name):
         x_seq = torch.full((3, 2), 0.5, device=BACKEND_DEVICE[backend], requires_grad=True)
         w = torch.tensor(-0.4, device=BACKEND_DEVICE[backend], requires_grad=True)
@@ -109,8 +129,9 @@ def test_third_derivative_matches_the_reference(backend):
     def third_derivative(name):
         x_seq = make_seq((5, 3), torch.float64, BACKEND_DEVICE[backend], scale=0.9, shift=0.5)
         w = torch.tensor(0.3, dtype=torch.float64, device=x_seq.device, requires_grad=True)
-        spikes, v_last, v_seq = plif_multistep(x_seq.requires_grad_(), w, surrogate="erf", store_v_seq=True,
-                                               backend=name)
+        spikes, v_last, v_seq = plif_multistep(
+            x_seq.requires_grad_(), w, surrogate="erf", store_v_seq=True, backend=name
+        )
         derivative = outputs_loss(spikes, v_last, v_seq)
         for _ in range(3):
             (derivative,) = torch.autograd.grad(derivative, w, create_graph=True)
@@ -147,8 +168,9 @@ def test_second_order_with_no_time_steps():
 
 def test_first_order_gradients_take_the_fused_backward(monkeypatch):
     """Only a backward with grad mode on (create_graph) takes the differentiable recurrence."""
-    monkeypatch.setattr(plif_ops, "_differentiable_backward",
-                        lambda *args: pytest.fail("first-order backward left the fused op"))
+    monkeypatch.setattr(
+        plif_ops, "_differentiable_backward", lambda *args: pytest.fail("first-order backward left the fused op")
+    )
     x_seq, w, v_init, leaves = _inputs("cpu", torch.float32, OPTION_SETS["soft-nodecay-channel-vinit"])
     outputs_loss(*_call("cpu", x_seq, w, v_init, OPTION_SETS["soft-nodecay-channel-vinit"])).backward()
     assert all(leaf.grad is not None for leaf in leaves)
@@ -247,8 +269,9 @@ def test_func_hessian_equals_double_backward(backend):
     hessian = torch.func.hessian(loss)(w.detach())
     (grad_w,) = torch.autograd.grad(loss(w), w, create_graph=True)
     rows = [torch.autograd.grad(grad_w.flatten()[i], w, retain_graph=True)[0] for i in range(w.numel())]
-    assert_grad_close(hessian.reshape(w.numel(), -1), torch.stack(rows).reshape(w.numel(), -1), torch.float64,
-                      summed_terms=40)
+    assert_grad_close(
+        hessian.reshape(w.numel(), -1), torch.stack(rows).reshape(w.numel(), -1), torch.float64, summed_terms=40
+    )
     assert hessian.abs().max() > 0
 
 
@@ -303,10 +326,11 @@ def test_compiled_transforms_match_eager_or_refuse(spiking):
     transforms = {
         "grad": lambda x: torch.func.grad(loss)(x),
         "jvp": lambda x: torch.func.jvp(loss, (x,), (weights[0],))[1],
-        "vmap": lambda x: torch.func.vmap(lambda x: _call("cpu", x, w, None, options, spiking=spiking)[1],
-                                          in_dims=1)(x),
+        "vmap": lambda x: torch.func.vmap(lambda x: _call("cpu", x, w, None, options, spiking=spiking)[1], in_dims=1)(
+            x
+        ),
     }
-    for name, transform in transforms.items():
+    for transform in transforms.values():
         torch._dynamo.reset()
         if spiking:
             with pytest.raises(torch._dynamo.exc.Unsupported, match="torch.func transforms or forward-mode AD"):

@@ -1,6 +1,7 @@
 """What a forward keeps for the backward (issue 13): half inputs keep themselves and every
 eighth H (SAVE_CHECKPOINTS), at most 2.5 bytes per neuron-step, and the backward recomputes the
 rest; gradients equal those from every H bit for bit."""
+
 from __future__ import annotations
 
 import itertools
@@ -17,8 +18,13 @@ from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # (v_threshold, v_reset, soft_reset, decay_input, detach_reset)
 OPTION_GRID = {
-    f"{'soft' if soft else 'hard'}-{'decay' if decay else 'nodecay'}-{'detach' if detach else 'attached'}":
-        (1.0, 0.0 if soft else -0.3, soft, decay, detach)
+    f"{'soft' if soft else 'hard'}-{'decay' if decay else 'nodecay'}-{'detach' if detach else 'attached'}": (
+        1.0,
+        0.0 if soft else -0.3,
+        soft,
+        decay,
+        detach,
+    )
     for soft, decay, detach in itertools.product((False, True), repeat=3)
 }
 
@@ -43,8 +49,11 @@ def _inputs(T, N, dtype, per_neuron, seed=0):
     count = N if per_neuron else 1
     k = torch.sigmoid(torch.randn(count, generator=generator, dtype=torch.float64) * 0.6).to(acc)
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
-    grads = (torch.randn(T, N, generator=generator).to(dtype), torch.randn(N, generator=generator).to(acc),
-             torch.randn(T, N, generator=generator).to(dtype))
+    grads = (
+        torch.randn(T, N, generator=generator).to(dtype),
+        torch.randn(N, generator=generator).to(acc),
+        torch.randn(T, N, generator=generator).to(dtype),
+    )
     return x, k, v_init, grads
 
 
@@ -89,7 +98,7 @@ def test_checkpoints_give_the_gradients_of_every_h_bit_for_bit(dtype, options, s
     scalars = (*options, SURROGATE_IDS[name], alpha, spiking)
     (forward_h, backward_h), (forward_c, backward_c) = _both_modes(x, k, v_init, scalars, grads)
     assert torch.equal(forward_h[0], forward_c[0]) and torch.equal(forward_h[1], forward_c[1])
-    assert torch.equal(forward_c[3], forward_h[3][ops.CHECKPOINT_STEPS - 1::ops.CHECKPOINT_STEPS][:2])
+    assert torch.equal(forward_c[3], forward_h[3][ops.CHECKPOINT_STEPS - 1 :: ops.CHECKPOINT_STEPS][:2])
     for from_h, from_checkpoints in zip(backward_h, backward_c):
         assert torch.equal(from_h, from_checkpoints)
 
@@ -178,8 +187,10 @@ def test_backward_op_checks_the_checkpoint_shape():
     x = torch.randn(17, 6).half()
     k = torch.full((1,), 0.5)
     with pytest.raises(RuntimeError, match=r"h_seq must hold the checkpoint rows of x: shape \[2, 6\]"):
-        torch.ops.plif_cuda.multistep_backward(None, None, None, torch.zeros(3, 6), x, k, k, x.dtype,
-                                               1.0, 0.0, False, True, False, 0, 4.0, True)
+        torch.ops.plif_cuda.multistep_backward(
+            None, None, None, torch.zeros(3, 6), x, k, k, x.dtype, 1.0, 0.0, False, True, False, 0, 4.0, True
+        )
     with pytest.raises(RuntimeError, match="x must have dtype"):
-        torch.ops.plif_cuda.multistep_backward(None, None, None, torch.zeros(2, 6), x.float(), k, k, x.dtype,
-                                               1.0, 0.0, False, True, False, 0, 4.0, True)
+        torch.ops.plif_cuda.multistep_backward(
+            None, None, None, torch.zeros(2, 6), x.float(), k, k, x.dtype, 1.0, 0.0, False, True, False, 0, 4.0, True
+        )

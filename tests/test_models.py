@@ -1,4 +1,5 @@
 """plif_cuda.models (the paper's networks) and examples/train.py on the bundled digits."""
+
 import csv
 import importlib.util
 import itertools
@@ -45,8 +46,18 @@ def load_train_script():
 )
 def test_static_image_net_forward_backward(neuron, pooling, tau_granularity, batch_norm):
     torch.manual_seed(0)
-    model = StaticImageSNN(in_channels=3, image_size=8, num_classes=5, T=3, neuron=neuron, pooling=pooling,
-                           tau_granularity=tau_granularity, batch_norm=batch_norm, init_tau=3.0, **SMALL)
+    model = StaticImageSNN(
+        in_channels=3,
+        image_size=8,
+        num_classes=5,
+        T=3,
+        neuron=neuron,
+        pooling=pooling,
+        tau_granularity=tau_granularity,
+        batch_norm=batch_norm,
+        init_tau=3.0,
+        **SMALL,
+    )
     x = torch.rand(4, 3, 8, 8) * 4
     rates = model(x)
     assert rates.shape == (4, 5)
@@ -78,8 +89,9 @@ def test_static_image_net_forward_backward(neuron, pooling, tau_granularity, bat
 @pytest.mark.parametrize("neuron, tau_granularity", [("plif", "layer"), ("lif", "channel"), ("plif", "channel")])
 def test_event_frame_net_forward_backward(neuron, tau_granularity):
     torch.manual_seed(0)
-    model = EventFrameSNN(T=4, image_size=10, neuron=neuron, tau_granularity=tau_granularity, convs_per_stage=2,
-                          **SMALL)
+    model = EventFrameSNN(
+        T=4, image_size=10, neuron=neuron, tau_granularity=tau_granularity, convs_per_stage=2, **SMALL
+    )
     frames = (torch.rand(4, 2, 2, 10, 10) < 0.3).float()
     rates = model(frames)
     assert rates.shape == (2, 10)
@@ -128,8 +140,8 @@ def test_neurons_keep_state_until_reset():
 
 def test_voting_layer_averages_groups_and_time():
     spikes = torch.zeros(4, 2, 3 * 5)
-    spikes[:, 0, 5:10] = 1.0           # sample 0: class 1's whole group fires at every step
-    spikes[:2, 1, 10:12] = 1.0         # sample 1: 2 of class 2's 5 neurons, half of the steps
+    spikes[:, 0, 5:10] = 1.0  # sample 0: class 1's whole group fires at every step
+    spikes[:2, 1, 10:12] = 1.0  # sample 1: 2 of class 2's 5 neurons, half of the steps
     rates = VotingLayer(5)(spikes)
     assert torch.equal(rates, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.2]]))
 
@@ -148,9 +160,15 @@ def test_seq_dropout_shares_its_mask_over_time():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [(dict(neuron="izhikevich"), "neuron"), (dict(pooling="min"), "pooling"),
-     (dict(tau_granularity="neuron"), "tau_granularity"), (dict(T=0), "T"), (dict(depth=4), "depth"),
-     (dict(init_tau=1.0), "init_tau"), (dict(dropout=1.0), "dropout")],
+    [
+        (dict(neuron="izhikevich"), "neuron"),
+        (dict(pooling="min"), "pooling"),
+        (dict(tau_granularity="neuron"), "tau_granularity"),
+        (dict(T=0), "T"),
+        (dict(depth=4), "depth"),
+        (dict(init_tau=1.0), "init_tau"),
+        (dict(dropout=1.0), "dropout"),
+    ],
 )
 def test_bad_arguments_are_named(kwargs, name):
     options = dict(in_channels=1, image_size=8, num_classes=10, **SMALL)
@@ -215,8 +233,9 @@ def write_fake_mnist(root, rng):
     for prefix in ("train", "t10k"):
         images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, 4, dtype=np.uint8)
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 4, 0, 0, 0, 28, 0, 0, 0, 28])
-                                                               + images.tobytes())
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3, 0, 0, 0, 4, 0, 0, 0, 28, 0, 0, 0, 28]) + images.tobytes()
+        )
         (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4]) + labels.tobytes())
 
 
@@ -224,9 +243,29 @@ def write_fake_mnist(root, rng):
 def test_train_script_runs_on_files_from_data_dir(tmp_path, dataset, writer):
     writer(tmp_path / "data", np.random.default_rng(0))
     out_dir = tmp_path / "run"
-    row = load_train_script().main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--out-dir",
-                                    str(out_dir), "--epochs", "1", "--T", "3", "--width", "4", "--fc-width", "8",
-                                    "--batch-size", "2", "--threads", "1", "--no-progress"])
+    row = load_train_script().main(
+        [
+            "--dataset",
+            dataset,
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out-dir",
+            str(out_dir),
+            "--epochs",
+            "1",
+            "--T",
+            "3",
+            "--width",
+            "4",
+            "--fc-width",
+            "8",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert row["epoch"] == 1
     assert len(read_rows(out_dir / "metrics.csv")) == 1
     assert (out_dir / "curves.png").stat().st_size > 0

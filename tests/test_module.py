@@ -1,4 +1,5 @@
 """ParametricLIFNode / LIFNode: state across calls, parameters, surrogates, state_dict."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ def test_single_step_calls_equal_multi_step(backend, v_reset, tau_shape):
     multi = _layer(backend, step_mode="m", v_reset=v_reset, tau_shape=tau_shape, init_tau=3.0)
 
     stepped = torch.stack([single(x) for x in x_seq])
-    loss_single = (stepped * random_weights_like(stepped, 1)).sum() + (single.v * random_weights_like(single.v, 2)).sum()
+    loss_single = (stepped * random_weights_like(stepped, 1)).sum() + (
+        single.v * random_weights_like(single.v, 2)
+    ).sum()
     grad_x_single, grad_w_single = torch.autograd.grad(loss_single, (x_seq, single.w))
 
     spikes = multi(x_seq)
@@ -126,9 +129,16 @@ def test_lif_has_a_constant_tau():
     assert x_seq.grad is not None
 
 
-@pytest.mark.parametrize("surrogate_function", [
-    "atan", plif_surrogate.ATan(alpha=3.0), plif_surrogate.Erf(), plif_surrogate.Sigmoid(alpha=2.0, spiking=False),
-], ids=("name", "ATan3", "Erf", "Sigmoid-smooth"))
+@pytest.mark.parametrize(
+    "surrogate_function",
+    [
+        "atan",
+        plif_surrogate.ATan(alpha=3.0),
+        plif_surrogate.Erf(),
+        plif_surrogate.Sigmoid(alpha=2.0, spiking=False),
+    ],
+    ids=("name", "ATan3", "Erf", "Sigmoid-smooth"),
+)
 def test_known_surrogates_use_the_fused_path(surrogate_function):
     layer = plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate_function, backend="cpu")
     name, alpha, spiking = plif_surrogate.describe_surrogate(surrogate_function)
@@ -136,8 +146,7 @@ def test_known_surrogates_use_the_fused_path(surrogate_function):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spikes = layer(x_seq)
-    ref, _, _ = plif_cuda.plif_multistep(x_seq, layer.w, surrogate=name, alpha=alpha, spiking=spiking,
-                                         backend="torch")
+    ref, _, _ = plif_cuda.plif_multistep(x_seq, layer.w, surrogate=name, alpha=alpha, spiking=spiking, backend="torch")
     assert_membrane_close(spikes, ref)
     grad_fused = torch.autograd.grad((spikes * random_weights_like(spikes, 1)).sum(), x_seq)[0]
     grad_ref = torch.autograd.grad((ref * random_weights_like(ref, 1)).sum(), x_seq)[0]
@@ -157,7 +166,10 @@ def test_any_callable_surrogate_falls_back_with_one_warning(backend):
     fused = _layer(backend, step_mode="m", surrogate_function=atan, store_v_seq=True, v_reset=None)
     x_fallback = x_seq.clone().requires_grad_()
     x_fused = x_seq.clone().requires_grad_()
-    with pytest.warns(RuntimeWarning, match=r"surrogate_function \(function .*my_surrogate\) runs on the PyTorch time loop: it is not a surrogate") as caught:
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"surrogate_function \(function .*my_surrogate\) runs on the PyTorch time loop: it is not a surrogate",
+    ) as caught:
         out_fallback = [fallback(x_fallback), fallback(x_fallback)]
     assert len([w for w in caught if "surrogate_function" in str(w.message)]) == 1
     out_fused = [fused(x_fused), fused(x_fused)]

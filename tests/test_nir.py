@@ -1,4 +1,5 @@
 """plif_cuda.nir: export to NIR and load from NIR, checked against the original networks and against snnTorch."""
+
 import math
 
 import nir
@@ -50,10 +51,15 @@ def conv_net(granularity, decay_input, generator, *, v_reset=0.0, v_threshold=1.
         for layer in (first, second):
             layer.w.copy_(random_w(layer.w.shape, generator))
     model = nn.Sequential(
-        SeqToBatch(nn.Conv2d(2, 4, 3, padding=1)), first,
-        SeqToBatch(nn.AvgPool2d(2)), SeqToBatch(nn.Flatten()),
-        SeqToBatch(nn.Linear(64, 20)), second, SeqDropout(0.5),
-        SeqToBatch(nn.Linear(20, 7, bias=False)), LIFNode(tau=3.7, **neuron),
+        SeqToBatch(nn.Conv2d(2, 4, 3, padding=1)),
+        first,
+        SeqToBatch(nn.AvgPool2d(2)),
+        SeqToBatch(nn.Flatten()),
+        SeqToBatch(nn.Linear(64, 20)),
+        second,
+        SeqDropout(0.5),
+        SeqToBatch(nn.Linear(20, 7, bias=False)),
+        LIFNode(tau=3.7, **neuron),
     )
     high = 0.5 if decay_input else 0.4  # without input decay the membrane sums more of its input
     with torch.no_grad():
@@ -75,8 +81,13 @@ def assert_spiking(spikes):
 @pytest.mark.parametrize("seed", range(4))
 def test_exported_tau_loads_back_to_the_same_w(seed):
     generator = torch.Generator().manual_seed(seed)
-    w = torch.cat([torch.randn(100_000, generator=generator) * 4, torch.randn(1000, generator=generator) * 1e-7,
-                   torch.tensor([0.0, 1e-30, -1e-30, 25.0, 40.0, -60.0])])
+    w = torch.cat(
+        [
+            torch.randn(100_000, generator=generator) * 4,
+            torch.randn(1000, generator=generator) * 1e-7,
+            torch.tensor([0.0, 1e-30, -1e-30, 25.0, 40.0, -60.0]),
+        ]
+    )
     dt = [1e-4, 1e-3, 3.7e-5, 1.0][seed]
     tau_nir = dt * (1.0 + np.exp(-w.double().numpy()))  # NIR's tau: tau_plif * dt, tau_plif = 1/sigmoid(w)
     loaded = torch.from_numpy(plif_nir.w_from_tau(tau_nir, dt))
@@ -123,9 +134,12 @@ def test_sum_pooling_round_trips_as_nir_sum_pooling(tmp_path):
     neuron = ParametricLIFNode(step_mode="m", tau_shape=(3, 1, 1), v_threshold=1.2)
     with torch.no_grad():
         neuron.w.copy_(random_w((3, 1, 1), generator))
-    model = nn.Sequential(SeqToBatch(nn.AvgPool2d(2, divisor_override=1)), neuron,
-                          SeqToBatch(nn.AvgPool2d(3, stride=1, padding=1)),
-                          ParametricLIFNode(step_mode="m", v_threshold=0.3))
+    model = nn.Sequential(
+        SeqToBatch(nn.AvgPool2d(2, divisor_override=1)),
+        neuron,
+        SeqToBatch(nn.AvgPool2d(3, stride=1, padding=1)),
+        ParametricLIFNode(step_mode="m", v_threshold=0.3),
+    )
     x = torch.rand(T, N, 3, 8, 8, generator=generator)
     graph = plif_nir.export(model, x)
     assert isinstance(graph.nodes["0_module"], nir.SumPool2d)
@@ -139,10 +153,12 @@ def test_sum_pooling_round_trips_as_nir_sum_pooling(tmp_path):
 
 def test_grouped_convolution_round_trips(tmp_path):
     generator = torch.Generator().manual_seed(11)
-    model = nn.Sequential(SeqToBatch(nn.Conv2d(4, 4, 3, groups=4, padding="same")),
-                          ParametricLIFNode(step_mode="m", v_threshold=0.3),
-                          SeqToBatch(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)),
-                          ParametricLIFNode(step_mode="m", decay_input=False, v_threshold=0.3))
+    model = nn.Sequential(
+        SeqToBatch(nn.Conv2d(4, 4, 3, groups=4, padding="same")),
+        ParametricLIFNode(step_mode="m", v_threshold=0.3),
+        SeqToBatch(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)),
+        ParametricLIFNode(step_mode="m", decay_input=False, v_threshold=0.3),
+    )
     x = torch.rand(T, N, 4, 9, 9, generator=generator)
     graph = plif_nir.export(model, x)
     np.testing.assert_array_equal(graph.nodes["0_module"].input_type["input"], [4, 9, 9])
@@ -172,7 +188,12 @@ def test_exported_lif_nodes_follow_the_euler_mapping():
         assert last.tau.shape == (7,)
         np.testing.assert_allclose(last.tau, 3.7 * dt, rtol=1e-7)
     assert [type(graph.nodes[k]).__name__ for k in ("0_module", "2_module", "3_module", "4_module", "7_module")] == [
-        "Conv2d", "AvgPool2d", "Flatten", "Affine", "Linear"]
+        "Conv2d",
+        "AvgPool2d",
+        "Flatten",
+        "Affine",
+        "Linear",
+    ]
     assert len(graph.nodes) == 10  # input, output and 8 layers: the dropout is dropped
     metadata = graph.metadata
     assert metadata["dt"] == dt
@@ -205,8 +226,10 @@ def test_batch_norm_is_folded_into_the_layer_before_it(tmp_path):
         bn1d.running_var.uniform_(0.2, 1.0, generator=generator)
         linear.weight.uniform_(-0.1, 0.2, generator=generator)
     model = nn.Sequential(
-        SeqToBatch(conv, bn), ParametricLIFNode(step_mode="m", tau_shape=(5, 1, 1)),
-        SeqToBatch(nn.AvgPool2d(2), nn.Flatten(), linear, bn1d), ParametricLIFNode(step_mode="m", tau_shape=(9,)),
+        SeqToBatch(conv, bn),
+        ParametricLIFNode(step_mode="m", tau_shape=(5, 1, 1)),
+        SeqToBatch(nn.AvgPool2d(2), nn.Flatten(), linear, bn1d),
+        ParametricLIFNode(step_mode="m", tau_shape=(9,)),
     )
     model.train()  # export uses the running statistics whatever the mode, and leaves the mode as it was
     x = torch.rand(T, N, 2, 8, 8, generator=generator) * 3
@@ -217,12 +240,14 @@ def test_batch_norm_is_folded_into_the_layer_before_it(tmp_path):
     model.eval()
     with torch.no_grad():
         currents = bn(conv(x.flatten(0, 1)))
-        np.testing.assert_allclose(loaded.layers["0_module_0"](x.flatten(0, 1)).numpy(), currents.numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            loaded.layers["0_module_0"](x.flatten(0, 1)).numpy(), currents.numpy(), rtol=1e-5, atol=1e-5
+        )
         first_spikes = model[1](currents.unflatten(0, (T, N)))
         features = model[2].module[:2](first_spikes.flatten(0, 1))
-        np.testing.assert_allclose(loaded.layers["2_module_2"](features).numpy(), bn1d(linear(features)).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            loaded.layers["2_module_2"](features).numpy(), bn1d(linear(features)).numpy(), rtol=1e-5, atol=1e-5
+        )
     expected, got = run_fresh(model, x), loaded(x)
     assert_spiking(first_spikes)
     assert_spiking(expected)
@@ -232,8 +257,9 @@ def test_batch_norm_is_folded_into_the_layer_before_it(tmp_path):
 
 def test_paper_event_network_with_avg_pooling_round_trips(tmp_path):
     torch.manual_seed(5)
-    model = EventFrameSNN(image_size=8, num_classes=4, T=T, pooling="avg", tau_granularity="channel",
-                          batch_norm=False, **TINY)
+    model = EventFrameSNN(
+        image_size=8, num_classes=4, T=T, pooling="avg", tau_granularity="channel", batch_norm=False, **TINY
+    )
     with torch.no_grad():
         for layer in plif_nir_neurons(model):
             layer.w.uniform_(-3, 3)
@@ -346,11 +372,13 @@ def test_graph_written_by_snntorch_loads_and_reproduces_it(tmp_path):
     # snnTorch's export writes beta's and threshold's own shapes: per-neuron tensors keep its LIF nodes consistent.
     net = nn.Sequential(
         nn.Linear(10, 16),
-        snn.Leaky(beta=torch.rand(16) * 0.8 + 0.1, threshold=torch.full((16,), 0.9), init_hidden=True,
-                  reset_mechanism="zero"),
+        snn.Leaky(
+            beta=torch.rand(16) * 0.8 + 0.1, threshold=torch.full((16,), 0.9), init_hidden=True, reset_mechanism="zero"
+        ),
         nn.Linear(16, 6),
-        snn.Leaky(beta=torch.full((6,), 0.85), threshold=torch.full((6,), 0.6), init_hidden=True,
-                  reset_mechanism="zero"),
+        snn.Leaky(
+            beta=torch.full((6,), 0.85), threshold=torch.full((6,), 0.6), init_hidden=True, reset_mechanism="zero"
+        ),
     )
     with torch.no_grad():
         for module in (net[0], net[2]):
@@ -361,8 +389,9 @@ def test_graph_written_by_snntorch_loads_and_reproduces_it(tmp_path):
     nir.write(path, graph)
     loaded = plif_nir.load(path)
     hidden = []
-    loaded.layers[[name for name, m in loaded.layers.items() if isinstance(m, ParametricLIFNode)][0]] \
-        .register_forward_hook(lambda m, a, out: hidden.append(out))
+    loaded.layers[
+        [name for name, m in loaded.layers.items() if isinstance(m, ParametricLIFNode)][0]
+    ].register_forward_hook(lambda m, a, out: hidden.append(out))
     got = loaded(x)
 
     snn_utils.reset(net)
@@ -375,16 +404,22 @@ def test_graph_written_by_snntorch_loads_and_reproduces_it(tmp_path):
 
 def test_max_pooling_is_refused_with_what_to_change():
     model = StaticImageSNN(image_size=8, num_classes=4, T=3, **TINY)  # the paper's max pooling
-    with pytest.raises(ValueError, match=r"body\.\d\.module \(MaxPool2d\): NIR has no max pooling: retrain with "
-                                         r"average pooling \(plif_cuda\.models networks: pooling='avg'"):
+    with pytest.raises(
+        ValueError,
+        match=r"body\.\d\.module \(MaxPool2d\): NIR has no max pooling: retrain with "
+        r"average pooling \(plif_cuda\.models networks: pooling='avg'",
+    ):
         plif_nir.export(model, torch.rand(2, 1, 8, 8))
 
 
 def test_soft_reset_is_refused_unless_the_approximation_is_asked_for(tmp_path):
     model = nn.Sequential(SeqToBatch(nn.Linear(6, 8)), ParametricLIFNode(v_reset=None, step_mode="m"))
     x = torch.rand(T, N, 6) * 3
-    with pytest.raises(ValueError, match=r"^1: has a soft reset \(v_reset=None\)\. NIR's LIF only resets to v_reset "
-                                         r".*pass approximate_soft_reset=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"^1: has a soft reset \(v_reset=None\)\. NIR's LIF only resets to v_reset "
+        r".*pass approximate_soft_reset=True",
+    ):
         plif_nir.export(model, x)
     graph = plif_nir.export(model, x, approximate_soft_reset=True)
     assert graph.metadata["reset"] == plif_nir.SOFT_RESET_APPROXIMATED
@@ -394,14 +429,23 @@ def test_soft_reset_is_refused_unless_the_approximation_is_asked_for(tmp_path):
     assert torch.equal(loaded(x), run_fresh(hard, x))  # what was exported: the hard reset to 0
 
 
-@pytest.mark.parametrize("model, message", [
-    (nn.Sequential(SeqToBatch(nn.Linear(6, 8)), SeqToBatch(nn.ReLU()), ParametricLIFNode(step_mode="m")),
-     r"^1\.module: ReLU cannot be exported to NIR; export supports Conv2d, Linear"),
-    (nn.Sequential(SeqToBatch(nn.Linear(6, 8)), ParametricLIFNode(step_mode="s")),
-     r"^1: export needs multi-step neurons \(step_mode='m'\)"),
-    (nn.Sequential(SeqToBatch(nn.BatchNorm1d(6)), ParametricLIFNode(step_mode="m")),
-     r"^0\.module: NIR has no batch norm, and this one does not follow a Conv2d or Linear"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (
+            nn.Sequential(SeqToBatch(nn.Linear(6, 8)), SeqToBatch(nn.ReLU()), ParametricLIFNode(step_mode="m")),
+            r"^1\.module: ReLU cannot be exported to NIR; export supports Conv2d, Linear",
+        ),
+        (
+            nn.Sequential(SeqToBatch(nn.Linear(6, 8)), ParametricLIFNode(step_mode="s")),
+            r"^1: export needs multi-step neurons \(step_mode='m'\)",
+        ),
+        (
+            nn.Sequential(SeqToBatch(nn.BatchNorm1d(6)), ParametricLIFNode(step_mode="m")),
+            r"^0\.module: NIR has no batch norm, and this one does not follow a Conv2d or Linear",
+        ),
+    ],
+)
 def test_unsupported_networks_are_refused(model, message):
     with pytest.raises(ValueError, match=message):
         plif_nir.export(model, torch.rand(T, N, 6))
@@ -418,8 +462,11 @@ class Residual(nn.Module):
 
 
 def test_computation_outside_the_layers_is_refused():
-    with pytest.raises(ValueError, match=r"^neuron: its input is not the output of the layer before it "
-                                         r"\(linear\.module\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^neuron: its input is not the output of the layer before it "
+        r"\(linear\.module\)",
+    ):
         plif_nir.export(Residual(), torch.rand(T, N, 6))
 
 
@@ -437,8 +484,13 @@ def test_export_arguments_are_checked():
 
 def lif_graph(**overrides):
     shape = (3,)
-    values = dict(tau=np.full(shape, 3e-4), r=np.ones(shape), v_leak=np.zeros(shape), v_threshold=np.ones(shape),
-                  v_reset=np.zeros(shape))
+    values = dict(
+        tau=np.full(shape, 3e-4),
+        r=np.ones(shape),
+        v_leak=np.zeros(shape),
+        v_threshold=np.ones(shape),
+        v_reset=np.zeros(shape),
+    )
     values.update(overrides)
     return nir.NIRGraph.from_list(nir.Linear(weight=np.eye(3, dtype=np.float32)), nir.LIF(**values))
 
@@ -450,8 +502,9 @@ def test_load_refuses_what_the_neuron_cannot_run():
         plif_nir.load(lif_graph(v_leak=np.full(3, 0.1)))
     with pytest.raises(ValueError, match="discrete decay dt/tau must be at most 1"):
         plif_nir.load(lif_graph(tau=np.full(3, 5e-5)))
-    graph = nir.NIRGraph.from_list(nir.Linear(weight=np.eye(3, dtype=np.float32)),
-                                   nir.IF(r=np.ones(3), v_threshold=np.ones(3)))
+    graph = nir.NIRGraph.from_list(
+        nir.Linear(weight=np.eye(3, dtype=np.float32)), nir.IF(r=np.ones(3), v_threshold=np.ones(3))
+    )
     with pytest.raises(ValueError, match=r"NIR IF is not supported by plif_cuda\.nir\.load"):
         plif_nir.load(graph)
 
@@ -477,7 +530,8 @@ def test_load_scales_the_input_by_an_arbitrary_r():
 def test_import_plif_cuda_stays_free_of_nir():
     printed = printed_by_fresh_interpreter(
         "import sys, plif_cuda; print('nir' in sys.modules, 'plif_cuda.nir' in sys.modules); "
-        "print(plif_cuda.nir.export.__module__, 'nir' in sys.modules)")
+        "print(plif_cuda.nir.export.__module__, 'nir' in sys.modules)"
+    )
     assert printed == "False False\nplif_cuda.nir True"  # imported on first use
 
 

@@ -1,4 +1,5 @@
 """The registered torch.library ops (opcheck, torch.compile) and backend selection."""
+
 from __future__ import annotations
 
 import copy
@@ -39,11 +40,16 @@ def _op_inputs(device, dtype, per_neuron, requires_grad):
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
 @pytest.mark.parametrize("store_v_seq", (True, False), ids=("v_seq", "no_v_seq"))
 @pytest.mark.parametrize("options", OPCHECK_OPTION_SETS.values(), ids=OPCHECK_OPTION_SETS.keys())
-@pytest.mark.parametrize("dtype, per_neuron", [(torch.float32, False), (torch.float64, True), (torch.bfloat16, True)],
-                         ids=("f32-layer", "f64-neuron", "bf16-neuron"))
+@pytest.mark.parametrize(
+    "dtype, per_neuron",
+    [(torch.float32, False), (torch.float64, True), (torch.bfloat16, True)],
+    ids=("f32-layer", "f64-neuron", "bf16-neuron"),
+)
 def test_opcheck_forward(backend, options, store_v_seq, dtype, per_neuron):
     x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], dtype, per_neuron, requires_grad=True)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, plif_ops.save_mode(x, True)))
+    torch.library.opcheck(
+        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, plif_ops.save_mode(x, True))
+    )
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
@@ -78,9 +84,16 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("neurons", (100, 3 * 1024 + 200), ids=("one_group", "blocks_and_a_tail"))
-@pytest.mark.parametrize("dtype, save", [(torch.float32, plif_ops.SAVE_H), (torch.float32, plif_ops.SAVE_CHECKPOINTS),
-                                         (torch.float64, plif_ops.SAVE_H), (torch.bfloat16, plif_ops.SAVE_CHECKPOINTS)],
-                         ids=("f32", "f32-checkpoints", "f64", "bf16-checkpoints"))
+@pytest.mark.parametrize(
+    "dtype, save",
+    [
+        (torch.float32, plif_ops.SAVE_H),
+        (torch.float32, plif_ops.SAVE_CHECKPOINTS),
+        (torch.float64, plif_ops.SAVE_H),
+        (torch.bfloat16, plif_ops.SAVE_CHECKPOINTS),
+    ],
+    ids=("f32", "f32-checkpoints", "f64", "bf16-checkpoints"),
+)
 def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons, dtype, save):
     """Where k or v_init is one value, the backward op returns one value: the sum of what the same
     call returns per neuron when they are given per neuron (the same arithmetic, neuron by neuron)."""
@@ -100,8 +113,9 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
     grad_v_last = make_seq((neurons,), acc, device, seed=2)
 
     def backward(k, v_init):
-        return torch.ops.plif_cuda.multistep_backward(grad_spikes, grad_v_last, None, h_seq, saved_x, k, v_init, dtype,
-                                                      *options, launcher)
+        return torch.ops.plif_cuda.multistep_backward(
+            grad_spikes, grad_v_last, None, h_seq, saved_x, k, v_init, dtype, *options, launcher
+        )
 
     grad_x, shares_k, shares_v_init = backward(k_all, v_init_all)
     for k, v_init in ((k_one, v_init_one), (k_one, v_init_all), (k_all, v_init_one)):
@@ -113,10 +127,11 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
                 assert torch.equal(grad, shares)
             else:
                 scale = shares.double().abs().sum().item()
-                torch.testing.assert_close(grad.double(), shares.double().sum().reshape(1), rtol=0.0,
-                                           atol=1e-6 * scale)
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_backward,
-                          (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one, dtype, *options, launcher))
+                torch.testing.assert_close(grad.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale)
+    torch.library.opcheck(
+        torch.ops.plif_cuda.multistep_backward,
+        (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one, dtype, *options, launcher),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,8 +153,9 @@ def test_a_membrane_gradient_of_zeros_gives_the_bits_of_an_absent_one(backend, o
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
 
     def backward(grad_v_seq):
-        return torch.ops.plif_cuda.multistep_backward(grad_spikes, None, grad_v_seq, h_seq, saved_x, k, v_init, dtype,
-                                                      *options, launcher)
+        return torch.ops.plif_cuda.multistep_backward(
+            grad_spikes, None, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options, launcher
+        )
 
     absent, zeros = backward(None), backward(torch.zeros_like(x))
     assert torch.isfinite(absent[0].float()).all() and absent[0].abs().sum() > 0
@@ -155,8 +171,9 @@ class SmallConvNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 8, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(8)
-        self.plif = plif_cuda.ParametricLIFNode(step_mode="m", tau_shape=tau_shape, detach_reset=True,
-                                                surrogate_function="atan")
+        self.plif = plif_cuda.ParametricLIFNode(
+            step_mode="m", tau_shape=tau_shape, detach_reset=True, surrogate_function="atan"
+        )
         self.fc = nn.Linear(8 * 6 * 6, 3)
 
     def forward(self, x_seq):
@@ -176,8 +193,11 @@ def _train_step(model, x_seq, target):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("channels_last, tau_shape", [(False, ()), (True, (8, 1, 1))],
-                         ids=("contiguous-layer_tau", "channels_last-channel_tau"))
+@pytest.mark.parametrize(
+    "channels_last, tau_shape",
+    [(False, ()), (True, (8, 1, 1))],
+    ids=("contiguous-layer_tau", "channels_last-channel_tau"),
+)
 def test_compile_fullgraph_trains_like_eager(channels_last, tau_shape):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -242,8 +262,17 @@ def test_torch_backend_is_the_reference(monkeypatch):
     monkeypatch.setattr(plif_backends, "forward_op", lambda backend: pytest.fail("a fused op ran for 'torch'"))
     spikes, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w, backend="torch", v_reset=None, store_v_seq=True)
     ref = plif_cuda.plif_multistep_ref(
-        x_seq, torch.sigmoid(w), torch.tensor(0.0), v_threshold=1.0, v_reset=None, decay_input=True,
-        detach_reset=False, surrogate="sigmoid", alpha=4.0, spiking=True, store_v_seq=True,
+        x_seq,
+        torch.sigmoid(w),
+        torch.tensor(0.0),
+        v_threshold=1.0,
+        v_reset=None,
+        decay_input=True,
+        detach_reset=False,
+        surrogate="sigmoid",
+        alpha=4.0,
+        spiking=True,
+        store_v_seq=True,
     )
     assert torch.equal(spikes, ref[0]) and torch.equal(v_last, ref[1]) and torch.equal(v_seq, ref[2])
 
@@ -263,8 +292,11 @@ def test_auto_falls_back_with_one_warning_when_extension_missing(simulate, monke
         monkeypatch.setattr(plif_ops, "_EXTENSION_ERROR", reason)
     else:
         real = plif_backends.unavailable_reason
-        monkeypatch.setattr(plif_backends, "unavailable_reason",
-                            lambda backend, device: reason if backend == "cpu" else real(backend, device))
+        monkeypatch.setattr(
+            plif_backends,
+            "unavailable_reason",
+            lambda backend, device: reason if backend == "cpu" else real(backend, device),
+        )
     x_seq, w = _inputs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -5,6 +5,7 @@ The scripts run in a copy of the repository whose .venv/bin/python is a stand-in
 how it was called and "builds" a fake library, so what the scripts decide (install or not,
 build or not, which pytest arguments) is checked in a second, without pip or a compiler.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,14 @@ def run_script(sandbox: Path, script: str, *args: str, **env: str) -> tuple[str,
     environment = {k: v for k, v in os.environ.items() if k not in BUILD_VARIABLES}
     # An existing folder stands in for the installed Fashion-MNIST: only the tests below run apt-get (a stand-in).
     environment.update({"CUDA_HOME": "", "MAX_JOBS": "1", "FASHION_MNIST_DIR": str(sandbox), **env})
-    completed = subprocess.run(["bash", str(sandbox / "scripts" / script), *args], cwd=sandbox, env=environment,
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        ["bash", str(sandbox / "scripts" / script), *args],
+        cwd=sandbox,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = completed.stdout + completed.stderr
     if completed.returncode != 0:
         raise AssertionError(f"{script} failed ({completed.returncode}):\n{output}")
@@ -73,15 +80,17 @@ def builds(calls):
 def test_a_second_set_up_neither_installs_nor_builds(sandbox):
     output, calls = run_script(sandbox, "setup_env.sh")
     assert len(pip_installs(calls)) == 3 and len(builds(calls)) == 1
-    assert "[setup] plif_cuda: building the CPU kernels only (fake build)" in output, \
+    assert "[setup] plif_cuda: building the CPU kernels only (fake build)" in output, (
         "the build summary pip prints indented must be shown"
+    )
     output, calls = run_script(sandbox, "setup_env.sh")
     assert pip_installs(calls) == [] and builds(calls) == [], calls
     assert "extension up to date" in output
 
 
-@pytest.mark.parametrize("change", ("kernel source", "setup.py", "arch list", "cpu only", "library deleted",
-                                    "library rebuilt elsewhere"))
+@pytest.mark.parametrize(
+    "change", ("kernel source", "setup.py", "arch list", "cpu only", "library deleted", "library rebuilt elsewhere")
+)
 def test_a_change_to_what_the_extension_is_built_from_rebuilds_it(sandbox, change):
     run_script(sandbox, "setup_env.sh")
     env = {}
@@ -155,8 +164,11 @@ def fake_commands(sandbox: Path, uid: int) -> dict:
     (bin_dir / "id").write_text(f"#!/usr/bin/env bash\necho {uid}\n")
     for tool in ("apt-get", "id"):
         (bin_dir / tool).chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_APT_LOG": str(sandbox / "apt.log"),
-            "FASHION_MNIST_DIR": str(sandbox / "datasets" / "fashion-mnist")}
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_APT_LOG": str(sandbox / "apt.log"),
+        "FASHION_MNIST_DIR": str(sandbox / "datasets" / "fashion-mnist"),
+    }
 
 
 def apt_calls(sandbox: Path) -> list[str]:
@@ -189,7 +201,9 @@ def test_set_up_without_root_skips_fashion_mnist_and_says_how_to_install_it(sand
     assert len(builds(calls)) == 1, "the rest of the set-up must go on"
 
 
-@pytest.mark.parametrize("args", (["-q", "tests/test_bad_inputs.py"], ["-q", "-ra"], ["tests/test_ops.py::test_x", "-x"]))
+@pytest.mark.parametrize(
+    "args", (["-q", "tests/test_bad_inputs.py"], ["-q", "-ra"], ["tests/test_ops.py::test_x", "-x"])
+)
 def test_test_sh_passes_its_arguments_to_pytest_unchanged(sandbox, args):
     run_script(sandbox, "setup_env.sh")
     _, calls = run_script(sandbox, "test.sh", *args)
@@ -204,8 +218,13 @@ def test_pytest_runs_tests_without_paths_and_only_the_given_paths_with_them(tmp_
         (tmp_path / folder / name).write_text("def test_one():\n    pass\n")
 
     def collected(*args):
-        completed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                    *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        completed = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return sorted(line.split("::")[0] for line in completed.stdout.splitlines() if "::" in line)
 
     assert collected() == ["tests/test_a.py", "tests/test_b.py"]
@@ -241,8 +260,9 @@ def _default_outputs():
     stem = benchmark.output_stem(benchmark.arguments([]), ["cpu"])
     return {
         "benchmark": [benchmark.arguments([]).out / f"{stem}{suffix}" for suffix in (".json", ".md", ".png")],
-        "tau_sensitivity": [tau_sensitivity.parse_args([]).out / name
-                            for name in ("tau_sensitivity.csv", "tau_sensitivity.png")],
+        "tau_sensitivity": [
+            tau_sensitivity.parse_args([]).out / name for name in ("tau_sensitivity.csv", "tau_sensitivity.png")
+        ],
     }
 
 

@@ -1,4 +1,5 @@
 """Drop-in equality with SpikingJelly's ParametricLIFNode (skipped when SpikingJelly is absent)."""
+
 from __future__ import annotations
 
 import inspect
@@ -55,12 +56,12 @@ def _run(layer, x_seq, seed=10):
     return spikes.detach(), v.detach(), x_leaf.grad, layer.w.grad
 
 
-@pytest.mark.parametrize("decay_input, v_reset, detach_reset", list(itertools.product(
-    (True, False), (0.0, -0.5, None), (False, True))))
+@pytest.mark.parametrize(
+    "decay_input, v_reset, detach_reset", list(itertools.product((True, False), (0.0, -0.5, None), (False, True)))
+)
 @pytest.mark.parametrize("surrogate_name", SJ_SURROGATES)
 def test_equal_to_spikingjelly(surrogate_name, decay_input, v_reset, detach_reset):
-    options = dict(init_tau=3.0, decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset,
-                   store_v_seq=True)
+    options = dict(init_tau=3.0, decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset, store_v_seq=True)
     surrogate_class = getattr(sj_surrogate, surrogate_name)
     x_seq = _inputs_away_from_threshold(v_reset, decay_input, init_tau=3.0)
     theirs = _sj_layer(surrogate_function=surrogate_class(), **options)
@@ -80,8 +81,10 @@ def test_two_calls_equal_spikingjelly(surrogate_name):
     surrogate_class = getattr(sj_surrogate, surrogate_name)
     x_seq = _inputs_away_from_threshold(0.0, True, init_tau=2.0)
     results = []
-    for layer in (_sj_layer(surrogate_function=surrogate_class()),
-                  plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate_class())):
+    for layer in (
+        _sj_layer(surrogate_function=surrogate_class()),
+        plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate_class()),
+    ):
         x_leaf = x_seq.clone().requires_grad_()
         first = layer(x_leaf[:4])
         second = layer(x_leaf[4:])
@@ -96,11 +99,14 @@ def test_two_calls_equal_spikingjelly(surrogate_name):
 def test_spikingjelly_surrogates_keep_the_fused_path(surrogate_name, monkeypatch):
     surrogate = getattr(sj_surrogate, surrogate_name)(alpha=1.5)
     assert plif_cuda.surrogate.describe_surrogate(surrogate)[:2] == (
-        plif_cuda.surrogate.SPIKINGJELLY_CLASS_NAMES[surrogate_name], 1.5)
+        plif_cuda.surrogate.SPIKINGJELLY_CLASS_NAMES[surrogate_name],
+        1.5,
+    )
     fused_calls = []
     real_forward_op = plif_backends.forward_op
-    monkeypatch.setattr(plif_backends, "forward_op",
-                        lambda backend: fused_calls.append(backend) or real_forward_op(backend))
+    monkeypatch.setattr(
+        plif_backends, "forward_op", lambda backend: fused_calls.append(backend) or real_forward_op(backend)
+    )
     layer = plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -123,8 +129,9 @@ def test_spikingjelly_smooth_surrogate(surrogate_name):
 
 
 def test_reset_net_resets_our_layer():
-    net = torch.nn.Sequential(torch.nn.Linear(5, 5), plif_cuda.ParametricLIFNode(step_mode="m", v_reset=-0.1,
-                                                                                  store_v_seq=True))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 5), plif_cuda.ParametricLIFNode(step_mode="m", v_reset=-0.1, store_v_seq=True)
+    )
     first = net(make_seq((3, 2, 5), torch.float32))
     assert isinstance(net[1].v, torch.Tensor) and net[1].v_seq is not None
     sj_functional.reset_net(net)

@@ -6,6 +6,7 @@ hands it over, and on what autograd saves for the backward), and every result mu
 bit that of the contiguous copy the op used to make, forward and backward, in every dtype. The
 GPU kernels' reading of the same layouts is tested under emulation in test_gpu_emulation.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -52,16 +53,20 @@ class OpInputs(TorchDispatchMode):
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.data_ptr() == b.data_ptr()
-            and a.stride() == b.stride())
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+    )
 
 
 def _run(x_view, source, w, v_init, backend, **options):
     """Forward and backward from ``source`` (the leaf the caller owns) through ``x_view``."""
-    spike_seq, v_last, v_seq = plif_cuda.plif_multistep(x_view, w, v_init, backend=backend, store_v_seq=True,
-                                                        **options)
-    loss = sum((out.float() * random_weights_like(out, seed).to(out.device)).sum()
-               for seed, out in enumerate((spike_seq, v_last, v_seq)))
+    spike_seq, v_last, v_seq = plif_cuda.plif_multistep(x_view, w, v_init, backend=backend, store_v_seq=True, **options)
+    loss = sum(
+        (out.float() * random_weights_like(out, seed).to(out.device)).sum()
+        for seed, out in enumerate((spike_seq, v_last, v_seq))
+    )
     grads = torch.autograd.grad(loss, (source, w, v_init))
     return (spike_seq, v_last, v_seq), grads
 
@@ -117,8 +122,7 @@ def test_saved_for_backward_is_the_caller_s_storage(dtype):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        spike_seq, _, _ = plif_cuda.plif_multistep(_broadcast(y), torch.tensor(0.2, requires_grad=True),
-                                                   backend="cpu")
+        spike_seq, _, _ = plif_cuda.plif_multistep(_broadcast(y), torch.tensor(0.2, requires_grad=True), backend="cpu")
     same_dtype = [t for t in saved if t.dtype == dtype and t.dim() == 1 + len(STEP)]
     if dtype == torch.float32:
         assert not any(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in saved)
@@ -149,11 +153,15 @@ def test_second_order_gradients_through_a_broadcast_input(dtype):
         _assert_bits_equal(in_place, copied, "second order")
 
 
-@pytest.mark.parametrize("view_of", [
-    lambda big: big[..., ::2],                       # gaps inside a step
-    lambda big: big.transpose(0, 1).contiguous().transpose(0, 1),  # time not outermost
-    lambda big: big[:1, :1].expand(T, 4, 2, 12),    # a step dim broadcast as well as time
-], ids=("gaps_in_a_step", "time_not_outermost", "step_dim_broadcast"))
+@pytest.mark.parametrize(
+    "view_of",
+    [
+        lambda big: big[..., ::2],  # gaps inside a step
+        lambda big: big.transpose(0, 1).contiguous().transpose(0, 1),  # time not outermost
+        lambda big: big[:1, :1].expand(T, 4, 2, 12),  # a step dim broadcast as well as time
+    ],
+    ids=("gaps_in_a_step", "time_not_outermost", "step_dim_broadcast"),
+)
 def test_steps_with_gaps_are_still_copied_once(view_of):
     big = make_seq((T, 4, 2, 12), seed=5)
     x_view = view_of(big)
@@ -168,8 +176,9 @@ def test_op_refuses_steps_with_gaps_by_name():
     x = make_seq((T, 4, 12), seed=6)[..., ::2]
     one = torch.ones(1)
     with pytest.raises(RuntimeError, match="every step of x must be contiguous"):
-        torch.ops.plif_cuda.multistep_forward(x, one * 0.5, one * 0.0, 1.0, 0.0, False, True, False, 0, 4.0, True,
-                                              False, plif_ops.SAVE_H)
+        torch.ops.plif_cuda.multistep_forward(
+            x, one * 0.5, one * 0.0, 1.0, 0.0, False, True, False, 0, 4.0, True, False, plif_ops.SAVE_H
+        )
 
 
 def test_static_image_network_passes_its_encoder_input_uncopied():

@@ -2,6 +2,7 @@
 counts has the size of the tensor the op takes or returns, and the bytes it says autograd keeps
 are what saved_tensors_hooks sees, for every dtype and save mode. On a GPU, the backward's share
 rows of one-value gradients show up in the allocator's peak."""
+
 from __future__ import annotations
 
 import sys
@@ -61,10 +62,16 @@ def test_streams_and_saved_bytes_match_the_op(dtype, save_name, steps, per_neuro
 
     saved_x = x.detach() if save == ops.SAVE_CHECKPOINTS else None
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype, *SCALARS)
+        grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype, *SCALARS
+    )
     bwd = traffic.backward_traffic(steps, NEURONS, dtype, save=save, device="cpu", **counts)
-    assert dict(bwd.reads) == {"grad_spikes": grad_spikes.nbytes, "h_seq": h_seq.nbytes, "k": k.nbytes,
-                               "v_init": v_init.nbytes, **({"x": x.nbytes} if saved_x is not None else {})}
+    assert dict(bwd.reads) == {
+        "grad_spikes": grad_spikes.nbytes,
+        "h_seq": h_seq.nbytes,
+        "k": k.nbytes,
+        "v_init": v_init.nbytes,
+        **({"x": x.nbytes} if saved_x is not None else {}),
+    }
     assert dict(bwd.writes) == {"grad_x": grad_x.nbytes, "grad_k": grad_k.nbytes, "grad_v_init": grad_v_init.nbytes}
 
 
@@ -115,8 +122,10 @@ def test_bad_arguments_are_named():
         traffic.backward_traffic(8, 100, torch.float32, save=ops.SAVE_NOTHING)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in plif_cuda.available_backends("cuda"),
-                    reason="needs a GPU and the compiled CUDA kernels (the CPU twin: the tests above)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in plif_cuda.available_backends("cuda"),
+    reason="needs a GPU and the compiled CUDA kernels (the CPU twin: the tests above)",
+)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("per_neuron", (False, True), ids=("one-k", "k-per-neuron"))
 def test_cuda_backward_allocates_the_share_rows_the_model_counts(dtype, per_neuron):
@@ -130,8 +139,9 @@ def test_cuda_backward_allocates_the_share_rows_the_model_counts(dtype, per_neur
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    outputs = torch.ops.plif_cuda.multistep_backward(grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype,
-                                                     *SCALARS)
+    outputs = torch.ops.plif_cuda.multistep_backward(
+        grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype, *SCALARS
+    )
     torch.cuda.synchronize()
     beyond_outputs = torch.cuda.max_memory_allocated() - before - sum(t.nbytes for t in outputs)
     bwd = traffic.backward_traffic(steps, N, dtype, save=save, k_values=k.numel(), v_init_values=v_init.numel())
