@@ -2,7 +2,7 @@
 initial tau.
 
     python examples/tau_sensitivity.py                         # digits, tau 2 4 8 16, seeds 0 1 2: ~4 min, 2 cores
-    python examples/tau_sensitivity.py --out examples/results  # update the committed figure the README shows
+    python examples/tau_sensitivity.py --out examples/results  # update the committed figure docs/examples.md shows
     python examples/tau_sensitivity.py --dataset fashion-mnist --taus 2 16 --seeds 0 --epochs 4 \
         --train-subset 15000 --test-subset 5000 --out examples/results/fashion-mnist  # 11 min on 2 cores
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
         type=Path,
         default=None,
         help="output folder (default examples/runs/tau_sensitivity[-<dataset>], not tracked by git; "
-        "the committed results the README shows are in examples/results)",
+        "the committed results docs/examples.md shows are in examples/results)",
     )
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)

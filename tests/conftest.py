@@ -16,7 +16,7 @@ if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
 
 # torch.compile's on-disk cache keys graphs by their code, not by the fake kernels of the custom
 # ops in them: a graph compiled against an older plif_cuda would be reused with its old output
-# shapes. The suite compiles into a cache of its own run (README, torch.compile).
+# shapes. The suite compiles into a cache of its own run (docs/autograd.md).
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     import tempfile
 

@@ -38,7 +38,7 @@ def _outputs_and_grads(x_seq, w, v_init, loss_fn, **kwargs):
     return outputs, (x_leaf.grad, w_leaf.grad, v_leaf.grad)
 
 
-# ---- layouts (README: which layouts run without a copy) --------------------------------------
+# ---- layouts (docs/layouts.md: which layouts run without a copy) ------------------------------
 def _channels_last_sliced(seed=0):
     big = _seeded((3, 4, 5, 12), seed, torch.float32, 1.5, 0.4).contiguous(memory_format=torch.channels_last)
     return big[..., ::2]  # [T=3, C=4, H=5, W=6], not dense, strides in channels-last order
@@ -95,7 +95,7 @@ def test_time_innermost_input_is_copied_to_time_first_with_its_step_order():
     assert_membrane_close(v_seq, ref[2])
 
 
-# ---- dL/dw at large tau (README: precision of the tau gradient) -----------------------------------
+# ---- dL/dw at large tau (docs/precision.md: precision of the tau gradient) ------------------------
 def _w_grad(w_value, dtype, backend, x_seq, v_init, grad_spikes, grad_v_last):
     w = torch.tensor(w_value, dtype=dtype, requires_grad=True)
     spike_seq, v_last, _ = plif_multistep(x_seq.to(dtype), w, v_init.to(dtype), backend=backend)
@@ -105,7 +105,7 @@ def _w_grad(w_value, dtype, backend, x_seq, v_init, grad_spikes, grad_v_last):
 
 @pytest.mark.parametrize("w_value", [-4.0, -8.0, -12.0])
 def test_float32_tau_gradient_error_stays_within_the_documented_bound(w_value):
-    """README: with decay_input the fp32 dL/dw carries a relative error below 2^-24 / k (tau times
+    """docs/precision.md: with decay_input the fp32 dL/dw carries a relative error below 2^-24 / k (tau times
     6e-8) against a float64 evaluation, since X - (V - V_r) is recovered as (H - V) / k."""
     steps, neurons = 8, 4096
     x_seq = _seeded((steps, neurons), 2).float()
