@@ -9,7 +9,7 @@ import threading
 import torch
 
 import plif_cuda
-from conftest import printed_by_fresh_interpreter
+from helpers import printed_by_fresh_interpreter
 
 # Large enough (>= 1 MiB per [T, ...] output) to come from the buffer cache.
 SHAPE = (4, 1 << 17)

@@ -1,6 +1,6 @@
 """The fused CUDA kernels against the reference, and what only CUDA has: graph capture, side
 streams, a second device, large launches, half types. The device-generic tests run for every
-launcher of the one op (conftest's BACKENDS): "cuda", the kernels nvcc compiled into the
+launcher of the one op (helpers.BACKENDS): "cuda", the kernels nvcc compiled into the
 extension, "cupy", the same kernels compiled at run time through NVRTC, and "cpu", their twin
 that runs everywhere, so that no assertion here is one nobody has seen pass. The tests of what
 only CUDA has run on a GPU alone; the kernels they launch also run on the CPU under an emulated
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
+from helpers import BACKEND_DEVICE, BACKENDS, GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
 from plif_cuda import backends as plif_backends
 from plif_cuda import surrogate as plif_surrogate
 from plif_cuda.spikingjelly_compat import MemoryModule

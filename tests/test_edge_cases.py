@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     BACKEND_DEVICE,
     BACKENDS,
     SMOOTH_SURROGATES,

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     AWKWARD_STEP_SHAPES,
     BACKEND_DEVICE,
     BACKENDS,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
 
 try:
     from spikingjelly.activation_based import base as sj_base

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from conftest import SURROGATE_CASES
+from helpers import SURROGATE_CASES
 from plif_cuda import _nvrtc
 from plif_cuda import ops as plif_ops
 from plif_cuda.reference import compute_dtype

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from conftest import (
+from helpers import (
     BACKEND_DEVICE,
     BACKENDS,
     SMOOTH_SURROGATES,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import SURROGATE_CASES, assert_grad_close, printed_by_fresh_interpreter
+from helpers import SURROGATE_CASES, assert_grad_close, printed_by_fresh_interpreter
 from plif_cuda import ops
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
 from plif_cuda import surrogate as plif_surrogate
 
 

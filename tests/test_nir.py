@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import plif_cuda.nir as plif_nir
-from conftest import printed_by_fresh_interpreter
+from helpers import printed_by_fresh_interpreter
 from plif_cuda import LIFNode, ParametricLIFNode, patch_spikingjelly
 from plif_cuda.models import EventFrameSNN, SeqDropout, SeqToBatch, StaticImageSNN, reset_states
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, make_seq
+from helpers import BACKEND_DEVICE, BACKENDS, make_seq
 from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
 from plif_cuda.surrogate import SURROGATE_IDS

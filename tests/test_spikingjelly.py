@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import plif_cuda
-from conftest import assert_grad_close, assert_membrane_close, distance_to_threshold, make_seq, random_weights_like
+from helpers import assert_grad_close, assert_membrane_close, distance_to_threshold, make_seq, random_weights_like
 from plif_cuda import backends as plif_backends
 
 sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import plif_cuda
-from conftest import BACKEND_DEVICE, BACKENDS, FLOAT_DTYPES, make_seq, random_weights_like
+from helpers import BACKEND_DEVICE, BACKENDS, FLOAT_DTYPES, make_seq, random_weights_like
 from plif_cuda import ops as plif_ops
 from plif_cuda.models import StaticImageSNN
 from plif_cuda.reference import compute_dtype

@@ -1,0 +1,212 @@
+"""What the tests share: tolerances, backends, awkward inputs, losses, a fresh interpreter.
+
+Imported by the test files (`from helpers import ...`); tests/conftest.py holds only pytest's hooks
+and fixtures and the environment set before anything is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plif_cuda import backends as plif_backends
+
+
+def printed_by_fresh_interpreter(code: str, **env: str) -> str:
+    """What ``python -c code`` prints in a new interpreter, run from the repository root with
+    ``env`` added to the environment: for what a process reads once (environment variables at
+    import, the CPU op's output cache) or must not share with the test process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
+SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
+# (surrogate, spiking) pairs: every surrogate spiking, and smooth where it has a primitive.
+SURROGATE_CASES = [
+    pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
+    for name in SURROGATES
+    for spiking in (True, False)
+    if spiking or name in SMOOTH_SURROGATES
+]
+
+# (rtol, atol) per dtype. Half inputs are compared with the reference run on the same half
+# input (which computes in float32 too), so the difference is the rounding of the outputs
+# to the half format: about one unit in the last place, 2^-10 (fp16) or 2^-7 (bf16).
+MEMBRANE_TOLERANCE = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+# Gradients add T steps of reverse-time recursion in a different order from autograd's, and
+# the kernel recovers dH/dk from H and V[t-1] (it does not keep X), which costs a little
+# cancellation in float32.
+GRAD_TOLERANCE = {
+    torch.float64: (1e-10, 1e-11),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_membrane_close(actual, expected, dtype=None):
+    rtol, atol = MEMBRANE_TOLERANCE[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_grad_close(actual, expected, dtype, summed_terms: int = 1):
+    """Compare gradients; ``summed_terms`` is how many per-neuron-step terms one entry sums
+    (the w gradient of a 0-dim w sums over every neuron and step), which scales the
+    absolute tolerance by the square root of that count (random rounding errors add up so)."""
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    atol = atol * max(1.0, summed_terms**0.5)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+# ---- backends -----------------------------------------------------------------------------------
+def _cuda_skip_reason(backend: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return plif_backends.unavailable_reason(backend, torch.device("cuda"))
+
+
+BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "cupy": "cuda"}
+
+# The fused backends under test, each with the device it runs on. "cpu" never skips.
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(
+            _cuda_skip_reason("cuda") is not None, reason=f"cuda backend: {_cuda_skip_reason('cuda')}"
+        ),
+    ),
+    pytest.param(
+        "cupy",
+        id="cupy",
+        marks=pytest.mark.skipif(
+            _cuda_skip_reason("cupy") is not None, reason=f"cupy backend: {_cuda_skip_reason('cupy')}"
+        ),
+    ),
+]
+# The two launchers of the op for CUDA tensors.
+GPU_BACKENDS = BACKENDS[1:]
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+# Odd neuron counts per step, each below one CPU block (1024 neurons): the tail path of the walk.
+AWKWARD_STEP_SHAPES = [(1,), (5, 7), (3, 67), (2, 3, 11)]
+TIME_STEPS = (1, 3, 17)
+
+
+def make_seq(shape, dtype=torch.float32, device="cpu", layout="contiguous", seed=0, scale=1.5, shift=0.4):
+    """Random input current ``[T, *S]``, drawn in float64 and rounded to ``dtype``.
+
+    layout:
+      "contiguous"     plain row-major
+      "sliced"         a strided view: every other element of a larger tensor along the last
+                       dim and a slice of the time dim (not a permutation of a dense tensor)
+      "transposed"     the last two step dims swapped (dense but permuted)
+      "channels_last"     [T, C, H, W] laid out channels-last (T in the batch position)
+      "channels_last_3d"  [T, C, D, H, W] laid out channels-last-3d
+      "seq_channels_last" [T, N, C, H, W] viewed from a channels-last [T*N, C, H, W] tensor, as a
+                          conv layer applied to the flattened sequence produces it
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        data = torch.randn(shape, generator=generator, dtype=torch.float64)
+    elif layout == "sliced":
+        big = torch.randn((shape[0] + 2, *shape[1:-1], 2 * shape[-1] + 1), generator=generator, dtype=torch.float64)
+        data = big[1:-1, ..., 1::2]
+    elif layout == "transposed":
+        swapped = (*shape[:-2], shape[-1], shape[-2])
+        data = torch.randn(swapped, generator=generator, dtype=torch.float64).transpose(-1, -2)
+    elif layout == "channels_last":
+        data = torch.randn(shape, generator=generator, dtype=torch.float64)
+        data = data.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        data = torch.randn(shape, generator=generator, dtype=torch.float64)
+        data = data.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "seq_channels_last":
+        t, n, c, h, w = shape
+        data = torch.randn((t * n, c, h, w), generator=generator, dtype=torch.float64)
+        data = data.contiguous(memory_format=torch.channels_last).view(t, n, c, h, w)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    # Same strides as ``data`` (empty_like would densify a sliced view), kept through the
+    # affine map and the dtype cast by writing in place.
+    out = torch.empty_strided(data.shape, data.stride(), dtype=dtype, device=device)
+    out.copy_(data * scale + shift)
+    assert tuple(out.shape) == tuple(shape)
+    return out
+
+
+def distance_to_threshold(x_seq, w, v_init, v_reset, decay_input=True, v_threshold=1.0):
+    """Smallest |H - V_th| over every neuron and step, recomputed in float64 with the spec's
+    formulas: inputs with a margin cannot flip a spike through rounding differences."""
+    x_seq = x_seq.detach().double()
+    k = torch.sigmoid(w.detach().double()) if isinstance(w, torch.Tensor) else torch.sigmoid(torch.tensor(float(w)))
+    v_r = 0.0 if v_reset is None else v_reset
+    v = (
+        v_init.detach().double()
+        if isinstance(v_init, torch.Tensor)
+        else torch.tensor(v_r if v_init is None else v_init)
+    )
+    margin = float("inf")
+    for x in x_seq:
+        h = v + k * (x - (v - v_r)) if decay_input else v - k * (v - v_r) + x
+        margin = min(margin, (h - v_threshold).abs().min().item())
+        s = (h >= v_threshold).double()
+        v = h - s * v_threshold if v_reset is None else s * v_r + (1 - s) * h
+    return margin
+
+
+def random_weights_like(t: torch.Tensor, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+
+
+def outputs_loss(spike_seq, v_last, v_seq, seed=1234):
+    """A scalar that depends on every output with random weights, so that every gradient path
+    (through the spikes, the last membrane and the stored sequence) is exercised."""
+    loss = (spike_seq * random_weights_like(spike_seq, seed)).sum()
+    loss = loss + (v_last * random_weights_like(v_last, seed + 1)).sum()
+    if v_seq is not None:
+        loss = loss + (v_seq * random_weights_like(v_seq, seed + 2)).sum()
+    return loss
+
+
+def strided_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with ``t``'s values and exactly its strides (a sliced view stays sliced)."""
+    leaf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    leaf.copy_(t.detach())
+    return leaf.requires_grad_()
+
+
+def run_with_grads(fn, x_seq, w, v_init, x_view=None, **kwargs):
+    """Call ``fn(x, w, v_init, **kwargs)`` on fresh leaves; return outputs and gradients.
+
+    ``x_view`` maps the leaf to the tensor passed as ``x_seq`` (e.g. an expand), for inputs whose
+    layout a leaf cannot have."""
+    x_leaf = strided_leaf(x_seq)
+    w_leaf = w.detach().clone().requires_grad_() if isinstance(w, torch.Tensor) else w
+    v_leaf = v_init.detach().clone().requires_grad_() if isinstance(v_init, torch.Tensor) else v_init
+    spike_seq, v_last, v_seq = fn(x_leaf if x_view is None else x_view(x_leaf), w_leaf, v_leaf, **kwargs)
+    outputs_loss(spike_seq, v_last, v_seq).backward()
+    grads = {"x": x_leaf.grad}
+    if isinstance(w_leaf, torch.Tensor):
+        grads["w"] = w_leaf.grad
+    if isinstance(v_leaf, torch.Tensor):
+        grads["v_init"] = v_leaf.grad
+    return (spike_seq, v_last, v_seq), grads
