@@ -16,6 +16,34 @@ import torch
 from plif_cuda import backends as plif_backends
 
 
+def assert_passes_without_spikingjelly(test_file: str) -> None:
+    """Runs ``test_file``'s SpikingJelly-free tests in a new pytest process where SpikingJelly cannot
+    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass."""
+    tests_dir = os.path.dirname(os.path.abspath(test_file))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            os.path.abspath(test_file),
+            "-k",
+            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
+        ],
+        cwd=tests_dir,
+        env=dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
 def printed_by_fresh_interpreter(code: str, **env: str) -> str:
     """What ``python -c code`` prints in a new interpreter, run from the repository root with
     ``env`` added to the environment: for what a process reads once (environment variables at

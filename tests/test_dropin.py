@@ -9,8 +9,6 @@ SpikingJelly cannot be imported (``test_without_spikingjelly``).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 import types
 import warnings
@@ -20,7 +18,15 @@ import torch
 from torch import nn
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import (
+    BACKEND_DEVICE,
+    BACKENDS,
+    assert_grad_close,
+    assert_membrane_close,
+    assert_passes_without_spikingjelly,
+    make_seq,
+    random_weights_like,
+)
 from plif_cuda import backends as plif_backends
 from plif_cuda import surrogate as plif_surrogate
 from plif_cuda.spikingjelly_compat import MemoryModule
@@ -236,30 +242,7 @@ def test_alpha_tensor_without_gradient_is_a_number():
 # ---- without SpikingJelly ---------------------------------------------------------------------------
 def test_without_spikingjelly():
     """This file's SpikingJelly-free tests, where SpikingJelly cannot be imported."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.join(tests_dir, "test_dropin.py"),
-            "-k",
-            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
-        ],
-        cwd=tests_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, summary
+    assert_passes_without_spikingjelly(__file__)
 
 
 # ---- with SpikingJelly: its tools on our layers -------------------------------------------------

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import (
+    BACKEND_DEVICE,
+    BACKENDS,
+    assert_grad_close,
+    assert_membrane_close,
+    assert_passes_without_spikingjelly,
+    make_seq,
+    random_weights_like,
+)
 
 try:
     from spikingjelly.activation_based import base as sj_base
@@ -280,27 +285,4 @@ def test_sj_checkpointed_functional_forward_equals_plain():
 def test_without_spikingjelly():
     """This file's SpikingJelly-free tests, where SpikingJelly cannot be imported: the stand-in
     MemoryModule gives the same functional_forward."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.join(tests_dir, "test_functional_forward.py"),
-            "-k",
-            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
-        ],
-        cwd=tests_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, summary
+    assert_passes_without_spikingjelly(__file__)
