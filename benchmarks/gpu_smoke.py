@@ -17,14 +17,8 @@ import torch  # noqa: E402
 import gpu_phase
 import plif_cuda  # noqa: E402
 from plif_cuda import backends  # noqa: E402
+from tests.helpers import MEMBRANE_TOLERANCE  # noqa: E402  (every output, against the CPU op's)
 
-# (rtol, atol) of an output of each dtype against the CPU op's.
-TOLERANCE = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 STEPS, NEURONS = 8, 3 * 4096 + 5  # a tail after whole vector groups
 
 
@@ -53,7 +47,7 @@ def compare(dtype, got: dict, expected: dict) -> str:
     worst = []
     for name in ("v_last", "grad x", "grad w"):
         actual, wanted = got[name].cpu(), expected[name]
-        rtol, atol = TOLERANCE[actual.dtype]
+        rtol, atol = MEMBRANE_TOLERANCE[actual.dtype]
         torch.testing.assert_close(actual, wanted, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
         error = ((actual.double() - wanted.double()).abs() / (wanted.double().abs() + atol)).max().item()
         worst.append(f"{name} {error:.1e}")
@@ -65,8 +59,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="stop before the first GPU call")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args()
-    cases = [(dtype, backend) for dtype in TOLERANCE for backend in ("cuda", "cupy")]
-    expected = {dtype: forward_backward(*inputs(dtype), "cpu", "cpu") for dtype in TOLERANCE}
+    cases = [(dtype, backend) for dtype in MEMBRANE_TOLERANCE for backend in ("cuda", "cupy")]
+    expected = {dtype: forward_backward(*inputs(dtype), "cpu", "cpu") for dtype in MEMBRANE_TOLERANCE}
     gpu_phase.stop_unless_gpu(args.dry_run, "gpu_smoke")
     lines, failures = [f"GPU: {torch.cuda.get_device_name()}; T={STEPS}, N={NEURONS}, soft reset, tau per neuron"], 0
     for dtype, backend in cases:
