@@ -42,77 +42,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from plif_cuda import datasets  # noqa: E402
 from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_states  # noqa: E402
 
-# Architecture and schedule per dataset. All but digits and fashion-mnist follow the paper's
-# networks (its training ran for hundreds of epochs on a GPU); for CIFAR10-DVS and DVS128 Gesture
-# those take the 128x128 frames as they are, T=20, with 4 or 5 conv stages and FC512, and a test
-# batch of 32 keeps the first layer's [T*N, 128, 128, 128] activations near 5 GiB. Digits is sized to reach
-# >= 95% in about ten seconds on two CPU cores. Its ops are too small to gain from a second CPU
-# thread, and two threads that wait on each other at every op are 10x slower when other
-# processes share the cores, hence threads=1.
+# Architecture and schedule per dataset, one row each; None takes the option's own default. All but
+# digits and fashion-mnist follow the paper's networks (trained for hundreds of epochs on a GPU).
+# Digits and fashion-mnist are sized for two shared CPU cores, on one thread: see NOTES, "Examples:
+# the digits and Fashion-MNIST presets". The event datasets keep their 128x128 frames; a test batch
+# of 32 bounds the first layer's activations.
+PRESET_KEYS = (
+    "T", "depth", "width", "convs_per_stage", "fc_width", "dropout", "epochs", "batch_size", "test_batch_size", "lr",
+    "threads",
+)  # fmt: skip
+PRESET_ROWS = {
+    "digits":         (4,  2, 32,  1, 128,  0.0, 12,  32, None, 1e-3, 1),
+    "mnist":          (8,  2, 128, 1, 2048, 0.5, 100, 16, None, 1e-3, None),
+    "fashion-mnist":  (4,  2, 32,  1, 256,  0.0, 5,   64, None, 1e-3, 1),
+    "cifar10":        (8,  2, 256, 3, 2048, 0.5, 200, 16, None, 1e-3, None),
+    "nmnist":         (10, 2, 128, 1, 2048, 0.5, 100, 16, None, 1e-3, None),
+    "cifar10-dvs":    (20, 4, 128, 1, 512,  0.5, 200, 16, 32,   1e-3, None),
+    "dvs128-gesture": (20, 5, 128, 1, 512,  0.5, 200, 16, 32,   1e-3, None),
+}  # fmt: skip
 PRESETS = {
-    "digits": dict(
-        T=4,
-        depth=2,
-        width=32,
-        convs_per_stage=1,
-        fc_width=128,
-        dropout=0.0,
-        epochs=12,
-        batch_size=32,
-        lr=1e-3,
-        threads=1,
-    ),
-    "mnist": dict(
-        T=8, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
-    ),
-    # The paper's Fashion-MNIST network narrowed to fit 2 shared CPU cores: T=4 (paper 8), 32 conv
-    # channels (128), FC256 (2048), no dropout (0.5: it slows a 5-epoch run more than it guards
-    # against overfitting); ~2.2 ms of one core per training image. It reached 90.7% test accuracy
-    # after its second epoch (8 min) and 91.9% after the fifth (18 min) on the 2-core AMD EPYC VM
-    # (examples/results/fashion-mnist/). One thread, as for digits: two are 3x slower when other
-    # processes share the cores.
-    "fashion-mnist": dict(
-        T=4,
-        depth=2,
-        width=32,
-        convs_per_stage=1,
-        fc_width=256,
-        dropout=0.0,
-        epochs=5,
-        batch_size=64,
-        lr=1e-3,
-        threads=1,
-    ),
-    "cifar10": dict(
-        T=8, depth=2, width=256, convs_per_stage=3, fc_width=2048, dropout=0.5, epochs=200, batch_size=16, lr=1e-3
-    ),
-    "nmnist": dict(
-        T=10, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
-    ),
-    "cifar10-dvs": dict(
-        T=20,
-        depth=4,
-        width=128,
-        convs_per_stage=1,
-        fc_width=512,
-        dropout=0.5,
-        epochs=200,
-        batch_size=16,
-        test_batch_size=32,
-        lr=1e-3,
-    ),
-    "dvs128-gesture": dict(
-        T=20,
-        depth=5,
-        width=128,
-        convs_per_stage=1,
-        fc_width=512,
-        dropout=0.5,
-        epochs=200,
-        batch_size=16,
-        test_batch_size=32,
-        lr=1e-3,
-    ),
+    dataset: {key: value for key, value in zip(PRESET_KEYS, row) if value is not None}
+    for dataset, row in PRESET_ROWS.items()
 }
 EVENT_DATASETS = {
     "nmnist": datasets.NMNISTFrames,
