@@ -312,9 +312,9 @@ def op_k_values(config: impls.Config) -> int:
 
 
 def traffic_bytes(pass_name: str, config: impls.Config, device: torch.device) -> int:
-    return traffic.pass_bytes(
+    return traffic.pass_traffic(
         pass_name, config.T, config.N, config.dtype, k_values=op_k_values(config), device=device.type
-    )
+    ).total
 
 
 def kernel_only_fields(args, impl, neuron, buffers, device, pass_name: str, nbytes: int, copy_gbps: float) -> dict:

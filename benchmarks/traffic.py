@@ -156,6 +156,7 @@ def pass_traffic(
     device: str = "cuda",
     save: int | None = None,
 ) -> Traffic:
+    """The streams the fused op's kernels move in one call of the pass (``.total``: its bytes)."""
     forward = forward_traffic(T, N, dtype, save=save, k_values=k_values, v_init_values=v_init_values)
     if pass_name == "fwd":
         return forward
@@ -165,23 +166,6 @@ def pass_traffic(
     if pass_name == "fwdbwd":
         return forward + backward
     raise ValueError(f"pass must be one of {PASSES}, got {pass_name!r}")
-
-
-def pass_bytes(
-    pass_name: str,
-    T: int,
-    N: int,
-    dtype: torch.dtype,
-    *,
-    k_values: int = 1,
-    v_init_values: int = 1,
-    device: str = "cuda",
-    save: int | None = None,
-) -> int:
-    """Bytes the fused op's kernels move in one call of the pass."""
-    return pass_traffic(
-        pass_name, T, N, dtype, k_values=k_values, v_init_values=v_init_values, device=device, save=save
-    ).total
 
 
 def saved_bytes(

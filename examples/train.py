@@ -69,21 +69,11 @@ EVENT_DATASETS = {
     "cifar10-dvs": datasets.CIFAR10DVSFrames,
     "dvs128-gesture": datasets.DVS128GestureFrames,
 }
-MODEL_KEYS = (
-    "T",
-    "depth",
-    "width",
-    "convs_per_stage",
-    "fc_width",
-    "voting",
-    "neuron",
-    "pooling",
-    "tau_granularity",
-    "init_tau",
-    "surrogate",
-    "detach_reset",
-    "dropout",
-)
+# The network's sizes; they and the run's counts are whole numbers >= 1 (parse_args checks).
+SIZE_KEYS = ("T", "depth", "width", "convs_per_stage", "fc_width", "voting")
+COUNT_KEYS = SIZE_KEYS + ("epochs", "batch_size", "test_batch_size", "train_subset", "test_subset")
+# What a checkpoint's network is built from (--resume refuses other values).
+MODEL_KEYS = SIZE_KEYS + ("neuron", "pooling", "tau_granularity", "init_tau", "surrogate", "detach_reset", "dropout")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -170,19 +160,7 @@ def parse_args(argv=None):
         args.out_dir = Path(__file__).resolve().parent / "runs" / f"{args.dataset}-{args.neuron}"
     if args.data_dir is None and args.dataset != "fashion-mnist":
         args.data_dir = DEFAULT_DATA_DIR
-    for key in (
-        "T",
-        "depth",
-        "width",
-        "convs_per_stage",
-        "fc_width",
-        "voting",
-        "epochs",
-        "batch_size",
-        "test_batch_size",
-        "train_subset",
-        "test_subset",
-    ):
+    for key in COUNT_KEYS:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     return args

@@ -6,59 +6,113 @@ and fixtures and the environment set before anything is imported.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from plif_cuda import backends as plif_backends
+from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- processes and scripts ----------------------------------------------------------------------
+def run_python(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a new interpreter (from the repository root unless ``cwd``), ``env`` added
+    to the environment; its output captured as text."""
+    environment = dict(os.environ, **env)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def printed_by_fresh_interpreter(code: str, **env: str) -> str:
+    """What ``python -c code`` prints in a new interpreter: for what a process reads once
+    (environment variables at import, the CPU op's output cache) or must not share with the test
+    process."""
+    done = run_python("-c", code, timeout=300, **env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (``examples/train.py``, ``.ci/check_cuda_build.py``, ...)
+    imported as a module from its file."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"plif_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def command_line(**options) -> list[str]:
+    """A script's arguments: ``--name value`` per option (underscores become dashes), ``--name``
+    alone for an option set to True."""
+    arguments = []
+    for name, value in options.items():
+        arguments.append("--" + name.replace("_", "-"))
+        if value is not True:
+            arguments.append(str(value))
+    return arguments
+
+
+def train_tiny_network(dataset: str, out_dir: Path, **options) -> dict:
+    """examples/train.py for one epoch of a tiny network on one thread, with no progress bar;
+    ``options`` (``data_dir``, ``epochs``, ...) add to or override its arguments. Returns the last
+    metrics row."""
+    tiny = dict(epochs=1, T=3, width=4, fc_width=8, threads=1, no_progress=True)
+    arguments = command_line(dataset=dataset, out_dir=out_dir, **{**tiny, **options})
+    return load_script("examples/train.py").main(arguments)
+
+
+# ---- SpikingJelly -------------------------------------------------------------------------------
+# SpikingJelly's modules, or None where it is not installed (or hidden: conftest.py).
+try:
+    from spikingjelly.activation_based import base as sj_base
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly.activation_based import surrogate as sj_surrogate
+except ImportError:
+    sj_base = sj_neuron = sj_surrogate = None
+HAVE_SPIKINGJELLY = sj_base is not None
+needs_spikingjelly = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJelly is not installed")
 
 
 def assert_passes_without_spikingjelly(test_file: str) -> None:
     """Runs ``test_file``'s SpikingJelly-free tests in a new pytest process where SpikingJelly cannot
     be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass."""
-    tests_dir = os.path.dirname(os.path.abspath(test_file))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.abspath(test_file),
-            "-k",
-            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
-        ],
-        cwd=tests_dir,
-        env=dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    selection = "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"
+    result = run_python(
+        *("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file), "-k", selection),
+        cwd=Path(test_file).resolve().parent,
+        PLIF_TEST_WITHOUT_SPIKINGJELLY="1",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
 
 
-def printed_by_fresh_interpreter(code: str, **env: str) -> str:
-    """What ``python -c code`` prints in a new interpreter, run from the repository root with
-    ``env`` added to the environment: for what a process reads once (environment variables at
-    import, the CPU op's output cache) or must not share with the test process."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
+# The neuron's option combinations, written once: each way to reset (hard to 0 under the default
+# threshold, hard to -0.3 under a threshold of 0.7, soft), with and without decay_input and
+# detach_reset. Keyword arguments of plif_multistep and of the modules.
+RESETS = {"hard0": dict(v_reset=0.0), "hard-0.3": dict(v_reset=-0.3, v_threshold=0.7), "soft": dict(v_reset=None)}
+NEURON_OPTIONS = [
+    pytest.param(
+        {**reset, "decay_input": decay_input, "detach_reset": detach_reset},
+        id=f"{name}-{'decay' if decay_input else 'nodecay'}-{'detach' if detach_reset else 'attached'}",
+    )
+    for name, reset in RESETS.items()
+    for decay_input in (True, False)
+    for detach_reset in (False, True)
+]
 # (surrogate, spiking) pairs: every surrogate spiking, and smooth where it has a primitive.
 SURROGATE_CASES = [
     pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
@@ -66,6 +120,27 @@ SURROGATE_CASES = [
     for spiking in (True, False)
     if spiking or name in SMOOTH_SURROGATES
 ]
+
+
+def op_scalars(
+    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
+) -> tuple:
+    """The forward op's scalar options (v_threshold, v_reset, soft_reset, decay_input,
+    detach_reset, surrogate id, alpha, spiking) for plif_multistep's keyword arguments, as
+    plif_cuda.functional passes them; alpha None is the surrogate's default."""
+    name, alpha = resolve_surrogate(surrogate, alpha)
+    soft_reset = v_reset is None
+    return (
+        float(v_threshold),
+        0.0 if soft_reset else float(v_reset),
+        soft_reset,
+        decay_input,
+        detach_reset,
+        SURROGATE_IDS[name],
+        float(alpha),
+        spiking,
+    )
+
 
 # (rtol, atol) per dtype. Half inputs are compared with the reference run on the same half
 # input (which computes in float32 too), so the difference is the rounding of the outputs

@@ -5,7 +5,6 @@ alone, and the forward kernels compiled from plif_kernels.cuh alone pass the sto
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO_ROOT, load_script
 from plif_cuda import _nvrtc
 
-REPO = Path(__file__).resolve().parent.parent
-_SPEC = importlib.util.spec_from_file_location("check_cuda_build", REPO / ".ci" / "check_cuda_build.py")
-check = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(check)
+check = load_script(".ci/check_cuda_build.py")
 
 FORWARD = "_ZN4plif19plif_forward_kernelIffEEvPKT_"
 
@@ -153,7 +150,7 @@ def nvcc_compile(tmp_path: Path, source: str, *flags: str) -> subprocess.Complet
     unit = tmp_path / "unit.cu"
     unit.write_text(source)
     return subprocess.run(
-        [NVCC, *DEVICE_FLAGS, f"-I{REPO / 'csrc'}", *flags, str(unit)],
+        [NVCC, *DEVICE_FLAGS, f"-I{REPO_ROOT / 'csrc'}", *flags, str(unit)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -3,32 +3,21 @@ where it can run, and the doctor says what was built and why something cannot ru
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import plif_cuda
+from helpers import run_python
 from plif_cuda import backends
 from plif_cuda.__main__ import built_cuda_code, cuda_code_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GPU_BACKENDS = ("cuda", "cupy", "torch")
 
 
 def run_doctor(*args, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "plif_cuda", "doctor", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **env},
-    )
+    return run_python("-m", "plif_cuda", "doctor", *args, **env)
 
 
 def test_no_backend_runs_on_a_gpu_torch_cannot_see(monkeypatch):

@@ -21,23 +21,18 @@ import plif_cuda
 from helpers import (
     BACKEND_DEVICE,
     BACKENDS,
+    HAVE_SPIKINGJELLY,
     assert_grad_close,
     assert_membrane_close,
     assert_passes_without_spikingjelly,
     make_seq,
+    needs_spikingjelly,
     random_weights_like,
 )
 from plif_cuda import backends as plif_backends
 from plif_cuda import surrogate as plif_surrogate
 from plif_cuda.spikingjelly_compat import MemoryModule
 
-try:
-    import spikingjelly.activation_based.base  # noqa: F401
-
-    HAVE_SPIKINGJELLY = True
-except ImportError:
-    HAVE_SPIKINGJELLY = False
-needs_sj = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJelly is not installed")
 LAYERS = {
     "plif": lambda **kw: plif_cuda.ParametricLIFNode(init_tau=3.0, **kw),
     "lif": lambda **kw: plif_cuda.LIFNode(tau=3.0, **kw),
@@ -142,9 +137,7 @@ def test_module_to_device_moves_the_membrane():
     assert layer.v.device.type == "meta" and layer.v.shape == (2, 5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_single_step_store_v_seq_accumulates(backend):
-    device = BACKEND_DEVICE[backend]
+def test_single_step_store_v_seq_accumulates(backend, device):
     x_seq = make_seq((3, 2, 4), torch.float32, device)
     single = plif_cuda.ParametricLIFNode(step_mode="s", store_v_seq=True, backend=backend).to(device)
     multi = plif_cuda.ParametricLIFNode(step_mode="m", store_v_seq=True, backend=backend).to(device)
@@ -251,7 +244,7 @@ def _net(kind="plif", **kwargs):
     return nn.Sequential(nn.Linear(5, 7), LAYERS[kind](step_mode="m", **kwargs), nn.Linear(7, 3))
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", LAYERS)
 def test_sj_named_memories_reset_and_step_mode(kind):
     base, functional, *_ = _sj()
@@ -271,7 +264,7 @@ def test_sj_named_memories_reset_and_step_mode(kind):
         functional.set_step_mode(net, "x")
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", LAYERS)
 def test_sj_detach_net_truncated_bptt(kind):
     _, functional, *_ = _sj()
@@ -286,7 +279,7 @@ def test_sj_detach_net_truncated_bptt(kind):
     assert not torch.equal(grads[0], grads[1])
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_checkpoint_module_equals_plain():
     *_, checkpointing = _sj()
     x_seq = make_seq((6, 2, 5), torch.float32, seed=2, scale=3.0)
@@ -304,7 +297,7 @@ def test_sj_checkpoint_module_equals_plain():
         torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_checkpoint_module_chunks_equal_plain():
     *_, checkpointing = _sj()
     x_seq = make_seq((6, 2, 5), torch.float32, seed=4, scale=3.0)
@@ -315,7 +308,7 @@ def test_sj_checkpoint_module_chunks_equal_plain():
     assert torch.equal(chunked._checkpoint_wrapped_module.v, plain[1].v)
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_monitors_see_the_membrane(monkeypatch):
     base, *_ = _sj()
     monitor = _sj_monitor(monkeypatch)
@@ -327,7 +320,7 @@ def test_sj_monitors_see_the_membrane(monkeypatch):
     assert len(out_monitor.records) == 1 and out_monitor.records[0].shape == (3, 2, 7)
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", LAYERS)
 def test_sj_state_dict_both_ways(kind):
     _, _, neuron, _, _ = _sj()
@@ -350,7 +343,7 @@ def test_sj_state_dict_both_ways(kind):
         assert ours.tau == theirs.tau == 3.0
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_half_membrane_dtype():
     """SpikingJelly stores v in the input's dtype (and computes half inputs in it on CPU); we keep
     float32, so that a split sequence gives the spikes of one call."""
@@ -363,7 +356,7 @@ def test_sj_half_membrane_dtype():
     assert theirs.v.dtype == torch.bfloat16 and ours.v.dtype == torch.float32
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", LAYERS)
 def test_sj_single_step_v_seq_like_spikingjelly(kind):
     _, _, neuron, _, _ = _sj()
@@ -376,7 +369,7 @@ def test_sj_single_step_v_seq_like_spikingjelly(kind):
     assert_membrane_close(ours.v_seq, theirs.v_seq)
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_surrogate_with_tensor_alpha():
     _, _, _, surrogate, _ = _sj()
     x_seq = make_seq((4, 2, 67), torch.float32)
@@ -448,7 +441,7 @@ def _train(net, steps=5):
     return losses
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_patch_trains_like_spikingjelly(monkeypatch):
     _, _, neuron, _, _ = _sj()
     original = (neuron.ParametricLIFNode.multi_step_forward, neuron.LIFNode.multi_step_forward)
@@ -471,7 +464,7 @@ def test_sj_patch_trains_like_spikingjelly(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_patch_keeps_state_checkpoints_and_uncovered_cases(monkeypatch):
     _, sj_functional, neuron, surrogate, _ = _sj()
     fused_calls = []

@@ -10,7 +10,6 @@ Tests named ``test_sj_*`` need SpikingJelly; the others also run where it cannot
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 import torch
@@ -18,33 +17,19 @@ from torch import nn
 
 import plif_cuda
 from helpers import (
-    BACKEND_DEVICE,
-    BACKENDS,
+    NEURON_OPTIONS,
     assert_grad_close,
     assert_membrane_close,
     assert_passes_without_spikingjelly,
     make_seq,
+    needs_spikingjelly,
     random_weights_like,
+    sj_base,
+    sj_neuron,
+    sj_surrogate,
 )
 
-try:
-    from spikingjelly.activation_based import base as sj_base
-    from spikingjelly.activation_based import neuron as sj_neuron
-    from spikingjelly.activation_based import surrogate as sj_surrogate
-
-    HAVE_SPIKINGJELLY = True
-except ImportError:
-    HAVE_SPIKINGJELLY = False
-needs_sj = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJelly is not installed")
-
 STEP_SHAPE = (3, 37)
-OPTIONS = [
-    pytest.param(
-        dict(decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset),
-        id=f"decay{int(decay_input)}-{'soft' if v_reset is None else 'hard'}-detach{int(detach_reset)}",
-    )
-    for decay_input, v_reset, detach_reset in itertools.product((True, False), (0.0, None), (False, True))
-]
 
 
 def _layer(kind, backend="cpu", **kwargs):
@@ -76,12 +61,10 @@ def _functional_and_grads(layer, step_mode, x, v0):
 
 
 # ---- against our stateful forward ----------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("step_mode", ("s", "m"))
 @pytest.mark.parametrize("kind", ("plif", "lif"))
-@pytest.mark.parametrize("options", OPTIONS)
-def test_functional_equals_stateful_forward(options, kind, step_mode, backend):
-    device = BACKEND_DEVICE[backend]
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
+def test_functional_equals_stateful_forward(options, kind, step_mode, backend, device):
     layer = _layer(kind, backend, step_mode=step_mode, surrogate_function="atan", **options).to(device)
     x = make_seq((6, *STEP_SHAPE) if step_mode == "m" else STEP_SHAPE, device=device, seed=1)
     v0 = _membrane(2, device)
@@ -218,10 +201,10 @@ def _sj_pair(kind, surrogate, **options):
     return theirs, ours
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("step_mode", ("s", "m"))
 @pytest.mark.parametrize("kind", ("plif", "lif"))
-@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("surrogate_name", ("Sigmoid", "ATan"))
 def test_sj_functional_forward_equals_spikingjelly(surrogate_name, options, kind, step_mode):
     theirs, ours = _sj_pair(kind, getattr(sj_surrogate, surrogate_name)(), **options)
@@ -236,7 +219,7 @@ def test_sj_functional_forward_equals_spikingjelly(surrogate_name, options, kind
         assert_grad_close(got, expected, torch.float32, summed_terms=x.numel())
 
 
-@needs_sj
+@needs_spikingjelly
 @pytest.mark.parametrize("kind", ("plif", "lif"))
 def test_sj_to_functional_forward_runs_our_transition(kind, monkeypatch):
     """SpikingJelly flattens a Sequential of our layers into their functional forwards (not its
@@ -262,7 +245,7 @@ def test_sj_to_functional_forward_runs_our_transition(kind, monkeypatch):
     assert torch.equal(net[1].v, updated[0]) and torch.equal(net[3].v, updated[1])
 
 
-@needs_sj
+@needs_spikingjelly
 def test_sj_checkpointed_functional_forward_equals_plain():
     """SpikingJelly's memopt checkpointing over our layer (it calls the functional forward
     when recomputing) gives the gradients of the plain layer."""

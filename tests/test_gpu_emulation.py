@@ -26,16 +26,14 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from helpers import SURROGATE_CASES
+from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, op_scalars
 from plif_cuda import _nvrtc
 from plif_cuda import ops as plif_ops
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 pytestmark = pytest.mark.gpu_emulation
 
-REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "tests" / "gpu_emulation" / "emulated_launch.cpp"
+SOURCE = REPO_ROOT / "tests" / "gpu_emulation" / "emulated_launch.cpp"
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = tuple(DTYPE_CODES)
 # Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
@@ -79,7 +77,7 @@ def emulation(tmp_path_factory):
         if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
             pytest.fail(f"the GPU emulation cannot be built: {missing}")
         pytest.skip(f"the GPU emulation cannot be built: {missing}")
-    sources = sorted((REPO / "csrc").glob("*.h")) + sorted((REPO / "csrc").glob("*.cuh")) + [SOURCE]
+    sources = sorted((REPO_ROOT / "csrc").glob("*.h")) + sorted((REPO_ROOT / "csrc").glob("*.cuh")) + [SOURCE]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = tmp_path_factory.mktemp("gpu_emulation") / f"emulated_launch_{digest}.so"
     command = [
@@ -89,7 +87,7 @@ def emulation(tmp_path_factory):
         "-ffp-contract=off",
         "-fPIC",
         "-shared",
-        f"-I{REPO / 'csrc'}",
+        f"-I{REPO_ROOT / 'csrc'}",
         f"-I{include}",
         str(SOURCE),
         "-o",
@@ -154,24 +152,6 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
             f"{name}: {int((~same).sum())} of {same.numel()} values differ from the CPU kernel; "
             f"first at flat index {index}: {actual.flatten()[index]} vs {expected.flatten()[index]}"
         )
-
-
-def _options(
-    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
-):
-    """The op's scalar options, as plif_cuda.functional passes them."""
-    soft_reset = v_reset is None
-    alpha = {"sigmoid": 4.0, "atan": 2.0, "erf": 2.0, "soft_sign": 2.0}.get(surrogate, 1.0) if alpha is None else alpha
-    return (
-        float(v_threshold),
-        0.0 if soft_reset else float(v_reset),
-        soft_reset,
-        decay_input,
-        detach_reset,
-        SURROGATE_IDS[surrogate],
-        float(alpha),
-        spiking,
-    )
 
 
 def _flags(options) -> int:
@@ -241,24 +221,10 @@ def run_case(
     stride = 1 if per_neuron else 0
     # Named, so that they live until the kernels have run.
     em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
-    forward_vectors = _call(
-        lib.plif_emulate_forward,
-        DTYPE_CODES[dtype],
-        _ptr(em_x),
-        _ptr(em_k),
-        _ptr(em_v_init),
-        _ptr(em["spikes"]),
-        _ptr(em["v_last"]),
-        _ptr(em["v_seq"]),
-        _ptr(em["h_seq"]),
-        stride,
-        stride,
-        steps,
-        neurons,
-        x_step,
-        *_kernel_scalars(options, save),
-        resident_blocks,
-    )
+    # Both kernels' arguments after the tensors: k's and v_init's strides, the sizes, the options.
+    scalars = (stride, stride, steps, neurons, x_step, *_kernel_scalars(options, save), resident_blocks)
+    forward_tensors = (em_x, em_k, em_v_init, em["spikes"], em["v_last"], em["v_seq"], em["h_seq"])
+    forward_vectors = _call(lib.plif_emulate_forward, DTYPE_CODES[dtype], *map(_ptr, forward_tensors), *scalars)
     assert_bits_equal(em["spikes"], spikes, "spikes")
     assert_bits_equal(em["v_last"], v_last, "v_last")
     assert_bits_equal(em["h_seq"], h_seq, "h_seq")
@@ -284,23 +250,8 @@ def run_case(
     em_grad_x = _empty_placed(x.shape, dtype, offset)
     em_grad_k = _empty_placed((neurons,), acc, offset)
     em_grad_v_init = _empty_placed((neurons,), acc, offset)
-    backward_vectors = _call(
-        lib.plif_emulate_backward,
-        DTYPE_CODES[dtype],
-        *(_ptr(t) for t in em_inputs),
-        _ptr(em_k),
-        _ptr(em_v_init),
-        _ptr(em_grad_x),
-        _ptr(em_grad_k),
-        _ptr(em_grad_v_init),
-        stride,
-        stride,
-        steps,
-        neurons,
-        x_step,
-        *_kernel_scalars(options, save),
-        resident_blocks,
-    )
+    backward_tensors = (*em_inputs, em_k, em_v_init, em_grad_x, em_grad_k, em_grad_v_init)
+    backward_vectors = _call(lib.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, backward_tensors), *scalars)
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
     shares_k, shares_v_init = grad_k, grad_v_init
     if not per_neuron:
@@ -329,16 +280,6 @@ def run_case(
     return forward_vectors, backward_vectors
 
 
-OPTION_SETS = [
-    pytest.param({}, id="defaults"),
-    pytest.param({"v_reset": None}, id="soft_reset"),
-    pytest.param({"decay_input": False}, id="no_decay_input"),
-    pytest.param({"detach_reset": True}, id="detach_reset"),
-    pytest.param({"v_reset": None, "decay_input": False, "detach_reset": True}, id="soft_nodecay_detach"),
-    pytest.param({"v_reset": -0.3, "v_threshold": 0.7}, id="reset_threshold"),
-    pytest.param({"surrogate": "atan", "detach_reset": True}, id="paper_atan"),
-    pytest.param({"spiking": False, "surrogate": "atan"}, id="smooth_atan"),
-]
 # (resident blocks, neurons): the scalar path on an H200-sized grid with a tail in every dtype's
 # lanes, and the vector path, with a grid-stride loop, on a device keeping two blocks resident.
 GEOMETRIES = [
@@ -348,20 +289,20 @@ GEOMETRIES = [
 
 
 @pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks
+        emulation, dtype, T_LONG, neurons, op_scalars(**options), resident_blocks
     )
-    vector = resident_blocks != H200_BLOCKS and options.get("spiking", True)
+    vector = resident_blocks != H200_BLOCKS
     assert (forward_vectors > 0) == vector and backward_vectors == 0
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, spiking):
-    options = _options(surrogate=surrogate, alpha=1.7, spiking=spiking)
+    options = op_scalars(surrogate=surrogate, alpha=1.7, spiking=spiking)
     run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
     forward_vectors, _ = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
     assert (forward_vectors > 0) == spiking
@@ -370,7 +311,7 @@ def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, sp
 @pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
-    options = _options(v_reset=None, surrogate="piecewise_quadratic")
+    options = op_scalars(v_reset=None, surrogate="piecewise_quadratic")
     run_case(emulation, dtype, steps, 100, options, H200_BLOCKS, seed=steps)
     run_case(emulation, dtype, steps, 2048, options, 1, seed=steps)
 
@@ -380,7 +321,7 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
     # One resident block: the vector path would be chosen if N were a multiple of the lanes and
     # large enough; 4100 is a multiple of 4 (float32's lanes).
-    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, _options(), 1, seed=neurons)
+    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_scalars(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
     assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
 
@@ -392,7 +333,7 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
     # stream is enough to take the whole launch down the scalar path.
     offset, x_offset = offsets
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, 11, 4096, _options(), 1, offset=offset, x_offset=x_offset
+        emulation, dtype, 11, 4096, op_scalars(), 1, offset=offset, x_offset=x_offset
     )
     assert forward_vectors == 0 and backward_vectors == 0
 
@@ -405,12 +346,12 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
 def test_absent_gradients(emulation, dtype, grads, resident_blocks):
     # Without grad_spikes the backward's chunks load H's rows in its place (and drop the values),
     # read as gradients of the input dtype.
-    run_case(emulation, dtype, 10, 1024, _options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
+    run_case(emulation, dtype, 10, 1024, op_scalars(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
-    run_case(emulation, dtype, 10, 2048, _options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+    run_case(emulation, dtype, 10, 2048, op_scalars(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
 
 
 def test_a_misaligned_vector_access_is_reported(emulation):
@@ -446,13 +387,13 @@ CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
 
 
 @pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
     registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
     _, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
+        emulation, dtype, T_LONG, neurons, op_scalars(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
     )
     assert backward_vectors == 0
 
@@ -460,7 +401,7 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
 @pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
-    options = _options(v_reset=None, surrogate="piecewise_quadratic")
+    options = op_scalars(v_reset=None, surrogate="piecewise_quadratic")
     run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=plif_ops.SAVE_CHECKPOINTS)
     run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=plif_ops.SAVE_CHECKPOINTS)
 
@@ -472,7 +413,7 @@ def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
         torch.bfloat16,
         20,
         700,
-        _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
+        op_scalars(surrogate=surrogate, alpha=1.7, spiking=spiking),
         H200_BLOCKS,
         seed=3,
         save=plif_ops.SAVE_CHECKPOINTS,
@@ -488,7 +429,7 @@ def test_checkpoints_absent_gradients(emulation, grads):
         torch.float16,
         19,
         1024,
-        _options(),
+        op_scalars(),
         1,
         grads=grads,
         store_v_seq="v_seq" in grads,
@@ -518,7 +459,7 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
+        emulation, dtype, T_LONG, neurons, op_scalars(detach_reset=True), resident_blocks, seed=5, x_step=x_step
     )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
     assert backward_vectors == 0
@@ -530,7 +471,7 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
 def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_step_of):
     """From checkpoints the backward reads x again: in place too, at the same step."""
     x_step = x_step_of(300, forward_lanes(dtype))
-    options = _options(v_reset=None, surrogate="atan")
+    options = op_scalars(v_reset=None, surrogate="atan")
     run_case(
         emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=plif_ops.SAVE_CHECKPOINTS
     )

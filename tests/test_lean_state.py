@@ -4,29 +4,15 @@ rest; gradients equal those from every H bit for bit."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import plif_cuda
-from helpers import SURROGATE_CASES, assert_grad_close, printed_by_fresh_interpreter
+from helpers import NEURON_OPTIONS, SURROGATE_CASES, assert_grad_close, op_scalars, printed_by_fresh_interpreter
 from plif_cuda import ops
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# (v_threshold, v_reset, soft_reset, decay_input, detach_reset)
-OPTION_GRID = {
-    f"{'soft' if soft else 'hard'}-{'decay' if decay else 'nodecay'}-{'detach' if detach else 'attached'}": (
-        1.0,
-        0.0 if soft else -0.3,
-        soft,
-        decay,
-        detach,
-    )
-    for soft, decay, detach in itertools.product((False, True), repeat=3)
-}
 
 
 def saved_bytes(forward) -> int:
@@ -89,13 +75,12 @@ def test_full_precision_keeps_h(dtype):
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
-@pytest.mark.parametrize("options", OPTION_GRID.values(), ids=OPTION_GRID.keys())
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES + (torch.float32,), ids=str)
 def test_checkpoints_give_the_gradients_of_every_h_bit_for_bit(dtype, options, surrogate, spiking):
     """Whole blocks of the CPU kernel, a lane group and single neurons; T not a multiple of 8."""
-    name, alpha = resolve_surrogate(surrogate, None)
     x, k, v_init, grads = _inputs(19, 2 * 1024 + 128 + 5, dtype, per_neuron=True)
-    scalars = (*options, SURROGATE_IDS[name], alpha, spiking)
+    scalars = op_scalars(**options, surrogate=surrogate, spiking=spiking)
     (forward_h, backward_h), (forward_c, backward_c) = _both_modes(x, k, v_init, scalars, grads)
     assert torch.equal(forward_h[0], forward_c[0]) and torch.equal(forward_h[1], forward_c[1])
     assert torch.equal(forward_c[3], forward_h[3][ops.CHECKPOINT_STEPS - 1 :: ops.CHECKPOINT_STEPS][:2])
@@ -107,7 +92,7 @@ def test_checkpoints_give_the_gradients_of_every_h_bit_for_bit(dtype, options, s
 @pytest.mark.parametrize("per_neuron", (True, False), ids=("neuron", "layer"))
 def test_checkpoints_at_every_sequence_length(steps, per_neuron):
     x, k, v_init, grads = _inputs(steps, 1024 + 3, torch.bfloat16, per_neuron, seed=steps)
-    scalars = (*OPTION_GRID["hard-decay-attached"], SURROGATE_IDS["sigmoid"], 4.0, True)
+    scalars = op_scalars(v_reset=-0.3)
     (_, backward_h), (forward_c, backward_c) = _both_modes(x, k, v_init, scalars, grads)
     assert forward_c[3].shape == (ops.checkpoint_rows(steps), 1024 + 3)
     for from_h, from_checkpoints in zip(backward_h, backward_c):
@@ -151,7 +136,7 @@ def test_second_derivatives_from_checkpoints_equal_those_from_every_h():
     for save in (ops.SAVE_H, ops.SAVE_CHECKPOINTS):
         w = torch.tensor(0.4, requires_grad=True)
         k = torch.sigmoid(w).reshape(1)
-        scalars = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, False)  # smooth: non-zero 2nd order
+        scalars = op_scalars(spiking=False)  # smooth: non-zero 2nd order
         spikes = torch.ops.plif_cuda.multistep_forward(x, k, torch.zeros(1), *scalars, False, save)[0]
         (grad_w,) = torch.autograd.grad(spikes.float().pow(2).sum(), [w], create_graph=True)
         (second,) = torch.autograd.grad(grad_w, [w])

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, FLOAT_DTYPES, make_seq, random_weights_like
+from helpers import FLOAT_DTYPES, make_seq, random_weights_like
 from plif_cuda import ops as plif_ops
 from plif_cuda.models import StaticImageSNN
 from plif_cuda.reference import compute_dtype
@@ -76,11 +76,9 @@ def _assert_bits_equal(actual, expected, name):
     assert torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backend):
-    device = BACKEND_DEVICE[backend]
+def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backend, device):
     shape, view_of = LAYOUTS[layout]
     acc = compute_dtype(dtype)
     source = make_seq(shape, dtype, device, seed=1, scale=1.5, shift=0.45).requires_grad_()

@@ -110,14 +110,14 @@ def test_half_inputs_at_eight_steps_write_no_h_and_read_x_back():
     cpu = traffic.backward_traffic(8, N, torch.bfloat16, device="cpu")
     assert gpu.total - cpu.total == 16 * N
     assert cpu.read("x") == 8 * N * 2 and cpu.read("h_seq") == 0
-    assert traffic.pass_bytes("fwdbwd", 8, N, torch.bfloat16) == fwd.total + gpu.total
+    assert traffic.pass_traffic("fwdbwd", 8, N, torch.bfloat16).total == fwd.total + gpu.total
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="k_values"):
         traffic.forward_traffic(8, 100, torch.float32, k_values=7)
     with pytest.raises(ValueError, match="pass must be"):
-        traffic.pass_bytes("sideways", 8, 100, torch.float32)
+        traffic.pass_traffic("sideways", 8, 100, torch.float32)
     with pytest.raises(ValueError, match="SAVE_NOTHING"):
         traffic.backward_traffic(8, 100, torch.float32, save=ops.SAVE_NOTHING)
 
