@@ -262,27 +262,31 @@ def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
     return figures
 
 
+def kernels_in_order(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[tuple[str, str, list]]:
+    """(arch, kernel label, SASS body) of every kernel, by arch, then label."""
+    return [(arch, label, body) for arch in sorted(sass) for label, body in sorted(sass[arch].items())]
+
+
 def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
     problems = []
-    for arch in sorted(sass):
-        for label, body in sorted(sass[arch].items()):
-            figures = loads_in_flight_per_loop(body)
-            most = max(figures, default=0)
-            wanted, why = LOAD_BYTES_EXCEPTIONS.get(label.split()[0], (MIN_LOAD_BYTES_IN_FLIGHT, None))
-            deep = sum(1 for figure in figures if figure >= wanted)
-            # Every kernel has two chunk loops or more (see the module docstring).
-            verdict = "ok" if deep >= 2 else "TOO FEW"
-            note = f" (exception: {why})" if why else ""
-            print(
-                f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
-                f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}"
+    for arch, label, body in kernels_in_order(sass):
+        figures = loads_in_flight_per_loop(body)
+        most = max(figures, default=0)
+        wanted, why = LOAD_BYTES_EXCEPTIONS.get(label.split()[0], (MIN_LOAD_BYTES_IN_FLIGHT, None))
+        deep = sum(1 for figure in figures if figure >= wanted)
+        # Every kernel has two chunk loops or more (see the module docstring).
+        verdict = "ok" if deep >= 2 else "TOO FEW"
+        note = f" (exception: {why})" if why else ""
+        print(
+            f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
+            f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}"
+        )
+        if verdict != "ok":
+            problems.append(
+                f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
+                f"loads in flight per iteration (at most {most} B); every chunk loop needs "
+                f"them"
             )
-            if verdict != "ok":
-                problems.append(
-                    f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
-                    f"loads in flight per iteration (at most {most} B); every chunk loop needs "
-                    f"them"
-                )
     return problems
 
 
@@ -306,28 +310,27 @@ def vector_loop_store_widths(body: list[tuple[int, str, str]]) -> list[dict[int,
 
 def check_vector_stores(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
     problems = []
-    for arch in sorted(sass):
-        for label, body in sorted(sass[arch].items()):
-            if label.split()[0] not in VECTOR_PATH_KERNELS:
-                continue
-            loops = vector_loop_store_widths(body)
-            whole = sum(count for stores in loops for size, count in stores.items() if size >= VECTOR_WORD_BYTES)
-            narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
-            problem = None
-            if not loops:
-                problem = f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's chunk loop)"
-            elif narrow:
-                problem = (
-                    f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
-                    f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
-                    f"{VECTOR_WORD_BYTES}-byte words"
-                )
-            print(
-                f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
-                f"{narrow} narrower  {'FAIL' if problem else 'ok'}"
+    for arch, label, body in kernels_in_order(sass):
+        if label.split()[0] not in VECTOR_PATH_KERNELS:
+            continue
+        loops = vector_loop_store_widths(body)
+        whole = sum(count for stores in loops for size, count in stores.items() if size >= VECTOR_WORD_BYTES)
+        narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
+        problem = None
+        if not loops:
+            problem = f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's chunk loop)"
+        elif narrow:
+            problem = (
+                f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
+                f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
+                f"{VECTOR_WORD_BYTES}-byte words"
             )
-            if problem:
-                problems.append(f"{arch}: {label}: {problem}")
+        print(
+            f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
+            f"{narrow} narrower  {'FAIL' if problem else 'ok'}"
+        )
+        if problem:
+            problems.append(f"{arch}: {label}: {problem}")
     return problems
 
 

@@ -96,21 +96,23 @@ class Traffic:
         return Traffic(self.reads + other.reads, self.writes + other.writes)
 
 
-def _check(T: int, N: int, k_values: int, v_init_values: int) -> None:
+def _checked_sizes(T: int, N: int, dtype: torch.dtype, save, k_values: int, v_init_values: int):
+    """(save mode, bytes of an input element, bytes of a compute-dtype element) for a pass's
+    arguments, checked; ``save`` None is the training forward's own save mode."""
     if T < 0 or N < 0:
         raise ValueError(f"T and N must be >= 0, got T={T}, N={N}")
     for name, values in (("k_values", k_values), ("v_init_values", v_init_values)):
         if values not in (1, N):
             raise ValueError(f"{name} must be 1 or N={N} (one value, or one per neuron), got {values}")
+    save = training_save_mode(dtype) if save is None else save
+    return save, element_size(dtype), element_size(compute_dtype(dtype))
 
 
 def forward_traffic(
     T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
 ) -> Traffic:
     """The forward kernel's streams (``save`` None: the training forward's own save mode)."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
     reads = (("x", T * N * s), ("k", k_values * a), ("v_init", v_init_values * a))
     writes = (("spikes", T * N * s), ("h_seq", h_rows(T, save) * N * a), ("v_last", N * a))
     return Traffic(reads, writes)
@@ -127,11 +129,9 @@ def backward_traffic(
     device: str = "cuda",
 ) -> Traffic:
     """The backward kernel's streams and, on CUDA, the op's sums of one-value gradients' shares."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
     if save == plif_ops.SAVE_NOTHING:
         raise ValueError("a forward with save=SAVE_NOTHING has no backward")
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
     reads = [("grad_spikes", T * N * s), ("h_seq", h_rows(T, save) * N * a)]
     if save == plif_ops.SAVE_CHECKPOINTS:
         reads.append(("x", T * N * s))
@@ -172,8 +172,6 @@ def saved_bytes(
     T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
 ) -> int:
     """Bytes autograd keeps for the backward of one forward (distinct storages)."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
     kept_x = T * N * s if save == plif_ops.SAVE_CHECKPOINTS else 0
     return h_rows(T, save) * N * a + kept_x + (k_values + v_init_values) * a

@@ -127,18 +127,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--train-subset",
-        type=int,
-        default=None,
-        help="train on this many samples, drawn at random (by --seed) from the training set",
-    )
-    parser.add_argument(
-        "--test-subset",
-        type=int,
-        default=None,
-        help="test on this many samples, drawn at random (by --seed) from the test set",
-    )
+    for split, samples in (("train", "the training set"), ("test", "the test set")):
+        explained = f"{split} on this many samples, drawn at random (by --seed) from {samples}"
+        parser.add_argument(f"--{split}-subset", type=int, default=None, help=explained)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-# tests/test_dropin.py re-runs its SpikingJelly-free tests in a subprocess with this set: importing
+# tests/test_spikingjelly_compat.py re-runs its SpikingJelly-free tests in a subprocess with this set: importing
 # SpikingJelly then fails as it does where it is not installed.
 if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
     sys.modules["spikingjelly"] = None
