@@ -398,9 +398,8 @@ def measure_case(args, impl, neuron, config, buffers, device, flush, progress, b
 
 # Copies timed right before and right after each fused backend's passes.
 COPY_REPEATS_PER_CASE = 5
-# Two copies further apart than this factor mean that the machine changed state during the case
-# (benchmarks/NOTES.md, sixth pass: 42 GB/s before a case, 75 after it), so its times belong to
-# neither copy: the case is timed again, at most COPY_ATTEMPTS times in all.
+# Copies further apart than this factor mean the machine changed state during the case, so the
+# case is timed again (see NOTES, "Sixth pass: the backward's operations per neuron-step").
 COPY_AGREEMENT = 1.2
 COPY_ATTEMPTS = 3
 

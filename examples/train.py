@@ -1,6 +1,6 @@
 """Train and evaluate the PLIF paper's networks (plif_cuda.models) with the fused PLIF layer.
 
-    python examples/train.py --dataset digits --neuron plif             # no files needed; about 10 s on 2 CPU cores
+    python examples/train.py --dataset digits --neuron plif             # no files needed; seconds on a CPU
     python examples/train.py --dataset mnist --data-dir ~/data           # <data-dir>/MNIST/*-ubyte[.gz]
     python examples/train.py --dataset fashion-mnist                     # the main example, from Debian's package:
                                                                          # apt-get install dataset-fashion-mnist
@@ -16,8 +16,8 @@ neuron layer and the wall time since the run started), checkpoint.pt (every epoc
 continues from it) and curves.png.
 The loss is the paper's: mean squared error between the output firing rates and the one-hot label.
 Fashion-MNIST, the main example, runs the paper's network at a width that fits two CPU cores
-(T=4, 32 conv channels, FC256, no dropout; the paper: T=8, 128, FC2048, dropout 0.5): >= 90% test
-accuracy in about 8 minutes, 91.9% after its 5 epochs in 18 (results in examples/results/fashion-mnist/).
+(T=4, 32 conv channels, FC256, no dropout; the paper: T=8, 128, FC2048, dropout 0.5); its results
+are in examples/results/fashion-mnist/.
 Unset architecture/training options take the dataset's preset (PRESETS below).
 """
 

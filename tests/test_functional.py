@@ -112,7 +112,7 @@ def test_non_default_threshold(backend, device):
 
 
 # ---- shapes of w and v_init, T, dtypes ---------------------------------------------------------
-STEP_SHAPE = (2, 3, 11)  # batch 2, 3 channels, 11 positions: 66 neurons, not a multiple of 64 or 8
+STEP_SHAPE = (2, 3, 11)  # batch 2, 3 channels, 11 positions: 66 neurons, under one 128-lane group
 W_SHAPES = {"layer": (), "channel": (3, 1), "neuron": (3, 11)}
 V_INITS = {"none": None, "float": 0.3, "tensor": "per-neuron"}
 

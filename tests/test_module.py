@@ -196,3 +196,18 @@ def test_input_shape_change_needs_reset():
         layer(make_seq((2, 4, 5), torch.float32))
     layer.reset()
     assert layer(make_seq((2, 4, 5), torch.float32)).shape == (2, 4, 5)
+
+
+def test_lif_node_takes_the_parametric_nodes_arguments_with_a_fixed_tau():
+    """SpikingJelly's LIFNode order: tau, decay_input, v_threshold, v_reset, surrogate_function,
+    detach_reset, step_mode, backend, store_v_seq."""
+    surrogate = plif_cuda.surrogate.ATan()
+    layer = plif_cuda.LIFNode(3.0, False, 0.5, None, surrogate, True, "m", "cpu", True)
+    assert (layer.tau, layer.decay_input, layer.v_threshold, layer.v_reset) == (3.0, False, 0.5, None)
+    assert layer.surrogate_function is surrogate and layer.detach_reset
+    assert (layer.step_mode, layer.backend, layer.store_v_seq) == ("m", "cpu", True)
+    with pytest.raises(TypeError, match="positional"):
+        plif_cuda.LIFNode(3.0, False, 0.5, None, surrogate, True, "m", "cpu", True, (2,))
+    for name, value in (("init_tau", 3.0), ("tau_shape", (2,)), ("learnable_tau", False)):
+        with pytest.raises(TypeError, match=name):
+            plif_cuda.LIFNode(**{name: value})
