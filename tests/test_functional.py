@@ -9,6 +9,7 @@ from helpers import (
     AWKWARD_STEP_SHAPES,
     FLOAT_DTYPES,
     NEURON_OPTIONS,
+    RESETS,
     SMOOTH_SURROGATES,
     SURROGATE_CASES,
     SURROGATES,
@@ -24,8 +25,6 @@ from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 from plif_cuda.reference import compute_dtype
-
-V_RESETS = {"hard0": 0.0, "hard-0.5": -0.5, "soft": None}
 
 
 def reference(x_seq, w, v_init, **options):
@@ -89,11 +88,11 @@ def test_every_option_matches_reference(backend, device, dtype, options, surroga
 
 
 @pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
-@pytest.mark.parametrize("v_reset", V_RESETS.values(), ids=V_RESETS.keys())
-def test_without_stored_sequence(backend, device, spiking, v_reset):
+@pytest.mark.parametrize("reset", RESETS.values(), ids=RESETS.keys())
+def test_without_stored_sequence(backend, device, spiking, reset):
     x_seq = make_seq((5, 2, 67), torch.float32, device)
     w = torch.tensor(-0.4, device=device)
-    compare_with_reference(backend, x_seq, w, None, v_reset=v_reset, spiking=spiking, store_v_seq=False)
+    compare_with_reference(backend, x_seq, w, None, **reset, spiking=spiking, store_v_seq=False)
 
 
 @pytest.mark.parametrize("alpha", (0.5, 3.0))
@@ -222,16 +221,16 @@ def test_expanded_input(backend, device):
 
 
 # ---- special values -----------------------------------------------------------------------------
-@pytest.mark.parametrize("v_reset", V_RESETS.values(), ids=V_RESETS.keys())
-def test_nan_input_behaves_as_reference(backend, device, v_reset):
+@pytest.mark.parametrize("reset", RESETS.values(), ids=RESETS.keys())
+def test_nan_input_behaves_as_reference(backend, device, reset):
     x_seq = make_seq((5, 2, 67), torch.float32, device)
     x_seq[1, 0, 3] = float("nan")
     x_seq[3, 1, 66] = float("nan")
     x_seq[0, 1, 10] = float("inf")
     w = torch.tensor(0.0, device=device)
-    (spikes, v_last, v_seq), grads = run_with_grads(fused(backend), x_seq, w, None, v_reset=v_reset, store_v_seq=True)
+    (spikes, v_last, v_seq), grads = run_with_grads(fused(backend), x_seq, w, None, **reset, store_v_seq=True)
     (ref_spikes, ref_v_last, ref_v_seq), ref_grads = run_with_grads(
-        reference, x_seq, w, None, v_reset=v_reset, store_v_seq=True
+        reference, x_seq, w, None, **reset, store_v_seq=True
     )
     assert torch.equal(spikes, ref_spikes)
     assert torch.equal(v_last.isnan(), ref_v_last.isnan()) and v_last.isnan().any()
