@@ -1,7 +1,8 @@
-"""What the tests share: tolerances, backends, awkward inputs, losses, a fresh interpreter.
+"""What the tests share: scripts and fresh interpreters, SpikingJelly when installed, the dtypes,
+surrogates and the neuron's option combinations, tolerances, backends, awkward inputs, losses.
 
 Imported by the test files (`from helpers import ...`); tests/conftest.py holds only pytest's hooks
-and fixtures and the environment set before anything is imported.
+and fixtures (the backend parametrisation) and the environment set before anything is imported.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def assert_passes_without_spikingjelly(test_file: str) -> None:
     assert " passed" in summary and "skipped" not in summary, summary
 
 
+# ---- dtypes, surrogates, options ----------------------------------------------------------------
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
@@ -113,6 +115,8 @@ NEURON_OPTIONS = [
     for decay_input in (True, False)
     for detach_reset in (False, True)
 ]
+# One combination by its id ("soft-nodecay-detach"), for tests that need a particular one.
+NEURON_OPTION = {param.id: param.values[0] for param in NEURON_OPTIONS}
 # (surrogate, spiking) pairs: every surrogate spiking, and smooth where it has a primitive.
 SURROGATE_CASES = [
     pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")

@@ -8,6 +8,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from helpers import (
+    NEURON_OPTION,
     SMOOTH_SURROGATES,
     SURROGATES,
     assert_grad_close,
@@ -20,22 +21,24 @@ from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 
-# Each covers a different corner of the backward: reset kind, decay_input, detach_reset, the
-# shape of w (per layer, per channel) and of v_init (default, per neuron).
+# Each covers a different corner of the backward: one of the neuron's option combinations
+# (helpers.NEURON_OPTIONS) with a shape of w (per layer, channel or neuron) and of v_init.
 OPTION_SETS = {
-    "hard-decay-layer": dict(v_reset=0.0, decay_input=True, detach_reset=False, w_shape=(), v_init_shape=None),
+    "hard-decay-layer": dict(neuron=NEURON_OPTION["hard0-decay-attached"], w_shape=(), v_init_shape=None),
     "soft-nodecay-channel-vinit": dict(
-        v_reset=None, decay_input=False, detach_reset=False, w_shape=(2, 1), v_init_shape=(2, 5)
+        neuron=NEURON_OPTION["soft-nodecay-attached"], w_shape=(2, 1), v_init_shape=(2, 5)
     ),
-    "hard-detach-channel": dict(v_reset=-0.3, decay_input=True, detach_reset=True, w_shape=(2, 1), v_init_shape=None),
-    "soft-decay-detach-vinit": dict(v_reset=None, decay_input=True, detach_reset=True, w_shape=(), v_init_shape=(5,)),
+    "hard-detach-channel": dict(neuron=NEURON_OPTION["hard-0.3-decay-detach"], w_shape=(2, 1), v_init_shape=None),
+    "soft-decay-detach-vinit": dict(neuron=NEURON_OPTION["soft-decay-detach"], w_shape=(), v_init_shape=(5,)),
     "hard-nodecay-neuron-vinit": dict(
-        v_reset=0.2, decay_input=False, detach_reset=False, w_shape=(2, 5), v_init_shape=(2, 5)
+        neuron=NEURON_OPTION["hard-0.3-nodecay-attached"], w_shape=(2, 5), v_init_shape=(2, 5)
     ),
 }
 # detach_reset makes the first-order gradient differ from the derivative on purpose, so finite
 # differences cannot check it (the reference fails gradcheck there too).
-DIFFERENTIABLE_OPTION_SETS = {name: options for name, options in OPTION_SETS.items() if not options["detach_reset"]}
+DIFFERENTIABLE_OPTION_SETS = {
+    name: options for name, options in OPTION_SETS.items() if not options["neuron"]["detach_reset"]
+}
 FIRING_MODES = [pytest.param(s, True, id=f"{s}-spiking") for s in SURROGATES] + [
     pytest.param(s, False, id=f"{s}-smooth") for s in SMOOTH_SURROGATES
 ]
@@ -54,17 +57,7 @@ def _inputs(device, dtype, options, seed=0):
 
 
 def _call(backend, x_seq, w, v_init, options, **kwargs):
-    return plif_multistep(
-        x_seq,
-        w,
-        v_init,
-        v_reset=options["v_reset"],
-        decay_input=options["decay_input"],
-        detach_reset=options["detach_reset"],
-        store_v_seq=True,
-        backend=backend,
-        **kwargs,
-    )
+    return plif_multistep(x_seq, w, v_init, **options["neuron"], store_v_seq=True, backend=backend, **kwargs)
 
 
 def _first_and_second_order(backend, device, dtype, options, **kwargs):
