@@ -42,11 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from plif_cuda import datasets  # noqa: E402
 from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_states  # noqa: E402
 
-# Architecture and schedule per dataset, one row each; None takes the option's own default. All but
-# digits and fashion-mnist follow the paper's networks (trained for hundreds of epochs on a GPU).
-# Digits and fashion-mnist are sized for two shared CPU cores, on one thread: see NOTES, "Examples:
-# the digits and Fashion-MNIST presets". The event datasets keep their 128x128 frames; a test batch
-# of 32 bounds the first layer's activations.
+# The paper's networks, one row per dataset (None: the option's default), but digits and fashion-mnist
+# sized for two shared CPU cores: see NOTES, "Examples: the digits and Fashion-MNIST presets".
 PRESET_KEYS = (
     "T", "depth", "width", "convs_per_stage", "fc_width", "dropout", "epochs", "batch_size", "test_batch_size", "lr",
     "threads",

@@ -102,9 +102,8 @@ def assert_passes_without_spikingjelly(test_file: str) -> None:
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
-# The neuron's option combinations, written once: each way to reset (hard to 0 under the default
-# threshold, hard to -0.3 under a threshold of 0.7, soft), with and without decay_input and
-# detach_reset. Keyword arguments of plif_multistep and of the modules.
+# The neuron's option combinations as keyword arguments, written once: every reset (hard to 0, hard
+# to -0.3 under a threshold of 0.7, soft) with and without decay_input and detach_reset.
 RESETS = {"hard0": dict(v_reset=0.0), "hard-0.3": dict(v_reset=-0.3, v_threshold=0.7), "soft": dict(v_reset=None)}
 NEURON_OPTIONS = [
     pytest.param(
@@ -146,18 +145,16 @@ def op_scalars(
     )
 
 
-# (rtol, atol) per dtype. Half inputs are compared with the reference run on the same half
-# input (which computes in float32 too), so the difference is the rounding of the outputs
-# to the half format: about one unit in the last place, 2^-10 (fp16) or 2^-7 (bf16).
+# (rtol, atol) per dtype: half results differ from the reference's on the same half input by the
+# outputs' final rounding, about one unit in the last place (2^-10 fp16, 2^-7 bf16).
 MEMBRANE_TOLERANCE = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-5, 1e-6),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-# Gradients add T steps of reverse-time recursion in a different order from autograd's, and
-# the kernel recovers dH/dk from H and V[t-1] (it does not keep X), which costs a little
-# cancellation in float32.
+# Gradients sum the reverse-time recursion in another order than autograd's and recover dH/dk from
+# H and V[t-1] (X is not kept): a little cancellation in float32.
 GRAD_TOLERANCE = {
     torch.float64: (1e-10, 1e-11),
     torch.float32: (1e-5, 1e-5),
