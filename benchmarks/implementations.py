@@ -144,12 +144,9 @@ def _compile_peer() -> Implementation:
         if compiled is None:
 
             def reference_spikes(x, w):
-                k = torch.sigmoid(w)
-                v_init = torch.zeros((), dtype=torch.float32, device=x.device)
                 return plif_cuda.plif_multistep_ref(
                     x,
-                    k,
-                    v_init,
+                    w,
                     v_threshold=1.0,
                     v_reset=0.0,
                     decay_input=True,

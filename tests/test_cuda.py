@@ -21,7 +21,6 @@ import plif_cuda
 from helpers import BACKEND_DEVICE, BACKENDS, GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 CUDA = torch.device("cuda")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -391,9 +390,9 @@ def test_cuda_opcheck(backend):
     x = random_on(device, (5, 3, 7), seed=31, scale=1.5, shift=0.4)
     k = torch.sigmoid(tau_weight(device, (21,), seed=32))
     v_init = torch.zeros(1, device=device)
-    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
+    options = dict(v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0)
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend))
+        backends.forward_op(backend), (x, k, v_init), dict(options, spiking=True, store_v_seq=True, needs_backward=True)
     )
 
 
@@ -410,8 +409,8 @@ def test_cuda_refuses_parameters_on_another_device(backend, argument):
 
 
 OP_OPTION_SETS = {
-    "hard": (1.0, -0.5, False, True, True),
-    "soft_nodecay": (1.0, 0.0, True, False, False),
+    "hard": dict(v_threshold=1.0, v_reset=-0.5, decay_input=True, detach_reset=True),
+    "soft_nodecay": dict(v_threshold=1.0, v_reset=None, decay_input=False, detach_reset=False),
 }
 
 
@@ -428,9 +427,9 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
     acc = reference_dtype(dtype)
     k = torch.sigmoid(tau_weight(CUDA, (45,), seed=34, dtype=acc))
     v_init = random_on(CUDA, (1,), seed=35, dtype=acc)
-    scalars = (*OP_OPTION_SETS[options], SURROGATE_IDS["atan"], 1.7, spiking)
-    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
+    neuron = dict(OP_OPTION_SETS[options], surrogate="atan", alpha=1.7, spiking=spiking)
+    compiled = backends.forward_op("cuda")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
+    nvrtc = backends.forward_op("cupy")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
     grads = (
@@ -438,11 +437,9 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
         random_on(CUDA, x.shape[1:], 37, acc),
         random_on(CUDA, x.shape, 38, dtype),
     )
-    compiled = torch.ops.plif_cuda.multistep_backward(
-        *grads, compiled[3], None, k, v_init, dtype, *scalars, ops.COMPILED_LAUNCHER
-    )
-    nvrtc = torch.ops.plif_cuda.multistep_backward(
-        *grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER
-    )
+    # Where the op kept H's checkpoint rows, the backward recomputes H from them and x.
+    saved_x = x if compiled[3].shape[0] != x.shape[0] else None
+    compiled = backends.backward_op("cuda")(*grads, compiled[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
+    nvrtc = backends.backward_op("cupy")(*grads, nvrtc[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)

@@ -219,7 +219,18 @@ def test_op_returns_v_last_in_the_compute_dtype():
     one = torch.ones(1)
     for device in ("cpu", "meta"):
         spikes, v_last, v_seq, _ = torch.ops.plif_cuda.multistep_forward(
-            x.to(device), one.to(device) * 0.5, one.to(device) * 0, 1.0, 0.0, False, True, False, 0, 4.0, True, True, 0
+            x.to(device),
+            one.to(device) * 0.5,
+            one.to(device) * 0,
+            v_threshold=1.0,
+            v_reset=0.0,
+            decay_input=True,
+            detach_reset=False,
+            surrogate="sigmoid",
+            alpha=4.0,
+            spiking=True,
+            store_v_seq=True,
+            needs_backward=False,
         )
         assert (spikes.dtype, v_last.dtype, v_seq.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     spike_seq, v_last, _ = plif_cuda.plif_multistep(x, torch.zeros(()))

@@ -27,10 +27,8 @@ import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
 from helpers import SURROGATE_CASES
-from plif_cuda import _nvrtc
-from plif_cuda import ops as plif_ops
+from plif_cuda import _C, _nvrtc
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 pytestmark = pytest.mark.gpu_emulation
 
@@ -40,8 +38,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 DTYPES = tuple(DTYPE_CODES)
 # Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# enum OptionFlags of csrc/plif_params.h.
-FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING, FLAG_H_CHECKPOINTS = 1, 2, 4, 8, 16
 
 # Resident blocks of the emulated device: an H200 at four 256-thread blocks per multiprocessor
 # (scalar path for every N here), and devices small enough for the vector path.
@@ -159,35 +155,34 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
 def _options(
     v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
 ):
-    """The op's scalar options, as plif_cuda.functional passes them."""
-    soft_reset = v_reset is None
+    """The op's neuron options, as plif_cuda.functional passes them."""
     alpha = {"sigmoid": 4.0, "atan": 2.0, "erf": 2.0, "soft_sign": 2.0}.get(surrogate, 1.0) if alpha is None else alpha
-    return (
-        float(v_threshold),
-        0.0 if soft_reset else float(v_reset),
-        soft_reset,
-        decay_input,
-        detach_reset,
-        SURROGATE_IDS[surrogate],
-        float(alpha),
-        spiking,
+    return dict(
+        v_threshold=float(v_threshold),
+        v_reset=None if v_reset is None else float(v_reset),
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=float(alpha),
+        spiking=spiking,
     )
 
 
 def _flags(options) -> int:
-    _, _, soft_reset, decay_input, detach_reset, _, _, spiking = options
     return (
-        (FLAG_SOFT_RESET if soft_reset else 0)
-        | (FLAG_DECAY_INPUT if decay_input else 0)
-        | (FLAG_DETACH_RESET if detach_reset else 0)
-        | (FLAG_SPIKING if spiking else 0)
+        (_C.FLAG_SOFT_RESET if options["v_reset"] is None else 0)
+        | (_C.FLAG_DECAY_INPUT if options["decay_input"] else 0)
+        | (_C.FLAG_DETACH_RESET if options["detach_reset"] else 0)
+        | (_C.FLAG_SPIKING if options["spiking"] else 0)
     )
 
 
-def _kernel_scalars(options, save=plif_ops.SAVE_H):
-    v_threshold, v_reset, _, _, _, surrogate, alpha, _ = options
-    checkpoints = FLAG_H_CHECKPOINTS if save == plif_ops.SAVE_CHECKPOINTS else 0
-    return v_threshold, v_reset, alpha, surrogate, _flags(options) | checkpoints
+def _kernel_scalars(options, save=_C.SAVE_H):
+    """v_threshold, v_reset, alpha, surrogate id, flags: the kernels' scalar block after the sizes."""
+    checkpoints = _C.FLAG_H_CHECKPOINTS if save == _C.SAVE_CHECKPOINTS else 0
+    v_reset = 0.0 if options["v_reset"] is None else options["v_reset"]
+    surrogate = _C.SURROGATES.index(options["surrogate"])
+    return options["v_threshold"], v_reset, options["alpha"], surrogate, _flags(options) | checkpoints
 
 
 def forward_lanes(dtype) -> int:
@@ -208,7 +203,7 @@ def run_case(
     store_v_seq=True,
     grads=("spikes", "v_last", "v_seq"),
     seed=0,
-    save=plif_ops.SAVE_H,
+    save=_C.SAVE_H,
     x_step=None,
 ) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
@@ -229,8 +224,10 @@ def run_case(
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
     ops = torch.ops.plif_cuda
 
-    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, save)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    spikes, v_last, v_seq, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+        x, k, v_init, **options, store_v_seq=store_v_seq, save=save
+    )
+    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
     em_x = _placed_steps(x, x_step, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
@@ -273,7 +270,7 @@ def run_case(
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
     grad_x, grad_k, grad_v_init = ops.multistep_backward(
-        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options
+        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, x_dtype=dtype, **options
     )
 
     em_inputs = [
@@ -315,8 +312,8 @@ def run_case(
             saved_x,
             k.expand(neurons).contiguous(),
             v_init.expand(neurons).contiguous(),
-            dtype,
-            *options,
+            x_dtype=dtype,
+            **options,
         )
         for total, shares in ((grad_k, shares_k), (grad_v_init, shares_v_init)):
             assert total.shape == (1,)
@@ -435,10 +432,10 @@ def test_a_misaligned_vector_access_is_reported(emulation):
     ids=lambda v: str(v),
 )
 def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
-    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through these ops)
+    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through _C.launch_blocks)
     # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
-    assert torch.ops.plif_cuda.threads_per_block() == 256
-    assert torch.ops.plif_cuda.launch_blocks(neurons, resident_blocks) == blocks
+    assert _C.THREADS_PER_BLOCK == 256
+    assert _C.launch_blocks(neurons, resident_blocks) == blocks
 
 
 # ---- checkpoints (half inputs keep x and every eighth H; the backward recomputes the rest) -----
@@ -452,7 +449,7 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
     registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
     _, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
+        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks, save=_C.SAVE_CHECKPOINTS
     )
     assert backward_vectors == 0
 
@@ -461,8 +458,8 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
     options = _options(v_reset=None, surrogate="piecewise_quadratic")
-    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=plif_ops.SAVE_CHECKPOINTS)
-    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=plif_ops.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=_C.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=_C.SAVE_CHECKPOINTS)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -475,7 +472,7 @@ def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
         _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
         H200_BLOCKS,
         seed=3,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -493,7 +490,7 @@ def test_checkpoints_absent_gradients(emulation, grads):
         grads=grads,
         store_v_seq="v_seq" in grads,
         per_neuron=False,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -531,9 +528,7 @@ def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_ste
     """From checkpoints the backward reads x again: in place too, at the same step."""
     x_step = x_step_of(300, forward_lanes(dtype))
     options = _options(v_reset=None, surrogate="atan")
-    run_case(
-        emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=plif_ops.SAVE_CHECKPOINTS
-    )
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=_C.SAVE_CHECKPOINTS)
     run_case(
         emulation,
         dtype,
@@ -543,5 +538,5 @@ def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_ste
         1,
         seed=steps,
         x_step=x_step_of(2048, forward_lanes(dtype)),
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
