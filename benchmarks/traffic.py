@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plif_cuda import _C
 from plif_cuda import ops as plif_ops
 from plif_cuda.reference import compute_dtype
 
@@ -52,11 +53,11 @@ def training_save_mode(dtype: torch.dtype) -> int:
 
 def h_rows(T: int, save: int) -> int:
     """Rows of N values of H that the forward writes and the backward reads."""
-    if save == plif_ops.SAVE_H:
+    if save == _C.SAVE_H:
         return T
-    if save == plif_ops.SAVE_CHECKPOINTS:
-        return plif_ops.checkpoint_rows(T)
-    if save == plif_ops.SAVE_NOTHING:
+    if save == _C.SAVE_CHECKPOINTS:
+        return _C.checkpoint_rows(T)
+    if save == _C.SAVE_NOTHING:
         return 0
     raise ValueError(f"save must be one of SAVE_NOTHING, SAVE_H, SAVE_CHECKPOINTS, got {save!r}")
 
@@ -130,10 +131,10 @@ def backward_traffic(
 ) -> Traffic:
     """The backward kernel's streams and, on CUDA, the op's sums of one-value gradients' shares."""
     save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
-    if save == plif_ops.SAVE_NOTHING:
+    if save == _C.SAVE_NOTHING:
         raise ValueError("a forward with save=SAVE_NOTHING has no backward")
     reads = [("grad_spikes", T * N * s), ("h_seq", h_rows(T, save) * N * a)]
-    if save == plif_ops.SAVE_CHECKPOINTS:
+    if save == _C.SAVE_CHECKPOINTS:
         reads.append(("x", T * N * s))
     reads += [("k", k_values * a), ("v_init", v_init_values * a)]
     writes = [("grad_x", T * N * s)]
@@ -173,5 +174,5 @@ def saved_bytes(
 ) -> int:
     """Bytes autograd keeps for the backward of one forward (distinct storages)."""
     save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
-    kept_x = T * N * s if save == plif_ops.SAVE_CHECKPOINTS else 0
+    kept_x = T * N * s if save == _C.SAVE_CHECKPOINTS else 0
     return h_rows(T, save) * N * a + kept_x + (k_values + v_init_values) * a

@@ -93,18 +93,24 @@ def select(backend: str, x: torch.Tensor) -> str:
 
 
 def forward_op(backend: str):
-    """The fused op; every fused backend runs it, with ``launcher(backend)`` as its last argument."""
+    """The fused forward op that runs ``backend``: the nvcc launcher's, or for "cupy" the NVRTC
+    launcher's (the same op with the same schema; CPU tensors run the CPU kernel through either),
+    whose launcher importing plif_cuda.cupy_backend plugs in."""
+    return _fused_ops(backend)[0]
+
+
+def backward_op(backend: str):
+    """The fused backward op of ``forward_op(backend)``'s launcher, which its autograd calls."""
+    return _fused_ops(backend)[1]
+
+
+def _fused_ops(backend: str):
     if backend not in ("cpu", "cuda", "cupy"):
         raise ValueError(f"backend {backend!r} has no fused op")
-    return torch.ops.plif_cuda.multistep_forward
-
-
-def launcher(backend: str) -> int:
-    """The fused op's ``launcher`` argument for ``backend``."""
     if backend == "cupy":
-        _cupy_module()  # registers the NVRTC launcher
-        return ops.NVRTC_LAUNCHER
-    return ops.COMPILED_LAUNCHER
+        _cupy_module()
+        return torch.ops.plif_cuda.multistep_forward_nvrtc, torch.ops.plif_cuda.multistep_backward_nvrtc
+    return torch.ops.plif_cuda.multistep_forward, torch.ops.plif_cuda.multistep_backward
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

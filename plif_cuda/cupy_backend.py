@@ -1,9 +1,10 @@
 """CuPy backend: the CUDA kernels of csrc/ compiled at run time through NVRTC, no build step.
 
-This is a launcher only. The op is the extension's ``plif_cuda::multistep_forward`` (and
-backward) with ``launcher=ops.NVRTC_LAUNCHER``: its checks, outputs and autograd are the
-compiled backend's, and for CUDA tensors it calls ``plif_cuda::nvrtc_launch_forward`` (and
-backward), which this module implements; an extension built without a CUDA toolkit has them.
+This is a launcher only. The ops are the extension's ``plif_cuda::multistep_forward_nvrtc`` (and
+backward), the twins of ``multistep_forward`` with the same schema: their checks, outputs and
+autograd are the compiled backend's, and for CUDA tensors they hand the kernel's arguments to
+``plif_cuda_internal::nvrtc_launch_forward`` (and backward), which importing this module
+implements; an extension built without a CUDA toolkit has them.
 The kernels are compiled once per (dtype, architecture) by ``_nvrtc.compile_variant`` (the same
 build ``python -m plif_cuda doctor --nvrtc-arch`` checks), loaded once per device by CuPy, and
 launched on PyTorch's current stream of the tensors' device.
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 from . import _nvrtc, ops
+
+if ops.extension_available():
+    from ._C import FLAG_H_CHECKPOINTS, THREADS_PER_BLOCK, launch_blocks
 
 
 @functools.cache
@@ -72,11 +76,10 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
             from cupy_backends.cuda.api import driver
 
             multiprocessors = torch.cuda.get_device_properties(device_index).multi_processor_count
-            threads = torch.ops.plif_cuda.threads_per_block()
             pair = {}
             for direction, name in _nvrtc.kernel_names(dtype).items():
                 function = module.get_function(image.lowered_names[name])
-                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, 0)
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, THREADS_PER_BLOCK, 0)
                 pair[direction] = (function, multiprocessors * per_sm)
             _kernels[key] = pair
     return pair
@@ -111,14 +114,9 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
         convert(value) for convert, value in zip(_scalar_types(acc), scalars, strict=True)
     )
     # The launch shape of the nvcc launcher too (csrc/plif_launch.h); scalars[3] is N.
-    grid = torch.ops.plif_cuda.launch_blocks(scalars[3], resident_blocks)
-    block = torch.ops.plif_cuda.threads_per_block()
+    grid = launch_blocks(scalars[3], resident_blocks)
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
-    kernel((grid,), (block,), args, stream=stream)
-
-
-# kFlagHCheckpoints of csrc/plif_params.h: the `flags` scalar's bit for checkpoints.
-_FLAG_H_CHECKPOINTS = 16
+    kernel((grid,), (THREADS_PER_BLOCK,), args, stream=stream)
 
 
 def _scalar_types(acc) -> tuple:
@@ -127,7 +125,7 @@ def _scalar_types(acc) -> tuple:
     return (np.int64,) * 5 + (acc,) * 3 + (np.int32,) * 2
 
 
-# The NVRTC launcher ops of csrc/plif_ops.cpp: that op has checked the arguments, allocated the
+# The NVRTC launcher ops of csrc/plif_ops.cpp: the calling op has checked the arguments, allocated the
 # outputs and handled T = 0 and N = 0; these receive the kernel's arguments as the nvcc launcher
 # passes them (tensors where it passes pointers, None for null) and launch.
 def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
@@ -136,7 +134,7 @@ def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
 
 def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, *scalars):
     # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
-    direction = "recompute_backward" if scalars[-1] & _FLAG_H_CHECKPOINTS else "backward"
+    direction = "recompute_backward" if scalars[-1] & FLAG_H_CHECKPOINTS else "backward"
     _launch(
         direction,
         grad_x.dtype,
@@ -146,5 +144,5 @@ def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, 
 
 
 if ops.extension_available():
-    torch.library.impl("plif_cuda::nvrtc_launch_forward", "CUDA", func=_launch_forward)
-    torch.library.impl("plif_cuda::nvrtc_launch_backward", "CUDA", func=_launch_backward)
+    torch.library.impl("plif_cuda_internal::nvrtc_launch_forward", "CUDA", func=_launch_forward)
+    torch.library.impl("plif_cuda_internal::nvrtc_launch_backward", "CUDA", func=_launch_backward)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from plif_cuda import backends as plif_backends
-from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
+from plif_cuda.surrogate import resolve_surrogate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,11 +86,11 @@ needs_spikingjelly = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJe
 
 def assert_passes_without_spikingjelly(test_file: str) -> None:
     """Runs ``test_file``'s SpikingJelly-free tests in a new pytest process where SpikingJelly cannot
-    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass."""
+    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass. It runs
+    from the repository root, so that it imports this checkout's plif_cuda."""
     selection = "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"
     result = run_python(
         *("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file), "-k", selection),
-        cwd=Path(test_file).resolve().parent,
         PLIF_TEST_WITHOUT_SPIKINGJELLY="1",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -125,23 +125,20 @@ SURROGATE_CASES = [
 ]
 
 
-def op_scalars(
+def op_options(
     v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
-) -> tuple:
-    """The forward op's scalar options (v_threshold, v_reset, soft_reset, decay_input,
-    detach_reset, surrogate id, alpha, spiking) for plif_multistep's keyword arguments, as
-    plif_cuda.functional passes them; alpha None is the surrogate's default."""
+) -> dict:
+    """The ops' neuron options for plif_multistep's keyword arguments, as plif_cuda.functional
+    passes them (floats, the surrogate's name, its alpha; None is its default)."""
     name, alpha = resolve_surrogate(surrogate, alpha)
-    soft_reset = v_reset is None
-    return (
-        float(v_threshold),
-        0.0 if soft_reset else float(v_reset),
-        soft_reset,
-        decay_input,
-        detach_reset,
-        SURROGATE_IDS[name],
-        float(alpha),
-        spiking,
+    return dict(
+        v_threshold=float(v_threshold),
+        v_reset=None if v_reset is None else float(v_reset),
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=name,
+        alpha=alpha,
+        spiking=spiking,
     )
 
 

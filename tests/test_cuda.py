@@ -27,7 +27,7 @@ from helpers import (
     SURROGATE_CASES,
     assert_grad_close,
     make_seq,
-    op_scalars,
+    op_options,
     strided_leaf,
 )
 from plif_cuda import backends, ops
@@ -357,9 +357,9 @@ def test_cuda_opcheck(backend, device):
     x = make_seq((5, 3, 7), torch.float32, device, seed=31)
     k = torch.sigmoid(tau_weight(device, (21,), seed=32))
     v_init = torch.zeros(1, device=device)
-    options = op_scalars()
+    options = op_options()
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend))
+        backends.forward_op(backend), (x, k, v_init), dict(options, spiking=True, store_v_seq=True, needs_backward=True)
     )
 
 
@@ -386,9 +386,9 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
     acc = compute_dtype(dtype)
     k = torch.sigmoid(tau_weight(CUDA, (45,), seed=34, dtype=acc))
     v_init = make_seq((1,), acc, CUDA, seed=35, scale=1.0, shift=0.0)
-    scalars = op_scalars(**options, surrogate="atan", alpha=1.7, spiking=spiking)
-    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
+    neuron = op_options(**options, surrogate="atan", alpha=1.7, spiking=spiking)
+    compiled = backends.forward_op("cuda")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
+    nvrtc = backends.forward_op("cupy")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
     grads = (
@@ -396,11 +396,9 @@ def test_launchers_give_the_same_bits(dtype, options, spiking):
         make_seq(x.shape[1:], acc, CUDA, seed=37, scale=1.0, shift=0.0),
         make_seq(x.shape, dtype, CUDA, seed=38, scale=1.0, shift=0.0),
     )
-    compiled = torch.ops.plif_cuda.multistep_backward(
-        *grads, compiled[3], None, k, v_init, dtype, *scalars, ops.COMPILED_LAUNCHER
-    )
-    nvrtc = torch.ops.plif_cuda.multistep_backward(
-        *grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER
-    )
+    # Where the op kept H's checkpoint rows, the backward recomputes H from them and x.
+    saved_x = x if compiled[3].shape[0] != x.shape[0] else None
+    compiled = backends.backward_op("cuda")(*grads, compiled[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
+    nvrtc = backends.backward_op("cupy")(*grads, nvrtc[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)

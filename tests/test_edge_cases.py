@@ -13,6 +13,7 @@ from helpers import (
     SMOOTH_SURROGATES,
     assert_grad_close,
     assert_membrane_close,
+    op_options,
     strided_leaf,
 )
 from plif_cuda import plif_multistep
@@ -219,7 +220,15 @@ def test_backward_with_no_incoming_gradient_gives_zeros():
     h_seq = torch.tensor([[0.5, float("nan")], [float("inf"), 0.2]])
     k, v_init = torch.tensor([0.5]), torch.tensor([0.0])
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        None, None, None, h_seq, None, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True
+        None,
+        None,
+        None,
+        h_seq,
+        None,
+        k,
+        v_init,
+        x_dtype=torch.float32,
+        **op_options(),
     )
     assert torch.equal(grad_x, torch.zeros(2, 2))
     # One value each, as k and v_init hold: the sums of the neurons' (zero) shares.
@@ -254,8 +263,6 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
     """The CPU kernel's exp (plif_math.h, vectorised, not libm's) in each derivative that uses it,
     from exp(0) down through subnormal results to 0: one step, dL/dS = 1 and k = 1, so dL/dX is
     the derivative itself, against the same formula in float32 torch ops (libm's exp)."""
-    from plif_cuda.surrogate import SURROGATE_IDS
-
     alpha = DEFAULT_ALPHA[surrogate]
     reach = (120.0 / alpha) if surrogate != "erf" else math.sqrt(120.0) / alpha  # exp(-120) rounds to 0
     h_seq = (1.0 + torch.linspace(-reach, reach, 40001)).reshape(1, -1)
@@ -267,15 +274,14 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
         None,
         torch.ones(1),
         torch.zeros(1),
-        torch.float32,
-        1.0,
-        0.0,
-        False,
-        True,
-        False,
-        SURROGATE_IDS[surrogate],
-        alpha,
-        True,
+        x_dtype=torch.float32,
+        v_threshold=1.0,
+        v_reset=0.0,
+        decay_input=True,
+        detach_reset=False,
+        surrogate=surrogate,
+        alpha=alpha,
+        spiking=True,
     )
     expected = surrogate_derivative(surrogate, alpha, h_seq - 1.0)
     smallest_subnormal = 2.0**-149

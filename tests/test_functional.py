@@ -22,7 +22,6 @@ from helpers import (
     run_with_grads,
 )
 from plif_cuda import backends as plif_backends
-from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 from plif_cuda.reference import compute_dtype
 
@@ -280,10 +279,6 @@ def test_meta_tensors_give_output_shapes(layout):
 
 
 # ---- what backward keeps ------------------------------------------------------------------------
-# Position of `save` among the forward op's arguments (the launcher follows it).
-SAVE_ARGUMENT = 12
-
-
 def _record_forward_calls(monkeypatch):
     calls = []
     real_forward_op = plif_backends.forward_op
@@ -291,9 +286,9 @@ def _record_forward_calls(monkeypatch):
     def recording_forward_op(backend):
         op = real_forward_op(backend)
 
-        def call(*args):
-            calls.append(args)
-            return op(*args)
+        def call(*args, **kwargs):
+            calls.append(kwargs)
+            return op(*args, **kwargs)
 
         return call
 
@@ -321,7 +316,7 @@ def test_no_grad_saves_nothing(backend, device, monkeypatch):
         plif_multistep(x_seq.detach(), w.detach(), backend=backend)
     assert packed == []
     assert spikes.grad_fn is None and v_last.grad_fn is None
-    assert [call[SAVE_ARGUMENT] for call in calls] == [plif_ops.SAVE_NOTHING] * 2, "nothing to save without a gradient"
+    assert [call["needs_backward"] for call in calls] == [False] * 2, "nothing to save without a gradient"
 
 
 def test_backward_keeps_one_sequence_tensor(backend, device, monkeypatch):
@@ -329,7 +324,7 @@ def test_backward_keeps_one_sequence_tensor(backend, device, monkeypatch):
     x_seq, w, calls, packed, saving = _recorded_inputs(device, monkeypatch)
     with saving:
         spikes, v_last, v_seq = plif_multistep(x_seq, w, backend=backend, store_v_seq=True)
-    assert calls[0][SAVE_ARGUMENT] == plif_ops.SAVE_H
+    assert calls[0]["needs_backward"] is True
     sequence_sized = [t for t in packed if t.numel() >= x_seq.numel()]
     assert len(sequence_sized) == 1, [tuple(t.shape) for t in packed]
     assert all(t.numel() <= x_seq[0].numel() for t in packed if t.numel() < x_seq.numel())

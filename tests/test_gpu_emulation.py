@@ -26,9 +26,8 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, op_scalars
-from plif_cuda import _nvrtc
-from plif_cuda import ops as plif_ops
+from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, op_options
+from plif_cuda import _C, _nvrtc
 from plif_cuda.reference import compute_dtype
 
 pytestmark = pytest.mark.gpu_emulation
@@ -38,8 +37,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 DTYPES = tuple(DTYPE_CODES)
 # Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# enum OptionFlags of csrc/plif_params.h.
-FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING, FLAG_H_CHECKPOINTS = 1, 2, 4, 8, 16
 
 # Resident blocks of the emulated device: an H200 at four 256-thread blocks per multiprocessor
 # (scalar path for every N here), and devices small enough for the vector path.
@@ -155,19 +152,20 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
 
 
 def _flags(options) -> int:
-    _, _, soft_reset, decay_input, detach_reset, _, _, spiking = options
     return (
-        (FLAG_SOFT_RESET if soft_reset else 0)
-        | (FLAG_DECAY_INPUT if decay_input else 0)
-        | (FLAG_DETACH_RESET if detach_reset else 0)
-        | (FLAG_SPIKING if spiking else 0)
+        (_C.FLAG_SOFT_RESET if options["v_reset"] is None else 0)
+        | (_C.FLAG_DECAY_INPUT if options["decay_input"] else 0)
+        | (_C.FLAG_DETACH_RESET if options["detach_reset"] else 0)
+        | (_C.FLAG_SPIKING if options["spiking"] else 0)
     )
 
 
-def _kernel_scalars(options, save=plif_ops.SAVE_H):
-    v_threshold, v_reset, _, _, _, surrogate, alpha, _ = options
-    checkpoints = FLAG_H_CHECKPOINTS if save == plif_ops.SAVE_CHECKPOINTS else 0
-    return v_threshold, v_reset, alpha, surrogate, _flags(options) | checkpoints
+def _kernel_scalars(options, save=_C.SAVE_H):
+    """v_threshold, v_reset, alpha, surrogate id, flags: the kernels' scalar block after the sizes."""
+    checkpoints = _C.FLAG_H_CHECKPOINTS if save == _C.SAVE_CHECKPOINTS else 0
+    v_reset = 0.0 if options["v_reset"] is None else options["v_reset"]
+    surrogate = _C.SURROGATES.index(options["surrogate"])
+    return options["v_threshold"], v_reset, options["alpha"], surrogate, _flags(options) | checkpoints
 
 
 def forward_lanes(dtype) -> int:
@@ -188,7 +186,7 @@ def run_case(
     store_v_seq=True,
     grads=("spikes", "v_last", "v_seq"),
     seed=0,
-    save=plif_ops.SAVE_H,
+    save=_C.SAVE_H,
     x_step=None,
 ) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
@@ -209,8 +207,10 @@ def run_case(
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
     ops = torch.ops.plif_cuda
 
-    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, save)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    spikes, v_last, v_seq, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+        x, k, v_init, **options, store_v_seq=store_v_seq, save=save
+    )
+    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
     em_x = _placed_steps(x, x_step, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
@@ -239,7 +239,7 @@ def run_case(
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
     grad_x, grad_k, grad_v_init = ops.multistep_backward(
-        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options
+        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, x_dtype=dtype, **options
     )
 
     em_inputs = [
@@ -266,8 +266,8 @@ def run_case(
             saved_x,
             k.expand(neurons).contiguous(),
             v_init.expand(neurons).contiguous(),
-            dtype,
-            *options,
+            x_dtype=dtype,
+            **options,
         )
         for total, shares in ((grad_k, shares_k), (grad_v_init, shares_v_init)):
             assert total.shape == (1,)
@@ -293,7 +293,7 @@ GEOMETRIES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, op_scalars(**options), resident_blocks
+        emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks
     )
     vector = resident_blocks != H200_BLOCKS
     assert (forward_vectors > 0) == vector and backward_vectors == 0
@@ -302,7 +302,7 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, spiking):
-    options = op_scalars(surrogate=surrogate, alpha=1.7, spiking=spiking)
+    options = op_options(surrogate=surrogate, alpha=1.7, spiking=spiking)
     run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
     forward_vectors, _ = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
     assert (forward_vectors > 0) == spiking
@@ -311,7 +311,7 @@ def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, sp
 @pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
-    options = op_scalars(v_reset=None, surrogate="piecewise_quadratic")
+    options = op_options(v_reset=None, surrogate="piecewise_quadratic")
     run_case(emulation, dtype, steps, 100, options, H200_BLOCKS, seed=steps)
     run_case(emulation, dtype, steps, 2048, options, 1, seed=steps)
 
@@ -321,7 +321,7 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
     # One resident block: the vector path would be chosen if N were a multiple of the lanes and
     # large enough; 4100 is a multiple of 4 (float32's lanes).
-    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_scalars(), 1, seed=neurons)
+    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_options(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
     assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
 
@@ -333,7 +333,7 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
     # stream is enough to take the whole launch down the scalar path.
     offset, x_offset = offsets
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, 11, 4096, op_scalars(), 1, offset=offset, x_offset=x_offset
+        emulation, dtype, 11, 4096, op_options(), 1, offset=offset, x_offset=x_offset
     )
     assert forward_vectors == 0 and backward_vectors == 0
 
@@ -346,12 +346,12 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
 def test_absent_gradients(emulation, dtype, grads, resident_blocks):
     # Without grad_spikes the backward's chunks load H's rows in its place (and drop the values),
     # read as gradients of the input dtype.
-    run_case(emulation, dtype, 10, 1024, op_scalars(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
+    run_case(emulation, dtype, 10, 1024, op_options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
-    run_case(emulation, dtype, 10, 2048, op_scalars(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+    run_case(emulation, dtype, 10, 2048, op_options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
 
 
 def test_a_misaligned_vector_access_is_reported(emulation):
@@ -376,10 +376,10 @@ def test_a_misaligned_vector_access_is_reported(emulation):
     ids=lambda v: str(v),
 )
 def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
-    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through these ops)
+    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through _C.launch_blocks)
     # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
-    assert torch.ops.plif_cuda.threads_per_block() == 256
-    assert torch.ops.plif_cuda.launch_blocks(neurons, resident_blocks) == blocks
+    assert _C.THREADS_PER_BLOCK == 256
+    assert _C.launch_blocks(neurons, resident_blocks) == blocks
 
 
 # ---- checkpoints (half inputs keep x and every eighth H; the backward recomputes the rest) -----
@@ -393,7 +393,7 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
     registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
     _, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, op_scalars(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
+        emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks, save=_C.SAVE_CHECKPOINTS
     )
     assert backward_vectors == 0
 
@@ -401,9 +401,9 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
 @pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
-    options = op_scalars(v_reset=None, surrogate="piecewise_quadratic")
-    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=plif_ops.SAVE_CHECKPOINTS)
-    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=plif_ops.SAVE_CHECKPOINTS)
+    options = op_options(v_reset=None, surrogate="piecewise_quadratic")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=_C.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=_C.SAVE_CHECKPOINTS)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -413,10 +413,10 @@ def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
         torch.bfloat16,
         20,
         700,
-        op_scalars(surrogate=surrogate, alpha=1.7, spiking=spiking),
+        op_options(surrogate=surrogate, alpha=1.7, spiking=spiking),
         H200_BLOCKS,
         seed=3,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -429,12 +429,12 @@ def test_checkpoints_absent_gradients(emulation, grads):
         torch.float16,
         19,
         1024,
-        op_scalars(),
+        op_options(),
         1,
         grads=grads,
         store_v_seq="v_seq" in grads,
         per_neuron=False,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -459,7 +459,7 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, op_scalars(detach_reset=True), resident_blocks, seed=5, x_step=x_step
+        emulation, dtype, T_LONG, neurons, op_options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
     )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
     assert backward_vectors == 0
@@ -471,10 +471,8 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
 def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_step_of):
     """From checkpoints the backward reads x again: in place too, at the same step."""
     x_step = x_step_of(300, forward_lanes(dtype))
-    options = op_scalars(v_reset=None, surrogate="atan")
-    run_case(
-        emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=plif_ops.SAVE_CHECKPOINTS
-    )
+    options = op_options(v_reset=None, surrogate="atan")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=_C.SAVE_CHECKPOINTS)
     run_case(
         emulation,
         dtype,
@@ -484,5 +482,5 @@ def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_ste
         1,
         seed=steps,
         x_step=x_step_of(2048, forward_lanes(dtype)),
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )

@@ -26,7 +26,7 @@ case "$*" in
     [ "${FAKE_BUILD_FAILS:-0}" = 1 ] && { echo "fake compiler error"; exit 1; }
     echo "  running build_ext"
     echo "  plif_cuda: building the CPU kernels only (fake build)" >&2
-    mkdir -p plif_cuda && echo "library" > plif_cuda/_C.fake.so && echo "# fake" > plif_cuda/_build_info.py ;;
+    mkdir -p plif_cuda && echo "library" > plif_cuda/_C.fake.so ;;
 esac
 exit 0
 """

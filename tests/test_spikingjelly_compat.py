@@ -33,6 +33,7 @@ from helpers import (
     assert_passes_without_spikingjelly,
     make_seq,
     needs_spikingjelly,
+    op_options,
     random_weights_like,
     sj_base,
     sj_neuron,
@@ -221,7 +222,12 @@ def test_op_returns_v_last_in_the_compute_dtype():
     one = torch.ones(1)
     for device in ("cpu", "meta"):
         spikes, v_last, v_seq, _ = torch.ops.plif_cuda.multistep_forward(
-            x.to(device), one.to(device) * 0.5, one.to(device) * 0, 1.0, 0.0, False, True, False, 0, 4.0, True, True, 0
+            x.to(device),
+            one.to(device) * 0.5,
+            one.to(device) * 0,
+            **op_options(),
+            store_v_seq=True,
+            needs_backward=False,
         )
         assert (spikes.dtype, v_last.dtype, v_seq.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     spike_seq, v_last, _ = plif_cuda.plif_multistep(x, torch.zeros(()))
