@@ -86,11 +86,11 @@ needs_spikingjelly = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJe
 
 def assert_passes_without_spikingjelly(test_file: str) -> None:
     """Runs ``test_file``'s SpikingJelly-free tests in a new pytest process where SpikingJelly cannot
-    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass."""
+    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass. It runs
+    from the repository root, so that it imports this checkout's plif_cuda."""
     selection = "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"
     result = run_python(
         *("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file), "-k", selection),
-        cwd=Path(test_file).resolve().parent,
         PLIF_TEST_WITHOUT_SPIKINGJELLY="1",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
