@@ -121,6 +121,7 @@ at::ScalarType compute_type_of(at::ScalarType t) {
 }
 
 // ---- output shapes: shared by the kernels' allocation and the Meta kernels ----------------------
+// checkpoint_rows (plif_params.h) for sizes that may be symbolic (torch.compile's dynamic shapes).
 c10::SymInt checkpoint_rows_of(const c10::SymInt& steps) {
   return steps > 0 ? (steps - 1) / static_cast<int64_t>(kCheckpointSteps) : c10::SymInt(0);
 }

@@ -49,6 +49,20 @@ def test_available_backends_on_this_machine():
     assert plif_cuda.available_backends("cpu")[-1] == "torch"
 
 
+def test_the_library_carries_its_build_information():
+    """setup.py hands the build information to the compiler; the library reports it, and the
+    doctor prints it."""
+    from plif_cuda import _C
+
+    assert _C.TORCH_VERSION == torch.__version__, "the library was built against another torch"
+    assert (_C.CUDA_SKIPPED_BECAUSE is None) == _C.HAS_COMPILED_CUDA_KERNELS
+    assert (_C.CUDA_ARCHS != "") == _C.HAS_COMPILED_CUDA_KERNELS
+    out = run_doctor(CUDA_VISIBLE_DEVICES="").stdout
+    assert f"built against torch {_C.TORCH_VERSION}" in out
+    if _C.CUDA_SKIPPED_BECAUSE:
+        assert f"CUDA kernels not built because {_C.CUDA_SKIPPED_BECAUSE}" in out
+
+
 def test_doctor_without_a_visible_gpu_says_why_nothing_runs_on_cuda():
     result = run_doctor(CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stderr
