@@ -115,11 +115,11 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
 }
 
-// The CUDA kernels recompute H from checkpoints for the half types only, the inputs that keep
-// them (plif_cuda/ops.py save_mode); the CPU kernel for every dtype.
-void check_checkpoints_supported(const c10::Device& device, at::ScalarType x_dtype, bool checkpoints) {
-  TORCH_CHECK(!checkpoints || device.is_cpu() || x_dtype == at::kHalf || x_dtype == at::kBFloat16,
-              "save=2 (checkpoints) needs float16 or bfloat16 x on CUDA tensors, got ", x_dtype);
+// The CUDA backward recomputes H from x and the checkpoints (save=2), the one form of the saved
+// state that gives an exact dL/dk; the CPU kernel also runs from every H.
+void check_cuda_backward_has_checkpoints(const c10::Device& device, bool checkpoints) {
+  TORCH_CHECK(checkpoints || device.is_cpu(),
+              "the CUDA backward needs x and the checkpoint rows of H (a forward with save=2)");
 }
 
 // The shape of H's checkpoint rows for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
@@ -213,6 +213,14 @@ Tensor sum_to_count(const Tensor& values, int64_t count) {
   return at::scalar_tensor(total, values.options());
 }
 
+// The row of a GPU backward's per-block partial sums for a parameter that is one value (shared),
+// else an empty tensor (null): one double per block of a grid of one thread per neuron, the most
+// blocks a launch takes (plif_launch.h).
+Tensor gpu_partials(const Tensor& like, bool shared, int64_t neurons) {
+  if (like.is_cpu() || !shared) return at::empty({0}, like.options().dtype(at::kDouble));
+  return at::empty({launch_blocks(neurons, neurons)}, like.options().dtype(at::kDouble));
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
     bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
@@ -226,7 +234,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
               "save must be 0 (nothing), 1 (every H) or 2 (checkpoints), got ", save);
   check_launcher(launcher);
-  check_checkpoints_supported(x.device(), x.scalar_type(), save == kSaveCheckpoints);
   const auto acc_type = compute_type_of(x.scalar_type());
 
   Tensor spikes = empty_output(x.sizes(), x.options());
@@ -307,7 +314,7 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
   check_launcher(launcher);
-  check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
+  check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
   // or one per neuron.
@@ -321,12 +328,10 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     else grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
-  // The GPU kernels write every neuron's share; where k (v_init) is one value they go to a
-  // scratch row that is summed after the launch (the CPU kernel sums them itself).
-  const bool gpu_sums_k = !h_seq.is_cpu() && k.numel() == 1 && N > 1;
-  const bool gpu_sums_v_init = !h_seq.is_cpu() && v_init.numel() == 1 && N > 1;
-  Tensor grad_k_shares = gpu_sums_k ? at::empty({N}, h_seq.options()) : grad_k;
-  Tensor grad_v_init_shares = gpu_sums_v_init ? at::empty({N}, h_seq.options()) : grad_v_init;
+  // Where k (v_init) is one value, the GPU kernels sum its shares per thread block into a row of
+  // partials (one per block of the widest grid), which the launcher then finishes.
+  const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);
+  const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1, N);
 
   dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
@@ -340,8 +345,10 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.grad_x = grad_x.data_ptr<in_t>();
-    p.grad_k = grad_k_shares.data_ptr<acc_t>();
-    p.grad_v_init = grad_v_init_shares.data_ptr<acc_t>();
+    p.grad_k = grad_k.data_ptr<acc_t>();
+    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
+    p.grad_k_partials = ptr_or_null<double>(grad_k_partials);
+    p.grad_v_init_partials = ptr_or_null<double>(grad_v_init_partials);
     p.k_stride = k.numel() == 1 ? 0 : 1;
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
@@ -357,16 +364,14 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
         launch_nvrtc("plif_cuda::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k_shares),
-                      pointer_argument(grad_v_init_shares)},
+                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init),
+                      pointer_argument(grad_k_partials), pointer_argument(grad_v_init_partials)},
                      p);
       } else {
         launch_compiled(p);
       }
     }
   });
-  if (gpu_sums_k) grad_k.copy_(sum_to_count(grad_k_shares, 1));
-  if (gpu_sums_v_init) grad_v_init.copy_(sum_to_count(grad_v_init_shares, 1));
   return {grad_x, grad_k, grad_v_init};
 }
 
@@ -391,7 +396,8 @@ TORCH_LIBRARY(plif_cuda, m) {
       "float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
-      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
+      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, "
+      "Tensor(d!)? grad_k_partials, Tensor(e!)? grad_v_init_partials, int k_stride, "
       "int v_init_stride, int T, int N, int x_step, float v_threshold, float v_reset, float alpha, int surrogate, "
       "int flags) -> ()");
   // The launch shape of both GPU launchers (plif_launch.h), for the NVRTC one.

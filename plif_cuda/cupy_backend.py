@@ -102,7 +102,7 @@ def _cupy_stream(torch_stream: torch.cuda.Stream):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 
-def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
+def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> int:
     # The op's device guard has made the tensors' device current (and restores the previous one).
     device_index = torch.cuda.current_device()
     kernel, resident_blocks = _kernel_pair(device_index, dtype)[direction]
@@ -115,10 +115,7 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
     block = torch.ops.plif_cuda.threads_per_block()
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
     kernel((grid,), (block,), args, stream=stream)
-
-
-# kFlagHCheckpoints of csrc/plif_params.h: the `flags` scalar's bit for checkpoints.
-_FLAG_H_CHECKPOINTS = 16
+    return grid
 
 
 def _scalar_types(acc) -> tuple:
@@ -134,15 +131,48 @@ def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
     _launch("forward", x.dtype, (x, k, v_init, spikes, v_last, v_seq, h_seq), scalars)
 
 
-def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, *scalars):
-    # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
-    direction = "recompute_backward" if scalars[-1] & _FLAG_H_CHECKPOINTS else "backward"
-    _launch(
-        direction,
+def _launch_backward(
+    grad_spikes,
+    grad_v_last,
+    grad_v_seq,
+    h_seq,
+    x,
+    k,
+    v_init,
+    grad_x,
+    grad_k,
+    grad_v_init,
+    k_partials,
+    v_partials,
+    *scalars,
+):
+    blocks = _launch(
+        "backward",
         grad_x.dtype,
-        (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init),
+        (
+            grad_spikes,
+            grad_v_last,
+            grad_v_seq,
+            h_seq,
+            x,
+            k,
+            v_init,
+            grad_x,
+            grad_k,
+            grad_v_init,
+            k_partials,
+            v_partials,
+        ),
         scalars,
     )
+    if k_partials is not None or v_partials is not None:
+        # The fixed-order finish of a shared k's (v_init's) sums, as the nvcc launcher runs it.
+        device_index = torch.cuda.current_device()
+        finish, _ = _kernel_pair(device_index, grad_x.dtype)["finish_shares"]
+        pointers = tuple(
+            np.uint64(0 if t is None else t.data_ptr()) for t in (k_partials, v_partials, grad_k, grad_v_init)
+        )
+        finish((1,), (1,), pointers + (np.int64(blocks),), stream=_cupy_stream(torch.cuda.current_stream(device_index)))
 
 
 if ops.extension_available():

@@ -66,14 +66,11 @@ CHECKPOINT_STEPS = 8
 
 
 def save_mode(x: torch.Tensor, needs_grad: bool) -> int:
-    """What a differentiable forward of ``x`` keeps: float16/bfloat16 inputs keep themselves
-    (2 bytes per neuron-step) and fp32 checkpoints of H (at most 0.5 more), fp32/fp64 keep H
-    (as small as the input, and nothing to recompute)."""
-    if not needs_grad:
-        return SAVE_NOTHING
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return SAVE_CHECKPOINTS
-    return SAVE_H
+    """What a differentiable forward of ``x`` keeps: x itself and the checkpoint rows of H (every
+    CHECKPOINT_STEPS-th, in the compute dtype: at most 0.5 B per neuron-step more in float32), from
+    which the backward recomputes H bit for bit and takes dH/dk = X - (V - V_r) exactly for every
+    tau (docs/precision.md)."""
+    return SAVE_CHECKPOINTS if needs_grad else SAVE_NOTHING
 
 
 def checkpoint_rows(steps: int) -> int:
