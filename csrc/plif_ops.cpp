@@ -37,6 +37,7 @@
 
 #include "plif_cpu_buffers.h"
 #include "plif_launch.h"
+#include "plif_math.h"
 
 // Written by setup.py into its build folder: the torch the library was built against, and the
 // CUDA architectures of its kernels or why they were not built.
@@ -74,13 +75,13 @@ int surrogate_id(c10::string_view name) {
   return id;
 }
 
-// What a forward keeps for its backward: float16/bfloat16 inputs keep themselves (2 bytes per
-// neuron-step) and fp32 checkpoints of H (at most 0.5 more), fp32/fp64 keep every H (as small
-// as the input, and nothing to recompute). The rule may depend on the dtype only: a Meta kernel
-// computes the same output shapes without seeing the device.
-SaveMode save_mode_for(at::ScalarType x_dtype, bool needs_backward) {
-  if (!needs_backward) return kSaveNothing;
-  return x_dtype == at::kHalf || x_dtype == at::kBFloat16 ? kSaveCheckpoints : kSaveH;
+// What a forward keeps for its backward: x itself (autograd keeps it) and the checkpoint rows of
+// H in the compute dtype (at most 0.5 B per neuron-step more in float32), for every dtype: the
+// backward recomputes H bit for bit and takes dH/dk = X - (V[t-1] - V_r), exact for every tau
+// (docs/precision.md). The rule may depend on the dtype only: a Meta kernel computes the same
+// output shapes without seeing the device.
+SaveMode save_mode_for(at::ScalarType /*x_dtype*/, bool needs_backward) {
+  return needs_backward ? kSaveCheckpoints : kSaveNothing;
 }
 
 // The neuron's parameters and options as the ops take them, checked.
@@ -217,11 +218,11 @@ void check_steps_contiguous(const Tensor& x) {
 // nothing).
 int64_t step_stride(const Tensor& x, int64_t N) { return x.size(0) > 1 ? x.stride(0) : N; }
 
-// The CUDA kernels recompute H from checkpoints for the half types only, the inputs that keep
-// them (save_mode_for); the CPU kernel for every dtype.
-void check_checkpoints_supported(const c10::Device& device, at::ScalarType x_dtype, bool checkpoints) {
-  TORCH_CHECK(!checkpoints || device.is_cpu() || x_dtype == at::kHalf || x_dtype == at::kBFloat16,
-              "save=2 (checkpoints) needs float16 or bfloat16 x on CUDA tensors, got ", x_dtype);
+// The CUDA backward recomputes H from x and the checkpoints (kSaveCheckpoints), the one form of
+// the saved state that gives an exact dL/dk; the CPU kernel also runs from every H.
+void check_cuda_backward_has_checkpoints(const c10::Device& device, bool checkpoints) {
+  TORCH_CHECK(checkpoints || device.is_cpu(),
+              "the CUDA backward needs x and the checkpoint rows of H (a forward that saved checkpoints)");
 }
 
 template <typename T>
@@ -290,17 +291,22 @@ void dispatch_types(at::ScalarType t, Fn fn) {
   }
 }
 
-// `values` ([N]) as `count` values: themselves (count N), or their sum in float64 (count 1),
-// in an order fixed by N: a CUDA reduction's order depends only on the shape; on CPU (reached
-// only without a time step) a plain loop, since torch's CPU sum splits by thread count.
+// `values` ([N], reached only without a time step) as `count` values: themselves (count N), or
+// their sum (count 1) in an order fixed by N: on CPU plif_math.h's sum_in_fixed_order, on CUDA
+// torch's reduction, whose order depends only on the shape.
 Tensor sum_to_count(const Tensor& values, int64_t count) {
   if (count != 1 || values.numel() == 1) return values;
   if (values.is_cuda()) return at::sum(values, at::kDouble).to(values.scalar_type());
   const Tensor doubles = values.to(at::kDouble).contiguous();
-  const double* data = doubles.data_ptr<double>();
-  double total = 0.0;
-  for (int64_t i = 0; i < doubles.numel(); ++i) total += data[i];
-  return at::scalar_tensor(total, values.options());
+  return at::scalar_tensor(sum_in_fixed_order(doubles.data_ptr<double>(), doubles.numel()), values.options());
+}
+
+// The row of a GPU backward's per-block partial sums for a parameter that is one value (shared),
+// else an empty tensor (null): one double per block of a grid of one thread per neuron, the most
+// blocks a launch takes (plif_launch.h).
+Tensor gpu_partials(const Tensor& like, bool shared, int64_t neurons) {
+  if (like.is_cpu() || !shared) return at::empty({0}, like.options().dtype(at::kDouble));
+  return at::empty({launch_blocks(neurons, neurons)}, like.options().dtype(at::kDouble));
 }
 
 // ---- the forward ---------------------------------------------------------------------------------
@@ -314,7 +320,6 @@ ForwardOutputs forward_saving(const Tensor& x, const Tensor& k, const Tensor& v_
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
   check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
   check_per_neuron(v_init, "v_init", x.device(), x.scalar_type(), N);
-  check_checkpoints_supported(x.device(), x.scalar_type(), save == kSaveCheckpoints);
 
   Tensor spikes, v_last, v_seq, h_seq;
   std::tie(spikes, v_last, v_seq, h_seq) = allocate_forward(x, store_v_seq, save, empty_output);
@@ -443,7 +448,7 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
-  check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
+  check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
   // or one per neuron.
@@ -457,12 +462,10 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
     else grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
-  // The GPU kernels write every neuron's share; where k (v_init) is one value they go to a
-  // scratch row that is summed after the launch (the CPU kernel sums them itself).
-  const bool gpu_sums_k = !h_seq.is_cpu() && k.numel() == 1 && N > 1;
-  const bool gpu_sums_v_init = !h_seq.is_cpu() && v_init.numel() == 1 && N > 1;
-  Tensor grad_k_shares = gpu_sums_k ? at::empty({N}, h_seq.options()) : grad_k;
-  Tensor grad_v_init_shares = gpu_sums_v_init ? at::empty({N}, h_seq.options()) : grad_v_init;
+  // Where k (v_init) is one value, the GPU kernels sum its shares per thread block into a row of
+  // partials (one per block of the widest grid), which the launcher then finishes.
+  const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);
+  const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1, N);
 
   dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
@@ -476,8 +479,10 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.grad_x = grad_x.data_ptr<in_t>();
-    p.grad_k = grad_k_shares.data_ptr<acc_t>();
-    p.grad_v_init = grad_v_init_shares.data_ptr<acc_t>();
+    p.grad_k = grad_k.data_ptr<acc_t>();
+    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
+    p.grad_k_partials = ptr_or_null<double>(grad_k_partials);
+    p.grad_v_init_partials = ptr_or_null<double>(grad_v_init_partials);
     p.k_stride = k.numel() == 1 ? 0 : 1;
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
@@ -492,16 +497,14 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
         launch_nvrtc("plif_cuda_internal::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k_shares),
-                      pointer_argument(grad_v_init_shares)},
+                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init),
+                      pointer_argument(grad_k_partials), pointer_argument(grad_v_init_partials)},
                      p);
       } else {
         launch_compiled(p);
       }
     }
   });
-  if (gpu_sums_k) grad_k.copy_(sum_to_count(grad_k_shares, 1));
-  if (gpu_sums_v_init) grad_v_init.copy_(sum_to_count(grad_v_init_shares, 1));
   return {grad_x, grad_k, grad_v_init};
 }
 
@@ -555,7 +558,8 @@ TORCH_LIBRARY(plif_cuda_internal, m) {
       "float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
-      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
+      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, "
+      "Tensor(d!)? grad_k_partials, Tensor(e!)? grad_v_init_partials, int k_stride, "
       "int v_init_stride, int T, int N, int x_step, float v_threshold, float v_reset, float alpha, int surrogate, "
       "int flags) -> ()");
 }

@@ -23,7 +23,7 @@ import torch
 from . import _nvrtc, ops
 
 if ops.extension_available():
-    from ._C import FLAG_H_CHECKPOINTS, THREADS_PER_BLOCK, launch_blocks
+    from ._C import THREADS_PER_BLOCK, launch_blocks
 
 
 @functools.cache
@@ -105,7 +105,7 @@ def _cupy_stream(torch_stream: torch.cuda.Stream):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 
-def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
+def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> int:
     # The op's device guard has made the tensors' device current (and restores the previous one).
     device_index = torch.cuda.current_device()
     kernel, resident_blocks = _kernel_pair(device_index, dtype)[direction]
@@ -117,6 +117,7 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
     grid = launch_blocks(scalars[3], resident_blocks)
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
     kernel((grid,), (THREADS_PER_BLOCK,), args, stream=stream)
+    return grid
 
 
 def _scalar_types(acc) -> tuple:
@@ -132,15 +133,21 @@ def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
     _launch("forward", x.dtype, (x, k, v_init, spikes, v_last, v_seq, h_seq), scalars)
 
 
-def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, *scalars):
-    # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
-    direction = "recompute_backward" if scalars[-1] & FLAG_H_CHECKPOINTS else "backward"
-    _launch(
-        direction,
-        grad_x.dtype,
-        (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init),
-        scalars,
-    )
+def _launch_backward(*arguments):
+    # The kernel's twelve pointers (grad_x, grad_k, grad_v_init and the two rows of per-block
+    # partials last), then its scalar block.
+    pointers, scalars = arguments[:12], arguments[12:]
+    grad_x, grad_k, grad_v_init, k_partials, v_partials = pointers[7:]
+    blocks = _launch("backward", grad_x.dtype, pointers, scalars)
+    if k_partials is not None or v_partials is not None:
+        # The fixed-order finish of a shared k's (v_init's) sums, as the nvcc launcher runs it.
+        device_index = torch.cuda.current_device()
+        finish, _ = _kernel_pair(device_index, grad_x.dtype)["finish_shares"]
+        finish_arguments = tuple(
+            np.uint64(0 if t is None else t.data_ptr()) for t in (k_partials, v_partials, grad_k, grad_v_init)
+        )
+        stream = _cupy_stream(torch.cuda.current_stream(device_index))
+        finish((1,), (1,), (*finish_arguments, np.int64(blocks)), stream=stream)
 
 
 if ops.extension_available():

@@ -191,10 +191,11 @@ def run_case(
 ) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
     outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
-    asserts every output bit-equal. ``save``: what the forward keeps (every H, or checkpoints,
-    from which the backward recomputes H with x). ``x_step``: elements between the emulated x's
-    steps (None: N, contiguous; 0: one step broadcast over time); the CPU op gets the contiguous
-    copy. Returns the vector accesses of the emulated forward and backward."""
+    asserts every output bit-equal (a shared k's and v_init's gradient, summed in another
+    partition, to rounding). ``save``: what the compared forward keeps (every H, or checkpoints);
+    the backward, on CPU and GPU alike, recomputes H from x and the checkpoints. ``x_step``:
+    elements between the emulated x's steps (None: N, contiguous; 0: one step broadcast over
+    time); the CPU op gets the contiguous copy. Returns the vector accesses of the emulated forward and backward."""
     x_offset = offset if x_offset is None else x_offset
     x_step = neurons if x_step is None else x_step
     generator = torch.Generator().manual_seed(seed)
@@ -210,7 +211,6 @@ def run_case(
     spikes, v_last, v_seq, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
         x, k, v_init, **options, store_v_seq=store_v_seq, save=save
     )
-    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
     em_x = _placed_steps(x, x_step, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
@@ -238,45 +238,57 @@ def run_case(
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
+    if save != _C.SAVE_CHECKPOINTS:
+        h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x, k, v_init, **options, store_v_seq=False, save=_C.SAVE_CHECKPOINTS
+        )[3]
     grad_x, grad_k, grad_v_init = ops.multistep_backward(
-        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, x_dtype=dtype, **options
+        grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, x_dtype=dtype, **options
     )
 
     em_inputs = [
         None if t is None else _placed(t, at)
         for t, at in ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))
     ]
-    em_inputs.append(None if saved_x is None else em_x)
+    em_inputs.append(em_x)
     em_grad_x = _empty_placed(x.shape, dtype, offset)
-    em_grad_k = _empty_placed((neurons,), acc, offset)
-    em_grad_v_init = _empty_placed((neurons,), acc, offset)
+    em_grad_k = _empty_placed((count,), acc, offset)
+    em_grad_v_init = _empty_placed((count,), acc, offset)
     backward_tensors = (*em_inputs, em_k, em_v_init, em_grad_x, em_grad_k, em_grad_v_init)
-    backward_vectors = _call(lib.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, backward_tensors), *scalars)
+    backward_scalars = (*scalars[:5], *_kernel_scalars(options, _C.SAVE_CHECKPOINTS), resident_blocks)
+    backward_vectors = _call(
+        lib.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, backward_tensors), *backward_scalars
+    )
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
-    shares_k, shares_v_init = grad_k, grad_v_init
-    if not per_neuron:
-        # The CPU op returns the sum of the neurons' shares where k and v_init are one value (the
-        # GPU launchers sum the kernels' shares); the shares themselves, bit for bit the same
-        # arithmetic, come from the same call with k and v_init given per neuron.
+    if per_neuron:
+        assert_bits_equal(em_grad_k, grad_k, "grad_k")
+        assert_bits_equal(em_grad_v_init, grad_v_init, "grad_v_init")
+    else:
+        # Where k and v_init are one value, their gradients are the sums of the neurons' shares,
+        # which the CPU kernel sums per block of neurons and the GPU kernels per thread block: each
+        # within rounding of the shares' sum, which the same call with k and v_init given per
+        # neuron returns (bit for bit the same arithmetic per neuron).
         _, shares_k, shares_v_init = ops.multistep_backward(
             grad_spikes,
             grad_v_last,
             grad_v_seq,
             h_seq,
-            saved_x,
+            x,
             k.expand(neurons).contiguous(),
             v_init.expand(neurons).contiguous(),
             x_dtype=dtype,
             **options,
         )
-        for total, shares in ((grad_k, shares_k), (grad_v_init, shares_v_init)):
-            assert total.shape == (1,)
+        for name, shares, totals in (
+            ("grad_k", shares_k, (grad_k, em_grad_k)),
+            ("grad_v_init", shares_v_init, (grad_v_init, em_grad_v_init)),
+        ):
             scale = shares.double().abs().sum().item()
-            torch.testing.assert_close(
-                total.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale + 1e-30
-            )
-    assert_bits_equal(em_grad_k, shares_k, "grad_k")
-    assert_bits_equal(em_grad_v_init, shares_v_init, "grad_v_init")
+            for total in totals:
+                assert total.shape == (1,), name
+                torch.testing.assert_close(
+                    total.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale + 1e-30
+                )
     return forward_vectors, backward_vectors
 
 
