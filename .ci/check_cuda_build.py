@@ -84,9 +84,10 @@ OCCUPANCY_EXCEPTIONS = {
     ("*", "backward float16"): _BACKWARD_CHUNK,
     ("*", "backward bfloat16"): _BACKWARD_CHUNK,
     ("*", "backward float64"): (
-        512,
+        256,
         "the chunk's loads are 32-48 registers of doubles and its surrogates are double "
-        "precision: 2 blocks (128 registers), 512 threads x 128 B in flight per multiprocessor",
+        "precision: 1 block (136 registers; at 128 the division's slow path takes a stack frame "
+        "on sm_80-89), 256 threads x 128 B = 32 KB in flight per multiprocessor",
     ),
 }
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.

@@ -90,11 +90,12 @@ struct Geometry {
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
   // keeps every load of its steps in flight, takes 80 registers (three blocks: 768 threads; at 64
-  // ptxas spills) and float64 128 (two blocks); .ci/check_cuda_build.py lists both as exceptions
-  // with the bytes in flight they keep (benchmarks/NOTES.md, "The backward in one round trip").
+  // ptxas spills) and float64 136 (one block; at 128 the division's slow path took a stack frame
+  // on sm_80-89); .ci/check_cuda_build.py lists both as exceptions with the bytes in flight they
+  // keep (benchmarks/NOTES.md, "The backward in one round trip").
   enum : int {
     kForwardMinBlocks = 4,
-    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 3,
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 3,
   };
 };
 

@@ -31,8 +31,8 @@ enum LaunchShape : int { kThreadsPerBlock = 256 };
 // keeps resident (multiprocessors x blocks of that kernel per multiprocessor, which its register
 // use decides), and at least one; the kernels' grid-stride loops take the rest, and pick their
 // memory path from the grid they get. Both GPU launchers call this: the nvcc one (plif_cuda.cu)
-// with the CUDA runtime's occupancy, the NVRTC one (plif_cuda/cupy_backend.py, through the op
-// plif_cuda::launch_blocks) with the driver's for the run-time-compiled kernel.
+// with the CUDA runtime's occupancy, the NVRTC one (plif_cuda/cupy_backend.py, through
+// plif_cuda._C.launch_blocks) with the driver's for the run-time-compiled kernel.
 inline index_t launch_blocks(index_t neurons, index_t resident_blocks) {
   const index_t needed = (neurons + kThreadsPerBlock - 1) / kThreadsPerBlock;
   const index_t capped = needed < resident_blocks ? needed : resident_blocks;

@@ -407,7 +407,7 @@ PLIF_HD bool through_membrane(bool last_step, bool through_spike, bool grad_v_se
 // dL/dX[t] and moves the lane's state one step back. The surrogate derivative the previous step
 // will need is computed here, a step ahead: its exp and division are a long chain of dependent
 // operations that depends on nothing of this step, so it runs beside this step's chain instead
-// of before it (benchmarks/NOTES.md, "The backward's exp"). The same expression, so the same bits.
+// of before it (benchmarks/NOTES.md, "Fifth pass"). The same expression, so the same bits.
 template <int SURROGATE, int LANES, typename acc_t>
 PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t v_init, acc_t x, acc_t grad_s, acc_t grad_v,
                                    bool through_spike, bool through_membrane, const Options<acc_t>& o,

@@ -448,7 +448,6 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
-  check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
   // or one per neuron.
@@ -462,6 +461,7 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
     else grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
+  check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
   // Where k (v_init) is one value, the GPU kernels sum its shares per thread block into a row of
   // partials (one per block of the widest grid), which the launcher then finishes.
   const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);

@@ -8,7 +8,7 @@ namespace plif {
 // 64-bit indices everywhere: T * N may exceed 2^31 elements.
 typedef long long index_t;
 
-// Ids shared with plif_cuda/surrogate.py (SURROGATE_IDS).
+// Surrogate ids, in the order of the names the library exports (plif_cuda._C.SURROGATES).
 enum SurrogateId : int {
   kSigmoid = 0,
   kAtan = 1,
@@ -19,11 +19,12 @@ enum SurrogateId : int {
   kErf = 6,
 };
 
-// What a forward keeps for the backward (the forward op's `save` argument; plif_cuda/ops.py
-// names the same values). kSaveCheckpoints keeps H only at the last step of every chunk of
+// What a forward keeps for the backward (plif_ops.cpp's save_mode_for decides; exported as
+// plif_cuda._C.SAVE_*). kSaveCheckpoints keeps H only at the last step of every chunk of
 // kCheckpointSteps steps but the final one (rows K-1, 2K-1, ...: (T-1)/K rows of N), and the
 // backward, given X as well, recomputes each chunk's H from X and the checkpoint before it:
-// bit for bit the H the forward computed, so the backward is the same as from every H.
+// bit for bit the H the forward computed. kSaveH (every H) serves tests and the CPU backward's
+// comparison only.
 enum SaveMode : int { kSaveNothing = 0, kSaveH = 1, kSaveCheckpoints = 2 };
 enum CheckpointGeometry : int { kCheckpointSteps = 8 };
 

@@ -138,7 +138,7 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             # the kernels' H in the kernels' order.
             h_seq = membrane_before_reset(x, k, v_init, **ctx.neuron)
         grad_x, grad_k, grad_v_init = _differentiable_backward(
-            grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, **ctx.neuron
+            grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, x, **ctx.neuron
         )
         grad_x = grad_x.to(ctx.x_dtype)
     else:
@@ -170,6 +170,7 @@ def _differentiable_backward(
     h_seq,
     k,
     v_init,
+    x,
     *,
     v_threshold,
     v_reset,
@@ -181,10 +182,10 @@ def _differentiable_backward(
 ):
     """The spec's backward recurrence in torch ops, differentiable in every argument.
 
-    Only H is saved, so X is eliminated: dH[t]/dk = X[t] - (V[t-1] - V_r) is written as
-    (H[t] - V[t-1]) / k, which equals it as a function of (X, k, v_init) once H is seen as the
-    forward's output; a derivative taken through ``h_seq`` reaches the forward op as
-    ``grad_h_seq``, which this recurrence takes too. The spike is rebuilt from H with the
+    dH[t]/dk = X[t] - (V[t-1] - V_r) is taken from ``x`` where the forward kept it (exact for
+    every k), else from H alone as (H[t] - V[t-1]) / k, which equals it as a function of
+    (X, k, v_init) once H is seen as the forward's output; a derivative taken through ``h_seq``
+    reaches the forward op as ``grad_h_seq``, which this recurrence takes too. The spike is rebuilt from H with the
     reference's firing function, so that every further derivative is the reference
     autograd's (which applies the surrogate to every occurrence of the spike). Absent
     gradients contribute nothing (no zeros times a NaN slope). Returns per-neuron
@@ -213,10 +214,14 @@ def _differentiable_backward(
         if not detach_reset:
             reset_slope = reset_slope + (v_r - h_seq) * slope
     v_before = torch.cat([v_init.expand(h_seq.shape[1:]).unsqueeze(0), v_seq[:-1]])
-    # Where k underflows to 0, H = V[t-1] and the slope is not recoverable, nor needed (dk/dw = 0):
-    # dividing by 1 there keeps it 0, as the kernels do, instead of 0/0.
-    k_divisor = torch.where(k == 0, torch.ones_like(k), k)
-    h_slope_k = (h_seq - v_before) / k_divisor if decay_input else v_r - v_before
+    if not decay_input:
+        h_slope_k = v_r - v_before
+    elif x is not None:
+        h_slope_k = x.to(h_seq.dtype) - (v_before - v_r)
+    else:
+        # Where k underflows to 0, H = V[t-1] and the slope is not recoverable, nor needed
+        # (dk/dw = 0): dividing by 1 there keeps it 0, as the kernels do, instead of 0/0.
+        h_slope_k = (h_seq - v_before) / torch.where(k == 0, torch.ones_like(k), k)
 
     steps = h_seq.shape[0]
     grad_h = [None] * steps

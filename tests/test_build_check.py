@@ -112,6 +112,20 @@ def test_a_forward_without_a_vector_loop_fails_and_the_backward_is_not_held_to_i
     assert check.check_vector_stores(check.parse_sass(forward_with_loops(narrow, name=backward))) == []
 
 
+BACKWARD = "_ZN4plif20plif_backward_kernelIffEEvPKT_"
+
+
+def test_a_backward_chunk_loop_must_load_before_it_stores():
+    """Check 7: a chunk's loads all in flight before its first store (one round trip for T <= 8);
+    a load after a store in the loop (a second trip) fails, in the backward only."""
+    one_trip = SCALAR_LOOP + ["STS [R1], R4", "STG.E desc[UR4][R6.64], R5"]
+    two_trips = ["LDG.E R4, desc[UR4][R2.64]", "STG.E desc[UR4][R6.64], R4", "LDG.E R5, desc[UR4][R2.64]"]
+    assert check.check_backward_round_trips(check.parse_sass(forward_with_loops(one_trip, name=BACKWARD))) == []
+    (problem,) = check.check_backward_round_trips(check.parse_sass(forward_with_loops(two_trips, name=BACKWARD)))
+    assert "backward float32" in problem and "1 of 1 chunk loops issue a load after their first store" in problem
+    assert check.check_backward_round_trips(check.parse_sass(forward_with_loops(two_trips))) == []
+
+
 # ---- the kernel headers under nvcc, without the extension's build ---------------------------------
 def _nvcc() -> str | None:
     candidates = [Path(os.environ[var]) / "bin" / "nvcc" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
@@ -169,7 +183,8 @@ def test_every_kernel_instantiates_from_the_header_alone(tmp_path):
     done = nvcc_compile(tmp_path, kernel_references(), "--ptx", "-o", "unit.ptx")
     assert done.returncode == 0, done.stderr
     entries = (tmp_path / "unit.ptx").read_text().count(".entry ")
-    assert entries == sum(len(_nvrtc.kernel_names(dtype)) for dtype in _nvrtc.VARIANTS)
+    # One entry per distinct kernel: the finishing sum is one per compute type, shared by dtypes.
+    assert entries == len({name for dtype in _nvrtc.VARIANTS for name in _nvrtc.kernel_names(dtype).values()})
 
 
 @needs_nvcc

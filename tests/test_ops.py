@@ -88,8 +88,8 @@ def test_service_functions_are_not_public_ops():
 
 
 def test_the_op_decides_what_to_keep():
-    """Half inputs keep H's checkpoint rows (and the backward then needs x), the others every H,
-    nothing without a backward; the h_seq output shows which."""
+    """Every dtype keeps H's checkpoint rows (and the backward then needs x), nothing without a
+    backward; the h_seq output shows which."""
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x, k, v_init = _op_inputs("cpu", dtype, per_neuron=False, requires_grad=False)
         options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
@@ -98,11 +98,8 @@ def test_the_op_decides_what_to_keep():
             x, k, v_init, **options, store_v_seq=False, needs_backward=False
         )[3]
         assert nothing.numel() == 0
-        if plif_ops.save_mode(x, True) == _C.SAVE_CHECKPOINTS:
-            assert kept.shape == (_C.checkpoint_rows(x.shape[0]), *x.shape[1:])
-        else:
-            assert plif_ops.save_mode(x, True) == _C.SAVE_H and kept.shape == x.shape
-    assert plif_ops.save_mode(torch.empty(1, dtype=torch.bfloat16), True) == _C.SAVE_CHECKPOINTS
+        assert plif_ops.save_mode(x, True) == _C.SAVE_CHECKPOINTS
+        assert kept.shape == (_C.checkpoint_rows(x.shape[0]), *x.shape[1:])
     assert plif_ops.save_mode(torch.empty(1), False) == _C.SAVE_NOTHING
 
 

@@ -15,8 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import plif_cuda
 from helpers import FLOAT_DTYPES, make_seq, op_options, random_weights_like
-from plif_cuda import _C
-from plif_cuda import ops as plif_ops
 from plif_cuda.models import StaticImageSNN
 from plif_cuda.reference import compute_dtype
 
@@ -98,10 +96,9 @@ def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backe
         outputs, grads = _run(x_view, source, w, v_init, backend, **options)
     (op_x,) = seen.forward_x
     assert _same_memory(op_x, x_view), "the op got a copy, not the caller's storage"
-    if plif_ops.save_mode(x_view, True) == _C.SAVE_CHECKPOINTS:
-        # Half inputs keep x for the backward, which recomputes H from it: in place too.
-        (backward_x,) = seen.backward_x
-        assert _same_memory(backward_x, x_view)
+    # The backward recomputes H from x: it reads the caller's storage in place too.
+    (backward_x,) = seen.backward_x
+    assert _same_memory(backward_x, x_view)
 
     copied = source.detach().clone().requires_grad_()
     expected_outputs, expected_grads = _run(view_of(copied).contiguous(), copied, w, v_init, backend, **options)
@@ -114,8 +111,8 @@ def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backe
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_saved_for_backward_is_the_caller_s_storage(dtype):
-    """What autograd keeps between forward and backward: H for float32 (no input at all), x
-    itself for half inputs, which for a broadcast input is the caller's one step, not T."""
+    """What autograd keeps between forward and backward: x itself (and H's checkpoint rows), which
+    for a broadcast input is the caller's one step, not T."""
     y = make_seq(STEP, dtype, seed=4).requires_grad_()
     saved = []
 
@@ -125,13 +122,10 @@ def test_saved_for_backward_is_the_caller_s_storage(dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         spike_seq, _, _ = plif_cuda.plif_multistep(_broadcast(y), torch.tensor(0.2, requires_grad=True), backend="cpu")
-    same_dtype = [t for t in saved if t.dtype == dtype and t.dim() == 1 + len(STEP)]
-    if dtype == torch.float32:
-        assert not any(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in saved)
-    else:
-        (x_saved,) = same_dtype
-        assert _same_memory(x_saved, _broadcast(y))
-        assert x_saved.untyped_storage().nbytes() == y.numel() * y.element_size()
+    same_dtype = [t for t in saved if t.dtype == dtype and t.shape == _broadcast(y).shape]
+    (x_saved,) = same_dtype
+    assert _same_memory(x_saved, _broadcast(y))
+    assert x_saved.untyped_storage().nbytes() == y.numel() * y.element_size()
     spike_seq.sum().backward()
     assert y.grad is not None
 
