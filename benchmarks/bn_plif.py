@@ -1,0 +1,181 @@
+"""BatchNorm + PLIF fused (plif_cuda.BatchNormPLIF) against nn.BatchNorm + plif_cuda's PLIF, in one run.
+
+Rows: the bytes autograd keeps per neuron-step for the pair; the pair's forward+backward time
+(float32, T=8, inputs past the last-level cache); the training step of the paper's Fashion-MNIST
+network (and, with --cifar, the CIFAR-10 one) fused by fuse_bn_plif against unfused. Cases
+alternate within each round, so the ratio compares like with like under the machine's load.
+
+    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plif_cuda
+from plif_cuda import models
+from timing import saved_tensor_bytes
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+class UnfusedPair(nn.Module):
+    """nn.BatchNorm2d on the time-folded batch, then plif_cuda's multi-step PLIF."""
+
+    def __init__(self, channels: int, surrogate: str):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.neuron = plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate, detach_reset=True)
+
+    def forward(self, y_seq):
+        z = self.bn(y_seq.flatten(0, 1)).unflatten(0, y_seq.shape[:2])
+        return self.neuron(z)
+
+
+def fused_pair(channels: int, surrogate: str) -> nn.Module:
+    return plif_cuda.BatchNormPLIF(channels, surrogate_function=surrogate, detach_reset=True)
+
+
+def pair_step(layer, y, grad):
+    spikes = layer(y)
+    spikes.backward(grad)
+    models.reset_states(layer)
+
+
+def kept_bytes_per_neuron_step(layer, y) -> float:
+    saved = saved_tensor_bytes(lambda: layer(y))
+    models.reset_states(layer)
+    # The pair's input is saved by the unfused BatchNorm and the fused layer alike, and counts.
+    return saved["bytes"] / y.numel()
+
+
+def time_rounds(cases: dict, rounds: int) -> dict:
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, call in cases.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def pair_rows(size, T: int, rounds: int, surrogate: str) -> dict:
+    N, C, H, W = size
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).requires_grad_()
+    grad = torch.randn(T, N, C, H, W, generator=gen)
+    unfused = UnfusedPair(C, surrogate)
+    fused = fused_pair(C, surrogate)
+    for layer in (unfused, fused):
+        pair_step(layer, y, grad)  # warm-up
+    kept = {"unfused": kept_bytes_per_neuron_step(unfused, y), "fused": kept_bytes_per_neuron_step(fused, y)}
+    medians = time_rounds(
+        {"unfused": lambda: pair_step(unfused, y, grad), "fused": lambda: pair_step(fused, y, grad)}, rounds
+    )
+    return {
+        "shape": [T, N, C, H, W],
+        "tensor_mib": y.numel() * 4 / 2**20,
+        "kept_bytes_per_neuron_step": kept,
+        "fwd_bwd_ms": medians,
+        "speedup": medians["unfused"] / medians["fused"],
+    }
+
+
+def network_rows(name: str, build, batch: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    unfused = build()
+    fused = plif_cuda.fuse_bn_plif(copy.deepcopy(unfused))
+    channels = unfused.first_conv.module[0].in_channels
+    side = 32 if channels == 3 else 28
+    x = torch.rand(batch, channels, side, side)
+    labels = torch.randint(0, 10, (batch,))
+
+    def step(model):
+        def run():
+            rate = model(x)
+            F.mse_loss(rate, F.one_hot(labels, 10).float()).backward()
+            models.reset_states(model)
+
+        return run
+
+    for model in (unfused, fused):
+        step(model)()
+    kept = {}
+    for label, model in (("unfused", unfused), ("fused", fused)):
+        kept[label] = saved_tensor_bytes(lambda model=model: model(x))["bytes"] / 2**20
+        models.reset_states(model)
+    medians = time_rounds({"unfused": step(unfused), "fused": step(fused)}, rounds)
+    return {
+        "network": name,
+        "batch": batch,
+        "step_ms": medians,
+        "speedup": medians["unfused"] / medians["fused"],
+        "kept_mib": kept,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=4, default=[32, 64, 32, 32], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--T", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--surrogate", default="atan")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--network-rounds", type=int, default=5)
+    parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args()
+
+    report = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_before": load_average(),
+        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate),
+        "networks": [
+            network_rows("fashion_mnist", lambda: models.StaticImageSNN(), args.batch, args.network_rounds),
+        ],
+    }
+    if args.cifar:
+        report["networks"].append(
+            network_rows(
+                "cifar10",
+                lambda: models.StaticImageSNN(in_channels=3, image_size=32, width=256, convs_per_stage=3),
+                args.batch,
+                args.network_rounds,
+            )
+        )
+    report["load_after"] = load_average()
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
