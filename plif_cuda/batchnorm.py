@@ -16,6 +16,7 @@ the unfused pair's.
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -213,7 +214,7 @@ def bn_plif_multistep(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     broadcast_steps = y_seq.shape[0] > 1 and y_seq.stride(0) == 0
-    distinct = y_seq.shape[1] * y_seq[0, 0, 0].numel() * (1 if broadcast_steps else y_seq.shape[0])
+    distinct = math.prod(y_seq.shape[3:]) * y_seq.shape[1] * (1 if broadcast_steps else y_seq.shape[0])
     if batch_statistics and distinct <= 1:
         raise ValueError(
             f"y_seq must hold more than 1 value per channel to normalise with batch statistics, got shape "
@@ -424,6 +425,8 @@ class BatchNormPLIF(MemoryModule):
     def fused_from(cls, deferred: DeferredBatchNorm, neuron: nn.Module) -> BatchNormPLIF:
         """The layer for a BatchNorm (now ``deferred``, left in the network) and ``neuron``: it takes the
         neuron's ``w`` (or constant tau), options and membrane, and normalises with ``deferred``."""
+        from .module import ParametricLIFNode
+
         layer = cls.__new__(cls)
         MemoryModule.__init__(layer)
         object.__setattr__(layer, "_external_norm", deferred)
@@ -441,7 +444,7 @@ class BatchNormPLIF(MemoryModule):
             neuron.v_reset,
             neuron.surrogate_function,
             neuron.detach_reset,
-            getattr(neuron, "backend", "auto"),
+            neuron.backend if isinstance(neuron, ParametricLIFNode) else "auto",
         )
         layer.v = neuron.v
         layer.step_mode = "m"
@@ -559,10 +562,6 @@ def _fusable_neuron(module) -> bool:
         return False
     if getattr(module, "_neuron_precision", None) is not None:
         return False
-    if theirs and type(module).multi_step_forward.__module__ != type(module).__module__:
-        # patch_spikingjelly's forward is ours, the same dynamics.
-        if not type(module).multi_step_forward.__module__.startswith("plif_cuda"):
-            return False
     return describe_surrogate(module.surrogate_function) is not None
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plif_cuda
+from helpers import assert_grad_close
 from plif_cuda import models
 from plif_cuda.batchnorm import BatchNormPLIF, DeferredBatchNorm, bn_plif_multistep, fuse_bn_plif, fused_op_available
 from plif_cuda.reference import compute_dtype, plif_multistep_ref
@@ -144,9 +145,13 @@ def _gradients(run, y, weight, bias, w, v_init=None):
 
 
 def _assert_gradients_close(ours, theirs):
+    """y, weight, bias, w (and v_init): each entry of a reduced gradient sums the neuron-steps of
+    its channel (its layer, for one w), which the tolerance's absolute term scales with."""
     for mine, reference in zip(ours, theirs):
-        scale = reference.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=2e-6 * float(scale))
+        summed = theirs[0].numel() // max(1, reference.numel()) if reference is not theirs[0] else 1
+        if reference.dim() == theirs[0].dim() - 1:  # v_init: per neuron
+            summed = 1
+        assert_grad_close(mine, reference, torch.float32, summed_terms=summed)
 
 
 @pytest.mark.parametrize("shape_name", sorted(SHAPES))
@@ -167,9 +172,14 @@ def test_gradients_match_batch_norm_and_the_reference(shape_name, tau, options, 
         return _unfused(y, w, v_init, weight=weight, bias=bias, training=training, **stats, **options)
 
     spikes, ours = _gradients(fused, y, weight, bias, w, v_init)
-    ref_spikes, theirs = _gradients(unfused, y, weight, bias, w, v_init)
+    ref_spikes, _ = _gradients(unfused, y, weight, bias, w, v_init)
     assert torch.equal(spikes, ref_spikes)
-    _assert_gradients_close(ours, theirs)
+    # The gradients against the unfused pair's in float64 (float32's own sums over the batch are
+    # off by more than the fused op's, which sums in float64).
+    stats = {name: None if t is None else t.double() for name, t in stats.items()}
+    exact_spikes, exact = _gradients(unfused, *(t.double() for t in (y, weight, bias, w, v_init)))
+    assert torch.equal(spikes, exact_spikes.float())
+    _assert_gradients_close(ours, [g.float() for g in exact])
 
 
 @pytest.mark.parametrize("surrogate", ["sigmoid", "atan", "erf", "piecewise_exp", "soft_sign"])
@@ -272,6 +282,8 @@ def test_half_inputs_compute_in_float32(dtype):
         y = y.clone().requires_grad_()
         spikes, v_last = bn_plif_multistep(y, w, weight=weight, bias=bias)
         grad_spikes, grad_v = _loss_weights(y.shape)
+        # Multiples of 1/32 below 3 in magnitude: the same gradient reaches half spikes unrounded.
+        grad_spikes = (grad_spikes.clamp(-3, 3) * 32).round() / 32
         ((spikes.float() * grad_spikes).sum() + (v_last * grad_v).sum()).backward()
         return spikes, v_last, y.grad
 
@@ -327,7 +339,7 @@ def test_gradients_are_bitwise_equal_for_any_thread_count(threads):
 
 
 # ---- fuse_bn_plif ------------------------------------------------------------------------------------
-def _run_twice(model, x, train=True):
+def _run_once(model, x, train=True):
     model.train(train)
     out = model(x)
     models.reset_states(model)
@@ -357,8 +369,8 @@ def test_fuse_bn_plif_on_the_papers_networks(build, x_shape):
     assert list(fused.state_dict()) == list(unfused.state_dict())
     x = torch.rand(x_shape, generator=torch.Generator().manual_seed(1))
     for train in (True, False):
-        expected = _run_twice(unfused, x, train)
-        got = _run_twice(fused, x, train)
+        expected = _run_once(unfused, x, train)
+        got = _run_once(fused, x, train)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         if train:
             expected.sum().backward()
@@ -371,7 +383,7 @@ def test_fuse_bn_plif_on_the_papers_networks(build, x_shape):
     # The fused model's state_dict loads into a fresh unfused one, which then computes the same.
     fresh = build()
     fresh.load_state_dict(fused.state_dict())
-    torch.testing.assert_close(_run_twice(fresh, x, False), _run_twice(fused, x, False), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_run_once(fresh, x, False), _run_once(fused, x, False), rtol=1e-5, atol=1e-6)
 
 
 def test_fuse_leaves_everything_else_alone():
