@@ -15,15 +15,19 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plif_cuda, built in place
 
-import plif_cuda
-from plif_cuda import models
-from timing import saved_tensor_bytes
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import plif_cuda  # noqa: E402
+from plif_cuda import models  # noqa: E402
+from timing import saved_tensor_bytes  # noqa: E402
 
 
 def cpu_name() -> str:

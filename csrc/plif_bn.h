@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "plif_cpu_kernels.h"  // stream_row, prefetch_row, exceeds_cache: the PLIF kernel's memory helpers
 #include "plif_math.h"
 
 namespace plif {
@@ -132,8 +133,10 @@ template <typename in_t>
 PLIF_BN_ISA_CLONES void statistics_block(const in_t* y, const Geometry& g, index_t block, index_t n0, index_t count,
                                          RowSums& sums) {
   double sum[kBlock] = {}, sum_of_squares[kBlock] = {};
+  const bool stream = exceeds_cache<in_t>(g.distinct_steps(), g.neurons, 1);
   for (index_t t = 0; t < g.distinct_steps(); ++t) {
     const in_t* const row = y + t * g.y_step + n0;
+    if (t + 1 < g.distinct_steps()) prefetch_row<kBlock>(row + g.y_step, stream);
     for (index_t j = 0; j < count; ++j) {
       const double value = load_as<double>(row[j]);
       sum[j] += value;
@@ -202,13 +205,12 @@ void fill_per_neuron(const Geometry& g, index_t n0, index_t count, const acc_t* 
     std::fill(out, out + count, per_channel[0]);
     return;
   }
-  index_t c = (n0 / g.S) % g.C, s = n0 % g.S;
-  for (index_t j = 0; j < count; ++j) {
-    out[j] = per_channel[c];
-    if (++s == g.S) {
-      s = 0;
-      if (++c == g.C) c = 0;
-    }
+  // Run by run: a block of 1024 neurons spans one or two channels of a conv layer's output.
+  index_t row = n0 / g.S;
+  for (index_t j = 0; j < count; ++row) {
+    const index_t run_end = std::min(count, (row + 1) * g.S - n0);
+    std::fill(out + j, out + run_end, per_channel[row % g.C]);
+    j = run_end;
   }
 }
 
@@ -236,30 +238,39 @@ void fill_block_terms(const Args<in_t, acc_t>& a, index_t n0, index_t count, Blo
 }
 
 // ---- forward: normalise and fire -----------------------------------------------------------------
+// Passes larger than the last-level cache (`stream`) prefetch each step's next rows as
+// non-temporal lines and write their [T, ...] outputs through an L1 staging row with
+// non-temporal stores, as the PLIF kernel does (plif_cpu_kernels.h says why).
 template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_BN_ISA_CLONES void forward_block(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last, index_t n0,
-                                      index_t count) {
+                                      index_t count, bool stream) {
   const Options<acc_t> o = a.opts;
   BlockTerms<acc_t> terms;
   fill_block_terms(a, n0, count, terms);
   acc_t v[kBlock];
+  in_t staging[kBlock];
   for (index_t j = 0; j < count; ++j) v[j] = a.v_init[(n0 + j) * a.v_init_stride];
   for (index_t t = 0; t < a.g.T; ++t) {
     const in_t* __restrict__ const y_row = a.y + t * a.g.y_step + n0;
-    in_t* __restrict__ const spike_row = spikes + t * a.g.neurons + n0;
+    if (t + 1 < a.g.T) prefetch_row<kBlock>(y_row + a.g.y_step, stream);
+    in_t* const out_row = spikes + t * a.g.neurons + n0;
+    in_t* __restrict__ const spike_row = stream ? staging : out_row;
     for (index_t j = 0; j < count; ++j) {
       const acc_t z = normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]);
       acc_t h;
       spike_row[j] = store_as<in_t>(forward_neuron<SURROGATE>(v[j], z, terms.k[j], o, h));
     }
+    if (stream) stream_row(out_row, staging, count * sizeof(in_t));
   }
   for (index_t j = 0; j < count; ++j) v_last[n0 + j] = v[j];
+  if (stream) fence_streamed_rows();
 }
 
 template <int SURROGATE, typename in_t, typename acc_t>
 void forward_all(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last) {
+  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2);
   for_each_block<char>(a.g, 0, [&](index_t, index_t n0, index_t count, char*) {
-    forward_block<SURROGATE>(a, spikes, v_last, n0, count);
+    forward_block<SURROGATE>(a, spikes, v_last, n0, count, stream);
   });
 }
 
@@ -283,7 +294,7 @@ enum PassBits : int { kReduce = 1, kWriteGradY = 2 };
 // in time. `h` holds T * kBlock values.
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t block,
-                                       index_t n0, index_t count, acc_t* h, RowSums* sums) {
+                                       index_t n0, index_t count, acc_t* h, RowSums* sums, bool stream) {
   const Options<acc_t> o = a.opts;
   const Geometry& g = a.g;
   BlockTerms<acc_t> terms;
@@ -296,9 +307,10 @@ PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradien
   // Recompute.
   {
     acc_t v[kBlock];
-    std::copy(v_init, v_init + count, v);
+    for (index_t j = 0; j < count; ++j) v[j] = v_init[j];
     for (index_t t = 0; t < g.T; ++t) {
       const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
+      if (t + 1 < g.T) prefetch_row<kBlock>(y_row + g.y_step, stream);
       acc_t* __restrict__ const h_row = h + t * kBlock;
       for (index_t j = 0; j < count; ++j) {
         forward_neuron<SURROGATE>(v[j], normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]),
@@ -318,30 +330,32 @@ PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradien
     }
   }
   acc_t grad_h_next[kBlock] = {}, grad_k_sum[kBlock] = {}, sum_grad[kBlock] = {}, sum_grad_xhat[kBlock] = {};
-  acc_t v_prev[kBlock], grad_v[kBlock], grad_s[kBlock];
+  acc_t v_before[kBlock], grad_v[kBlock] = {}, grad_s[kBlock] = {};
+  in_t staging[kBlock];
   const bool through_spike = gr.grad_spikes != nullptr;
+  if (through_spike) prefetch_row<kBlock>(gr.grad_spikes + (g.T - 1) * g.neurons + n0, stream);
   for (index_t t = g.T - 1; t >= 0; --t) {
     const acc_t* const h_row = h + t * kBlock;
+    // V[t-1]: rebuilt from H[t-1] (the reset is a function of H), or v_init.
+    const acc_t* v_prev = v_init;
     if (t > 0) {
       const acc_t* const h_prev = h + (t - 1) * kBlock;
-      for (index_t j = 0; j < count; ++j) v_prev[j] = reset(h_prev[j], fire<SURROGATE>(h_prev[j], o), o);
-    } else {
-      std::copy(v_init, v_init + count, v_prev);
+      for (index_t j = 0; j < count; ++j) v_before[j] = reset(h_prev[j], fire<SURROGATE>(h_prev[j], o), o);
+      v_prev = v_before;
     }
-    if (t == g.T - 1 && gr.grad_v_last != nullptr) {
-      std::copy(gr.grad_v_last + n0, gr.grad_v_last + n0 + count, grad_v);
-    } else {
-      std::fill(grad_v, grad_v + count, acc_t(0));
+    const bool grad_v_arrives = t == g.T - 1 && gr.grad_v_last != nullptr;
+    if (grad_v_arrives) {
+      for (index_t j = 0; j < count; ++j) grad_v[j] = gr.grad_v_last[n0 + j];
     }
     if (through_spike) {
       const in_t* const row = gr.grad_spikes + t * g.neurons + n0;
+      if (t > 0) prefetch_row<kBlock>(row - g.neurons, stream);
       for (index_t j = 0; j < count; ++j) grad_s[j] = load_as<acc_t>(row[j]);
-    } else {
-      std::fill(grad_s, grad_s + count, acc_t(0));
     }
     const bool through_membrane = gr.grad_v_last != nullptr || (t < g.T - 1 && through_spike);
     const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
-    in_t* __restrict__ const grad_y_row = (PASS & kWriteGradY) != 0 ? gr.grad_y + t * g.neurons + n0 : nullptr;
+    in_t* const out_row = (PASS & kWriteGradY) != 0 ? gr.grad_y + t * g.neurons + n0 : nullptr;
+    in_t* __restrict__ const grad_y_row = stream ? staging : out_row;
     for (index_t j = 0; j < count; ++j) {
       const acc_t y = load_as<acc_t>(y_row[j]);
       const acc_t ht = h_row[j];
@@ -358,6 +372,15 @@ PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradien
         grad_y_row[j] = store_as<in_t>(terms.scale[j] * (grad_z - mean_grad[j] - xhat * mean_grad_xhat[j]));
       }
     }
+    if (grad_v_arrives) {
+      for (index_t j = 0; j < count; ++j) grad_v[j] = acc_t(0);
+    }
+    if constexpr ((PASS & kWriteGradY) != 0) {
+      if (stream) stream_row(out_row, staging, count * sizeof(in_t));
+    }
+  }
+  if constexpr ((PASS & kWriteGradY) != 0) {
+    if (stream) fence_streamed_rows();
   }
   if constexpr ((PASS & kReduce) != 0) {
     const bool any_grad = gr.grad_spikes != nullptr || gr.grad_v_last != nullptr;
@@ -375,8 +398,9 @@ PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradien
 
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, RowSums* sums) {
+  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + ((PASS & kWriteGradY) != 0));
   for_each_block<acc_t>(a.g, a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
-    backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums);
+    backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums, stream);
   });
 }
 

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "plif_bn.h"
+#include "plif_cpu_buffers.h"
 
 namespace plif {
 namespace bn {
@@ -167,8 +168,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
     if (!running_mean) rows[kUnbiasedVar * g.C + c] = count > 1 ? variance * count / (count - 1) : NAN;
   }
 
-  Tensor spikes = at::empty(y.sizes(), y.options());
-  Tensor v_last = at::empty(y.sizes().slice(1), y.options().dtype(acc_type));
+  // Outputs from the page-resident cache the PLIF op uses (plif_cpu_buffers.h): a fresh 64 MiB
+  // tensor costs its page faults every step.
+  Tensor spikes = empty_cpu_output(y.sizes(), y.options());
+  Tensor v_last = empty_cpu_output(y.sizes().slice(1), y.options().dtype(acc_type));
   if (g.neurons == 0) return {spikes, v_last, terms};
   if (g.T == 0) {
     v_last.view({g.neurons}).copy_(v_init.reshape({-1}).expand({g.neurons}));
@@ -211,8 +214,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
                     grad_v_last->is_contiguous() && grad_v_last->device() == y.device(),
                 "grad_v_last must be contiguous, one value per neuron of a step, in the compute dtype");
   }
-  Tensor grad_y = need_grad_y ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
-  Tensor grad_v_init = need_grad_v_init ? at::empty(y.sizes().slice(1), y.options().dtype(acc_type))
+  Tensor grad_y = need_grad_y ? empty_cpu_output(y.sizes(), y.options()) : at::empty({0}, y.options());
+  Tensor grad_v_init = need_grad_v_init ? empty_cpu_output(y.sizes().slice(1), y.options().dtype(acc_type))
                                         : at::empty({0}, y.options().dtype(acc_type));
   Tensor channel_sums = at::zeros({3, g.C}, y.options().dtype(at::kDouble));
   if (g.T * g.neurons == 0) {
