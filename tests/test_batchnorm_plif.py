@@ -482,3 +482,45 @@ def test_bad_module_arguments():
 def test_exported_from_the_package():
     assert plif_cuda.BatchNormPLIF is BatchNormPLIF
     assert plif_cuda.fuse_bn_plif is fuse_bn_plif
+
+
+def test_unfused_paths_agree_with_the_fused_op():
+    """backend='torch' and a tau per neuron run BatchNorm and the neuron apart, with the same results."""
+    y, weight, bias, w = _inputs(SHAPES["2d"], tau="channel")
+    running = [torch.zeros(5), torch.ones(5)], [torch.zeros(5), torch.ones(5)]
+    fused = bn_plif_multistep(y, w, weight=weight, bias=bias, running_mean=running[0][0], running_var=running[0][1])
+    apart = bn_plif_multistep(
+        y, w, weight=weight, bias=bias, running_mean=running[1][0], running_var=running[1][1], backend="torch"
+    )
+    assert torch.equal(fused[0], apart[0])
+    torch.testing.assert_close(fused[1], apart[1], rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(*running):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    per_neuron_w = w.expand(y.shape[2:]).contiguous()
+    spikes, _ = bn_plif_multistep(y, per_neuron_w, weight=weight, bias=bias)
+    assert torch.equal(spikes, fused[0])
+
+
+def test_eval_mode_on_the_batch_norm_alone_freezes_its_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        models.SeqToBatch(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)), plif_cuda.ParametricLIFNode(step_mode="m")
+    )
+    fused = fuse_bn_plif(copy.deepcopy(model))
+    for net in (model, fused):
+        net.train()
+        net[0].module[1].eval()  # frozen statistics, as in fine-tuning
+    x = torch.randn(3, 2, 2, 8, 8) + 1.0
+    expected = model(x)
+    got = fused(x)
+    assert torch.equal(got, expected)
+    assert int(fused[0].module[1].num_batches_tracked) == 0
+    torch.testing.assert_close(fused[0].module[1].running_mean, torch.zeros(4))
+
+
+def test_no_time_steps_in_eval_mode():
+    layer = BatchNormPLIF(3).eval()
+    spikes = layer(torch.randn(0, 2, 3, 4))
+    assert spikes.shape == (0, 2, 3, 4)
+    with pytest.raises(ValueError, match="y_seq"):
+        layer.train()(torch.randn(0, 2, 3, 4))
