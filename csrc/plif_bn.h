@@ -18,16 +18,12 @@
 #include <vector>
 
 #include "plif_cpu_kernels.h"  // stream_row, prefetch_row, exceeds_cache: the PLIF kernel's memory helpers
+#include "plif_bn_math.h"
 #include "plif_math.h"
 
 namespace plif {
 namespace bn {
 
-// Neurons walked together through the T steps: every per-step stream is read and written in
-// runs of this many values, and a block's membranes H[0..T-1] stay in the core's L2.
-constexpr index_t kBlock = 1024;
-// Partial sums of a fixed-order float64 sum (see fixed_sum).
-constexpr int kSumLanes = 8;
 // Neuron-steps per thread below which a second thread costs more than it saves.
 constexpr index_t kMinNeuronStepsPerThread = index_t(1) << 17;
 
@@ -38,39 +34,6 @@ constexpr index_t kMinNeuronStepsPerThread = index_t(1) << 17;
 #define PLIF_BN_ISA_CLONES
 #endif
 
-// Rows of the [5, C] float64 channel_terms tensor the forward returns and the backward reads.
-enum ChannelTerm : int { kMean = 0, kInvstd = 1, kScale = 2, kShift = 3, kUnbiasedVar = 4, kChannelTerms = 5 };
-
-struct Geometry {
-  index_t T;        // steps
-  index_t y_step;   // elements between two steps of y (0: one step broadcast over time)
-  index_t neurons;  // per step: N * C * S
-  index_t C;
-  index_t S;
-  // Steps holding distinct values: the statistics are taken over these.
-  index_t distinct_steps() const { return y_step == 0 ? std::min<index_t>(T, 1) : T; }
-  index_t blocks() const { return (neurons + kBlock - 1) / kBlock; }
-  // Values per channel over all steps (what the gradient's means divide by) and over the distinct ones.
-  double per_channel(index_t steps) const { return static_cast<double>(steps) * static_cast<double>(neurons / C); }
-};
-
-// The sum of `count` values in float64, in an order fixed by `count` alone: kSumLanes running
-// sums, folded pairwise, then the tail.
-template <typename value_t>
-double fixed_sum(const value_t* values, index_t count) {
-  double lanes[kSumLanes] = {};
-  const index_t whole = count / kSumLanes * kSumLanes;
-  for (index_t j = 0; j < whole; j += kSumLanes) {
-    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(values[j + l]);
-  }
-  for (int width = kSumLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  }
-  double total = lanes[0];
-  for (index_t j = whole; j < count; ++j) total += static_cast<double>(values[j]);
-  return total;
-}
-
 // Per-channel sums of per-neuron values, deterministic for any number of threads: each block
 // sums its neurons row by row (a row: one sample's S neurons of one channel) into its own slots,
 // and per_channel adds the slots block by block, row by row. Block boundaries depend on the
@@ -78,7 +41,7 @@ double fixed_sum(const value_t* values, index_t count) {
 class RowSums {
  public:
   RowSums(const Geometry& g, int quantities)
-      : g_(g), quantities_(quantities), rows_per_block_((kBlock + g.S - 2) / g.S + 1),
+      : g_(g), quantities_(quantities), rows_per_block_(rows_per_block(g.S)),
         slots_(static_cast<size_t>(g.blocks() * rows_per_block_ * quantities), 0.0) {}
 
   // values[q][j]: quantity q of neuron n0 + j, for the `count` neurons of block `block`.
@@ -157,36 +120,7 @@ void channel_statistics(const in_t* y, const Geometry& g, double* mean, double* 
   std::vector<double> totals(static_cast<size_t>(2 * g.C));
   sums.per_channel(totals.data());
   const double count = g.per_channel(g.distinct_steps());
-  for (index_t c = 0; c < g.C; ++c) {
-    mean[c] = totals[c] / count;
-    variance[c] = std::max(0.0, totals[g.C + c] / count - mean[c] * mean[c]);
-  }
-}
-
-// ---- the per-neuron pieces, each written once ----------------------------------------------------
-// The PLIF input: y normalised, scale = gamma * invstd and shift = beta - mean * scale (each
-// rounded once to the compute type), two roundings.
-template <typename acc_t>
-PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
-  return y * scale + shift;
-}
-
-// The one call of the neuron's reverse-time step (so an interface change is one line here).
-template <typename acc_t>
-PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
-                              bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
-                              acc_t& grad_k_sum) {
-  (void)x;  // the input, for a dH/dk computed from it
-  return backward_neuron_given_surrogate(h, s, sg, v_prev, k, grad_v, grad_s, through_spike, through_membrane, o,
-                                         grad_h_next, grad_k_sum);
-}
-
-// dL/dk of one neuron from the running sum neuron_backward keeps (dH/dk scaled by k for
-// decay_input; see backward_end in plif_math.h for the k = 0 case).
-template <typename acc_t>
-PLIF_HD acc_t neuron_grad_k(acc_t grad_k_sum, acc_t k, const Options<acc_t>& o) {
-  const acc_t divisor = k == acc_t(0) ? acc_t(1) : k;
-  return o.decay_input ? grad_k_sum / divisor : grad_k_sum;
+  for (index_t c = 0; c < g.C; ++c) batch_moments(totals[c], totals[g.C + c], count, mean[c], variance[c]);
 }
 
 // A block's per-neuron copies of its channels' terms.
@@ -287,8 +221,6 @@ struct Gradients {
   const acc_t* mean_grad_xhat;    // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
 };
 
-// What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or both.
-enum PassBits : int { kReduce = 1, kWriteGradY = 2 };
 
 // One block: recompute H[0..T-1] from y (the forward's expressions, so its bits), then walk back
 // in time. `h` holds T * kBlock values.

@@ -140,32 +140,27 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   const auto acc_type = compute_type_of(y.scalar_type());
   const auto doubles = y.options().dtype(at::kDouble);
 
-  Tensor terms = at::empty({kChannelTerms, g.C}, doubles);
-  double* const rows = terms.data_ptr<double>();
+  // mean and variance: the running statistics, or the batch's (the biased variance normalises).
+  Tensor moments = at::empty({2, g.C}, doubles);
   if (running_mean) {
-    terms[kMean].copy_(*running_mean);
-    terms[kUnbiasedVar].copy_(*running_var);
+    moments[0].copy_(*running_mean);
+    moments[1].copy_(*running_var);
   } else if (g.T * g.neurons > 0) {
     dispatch_types(y.scalar_type(), [&](auto in_v, auto) {
       using in_t = decltype(in_v);
-      channel_statistics(y.data_ptr<in_t>(), g, rows + kMean * g.C, rows + kUnbiasedVar * g.C);
+      channel_statistics(y.data_ptr<in_t>(), g, moments.data_ptr<double>(), moments.data_ptr<double>() + g.C);
     });
   } else {
-    terms[kMean].fill_(NAN);
-    terms[kUnbiasedVar].fill_(NAN);
+    moments.fill_(NAN);
   }
   const Tensor gamma = weight ? weight->to(at::kDouble).contiguous() : Tensor();
   const Tensor beta = bias ? bias->to(at::kDouble).contiguous() : Tensor();
-  const double count = g.per_channel(g.distinct_steps());
+  Tensor terms = at::empty({kChannelTerms, g.C}, doubles);
+  const double* const mean = moments.data_ptr<double>();
   for (index_t c = 0; c < g.C; ++c) {
-    const double variance = rows[kUnbiasedVar * g.C + c];
-    const double invstd = 1.0 / std::sqrt(variance + eps);
-    const double scale = (gamma.defined() ? gamma.data_ptr<double>()[c] : 1.0) * invstd;
-    rows[kInvstd * g.C + c] = invstd;
-    rows[kScale * g.C + c] = scale;
-    rows[kShift * g.C + c] = (beta.defined() ? beta.data_ptr<double>()[c] : 0.0) - rows[kMean * g.C + c] * scale;
-    // The biased variance normalised; the running statistics take the unbiased one.
-    if (!running_mean) rows[kUnbiasedVar * g.C + c] = count > 1 ? variance * count / (count - 1) : NAN;
+    fill_channel_terms(mean[c], mean[g.C + c], gamma.defined() ? gamma.data_ptr<double>()[c] : 1.0,
+                       beta.defined() ? beta.data_ptr<double>()[c] : 0.0, eps, g.per_channel(g.distinct_steps()),
+                       !running_mean, terms.data_ptr<double>() + c, g.C);
   }
 
   // Outputs from the page-resident cache the PLIF op uses (plif_cpu_buffers.h): a fresh 64 MiB
