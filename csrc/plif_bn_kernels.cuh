@@ -188,3 +188,117 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
 
 }  // namespace bn
 }  // namespace plif
+
+namespace plif {
+namespace bn {
+
+// Per channel: the channel terms rounded to the compute type ([5, C]).
+template <typename acc_t>
+__global__ void bn_round_terms_kernel(const double* terms, index_t count, acc_t* rounded) {
+  for (index_t i = first_item(); i < count; i += item_stride()) rounded[i] = static_cast<acc_t>(terms[i]);
+}
+
+// Per channel: the means of dL/dz and dL/dz * xhat over the channel's `count` values (backward_all's).
+template <typename acc_t>
+__global__ void bn_mean_grads_kernel(const double* channel_sums, double count, index_t C, acc_t* mean_grads) {
+  for (index_t c = first_item(); c < C; c += item_stride()) {
+    mean_grads[c] = static_cast<acc_t>(channel_sums[c] / count);
+    mean_grads[C + c] = static_cast<acc_t>(channel_sums[C + c] / count);
+  }
+}
+
+// One thread: the per-channel dL/dk summed in channel order, for a per-layer k (the CPU op's fixed_sum).
+__global__ void bn_layer_sum_kernel(const double* per_channel, index_t C, double* total) {
+  if (first_item() == 0) *total = fixed_sum(per_channel, C);
+}
+
+// The device buffers of a forward: inputs, outputs and scratch (sizes in the comments).
+template <typename in_t, typename acc_t>
+struct ForwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const double* gamma;          // [C] or null
+  const double* beta;           // [C] or null
+  const double* running_mean;   // [C], or null: the batch's statistics
+  const double* running_var;    // [C]
+  double eps;
+  const acc_t* k;               // [C], or one value (k_per_layer)
+  bool k_per_layer;
+  const acc_t* v_init;          // [neurons], or one value (v_init_stride 0)
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  in_t* spikes;                 // [T, neurons]
+  acc_t* v_last;                // [neurons]
+  double* terms;                // [5, C]
+  acc_t* terms_acc;             // [5, C]
+  double* neuron_values;        // [2, neurons] (batch statistics only)
+  double* slots;                // [blocks * rows_per_block(S) * 2]
+  double* channel_sums;         // [2, C]
+};
+
+template <typename in_t, typename acc_t>
+struct BackwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const acc_t* terms_acc;       // [5, C]: the forward's terms, rounded
+  const acc_t* k;
+  bool k_per_layer;
+  const acc_t* v_init;
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  const in_t* grad_spikes;      // [T, neurons] or null
+  const acc_t* grad_v_last;     // [neurons] or null
+  bool batch_statistics;
+  in_t* grad_y;                 // [T, neurons], or null: not needed
+  acc_t* grad_v_init;           // [neurons] or null
+  acc_t* neuron_values;         // [3, neurons]
+  double* slots;                // [blocks * rows_per_block(S) * 3]
+  double* channel_sums;         // [3, C]: sum dL/dz, sum dL/dz * xhat, dL/dk per channel
+  acc_t* mean_grads;            // [2, C]
+  double* layer_grad_k;         // [1]: dL/dk summed over the channels (k_per_layer)
+};
+
+// The launches of a forward, in order, through `launch(items, kernel, arguments...)`, which runs
+// `kernel` over at least `items` threads' worth of grid-stride loops: the nvcc launcher's
+// <<<...>>> on the current stream, or the emulation's loop over the threads.
+template <int SURROGATE, typename in_t, typename acc_t, typename Launch>
+void forward_launches(const ForwardLaunch<in_t, acc_t>& p, Launch launch) {
+  const Geometry& g = p.g;
+  if (p.running_mean == nullptr) {
+    launch(g.neurons, bn_statistics_kernel<in_t, acc_t>, p.y, g, p.neuron_values);
+    launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<double>, static_cast<const double*>(p.neuron_values),
+           2, g, p.slots);
+    launch(g.C, bn_channel_sums_kernel, static_cast<const double*>(p.slots), 2, g, p.channel_sums);
+  }
+  launch(g.C, bn_channel_terms_kernel, static_cast<const double*>(p.channel_sums), p.running_mean, p.running_var,
+         p.gamma, p.beta, p.eps, g, p.terms);
+  launch(kChannelTerms * g.C, bn_round_terms_kernel<acc_t>, static_cast<const double*>(p.terms),
+         index_t(kChannelTerms) * g.C, p.terms_acc);
+  launch(g.neurons, bn_forward_kernel<SURROGATE, in_t, acc_t>, p.y, g, static_cast<const acc_t*>(p.terms_acc), p.k,
+         p.k_per_layer, p.v_init, p.v_init_stride, p.opts, p.spikes, p.v_last);
+}
+
+template <int SURROGATE, typename in_t, typename acc_t, typename Launch>
+void backward_launches(const BackwardLaunch<in_t, acc_t>& p, Launch launch) {
+  const Geometry& g = p.g;
+  const acc_t* const no_means = nullptr;
+  launch(g.neurons, bn_backward_kernel<SURROGATE, kReduce, in_t, acc_t>, p.y, g, p.terms_acc, p.k, p.k_per_layer,
+         p.v_init, p.v_init_stride, p.opts, p.grad_spikes, p.grad_v_last, p.batch_statistics, no_means, no_means,
+         p.neuron_values, p.grad_v_init, static_cast<in_t*>(nullptr));
+  launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<acc_t>, static_cast<const acc_t*>(p.neuron_values), 3,
+         g, p.slots);
+  launch(g.C, bn_channel_sums_kernel, static_cast<const double*>(p.slots), 3, g, p.channel_sums);
+  if (p.k_per_layer) {
+    launch(1, bn_layer_sum_kernel, static_cast<const double*>(p.channel_sums + 2 * g.C), g.C, p.layer_grad_k);
+  }
+  if (p.grad_y == nullptr) return;
+  launch(g.C, bn_mean_grads_kernel<acc_t>, static_cast<const double*>(p.channel_sums), g.per_channel(g.T), g.C,
+         p.mean_grads);
+  launch(g.neurons, bn_backward_kernel<SURROGATE, kWriteGradY, in_t, acc_t>, p.y, g, p.terms_acc, p.k,
+         p.k_per_layer, p.v_init, p.v_init_stride, p.opts, p.grad_spikes, p.grad_v_last, p.batch_statistics,
+         static_cast<const acc_t*>(p.mean_grads), static_cast<const acc_t*>(p.mean_grads + g.C),
+         static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), p.grad_y);
+}
+
+}  // namespace bn
+}  // namespace plif

@@ -37,18 +37,22 @@ using plif::bn::Geometry;
 constexpr unsigned int kEmulatedBlocks = 3;
 constexpr unsigned int kEmulatedThreads = 64;
 
-template <typename Kernel>
-void launch(Kernel run_thread) {
-  bn_emulation::grid_dim = dim3(kEmulatedBlocks);
-  bn_emulation::block_dim = dim3(kEmulatedThreads);
-  for (unsigned int b = 0; b < kEmulatedBlocks; ++b) {
-    for (unsigned int t = 0; t < kEmulatedThreads; ++t) {
-      bn_emulation::block_idx = make_uint3(b, 0, 0);
-      bn_emulation::thread_idx = make_uint3(t, 0, 0);
-      run_thread();
+// forward_launches / backward_launches' launch: every thread of a small grid (every grid-stride
+// loop then takes several turns) runs `kernel` in turn.
+struct EmulatedLaunch {
+  template <typename Kernel, typename... Arguments>
+  void operator()(index_t, Kernel kernel, Arguments... arguments) const {
+    bn_emulation::grid_dim = dim3(kEmulatedBlocks);
+    bn_emulation::block_dim = dim3(kEmulatedThreads);
+    for (unsigned int b = 0; b < kEmulatedBlocks; ++b) {
+      for (unsigned int t = 0; t < kEmulatedThreads; ++t) {
+        bn_emulation::block_idx = make_uint3(b, 0, 0);
+        bn_emulation::thread_idx = make_uint3(t, 0, 0);
+        kernel(arguments...);
+      }
     }
   }
-}
+};
 
 // dtype codes of the test: float32, float64, float16, bfloat16.
 template <typename Fn>
@@ -77,21 +81,6 @@ plif::Options<acc_t> options_of(double v_threshold, double v_reset, double alpha
   return o;
 }
 
-// Per channel, into channel_sums ([quantities, C]): the neuron values summed as the CPU op does.
-template <typename value_t>
-void channel_sums_of(const value_t* neuron_values, int quantities, const Geometry& g, double* channel_sums) {
-  std::vector<double> slots(static_cast<size_t>(g.blocks() * plif::bn::rows_per_block(g.S) * quantities));
-  launch([&] { plif::bn::bn_row_sums_kernel<value_t>(neuron_values, quantities, g, slots.data()); });
-  launch([&] { plif::bn::bn_channel_sums_kernel(slots.data(), quantities, g, channel_sums); });
-}
-
-template <typename acc_t>
-std::vector<acc_t> rounded(const double* values, size_t count) {
-  std::vector<acc_t> out(count);
-  for (size_t i = 0; i < count; ++i) out[i] = static_cast<acc_t>(values[i]);
-  return out;
-}
-
 template <typename Body>
 int guarded(char* error, int error_size, Body body) {
   try {
@@ -107,7 +96,7 @@ int guarded(char* error, int error_size, Body body) {
 
 extern "C" {
 
-// The forward op: statistics (without running_mean), channel terms ([5, C] float64), spikes, v_last.
+// The forward op: channel terms ([5, C] float64), spikes, v_last.
 int bn_emulate_forward(int dtype, const void* y, long long T, long long y_step, long long neurons, long long C,
                        long long S, const double* gamma, const double* beta, const double* running_mean,
                        const double* running_var, double eps, const void* k, int k_per_layer, const void* v_init,
@@ -118,63 +107,72 @@ int bn_emulate_forward(int dtype, const void* y, long long T, long long y_step, 
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      const in_t* const y_data = static_cast<const in_t*>(y);
-      std::vector<double> sums(static_cast<size_t>(2 * C));
-      if (running_mean == nullptr) {
-        std::vector<double> neuron_values(static_cast<size_t>(2 * neurons));
-        launch([&] { plif::bn::bn_statistics_kernel<in_t, acc_t>(y_data, g, neuron_values.data()); });
-        channel_sums_of(neuron_values.data(), 2, g, sums.data());
-      }
-      launch([&] {
-        plif::bn::bn_channel_terms_kernel(sums.data(), running_mean, running_var, gamma, beta, eps, g, terms);
-      });
-      const std::vector<acc_t> terms_acc = rounded<acc_t>(terms, static_cast<size_t>(plif::bn::kChannelTerms * C));
-      const auto o = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-      launch([&] {
-        plif::bn::bn_forward_kernel<plif::kRuntime, in_t, acc_t>(
-            y_data, g, terms_acc.data(), static_cast<const acc_t*>(k), k_per_layer != 0,
-            static_cast<const acc_t*>(v_init), v_init_stride, o, static_cast<in_t*>(spikes),
-            static_cast<acc_t*>(v_last));
-      });
+      std::vector<double> neuron_values(static_cast<size_t>(2 * neurons)), channel_sums(static_cast<size_t>(2 * C));
+      std::vector<double> slots(static_cast<size_t>(g.blocks() * plif::bn::rows_per_block(S) * 2));
+      std::vector<acc_t> terms_acc(static_cast<size_t>(plif::bn::kChannelTerms * C));
+      plif::bn::ForwardLaunch<in_t, acc_t> p;
+      p.g = g;
+      p.y = static_cast<const in_t*>(y);
+      p.gamma = gamma;
+      p.beta = beta;
+      p.running_mean = running_mean;
+      p.running_var = running_var;
+      p.eps = eps;
+      p.k = static_cast<const acc_t*>(k);
+      p.k_per_layer = k_per_layer != 0;
+      p.v_init = static_cast<const acc_t*>(v_init);
+      p.v_init_stride = v_init_stride;
+      p.opts = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
+      p.spikes = static_cast<in_t*>(spikes);
+      p.v_last = static_cast<acc_t*>(v_last);
+      p.terms = terms;
+      p.terms_acc = terms_acc.data();
+      p.neuron_values = neuron_values.data();
+      p.slots = slots.data();
+      p.channel_sums = channel_sums.data();
+      plif::bn::forward_launches<plif::kRuntime>(p, EmulatedLaunch());
     });
   });
 }
 
 // The backward op: dL/dy (where grad_y is given), channel_sums ([3, C] float64: sum dL/dz,
-// sum dL/dz * xhat, dL/dk per channel) and dL/dv_init (where given).
+// sum dL/dz * xhat, dL/dk per channel), dL/dv_init (where given) and, for a per-layer k, dL/dk.
 int bn_emulate_backward(int dtype, const void* grad_spikes, const void* grad_v_last, const void* y, long long T,
                         long long y_step, long long neurons, long long C, long long S, const double* terms,
                         const void* k, int k_per_layer, const void* v_init, long long v_init_stride,
                         int batch_statistics, double v_threshold, double v_reset, double alpha, int surrogate,
-                        int flags, void* grad_y, double* channel_sums, void* grad_v_init, char* error,
-                        int error_size) {
+                        int flags, void* grad_y, double* channel_sums, void* grad_v_init, double* layer_grad_k,
+                        char* error, int error_size) {
   return guarded(error, error_size, [&] {
     const Geometry g{T, y_step, neurons, C, S};
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      const std::vector<acc_t> terms_acc = rounded<acc_t>(terms, static_cast<size_t>(plif::bn::kChannelTerms * C));
-      const auto o = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-      std::vector<acc_t> neuron_values(static_cast<size_t>(3 * neurons));
-      const auto pass = [&](auto pass_bits, const acc_t* mean_grad, const acc_t* mean_grad_xhat) {
-        launch([&] {
-          plif::bn::bn_backward_kernel<plif::kRuntime, decltype(pass_bits)::value, in_t, acc_t>(
-              static_cast<const in_t*>(y), g, terms_acc.data(), static_cast<const acc_t*>(k), k_per_layer != 0,
-              static_cast<const acc_t*>(v_init), v_init_stride, o, static_cast<const in_t*>(grad_spikes),
-              static_cast<const acc_t*>(grad_v_last), batch_statistics != 0, mean_grad, mean_grad_xhat,
-              neuron_values.data(), static_cast<acc_t*>(grad_v_init), static_cast<in_t*>(grad_y));
-        });
-      };
-      pass(std::integral_constant<int, plif::bn::kReduce>(), nullptr, nullptr);
-      channel_sums_of(neuron_values.data(), 3, g, channel_sums);
-      if (grad_y == nullptr) return;
-      const double count = g.per_channel(g.T);
-      std::vector<acc_t> mean_grad(static_cast<size_t>(C)), mean_grad_xhat(static_cast<size_t>(C));
-      for (long long c = 0; c < C; ++c) {
-        mean_grad[c] = static_cast<acc_t>(channel_sums[c] / count);
-        mean_grad_xhat[c] = static_cast<acc_t>(channel_sums[C + c] / count);
-      }
-      pass(std::integral_constant<int, plif::bn::kWriteGradY>(), mean_grad.data(), mean_grad_xhat.data());
+      std::vector<acc_t> terms_acc(static_cast<size_t>(plif::bn::kChannelTerms * C));
+      EmulatedLaunch()(terms_acc.size(), plif::bn::bn_round_terms_kernel<acc_t>, terms,
+                       static_cast<index_t>(terms_acc.size()), terms_acc.data());
+      std::vector<acc_t> neuron_values(static_cast<size_t>(3 * neurons)), mean_grads(static_cast<size_t>(2 * C));
+      std::vector<double> slots(static_cast<size_t>(g.blocks() * plif::bn::rows_per_block(S) * 3));
+      plif::bn::BackwardLaunch<in_t, acc_t> p;
+      p.g = g;
+      p.y = static_cast<const in_t*>(y);
+      p.terms_acc = terms_acc.data();
+      p.k = static_cast<const acc_t*>(k);
+      p.k_per_layer = k_per_layer != 0;
+      p.v_init = static_cast<const acc_t*>(v_init);
+      p.v_init_stride = v_init_stride;
+      p.opts = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
+      p.grad_spikes = static_cast<const in_t*>(grad_spikes);
+      p.grad_v_last = static_cast<const acc_t*>(grad_v_last);
+      p.batch_statistics = batch_statistics != 0;
+      p.grad_y = static_cast<in_t*>(grad_y);
+      p.grad_v_init = static_cast<acc_t*>(grad_v_init);
+      p.neuron_values = neuron_values.data();
+      p.slots = slots.data();
+      p.channel_sums = channel_sums;
+      p.mean_grads = mean_grads.data();
+      p.layer_grad_k = layer_grad_k;
+      plif::bn::backward_launches<plif::kRuntime>(p, EmulatedLaunch());
     });
   });
 }
