@@ -376,11 +376,5 @@ template <typename in_t, typename acc_t>
 void backward_cpu(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, bool write_grad_y,
                   double* channel_sums);
 
-#define PLIF_BN_FOR_EACH_TYPE_PAIR(MACRO) \
-  MACRO(float, float)                     \
-  MACRO(double, double)                   \
-  MACRO(c10::Half, float)                 \
-  MACRO(c10::BFloat16, float)
-
 }  // namespace bn
 }  // namespace plif

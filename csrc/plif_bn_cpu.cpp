@@ -9,6 +9,7 @@
 // (rounded to the compute dtype where used) and the unbiased batch variance (for the running
 // statistics; the running variance itself where the running statistics normalised).
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -17,6 +18,7 @@
 #include <tuple>
 
 #include "plif_bn.h"
+#include "plif_bn_cuda.h"
 #include "plif_cpu_buffers.h"
 
 namespace plif {
@@ -51,7 +53,6 @@ void dispatch_types(at::ScalarType t, Fn fn) {
 
 Geometry geometry_of(const Tensor& y) {
   TORCH_CHECK(y.dim() >= 3, "y must be [T, N, C, ...], got ", y.dim(), " dimensions");
-  TORCH_CHECK(y.device().is_cpu(), "the fused BatchNorm + PLIF kernel runs on CPU tensors, got ", y.device());
   int64_t expected = 1;
   for (int64_t d = y.dim() - 1; d >= 1; --d) {
     if (y.size(d) == 1) continue;
@@ -121,6 +122,130 @@ Args<in_t, acc_t> make_args(const Tensor& y, const Geometry& g, const Tensor& te
   return a;
 }
 
+#ifdef PLIF_WITH_CUDA
+template <typename T>
+T* data_or_null(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+Tensor doubles_or_undefined(const std::optional<Tensor>& t) {
+  return t ? t->to(at::kDouble).contiguous() : Tensor();
+}
+
+// The forward on CUDA tensors: every buffer of the launch (plif_bn_kernels.cuh) on their device.
+template <typename MakeOptions>
+std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometry& g, const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& running_mean,
+                                                  const std::optional<Tensor>& running_var, double eps,
+                                                  const Tensor& k, const Tensor& v_init, MakeOptions make) {
+  const c10::DeviceGuard guard(y.device());
+  const auto acc_type = compute_type_of(y.scalar_type());
+  const auto doubles = y.options().dtype(at::kDouble);
+  Tensor spikes = at::empty(y.sizes(), y.options());
+  Tensor v_last = at::empty(y.sizes().slice(1), y.options().dtype(acc_type));
+  Tensor terms = at::empty({kChannelTerms, g.C}, doubles);
+  if (g.T * g.neurons == 0) {
+    // Nothing to launch over: the CPU op's terms, on the device.
+    terms.fill_(NAN);
+    if (running_mean) {
+      const Tensor mean = running_mean->to(at::kDouble), var = running_var->to(at::kDouble);
+      const Tensor invstd = (var + eps).rsqrt();
+      const Tensor scale = (weight ? weight->to(at::kDouble) : at::ones_like(mean)) * invstd;
+      terms[kMean].copy_(mean);
+      terms[kInvstd].copy_(invstd);
+      terms[kScale].copy_(scale);
+      terms[kShift].copy_((bias ? bias->to(at::kDouble) : at::zeros_like(mean)) - mean * scale);
+      terms[kUnbiasedVar].copy_(var);
+    }
+    if (g.neurons > 0) v_last.view({g.neurons}).copy_(v_init.reshape({-1}).expand({g.neurons}));
+    return {spikes, v_last, terms};
+  }
+  const Tensor gamma = doubles_or_undefined(weight), beta = doubles_or_undefined(bias);
+  const Tensor mean = doubles_or_undefined(running_mean), var = doubles_or_undefined(running_var);
+  const Tensor neuron_values = at::empty({running_mean ? 0 : 2 * g.neurons}, doubles);
+  const Tensor slots = at::empty({g.blocks() * rows_per_block(g.S) * 2}, doubles);
+  const Tensor channel_sums = at::zeros({2, g.C}, doubles);
+  const Tensor terms_acc = at::empty({kChannelTerms, g.C}, y.options().dtype(acc_type));
+  dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+    using in_t = decltype(in_v);
+    using acc_t = decltype(acc_v);
+    ForwardLaunch<in_t, acc_t> p;
+    p.g = g;
+    p.y = y.data_ptr<in_t>();
+    p.gamma = data_or_null<double>(gamma);
+    p.beta = data_or_null<double>(beta);
+    p.running_mean = data_or_null<double>(mean);
+    p.running_var = data_or_null<double>(var);
+    p.eps = eps;
+    p.k = k.data_ptr<acc_t>();
+    p.k_per_layer = k.numel() == 1;
+    p.v_init = v_init.data_ptr<acc_t>();
+    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+    p.opts = make(acc_t{});
+    p.spikes = spikes.data_ptr<in_t>();
+    p.v_last = v_last.data_ptr<acc_t>();
+    p.terms = terms.data_ptr<double>();
+    p.terms_acc = terms_acc.data_ptr<acc_t>();
+    p.neuron_values = data_or_null<double>(neuron_values);
+    p.slots = slots.data_ptr<double>();
+    p.channel_sums = channel_sums.data_ptr<double>();
+    forward_cuda(p);
+  });
+  return {spikes, v_last, terms};
+}
+
+template <typename MakeOptions>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
+    const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last, const Tensor& y,
+    const Geometry& g, const Tensor& channel_terms, const Tensor& k, const Tensor& v_init, bool batch_statistics,
+    bool need_grad_y, bool need_grad_v_init, MakeOptions make) {
+  const c10::DeviceGuard guard(y.device());
+  const auto acc_type = compute_type_of(y.scalar_type());
+  const auto doubles = y.options().dtype(at::kDouble);
+  const auto accs = y.options().dtype(acc_type);
+  Tensor grad_y = need_grad_y ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  Tensor grad_v_init = need_grad_v_init ? at::empty(y.sizes().slice(1), accs) : at::empty({0}, accs);
+  Tensor channel_sums = at::zeros({3, g.C}, doubles);
+  Tensor layer_grad_k = at::zeros({1}, doubles);
+  if (g.T * g.neurons == 0) {
+    grad_y.zero_();
+    grad_v_init.zero_();
+  } else {
+    const Tensor terms_acc = channel_terms.contiguous().to(acc_type);
+    const Tensor neuron_values = at::empty({3 * g.neurons}, accs);
+    const Tensor slots = at::empty({g.blocks() * rows_per_block(g.S) * 3}, doubles);
+    const Tensor mean_grads = at::empty({2, g.C}, accs);
+    dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+      using in_t = decltype(in_v);
+      using acc_t = decltype(acc_v);
+      BackwardLaunch<in_t, acc_t> p;
+      p.g = g;
+      p.y = y.data_ptr<in_t>();
+      p.terms_acc = terms_acc.data_ptr<acc_t>();
+      p.k = k.data_ptr<acc_t>();
+      p.k_per_layer = k.numel() == 1;
+      p.v_init = v_init.data_ptr<acc_t>();
+      p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+      p.opts = make(acc_t{});
+      p.grad_spikes = grad_spikes ? grad_spikes->data_ptr<in_t>() : nullptr;
+      p.grad_v_last = grad_v_last ? grad_v_last->data_ptr<acc_t>() : nullptr;
+      p.batch_statistics = batch_statistics;
+      p.grad_y = need_grad_y ? grad_y.data_ptr<in_t>() : nullptr;
+      p.grad_v_init = need_grad_v_init ? grad_v_init.data_ptr<acc_t>() : nullptr;
+      p.neuron_values = neuron_values.data_ptr<acc_t>();
+      p.slots = slots.data_ptr<double>();
+      p.channel_sums = channel_sums.data_ptr<double>();
+      p.mean_grads = mean_grads.data_ptr<acc_t>();
+      p.layer_grad_k = layer_grad_k.data_ptr<double>();
+      backward_cuda(p);
+    });
+  }
+  const Tensor grad_k = k.numel() == 1 ? layer_grad_k : channel_sums[2];
+  return {grad_y, channel_sums[1], channel_sums[0], grad_k.to(acc_type).reshape(k.sizes()), grad_v_init};
+}
+#endif
+
 std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::optional<Tensor>& weight,
                                                    const std::optional<Tensor>& bias,
                                                    const std::optional<Tensor>& running_mean,
@@ -139,6 +264,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   check_compute(v_init, "v_init", y, g.neurons);
   const auto acc_type = compute_type_of(y.scalar_type());
   const auto doubles = y.options().dtype(at::kDouble);
+#ifdef PLIF_WITH_CUDA
+  if (y.is_cuda()) {
+    return forward_on_gpu(y, g, weight, bias, running_mean, running_var, eps, k, v_init,
+                          [&](auto acc_v) {
+                            return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input,
+                                                                 detach_reset, surrogate, alpha, spiking);
+                          });
+  }
+#endif
 
   // mean and variance: the running statistics, or the batch's (the biased variance normalises).
   Tensor moments = at::empty({2, g.C}, doubles);
@@ -209,6 +343,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
                     grad_v_last->is_contiguous() && grad_v_last->device() == y.device(),
                 "grad_v_last must be contiguous, one value per neuron of a step, in the compute dtype");
   }
+#ifdef PLIF_WITH_CUDA
+  if (y.is_cuda()) {
+    return backward_on_gpu(grad_spikes, grad_v_last, y, g, channel_terms, k, v_init, batch_statistics, need_grad_y,
+                           need_grad_v_init, [&](auto acc_v) {
+                             return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input,
+                                                                  detach_reset, surrogate, alpha, spiking);
+                           });
+  }
+#endif
   Tensor grad_y = need_grad_y ? empty_cpu_output(y.sizes(), y.options()) : at::empty({0}, y.options());
   Tensor grad_v_init = need_grad_v_init ? empty_cpu_output(y.sizes().slice(1), y.options().dtype(acc_type))
                                         : at::empty({0}, y.options().dtype(acc_type));
@@ -259,6 +402,13 @@ TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {
   m.impl("bn_plif_forward", &bn_plif_forward);
   m.impl("bn_plif_backward", &bn_plif_backward);
 }
+
+#ifdef PLIF_WITH_CUDA
+TORCH_LIBRARY_IMPL(plif_cuda, CUDA, m) {
+  m.impl("bn_plif_forward", &bn_plif_forward);
+  m.impl("bn_plif_backward", &bn_plif_backward);
+}
+#endif
 
 }  // namespace bn
 }  // namespace plif

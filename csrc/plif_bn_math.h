@@ -101,5 +101,59 @@ PLIF_HD acc_t neuron_grad_k(acc_t grad_k_sum, acc_t k, const Options<acc_t>& o) 
   return o.decay_input ? grad_k_sum / divisor : grad_k_sum;
 }
 
+// ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---
+// The device buffers of a forward: inputs, outputs and scratch (sizes in the comments).
+template <typename in_t, typename acc_t>
+struct ForwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const double* gamma;          // [C] or null
+  const double* beta;           // [C] or null
+  const double* running_mean;   // [C], or null: the batch's statistics
+  const double* running_var;    // [C]
+  double eps;
+  const acc_t* k;               // [C], or one value (k_per_layer)
+  bool k_per_layer;
+  const acc_t* v_init;          // [neurons], or one value (v_init_stride 0)
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  in_t* spikes;                 // [T, neurons]
+  acc_t* v_last;                // [neurons]
+  double* terms;                // [5, C]
+  acc_t* terms_acc;             // [5, C]
+  double* neuron_values;        // [2, neurons] (batch statistics only)
+  double* slots;                // [blocks * rows_per_block(S) * 2]
+  double* channel_sums;         // [2, C]
+};
+
+template <typename in_t, typename acc_t>
+struct BackwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const acc_t* terms_acc;       // [5, C]: the forward's terms, rounded
+  const acc_t* k;
+  bool k_per_layer;
+  const acc_t* v_init;
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  const in_t* grad_spikes;      // [T, neurons] or null
+  const acc_t* grad_v_last;     // [neurons] or null
+  bool batch_statistics;
+  in_t* grad_y;                 // [T, neurons], or null: not needed
+  acc_t* grad_v_init;           // [neurons] or null
+  acc_t* neuron_values;         // [3, neurons]
+  double* slots;                // [blocks * rows_per_block(S) * 3]
+  double* channel_sums;         // [3, C]: sum dL/dz, sum dL/dz * xhat, dL/dk per channel
+  acc_t* mean_grads;            // [2, C]
+  double* layer_grad_k;         // [1]: dL/dk summed over the channels (k_per_layer)
+};
+
+// The (input, compute) type pairs every backend instantiates (c10's half types on the host side).
+#define PLIF_BN_FOR_EACH_TYPE_PAIR(MACRO) \
+  MACRO(float, float)                     \
+  MACRO(double, double)                   \
+  MACRO(c10::Half, float)                 \
+  MACRO(c10::BFloat16, float)
+
 }  // namespace bn
 }  // namespace plif

@@ -35,9 +35,15 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MEAN, _INVSTD, _SCALE, _SHIFT, _UNBIASED_VAR = range(5)
 
 
-def fused_op_available() -> bool:
-    """Whether the compiled extension has the fused BatchNorm + PLIF ops."""
-    return extension_available() and hasattr(torch.ops.plif_cuda, "bn_plif_forward")
+def fused_op_available(device_type: str = "cpu") -> bool:
+    """Whether the compiled extension has the fused BatchNorm + PLIF ops for tensors on ``device_type``
+    (CUDA tensors: a build with the nvcc kernels)."""
+    if not (extension_available() and hasattr(torch.ops.plif_cuda, "bn_plif_forward")):
+        return False
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "plif_cuda::bn_plif_forward", dispatch_key
+    )
 
 
 # ---- the op's fake kernels and autograd ---------------------------------------------------------------
@@ -176,7 +182,8 @@ def bn_plif_multistep(
     backend: str = "auto",
 ):
     """BatchNorm over ``[T, N, C, *spatial]`` (statistics over T x N x spatial) and a multi-step PLIF
-    neuron on its output, in one fused op where it runs (CPU tensors, the compiled extension).
+    neuron on its output, in one fused op where it runs (CPU tensors; CUDA tensors in a build with
+    the nvcc kernels; ``backend`` "auto" or the tensors' device type).
 
     ``batch_statistics`` normalises with the batch's statistics and, where ``running_mean`` /
     ``running_var`` are given, updates them in place with ``momentum``; otherwise the running
@@ -244,9 +251,8 @@ def bn_plif_multistep(
     )
 
     fused = (
-        backend in ("auto", "cpu")
-        and fused_op_available()
-        and y_seq.device.type == "cpu"
+        backend in ("auto", y_seq.device.type)
+        and fused_op_available(y_seq.device.type)
         and _per_channel_w(w, step_shape)
         and not _needs_reference_autodiff(y_seq, w, v_init)
     )
