@@ -79,28 +79,35 @@ def kept_bytes_per_neuron_step(layer, y) -> float:
     return saved["bytes"] / y.numel()
 
 
-def time_rounds(cases: dict, rounds: int) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(cases: dict, rounds: int, device: torch.device) -> dict:
     samples = {name: [] for name in cases}
     for _ in range(rounds):
         for name, call in cases.items():
+            synchronize(device)
             start = time.perf_counter()
             call()
+            synchronize(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def pair_rows(size, T: int, rounds: int, surrogate: str) -> dict:
+def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -> dict:
     N, C, H, W = size
     gen = torch.Generator().manual_seed(0)
-    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).requires_grad_()
-    grad = torch.randn(T, N, C, H, W, generator=gen)
-    unfused = UnfusedPair(C, surrogate)
-    fused = fused_pair(C, surrogate)
+    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).to(device).requires_grad_()
+    grad = torch.randn(T, N, C, H, W, generator=gen).to(device)
+    unfused = UnfusedPair(C, surrogate).to(device)
+    fused = fused_pair(C, surrogate).to(device)
     for layer in (unfused, fused):
         pair_step(layer, y, grad)  # warm-up
     kept = {"unfused": kept_bytes_per_neuron_step(unfused, y), "fused": kept_bytes_per_neuron_step(fused, y)}
     medians = time_rounds(
-        {"unfused": lambda: pair_step(unfused, y, grad), "fused": lambda: pair_step(fused, y, grad)}, rounds
+        {"unfused": lambda: pair_step(unfused, y, grad), "fused": lambda: pair_step(fused, y, grad)}, rounds, device
     )
     return {
         "shape": [T, N, C, H, W],
@@ -111,14 +118,14 @@ def pair_rows(size, T: int, rounds: int, surrogate: str) -> dict:
     }
 
 
-def network_rows(name: str, build, batch: int, rounds: int) -> dict:
+def network_rows(name: str, build, batch: int, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    unfused = build()
+    unfused = build().to(device)
     fused = plif_cuda.fuse_bn_plif(copy.deepcopy(unfused))
     channels = unfused.first_conv.module[0].in_channels
     side = 32 if channels == 3 else 28
-    x = torch.rand(batch, channels, side, side)
-    labels = torch.randint(0, 10, (batch,))
+    x = torch.rand(batch, channels, side, side, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
 
     def step(model):
         def run():
@@ -134,13 +141,46 @@ def network_rows(name: str, build, batch: int, rounds: int) -> dict:
     for label, model in (("unfused", unfused), ("fused", fused)):
         kept[label] = saved_tensor_bytes(lambda model=model: model(x))["bytes"] / 2**20
         models.reset_states(model)
-    medians = time_rounds({"unfused": step(unfused), "fused": step(fused)}, rounds)
+    medians = time_rounds({"unfused": step(unfused), "fused": step(fused)}, rounds, device)
     return {
         "network": name,
         "batch": batch,
         "step_ms": medians,
         "speedup": medians["unfused"] / medians["fused"],
         "kept_mib": kept,
+    }
+
+
+def matches_cpu(device: torch.device, surrogate: str) -> dict:
+    """The fused layer on ``device`` against the CPU op on the same values: spikes and running
+    statistics bit for bit (no exp in the spiking forward; the statistics in float64 in one
+    order), gradients within float32 rounding (the GPU's exp differs from the CPU's in the last
+    place, and so the surrogate's slope)."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(8, 16, 32, 16, 16, generator=gen) * 2 + 0.5
+    grad = torch.randn(y.shape, generator=gen)
+    results = {}
+    for where in (torch.device("cpu"), device):
+        torch.manual_seed(0)
+        layer = plif_cuda.BatchNormPLIF(32, surrogate_function=surrogate, tau_shape=(32, 1, 1)).to(where)
+        with torch.no_grad():
+            layer.bn.bias.fill_(0.6)
+        y_where = y.to(where).requires_grad_()
+        spikes = layer(y_where)
+        spikes.backward(grad.to(where))
+        results[where.type] = {
+            "spikes": spikes.detach().cpu(),
+            "running_var": layer.bn.running_var.cpu(),
+            "grads": [t.cpu() for t in (y_where.grad, layer.bn.weight.grad, layer.w.grad)],
+        }
+    cpu, other = results["cpu"], results[device.type]
+    return {
+        "spikes_equal": bool(torch.equal(cpu["spikes"], other["spikes"])),
+        "running_var_equal": bool(torch.equal(cpu["running_var"], other["running_var"])),
+        "grad_max_relative_difference": [
+            float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30))) for a, b in zip(other["grads"], cpu["grads"])
+        ],
+        "fused_kernel_on_device": plif_cuda.batchnorm.fused_op_available(device.type),
     }
 
 
@@ -153,16 +193,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--network-rounds", type=int, default=5)
     parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then also the check against the CPU op)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     report = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "load_before": load_average(),
-        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate, device),
         "networks": [
-            network_rows("fashion_mnist", lambda: models.StaticImageSNN(), args.batch, args.network_rounds),
+            network_rows("fashion_mnist", lambda: models.StaticImageSNN(), args.batch, args.network_rounds, device),
         ],
     }
     if args.cifar:
@@ -172,8 +215,11 @@ def main() -> None:
                 lambda: models.StaticImageSNN(in_channels=3, image_size=32, width=256, convs_per_stage=3),
                 args.batch,
                 args.network_rounds,
+                device,
             )
         )
+    if device.type != "cpu":
+        report["matches_cpu"] = matches_cpu(device, args.surrogate)
     report["load_after"] = load_average()
     print(json.dumps(report, indent=2))
     if args.json:

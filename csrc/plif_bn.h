@@ -17,7 +17,7 @@
 #include <cmath>
 #include <vector>
 
-#include "plif_cpu_kernels.h"  // stream_row, prefetch_row, exceeds_cache: the PLIF kernel's memory helpers
+#include "plif_cpu_kernels.h"  // the PLIF kernel's stream_row, prefetch_row, exceeds_cache, PLIF_ISA_CLONES
 #include "plif_bn_math.h"
 #include "plif_math.h"
 
@@ -26,13 +26,6 @@ namespace bn {
 
 // Neuron-steps per thread below which a second thread costs more than it saves.
 constexpr index_t kMinNeuronStepsPerThread = index_t(1) << 17;
-
-// One copy per instruction set, picked at load time (as the PLIF kernels do).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PLIF_BN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PLIF_BN_ISA_CLONES
-#endif
 
 // Per-channel sums of per-neuron values, deterministic for any number of threads: each block
 // sums its neurons row by row (a row: one sample's S neurons of one channel) into its own slots,
@@ -93,7 +86,7 @@ void for_each_block(const Geometry& g, index_t scratch_values, Fn fn) {
 
 // ---- statistics ------------------------------------------------------------------------------
 template <typename in_t>
-PLIF_BN_ISA_CLONES void statistics_block(const in_t* y, const Geometry& g, index_t block, index_t n0, index_t count,
+PLIF_ISA_CLONES void statistics_block(const in_t* y, const Geometry& g, index_t block, index_t n0, index_t count,
                                          RowSums& sums) {
   double sum[kBlock] = {}, sum_of_squares[kBlock] = {};
   const bool stream = exceeds_cache<in_t>(g.distinct_steps(), g.neurons, 1);
@@ -176,7 +169,7 @@ void fill_block_terms(const Args<in_t, acc_t>& a, index_t n0, index_t count, Blo
 // non-temporal lines and write their [T, ...] outputs through an L1 staging row with
 // non-temporal stores, as the PLIF kernel does (plif_cpu_kernels.h says why).
 template <int SURROGATE, typename in_t, typename acc_t>
-PLIF_BN_ISA_CLONES void forward_block(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last, index_t n0,
+PLIF_ISA_CLONES void forward_block(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last, index_t n0,
                                       index_t count, bool stream) {
   const Options<acc_t> o = a.opts;
   BlockTerms<acc_t> terms;
@@ -225,7 +218,7 @@ struct Gradients {
 // One block: recompute H[0..T-1] from y (the forward's expressions, so its bits), then walk back
 // in time. `h` holds T * kBlock values.
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
-PLIF_BN_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t block,
+PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t block,
                                        index_t n0, index_t count, acc_t* h, RowSums* sums, bool stream) {
   const Options<acc_t> o = a.opts;
   const Geometry& g = a.g;

@@ -524,3 +524,22 @@ def test_no_time_steps_in_eval_mode():
     assert spikes.shape == (0, 2, 3, 4)
     with pytest.raises(ValueError, match="y_seq"):
         layer.train()(torch.randn(0, 2, 3, 4))
+
+
+def test_benchmark_rows_keep_half_the_bytes(monkeypatch):
+    """benchmarks/bn_plif.py's rows on small sizes: the fused pair keeps y alone (4 B per
+    float32 neuron-step, the issue's bound 4.5), the unfused pair y and H (8 B)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bn_plif_benchmark", root / "benchmarks" / "bn_plif.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu = torch.device("cpu")
+    pair = bench.pair_rows([2, 4, 8, 8], 4, 1, "atan", cpu)
+    kept = pair["kept_bytes_per_neuron_step"]
+    assert 4.0 <= kept["fused"] < 4.5 and kept["unfused"] >= 8.0
+    row = bench.network_rows("tiny", lambda: models.StaticImageSNN(T=2, width=4, fc_width=16), 2, 1, cpu)
+    assert row["kept_mib"]["fused"] < row["kept_mib"]["unfused"]
