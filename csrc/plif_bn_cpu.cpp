@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometr
     terms.fill_(NAN);
     if (running_mean) {
       const Tensor mean = running_mean->to(at::kDouble), var = running_var->to(at::kDouble);
-      const Tensor invstd = (var + eps).rsqrt();
+      const Tensor invstd = 1.0 / (var + eps).sqrt();
       const Tensor scale = (weight ? weight->to(at::kDouble) : at::ones_like(mean)) * invstd;
       terms[kMean].copy_(mean);
       terms[kInvstd].copy_(invstd);
