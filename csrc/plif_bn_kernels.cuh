@@ -57,18 +57,17 @@ __global__ void bn_row_sums_kernel(const value_t* neuron_values, int quantities,
   }
 }
 
-// Per channel: its rows' slots added block by block, row by row (RowSums::per_channel's order).
+// Per channel: its rows' slots, row by row and each row's blocks in order, which is the order of
+// RowSums::per_channel (blocks in order, rows in order within a block): a row's blocks all come
+// before the next row of the channel, C rows later, starts.
 __global__ void bn_channel_sums_kernel(const double* slots, int quantities, Geometry g, double* channel_sums) {
   const index_t per_block = rows_per_block(g.S);
+  const index_t rows = g.neurons / g.S;
   for (index_t c = first_item(); c < g.C; c += item_stride()) {
     for (int q = 0; q < quantities; ++q) channel_sums[q * g.C + c] = 0.0;
-    for (index_t block = 0; block < g.blocks(); ++block) {
-      const index_t n0 = block * kBlock;
-      const index_t first_row = n0 / g.S;
-      const index_t last_row = ((n0 + kBlock < g.neurons ? n0 + kBlock : g.neurons) - 1) / g.S;
-      for (index_t row = first_row; row <= last_row; ++row) {
-        if (row % g.C != c) continue;
-        const double* slot = slots + (block * per_block + row - first_row) * quantities;
+    for (index_t row = c; row < rows; row += g.C) {
+      for (index_t block = row * g.S / kBlock; block <= ((row + 1) * g.S - 1) / kBlock; ++block) {
+        const double* slot = slots + (block * per_block + row - block * kBlock / g.S) * quantities;
         for (int q = 0; q < quantities; ++q) channel_sums[q * g.C + c] += slot[q];
       }
     }
