@@ -122,7 +122,7 @@ def network_rows(name: str, build, batch: int, rounds: int, device: torch.device
     torch.manual_seed(0)
     unfused = build().to(device)
     fused = plif_cuda.fuse_bn_plif(copy.deepcopy(unfused))
-    channels = unfused.first_conv.module[0].in_channels
+    channels = unfused.first_conv.module[0].in_channels if hasattr(unfused, "first_conv") else 1
     side = 32 if channels == 3 else 28
     x = torch.rand(batch, channels, side, side, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -149,6 +149,39 @@ def network_rows(name: str, build, batch: int, rounds: int, device: torch.device
         "speedup": medians["unfused"] / medians["fused"],
         "kept_mib": kept,
     }
+
+
+def spikingjelly_fashion_mnist(T: int = 8, width: int = 128, fc_width: int = 2048) -> nn.Module:
+    """The Fashion-MNIST network written with SpikingJelly's layers (multi-step, its PLIF neurons with
+    the paper's ATan and detach_reset), input ``[N, 1, 28, 28]`` repeated over T."""
+    from spikingjelly.activation_based import layer, neuron, surrogate
+
+    def plif():
+        return neuron.ParametricLIFNode(surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.T = T
+            self.body = nn.Sequential(
+                layer.SeqToANNContainer(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
+                plif(),
+                layer.MaxPool2d(2, 2, step_mode="m"),
+                layer.SeqToANNContainer(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
+                plif(),
+                layer.MaxPool2d(2, 2, step_mode="m"),
+                layer.Flatten(step_mode="m"),
+                layer.Linear(width * 7 * 7, fc_width, bias=False, step_mode="m"),
+                plif(),
+                layer.Linear(fc_width, 100, bias=False, step_mode="m"),
+                plif(),
+            )
+
+        def forward(self, x):
+            rate = self.body(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)).mean(0)
+            return F.avg_pool1d(rate.unsqueeze(1), 10, 10).squeeze(1)
+
+    return Net()
 
 
 def matches_cpu(device: torch.device, surrogate: str) -> dict:
@@ -193,6 +226,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--network-rounds", type=int, default=5)
     parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
+    parser.add_argument(
+        "--spikingjelly", action="store_true", help="also the Fashion-MNIST network in SpikingJelly's layers"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then also the check against the CPU op)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
@@ -216,6 +252,12 @@ def main() -> None:
                 args.batch,
                 args.network_rounds,
                 device,
+            )
+        )
+    if args.spikingjelly:
+        report["networks"].append(
+            network_rows(
+                "fashion_mnist_spikingjelly", spikingjelly_fashion_mnist, args.batch, args.network_rounds, device
             )
         )
     if device.type != "cpu":
