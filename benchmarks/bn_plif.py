@@ -5,7 +5,12 @@ Rows: the bytes autograd keeps per neuron-step for the pair; the pair's forward+
 network (and, with --cifar, the CIFAR-10 one) fused by fuse_bn_plif against unfused. Cases
 alternate within each round, so the ratio compares like with like under the machine's load.
 
-    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--json PATH]
+    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--spikingjelly] [--device cuda]
+                                 [--json PATH]
+
+--spikingjelly adds the Fashion-MNIST network written in SpikingJelly's layers, fused against
+SpikingJelly's own; --device cuda runs every row on the GPU and checks the fused layer there
+against the CPU op.
 """
 
 from __future__ import annotations
