@@ -242,7 +242,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
     });
   }
   const Tensor grad_k = k.numel() == 1 ? layer_grad_k : channel_sums[2];
-  return {grad_y, channel_sums[1], channel_sums[0], grad_k.to(acc_type).reshape(k.sizes()), grad_v_init};
+  return {grad_y, channel_sums[1].clone(), channel_sums[0].clone(), grad_k.to(acc_type).reshape(k.sizes()).clone(),
+          grad_v_init};
 }
 #endif
 
@@ -377,10 +378,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
       backward_cpu(a, gr, need_grad_y, channel_sums.data_ptr<double>());
     });
   }
-  // dL/dk per channel, or their sum in channel order for one k.
+  // dL/dk per channel, or their sum in channel order for one k. Each output its own tensor (not
+  // views of channel_sums: an op's outputs must not alias).
   Tensor grad_k = channel_sums[2];
   if (k.numel() == 1) grad_k = at::scalar_tensor(fixed_sum(grad_k.data_ptr<double>(), g.C), grad_k.options());
-  return {grad_y, channel_sums[1], channel_sums[0], grad_k.to(acc_type).reshape(k.sizes()), grad_v_init};
+  return {grad_y, channel_sums[1].clone(), channel_sums[0].clone(),
+          grad_k.to(acc_type).reshape(k.sizes()).clone(), grad_v_init};
 }
 
 }  // namespace

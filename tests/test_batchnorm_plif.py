@@ -543,3 +543,22 @@ def test_benchmark_rows_keep_half_the_bytes(monkeypatch):
     assert 4.0 <= kept["fused"] < 4.5 and kept["unfused"] >= 8.0
     row = bench.network_rows("tiny", lambda: models.StaticImageSNN(T=2, width=4, fc_width=16), 2, 1, cpu)
     assert row["kept_mib"]["fused"] < row["kept_mib"]["unfused"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ops_pass_opcheck(training, dtype):
+    """Schemas, fake kernels, autograd registration and torch.compile's tracing of both ops."""
+    y, weight, bias, _ = _inputs((3, 2, 4, 3, 3), dtype=dtype)
+    acc = compute_dtype(dtype)
+    k = torch.full((4,), 0.4, dtype=acc, requires_grad=True)
+    v_init = torch.zeros((), dtype=acc)
+    running = (None, None) if training else (torch.zeros(4), torch.ones(4))
+    neuron = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True)
+    forward_args = (y.requires_grad_(), weight.requires_grad_(), bias, *running, 1e-5, k, v_init, *neuron)
+    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_forward.default, forward_args)
+    terms = torch.ops.plif_cuda.bn_plif_forward(y.detach(), weight.detach(), bias, *running, 1e-5, k.detach(), v_init,
+                                                *neuron)[2]  # fmt: skip
+    backward_args = (torch.randn(y.shape).to(dtype), None, y.detach(), terms, k.detach(), v_init, training, True,
+                     False, *neuron)  # fmt: skip
+    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_backward.default, backward_args)
