@@ -562,3 +562,24 @@ def test_ops_pass_opcheck(training, dtype):
     backward_args = (torch.randn(y.shape).to(dtype), None, y.detach(), terms, k.detach(), v_init, training, True,
                      False, *neuron)  # fmt: skip
     torch.library.opcheck(torch.ops.plif_cuda.bn_plif_backward.default, backward_args)
+
+
+def test_fusing_keeps_the_parameter_objects_and_copies_keep_their_links():
+    torch.manual_seed(0)
+    model = models.StaticImageSNN(T=2, width=4, fc_width=16)
+    before = [id(p) for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fuse_bn_plif(model)
+    assert [id(p) for p in model.parameters()] == before
+    x = torch.rand(2, 1, 28, 28)
+    bias = model.first_conv.module[1].bias
+    start = bias.detach().clone()
+    model(x).sum().backward()
+    optimizer.step()
+    assert not torch.equal(bias, start)  # the optimizer built before fusing trains the fused model
+    models.reset_states(model)  # a membrane inside an autograd graph cannot be deep-copied (nor unfused)
+    copied = copy.deepcopy(model)
+    fused_layers = [m for m in copied.modules() if isinstance(m, BatchNormPLIF)]
+    deferred = [m for m in copied.modules() if isinstance(m, DeferredBatchNorm)]
+    assert [layer.norm for layer in fused_layers] == deferred  # each copy normalises with its own copy
+    torch.testing.assert_close(copied(x), model(x))
