@@ -11,6 +11,7 @@ Environment:
     PLIF_PTXAS_VERBOSE=1    print ptxas register/spill report for every kernel
 """
 
+import json
 import os
 import shutil
 import sys
@@ -87,13 +88,26 @@ def extensions():
     else:
         ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
         print(f"plif_cuda: building the CPU kernels only ({reason})", file=sys.stderr)
-    (ROOT / "plif_cuda" / "_build_info.py").write_text(
-        "# Written by setup.py at build time.\n"
-        f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"CUDA_ARCHS = {archs!r}\n"
-        f"CUDA_SKIPPED_BECAUSE = {reason!r}\n"
-    )
+    ext.include_dirs.append(str(write_build_info(torch.__version__, archs, reason)))
     return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+def write_build_info(torch_version: str, archs: str, reason: str | None) -> Path:
+    """The build information as a header in the build folder (csrc/plif_ops.cpp makes it attributes
+    of plif_cuda._C); rewritten only when it changes, so that an unchanged build stays built."""
+    folder = ROOT / "build" / "generated"
+    header = folder / "plif_build_info.h"
+    # json.dumps of a str is a valid C string literal.
+    text = (
+        "// Written by setup.py: what plif_cuda._C reports as its build information.\n"
+        f"#define PLIF_TORCH_VERSION {json.dumps(torch_version)}\n"
+        f"#define PLIF_CUDA_ARCHS {json.dumps(archs)}\n"
+        f"#define PLIF_CUDA_SKIPPED_BECAUSE {json.dumps(reason or '')}\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    if not header.is_file() or header.read_text() != text:
+        header.write_text(text)
+    return folder
 
 
 class build_py_with_kernel_sources(build_py):

@@ -16,6 +16,9 @@ Asserts, reading the library with `cuobjdump` (no GPU needed):
      global loads one thread issues in a straight run, with no store, branch or barrier between
      them, inside a loop (the kernels load several time steps before running the recurrence
      over them; one load per step, waiting for it before the next, cannot fill the memory system);
+  7. in every backward kernel, every innermost loop that loads issues all its global loads before
+     its first global store (a chunk's X and incoming gradients are in flight together, so a
+     neuron with T <= the chunk makes one round trip to memory before its first store);
   6. every forward kernel's vector path stores whole 16-byte words: each forward kernel has an
      innermost loop whose global loads are all 16-byte words (the vector path's chunk loop), and
      no global store in such a loop is narrower (the spikes, H and V rows of a step each leave
@@ -42,18 +45,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = ("plif_forward_kernel", "plif_backward_kernel", "plif_recompute_backward_kernel")
-# The backward from checkpoints exists for the half types only (the inputs that keep them).
-HALF_ONLY_KERNELS = ("plif_recompute_backward_kernel",)
+KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
 MIN_LOAD_BYTES_IN_FLIGHT = 64
-# Kernels built for fewer bytes ahead: (kernel kind -> (bytes, why)).
-LOAD_BYTES_EXCEPTIONS = {
-    "recompute": (
-        16,
-        "one neuron per thread recomputing 8 steps from one 2-byte input each (16 B), then "
-        "gradients 4 steps at a time, within the 64 registers of four resident blocks",
-    ),
-}
+# Kernels built for fewer bytes ahead: (kernel label -> (bytes, why)).
+_HALF_BACKWARD = (
+    32,
+    "one neuron per thread, a checkpoint chunk of 8 steps of 2-byte X and gradients (32 B, 48 with "
+    "grad_v_seq) at 768 resident threads: 24 KB in flight per multiprocessor",
+)
+LOAD_BYTES_EXCEPTIONS = {"backward float16": _HALF_BACKWARD, "backward bfloat16": _HALF_BACKWARD}
 THREADS_PER_BLOCK = 256  # plif::kThreadsPerBlock (csrc/plif_launch.h)
 # Per multiprocessor: 64K 32-bit registers on every architecture here, allocated per warp in
 # units of 256, and at most this many resident threads.
@@ -73,12 +73,20 @@ MAX_THREADS_PER_SM = {
 # Kernels that keep fewer than half the threads resident: (architecture or "*", kernel label) ->
 # (the resident threads per multiprocessor they must keep at least, why). Their launch bounds are
 # in csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks).
+_BACKWARD_CHUNK = (
+    768,
+    "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: 80 "
+    "registers, 3 blocks (at 64 ptxas spills); 768 threads x 64 B = 48 KB in flight per "
+    "multiprocessor in float32",
+)
 OCCUPANCY_EXCEPTIONS = {
+    ("*", "backward float32"): _BACKWARD_CHUNK,
+    ("*", "backward float16"): _BACKWARD_CHUNK,
+    ("*", "backward bfloat16"): _BACKWARD_CHUNK,
     ("*", "backward float64"): (
         512,
-        "64 bytes of loads ahead are 16-24 registers of doubles and its surrogates "
-        "are double precision: at 64 registers ptxas spills 312 bytes (sm_90), at 80 "
-        "the division's slow path takes a 24-byte stack frame",
+        "the chunk's loads are 32-48 registers of doubles and its surrogates are double "
+        "precision: 2 blocks (128 registers), 512 threads x 128 B in flight per multiprocessor",
     ),
 }
 # The (in_t, acc_t) pairs as they appear in the mangled kernel names.
@@ -262,27 +270,31 @@ def loads_in_flight_per_loop(body: list[tuple[int, str, str]]) -> list[int]:
     return figures
 
 
+def kernels_in_order(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[tuple[str, str, list]]:
+    """(arch, kernel label, SASS body) of every kernel, by arch, then label."""
+    return [(arch, label, body) for arch in sorted(sass) for label, body in sorted(sass[arch].items())]
+
+
 def check_loads_in_flight(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
     problems = []
-    for arch in sorted(sass):
-        for label, body in sorted(sass[arch].items()):
-            figures = loads_in_flight_per_loop(body)
-            most = max(figures, default=0)
-            wanted, why = LOAD_BYTES_EXCEPTIONS.get(label.split()[0], (MIN_LOAD_BYTES_IN_FLIGHT, None))
-            deep = sum(1 for figure in figures if figure >= wanted)
-            # Every kernel has two chunk loops or more (see the module docstring).
-            verdict = "ok" if deep >= 2 else "TOO FEW"
-            note = f" (exception: {why})" if why else ""
-            print(
-                f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
-                f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}"
+    for arch, label, body in kernels_in_order(sass):
+        figures = loads_in_flight_per_loop(body)
+        most = max(figures, default=0)
+        wanted, why = LOAD_BYTES_EXCEPTIONS.get(label, (MIN_LOAD_BYTES_IN_FLIGHT, None))
+        deep = sum(1 for figure in figures if figure >= wanted)
+        # Every kernel has two chunk loops or more (see the module docstring).
+        verdict = "ok" if deep >= 2 else "TOO FEW"
+        note = f" (exception: {why})" if why else ""
+        print(
+            f"  {arch}  {label:<18} loads in flight per iteration of an innermost loop: up to {most} B; "
+            f"{deep} of {len(figures)} such loops >= {wanted} B  {verdict}{note}"
+        )
+        if verdict != "ok":
+            problems.append(
+                f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
+                f"loads in flight per iteration (at most {most} B); every chunk loop needs "
+                f"them"
             )
-            if verdict != "ok":
-                problems.append(
-                    f"{arch}: {label}: {deep} innermost loops keep {wanted} bytes of "
-                    f"loads in flight per iteration (at most {most} B); every chunk loop needs "
-                    f"them"
-                )
     return problems
 
 
@@ -306,28 +318,49 @@ def vector_loop_store_widths(body: list[tuple[int, str, str]]) -> list[dict[int,
 
 def check_vector_stores(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
     problems = []
-    for arch in sorted(sass):
-        for label, body in sorted(sass[arch].items()):
-            if label.split()[0] not in VECTOR_PATH_KERNELS:
-                continue
-            loops = vector_loop_store_widths(body)
-            whole = sum(count for stores in loops for size, count in stores.items() if size >= VECTOR_WORD_BYTES)
-            narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
-            problem = None
-            if not loops:
-                problem = f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's chunk loop)"
-            elif narrow:
-                problem = (
-                    f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
-                    f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
-                    f"{VECTOR_WORD_BYTES}-byte words"
-                )
-            print(
-                f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
-                f"{narrow} narrower  {'FAIL' if problem else 'ok'}"
+    for arch, label, body in kernels_in_order(sass):
+        if label.split()[0] not in VECTOR_PATH_KERNELS:
+            continue
+        loops = vector_loop_store_widths(body)
+        whole = sum(count for stores in loops for size, count in stores.items() if size >= VECTOR_WORD_BYTES)
+        narrow = sum(count for stores in loops for size, count in stores.items() if size < VECTOR_WORD_BYTES)
+        problem = None
+        if not loops:
+            problem = f"no innermost loop loads {VECTOR_WORD_BYTES}-byte words only (the vector path's chunk loop)"
+        elif narrow:
+            problem = (
+                f"its vector-path loop has {narrow} stores narrower than {VECTOR_WORD_BYTES} B beside "
+                f"{whole} of {VECTOR_WORD_BYTES} B; every row of a step should leave as "
+                f"{VECTOR_WORD_BYTES}-byte words"
             )
-            if problem:
-                problems.append(f"{arch}: {label}: {problem}")
+        print(
+            f"  {arch}  {label:<18} stores in its vector-path loop: {whole} x {VECTOR_WORD_BYTES} B, "
+            f"{narrow} narrower  {'FAIL' if problem else 'ok'}"
+        )
+        if problem:
+            problems.append(f"{arch}: {label}: {problem}")
+    return problems
+
+
+def check_backward_round_trips(sass: dict[str, dict[str, list[tuple[int, str, str]]]]) -> list[str]:
+    """Check 7: in a backward kernel, each innermost loop's global loads all come before its first
+    global store."""
+    problems = []
+    for arch, label, body in kernels_in_order(sass):
+        if label.split()[0] != "backward":
+            continue
+        late = loops = 0
+        for start, end in innermost_loops(body):
+            inside = [opcode for address, opcode, _ in body if start <= address <= end]
+            loads = [i for i, opcode in enumerate(inside) if global_load_bytes(opcode)]
+            stores = [i for i, opcode in enumerate(inside) if global_store_bytes(opcode)]
+            if loads:
+                loops += 1
+                late += bool(stores) and loads[-1] > stores[0]
+        verdict = "ok" if loops and not late else "FAIL"
+        print(f"  {arch}  {label:<18} loops with loads: {loops}; loads after the loop's first store: {late}  {verdict}")
+        if verdict != "ok":
+            problems.append(f"{arch}: {label}: {late} of {loops} chunk loops issue a load after their first store")
     return problems
 
 
@@ -413,12 +446,7 @@ def main() -> int:
         return 1
 
     problems = [f"no {arch} cubin in the library" for arch in required if arch not in archs_present]
-    expected = {
-        f"{kernel.split('_')[1]} {dtype}"
-        for kernel in KERNELS
-        for dtype in DTYPE_PAIRS.values()
-        if kernel not in HALF_ONLY_KERNELS or dtype in ("float16", "bfloat16")
-    }
+    expected = {f"{kernel.split('_')[1]} {dtype}" for kernel in KERNELS for dtype in DTYPE_PAIRS.values()}
     for arch in sorted(usage):
         kernels = usage[arch]
         missing = expected - kernels.keys()
@@ -437,6 +465,7 @@ def main() -> int:
     problems.extend(check_occupancy(usage))
     problems.extend(check_loads_in_flight(sass))
     problems.extend(check_vector_stores(sass))
+    problems.extend(check_backward_round_trips(sass))
     for arch in required:
         if arch in archs_present and not sass.get(arch):
             problems.append(f"{arch}: cuobjdump -sass shows no plif kernel")

@@ -144,21 +144,7 @@ def _compile_peer() -> Implementation:
         if compiled is None:
 
             def reference_spikes(x, w):
-                k = torch.sigmoid(w)
-                v_init = torch.zeros((), dtype=torch.float32, device=x.device)
-                return plif_cuda.plif_multistep_ref(
-                    x,
-                    k,
-                    v_init,
-                    v_threshold=1.0,
-                    v_reset=0.0,
-                    decay_input=True,
-                    detach_reset=False,
-                    surrogate="sigmoid",
-                    alpha=4.0,
-                    spiking=True,
-                    store_v_seq=False,
-                )[0]
+                return plif_cuda.plif_multistep_ref(x, w)[0]
 
             compiled = torch.compile(reference_spikes, dynamic=True)
             _compile_cache[key] = compiled

@@ -20,6 +20,8 @@ MALLOC_VARIABLES = (
     "GLIBC_TUNABLES",
     "LD_PRELOAD",
 )
+# The build information plif_cuda._C carries.
+BUILD_INFO = ("TORCH_VERSION", "CUDA_ARCHS", "CUDA_SKIPPED_BECAUSE")
 PASS_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd+bwd"}
 
 
@@ -100,8 +102,9 @@ def environment(root: Path, malloc_tuned: bool) -> dict:
         "gpu": None,
     }
     try:
-        build = __import__("plif_cuda._build_info", fromlist=["*"])
-        env["plif_cuda_build"] = {k: v for k, v in vars(build).items() if k.isupper()}
+        from plif_cuda import _C
+
+        env["plif_cuda_build"] = {name: getattr(_C, name) for name in BUILD_INFO}
     except ImportError:
         env["plif_cuda_build"] = None
     if torch.cuda.is_available():

@@ -312,9 +312,9 @@ def op_k_values(config: impls.Config) -> int:
 
 
 def traffic_bytes(pass_name: str, config: impls.Config, device: torch.device) -> int:
-    return traffic.pass_bytes(
+    return traffic.pass_traffic(
         pass_name, config.T, config.N, config.dtype, k_values=op_k_values(config), device=device.type
-    )
+    ).total
 
 
 def kernel_only_fields(args, impl, neuron, buffers, device, pass_name: str, nbytes: int, copy_gbps: float) -> dict:
@@ -398,9 +398,8 @@ def measure_case(args, impl, neuron, config, buffers, device, flush, progress, b
 
 # Copies timed right before and right after each fused backend's passes.
 COPY_REPEATS_PER_CASE = 5
-# Two copies further apart than this factor mean that the machine changed state during the case
-# (benchmarks/NOTES.md, sixth pass: 42 GB/s before a case, 75 after it), so its times belong to
-# neither copy: the case is timed again, at most COPY_ATTEMPTS times in all.
+# Copies further apart than this factor mean the machine changed state during the case, so the
+# case is timed again (see NOTES, "Sixth pass: the backward's operations per neuron-step").
 COPY_AGREEMENT = 1.2
 COPY_ATTEMPTS = 3
 

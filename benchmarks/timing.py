@@ -231,8 +231,9 @@ class CopyProbe:
     """Device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, counted as read + write, median.
 
     The buffers stay allocated so that the bandwidth can be measured again next to each case:
-    on a shared VM it moves from minute to minute (benchmarks/NOTES.md), and a pass is judged
-    against the bandwidth of its own minute."""
+    on a shared machine it moves from minute to minute (see NOTES, "Fifth pass: the copy next to
+    each case, the exp's chain, the surrogate a step ahead"), and a pass is judged against the
+    bandwidth of its own minute."""
 
     def __init__(self, device: torch.device, nbytes: int):
         self.device = device

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plif_cuda import _C
 from plif_cuda import ops as plif_ops
 from plif_cuda.reference import compute_dtype
 
@@ -52,11 +53,11 @@ def training_save_mode(dtype: torch.dtype) -> int:
 
 def h_rows(T: int, save: int) -> int:
     """Rows of N values of H that the forward writes and the backward reads."""
-    if save == plif_ops.SAVE_H:
+    if save == _C.SAVE_H:
         return T
-    if save == plif_ops.SAVE_CHECKPOINTS:
-        return plif_ops.checkpoint_rows(T)
-    if save == plif_ops.SAVE_NOTHING:
+    if save == _C.SAVE_CHECKPOINTS:
+        return _C.checkpoint_rows(T)
+    if save == _C.SAVE_NOTHING:
         return 0
     raise ValueError(f"save must be one of SAVE_NOTHING, SAVE_H, SAVE_CHECKPOINTS, got {save!r}")
 
@@ -96,21 +97,23 @@ class Traffic:
         return Traffic(self.reads + other.reads, self.writes + other.writes)
 
 
-def _check(T: int, N: int, k_values: int, v_init_values: int) -> None:
+def _checked_sizes(T: int, N: int, dtype: torch.dtype, save, k_values: int, v_init_values: int):
+    """(save mode, bytes of an input element, bytes of a compute-dtype element) for a pass's
+    arguments, checked; ``save`` None is the training forward's own save mode."""
     if T < 0 or N < 0:
         raise ValueError(f"T and N must be >= 0, got T={T}, N={N}")
     for name, values in (("k_values", k_values), ("v_init_values", v_init_values)):
         if values not in (1, N):
             raise ValueError(f"{name} must be 1 or N={N} (one value, or one per neuron), got {values}")
+    save = training_save_mode(dtype) if save is None else save
+    return save, element_size(dtype), element_size(compute_dtype(dtype))
 
 
 def forward_traffic(
     T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
 ) -> Traffic:
     """The forward kernel's streams (``save`` None: the training forward's own save mode)."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
     reads = (("x", T * N * s), ("k", k_values * a), ("v_init", v_init_values * a))
     writes = (("spikes", T * N * s), ("h_seq", h_rows(T, save) * N * a), ("v_last", N * a))
     return Traffic(reads, writes)
@@ -127,13 +130,11 @@ def backward_traffic(
     device: str = "cuda",
 ) -> Traffic:
     """The backward kernel's streams and, on CUDA, the op's sums of one-value gradients' shares."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
-    if save == plif_ops.SAVE_NOTHING:
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
+    if save == _C.SAVE_NOTHING:
         raise ValueError("a forward with save=SAVE_NOTHING has no backward")
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
     reads = [("grad_spikes", T * N * s), ("h_seq", h_rows(T, save) * N * a)]
-    if save == plif_ops.SAVE_CHECKPOINTS:
+    if save == _C.SAVE_CHECKPOINTS:
         reads.append(("x", T * N * s))
     reads += [("k", k_values * a), ("v_init", v_init_values * a)]
     writes = [("grad_x", T * N * s)]
@@ -156,6 +157,7 @@ def pass_traffic(
     device: str = "cuda",
     save: int | None = None,
 ) -> Traffic:
+    """The streams the fused op's kernels move in one call of the pass (``.total``: its bytes)."""
     forward = forward_traffic(T, N, dtype, save=save, k_values=k_values, v_init_values=v_init_values)
     if pass_name == "fwd":
         return forward
@@ -167,29 +169,10 @@ def pass_traffic(
     raise ValueError(f"pass must be one of {PASSES}, got {pass_name!r}")
 
 
-def pass_bytes(
-    pass_name: str,
-    T: int,
-    N: int,
-    dtype: torch.dtype,
-    *,
-    k_values: int = 1,
-    v_init_values: int = 1,
-    device: str = "cuda",
-    save: int | None = None,
-) -> int:
-    """Bytes the fused op's kernels move in one call of the pass."""
-    return pass_traffic(
-        pass_name, T, N, dtype, k_values=k_values, v_init_values=v_init_values, device=device, save=save
-    ).total
-
-
 def saved_bytes(
     T: int, N: int, dtype: torch.dtype, *, save: int | None = None, k_values: int = 1, v_init_values: int = 1
 ) -> int:
     """Bytes autograd keeps for the backward of one forward (distinct storages)."""
-    _check(T, N, k_values, v_init_values)
-    save = training_save_mode(dtype) if save is None else save
-    s, a = element_size(dtype), element_size(compute_dtype(dtype))
-    kept_x = T * N * s if save == plif_ops.SAVE_CHECKPOINTS else 0
+    save, s, a = _checked_sizes(T, N, dtype, save, k_values, v_init_values)
+    kept_x = T * N * s if save == _C.SAVE_CHECKPOINTS else 0
     return h_rows(T, save) * N * a + kept_x + (k_values + v_init_values) * a

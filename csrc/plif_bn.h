@@ -43,7 +43,7 @@ class RowSums {
     double* slot = slots_.data() + block * rows_per_block_ * quantities_;
     for (index_t start = 0; start < count; slot += quantities_) {
       const index_t row_end = std::min(count, ((n0 + start) / g_.S + 1) * g_.S - n0);
-      for (int q = 0; q < quantities_; ++q) slot[q] = fixed_sum(values[q] + start, row_end - start);
+      for (int q = 0; q < quantities_; ++q) slot[q] = sum_in_fixed_order(values[q] + start, row_end - start);
       start = row_end;
     }
   }
@@ -311,7 +311,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
     const bool any_grad = gr.grad_spikes != nullptr || gr.grad_v_last != nullptr;
     acc_t grad_k[kBlock];
     for (index_t j = 0; j < count; ++j) {
-      grad_k[j] = any_grad ? neuron_grad_k(grad_k_sum[j], terms.k[j], o) : acc_t(0);
+      grad_k[j] = any_grad ? grad_k_sum[j] : acc_t(0);
     }
     if (gr.grad_v_init != nullptr) {
       for (index_t j = 0; j < count; ++j) gr.grad_v_init[n0 + j] = (acc_t(1) - terms.k[j]) * grad_h_next[j];

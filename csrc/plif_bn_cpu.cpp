@@ -97,7 +97,7 @@ Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset,
   o.decay_input = decay_input;
   o.detach_reset = detach_reset;
   o.spiking = spiking;
-  o.h_checkpoints = false;
+  o.h_checkpoints = true;  // X is given to the backward step: dH/dk from it (plif_bn_math.h neuron_backward)
   return o;
 }
 
@@ -381,7 +381,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
   // dL/dk per channel, or their sum in channel order for one k. Each output its own tensor (not
   // views of channel_sums: an op's outputs must not alias).
   Tensor grad_k = channel_sums[2];
-  if (k.numel() == 1) grad_k = at::scalar_tensor(fixed_sum(grad_k.data_ptr<double>(), g.C), grad_k.options());
+  if (k.numel() == 1) grad_k = at::scalar_tensor(sum_in_fixed_order(grad_k.data_ptr<double>(), g.C), grad_k.options());
   return {grad_y, channel_sums[1].clone(), channel_sums[0].clone(),
           grad_k.to(acc_type).reshape(k.sizes()).clone(), grad_v_init};
 }

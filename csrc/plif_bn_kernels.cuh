@@ -39,7 +39,7 @@ __global__ void bn_statistics_kernel(const in_t* y, Geometry g, double* neuron_v
   }
 }
 
-// Per (block, row) slot: the row's neurons within the block summed by fixed_sum (RowSums::add_block).
+// Per (block, row) slot: the row's neurons within the block summed by sum_in_fixed_order (RowSums::add_block).
 template <typename value_t>
 __global__ void bn_row_sums_kernel(const value_t* neuron_values, int quantities, Geometry g, double* slots) {
   const index_t per_block = rows_per_block(g.S);
@@ -52,7 +52,7 @@ __global__ void bn_row_sums_kernel(const value_t* neuron_values, int quantities,
     const index_t end = (row + 1) * g.S < n_end ? (row + 1) * g.S : n_end;
     if (begin >= end) continue;
     for (int q = 0; q < quantities; ++q) {
-      slots[item * quantities + q] = fixed_sum(neuron_values + q * g.neurons + begin, end - begin);
+      slots[item * quantities + q] = sum_in_fixed_order(neuron_values + q * g.neurons + begin, end - begin);
     }
   }
 }
@@ -179,7 +179,7 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
       const bool any_grad = grad_spikes != nullptr || grad_v_last != nullptr;
       neuron_values[n] = sum_grad;
       neuron_values[g.neurons + n] = sum_grad_xhat;
-      neuron_values[2 * g.neurons + n] = any_grad ? neuron_grad_k(grad_k_sum, nt.k, o) : acc_t(0);
+      neuron_values[2 * g.neurons + n] = any_grad ? grad_k_sum : acc_t(0);
       if (grad_v_init != nullptr) grad_v_init[n] = (acc_t(1) - nt.k) * grad_h_next;
     }
   }
@@ -206,9 +206,9 @@ __global__ void bn_mean_grads_kernel(const double* channel_sums, double count, i
   }
 }
 
-// One thread: the per-channel dL/dk summed in channel order, for a per-layer k (the CPU op's fixed_sum).
+// One thread: the per-channel dL/dk summed in channel order, for a per-layer k (as the CPU op sums them).
 __global__ void bn_layer_sum_kernel(const double* per_channel, index_t C, double* total) {
-  if (first_item() == 0) *total = fixed_sum(per_channel, C);
+  if (first_item() == 0) *total = sum_in_fixed_order(per_channel, C);
 }
 
 // The launches of a forward, in order, through `launch(items, kernel, arguments...)`, which runs

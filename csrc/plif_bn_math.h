@@ -12,8 +12,6 @@ namespace bn {
 // Neurons walked together through the T steps: every per-step stream is read and written in
 // runs of this many values, and a block's membranes H[0..T-1] stay in the core's L2.
 constexpr index_t kBlock = 1024;
-// Partial sums of a fixed-order float64 sum (see fixed_sum).
-constexpr int kSumLanes = 8;
 
 // Rows of the [5, C] float64 channel_terms tensor the forward returns and the backward reads.
 enum ChannelTerm : int { kMean = 0, kInvstd = 1, kScale = 2, kShift = 3, kUnbiasedVar = 4, kChannelTerms = 5 };
@@ -30,23 +28,6 @@ struct Geometry {
   // Values per channel over all steps (what the gradient's means divide by) and over the distinct ones.
   PLIF_HD double per_channel(index_t steps) const { return static_cast<double>(steps) * static_cast<double>(neurons / C); }
 };
-
-// The sum of `count` values in float64, in an order fixed by `count` alone: kSumLanes running
-// sums, folded pairwise, then the tail.
-template <typename value_t>
-PLIF_HD double fixed_sum(const value_t* values, index_t count) {
-  double lanes[kSumLanes] = {};
-  const index_t whole = count / kSumLanes * kSumLanes;
-  for (index_t j = 0; j < whole; j += kSumLanes) {
-    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(values[j + l]);
-  }
-  for (int width = kSumLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  }
-  double total = lanes[0];
-  for (index_t j = whole; j < count; ++j) total += static_cast<double>(values[j]);
-  return total;
-}
 
 // What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or both.
 enum PassBits : int { kReduce = 1, kWriteGradY = 2 };
@@ -83,22 +64,15 @@ PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
   return y * scale + shift;
 }
 
-// The one call of the neuron's reverse-time step (so an interface change is one line here).
+// The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
+// normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
+// (the Options these kernels pass say so with h_checkpoints: X is given, as for checkpoints).
 template <typename acc_t>
 PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
                               bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
                               acc_t& grad_k_sum) {
-  (void)x;  // the input, for a dH/dk computed from it
-  return backward_neuron_given_surrogate(h, s, sg, v_prev, k, grad_v, grad_s, through_spike, through_membrane, o,
+  return backward_neuron_given_surrogate(h, s, sg, v_prev, x, k, grad_v, grad_s, through_spike, through_membrane, o,
                                          grad_h_next, grad_k_sum);
-}
-
-// dL/dk of one neuron from the running sum neuron_backward keeps (dH/dk scaled by k for
-// decay_input; see backward_end in plif_math.h for the k = 0 case).
-template <typename acc_t>
-PLIF_HD acc_t neuron_grad_k(acc_t grad_k_sum, acc_t k, const Options<acc_t>& o) {
-  const acc_t divisor = k == acc_t(0) ? acc_t(1) : k;
-  return o.decay_input ? grad_k_sum / divisor : grad_k_sum;
 }
 
 // ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---

@@ -271,6 +271,8 @@ BackwardParams<in_t, acc_t> backward_step_view(const BackwardParams<in_t, acc_t>
   if (p.grad_v_seq != nullptr) view.grad_v_seq = p.grad_v_seq + row;
   if (p.grad_v_last != nullptr) view.grad_v_last = p.grad_v_last + n0;
   view.v_init = p.v_init + n0 * p.v_init_stride;
+  if (p.x != nullptr) view.x = p.x + t * p.x_step + n0;
+  view.x_step = 0;
   view.grad_x = grad_x_staging ? grad_x_staging : p.grad_x + row;
   return view;
 }
@@ -342,7 +344,8 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     for (int i = 0; i < count; ++i) {
       const in_t* const x_row = p.x + (t0 + i) * p.x_step + n0;
       for (int g = 0; g < kGroups; ++g) {
-        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, grad_x_staging != nullptr);
+        // Temporal even when streaming: the chunk's backward steps read X again (dH/dk).
+        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, false);
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
       }
     }
@@ -354,37 +357,18 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
 }
 
 // Where k (v_init) is one value for the layer, dL/dk (dL/dv_init) is the sum of every neuron's
-// share. Each block sums its neurons' shares into a slot of its own and backward_cpu adds the
-// slots in block order, so the bits do not depend on the number of threads; nothing per neuron
-// is written (at 2^20 neurons, 4 MiB written and read again per output). Null: per neuron.
+// share (plif_math.h's sum_in_fixed_order): each block sums its neurons' shares into a slot of
+// its own, and ShareSums sums the slots; nothing per neuron is written. Null: per neuron.
 struct ShareSlots {
   double* grad_k;
   double* grad_v_init;
 };
 
-// The sum of `count` shares in an order fixed by `count`, one that vectorises: 64 running sums
-// across the row, then added pairwise, then the values past the last whole 64.
-template <typename acc_t>
-PLIF_HD double sum_of_shares(const acc_t* row, index_t count) {
-  constexpr int kWidth = 64;
-  acc_t running[kWidth] = {};
-  const index_t whole = count / kWidth * kWidth;
-  for (index_t j = 0; j < whole; j += kWidth) {
-    for (int l = 0; l < kWidth; ++l) running[l] += row[j + l];
-  }
-  for (int width = kWidth / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) running[l] += running[l + width];
-  }
-  double total = running[0];
-  for (index_t j = 0; j < count - whole; ++j) total += row[whole + j];
-  return total;
-}
-
 // A block's row of per-neuron shares: summed into its slot, or written out at neuron n0.
 template <typename acc_t>
 PLIF_HD void emit_shares(acc_t* out, index_t n0, const acc_t* row, index_t count, bool stream, double* slot) {
   if (slot != nullptr) {
-    *slot = sum_of_shares(row, count);
+    *slot = sum_in_fixed_order(row, count);
   } else if (stream) {
     stream_row(out + n0, row, count * sizeof(acc_t));
   } else {
@@ -400,8 +384,8 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   BackwardState<kLanes, acc_t> state[kGroups];
   in_t grad_x_staging[kBlock];
   in_t* const staging = stream ? grad_x_staging : nullptr;
-  if (sizeof(in_t) == 2 && p.opts.h_checkpoints) {
-    if constexpr (sizeof(in_t) == 2) backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, following_n0, staging, state);
+  if (p.opts.h_checkpoints) {
+    backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, following_n0, staging, state);
   } else {
     begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
     for (index_t t = p.T - 1; t >= 0; --t) {
@@ -451,8 +435,8 @@ void backward_scans(const BackwardParams<in_t, acc_t>& p, index_t n_begin, index
   index_t n = 0;
   for (; n + kLanes <= count; n += kLanes) backward_scan<kLanes, SURROGATE>(view, n);
   for (; n < count; ++n) backward_scan<1, SURROGATE>(view, n);
-  if (slots.grad_k != nullptr) *slots.grad_k = sum_of_shares(grad_k_row, count);
-  if (slots.grad_v_init != nullptr) *slots.grad_v_init = sum_of_shares(grad_v_init_row, count);
+  if (slots.grad_k != nullptr) *slots.grad_k = sum_in_fixed_order(grad_k_row, count);
+  if (slots.grad_v_init != nullptr) *slots.grad_v_init = sum_in_fixed_order(grad_v_init_row, count);
 }
 
 // One slot per block and one for the neurons after the last block, where k (v_init) is one value.
@@ -478,9 +462,7 @@ class ShareSums {
 
  private:
   static double in_order(const std::vector<double>& slots) {
-    double total = 0.0;
-    for (double slot : slots) total += slot;
-    return total;
+    return sum_in_fixed_order(slots.data(), static_cast<index_t>(slots.size()));
   }
 
   std::vector<double> grad_k_;
@@ -599,18 +581,6 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   const auto tail = [&sums](const BackwardParams<in_t, acc_t>& q, index_t n_begin) {
     backward_scans<SURROGATE>(q, n_begin, q.N, sums.slots_of_block(q.N / kBlock));
   };
-  if constexpr (sizeof(in_t) != 2) {
-    // Checkpoints are what half inputs keep (plif_cuda/ops.py save_mode); other dtypes have
-    // them only when the op is asked directly, and take the plain scans, a copy fewer to build.
-    if (p.opts.h_checkpoints) {
-      for_each_neuron(
-          p, [&sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
-            backward_scans<SURROGATE>(q, n0, n0 + kBlock, sums.slots_of_block(n0 / kBlock));
-          },
-          tail);
-      return sums.store(p);
-    }
-  }
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(

@@ -77,25 +77,25 @@ void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <auto kernel, typename in_t, typename acc_t>
-void launch_backward(const BackwardParams<in_t, acc_t>& p) {
-  with_scalar_arguments(p, [&](auto... scalars) {
-    const auto blocks = static_cast<unsigned int>(launch_blocks(p.N, resident_blocks<kernel>()));
-    kernel<<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, as_cuda(p.x), p.k, p.v_init,
-        as_cuda(p.grad_x), p.grad_k, p.grad_v_init, scalars...);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// From checkpoints (half inputs only: the op refuses them for other dtypes) or from every H.
+// The backward recomputes H from x and the checkpoints (the op makes every CUDA backward take
+// them); where k (v_init) is one value, the blocks' partial sums are finished after it.
 template <typename in_t, typename acc_t>
 void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
-  if constexpr (sizeof(in_t) == 2) {
-    if (p.opts.h_checkpoints) return launch_backward<plif_recompute_backward_kernel<cuda_t, acc_t>>(p);
+  constexpr auto kernel = plif_backward_kernel<cuda_t, acc_t>;
+  const auto blocks = launch_blocks(p.N, resident_blocks<kernel>());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_scalar_arguments(p, [&](auto... scalars) {
+    kernel<<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
+        as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, as_cuda(p.x), p.k, p.v_init,
+        as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.grad_k_partials, p.grad_v_init_partials, scalars...);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.grad_k_partials != nullptr || p.grad_v_init_partials != nullptr) {
+    plif_finish_shares_kernel<acc_t><<<1, 1, 0, stream>>>(p.grad_k_partials, p.grad_v_init_partials, p.grad_k,
+                                                          p.grad_v_init, blocks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  launch_backward<plif_backward_kernel<cuda_t, acc_t>>(p);
 }
 
 #define PLIF_INSTANTIATE_CUDA(in_t, acc_t)                                     \

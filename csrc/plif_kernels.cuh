@@ -6,23 +6,20 @@
 // The kernels are built for the memory roofline. The recurrence is serial in t, so a thread
 // can only keep the memory system busy by loading inputs of several time steps before it runs
 // the recurrence over them: every chunk of steps issues all its loads (at least 64 bytes per
-// thread; .ci/check_cuda_build.py reads that from the SASS) before its first store. Two paths,
-// picked per launch from N, the grid and the tensors' alignment (vector_path below):
+// thread in float32; .ci/check_cuda_build.py reads that from the SASS) before its first store.
+// The forward has two paths, picked per launch from N, the grid and the tensors' alignment
+// (vector_path below):
 //   vector: LANES consecutive neurons per thread, every [T, N] access one 16-byte word; where N
 //           is a multiple of LANES and so large that every thread of the grid takes LANES
-//           neurons or more anyway (the forward only: see Geometry);
+//           neurons or more anyway;
 //   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
-// Each path takes as many steps per chunk as 64 bytes of its loads need (Geometry below). The
-// last chunk is shorter where T is not a multiple of the chunk. The smooth mode (spiking=False,
-// for gradcheck) runs one step at a time on the scalar path, as do the backward's steps T-1
-// (which adds the gradient on the last membrane) and 0 (whose previous membrane is v_init).
+// Each takes as many steps per chunk as 64 bytes of its loads need (Geometry below); the last
+// chunk is shorter where T is not a multiple of the chunk, and the smooth mode (spiking=False,
+// for gradcheck) runs one step at a time on the scalar path. The backward takes one neuron per
+// thread and the checkpoints' chunks (see there).
 //
-// The kernels keep half a multiprocessor's threads resident (Geometry's launch bounds: four
-// blocks of plif_launch.h's kThreadsPerBlock at 64 registers; the exceptions are listed there),
-// and the geometry is sized for that: two backward neurons per thread at most, loads kept as the
-// words they arrive in until their step, the backward's loops with and without grad_v_seq
-// compiled apart. ptxas is fragile here: benchmarks/NOTES.md lists what each register took.
+// ptxas is fragile here: benchmarks/NOTES.md lists what each register took.
 //
 // Kernel arguments are plain scalars and pointers (no structs) so that CuPy can pass them.
 // Half types are CUDA's __half / __nv_bfloat16, whose bits equal c10::Half / c10::BFloat16.
@@ -74,13 +71,9 @@ __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>
 
 // ---- launch geometry ---------------------------------------------------------------------------
 // Neurons per thread of the forward's vector path (its scalar path and the backward take one)
-// and time steps per chunk. A chunk loads at least kLoadBytesAhead per thread: ceil(64 / bytes
-// per step) steps, where a step of LANES neurons loads x (forward), or grad_spikes and H, plus
-// grad_v_seq when given (backward). The forward's state is small and its lanes fill one 16-byte
-// word. The backward's per-neuron state (k, H, S, two gradient sums) is not: with two neurons per
-// thread it did not fit 64 registers (float32 spilled; the half types' division slow path took a
-// stack frame), so it has no vector path. A warp's accesses are whole 128-byte lines either way;
-// a vector access only saves load instructions.
+// and time steps per forward chunk: a chunk loads at least kLoadBytesAhead per thread, ceil(64 /
+// bytes per step) steps, where a step of LANES neurons loads x. The backward's chunk is the
+// checkpoint chunk (kCheckpointSteps steps of X and of the incoming gradients; see there).
 template <typename in_t, typename acc_t>
 struct Geometry {
   enum : int {
@@ -94,18 +87,14 @@ struct Geometry {
   __host__ __device__ static constexpr int forward_steps() {
     return steps_for(LANES * static_cast<int>(sizeof(in_t)));
   }
-  template <int LANES, bool GRAD_V>
-  __host__ __device__ static constexpr int backward_steps() {
-    return steps_for(LANES * static_cast<int>((GRAD_V ? 2 : 1) * sizeof(in_t) + sizeof(acc_t)));
-  }
-  // Blocks per multiprocessor the kernels are built for (launch bounds): half the threads of an
-  // sm_80 / sm_90 multiprocessor (64 registers each). The float64 backward does not fit: at 64
-  // registers ptxas spills 312 bytes (sm_90), at 80 (3 blocks) the IEEE division's slow path
-  // saves registers to a 24-byte stack frame; at 2 blocks it takes 116 (sm_90), no local memory.
-  // .ci/check_cuda_build.py lists it as the one exception.
+  // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
+  // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
+  // keeps every load of its steps in flight, takes 80 registers (three blocks: 768 threads; at 64
+  // ptxas spills) and float64 128 (two blocks); .ci/check_cuda_build.py lists both as exceptions
+  // with the bytes in flight they keep (benchmarks/NOTES.md, "The backward in one round trip").
   enum : int {
     kForwardMinBlocks = 4,
-    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 4,
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 2 : 3,
   };
 };
 
@@ -325,255 +314,138 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForw
 template <typename in_t, typename acc_t>
 using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_v_last)>::type;
 
-// Up to STEPS time steps t_hi, t_hi - 1, ... (all >= 1) for LANES neurons from n0: every load
-// (the gradients of those steps, H of the steps before them) first, then the recursion; returns
-// the steps taken (fewer near step 0, whose previous membrane is v_init). GRAD_V: grad_v_seq is
-// given (a third stream, so fewer steps fill the same bytes).
-template <int STEPS, bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ int backward_chunk(const in_t* __restrict__ grad_spikes,
-                                              const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
-                                              in_t* __restrict__ grad_x, index_t N, const Options<acc_t>& o,
-                                              bool grad_v_last_present, index_t t_hi, index_t n0,
-                                              BackwardState<LANES, acc_t>& st) {
-  const int count = t_hi < STEPS ? static_cast<int>(t_hi) : STEPS;
-  LoadedLanes<VECTOR, LANES, in_t> grad_s[STEPS], grad_v[STEPS];
-  LoadedLanes<VECTOR, LANES, acc_t> h_prev[STEPS];
-  // Without grad_spikes its loads read H's rows instead (in bounds: sizeof(in_t) <= sizeof(acc_t);
-  // and in cache), and their values are dropped: no branch splits the chunk's loads.
-  const in_t* const grad_s_rows = grad_spikes != nullptr ? grad_spikes : reinterpret_cast<const in_t*>(h_seq);
-  const index_t first_row = t_hi * N + n0;
-  index_t load_row = first_row;
-#pragma unroll
-  for (int i = 0; i < STEPS; ++i, load_row -= N) {
-    if (i < count) {
-      h_prev[i].load(h_seq + load_row - N);
-      grad_s[i].load(grad_s_rows + load_row);
-      if (GRAD_V) grad_v[i].load(grad_v_seq + load_row);
-    }
-  }
-  // Chunk steps are below T-1, where dL/dV arrives whenever any gradient does (see backward_lanes).
-  const bool through_spike = grad_spikes != nullptr;
-  const bool through_membrane = through_spike || GRAD_V || grad_v_last_present;
-  index_t row = first_row;
-#pragma unroll
-  for (int i = 0; i < STEPS; ++i, row -= N) {
-    if (i >= count) break;
-    acc_t gx[LANES];
-#pragma unroll
-    for (int j = 0; j < LANES; ++j) {
-      const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
-      const acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[i][j]) : acc_t(0);
-      const acc_t h = h_prev[i][j];
-      const acc_t s_prev = fire<SURROGATE>(h, o);
-      const acc_t v_prev = reset(h, s_prev, o);
-      gx[j] = backward_neuron<SURROGATE>(st.h[j], st.s[j], v_prev, st.k[j], gv, gs, through_spike,
-                                         through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
-      st.h[j] = h;
-      st.s[j] = s_prev;
-    }
-    store_lanes_as<VECTOR>(grad_x + row, gx);
-  }
-  return count;
-}
-
-// One step t, any t: T-1 adds the gradient on the last membrane, and step 0's previous membrane
-// is v_init.
-template <bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_single_step(const BackwardParams<in_t, acc_t>& p,
-                                                     const in_t* __restrict__ grad_spikes,
-                                                     const in_t* __restrict__ grad_v_seq,
-                                                     const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x,
-                                                     const Options<acc_t>& o, index_t t, index_t n0,
-                                                     BackwardState<LANES, acc_t>& st) {
-  const index_t row = t * p.N + n0;
-  const bool through_spike = grad_spikes != nullptr;
-  const bool through_membrane = GRAD_V || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
-  LoadedLanes<VECTOR, LANES, in_t> grad_s, grad_v;
-  if (grad_spikes != nullptr) grad_s.load(grad_spikes + row);
-  if (GRAD_V) grad_v.load(grad_v_seq + row);
-  acc_t gx[LANES];
-#pragma unroll
-  for (int j = 0; j < LANES; ++j) {
-    const acc_t gs = grad_spikes != nullptr ? load_as<acc_t>(grad_s[j]) : acc_t(0);
-    acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[j]) : acc_t(0);
-    if (t == p.T - 1 && p.grad_v_last != nullptr) gv += load_as<acc_t>(p.grad_v_last[n0 + j]);
-    acc_t h_prev, s_prev, v_prev;
-    if (t > 0) {
-      h_prev = h_seq[row - p.N + j];
-      s_prev = fire<SURROGATE>(h_prev, o);
-      v_prev = reset(h_prev, s_prev, o);
-    } else {
-      h_prev = s_prev = acc_t(0);
-      v_prev = p.v_init[(n0 + j) * p.v_init_stride];
-    }
-    gx[j] = backward_neuron<SURROGATE>(st.h[j], st.s[j], v_prev, st.k[j], gv, gs, through_spike,
-                                       through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
-    st.h[j] = h_prev;
-    st.s[j] = s_prev;
-  }
-  store_lanes_as<VECTOR>(grad_x + row, gx);
-}
-
-// All T steps (T >= 1) of the neurons n0 .. n0 + LANES - 1, back in time: step T-1 alone, then
-// chunks (the last one shorter) down to step 1, then step 0 alone. The smooth mode (kRuntime)
-// runs one step at a time.
-template <bool GRAD_V, bool VECTOR, int LANES, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
-                                                 const in_t* __restrict__ grad_spikes,
-                                                 const in_t* __restrict__ grad_v_seq,
-                                                 const acc_t* __restrict__ h_seq, in_t* __restrict__ grad_x,
-                                                 index_t n0) {
-  using Shape = Geometry<in_t, acc_t>;
-  BackwardState<LANES, acc_t> st;
-  backward_begin<LANES, SURROGATE>(p, n0, h_seq + (p.T - 1) * p.N + n0, st);
-  const Options<acc_t> o = p.opts;
-  const bool grad_v_last_present = p.grad_v_last != nullptr;
-  // One loop with one call site of each step function: the code is instantiated per surrogate
-  // and path, and its size is what the build's time goes into.
-  for (index_t t = p.T - 1; t >= 0;) {
-    if (SURROGATE != kRuntime && t < p.T - 1 && t >= 1) {
-      t -= backward_chunk<Shape::template backward_steps<LANES, GRAD_V>(), GRAD_V, VECTOR, LANES, SURROGATE>(
-          grad_spikes, grad_v_seq, h_seq, grad_x, p.N, o, grad_v_last_present, t, n0, st);
-    } else {
-      backward_single_step<GRAD_V, VECTOR, LANES, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, o, t, n0,
-                                                             st);
-      --t;
-    }
-  }
-  backward_end<LANES>(p, n0, st);
-}
-
-// kSaveCheckpoints (half inputs): all T steps of neuron n, in chunks of kCheckpointSteps from
-// the last. A chunk loads its X (16 bytes per thread), recomputes its H from X and the
-// checkpoint before it (the forward's expressions: the same bits), then walks back through it
-// as backward_chunk does, four steps' gradients loaded at a time (eight spill). The chunk's H
-// sits in shared memory, one column per thread (9 KB per block): in registers it took nine more
-// of them and left no room within the 64 that four resident blocks allow.
-// This thread's column of the recomputed chunk: one array per compute type, shared by every
-// instantiation of the path (one each would add up to a block's whole shared memory).
+// The backward takes X and H's checkpoints (kSaveCheckpoints) and walks the sequence back one
+// chunk of kCheckpointSteps steps at a time, from the last. A chunk issues every load it needs
+// (its X, the checkpoint before it, its incoming gradients) before anything else, recomputes its
+// H from X (the forward's expressions: the same bits), then runs its steps back, each one the
+// step function of plif_math.h with step T-1's and step 0's terms as predicates. So a neuron
+// with T <= kCheckpointSteps makes one round trip to memory before its first store. The chunk's
+// H and X sit in shared memory, one column per thread: in registers they left no room within the
+// 64 that four resident blocks allow.
 template <typename acc_t>
-__device__ __forceinline__ acc_t* chunk_h_column() {
+struct ChunkColumns {
+  acc_t* h;  // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1]
+  acc_t* x;  // x[i * kThreadsPerBlock]: X[t0 + i] as the compute type
+};
+
+// One pair of arrays per compute type, shared by every instantiation that uses it.
+template <typename acc_t>
+__device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
   __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kThreadsPerBlock];
-  return chunk_h + threadIdx.x;
+  __shared__ acc_t chunk_x[kCheckpointSteps * kThreadsPerBlock];
+  return {chunk_h + threadIdx.x, chunk_x + threadIdx.x};
 }
 
+// All T steps (T >= 1) of neuron n, back in time, into st. GRAD_V: grad_v_seq is given.
 template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_neuron_recomputing(const BackwardParams<in_t, acc_t>& p,
-                                                            const in_t* __restrict__ grad_spikes,
-                                                            const in_t* __restrict__ grad_v_seq,
-                                                            const in_t* __restrict__ x, in_t* __restrict__ grad_x,
-                                                            index_t n) {
+__device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t, acc_t>& p,
+                                                       const in_t* __restrict__ grad_spikes,
+                                                       const in_t* __restrict__ grad_v_seq,
+                                                       const in_t* __restrict__ x, in_t* __restrict__ grad_x,
+                                                       index_t n, BackwardState<1, acc_t>& st) {
   constexpr int K = kCheckpointSteps;
-  constexpr int kPart = 4;
-  // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1].
-  acc_t* const h = chunk_h_column<acc_t>();
+  const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
   const bool through_spike = grad_spikes != nullptr;
-  BackwardState<1, acc_t> st;
+  const acc_t v_init = p.v_init[n * p.v_init_stride];
+  const acc_t grad_v_last = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n]) : acc_t(0);
   const index_t last_chunk = (p.T - 1) / K;
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
     const index_t t0 = chunk * K;
     const int count = p.T - t0 < K ? static_cast<int>(p.T - t0) : K;
-    {
-      // Steps past the end load the last step's row again (in bounds), as backward_chunk does.
-      in_t inputs[K];
-      index_t row = t0 * p.x_step + n;
+    // Every load of the chunk first. Rows are running offsets: computed per step, ptxas keeps a
+    // 64-bit offset for every step.
+    in_t inputs[K], grad_s[K], grad_v[K];
+    index_t x_row = t0 * p.x_step + n;
+    index_t row = t0 * p.N + n;
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
-        PLIF_KEEP_IN_ORDER(row);
-        inputs[i] = x[row];
-        if (i + 1 < count) row += p.x_step;
+    for (int i = 0; i < K; ++i) {
+      PLIF_KEEP_IN_ORDER(row);
+      if (i < count) {
+        inputs[i] = x[x_row];
+        if (through_spike) grad_s[i] = grad_spikes[row];
+        if (GRAD_V) grad_v[i] = grad_v_seq[row];
       }
-      ForwardState<1, acc_t> forward;
-      recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, h);
+      x_row += p.x_step;
+      row += p.N;
+    }
+    ForwardState<1, acc_t> forward;
+    recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, column.h);
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
-        if (i < count) {
-          acc_t h_step;
-          forward_neuron<SURROGATE>(forward.v[0], load_as<acc_t>(inputs[i]), forward.k[0], o, h_step);
-          h[(i + 1) * kThreadsPerBlock] = h_step;
-        }
+    for (int i = 0; i < K; ++i) {
+      if (i < count) {
+        const acc_t input = load_as<acc_t>(inputs[i]);
+        acc_t h_step;
+        forward_neuron<SURROGATE>(forward.v[0], input, forward.k[0], o, h_step);
+        column.h[(i + 1) * kThreadsPerBlock] = h_step;
+        column.x[i * kThreadsPerBlock] = input;
       }
     }
-    if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &h[count * kThreadsPerBlock], st);
-    // Rows are running offsets: computed per step, ptxas keeps a 64-bit offset for every step.
-    index_t row = (t0 + count - 1) * p.N + n;
+    if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &column.h[count * kThreadsPerBlock], st);
+    row = (t0 + count - 1) * p.N + n;
 #pragma unroll
-    for (int part = K / kPart - 1; part >= 0; --part) {
-      const int lo = part * kPart;
-      if (lo >= count) continue;
-      in_t grad_s[kPart], grad_v[kPart];
-      index_t load_row = row;
-#pragma unroll
-      for (int i = lo + kPart - 1; i >= lo; --i) {
-        PLIF_KEEP_IN_ORDER(load_row);
-        if (through_spike) grad_s[i - lo] = grad_spikes[load_row];
-        if (GRAD_V) grad_v[i - lo] = grad_v_seq[load_row];
-        if (i < count && i > lo) load_row -= p.N;
-      }
-#pragma unroll
-      for (int i = lo + kPart - 1; i >= lo; --i) {
-        if (i >= count) continue;
-        PLIF_KEEP_IN_ORDER(row);
-        const index_t t = t0 + i;
-        const bool through_membrane = GRAD_V || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
-        const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i - lo]) : acc_t(0);
-        acc_t gv = GRAD_V ? load_as<acc_t>(grad_v[i - lo]) : acc_t(0);
-        if (t == p.T - 1 && p.grad_v_last != nullptr) gv += load_as<acc_t>(p.grad_v_last[n]);
-        const acc_t h_prev = h[i * kThreadsPerBlock];
-        acc_t s_prev, v_prev;
-        if (t > 0) {
-          s_prev = fire<SURROGATE>(h_prev, o);
-          v_prev = reset(h_prev, s_prev, o);
-        } else {
-          s_prev = acc_t(0);
-          v_prev = p.v_init[n * p.v_init_stride];
-        }
-        const acc_t gx = backward_neuron<SURROGATE>(st.h[0], st.s[0], v_prev, st.k[0], gv, gs, through_spike,
-                                                    through_membrane, o, st.grad_h_next[0], st.grad_k_sum[0]);
-        grad_x[row] = store_as<in_t>(gx);
-        row -= p.N;
-        st.h[0] = h_prev;
-        st.s[0] = s_prev;
-      }
+    for (int i = K - 1; i >= 0; --i) {
+      if (i >= count) continue;
+      PLIF_KEEP_IN_ORDER(row);
+      const index_t t = t0 + i;
+      const bool last_step = t == p.T - 1;
+      const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i]) : acc_t(0);
+      const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i]) : acc_t(0)) + (last_step ? grad_v_last : acc_t(0));
+      const acc_t gx = backward_neuron_step<SURROGATE>(
+          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), v_init, column.x[i * kThreadsPerBlock], gs, gv, through_spike,
+          through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
+      grad_x[row] = store_as<in_t>(gx);
+      row -= p.N;
     }
   }
-  backward_end<1>(p, n, st);
 }
 
-// One neuron per thread (the backward has no vector path: see Geometry), in a grid-stride loop,
-// from every H or (RECOMPUTE) from the checkpoints and x. GRAD_V: grad_v_seq is given; the loops
-// with and without it are compiled apart (in one loop the chunks of both cost registers for
-// both). The step functions above keep the forward's LANES / VECTOR parameters: written for one
-// lane only, ptxas allocated them worse (spills).
-template <bool RECOMPUTE, bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_paths(const BackwardParams<in_t, acc_t>& p,
-                                               const in_t* __restrict__ grad_spikes,
-                                               const in_t* __restrict__ grad_v_seq,
-                                               const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
-                                               in_t* __restrict__ grad_x) {
+// This thread's sums of the shares of a shared k and v_init (plif_math.h's "the gradient of a
+// shared parameter"): its neurons' shares in grid-stride order.
+struct ThreadShares {
+  double grad_k = 0.0;
+  double grad_v_init = 0.0;
+};
+
+// One neuron per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
+// without it are compiled apart (in one loop the chunks of both cost registers for both).
+template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+__device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
+                                                 const in_t* __restrict__ grad_spikes,
+                                                 const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
+                                                 in_t* __restrict__ grad_x, ThreadShares& shares) {
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (index_t n = first; n < p.N; n += threads) {
-    if constexpr (RECOMPUTE) {
-      backward_neuron_recomputing<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n);
-    } else {
-      backward_neurons<GRAD_V, false, 1, SURROGATE>(p, grad_spikes, grad_v_seq, h_seq, grad_x, n);
-    }
+    BackwardState<1, acc_t> st;
+    backward_neuron_chunks<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n, st);
+    const acc_t grad_k = grad_k_of_lane(p, st, 0);
+    const acc_t grad_v_init = grad_v_init_of_lane(st, 0);
+    if (p.grad_k_partials != nullptr) shares.grad_k += grad_k;
+    else p.grad_k[n] = grad_k;
+    if (p.grad_v_init_partials != nullptr) shares.grad_v_init += grad_v_init;
+    else p.grad_v_init[n] = grad_v_init;
   }
 }
 
-// Both backward kernels take the same arguments and run the same modes; the one from checkpoints
-// (plif_recompute_backward_kernel, half inputs only: the dtypes that keep checkpoints) is a kernel
-// of its own, with its own registers and shared memory, so that neither path's needs weigh on
-// the other's occupancy.
-template <bool RECOMPUTE, typename in_t, typename acc_t>
-__device__ __forceinline__ void backward_kernel_body(
+// The thread block's partial sum of a shared parameter's shares, into partials[blockIdx.x]. Every
+// thread of the block calls it (the condition on the pointer is uniform over the launch).
+__device__ __forceinline__ void store_block_partial(double thread_share, double* __restrict__ partials) {
+  __shared__ double thread_shares[kThreadsPerBlock];
+  thread_shares[threadIdx.x] = thread_share;
+  __syncthreads();
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum_in_fixed_order(thread_shares, static_cast<index_t>(blockDim.x));
+  __syncthreads();  // the next call writes the array again
+}
+
+template <typename in_t, typename acc_t>
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
     const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
     const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
     const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, double* __restrict__ grad_k_partials,
+    double* __restrict__ grad_v_init_partials, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
+    index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   BackwardParams<in_t, acc_t> p;
   p.grad_spikes = grad_spikes;
   p.grad_v_last = grad_v_last;
@@ -585,50 +457,49 @@ __device__ __forceinline__ void backward_kernel_body(
   p.grad_x = grad_x;
   p.grad_k = grad_k;
   p.grad_v_init = grad_v_init;
+  p.grad_k_partials = grad_k_partials;
+  p.grad_v_init_partials = grad_v_init_partials;
   p.k_stride = k_stride;
   p.v_init_stride = v_init_stride;
   p.T = T;
   p.N = N;
   p.x_step = x_step;
   p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
-#define PLIF_BACKWARD_PATHS(mode)                                                                        \
-  (grad_v_seq != nullptr ? backward_paths<RECOMPUTE, true, mode>(p, grad_spikes, grad_v_seq, h_seq, x, grad_x) \
-                         : backward_paths<RECOMPUTE, false, mode>(p, grad_spikes, grad_v_seq, h_seq, x, grad_x))
-  // Spiking mode with the surrogate fixed at compile time (branch-free chunks); the smooth mode
+  ThreadShares shares;
+#define PLIF_BACKWARD_NEURONS(mode)                                                                \
+  (grad_v_seq != nullptr ? backward_neurons<true, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
+                         : backward_neurons<false, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
+  // Spiking mode with the surrogate fixed at compile time (branch-free steps); the smooth mode
   // switches per step.
-  if (!p.opts.spiking) return PLIF_BACKWARD_PATHS(kRuntime);
-  switch (p.opts.surrogate) {
-    case kSigmoid: return PLIF_BACKWARD_PATHS(kSigmoid);
-    case kAtan: return PLIF_BACKWARD_PATHS(kAtan);
-    case kPiecewiseQuadratic: return PLIF_BACKWARD_PATHS(kPiecewiseQuadratic);
-    case kPiecewiseExp: return PLIF_BACKWARD_PATHS(kPiecewiseExp);
-    case kSoftSign: return PLIF_BACKWARD_PATHS(kSoftSign);
-    case kSuperSpike: return PLIF_BACKWARD_PATHS(kSuperSpike);
-    default: return PLIF_BACKWARD_PATHS(kErf);
+  if (!p.opts.spiking) {
+    PLIF_BACKWARD_NEURONS(kRuntime);
+  } else {
+    switch (p.opts.surrogate) {
+      case kSigmoid: PLIF_BACKWARD_NEURONS(kSigmoid); break;
+      case kAtan: PLIF_BACKWARD_NEURONS(kAtan); break;
+      case kPiecewiseQuadratic: PLIF_BACKWARD_NEURONS(kPiecewiseQuadratic); break;
+      case kPiecewiseExp: PLIF_BACKWARD_NEURONS(kPiecewiseExp); break;
+      case kSoftSign: PLIF_BACKWARD_NEURONS(kSoftSign); break;
+      case kSuperSpike: PLIF_BACKWARD_NEURONS(kSuperSpike); break;
+      default: PLIF_BACKWARD_NEURONS(kErf); break;
+    }
   }
-#undef PLIF_BACKWARD_PATHS
+#undef PLIF_BACKWARD_NEURONS
+  if (grad_k_partials != nullptr) store_block_partial(shares.grad_k, grad_k_partials);
+  if (grad_v_init_partials != nullptr) store_block_partial(shares.grad_v_init, grad_v_init_partials);
 }
 
-template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
-    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
-    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
-  backward_kernel_body<false>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
-                     v_init_stride, T, N, x_step, v_threshold, v_reset, alpha, surrogate, flags);
-}
-
-template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_recompute_backward_kernel(
-    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
-    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, index_t k_stride, index_t v_init_stride, index_t T,
-    index_t N, index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
-  backward_kernel_body<true>(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, k_stride,
-                     v_init_stride, T, N, x_step, v_threshold, v_reset, alpha, surrogate, flags);
+// The fixed-order finish of the shared parameters' sums: one thread, after the backward kernel
+// on the same stream, sums the blocks' partials into the one value of grad_k (grad_v_init).
+template <typename acc_t>
+__global__ void plif_finish_shares_kernel(const double* __restrict__ grad_k_partials,
+                                                                const double* __restrict__ grad_v_init_partials,
+                                                                acc_t* __restrict__ grad_k,
+                                                                acc_t* __restrict__ grad_v_init, index_t partials) {
+  if (grad_k_partials != nullptr) grad_k[0] = static_cast<acc_t>(sum_in_fixed_order(grad_k_partials, partials));
+  if (grad_v_init_partials != nullptr) {
+    grad_v_init[0] = static_cast<acc_t>(sum_in_fixed_order(grad_v_init_partials, partials));
+  }
 }
 
 }  // namespace plif

@@ -259,30 +259,35 @@ PLIF_HD acc_t forward_neuron(acc_t& v, acc_t x, acc_t k, const Options<acc_t>& o
   return s;
 }
 
-// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], V[t-1] and
-// the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and the
-// running sum for dL/dk; returns dL/dX[t].
+// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], V[t-1], X[t]
+// and the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and
+// the running sum for dL/dk; returns dL/dX[t].
 // sg: the surrogate derivative at H[t] (surrogate_grad of H[t] - V_th).
+// dH[t]/dk is X[t] - (V[t-1] - V_r) (decay_input) or -(V[t-1] - V_r), each term exact for every
+// k; see backward_end for the sum's other form, from H alone.
 template <typename acc_t>
-PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t k, acc_t grad_v,
-                                              acc_t grad_s, bool through_spike, bool through_membrane,
-                                              const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
+PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k,
+                                              acc_t grad_v, acc_t grad_s, bool through_spike,
+                                              bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
+                                              acc_t& grad_k_sum) {
   const acc_t r = reset_grad(h, s, sg, o);
   const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
   const acc_t via_spike = grad_s * sg;
   const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
-  const acc_t dh_dk_scaled = pick(o.decay_input, h - v_prev, -(v_prev - o.v_reset));
-  grad_k_sum = fma_(grad_h, dh_dk_scaled, grad_k_sum);
+  const acc_t leak = v_prev - o.v_reset;
+  const acc_t dh_dk = pick(o.decay_input, pick(o.h_checkpoints, x - leak, h - v_prev), -leak);
+  grad_k_sum = fma_(grad_h, dh_dk, grad_k_sum);
   grad_h_next = grad_h;
   return pick(o.decay_input, k * grad_h, grad_h);
 }
 
 template <int SURROGATE, typename acc_t>
-PLIF_HD acc_t backward_neuron(acc_t h, acc_t s, acc_t v_prev, acc_t k, acc_t grad_v, acc_t grad_s,
+PLIF_HD acc_t backward_neuron(acc_t h, acc_t s, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
                               bool through_spike, bool through_membrane, const Options<acc_t>& o,
                               acc_t& grad_h_next, acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, surrogate_grad<SURROGATE>(h - o.v_threshold, o), v_prev, k, grad_v,
-                                         grad_s, through_spike, through_membrane, o, grad_h_next, grad_k_sum);
+  return backward_neuron_given_surrogate(h, s, surrogate_grad<SURROGATE>(h - o.v_threshold, o), v_prev, x, k,
+                                         grad_v, grad_s, through_spike, through_membrane, o, grad_h_next,
+                                         grad_k_sum);
 }
 
 // ---- loads and stores -----------------------------------------------------------------------
@@ -298,6 +303,31 @@ PLIF_HD out_t store_as(acc_t v) { return static_cast<out_t>(v); }
 PLIF_HD bool is_checkpoint_step(index_t t, index_t T) { return (t + 1) % kCheckpointSteps == 0 && t + 1 < T; }
 // Its row among the checkpoints: H[K-1] is row 0, H[2K-1] row 1, ...
 PLIF_HD index_t checkpoint_row(index_t t) { return (t + 1) / kCheckpointSteps - 1; }
+
+// ---- the gradient of a shared parameter ----------------------------------------------------------
+// Where k (v_init) is one value for the layer, its gradient is the sum of every neuron's share.
+// Every backend sums them with this one routine, in two levels: each part of the work (a CPU
+// block of neurons, a GPU thread block) sums its shares, then the parts' sums are summed, so the
+// bits depend only on the shape and the partition, never on the number of threads or on timing.
+// kShareSumLanes running sums in float64 across the values, then added pairwise: a CPU compiler
+// vectorises it, and a GPU thread keeps the running sums in registers.
+enum ShareSum : int { kShareSumLanes = 8 };
+
+template <typename T>
+PLIF_HD double sum_in_fixed_order(const T* values, index_t count) {
+  double running[kShareSumLanes] = {};
+  const index_t whole = count / kShareSumLanes * kShareSumLanes;
+  for (index_t i = 0; i < whole; i += kShareSumLanes) {
+    for (int l = 0; l < kShareSumLanes; ++l) running[l] += static_cast<double>(values[i + l]);
+  }
+  for (int l = 0; l < kShareSumLanes; ++l) {
+    if (whole + l < count) running[l] += static_cast<double>(values[whole + l]);
+  }
+  for (int width = kShareSumLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) running[l] += running[l + width];
+  }
+  return running[0];
+}
 
 // ---- the scans ------------------------------------------------------------------------------
 // Each scan is split into begin / step / end over an explicit state, so that a backend can
@@ -366,6 +396,36 @@ struct BackwardState {
   acc_t grad_k_sum[LANES];
 };
 
+// Whether dL/dV[t] arrives at step t: wherever grad_v_seq or grad_v_last is given, else below
+// T-1 whenever dL/dS does (through the next step's membrane), never at T-1.
+PLIF_HD bool through_membrane(bool last_step, bool through_spike, bool grad_v_seq_given, bool grad_v_last_given) {
+  return grad_v_seq_given || grad_v_last_given || (!last_step && through_spike);
+}
+
+// One reverse-time step t of lane j, the one step function of every backward driver: V[t-1]
+// rebuilt from H[t-1] (reset is a function of H) where has_prev (t > 0), else v_init; returns
+// dL/dX[t] and moves the lane's state one step back. The surrogate derivative the previous step
+// will need is computed here, a step ahead: its exp and division are a long chain of dependent
+// operations that depends on nothing of this step, so it runs beside this step's chain instead
+// of before it (benchmarks/NOTES.md, "The backward's exp"). The same expression, so the same bits.
+template <int SURROGATE, int LANES, typename acc_t>
+PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t v_init, acc_t x, acc_t grad_s, acc_t grad_v,
+                                   bool through_spike, bool through_membrane, const Options<acc_t>& o,
+                                   BackwardState<LANES, acc_t>& st, int j) {
+  acc_t s_prev = acc_t(0), v_prev = v_init;
+  if (has_prev) {
+    s_prev = fire<SURROGATE>(h_prev, o);
+    v_prev = reset(h_prev, s_prev, o);
+  }
+  const acc_t grad_x =
+      backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, x, st.k[j], grad_v, grad_s,
+                                      through_spike, through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
+  st.h[j] = has_prev ? h_prev : acc_t(0);
+  st.s[j] = s_prev;
+  if (has_prev) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
+  return grad_x;
+}
+
 // h_last: H[T-1] of these lanes.
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
@@ -381,8 +441,8 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
 }
 
 // The reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from H[t-1]
-// (reset is a function of H), and for decay_input dH/dk = X - (V[t-1] - V_r) is recovered as
-// (H[t] - V[t-1]) / k, with the division done once per neuron in backward_end.
+// (reset is a function of H); X[t] comes from p.x where the backward has it (checkpoints), for
+// dH/dk (backward_neuron_given_surrogate).
 // An absent incoming gradient (a null pointer) contributes nothing, as in autograd: its term is
 // dropped, not multiplied as a zero, since 0 * surrogate'(NaN) or 0 * dV/dH(inf) is NaN.
 // `through_spike` says whether dL/dS[t] arrives (grad_spikes present), `through_membrane` whether
@@ -397,34 +457,19 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
 // from cache on the CPU of benchmarks/NOTES.md).
 template <bool HAS_PREV, bool EVERY_TERM, int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
-                            const acc_t* __restrict__ h_prev_row, const acc_t* __restrict__ grad_v,
-                            const acc_t* __restrict__ grad_s, bool through_spike, bool through_membrane,
-                            BackwardState<LANES, acc_t>& __restrict__ st) {
+                            const acc_t* __restrict__ h_prev_row, const acc_t* __restrict__ x_row,
+                            const acc_t* __restrict__ grad_v, const acc_t* __restrict__ grad_s, bool through_spike,
+                            bool through_membrane, BackwardState<LANES, acc_t>& __restrict__ st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
   in_t* __restrict__ const grad_x_row = p.grad_x + row;
   const acc_t* const v_init = p.v_init;
   const index_t v_init_stride = p.v_init_stride;
   for (int j = 0; j < LANES; ++j) {
-    acc_t h_prev, s_prev, v_prev;
-    if constexpr (HAS_PREV) {
-      h_prev = h_prev_row[j];
-      s_prev = fire<SURROGATE>(h_prev, o);
-      v_prev = reset(h_prev, s_prev, o);
-    } else {
-      h_prev = s_prev = acc_t(0);
-      v_prev = v_init[(n0 + j) * v_init_stride];
-    }
-    const acc_t grad_x = backward_neuron_given_surrogate(
-        st.h[j], st.s[j], st.surrogate_grad[j], v_prev, st.k[j], EVERY_TERM ? acc_t(0) : grad_v[j], grad_s[j],
-        EVERY_TERM || through_spike, EVERY_TERM || through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
-    grad_x_row[j] = store_as<in_t>(grad_x);
-    st.h[j] = h_prev;
-    st.s[j] = s_prev;
-    // The derivative the previous step will need, computed here, a step ahead: its exp and
-    // division are a long chain of dependent operations that depends on nothing of this step,
-    // so it runs beside this step's chain instead of before it (-9% backward time on the CPU of
-    // benchmarks/NOTES.md). The same expression, so the same bits.
-    if constexpr (HAS_PREV) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
+    const acc_t h_prev = HAS_PREV ? h_prev_row[j] : acc_t(0);
+    const acc_t v_start = HAS_PREV ? acc_t(0) : v_init[(n0 + j) * v_init_stride];
+    grad_x_row[j] = store_as<in_t>(backward_neuron_step<SURROGATE>(
+        HAS_PREV, h_prev, v_start, x_row[j], grad_s[j], EVERY_TERM ? acc_t(0) : grad_v[j], EVERY_TERM || through_spike,
+        EVERY_TERM || through_membrane, o, st, j));
   }
 }
 
@@ -456,17 +501,18 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
     grad_v = grad_v_staged;
   }
   const acc_t* const grad_s = p.grad_spikes != nullptr ? gradient_row<LANES>(p.grad_spikes + row, grad_s_staged) : zeros;
+  acc_t x_staged[LANES];
+  const acc_t* const x_row = p.x != nullptr ? gradient_row<LANES>(p.x + t * p.x_step + n0, x_staged) : zeros;
   const bool through_spike = p.grad_spikes != nullptr;
-  const bool through_membrane =
-      p.grad_v_seq != nullptr || p.grad_v_last != nullptr || (t < p.T - 1 && through_spike);
-  if (t > 0 && grad_v == zeros && through_spike && through_membrane) {
-    backward_lanes<true, true, LANES, SURROGATE>(p, row, n0, h_prev_row, grad_v, grad_s, true, true, st);
+  const bool membrane = through_membrane(t == p.T - 1, through_spike, p.grad_v_seq != nullptr, p.grad_v_last != nullptr);
+  if (t > 0 && grad_v == zeros && through_spike && membrane) {
+    backward_lanes<true, true, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, true, true, st);
   } else if (t > 0) {
-    backward_lanes<true, false, LANES, SURROGATE>(p, row, n0, h_prev_row, grad_v, grad_s, through_spike,
-                                                  through_membrane, st);
+    backward_lanes<true, false, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, through_spike,
+                                                  membrane, st);
   } else {
-    backward_lanes<false, false, LANES, SURROGATE>(p, row, n0, h_prev_row, grad_v, grad_s, through_spike,
-                                                   through_membrane, st);
+    backward_lanes<false, false, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, through_spike,
+                                                   membrane, st);
   }
 }
 
@@ -496,18 +542,30 @@ PLIF_HD void recompute_step(const in_t* x_row, const Options<acc_t>& o, ForwardS
   for (int j = 0; j < LANES; ++j) forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o, h_row[j]);
 }
 
-// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and the sum is 0 (or NaN
-// from a NaN gradient): dL/dk cannot be recovered, and it is not needed, since dk/dw = k(1 - k)
-// is 0 too. Dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference) instead of 0/0.
-// With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.
+// The gradient of one lane's k and of its v_init, once the lane has walked back to step 0.
+template <int LANES, typename in_t, typename acc_t>
+PLIF_HD acc_t grad_k_of_lane(const BackwardParams<in_t, acc_t>& p, const BackwardState<LANES, acc_t>& st, int j) {
+  const bool any_grad = p.grad_spikes != nullptr || p.grad_v_seq != nullptr || p.grad_v_last != nullptr;
+  const acc_t k_divisor = st.k[j] == acc_t(0) ? acc_t(1) : st.k[j];
+  const acc_t grad_k = p.opts.decay_input && !p.opts.h_checkpoints ? st.grad_k_sum[j] / k_divisor : st.grad_k_sum[j];
+  return pick(any_grad, grad_k, acc_t(0));
+}
+template <int LANES, typename acc_t>
+PLIF_HD acc_t grad_v_init_of_lane(const BackwardState<LANES, acc_t>& st, int j) {
+  return (acc_t(1) - st.k[j]) * st.grad_h_next[j];
+}
+
+// From H alone (no X: every H saved), decay_input's dH/dk = X - (V[t-1] - V_r) is recovered as
+// (H[t] - V[t-1]) / k, the division done once here; it loses the digits H[t] - V[t-1] cancels as
+// k shrinks (benchmarks/NOTES.md, "Exact dL/dk"), which is why a backward keeps X and checkpoints.
+// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and that sum is 0 (or NaN
+// from a NaN gradient); dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference)
+// instead of 0/0. With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, const BackwardState<LANES, acc_t>& st) {
-  const bool any_grad = p.grad_spikes != nullptr || p.grad_v_seq != nullptr || p.grad_v_last != nullptr;
   for (int j = 0; j < LANES; ++j) {
-    p.grad_v_init[n0 + j] = (acc_t(1) - st.k[j]) * st.grad_h_next[j];
-    const acc_t k_divisor = st.k[j] == acc_t(0) ? acc_t(1) : st.k[j];
-    const acc_t grad_k = p.opts.decay_input ? st.grad_k_sum[j] / k_divisor : st.grad_k_sum[j];
-    p.grad_k[n0 + j] = pick(any_grad, grad_k, acc_t(0));
+    p.grad_v_init[n0 + j] = grad_v_init_of_lane(st, j);
+    p.grad_k[n0 + j] = grad_k_of_lane(p, st, j);
   }
 }
 

@@ -1,10 +1,16 @@
-// The binding layer: op schemas, argument checks, output allocation, and dispatch to the
-// CPU or CUDA kernels. All checks live here; the kernels trust their parameters. CUDA tensors
-// reach the same kernels through one of two launchers (the ops' `launcher` argument): the
-// kernels nvcc compiled into this library (plif_cuda.cu, built with PLIF_WITH_CUDA), or the
-// same kernels compiled at run time through NVRTC and launched by plif_cuda/cupy_backend.py,
-// which implements the nvrtc_launch_* ops below. The CUDA registration needs no CUDA header,
-// so a library built without a toolkit still serves CUDA tensors through the NVRTC launcher.
+// The binding layer: op schemas, argument checks, output shapes and allocation, and dispatch to
+// the CPU or CUDA kernels. All checks live here; the kernels trust their parameters.
+//
+// The public ops (namespace plif_cuda) take what the neuron needs: the tensors, the neuron's
+// parameters and options (keyword-only), whether a backward will follow; the op decides what to
+// keep for it (save_mode_for). CUDA tensors reach the same kernels through one of two launchers,
+// each behind ops of its own with the same schema: multistep_forward/backward launch the kernels
+// nvcc compiled into this library (plif_cuda.cu, built with PLIF_WITH_CUDA);
+// multistep_forward_nvrtc/backward_nvrtc launch them compiled at run time through NVRTC, by way
+// of plif_cuda_internal::nvrtc_launch_*, which plif_cuda/cupy_backend.py implements. The CUDA
+// registration needs no CUDA header, so a library built without a toolkit still serves CUDA
+// tensors through the NVRTC ops. Meta kernels (for torch.compile and fake tensors) share the
+// output shapes with the real ones.
 //
 // Layout contract (the Python layer arranges it, see plif_cuda/functional.py): x is a
 // [T, *S] tensor whose steps are each contiguous, at any distance apart (stride 0 included:
@@ -21,42 +27,159 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "plif_cpu_buffers.h"
 #include "plif_launch.h"
+#include "plif_math.h"
 
-extern "C" {
-// A Python module with nothing in it: importing plif_cuda._C loads the library, whose static
-// initialisers register the ops below.
-// Its one attribute, HAS_COMPILED_CUDA_KERNELS, says whether the nvcc launcher exists.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-#ifdef PLIF_WITH_CUDA
-  constexpr long kHasCompiledCudaKernels = 1;
+// Written by setup.py into its build folder: the torch the library was built against, and the
+// CUDA architectures of its kernels or why they were not built.
+#if __has_include("plif_build_info.h")
+#include "plif_build_info.h"
 #else
-  constexpr long kHasCompiledCudaKernels = 0;
+#define PLIF_TORCH_VERSION "unknown (built without setup.py)"
+#define PLIF_CUDA_ARCHS ""
+#define PLIF_CUDA_SKIPPED_BECAUSE "unknown (built without setup.py)"
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "HAS_COMPILED_CUDA_KERNELS", kHasCompiledCudaKernels) < 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
-}
 
 namespace plif {
 namespace {
 
 using at::Tensor;
+using SymSizes = std::vector<c10::SymInt>;
+using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor>;
+
+// The ops' surrogate names, in the order of SurrogateId (plif_params.h).
+constexpr const char* kSurrogateNames[] = {"sigmoid",   "atan",        "piecewise_quadratic", "piecewise_exp",
+                                           "soft_sign", "super_spike", "erf"};
+static_assert(sizeof(kSurrogateNames) / sizeof(kSurrogateNames[0]) == kErf + 1, "one name per SurrogateId");
+
+std::string surrogate_choices() {
+  std::string names;
+  for (const char* name : kSurrogateNames) names += std::string(names.empty() ? "" : ", ") + name;
+  return names;
+}
+
+int surrogate_id(c10::string_view name) {
+  int id = 0;
+  while (id <= kErf && name != kSurrogateNames[id]) ++id;
+  TORCH_CHECK(id <= kErf, "surrogate must be one of ", surrogate_choices(), ", got '", std::string(name), "'");
+  return id;
+}
+
+// What a forward keeps for its backward: x itself (autograd keeps it) and the checkpoint rows of
+// H in the compute dtype (at most 0.5 B per neuron-step more in float32), for every dtype: the
+// backward recomputes H bit for bit and takes dH/dk = X - (V[t-1] - V_r), exact for every tau
+// (docs/precision.md). The rule may depend on the dtype only: a Meta kernel computes the same
+// output shapes without seeing the device.
+SaveMode save_mode_for(at::ScalarType /*x_dtype*/, bool needs_backward) {
+  return needs_backward ? kSaveCheckpoints : kSaveNothing;
+}
+
+// The neuron's parameters and options as the ops take them, checked.
+struct Neuron {
+  double v_threshold;
+  std::optional<double> v_reset;  // none: soft reset (subtract the threshold)
+  bool decay_input;
+  bool detach_reset;
+  int surrogate;
+  double alpha;
+  bool spiking;
+};
+
+Neuron neuron_of(double v_threshold, std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                 c10::string_view surrogate, double alpha, bool spiking) {
+  const int id = surrogate_id(surrogate);
+  TORCH_CHECK(spiking || id != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
+  return {v_threshold, v_reset, decay_input, detach_reset, id, alpha, spiking};
+}
+
+template <typename acc_t>
+Options<acc_t> make_options(const Neuron& n, bool h_checkpoints) {
+  Options<acc_t> o;
+  o.v_threshold = static_cast<acc_t>(n.v_threshold);
+  o.v_reset = n.v_reset ? static_cast<acc_t>(*n.v_reset) : acc_t(0);
+  o.alpha = static_cast<acc_t>(n.alpha);
+  o.surrogate = n.surrogate;
+  o.soft_reset = !n.v_reset;
+  o.decay_input = n.decay_input;
+  o.detach_reset = n.detach_reset;
+  o.spiking = n.spiking;
+  o.h_checkpoints = h_checkpoints;
+  return o;
+}
 
 at::ScalarType compute_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// ---- output shapes: shared by the kernels' allocation and the Meta kernels ----------------------
+// checkpoint_rows (plif_params.h) for sizes that may be symbolic (torch.compile's dynamic shapes).
+c10::SymInt checkpoint_rows_of(const c10::SymInt& steps) {
+  return steps > 0 ? (steps - 1) / static_cast<int64_t>(kCheckpointSteps) : c10::SymInt(0);
+}
+
+struct ForwardSizes {
+  SymSizes spikes, v_last, v_seq, h_seq;
+};
+
+// For x [T, *S]: spikes [T, *S], v_last [*S], v_seq [T, *S] (or empty), and h_seq: every H
+// [T, *S], H's checkpoint rows [(T-1)/K, *S] (kSaveCheckpoints), or empty.
+ForwardSizes forward_sizes(c10::SymIntArrayRef x, bool store_v_seq, SaveMode save) {
+  const SymSizes all(x.begin(), x.end());
+  SymSizes rows = all;
+  rows[0] = checkpoint_rows_of(all[0]);
+  const SymSizes none{0};
+  return {all, SymSizes(all.begin() + 1, all.end()), store_v_seq ? all : none,
+          save == kSaveH ? all : save == kSaveCheckpoints ? rows : none};
+}
+
+// grad_x has the shape of the forward's x, grad_k and grad_v_init as many values as k and v_init.
+struct BackwardSizes {
+  SymSizes grad_x, grad_k, grad_v_init;
+};
+
+BackwardSizes backward_sizes(const Tensor& shape_source, const Tensor& k, const Tensor& v_init) {
+  return {SymSizes(shape_source.sym_sizes().begin(), shape_source.sym_sizes().end()), {k.sym_numel()},
+          {v_init.sym_numel()}};
+}
+
+// Every output of the kernels, the [N] ones included (at 2^20 neurons v_last, grad_k and
+// grad_v_init are 4 MiB each, a thousand fresh-page faults apiece): on CPU from the
+// page-resident cache (plif_cpu_buffers.h), which passes small requests on to torch's allocator.
+Tensor empty_output(const SymSizes& sizes, const at::TensorOptions& options) {
+  const at::IntArrayRef concrete = c10::asIntArrayRefUnchecked(sizes);
+  return options.device().is_cpu() ? empty_cpu_output(concrete, options) : at::empty(concrete, options);
+}
+
+Tensor empty_meta(const SymSizes& sizes, const at::TensorOptions& options) {
+  return at::empty_symint(sizes, options);
+}
+
+template <typename Allocate>
+ForwardOutputs allocate_forward(const Tensor& x, bool store_v_seq, SaveMode save, Allocate allocate) {
+  const ForwardSizes sizes = forward_sizes(x.sym_sizes(), store_v_seq, save);
+  const auto acc = x.options().dtype(compute_type_of(x.scalar_type()));
+  return {allocate(sizes.spikes, x.options()), allocate(sizes.v_last, acc), allocate(sizes.v_seq, x.options()),
+          allocate(sizes.h_seq, acc)};
+}
+
+template <typename Allocate>
+BackwardOutputs allocate_backward(const Tensor& shape_source, const Tensor& k, const Tensor& v_init,
+                                  const at::TensorOptions& acc, at::ScalarType x_dtype, Allocate allocate) {
+  const BackwardSizes sizes = backward_sizes(shape_source, k, v_init);
+  return {allocate(sizes.grad_x, acc.dtype(x_dtype)), allocate(sizes.grad_k, acc), allocate(sizes.grad_v_init, acc)};
+}
+
+// ---- argument checks -----------------------------------------------------------------------------
 void check_per_neuron(const Tensor& t, const char* name, const c10::Device& device, at::ScalarType x_dtype,
                       int64_t neurons) {
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
@@ -72,6 +195,11 @@ void check_seq(const Tensor& t, const char* name, const Tensor& like, at::Scalar
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x_dtype, name, " must have dtype ", x_dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_x_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "x must be float16, bfloat16, float32 or float64, got ", t);
 }
 
 // x as the kernels read it: every step x[t] contiguous (size-1 dims anywhere), the steps any
@@ -90,43 +218,11 @@ void check_steps_contiguous(const Tensor& x) {
 // nothing).
 int64_t step_stride(const Tensor& x, int64_t N) { return x.size(0) > 1 ? x.stride(0) : N; }
 
-template <typename acc_t>
-Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-                            bool detach_reset, int64_t surrogate, double alpha, bool spiking, bool h_checkpoints) {
-  TORCH_CHECK(surrogate >= kSigmoid && surrogate <= kErf, "surrogate id out of range: ", surrogate);
-  TORCH_CHECK(spiking || surrogate != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
-  Options<acc_t> o;
-  o.v_threshold = static_cast<acc_t>(v_threshold);
-  o.v_reset = soft_reset ? acc_t(0) : static_cast<acc_t>(v_reset);
-  o.alpha = static_cast<acc_t>(alpha);
-  o.surrogate = static_cast<int>(surrogate);
-  o.soft_reset = soft_reset;
-  o.decay_input = decay_input;
-  o.detach_reset = detach_reset;
-  o.spiking = spiking;
-  o.h_checkpoints = h_checkpoints;
-  return o;
-}
-
-// Every output, the [N] ones included (at 2^20 neurons v_last, grad_k and grad_v_init are
-// 4 MiB each, a thousand fresh-page faults apiece): on CPU from the page-resident cache
-// (plif_cpu_buffers.h), which passes small requests on to torch's allocator.
-Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
-}
-
-// The CUDA kernels recompute H from checkpoints for the half types only, the inputs that keep
-// them (plif_cuda/ops.py save_mode); the CPU kernel for every dtype.
-void check_checkpoints_supported(const c10::Device& device, at::ScalarType x_dtype, bool checkpoints) {
-  TORCH_CHECK(!checkpoints || device.is_cpu() || x_dtype == at::kHalf || x_dtype == at::kBFloat16,
-              "save=2 (checkpoints) needs float16 or bfloat16 x on CUDA tensors, got ", x_dtype);
-}
-
-// The shape of H's checkpoint rows for x [T, *S] (kSaveCheckpoints): [(T-1)/K, *S].
-std::vector<int64_t> checkpoint_sizes(const Tensor& x) {
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes[0] = checkpoint_rows(sizes[0]);
-  return sizes;
+// The CUDA backward recomputes H from x and the checkpoints (kSaveCheckpoints), the one form of
+// the saved state that gives an exact dL/dk; the CPU kernel also runs from every H.
+void check_cuda_backward_has_checkpoints(const c10::Device& device, bool checkpoints) {
+  TORCH_CHECK(checkpoints || device.is_cpu(),
+              "the CUDA backward needs x and the checkpoint rows of H (a forward that saved checkpoints)");
 }
 
 template <typename T>
@@ -134,13 +230,8 @@ T* ptr_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-// The ops' `launcher` argument; plif_cuda/ops.py names the same values.
-enum Launcher : int64_t { kCompiledLauncher = 0, kNvrtcLauncher = 1 };
-
-void check_launcher(int64_t launcher) {
-  TORCH_CHECK(launcher == kCompiledLauncher || launcher == kNvrtcLauncher,
-              "launcher must be 0 (compiled kernels) or 1 (NVRTC), got ", launcher);
-}
+// ---- the two launchers of the CUDA kernels -------------------------------------------------------
+enum class Launcher { kCompiled, kNvrtc };
 
 // A kernel argument as the NVRTC launcher op takes it: a tensor where the kernel gets a
 // pointer (None for a null one, as ptr_or_null decides), then the scalar block.
@@ -196,45 +287,42 @@ void dispatch_types(at::ScalarType t, Fn fn) {
     case at::kDouble: fn(double{}, double{}); break;
     case at::kHalf: fn(c10::Half{}, float{}); break;
     case at::kBFloat16: fn(c10::BFloat16{}, float{}); break;
-    default: TORCH_CHECK(false, "x must be float16, bfloat16, float32 or float64, got ", t);
+    default: check_x_dtype(t);
   }
 }
 
-// `values` ([N]) as `count` values: themselves (count N), or their sum in float64 (count 1),
-// in an order fixed by N: a CUDA reduction's order depends only on the shape; on CPU (reached
-// only without a time step) a plain loop, since torch's CPU sum splits by thread count.
+// `values` ([N], reached only without a time step) as `count` values: themselves (count N), or
+// their sum (count 1) in an order fixed by N: on CPU plif_math.h's sum_in_fixed_order, on CUDA
+// torch's reduction, whose order depends only on the shape.
 Tensor sum_to_count(const Tensor& values, int64_t count) {
   if (count != 1 || values.numel() == 1) return values;
   if (values.is_cuda()) return at::sum(values, at::kDouble).to(values.scalar_type());
   const Tensor doubles = values.to(at::kDouble).contiguous();
-  const double* data = doubles.data_ptr<double>();
-  double total = 0.0;
-  for (int64_t i = 0; i < doubles.numel(); ++i) total += data[i];
-  return at::scalar_tensor(total, values.options());
+  return at::scalar_tensor(sum_in_fixed_order(doubles.data_ptr<double>(), doubles.numel()), values.options());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
-    const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold, double v_reset,
-    bool soft_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking,
-    bool store_v_seq, int64_t save, int64_t launcher) {
+// The row of a GPU backward's per-block partial sums for a parameter that is one value (shared),
+// else an empty tensor (null): one double per block of a grid of one thread per neuron, the most
+// blocks a launch takes (plif_launch.h).
+Tensor gpu_partials(const Tensor& like, bool shared, int64_t neurons) {
+  if (like.is_cpu() || !shared) return at::empty({0}, like.options().dtype(at::kDouble));
+  return at::empty({launch_blocks(neurons, neurons)}, like.options().dtype(at::kDouble));
+}
+
+// ---- the forward ---------------------------------------------------------------------------------
+template <Launcher launcher>
+ForwardOutputs forward_saving(const Tensor& x, const Tensor& k, const Tensor& v_init, const Neuron& neuron,
+                              bool store_v_seq, SaveMode save) {
   TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
+  check_x_dtype(x.scalar_type());
   check_steps_contiguous(x);
   const int64_t T = x.size(0);
   const int64_t N = c10::multiply_integers(x.sizes().slice(1));
   check_per_neuron(k, "k", x.device(), x.scalar_type(), N);
   check_per_neuron(v_init, "v_init", x.device(), x.scalar_type(), N);
-  TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
-              "save must be 0 (nothing), 1 (every H) or 2 (checkpoints), got ", save);
-  check_launcher(launcher);
-  check_checkpoints_supported(x.device(), x.scalar_type(), save == kSaveCheckpoints);
-  const auto acc_type = compute_type_of(x.scalar_type());
 
-  Tensor spikes = empty_output(x.sizes(), x.options());
-  Tensor v_last = empty_output(x.sizes().slice(1), x.options().dtype(acc_type));
-  Tensor v_seq = store_v_seq ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor h_seq = save == kSaveH ? empty_output(x.sizes(), x.options().dtype(acc_type))
-                 : save == kSaveCheckpoints ? empty_output(checkpoint_sizes(x), x.options().dtype(acc_type))
-                                            : at::empty({0}, x.options().dtype(acc_type));
+  Tensor spikes, v_last, v_seq, h_seq;
+  std::tie(spikes, v_last, v_seq, h_seq) = allocate_forward(x, store_v_seq, save, empty_output);
   if (N == 0) return {spikes, v_last, v_seq, h_seq};
   if (T == 0) {
     v_last.view({N}).copy_(v_init.reshape({-1}).expand({N}));
@@ -257,14 +345,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
     p.T = T;
     p.N = N;
     p.x_step = step_stride(x, N);
-    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
-                                 save == kSaveCheckpoints);
+    p.opts = make_options<acc_t>(neuron, save == kSaveCheckpoints);
     if (x.is_cpu()) {
       forward_cpu(p);
     } else {
       const c10::DeviceGuard guard(x.device());
-      if (launcher == kNvrtcLauncher) {
-        launch_nvrtc("plif_cuda::nvrtc_launch_forward",
+      if constexpr (launcher == Launcher::kNvrtc) {
+        launch_nvrtc("plif_cuda_internal::nvrtc_launch_forward",
                      {pointer_argument(x), pointer_argument(k), pointer_argument(v_init), pointer_argument(spikes),
                       pointer_argument(v_last), pointer_argument(v_seq), pointer_argument(h_seq)},
                      p);
@@ -276,13 +363,67 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multistep_forward(
   return {spikes, v_last, v_seq, h_seq};
 }
 
-std::tuple<Tensor, Tensor, Tensor> multistep_backward(
-    const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last,
-    const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq, const std::optional<Tensor>& x, const Tensor& k,
-    const Tensor& v_init, at::ScalarType x_dtype, double v_threshold, double v_reset, bool soft_reset,
-    bool decay_input, bool detach_reset, int64_t surrogate, double alpha, bool spiking, int64_t launcher) {
+template <Launcher launcher>
+ForwardOutputs multistep_forward(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
+                                 std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                 c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
+                                 bool needs_backward) {
+  const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  return forward_saving<launcher>(x, k, v_init, neuron, store_v_seq, save_mode_for(x.scalar_type(), needs_backward));
+}
+
+ForwardOutputs multistep_forward_meta(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
+                                      std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                      c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
+                                      bool needs_backward) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
+  check_x_dtype(x.scalar_type());
+  neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  return allocate_forward(x, store_v_seq, save_mode_for(x.scalar_type(), needs_backward), empty_meta);
+}
+
+SaveMode checked_save_mode(int64_t save) {
+  TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
+              "save must be 0 (nothing), 1 (every H) or 2 (checkpoints), got ", save);
+  return static_cast<SaveMode>(save);
+}
+
+// plif_cuda_internal::multistep_forward_saving: the forward keeping what `save` says, whatever
+// the dtype, for the tests and benchmarks that compare the save modes.
+ForwardOutputs forward_saving_op(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
+                                 std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                 c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
+                                 int64_t save) {
+  const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  return forward_saving<Launcher::kCompiled>(x, k, v_init, neuron, store_v_seq, checked_save_mode(save));
+}
+
+ForwardOutputs forward_saving_meta(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
+                                   std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                   c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
+                                   int64_t save) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
+  check_x_dtype(x.scalar_type());
+  neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  return allocate_forward(x, store_v_seq, checked_save_mode(save), empty_meta);
+}
+
+// ---- the backward --------------------------------------------------------------------------------
+void check_h_seq(const Tensor& h_seq, at::ScalarType x_dtype) {
   TORCH_CHECK(h_seq.dim() >= 1, "h_seq must have a time dimension");
   TORCH_CHECK(h_seq.scalar_type() == compute_type_of(x_dtype), "h_seq must have dtype ", compute_type_of(x_dtype));
+}
+
+template <Launcher launcher>
+BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last,
+                                   const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq,
+                                   const std::optional<Tensor>& x, const Tensor& k, const Tensor& v_init,
+                                   at::ScalarType x_dtype, double v_threshold, std::optional<double> v_reset,
+                                   bool decay_input, bool detach_reset, c10::string_view surrogate, double alpha,
+                                   bool spiking) {
+  const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  check_x_dtype(x_dtype);
+  check_h_seq(h_seq, x_dtype);
   TORCH_CHECK(h_seq.is_contiguous(), "h_seq must be contiguous");
   // With x (kSaveCheckpoints), h_seq holds H's checkpoint rows and x gives the shape.
   const Tensor& shape_source = x ? *x : h_seq;
@@ -291,9 +432,10 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     TORCH_CHECK(x->device() == h_seq.device(), "x is on ", x->device(), " but h_seq is on ", h_seq.device());
     TORCH_CHECK(x->scalar_type() == x_dtype, "x must have dtype ", x_dtype, ", got ", x->scalar_type());
     check_steps_contiguous(*x);
-    const std::vector<int64_t> expected = checkpoint_sizes(*x);
-    TORCH_CHECK(h_seq.sizes() == at::IntArrayRef(expected), "h_seq must hold the checkpoint rows of x: shape ",
-                at::IntArrayRef(expected), ", got ", h_seq.sizes());
+    const SymSizes expected = forward_sizes(x->sym_sizes(), false, kSaveCheckpoints).h_seq;
+    const at::IntArrayRef expected_sizes = c10::asIntArrayRefUnchecked(expected);
+    TORCH_CHECK(h_seq.sizes() == expected_sizes, "h_seq must hold the checkpoint rows of x: shape ", expected_sizes,
+                ", got ", h_seq.sizes());
   }
   const int64_t T = shape_source.size(0);
   const int64_t N = c10::multiply_integers(shape_source.sizes().slice(1));
@@ -306,14 +448,13 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
                 "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
   }
-  check_launcher(launcher);
-  check_checkpoints_supported(h_seq.device(), x_dtype, x.has_value());
+  check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
   // or one per neuron.
-  Tensor grad_x = empty_output(shape_source.sizes(), h_seq.options().dtype(x_dtype));
-  Tensor grad_k = empty_output({k.numel()}, h_seq.options());
-  Tensor grad_v_init = empty_output({v_init.numel()}, h_seq.options());
+  Tensor grad_x, grad_k, grad_v_init;
+  std::tie(grad_x, grad_k, grad_v_init) =
+      allocate_backward(shape_source, k, v_init, h_seq.options(), x_dtype, empty_output);
   if (N == 0 || T == 0) {
     // No step: nothing reaches k, and dL/dv_init is dL/dV[T-1] (zero for N = 0).
     grad_k.zero_();
@@ -321,12 +462,10 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     else grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
-  // The GPU kernels write every neuron's share; where k (v_init) is one value they go to a
-  // scratch row that is summed after the launch (the CPU kernel sums them itself).
-  const bool gpu_sums_k = !h_seq.is_cpu() && k.numel() == 1 && N > 1;
-  const bool gpu_sums_v_init = !h_seq.is_cpu() && v_init.numel() == 1 && N > 1;
-  Tensor grad_k_shares = gpu_sums_k ? at::empty({N}, h_seq.options()) : grad_k;
-  Tensor grad_v_init_shares = gpu_sums_v_init ? at::empty({N}, h_seq.options()) : grad_v_init;
+  // Where k (v_init) is one value, the GPU kernels sum its shares per thread block into a row of
+  // partials (one per block of the widest grid), which the launcher then finishes.
+  const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);
+  const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1, N);
 
   dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
@@ -340,48 +479,76 @@ std::tuple<Tensor, Tensor, Tensor> multistep_backward(
     p.k = k.data_ptr<acc_t>();
     p.v_init = v_init.data_ptr<acc_t>();
     p.grad_x = grad_x.data_ptr<in_t>();
-    p.grad_k = grad_k_shares.data_ptr<acc_t>();
-    p.grad_v_init = grad_v_init_shares.data_ptr<acc_t>();
+    p.grad_k = grad_k.data_ptr<acc_t>();
+    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
+    p.grad_k_partials = ptr_or_null<double>(grad_k_partials);
+    p.grad_v_init_partials = ptr_or_null<double>(grad_v_init_partials);
     p.k_stride = k.numel() == 1 ? 0 : 1;
     p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
     p.T = T;
     p.N = N;
     p.x_step = x ? step_stride(*x, N) : N;
-    p.opts = make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking,
-                                 x.has_value());
+    p.opts = make_options<acc_t>(neuron, x.has_value());
     if (h_seq.is_cpu()) {
       backward_cpu(p);
     } else {
       const c10::DeviceGuard guard(h_seq.device());
-      if (launcher == kNvrtcLauncher) {
-        launch_nvrtc("plif_cuda::nvrtc_launch_backward",
+      if constexpr (launcher == Launcher::kNvrtc) {
+        launch_nvrtc("plif_cuda_internal::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k_shares),
-                      pointer_argument(grad_v_init_shares)},
+                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init),
+                      pointer_argument(grad_k_partials), pointer_argument(grad_v_init_partials)},
                      p);
       } else {
         launch_compiled(p);
       }
     }
   });
-  if (gpu_sums_k) grad_k.copy_(sum_to_count(grad_k_shares, 1));
-  if (gpu_sums_v_init) grad_v_init.copy_(sum_to_count(grad_v_init_shares, 1));
   return {grad_x, grad_k, grad_v_init};
+}
+
+BackwardOutputs multistep_backward_meta(const std::optional<Tensor>& grad_spikes,
+                                        const std::optional<Tensor>& grad_v_last,
+                                        const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq,
+                                        const std::optional<Tensor>& x, const Tensor& k, const Tensor& v_init,
+                                        at::ScalarType x_dtype, double v_threshold, std::optional<double> v_reset,
+                                        bool decay_input, bool detach_reset, c10::string_view surrogate,
+                                        double alpha, bool spiking) {
+  neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
+  check_x_dtype(x_dtype);
+  check_h_seq(h_seq, x_dtype);
+  return allocate_backward(x ? *x : h_seq, k, v_init, h_seq.options(), x_dtype, empty_meta);
 }
 
 }  // namespace
 
+// The neuron's parameters and options after `*`: keyword-only, so that autograd expects a
+// gradient for the three tensors alone.
+#define PLIF_NEURON_OPTIONS                                                                            \
+  "float v_threshold, float? v_reset, bool decay_input, bool detach_reset, str surrogate, float alpha, " \
+  "bool spiking"
+#define PLIF_FORWARD_OUTPUTS "-> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)"
+#define PLIF_BACKWARD_ARGUMENTS                                                                       \
+  "(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, Tensor? x, Tensor k, " \
+  "Tensor v_init, *, ScalarType x_dtype, " PLIF_NEURON_OPTIONS ") -> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)"
+
 TORCH_LIBRARY(plif_cuda, m) {
-  m.def(
-      "multistep_forward(Tensor x, Tensor k, Tensor v_init, float v_threshold, float v_reset, "
-      "bool soft_reset, bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, "
-      "bool store_v_seq, int save, int launcher=0) -> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)");
-  m.def(
-      "multistep_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, Tensor? x, "
-      "Tensor k, Tensor v_init, ScalarType x_dtype, float v_threshold, float v_reset, bool soft_reset, "
-      "bool decay_input, bool detach_reset, int surrogate, float alpha, bool spiking, int launcher=0) "
-      "-> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)");
+  for (const char* name : {"multistep_forward", "multistep_forward_nvrtc"}) {
+    m.def((std::string(name) + "(Tensor x, Tensor k, Tensor v_init, *, " PLIF_NEURON_OPTIONS
+           ", bool store_v_seq, bool needs_backward) " PLIF_FORWARD_OUTPUTS)
+              .c_str());
+  }
+  for (const char* name : {"multistep_backward", "multistep_backward_nvrtc"}) {
+    m.def((std::string(name) + PLIF_BACKWARD_ARGUMENTS).c_str());
+  }
+}
+
+TORCH_LIBRARY(plif_cuda_internal, m) {
+  m.def("multistep_forward_saving(Tensor x, Tensor k, Tensor v_init, *, " PLIF_NEURON_OPTIONS
+        ", bool store_v_seq, int save) " PLIF_FORWARD_OUTPUTS);
+  m.def("save_mode_for(ScalarType x_dtype, bool needs_backward) -> int",
+        [](at::ScalarType x_dtype, bool needs_backward) -> int64_t { return save_mode_for(x_dtype, needs_backward); });
   // The NVRTC launcher (plif_cuda/cupy_backend.py implements them for CUDA tensors): the
   // kernels' arguments in their order, tensors for pointers (None: null), then the scalar
   // block of with_scalar_arguments (plif_params.h).
@@ -391,27 +558,158 @@ TORCH_LIBRARY(plif_cuda, m) {
       "float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
-      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, int k_stride, "
+      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, "
+      "Tensor(d!)? grad_k_partials, Tensor(e!)? grad_v_init_partials, int k_stride, "
       "int v_init_stride, int T, int N, int x_step, float v_threshold, float v_reset, float alpha, int surrogate, "
       "int flags) -> ()");
-  // The launch shape of both GPU launchers (plif_launch.h), for the NVRTC one.
-  m.def("threads_per_block() -> int", []() -> int64_t { return kThreadsPerBlock; });
-  m.def("launch_blocks(int neurons, int resident_blocks) -> int",
-        [](int64_t neurons, int64_t resident_blocks) -> int64_t { return launch_blocks(neurons, resident_blocks); });
-  // The CPU op's buffer cache (plif_cpu_buffers.h).
-  m.def("cpu_cache_bytes() -> int", &cpu_cache_bytes);
-  m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
-  m.def("set_cpu_cache_limit(int bytes) -> int", &set_cpu_cache_limit);
 }
 
+// CPU tensors run the CPU kernel whichever launcher the op is named for.
 TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {
-  m.impl("multistep_forward", &multistep_forward);
-  m.impl("multistep_backward", &multistep_backward);
+  m.impl("multistep_forward", &multistep_forward<Launcher::kCompiled>);
+  m.impl("multistep_forward_nvrtc", &multistep_forward<Launcher::kNvrtc>);
+  m.impl("multistep_backward", &multistep_backward<Launcher::kCompiled>);
+  m.impl("multistep_backward_nvrtc", &multistep_backward<Launcher::kNvrtc>);
 }
 
 TORCH_LIBRARY_IMPL(plif_cuda, CUDA, m) {
-  m.impl("multistep_forward", &multistep_forward);
-  m.impl("multistep_backward", &multistep_backward);
+  m.impl("multistep_forward", &multistep_forward<Launcher::kCompiled>);
+  m.impl("multistep_forward_nvrtc", &multistep_forward<Launcher::kNvrtc>);
+  m.impl("multistep_backward", &multistep_backward<Launcher::kCompiled>);
+  m.impl("multistep_backward_nvrtc", &multistep_backward<Launcher::kNvrtc>);
 }
 
+TORCH_LIBRARY_IMPL(plif_cuda, Meta, m) {
+  m.impl("multistep_forward", &multistep_forward_meta);
+  m.impl("multistep_forward_nvrtc", &multistep_forward_meta);
+  m.impl("multistep_backward", &multistep_backward_meta);
+  m.impl("multistep_backward_nvrtc", &multistep_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(plif_cuda_internal, CPU, m) { m.impl("multistep_forward_saving", &forward_saving_op); }
+TORCH_LIBRARY_IMPL(plif_cuda_internal, CUDA, m) { m.impl("multistep_forward_saving", &forward_saving_op); }
+TORCH_LIBRARY_IMPL(plif_cuda_internal, Meta, m) { m.impl("multistep_forward_saving", &forward_saving_meta); }
+
+// ---- the Python module plif_cuda._C --------------------------------------------------------------
+// Importing it loads the library, whose static initialisers register the ops above. Its
+// attributes are the constants Python and the tests read (defined here and in the headers only),
+// the build information, and the launch rule and CPU buffer cache as plain functions.
+namespace {
+
+template <typename Fn>
+PyObject* guarded(Fn fn) {
+  try {
+    return fn();
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_launch_blocks(PyObject*, PyObject* args) {
+  long long neurons = 0, resident_blocks = 0;
+  if (!PyArg_ParseTuple(args, "LL:launch_blocks", &neurons, &resident_blocks)) return nullptr;
+  return PyLong_FromLongLong(launch_blocks(neurons, resident_blocks));
+}
+
+PyObject* py_checkpoint_rows(PyObject*, PyObject* args) {
+  long long steps = 0;
+  if (!PyArg_ParseTuple(args, "L:checkpoint_rows", &steps)) return nullptr;
+  return PyLong_FromLongLong(checkpoint_rows(steps));
+}
+
+PyObject* py_cpu_cache_bytes(PyObject*, PyObject*) {
+  return guarded([] { return PyLong_FromLongLong(cpu_cache_bytes()); });
+}
+
+PyObject* py_empty_cpu_cache(PyObject*, PyObject*) {
+  return guarded([] {
+    empty_cpu_cache();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* py_set_cpu_cache_limit(PyObject*, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L:set_cpu_cache_limit", &bytes)) return nullptr;
+  return guarded([&] { return PyLong_FromLongLong(set_cpu_cache_limit(bytes)); });
+}
+
+PyMethodDef module_functions[] = {
+    {"launch_blocks", py_launch_blocks, METH_VARARGS,
+     "launch_blocks(neurons, resident_blocks): blocks of a GPU launch over `neurons` (plif_launch.h)"},
+    {"checkpoint_rows", py_checkpoint_rows, METH_VARARGS,
+     "checkpoint_rows(steps): rows of H a forward of `steps` steps keeps in SAVE_CHECKPOINTS mode"},
+    {"cpu_cache_bytes", py_cpu_cache_bytes, METH_NOARGS, "bytes of released CPU outputs kept for reuse"},
+    {"empty_cpu_cache", py_empty_cpu_cache, METH_NOARGS, "return the CPU output cache to the system"},
+    {"set_cpu_cache_limit", py_set_cpu_cache_limit, METH_VARARGS,
+     "set_cpu_cache_limit(bytes): cap the CPU output cache, returning the previous cap"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+// Steals `value`; false (with the Python error set) where it or the attribute fails.
+bool add_attribute(PyObject* module, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  const int status = PyModule_AddObjectRef(module, name, value);
+  Py_DECREF(value);
+  return status == 0;
+}
+
+bool add_attributes(PyObject* module) {
+#ifdef PLIF_WITH_CUDA
+  PyObject* has_compiled_cuda = Py_True;
+#else
+  PyObject* has_compiled_cuda = Py_False;
+#endif
+  PyObject* surrogates = PyTuple_New(kErf + 1);
+  if (surrogates == nullptr) return false;
+  for (int id = 0; id <= kErf; ++id) {
+    PyObject* name = PyUnicode_FromString(kSurrogateNames[id]);
+    if (name == nullptr) {
+      Py_DECREF(surrogates);
+      return false;
+    }
+    PyTuple_SET_ITEM(surrogates, id, name);
+  }
+  const char* skipped_because = PLIF_CUDA_SKIPPED_BECAUSE;
+  const std::pair<const char*, long> integers[] = {
+      {"SAVE_NOTHING", kSaveNothing},
+      {"SAVE_H", kSaveH},
+      {"SAVE_CHECKPOINTS", kSaveCheckpoints},
+      {"CHECKPOINT_STEPS", kCheckpointSteps},
+      {"THREADS_PER_BLOCK", kThreadsPerBlock},
+      {"FLAG_SOFT_RESET", kFlagSoftReset},
+      {"FLAG_DECAY_INPUT", kFlagDecayInput},
+      {"FLAG_DETACH_RESET", kFlagDetachReset},
+      {"FLAG_SPIKING", kFlagSpiking},
+      {"FLAG_H_CHECKPOINTS", kFlagHCheckpoints},
+  };
+  for (const auto& [name, value] : integers) {
+    if (!add_attribute(module, name, PyLong_FromLong(value))) {
+      Py_DECREF(surrogates);
+      return false;
+    }
+  }
+  Py_INCREF(has_compiled_cuda);
+  return add_attribute(module, "SURROGATES", surrogates) &&
+         add_attribute(module, "HAS_COMPILED_CUDA_KERNELS", has_compiled_cuda) &&
+         add_attribute(module, "TORCH_VERSION", PyUnicode_FromString(PLIF_TORCH_VERSION)) &&
+         add_attribute(module, "CUDA_ARCHS", PyUnicode_FromString(PLIF_CUDA_ARCHS)) &&
+         add_attribute(module, "CUDA_SKIPPED_BECAUSE",
+                       skipped_because[0] == '\0' ? Py_NewRef(Py_None) : PyUnicode_FromString(skipped_because));
+}
+
+}  // namespace
 }  // namespace plif
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "plif_cuda's compiled ops, their constants and build information", -1,
+      plif::module_functions};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && !plif::add_attributes(module)) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -104,10 +104,14 @@ struct BackwardParams {
   const acc_t* k;
   const acc_t* v_init;
   in_t* grad_x;             // [T, N]
-  // dL/dk and dL/dv_init: [N], each neuron's share; the CPU kernel writes one value, the sum
-  // of the shares, where k (v_init) is one value (stride 0), and the GPU launchers sum [N].
+  // dL/dk and dL/dv_init: [N], or one value, the sum of the neurons' shares, where k (v_init) is
+  // one value (stride 0; plif_math.h's sum_in_fixed_order).
   acc_t* grad_k;
   acc_t* grad_v_init;
+  // The GPU kernels' partial sums of those shares, one per thread block (at least the launch's
+  // blocks), where k (v_init) is one value; else null, as always on CPU.
+  double* grad_k_partials;
+  double* grad_v_init_partials;
   index_t k_stride;
   index_t v_init_stride;
   index_t T;

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The paper's T for static images; the other datasets take train.py's preset.
 DIGITS_T = 8
 
 
@@ -46,10 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument(
-        "--T",
-        type=int,
-        default=None,
-        help="time steps (default: 8, the paper's T for static images, on digits; else train.py's preset)",
+        "--T", type=int, default=None, help=f"time steps (default: {DIGITS_T} on digits, else the preset's)"
     )
     parser.add_argument("--train-subset", type=int, default=None, help="passed on to train.py")
     parser.add_argument("--test-subset", type=int, default=None, help="passed on to train.py")

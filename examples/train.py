@@ -1,6 +1,6 @@
 """Train and evaluate the PLIF paper's networks (plif_cuda.models) with the fused PLIF layer.
 
-    python examples/train.py --dataset digits --neuron plif             # no files needed; about 10 s on 2 CPU cores
+    python examples/train.py --dataset digits --neuron plif             # no files needed; seconds on a CPU
     python examples/train.py --dataset mnist --data-dir ~/data           # <data-dir>/MNIST/*-ubyte[.gz]
     python examples/train.py --dataset fashion-mnist                     # the main example, from Debian's package:
                                                                          # apt-get install dataset-fashion-mnist
@@ -16,8 +16,8 @@ neuron layer and the wall time since the run started), checkpoint.pt (every epoc
 continues from it) and curves.png.
 The loss is the paper's: mean squared error between the output firing rates and the one-hot label.
 Fashion-MNIST, the main example, runs the paper's network at a width that fits two CPU cores
-(T=4, 32 conv channels, FC256, no dropout; the paper: T=8, 128, FC2048, dropout 0.5): >= 90% test
-accuracy in about 8 minutes, 91.9% after its 5 epochs in 18 (results in examples/results/fashion-mnist/).
+(T=4, 32 conv channels, FC256, no dropout; the paper: T=8, 128, FC2048, dropout 0.5); its results
+are in examples/results/fashion-mnist/.
 Unset architecture/training options take the dataset's preset (PRESETS below).
 """
 
@@ -42,98 +42,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from plif_cuda import datasets  # noqa: E402
 from plif_cuda.models import EventFrameSNN, StaticImageSNN, learned_taus, reset_states  # noqa: E402
 
-# Architecture and schedule per dataset. All but digits and fashion-mnist follow the paper's
-# networks (its training ran for hundreds of epochs on a GPU); for CIFAR10-DVS and DVS128 Gesture
-# those take the 128x128 frames as they are, T=20, with 4 or 5 conv stages and FC512, and a test
-# batch of 32 keeps the first layer's [T*N, 128, 128, 128] activations near 5 GiB. Digits is sized to reach
-# >= 95% in about ten seconds on two CPU cores. Its ops are too small to gain from a second CPU
-# thread, and two threads that wait on each other at every op are 10x slower when other
-# processes share the cores, hence threads=1.
+# The paper's networks, one row per dataset (None: the option's default), but digits and fashion-mnist
+# sized for two shared CPU cores: see NOTES, "Examples: the digits and Fashion-MNIST presets".
+PRESET_KEYS = (
+    "T", "depth", "width", "convs_per_stage", "fc_width", "dropout", "epochs", "batch_size", "test_batch_size", "lr",
+    "threads",
+)  # fmt: skip
+PRESET_ROWS = {
+    "digits":         (4,  2, 32,  1, 128,  0.0, 12,  32, None, 1e-3, 1),
+    "mnist":          (8,  2, 128, 1, 2048, 0.5, 100, 16, None, 1e-3, None),
+    "fashion-mnist":  (4,  2, 32,  1, 256,  0.0, 5,   64, None, 1e-3, 1),
+    "cifar10":        (8,  2, 256, 3, 2048, 0.5, 200, 16, None, 1e-3, None),
+    "nmnist":         (10, 2, 128, 1, 2048, 0.5, 100, 16, None, 1e-3, None),
+    "cifar10-dvs":    (20, 4, 128, 1, 512,  0.5, 200, 16, 32,   1e-3, None),
+    "dvs128-gesture": (20, 5, 128, 1, 512,  0.5, 200, 16, 32,   1e-3, None),
+}  # fmt: skip
 PRESETS = {
-    "digits": dict(
-        T=4,
-        depth=2,
-        width=32,
-        convs_per_stage=1,
-        fc_width=128,
-        dropout=0.0,
-        epochs=12,
-        batch_size=32,
-        lr=1e-3,
-        threads=1,
-    ),
-    "mnist": dict(
-        T=8, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
-    ),
-    # The paper's Fashion-MNIST network narrowed to fit 2 shared CPU cores: T=4 (paper 8), 32 conv
-    # channels (128), FC256 (2048), no dropout (0.5: it slows a 5-epoch run more than it guards
-    # against overfitting); ~2.2 ms of one core per training image. It reached 90.7% test accuracy
-    # after its second epoch (8 min) and 91.9% after the fifth (18 min) on the 2-core AMD EPYC VM
-    # (examples/results/fashion-mnist/). One thread, as for digits: two are 3x slower when other
-    # processes share the cores.
-    "fashion-mnist": dict(
-        T=4,
-        depth=2,
-        width=32,
-        convs_per_stage=1,
-        fc_width=256,
-        dropout=0.0,
-        epochs=5,
-        batch_size=64,
-        lr=1e-3,
-        threads=1,
-    ),
-    "cifar10": dict(
-        T=8, depth=2, width=256, convs_per_stage=3, fc_width=2048, dropout=0.5, epochs=200, batch_size=16, lr=1e-3
-    ),
-    "nmnist": dict(
-        T=10, depth=2, width=128, convs_per_stage=1, fc_width=2048, dropout=0.5, epochs=100, batch_size=16, lr=1e-3
-    ),
-    "cifar10-dvs": dict(
-        T=20,
-        depth=4,
-        width=128,
-        convs_per_stage=1,
-        fc_width=512,
-        dropout=0.5,
-        epochs=200,
-        batch_size=16,
-        test_batch_size=32,
-        lr=1e-3,
-    ),
-    "dvs128-gesture": dict(
-        T=20,
-        depth=5,
-        width=128,
-        convs_per_stage=1,
-        fc_width=512,
-        dropout=0.5,
-        epochs=200,
-        batch_size=16,
-        test_batch_size=32,
-        lr=1e-3,
-    ),
+    dataset: {key: value for key, value in zip(PRESET_KEYS, row) if value is not None}
+    for dataset, row in PRESET_ROWS.items()
 }
 EVENT_DATASETS = {
     "nmnist": datasets.NMNISTFrames,
     "cifar10-dvs": datasets.CIFAR10DVSFrames,
     "dvs128-gesture": datasets.DVS128GestureFrames,
 }
-MODEL_KEYS = (
-    "T",
-    "depth",
-    "width",
-    "convs_per_stage",
-    "fc_width",
-    "voting",
-    "neuron",
-    "pooling",
-    "tau_granularity",
-    "init_tau",
-    "surrogate",
-    "detach_reset",
-    "dropout",
-)
+# The network's sizes; they and the run's counts are whole numbers >= 1 (parse_args checks).
+SIZE_KEYS = ("T", "depth", "width", "convs_per_stage", "fc_width", "voting")
+COUNT_KEYS = SIZE_KEYS + ("epochs", "batch_size", "test_batch_size", "train_subset", "test_subset")
+# What a checkpoint's network is built from (--resume refuses other values).
+MODEL_KEYS = SIZE_KEYS + ("neuron", "pooling", "tau_granularity", "init_tau", "surrogate", "detach_reset", "dropout")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -187,18 +124,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--train-subset",
-        type=int,
-        default=None,
-        help="train on this many samples, drawn at random (by --seed) from the training set",
-    )
-    parser.add_argument(
-        "--test-subset",
-        type=int,
-        default=None,
-        help="test on this many samples, drawn at random (by --seed) from the test set",
-    )
+    for split, samples in (("train", "the training set"), ("test", "the test set")):
+        explained = f"{split} on this many samples, drawn at random (by --seed) from {samples}"
+        parser.add_argument(f"--{split}-subset", type=int, default=None, help=explained)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -220,19 +148,7 @@ def parse_args(argv=None):
         args.out_dir = Path(__file__).resolve().parent / "runs" / f"{args.dataset}-{args.neuron}"
     if args.data_dir is None and args.dataset != "fashion-mnist":
         args.data_dir = DEFAULT_DATA_DIR
-    for key in (
-        "T",
-        "depth",
-        "width",
-        "convs_per_stage",
-        "fc_width",
-        "voting",
-        "epochs",
-        "batch_size",
-        "test_batch_size",
-        "train_subset",
-        "test_subset",
-    ):
+    for key in COUNT_KEYS:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     return args

@@ -86,21 +86,18 @@ def _print_extension() -> None:
     if not ops.extension_available():
         print(f"extension   not available: {ops.extension_error()}")
         return
-    try:
-        from . import _build_info
-    except ImportError:
-        print("extension   loaded, but plif_cuda/_build_info.py is missing (built by other means than setup.py?)")
-        return
-    if _build_info.CUDA_SKIPPED_BECAUSE:
-        print(f"extension   CPU kernels only (CUDA kernels not built because {_build_info.CUDA_SKIPPED_BECAUSE})")
+    from . import _C
+
+    if _C.CUDA_SKIPPED_BECAUSE:
+        print(f"extension   CPU kernels only (CUDA kernels not built because {_C.CUDA_SKIPPED_BECAUSE})")
     else:
         print(
-            f"extension   CPU kernels, and CUDA kernels for {_arch_names(_build_info.CUDA_ARCHS)} "
-            f"(TORCH_CUDA_ARCH_LIST={_build_info.CUDA_ARCHS})"
+            f"extension   CPU kernels, and CUDA kernels for {_arch_names(_C.CUDA_ARCHS)} "
+            f"(TORCH_CUDA_ARCH_LIST={_C.CUDA_ARCHS})"
         )
         for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             capability = torch.cuda.get_device_capability(index)
-            code = cuda_code_for(capability, _build_info.CUDA_ARCHS)
+            code = cuda_code_for(capability, _C.CUDA_ARCHS)
             print(
                 f"            cuda:{index} (sm_{capability[0]}{capability[1]}) runs "
                 + (
@@ -109,7 +106,7 @@ def _print_extension() -> None:
                     "or use the cupy backend"
                 )
             )
-    print(f"            built against torch {_build_info.TORCH_VERSION}")
+    print(f"            built against torch {_C.TORCH_VERSION}")
 
 
 def _print_backends() -> None:

@@ -78,17 +78,16 @@ def cuda_include_dir() -> Path:
 
 def kernel_names(dtype: torch.dtype) -> dict[str, str]:
     """Name expressions of the kernels for inputs of ``dtype``, by what they launch: "forward",
-    "backward" (from every H) and, for the half types, "recompute_backward" (from checkpoints)."""
+    "backward" (from X and the checkpoints), and "finish_shares" (the fixed-order sum of a shared
+    k's or v_init's per-block partials)."""
     if dtype not in VARIANTS:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {dtype}")
     in_t, acc_t = VARIANTS[dtype]
-    names = {
+    return {
         "forward": f"plif::plif_forward_kernel<{in_t}, {acc_t}>",
         "backward": f"plif::plif_backward_kernel<{in_t}, {acc_t}>",
+        "finish_shares": f"plif::plif_finish_shares_kernel<{acc_t}>",
     }
-    if dtype in (torch.float16, torch.bfloat16):
-        names["recompute_backward"] = f"plif::plif_recompute_backward_kernel<{in_t}, {acc_t}>"
-    return names
 
 
 def program(dtype: torch.dtype) -> tuple[str, list[str]]:

@@ -18,6 +18,8 @@ import torch
 from . import ops
 
 BACKENDS = ("auto", "cpu", "cuda", "cupy", "torch")
+# The device type each fused backend's tensors live on (meta tensors go to any of them).
+_FUSED_DEVICE_TYPE = {"cpu": "cpu", "cuda": "cuda", "cupy": "cuda"}
 _warned: set[str] = set()
 
 
@@ -42,27 +44,18 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device``, else a sentence saying why not."""
     if backend == "torch":
         return _no_gpu_reason(device)
+    if backend not in _FUSED_DEVICE_TYPE:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not ops.extension_available():
+        return ops.extension_error()
+    if backend == "cuda" and not ops.extension_has_cuda():
+        return "the compiled extension was built without CUDA kernels (see `python -m plif_cuda doctor`)"
+    device_type = _FUSED_DEVICE_TYPE[backend]
+    if device.type not in (device_type, "meta"):
+        return f"backend {backend!r} runs on {device_type.upper()} tensors, but the input is on {device}"
     if backend == "cpu":
-        if not ops.extension_available():
-            return ops.extension_error()
-        if device.type not in ("cpu", "meta"):
-            return f"backend 'cpu' runs on CPU tensors, but the input is on {device}"
         return None
-    if backend == "cuda":
-        if not ops.extension_available():
-            return ops.extension_error()
-        if not ops.extension_has_cuda():
-            return "the compiled extension was built without CUDA kernels (see `python -m plif_cuda doctor`)"
-        if device.type not in ("cuda", "meta"):
-            return f"backend 'cuda' runs on CUDA tensors, but the input is on {device}"
-        return _no_gpu_reason(device)
-    if backend == "cupy":
-        if not ops.extension_available():
-            return ops.extension_error()
-        if device.type not in ("cuda", "meta"):
-            return f"backend 'cupy' runs on CUDA tensors, but the input is on {device}"
-        return _no_gpu_reason(device) or _cupy_module().unavailable_reason()
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _no_gpu_reason(device) or (_cupy_module().unavailable_reason() if backend == "cupy" else None)
 
 
 def _warn_once(message: str) -> None:
@@ -100,18 +93,24 @@ def select(backend: str, x: torch.Tensor) -> str:
 
 
 def forward_op(backend: str):
-    """The fused op; every fused backend runs it, with ``launcher(backend)`` as its last argument."""
+    """The fused forward op that runs ``backend``: the nvcc launcher's, or for "cupy" the NVRTC
+    launcher's (the same op with the same schema; CPU tensors run the CPU kernel through either),
+    whose launcher importing plif_cuda.cupy_backend plugs in."""
+    return _fused_ops(backend)[0]
+
+
+def backward_op(backend: str):
+    """The fused backward op of ``forward_op(backend)``'s launcher, which its autograd calls."""
+    return _fused_ops(backend)[1]
+
+
+def _fused_ops(backend: str):
     if backend not in ("cpu", "cuda", "cupy"):
         raise ValueError(f"backend {backend!r} has no fused op")
-    return torch.ops.plif_cuda.multistep_forward
-
-
-def launcher(backend: str) -> int:
-    """The fused op's ``launcher`` argument for ``backend``."""
     if backend == "cupy":
-        _cupy_module()  # registers the NVRTC launcher
-        return ops.NVRTC_LAUNCHER
-    return ops.COMPILED_LAUNCHER
+        _cupy_module()
+        return torch.ops.plif_cuda.multistep_forward_nvrtc, torch.ops.plif_cuda.multistep_backward_nvrtc
+    return torch.ops.plif_cuda.multistep_forward, torch.ops.plif_cuda.multistep_backward
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

@@ -1,9 +1,10 @@
 """CuPy backend: the CUDA kernels of csrc/ compiled at run time through NVRTC, no build step.
 
-This is a launcher only. The op is the extension's ``plif_cuda::multistep_forward`` (and
-backward) with ``launcher=ops.NVRTC_LAUNCHER``: its checks, outputs and autograd are the
-compiled backend's, and for CUDA tensors it calls ``plif_cuda::nvrtc_launch_forward`` (and
-backward), which this module implements; an extension built without a CUDA toolkit has them.
+This is a launcher only. The ops are the extension's ``plif_cuda::multistep_forward_nvrtc`` (and
+backward), the twins of ``multistep_forward`` with the same schema: their checks, outputs and
+autograd are the compiled backend's, and for CUDA tensors they hand the kernel's arguments to
+``plif_cuda_internal::nvrtc_launch_forward`` (and backward), which importing this module
+implements; an extension built without a CUDA toolkit has them.
 The kernels are compiled once per (dtype, architecture) by ``_nvrtc.compile_variant`` (the same
 build ``python -m plif_cuda doctor --nvrtc-arch`` checks), loaded once per device by CuPy, and
 launched on PyTorch's current stream of the tensors' device.
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 from . import _nvrtc, ops
+
+if ops.extension_available():
+    from ._C import THREADS_PER_BLOCK, launch_blocks
 
 
 @functools.cache
@@ -72,11 +76,10 @@ def _kernel_pair(device_index: int, dtype: torch.dtype):
             from cupy_backends.cuda.api import driver
 
             multiprocessors = torch.cuda.get_device_properties(device_index).multi_processor_count
-            threads = torch.ops.plif_cuda.threads_per_block()
             pair = {}
             for direction, name in _nvrtc.kernel_names(dtype).items():
                 function = module.get_function(image.lowered_names[name])
-                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, 0)
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, THREADS_PER_BLOCK, 0)
                 pair[direction] = (function, multiprocessors * per_sm)
             _kernels[key] = pair
     return pair
@@ -102,7 +105,7 @@ def _cupy_stream(torch_stream: torch.cuda.Stream):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device_index)
 
 
-def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
+def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> int:
     # The op's device guard has made the tensors' device current (and restores the previous one).
     device_index = torch.cuda.current_device()
     kernel, resident_blocks = _kernel_pair(device_index, dtype)[direction]
@@ -111,14 +114,10 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> None:
         convert(value) for convert, value in zip(_scalar_types(acc), scalars, strict=True)
     )
     # The launch shape of the nvcc launcher too (csrc/plif_launch.h); scalars[3] is N.
-    grid = torch.ops.plif_cuda.launch_blocks(scalars[3], resident_blocks)
-    block = torch.ops.plif_cuda.threads_per_block()
+    grid = launch_blocks(scalars[3], resident_blocks)
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
-    kernel((grid,), (block,), args, stream=stream)
-
-
-# kFlagHCheckpoints of csrc/plif_params.h: the `flags` scalar's bit for checkpoints.
-_FLAG_H_CHECKPOINTS = 16
+    kernel((grid,), (THREADS_PER_BLOCK,), args, stream=stream)
+    return grid
 
 
 def _scalar_types(acc) -> tuple:
@@ -127,24 +126,30 @@ def _scalar_types(acc) -> tuple:
     return (np.int64,) * 5 + (acc,) * 3 + (np.int32,) * 2
 
 
-# The NVRTC launcher ops of csrc/plif_ops.cpp: that op has checked the arguments, allocated the
+# The NVRTC launcher ops of csrc/plif_ops.cpp: the calling op has checked the arguments, allocated the
 # outputs and handled T = 0 and N = 0; these receive the kernel's arguments as the nvcc launcher
 # passes them (tensors where it passes pointers, None for null) and launch.
 def _launch_forward(x, k, v_init, spikes, v_last, v_seq, h_seq, *scalars):
     _launch("forward", x.dtype, (x, k, v_init, spikes, v_last, v_seq, h_seq), scalars)
 
 
-def _launch_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init, *scalars):
-    # From checkpoints (the flag, and x given) the kernel of its own, as the nvcc launcher picks.
-    direction = "recompute_backward" if scalars[-1] & _FLAG_H_CHECKPOINTS else "backward"
-    _launch(
-        direction,
-        grad_x.dtype,
-        (grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k, grad_v_init),
-        scalars,
-    )
+def _launch_backward(*arguments):
+    # The kernel's twelve pointers (grad_x, grad_k, grad_v_init and the two rows of per-block
+    # partials last), then its scalar block.
+    pointers, scalars = arguments[:12], arguments[12:]
+    grad_x, grad_k, grad_v_init, k_partials, v_partials = pointers[7:]
+    blocks = _launch("backward", grad_x.dtype, pointers, scalars)
+    if k_partials is not None or v_partials is not None:
+        # The fixed-order finish of a shared k's (v_init's) sums, as the nvcc launcher runs it.
+        device_index = torch.cuda.current_device()
+        finish, _ = _kernel_pair(device_index, grad_x.dtype)["finish_shares"]
+        finish_arguments = tuple(
+            np.uint64(0 if t is None else t.data_ptr()) for t in (k_partials, v_partials, grad_k, grad_v_init)
+        )
+        stream = _cupy_stream(torch.cuda.current_stream(device_index))
+        finish((1,), (1,), (*finish_arguments, np.int64(blocks)), stream=stream)
 
 
 if ops.extension_available():
-    torch.library.impl("plif_cuda::nvrtc_launch_forward", "CUDA", func=_launch_forward)
-    torch.library.impl("plif_cuda::nvrtc_launch_backward", "CUDA", func=_launch_backward)
+    torch.library.impl("plif_cuda_internal::nvrtc_launch_forward", "CUDA", func=_launch_forward)
+    torch.library.impl("plif_cuda_internal::nvrtc_launch_backward", "CUDA", func=_launch_backward)

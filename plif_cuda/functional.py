@@ -23,9 +23,8 @@ import torch
 from torch.autograd import forward_ad
 
 from . import backends
-from .ops import save_mode
-from .reference import compute_dtype, plif_multistep_ref
-from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, in_functorch_transform, resolve_surrogate
+from .reference import compute_dtype, reference_multistep
+from .surrogate import HAS_PRIMITIVE, in_functorch_transform, resolve_surrogate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -181,7 +180,7 @@ def multistep_keeping_state(
     if chosen != "torch" and _needs_reference_autodiff(x_seq, k, v_init):
         chosen = "torch"
     if chosen == "torch":
-        return plif_multistep_ref(
+        return reference_multistep(
             x_seq,
             k,
             v_init.to(acc),
@@ -198,25 +197,20 @@ def multistep_keeping_state(
     x_op, order = _to_op_layout(x_seq)
     k_op = _per_neuron(k, step_shape, order, acc)
     v_init_op = _per_neuron(v_init, step_shape, order, acc)
-    save = save_mode(
-        x_op, torch.is_grad_enabled() and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad)
-    )
-    forward_op = backends.forward_op(chosen)
-    spikes, v_last, v_seq, _ = forward_op(
+    spikes, v_last, v_seq, _ = backends.forward_op(chosen)(
         x_op,
         k_op,
         v_init_op,
-        v_threshold,
-        0.0 if v_reset is None else v_reset,
-        v_reset is None,
-        decay_input,
-        detach_reset,
-        SURROGATE_IDS[surrogate],
-        alpha,
-        spiking,
-        store_v_seq,
-        save,
-        backends.launcher(chosen),
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        spiking=spiking,
+        store_v_seq=store_v_seq,
+        needs_backward=torch.is_grad_enabled()
+        and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad),
     )
     if order == sorted(order):
         return spikes, v_last, v_seq if store_v_seq else None

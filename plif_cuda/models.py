@@ -182,14 +182,9 @@ class SpikingConvNet(nn.Module):
         self.T = T
         self.num_classes = num_classes
         self.repeat_first_block = repeat_first_block
-        neuron_options = dict(
-            neuron=neuron,
-            tau_granularity=tau_granularity,
-            init_tau=init_tau,
-            surrogate=surrogate,
-            detach_reset=detach_reset,
-            backend=backend,
-        )
+        # Every neuron layer's options: which neuron and its tau, then how it fires and runs.
+        neuron_options = dict(neuron=neuron, tau_granularity=tau_granularity, init_tau=init_tau)
+        neuron_options.update(surrogate=surrogate, detach_reset=detach_reset, backend=backend)
         pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
 
         def conv_bn(channels_in):

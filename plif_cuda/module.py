@@ -265,35 +265,24 @@ class ParametricLIFNode(MemoryModule):
 
 
 class LIFNode(ParametricLIFNode):
-    """Plain LIF: the same layer with a fixed tau.
+    """Plain LIF: the same layer with a fixed tau. It takes ParametricLIFNode's arguments with
+    ``tau`` in place of ``init_tau``, and neither ``tau_shape`` nor ``learnable_tau``.
 
     As in SpikingJelly, ``tau`` is a constant float attribute, not a parameter or buffer: the
     state_dict is empty, and ``.half()`` / ``.to()`` cannot round it.
     """
 
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function=None,
-        detach_reset: bool = False,
-        step_mode: str = "s",
-        backend: str = "auto",
-        store_v_seq: bool = False,
-    ):
-        super().__init__(
-            init_tau=tau,
-            decay_input=decay_input,
-            v_threshold=v_threshold,
-            v_reset=v_reset,
-            surrogate_function=surrogate_function,
-            detach_reset=detach_reset,
-            step_mode=step_mode,
-            backend=backend,
-            store_v_seq=store_v_seq,
-        )
+    # ParametricLIFNode's arguments up to store_v_seq, in SpikingJelly's order (decay_input,
+    # v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq).
+    _ARGUMENTS_AFTER_TAU = 8
+
+    def __init__(self, tau: float = 2.0, *args, **kwargs):
+        if len(args) > self._ARGUMENTS_AFTER_TAU:
+            raise TypeError(f"LIFNode takes at most {self._ARGUMENTS_AFTER_TAU + 1} positional arguments")
+        for name in ("init_tau", "tau_shape", "learnable_tau"):
+            if name in kwargs:
+                raise TypeError(f"LIFNode has no argument {name!r}: its tau is one fixed number, given as tau")
+        super().__init__(tau, *args, **kwargs)
 
     # A plain attribute (set in _init_time_constant) in place of ParametricLIFNode's property.
     tau = None

@@ -1,11 +1,19 @@
-"""The fused ops as torch.library ops: fake kernels and autograd, shared by every backend.
+"""The fused ops' autograd formula, shared by every backend.
 
-The compiled extension (``plif_cuda._C``) defines ``plif_cuda::multistep_forward`` and
-``plif_cuda::multistep_backward`` with their argument checks, for CPU and CUDA tensors. Their
-last argument, ``launcher``, says how CUDA tensors' kernels are launched: ``COMPILED_LAUNCHER``
-(the kernels nvcc built into the extension) or ``NVRTC_LAUNCHER`` (the same kernels compiled at
-run time, ``plif_cuda.cupy_backend``); CPU tensors ignore it. So every backend is one op, and
-torch.compile, autograd and opcheck treat them alike.
+The compiled extension (``plif_cuda._C``) defines the ops, their argument checks and their
+output shapes (Meta kernels, which torch.compile and fake tensors use), for CPU and CUDA
+tensors: ``plif_cuda::multistep_forward`` and ``multistep_backward`` launch CUDA tensors' kernels
+as nvcc built them into the extension, ``multistep_forward_nvrtc`` and
+``multistep_backward_nvrtc`` the same kernels compiled at run time (``plif_cuda.cupy_backend``);
+CPU tensors run the CPU kernel through either. So every backend is one op, and torch.compile,
+autograd and opcheck treat them alike.
+
+The forward takes the tensors ``x``, ``k``, ``v_init`` and, keyword-only, the neuron's
+parameters and options (``v_threshold``, ``v_reset`` with None for a soft reset,
+``decay_input``, ``detach_reset``, ``surrogate`` by name, ``alpha``, ``spiking``),
+``store_v_seq`` and ``needs_backward``. With ``needs_backward`` the op decides what to keep for
+the backward: every H (``h_seq`` has x's shape), or H's checkpoint rows (fewer rows than x has
+steps), from which the backward recomputes H with x.
 
 Op contract (arranged by ``plif_cuda.functional``): ``x`` is a ``[T, *S]`` tensor whose
 steps ``x[t]`` are each contiguous, any distance apart (stride 0: one step broadcast over
@@ -22,16 +30,16 @@ neurons and adds the blocks in order), so its bits do not depend on the number o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .reference import compute_dtype
-from .surrogate import SURROGATE_IDS, heaviside_with_surrogate, surrogate_derivative, surrogate_primitive
-
-_SURROGATE_NAMES = {surrogate_id: name for name, surrogate_id in SURROGATE_IDS.items()}
+from .reference import membrane_before_reset
+from .surrogate import heaviside_with_surrogate, surrogate_derivative, surrogate_primitive
 
 _EXTENSION_ERROR: str | None = None
 try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+    from . import _C
 except ImportError as error:
     _EXTENSION_ERROR = f"the compiled extension plif_cuda._C could not be imported ({error})"
 
@@ -44,119 +52,47 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-# The ops' `launcher` argument (enum Launcher of csrc/plif_ops.cpp).
-COMPILED_LAUNCHER = 0
-NVRTC_LAUNCHER = 1
-
-_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and bool(_C.HAS_COMPILED_CUDA_KERNELS)
-
-
 def extension_has_cuda() -> bool:
     """Whether the extension carries CUDA kernels compiled by nvcc (the NVRTC launcher needs none)."""
-    return _EXTENSION_HAS_CUDA
-
-
-# The forward op's `save` argument (enum SaveMode of csrc/plif_params.h): what it keeps for
-# the backward. SAVE_CHECKPOINTS keeps H only every CHECKPOINT_STEPS steps (its h_seq output is
-# [(T-1) // CHECKPOINT_STEPS, *S]) and autograd keeps x: the backward recomputes H from them.
-SAVE_NOTHING = 0
-SAVE_H = 1
-SAVE_CHECKPOINTS = 2
-CHECKPOINT_STEPS = 8
+    return extension_available() and _C.HAS_COMPILED_CUDA_KERNELS
 
 
 def save_mode(x: torch.Tensor, needs_grad: bool) -> int:
-    """What a differentiable forward of ``x`` keeps: float16/bfloat16 inputs keep themselves
-    (2 bytes per neuron-step) and fp32 checkpoints of H (at most 0.5 more), fp32/fp64 keep H
-    (as small as the input, and nothing to recompute)."""
-    if not needs_grad:
-        return SAVE_NOTHING
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return SAVE_CHECKPOINTS
-    return SAVE_H
+    """What the forward op keeps for a backward of ``x`` (``_C.SAVE_*``): the op's own rule."""
+    return torch.ops.plif_cuda_internal.save_mode_for(x.dtype, needs_grad)
 
 
 def checkpoint_rows(steps: int) -> int:
-    return (steps - 1) // CHECKPOINT_STEPS if steps > 0 else 0
+    """Rows of H a forward of ``steps`` steps keeps in checkpoint mode."""
+    return _C.checkpoint_rows(steps)
 
 
-# `launcher` has the schema's default: opcheck calls the fake kernels with the arguments as given.
-def _fake_forward(
-    x,
-    k,
-    v_init,
-    v_threshold,
-    v_reset,
-    soft_reset,
-    decay_input,
-    detach_reset,
-    surrogate,
-    alpha,
-    spiking,
-    store_v_seq,
-    save,
-    launcher=COMPILED_LAUNCHER,
-):
-    acc = compute_dtype(x.dtype)
-    spikes = x.new_empty(x.shape)
-    v_last = x.new_empty(x.shape[1:], dtype=acc)
-    v_seq = x.new_empty(x.shape) if store_v_seq else x.new_empty((0,))
-    if save == SAVE_H:
-        h_seq = x.new_empty(x.shape, dtype=acc)
-    elif save == SAVE_CHECKPOINTS:
-        h_seq = x.new_empty((checkpoint_rows(x.shape[0]), *x.shape[1:]), dtype=acc)
-    else:
-        h_seq = x.new_empty((0,), dtype=acc)
-    return spikes, v_last, v_seq, h_seq
-
-
-def _fake_backward(
-    grad_spikes,
-    grad_v_last,
-    grad_v_seq,
-    h_seq,
-    x,
-    k,
-    v_init,
-    x_dtype,
-    v_threshold,
-    v_reset,
-    soft_reset,
-    decay_input,
-    detach_reset,
-    surrogate,
-    alpha,
-    spiking,
-    launcher=COMPILED_LAUNCHER,
-):
-    shape = h_seq.shape if x is None else x.shape
-    return (
-        h_seq.new_empty(shape, dtype=x_dtype),
-        h_seq.new_empty((k.numel(),)),
-        h_seq.new_empty((v_init.numel(),)),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, k, v_init, *options, store_v_seq, save, launcher = inputs
-    if save == SAVE_NOTHING:
+def _setup_context(backward_op, ctx, inputs, keyword_only_inputs, output):
+    x, k, v_init = inputs
+    neuron = dict(keyword_only_inputs)
+    store_v_seq = neuron.pop("store_v_seq")
+    # plif_cuda_internal::multistep_forward_saving names what it keeps instead.
+    saves = neuron.pop("needs_backward") if "needs_backward" in neuron else neuron.pop("save") != _C.SAVE_NOTHING
+    if not saves:
         raise RuntimeError(
-            "plif_cuda: the forward ran with save=0 (nothing saved), so it cannot be differentiated; "
-            "call it through plif_cuda.plif_multistep"
+            "plif_cuda: the forward ran with needs_backward=False (nothing saved), so it cannot be "
+            "differentiated; call it through plif_cuda.plif_multistep"
         )
     # Outputs nobody differentiates (h_seq always, often v_seq) then arrive as None instead of
     # freshly zero-filled [T, ...] tensors.
     ctx.set_materialize_grads(False)
-    ctx.options = tuple(options)
+    ctx.backward_op = backward_op
+    ctx.neuron = neuron
     ctx.x_dtype = x.dtype
     ctx.store_v_seq = store_v_seq
-    ctx.launcher = launcher
-    if save == SAVE_CHECKPOINTS:
-        # The checkpoint rows are a means of the backward, not a function anyone differentiates.
-        ctx.mark_non_differentiable(output[3])
-        ctx.save_for_backward(output[3], k, v_init, x)
+    h_seq = output[3]
+    if h_seq.shape[0] != x.shape[0]:
+        # The op kept H's checkpoint rows, a means of the backward that nobody differentiates;
+        # the backward recomputes H from them and x.
+        ctx.mark_non_differentiable(h_seq)
+        ctx.save_for_backward(h_seq, k, v_init, x)
     else:
-        ctx.save_for_backward(output[3], k, v_init, None)
+        ctx.save_for_backward(h_seq, k, v_init, None)
 
 
 # Values per row of the fixed-order sum below.
@@ -193,43 +129,37 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
     h_seq, k, v_init, x = ctx.saved_tensors
+    grad_v_seq = grad_v_seq if ctx.store_v_seq else None
     if torch.is_grad_enabled() or grad_h_seq is not None:
         # create_graph=True (a higher-order gradient will follow), or the second pass of
         # one: the fused backward op has no derivative of its own.
         if x is not None:
-            # Every H, as a differentiable function of (x, k, v_init): the forward op again.
-            h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *ctx.options, False, SAVE_H, ctx.launcher)[3]
+            # Every H, as a differentiable function of (x, k, v_init): the reference computes
+            # the kernels' H in the kernels' order.
+            h_seq = membrane_before_reset(x, k, v_init, **ctx.neuron)
         grad_x, grad_k, grad_v_init = _differentiable_backward(
-            grad_spikes,
-            grad_v_last,
-            grad_v_seq if ctx.store_v_seq else None,
-            grad_h_seq,
-            h_seq,
-            k,
-            v_init,
-            *ctx.options,
+            grad_spikes, grad_v_last, grad_v_seq, grad_h_seq, h_seq, k, v_init, **ctx.neuron
         )
         grad_x = grad_x.to(ctx.x_dtype)
     else:
-        grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
+        grad_x, grad_k, grad_v_init = ctx.backward_op(
             None if grad_spikes is None else grad_spikes.contiguous(),
             None if grad_v_last is None else grad_v_last.contiguous(),
-            grad_v_seq.contiguous() if ctx.store_v_seq and grad_v_seq is not None else None,
+            None if grad_v_seq is None else grad_v_seq.contiguous(),
             h_seq,
             x,
             k,
             v_init,
-            ctx.x_dtype,
-            *ctx.options,
-            ctx.launcher,
+            x_dtype=ctx.x_dtype,
+            **ctx.neuron,
         )
     # Gradients only for the inputs that need them: v_init is a constant for a fresh layer, and a
-    # frozen tau needs nothing either.
+    # frozen tau needs nothing either. The neuron's options are keyword-only: no gradient slot.
     return (
         grad_x if ctx.needs_input_grad[0] else None,
         _reduce_to(grad_k, k) if ctx.needs_input_grad[1] else None,
         _reduce_to(grad_v_init, v_init) if ctx.needs_input_grad[2] else None,
-    ) + (None,) * 11
+    )
 
 
 def _differentiable_backward(
@@ -240,9 +170,9 @@ def _differentiable_backward(
     h_seq,
     k,
     v_init,
+    *,
     v_threshold,
     v_reset,
-    soft_reset,
     decay_input,
     detach_reset,
     surrogate,
@@ -260,7 +190,7 @@ def _differentiable_backward(
     gradients contribute nothing (no zeros times a NaN slope). Returns per-neuron
     ``grad_k`` and ``grad_v_init``, as the backward op does.
     """
-    name = _SURROGATE_NAMES[surrogate]
+    soft_reset = v_reset is None
     v_r = 0.0 if soft_reset else v_reset
 
     grad_spikes, grad_v_last, grad_v_seq, grad_h_seq = (
@@ -269,10 +199,10 @@ def _differentiable_backward(
 
     centred = h_seq - v_threshold
     if spiking:
-        spikes = heaviside_with_surrogate(centred, name, alpha)
+        spikes = heaviside_with_surrogate(centred, surrogate, alpha)
     else:
-        spikes = surrogate_primitive(name, alpha, centred)
-    slope = surrogate_derivative(name, alpha, centred)
+        spikes = surrogate_primitive(surrogate, alpha, centred)
+    slope = surrogate_derivative(surrogate, alpha, centred)
     spikes_in_reset = spikes.detach() if detach_reset else spikes
     if soft_reset:
         v_seq = h_seq - spikes_in_reset * v_threshold
@@ -315,22 +245,29 @@ def _sum_present(*terms):
 
 def cpu_cache_bytes() -> int:
     """Bytes of released CPU output buffers the op keeps for reuse (0 without the extension)."""
-    return torch.ops.plif_cuda.cpu_cache_bytes() if extension_available() else 0
+    return _C.cpu_cache_bytes() if extension_available() else 0
 
 
 def empty_cpu_cache() -> None:
     """Return the CPU op's cached output buffers to the system (see PLIF_CPU_CACHE_MB)."""
     if extension_available():
-        torch.ops.plif_cuda.empty_cpu_cache()
+        _C.empty_cpu_cache()
 
 
 def set_cpu_cache_limit(nbytes: int) -> int:
     """Cap the bytes the CPU op's buffer cache keeps (negative: no cap beyond the op's own peak;
     0: off, later outputs come from torch's allocator) and return the previous cap (-1: none)."""
-    return torch.ops.plif_cuda.set_cpu_cache_limit(nbytes) if extension_available() else 0
+    return _C.set_cpu_cache_limit(nbytes) if extension_available() else 0
 
 
 if extension_available():
-    torch.library.register_fake("plif_cuda::multistep_forward")(_fake_forward)
-    torch.library.register_fake("plif_cuda::multistep_backward")(_fake_backward)
-    torch.library.register_autograd("plif_cuda::multistep_forward", _backward, setup_context=_setup_context)
+    # Each forward op with the backward op of its launcher; the tests' forward that names its
+    # save mode with the nvcc one.
+    for _forward, _backward_op in (
+        ("plif_cuda::multistep_forward", torch.ops.plif_cuda.multistep_backward),
+        ("plif_cuda::multistep_forward_nvrtc", torch.ops.plif_cuda.multistep_backward_nvrtc),
+        ("plif_cuda_internal::multistep_forward_saving", torch.ops.plif_cuda.multistep_backward),
+    ):
+        torch.library.register_autograd(
+            _forward, _backward, setup_context=functools.partial(_setup_context, _backward_op)
+        )

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .surrogate import heaviside_with_surrogate, surrogate_primitive
+from .surrogate import heaviside_with_surrogate, resolve_surrogate, surrogate_primitive
 
 
 def w_for_tau(tau: float) -> float:
@@ -26,6 +26,66 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def plif_multistep_ref(
     x_seq: torch.Tensor,
+    w,
+    v_init=None,
+    *,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: str = "sigmoid",
+    alpha: float | None = None,
+    store_v_seq: bool = False,
+    spiking: bool = True,
+):
+    """Reference multi-step PLIF: ``plif_multistep``'s arguments (but ``backend``) and results.
+
+    A drop-in comparator for ``plif_cuda.plif_multistep``: ``w`` is the tau parameter
+    (``k = sigmoid(w)``), a tensor or a float; ``v_init`` None (``v_reset``, or 0 for soft
+    reset), a float or a tensor broadcastable to one step; ``alpha`` None takes the surrogate's
+    default. Returns ``(spike_seq [T, *S], v_last [*S], v_seq [T, *S] or None)`` in ``x_seq``'s
+    dtype, computed in ``compute_dtype(x_seq.dtype)``.
+    """
+    surrogate, alpha = resolve_surrogate(surrogate, alpha)
+    acc = compute_dtype(x_seq.dtype)
+    if not isinstance(w, torch.Tensor):
+        w = torch.full((), float(w), dtype=acc, device=x_seq.device)
+    if v_init is None:
+        v_init = 0.0 if v_reset is None else v_reset
+    if not isinstance(v_init, torch.Tensor):
+        v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
+    spike_seq, v_last, v_seq = reference_multistep(
+        x_seq,
+        torch.sigmoid(w).to(acc),
+        v_init.to(acc),
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        spiking=spiking,
+        store_v_seq=store_v_seq,
+    )
+    return spike_seq, v_last.to(spike_seq.dtype), v_seq
+
+
+def _firing_function(surrogate: str, alpha: float, spiking: bool):
+    """``fire(H - V_th)``: the spike with the surrogate's derivative, or the smooth primitive."""
+    if spiking:
+
+        def fire(centred):
+            return heaviside_with_surrogate(centred, surrogate, alpha)
+    else:
+
+        def fire(centred):
+            return surrogate_primitive(surrogate, alpha, centred)
+
+    return fire
+
+
+def reference_multistep(
+    x_seq: torch.Tensor,
     k: torch.Tensor,
     v_init: torch.Tensor,
     *,
@@ -38,7 +98,7 @@ def plif_multistep_ref(
     spiking: bool,
     store_v_seq: bool,
 ):
-    """Reference multi-step PLIF.
+    """The reference on the fused op's terms (what ``backend="torch"`` runs).
 
     Shapes:
         x_seq:  [T, *S]   any float dtype; computed in ``compute_dtype(x_seq.dtype)``
@@ -48,20 +108,11 @@ def plif_multistep_ref(
         spike_seq [T, *S] and v_seq [T, *S] (or None) in x_seq's dtype; v_last [*S] in the compute
         dtype, as the fused op returns it (``plif_multistep`` converts it to x_seq's dtype).
     """
-    if spiking:
-
-        def fire(centred):
-            return heaviside_with_surrogate(centred, surrogate, alpha)
-    else:
-
-        def fire(centred):
-            return surrogate_primitive(surrogate, alpha, centred)
-
     return plif_time_loop(
         x_seq,
         k,
         v_init,
-        fire,
+        _firing_function(surrogate, alpha, spiking),
         v_threshold=v_threshold,
         v_reset=v_reset,
         decay_input=decay_input,
@@ -70,8 +121,34 @@ def plif_multistep_ref(
     )
 
 
-def plif_time_loop(x_seq, k, v_init, fire, *, v_threshold, v_reset, decay_input, detach_reset, store_v_seq):
-    """The time loop itself, with ``fire(H - V_th)`` giving the spike (any callable surrogate)."""
+def membrane_before_reset(
+    x_seq, k, v_init, *, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking
+) -> torch.Tensor:
+    """H[0..T-1] ([T, *S], compute dtype), differentiable in (x_seq, k, v_init): the values the
+    fused forward keeps for its backward, in the kernels' arithmetic order."""
+    h_rows = []
+    plif_time_loop(
+        x_seq,
+        k,
+        v_init,
+        _firing_function(surrogate, alpha, spiking),
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        store_v_seq=False,
+        h_rows=h_rows,
+    )
+    if not h_rows:
+        return x_seq.new_empty(x_seq.shape, dtype=compute_dtype(x_seq.dtype))
+    return torch.stack(h_rows).reshape(x_seq.shape)
+
+
+def plif_time_loop(
+    x_seq, k, v_init, fire, *, v_threshold, v_reset, decay_input, detach_reset, store_v_seq, h_rows=None
+):
+    """The time loop itself, with ``fire(H - V_th)`` giving the spike (any callable surrogate);
+    ``h_rows``, a list, receives every H."""
     out_dtype = x_seq.dtype
     x_seq = x_seq.to(compute_dtype(out_dtype))
     v_r = 0.0 if v_reset is None else v_reset
@@ -83,6 +160,8 @@ def plif_time_loop(x_seq, k, v_init, fire, *, v_threshold, v_reset, decay_input,
             h = v + k * (x - (v - v_r))
         else:
             h = v - k * (v - v_r) + x
+        if h_rows is not None:
+            h_rows.append(h)
         s = fire(h - v_threshold)
         s_reset = s.detach() if detach_reset else s
         if v_reset is None:

@@ -1,8 +1,9 @@
 """Surrogate gradients: the seven functions of the spec table.
 
-Each surrogate is identified by a name and an ``alpha``. The fused kernels take the
-surrogate as a small integer id (``SURROGATE_IDS``) and ``alpha`` as a float, so one
-compiled kernel serves all of them (a warp-uniform runtime switch).
+Each surrogate is identified by a name and an ``alpha``. The fused ops take the name, which the
+compiled extension maps to its kernels' id (``plif_cuda._C.SURROGATES`` lists them in id
+order), and ``alpha`` as a float, so one compiled kernel serves all of them (a warp-uniform
+runtime switch). The names are those of ``DEFAULT_ALPHA``.
 
 The classes below are thin descriptors that a user can pass as ``surrogate_function``.
 They are also callable (``spike = surrogate(x)``) with the surrogate gradient in
@@ -16,17 +17,6 @@ import math
 import torch
 from torch.autograd import forward_ad
 
-# Order matters: the ids are shared with csrc/plif_math.h (enum class Surrogate).
-SURROGATE_IDS = {
-    "sigmoid": 0,
-    "atan": 1,
-    "piecewise_quadratic": 2,
-    "piecewise_exp": 3,
-    "soft_sign": 4,
-    "super_spike": 5,
-    "erf": 6,
-}
-
 DEFAULT_ALPHA = {
     "sigmoid": 4.0,
     "atan": 2.0,
@@ -39,7 +29,7 @@ DEFAULT_ALPHA = {
 
 # Surrogates whose derivative has a closed-form primitive usable as a smooth firing
 # function (``spiking=False``).
-HAS_PRIMITIVE = frozenset(name for name in SURROGATE_IDS if name != "super_spike")
+HAS_PRIMITIVE = frozenset(name for name in DEFAULT_ALPHA if name != "super_spike")
 
 # SpikingJelly surrogate class name -> our name (recognised by class name so that
 # SpikingJelly need not be importable).
@@ -64,8 +54,8 @@ def is_constant_alpha(alpha) -> bool:
 
 def resolve_surrogate(name: str, alpha) -> tuple[str, float]:
     """Validate a surrogate name and alpha; return ``(name, alpha)`` with the default filled in."""
-    if not isinstance(name, str) or name not in SURROGATE_IDS:
-        raise ValueError(f"surrogate must be one of {sorted(SURROGATE_IDS)}, got {name!r}")
+    if not isinstance(name, str) or name not in DEFAULT_ALPHA:
+        raise ValueError(f"surrogate must be one of {sorted(DEFAULT_ALPHA)}, got {name!r}")
     if alpha is None:
         alpha = DEFAULT_ALPHA[name]
     if isinstance(alpha, torch.Tensor):

@@ -65,11 +65,11 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-# The built library and build info, by size and modification time: a build by other means (another
-# pip install, a deleted .so) makes the stamp stale.
+# The built library (its build information inside), by size and modification time: a build by
+# other means (another pip install, a deleted .so) makes the stamp stale.
 built_files() {
-  local files=(plif_cuda/_C*.so plif_cuda/_build_info.py)
-  [ -f "${files[0]}" ] && [ -f "${files[1]}" ] && stat -c '%n %s %Y' "${files[@]}"
+  local files=(plif_cuda/_C*.so)
+  [ -f "${files[0]}" ] && stat -c '%n %s %Y' "${files[@]}"
 }
 source_fingerprint="$( { echo "$pip_fingerprint";
                          for name in PLIF_CPU_ONLY CUDA_HOME TORCH_CUDA_ARCH_LIST PLIF_PTXAS_VERBOSE; do

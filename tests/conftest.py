@@ -1,5 +1,6 @@
-"""pytest's hooks and fixtures for the plif_cuda suite, and the environment set before anything is
-imported; what the tests share is in tests/helpers.py."""
+"""pytest's hooks and fixtures for the plif_cuda suite (the ``backend`` and ``device`` fixtures:
+the one backend parametrisation), and the environment set before anything is imported; what the
+tests share is in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-# tests/test_dropin.py re-runs its SpikingJelly-free tests in a subprocess with this set: importing
+# tests/test_spikingjelly_compat.py re-runs its SpikingJelly-free tests in a subprocess with this set: importing
 # SpikingJelly then fails as it does where it is not installed.
 if os.environ.get("PLIF_TEST_WITHOUT_SPIKINGJELLY") == "1":
     sys.modules["spikingjelly"] = None
@@ -21,6 +22,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="plif_tests_inductor_")
 
+import torch  # noqa: E402
+
+from helpers import BACKEND_DEVICE, BACKENDS  # noqa: E402
 from plif_cuda import backends as plif_backends  # noqa: E402
 
 
@@ -39,3 +43,16 @@ def _fresh_backend_warnings():
     plif_backends._warned.clear()
     yield
     plif_backends._warned.clear()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every fused backend (helpers.BACKENDS) for a test that takes ``backend``; a test's own
+    ``parametrize("backend", ...)`` replaces the list."""
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    """The device the test's backend runs on."""
+    return torch.device(BACKEND_DEVICE[backend])

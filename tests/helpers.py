@@ -1,64 +1,121 @@
-"""What the tests share: tolerances, backends, awkward inputs, losses, a fresh interpreter.
+"""What the tests share: scripts and fresh interpreters, SpikingJelly when installed, the dtypes,
+surrogates and the neuron's option combinations, tolerances, backends, awkward inputs, losses.
 
 Imported by the test files (`from helpers import ...`); tests/conftest.py holds only pytest's hooks
-and fixtures and the environment set before anything is imported.
+and fixtures (the backend parametrisation) and the environment set before anything is imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from plif_cuda import backends as plif_backends
+from plif_cuda.surrogate import resolve_surrogate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- processes and scripts ----------------------------------------------------------------------
+def run_python(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a new interpreter (from the repository root unless ``cwd``), ``env`` added
+    to the environment; its output captured as text."""
+    environment = dict(os.environ, **env)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def printed_by_fresh_interpreter(code: str, **env: str) -> str:
+    """What ``python -c code`` prints in a new interpreter: for what a process reads once
+    (environment variables at import, the CPU op's output cache) or must not share with the test
+    process."""
+    done = run_python("-c", code, timeout=300, **env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (``examples/train.py``, ``.ci/check_cuda_build.py``, ...)
+    imported as a module from its file."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"plif_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def command_line(**options) -> list[str]:
+    """A script's arguments: ``--name value`` per option (underscores become dashes), ``--name``
+    alone for an option set to True."""
+    arguments = []
+    for name, value in options.items():
+        arguments.append("--" + name.replace("_", "-"))
+        if value is not True:
+            arguments.append(str(value))
+    return arguments
+
+
+def train_tiny_network(dataset: str, out_dir: Path, **options) -> dict:
+    """examples/train.py for one epoch of a tiny network on one thread, with no progress bar;
+    ``options`` (``data_dir``, ``epochs``, ...) add to or override its arguments. Returns the last
+    metrics row."""
+    tiny = dict(epochs=1, T=3, width=4, fc_width=8, threads=1, no_progress=True)
+    arguments = command_line(dataset=dataset, out_dir=out_dir, **{**tiny, **options})
+    return load_script("examples/train.py").main(arguments)
+
+
+# ---- SpikingJelly -------------------------------------------------------------------------------
+# SpikingJelly's modules, or None where it is not installed (or hidden: conftest.py).
+try:
+    from spikingjelly.activation_based import base as sj_base
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly.activation_based import surrogate as sj_surrogate
+except ImportError:
+    sj_base = sj_neuron = sj_surrogate = None
+HAVE_SPIKINGJELLY = sj_base is not None
+needs_spikingjelly = pytest.mark.skipif(not HAVE_SPIKINGJELLY, reason="SpikingJelly is not installed")
 
 
 def assert_passes_without_spikingjelly(test_file: str) -> None:
     """Runs ``test_file``'s SpikingJelly-free tests in a new pytest process where SpikingJelly cannot
-    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass."""
-    tests_dir = os.path.dirname(os.path.abspath(test_file))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            os.path.abspath(test_file),
-            "-k",
-            "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy",
-        ],
-        cwd=tests_dir,
-        env=dict(os.environ, PLIF_TEST_WITHOUT_SPIKINGJELLY="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    be imported (conftest.py reads PLIF_TEST_WITHOUT_SPIKINGJELLY): all must run, and pass. It runs
+    from the repository root, so that it imports this checkout's plif_cuda."""
+    selection = "not test_sj_ and not test_without_spikingjelly and not cuda and not cupy"
+    result = run_python(
+        *("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file), "-k", selection),
+        PLIF_TEST_WITHOUT_SPIKINGJELLY="1",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
 
 
-def printed_by_fresh_interpreter(code: str, **env: str) -> str:
-    """What ``python -c code`` prints in a new interpreter, run from the repository root with
-    ``env`` added to the environment: for what a process reads once (environment variables at
-    import, the CPU op's output cache) or must not share with the test process."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=dict(os.environ, **env), cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
+# ---- dtypes, surrogates, options ----------------------------------------------------------------
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SURROGATES = ("sigmoid", "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign", "super_spike", "erf")
 SMOOTH_SURROGATES = tuple(s for s in SURROGATES if s != "super_spike")
+# The neuron's option combinations as keyword arguments, written once: every reset (hard to 0, hard
+# to -0.3 under a threshold of 0.7, soft) with and without decay_input and detach_reset.
+RESETS = {"hard0": dict(v_reset=0.0), "hard-0.3": dict(v_reset=-0.3, v_threshold=0.7), "soft": dict(v_reset=None)}
+NEURON_OPTIONS = [
+    pytest.param(
+        {**reset, "decay_input": decay_input, "detach_reset": detach_reset},
+        id=f"{name}-{'decay' if decay_input else 'nodecay'}-{'detach' if detach_reset else 'attached'}",
+    )
+    for name, reset in RESETS.items()
+    for decay_input in (True, False)
+    for detach_reset in (False, True)
+]
+# One combination by its id ("soft-nodecay-detach"), for tests that need a particular one.
+NEURON_OPTION = {param.id: param.values[0] for param in NEURON_OPTIONS}
 # (surrogate, spiking) pairs: every surrogate spiking, and smooth where it has a primitive.
 SURROGATE_CASES = [
     pytest.param(name, spiking, id=f"{name}-{'spiking' if spiking else 'smooth'}")
@@ -67,18 +124,34 @@ SURROGATE_CASES = [
     if spiking or name in SMOOTH_SURROGATES
 ]
 
-# (rtol, atol) per dtype. Half inputs are compared with the reference run on the same half
-# input (which computes in float32 too), so the difference is the rounding of the outputs
-# to the half format: about one unit in the last place, 2^-10 (fp16) or 2^-7 (bf16).
+
+def op_options(
+    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
+) -> dict:
+    """The ops' neuron options for plif_multistep's keyword arguments, as plif_cuda.functional
+    passes them (floats, the surrogate's name, its alpha; None is its default)."""
+    name, alpha = resolve_surrogate(surrogate, alpha)
+    return dict(
+        v_threshold=float(v_threshold),
+        v_reset=None if v_reset is None else float(v_reset),
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=name,
+        alpha=alpha,
+        spiking=spiking,
+    )
+
+
+# (rtol, atol) per dtype: half results differ from the reference's on the same half input by the
+# outputs' final rounding, about one unit in the last place (2^-10 fp16, 2^-7 bf16).
 MEMBRANE_TOLERANCE = {
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-5, 1e-6),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-# Gradients add T steps of reverse-time recursion in a different order from autograd's, and
-# the kernel recovers dH/dk from H and V[t-1] (it does not keep X), which costs a little
-# cancellation in float32.
+# Gradients sum the reverse-time recursion in another order than autograd's and recover dH/dk from
+# H and V[t-1] (X is not kept): a little cancellation in float32.
 GRAD_TOLERANCE = {
     torch.float64: (1e-10, 1e-11),
     torch.float32: (1e-5, 1e-5),

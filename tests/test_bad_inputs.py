@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import plif_cuda
-from plif_cuda import ops, plif_multistep
-from plif_cuda.surrogate import SURROGATE_IDS
+from plif_cuda import plif_multistep
 
 
 def _x(shape=(3, 2, 5), dtype=torch.float32, device="cpu"):
@@ -164,9 +163,20 @@ def test_module_bad_backend_and_options():
 
 
 # ---- the raw ops: bad calls are errors, not crashes -------------------------------------------------
-def _raw_forward(x, k, v_init, surrogate=SURROGATE_IDS["sigmoid"], spiking=True, save=ops.SAVE_NOTHING):
+def _raw_forward(x, k, v_init, surrogate="sigmoid", spiking=True, needs_backward=False):
     return torch.ops.plif_cuda.multistep_forward(
-        x, k, v_init, 1.0, 0.0, False, True, False, surrogate, 4.0, spiking, False, save
+        x,
+        k,
+        v_init,
+        v_threshold=1.0,
+        v_reset=0.0,
+        decay_input=True,
+        detach_reset=False,
+        surrogate=surrogate,
+        alpha=4.0,
+        spiking=spiking,
+        store_v_seq=False,
+        needs_backward=needs_backward,
     )
 
 
@@ -181,13 +191,26 @@ def test_raw_op_checks():
         _raw_forward(x, torch.zeros(1, dtype=torch.float64), one)
     with pytest.raises(RuntimeError, match=r"\bv_init\b"):
         _raw_forward(x, one, torch.zeros(19))
-    with pytest.raises(RuntimeError, match="surrogate"):
-        _raw_forward(x, one, one, surrogate=9)
+    with pytest.raises(RuntimeError, match="surrogate must be one of sigmoid, atan, .*, got 'relu'"):
+        _raw_forward(x, one, one, surrogate="relu")
     with pytest.raises(RuntimeError, match="super_spike"):
-        _raw_forward(x, one, one, surrogate=SURROGATE_IDS["super_spike"], spiking=False)
+        _raw_forward(x, one, one, surrogate="super_spike", spiking=False)
     with pytest.raises(RuntimeError, match=r"\bx\b"):
         _raw_forward(torch.ones((3, 4), dtype=torch.int32), one, one)
-    with pytest.raises(RuntimeError, match="save=0"):
+    with pytest.raises(RuntimeError, match="needs_backward=False"):
         _raw_forward(x.requires_grad_(), one, one)
     with pytest.raises(RuntimeError, match="save must be 0 .*, 1 .* or 2 .*, got 3"):
-        _raw_forward(x, one, one, save=3)
+        torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x.detach(),
+            one,
+            one,
+            v_threshold=1.0,
+            v_reset=0.0,
+            decay_input=True,
+            detach_reset=False,
+            surrogate="sigmoid",
+            alpha=4.0,
+            spiking=True,
+            store_v_seq=False,
+            save=3,
+        )

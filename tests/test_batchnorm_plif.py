@@ -13,7 +13,7 @@ import plif_cuda
 from helpers import assert_grad_close
 from plif_cuda import models
 from plif_cuda.batchnorm import BatchNormPLIF, DeferredBatchNorm, bn_plif_multistep, fuse_bn_plif, fused_op_available
-from plif_cuda.reference import compute_dtype, plif_multistep_ref
+from plif_cuda.reference import compute_dtype, reference_multistep
 from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
 
 pytestmark = pytest.mark.skipif(not fused_op_available(), reason="the compiled extension lacks the fused ops")
@@ -54,14 +54,14 @@ def _unfused(
     spiking=True,
     **options,
 ):
-    """nn.BatchNorm on the time-folded batch, then the reference neuron."""
+    """nn.BatchNorm on the time-folded batch, then the reference neuron (on k, as the op takes it)."""
     z = F.batch_norm(y.flatten(0, 1), running_mean, running_var, weight, bias, training, momentum, eps)
     z = z.unflatten(0, y.shape[:2])
     acc = compute_dtype(y.dtype)
     if v_init is None:
         v_init = torch.full((), 0.0 if v_reset is None else v_reset, dtype=acc)
     surrogate, alpha = resolve_surrogate(surrogate, alpha)
-    spikes, v_last, _ = plif_multistep_ref(
+    spikes, v_last, _ = reference_multistep(
         z,
         torch.sigmoid(w).to(acc),
         v_init,
@@ -108,7 +108,7 @@ def test_spikes_equal_the_reference_on_the_same_normalised_input(shape_name, tau
     z = y * terms[2].float().reshape(channel) + terms[3].float().reshape(channel)
     ref_spikes, ref_v_last, z_torch = _unfused(y, w, weight=weight, bias=bias, **options)
     torch.testing.assert_close(z, z_torch, rtol=1e-5, atol=1e-5)
-    exact_spikes, exact_v_last, _ = plif_multistep_ref(
+    exact_spikes, exact_v_last, _ = reference_multistep(
         z, torch.sigmoid(w), torch.full((), options.get("v_reset", 0.0) or 0.0),
         v_threshold=options.get("v_threshold", 1.0),
         v_reset=options.get("v_reset", 0.0), decay_input=options.get("decay_input", True),
@@ -260,7 +260,7 @@ def test_broadcast_step_uses_the_statistics_of_its_one_step():
     bn.bias.data.copy_(bias)
     step_leaf = step.clone().requires_grad_()
     z = bn(step_leaf)
-    ref_spikes, ref_v_last, _ = plif_multistep_ref(
+    ref_spikes, ref_v_last, _ = reference_multistep(
         z.unsqueeze(0).expand(y.shape), torch.sigmoid(w), torch.zeros(()), v_threshold=1.0, v_reset=0.0,
         decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0, spiking=True, store_v_seq=False,
     )  # fmt: skip

@@ -8,38 +8,26 @@ performance.
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT, command_line, load_script, run_python
+
+
+def benchmark_command(**options) -> list[str]:
+    """benchmarks/run.py and its arguments."""
+    return [str(REPO_ROOT / "benchmarks" / "run.py"), *command_line(**options)]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--devices",
-            "cpu",
-            "--peers",
-            "spikingjelly,snntorch",
-            "--out",
-            str(out),
-            "--name",
-            "smoke",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed = run_python(
+        *benchmark_command(quick=True, devices="cpu", peers="spikingjelly,snntorch", out=out, name="smoke")
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return out, json.loads((out / "smoke.json").read_text()), completed.stdout
@@ -135,13 +123,8 @@ def test_fused_passes_are_rated_against_the_copies_timed_next_to_them(quick_run)
 
 
 def _load_harness(monkeypatch):
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # where run.py, run as a script, finds its modules
-    spec = importlib.util.spec_from_file_location("plif_bench_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))  # where run.py, run as a script, finds its modules
+    return load_script("benchmarks/run.py")
 
 
 @pytest.mark.parametrize(
@@ -174,19 +157,7 @@ def test_a_run_cut_short_leaves_valid_files_with_the_cases_it_finished(tmp_path)
     """The JSON is rewritten after every case: killed right after its first case, the run leaves a
     valid file with that case's rows, marked incomplete."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--devices",
-            "cpu",
-            "--peers",
-            "none",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "cut",
-        ],
+        [sys.executable, *benchmark_command(quick=True, devices="cpu", peers="none", out=tmp_path, name="cut")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -219,38 +190,27 @@ def test_dry_run_plans_cuda_cases_without_a_gpu(tmp_path, monkeypatch):
     """--dry-run goes as far as the first call on the device: the plan with each pass's bytes, the
     implementations' availability and the (empty, incomplete) result files; a missing peer that
     was asked for fails it."""
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "run.py"),
-        "--dry-run",
-        "--devices",
-        "cuda",
-        "--backends",
-        "cuda",
-        "--T",
-        "8",
-        "--neurons",
-        "2^16,2^24",
-        "--dtypes",
-        "fp32,bf16",
-        "--tau",
-        "layer",
-        "--no-network",
-        "--kernel-only",
-        "on",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "dry",
-    ]
-    done = subprocess.run(command + ["--peers", "none"], capture_output=True, text=True, timeout=300)
+    command = benchmark_command(
+        dry_run=True,
+        devices="cuda",
+        backends="cuda",
+        T=8,
+        neurons="2^16,2^24",
+        dtypes="fp32,bf16",
+        tau="layer",
+        no_network=True,
+        kernel_only="on",
+        out=tmp_path,
+        name="dry",
+    )
+    done = run_python(*command, "--peers", "none", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import torch
 
     import traffic
 
-    bf16_bytes = traffic.pass_bytes("fwd", 8, 1 << 24, torch.bfloat16)
+    bf16_bytes = traffic.pass_traffic("fwd", 8, 1 << 24, torch.bfloat16).total
     assert f"grid: T=8 N={1 << 24} bf16 tau per layer: fwd {bf16_bytes / 1e6:.1f} MB" in done.stdout
     assert "cuda: plif_cuda cuda: " in done.stdout
     result = json.loads((tmp_path / "dry.json").read_text())
@@ -259,13 +219,7 @@ def test_dry_run_plans_cuda_cases_without_a_gpu(tmp_path, monkeypatch):
     shadow = tmp_path / "shadow" / "snntorch"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('shadowed by the test')\n")
-    missing_peer = subprocess.run(
-        command + ["--peers", "snntorch"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(shadow.parent)},
-    )
+    missing_peer = run_python(*command, "--peers", "snntorch", timeout=300, PYTHONPATH=str(shadow.parent))
     assert missing_peer.returncode == 1, missing_peer.stdout[-3000:] + missing_peer.stderr[-3000:]
     assert "requested peers are missing" in missing_peer.stderr and "shadowed by the test" in missing_peer.stderr
 

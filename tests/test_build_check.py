@@ -5,7 +5,6 @@ alone, and the forward kernels compiled from plif_kernels.cuh alone pass the sto
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO_ROOT, load_script
 from plif_cuda import _nvrtc
 
-REPO = Path(__file__).resolve().parent.parent
-_SPEC = importlib.util.spec_from_file_location("check_cuda_build", REPO / ".ci" / "check_cuda_build.py")
-check = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(check)
+check = load_script(".ci/check_cuda_build.py")
 
 FORWARD = "_ZN4plif19plif_forward_kernelIffEEvPKT_"
 
@@ -33,20 +30,18 @@ def figures(text: str) -> list[int]:
     return check.loads_in_flight_per_loop(body)
 
 
-@pytest.mark.parametrize(
-    "opcode, size",
-    [
-        ("LDG.E.128.CONSTANT", 16),
-        ("LDG.E.64", 8),
-        ("LDG.E", 4),
-        ("LDG.E.U16.CONSTANT", 2),
-        ("LDG.E.U8", 1),
-        ("STG.E.128", 0),
-        ("FADD", 0),
-    ],
-)
-def test_load_sizes(opcode, size):
-    assert check.global_load_bytes(opcode) == size
+# opcode: (bytes it loads from global memory, bytes it stores there)
+GLOBAL_ACCESS_BYTES = {
+    "LDG.E.128.CONSTANT": (16, 0), "LDG.E.128": (16, 0), "LDG.E.64": (8, 0), "LDG.E": (4, 0),
+    "LDG.E.U16.CONSTANT": (2, 0), "LDG.E.U8": (1, 0),
+    "STG.E.128": (0, 16), "ST.E.128": (0, 16), "STG.E.64": (0, 8), "STG.E": (0, 4), "STG.E.U16": (0, 2),
+    "STS.128": (0, 0), "FADD": (0, 0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("opcode, sizes", GLOBAL_ACCESS_BYTES.items(), ids=GLOBAL_ACCESS_BYTES.keys())
+def test_global_access_sizes(opcode, sizes):
+    assert (check.global_load_bytes(opcode), check.global_store_bytes(opcode)) == sizes
 
 
 def test_a_store_or_branch_ends_the_run_and_only_innermost_loops_count():
@@ -69,22 +64,6 @@ def test_a_kernel_needs_two_loops_with_64_bytes():
     assert check.check_loads_in_flight(check.parse_sass(one_path))
     both_paths = sass(*chunk, "BRA 0x0", *chunk, "BRA 0x60")
     assert check.check_loads_in_flight(check.parse_sass(both_paths)) == []
-
-
-@pytest.mark.parametrize(
-    "opcode, size",
-    [
-        ("STG.E.128", 16),
-        ("STG.E.64", 8),
-        ("STG.E", 4),
-        ("STG.E.U16", 2),
-        ("ST.E.128", 16),
-        ("LDG.E.128", 0),
-        ("STS.128", 0),
-    ],
-)
-def test_store_sizes(opcode, size):
-    assert check.global_store_bytes(opcode) == size
 
 
 def forward_with_loops(*loops: list[str], name: str = FORWARD) -> str:
@@ -153,7 +132,7 @@ def nvcc_compile(tmp_path: Path, source: str, *flags: str) -> subprocess.Complet
     unit = tmp_path / "unit.cu"
     unit.write_text(source)
     return subprocess.run(
-        [NVCC, *DEVICE_FLAGS, f"-I{REPO / 'csrc'}", *flags, str(unit)],
+        [NVCC, *DEVICE_FLAGS, f"-I{REPO_ROOT / 'csrc'}", *flags, str(unit)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

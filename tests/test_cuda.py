@@ -18,27 +18,24 @@ import pytest
 import torch
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, GPU_BACKENDS, GRAD_TOLERANCE, MEMBRANE_TOLERANCE, SURROGATE_CASES
+from helpers import (
+    FLOAT_DTYPES,
+    GPU_BACKENDS,
+    GRAD_TOLERANCE,
+    MEMBRANE_TOLERANCE,
+    NEURON_OPTIONS,
+    SURROGATE_CASES,
+    assert_grad_close,
+    make_seq,
+    op_options,
+    strided_leaf,
+)
 from plif_cuda import backends, ops
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 CUDA = torch.device("cuda")
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # T, B, C, H, W: 210 neurons per step, fewer than one 256-thread block and not a multiple of it.
 SHAPE = (8, 2, 3, 5, 7)
-
-reference_dtype = compute_dtype
-
-
-def random_on(device, shape, seed: int, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
-    """Drawn on the CPU, so that every launcher gets the same values."""
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator) * scale + shift).to(device=device, dtype=dtype)
-
-
-def device_of(backend: str) -> torch.device:
-    return torch.device(BACKEND_DEVICE[backend])
 
 
 def forward_backward(x, w, v_init, backend, upstream, **options):
@@ -48,10 +45,7 @@ def forward_backward(x, w, v_init, backend, upstream, **options):
     (only those that are tensors). ``upstream`` holds one gradient per output, in any dtype:
     each is cast to its output's dtype.
     """
-    # A leaf with exactly x's strides: clone() would make a sliced view dense.
-    x_leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    x_leaf.copy_(x.detach())
-    x_leaf.requires_grad_()
+    x_leaf = strided_leaf(x)
     w_leaf = w.detach().clone().requires_grad_()
     v_leaf = v_init.detach().clone().requires_grad_() if isinstance(v_init, torch.Tensor) else v_init
     outputs = plif_cuda.plif_multistep(x_leaf, w_leaf, v_leaf, backend=backend, **options)
@@ -65,11 +59,12 @@ def forward_backward(x, w, v_init, backend, upstream, **options):
 
 def make_upstream(device, shape, dtype, seed):
     """Gradients for (spike_seq, v_last, v_seq), rounded to ``dtype`` so that the fused run and
-    the float32 reference receive the same values."""
+    the float32 reference receive the same values; drawn on the CPU, so that every launcher gets
+    the same ones."""
     return (
-        random_on(device, shape, seed, dtype),
-        random_on(device, shape[1:], seed + 1, dtype),
-        random_on(device, shape, seed + 2, dtype),
+        make_seq(shape, dtype, device, seed=seed, scale=1.0, shift=0.0),
+        make_seq(shape[1:], dtype, device, seed=seed + 1, scale=1.0, shift=0.0),
+        make_seq(shape, dtype, device, seed=seed + 2, scale=1.0, shift=0.0),
     )
 
 
@@ -79,7 +74,7 @@ def assert_matches_reference(backend, x, w, v_init=None, seed=0, **options):
     dtype = x.dtype
     upstream = make_upstream(x.device, x.shape, dtype, seed + 100)
     (spikes, v_last, v_seq), grads = forward_backward(x, w, v_init, backend, upstream, **options)
-    x_ref = x.to(reference_dtype(dtype))
+    x_ref = x.to(compute_dtype(dtype))
     (ref_spikes, ref_v_last, ref_v_seq), ref_grads = forward_backward(x_ref, w, v_init, "torch", upstream, **options)
 
     assert spikes.dtype == dtype and v_last.dtype == dtype
@@ -97,19 +92,18 @@ def assert_matches_reference(backend, x, w, v_init=None, seed=0, **options):
 
     rtol, atol = GRAD_TOLERANCE[dtype]
     torch.testing.assert_close(grads["x"], ref_grads["x"].to(dtype), rtol=rtol, atol=atol)
-    # w and v_init are in the compute dtype on both sides. An entry of w's gradient sums over
-    # every neuron and step that shares it; rounding errors grow with the square root of that.
-    shared = x.numel() // max(1, w.numel())
-    acc_rtol, acc_atol = GRAD_TOLERANCE[reference_dtype(dtype)]
-    torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=acc_rtol, atol=acc_atol * shared**0.5)
+    # w and v_init are in the compute dtype on both sides.
+    assert grads["w"].dtype == ref_grads["w"].dtype
+    assert_grad_close(grads["w"], ref_grads["w"], compute_dtype(dtype), summed_terms=x.numel() // max(1, w.numel()))
     if "v_init" in grads:
-        shared = x[0].numel() // max(1, v_init.numel())
-        torch.testing.assert_close(grads["v_init"], ref_grads["v_init"], rtol=acc_rtol, atol=acc_atol * shared**0.5)
+        assert grads["v_init"].dtype == ref_grads["v_init"].dtype
+        summed = x[0].numel() // max(1, v_init.numel())
+        assert_grad_close(grads["v_init"], ref_grads["v_init"], compute_dtype(dtype), summed_terms=summed)
 
 
 def tau_weight(device, shape, seed, dtype=torch.float32):
     """w with k = sigmoid(w) spread over (0.2, 0.8)."""
-    return random_on(device, shape, seed, dtype, scale=0.6)
+    return make_seq(shape, dtype, device, seed=seed, scale=0.6, shift=0.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -120,33 +114,19 @@ def test_auto_backend_prefers_the_compiled_kernels():
     assert expected in plif_cuda.available_backends(CUDA)
 
 
-OPTION_SETS = [
-    pytest.param({}, id="defaults"),
-    pytest.param({"v_reset": None}, id="soft_reset"),
-    pytest.param({"decay_input": False}, id="no_decay_input"),
-    pytest.param({"detach_reset": True}, id="detach_reset"),
-    pytest.param({"v_reset": None, "decay_input": False, "detach_reset": True}, id="soft_nodecay_detach"),
-    pytest.param({"v_reset": -0.3, "v_threshold": 0.7, "store_v_seq": True}, id="reset_threshold_vseq"),
-    pytest.param({"v_reset": None, "store_v_seq": True, "surrogate": "atan"}, id="soft_vseq_atan"),
-    pytest.param({"spiking": False, "surrogate": "atan", "store_v_seq": True}, id="smooth_atan"),
-]
-
-
-@pytest.mark.parametrize("options", OPTION_SETS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_matches_reference_for_every_option(backend, dtype, options):
-    device = device_of(backend)
-    x = random_on(device, SHAPE, seed=1, dtype=dtype, scale=1.5, shift=0.4)
-    assert_matches_reference(backend, x, tau_weight(device, (), seed=2), **options)
+@pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cuda_matches_reference_for_every_option(backend, device, dtype, options, spiking):
+    x = make_seq(SHAPE, dtype, device, seed=1)
+    w = tau_weight(device, (), seed=2)
+    assert_matches_reference(backend, x, w, **options, surrogate="atan", spiking=spiking, store_v_seq=spiking)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_matches_reference_for_every_surrogate(backend, dtype, surrogate, spiking):
-    device = device_of(backend)
-    x = random_on(device, SHAPE, seed=3, dtype=dtype, scale=1.5, shift=0.4)
+def test_cuda_matches_reference_for_every_surrogate(backend, device, dtype, surrogate, spiking):
+    x = make_seq(SHAPE, dtype, device, seed=3)
     assert_matches_reference(
         backend, x, tau_weight(device, (), seed=4), surrogate=surrogate, alpha=1.7, spiking=spiking
     )
@@ -165,26 +145,22 @@ def make_v_init(device, kind: str, dtype: torch.dtype):
     if kind == "none":
         return None
     if kind == "scalar_tensor":
-        return torch.tensor(0.25, device=device, dtype=reference_dtype(dtype))
-    return random_on(device, SHAPE[1:], seed=6, dtype=reference_dtype(dtype), scale=0.5)
+        return torch.tensor(0.25, device=device, dtype=compute_dtype(dtype))
+    return make_seq(SHAPE[1:], compute_dtype(dtype), device, seed=6, scale=0.5, shift=0.0)
 
 
 @pytest.mark.parametrize("v_init_kind", V_INIT_KINDS)
 @pytest.mark.parametrize("w_shape", W_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_matches_reference_for_w_and_v_init_shapes(backend, dtype, w_shape, v_init_kind):
-    device = device_of(backend)
-    x = random_on(device, SHAPE, seed=5, dtype=dtype, scale=1.5, shift=0.4)
-    w = tau_weight(device, w_shape, seed=7, dtype=reference_dtype(dtype))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cuda_matches_reference_for_w_and_v_init_shapes(backend, device, dtype, w_shape, v_init_kind):
+    x = make_seq(SHAPE, dtype, device, seed=5)
+    w = tau_weight(device, w_shape, seed=7, dtype=compute_dtype(dtype))
     assert_matches_reference(backend, x, w, make_v_init(device, v_init_kind, dtype), v_reset=None, store_v_seq=True)
 
 
 @pytest.mark.parametrize("neurons", (1, 255, 257, 1000))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_neuron_counts_around_the_block_size(backend, neurons):
-    device = device_of(backend)
-    x = random_on(device, (5, neurons), seed=8, scale=1.5, shift=0.4)
+def test_cuda_neuron_counts_around_the_block_size(backend, device, neurons):
+    x = make_seq((5, neurons), torch.float32, device, seed=8)
     assert_matches_reference(backend, x, tau_weight(device, (neurons,), seed=9), store_v_seq=True)
 
 
@@ -193,7 +169,7 @@ def test_cuda_large_neuron_count_uses_the_grid_stride_loop(backend):
     # 2^24 neurons: far more than one wave of resident threads on any GPU, so most threads scan
     # several neurons. T is small to keep the reference cheap.
     neurons = 1 << 24
-    x = random_on(CUDA, (3, neurons), seed=10, scale=1.5, shift=0.4)
+    x = make_seq((3, neurons), torch.float32, CUDA, seed=10)
     w = tau_weight(CUDA, (neurons,), seed=11)
     upstream = make_upstream(CUDA, x.shape, x.dtype, seed=12)
     (spikes, v_last, _), grads = forward_backward(x, w, None, backend, upstream)
@@ -204,9 +180,7 @@ def test_cuda_large_neuron_count_uses_the_grid_stride_loop(backend):
     torch.testing.assert_close(grads["w"], ref_grads["w"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_zero_time_steps_and_zero_neurons(backend):
-    device = device_of(backend)
+def test_cuda_zero_time_steps_and_zero_neurons(backend, device):
     w = torch.tensor(0.0, device=device)
     spikes, v_last, _ = plif_cuda.plif_multistep(torch.zeros(0, 4, device=device), w, 0.5, backend=backend)
     assert spikes.shape == (0, 4)
@@ -235,10 +209,8 @@ def time_not_outermost(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", (seq_channels_last, sliced, time_not_outermost), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_strided_inputs_match_contiguous(backend, dtype, layout):
-    device = device_of(backend)
-    x = random_on(device, SHAPE, seed=13, dtype=dtype, scale=1.5, shift=0.4)
+def test_cuda_strided_inputs_match_contiguous(backend, device, dtype, layout):
+    x = make_seq(SHAPE, dtype, device, seed=13)
     x_strided = layout(x)
     assert not x_strided.is_contiguous() and torch.equal(x_strided, x)
     w = tau_weight(device, (3, 1, 1), seed=14)
@@ -260,7 +232,7 @@ def test_cuda_strided_inputs_match_contiguous(backend, dtype, layout):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_capture_and_replay_forward_and_backward(backend):
     shape = (6, 1000)
-    x = random_on(CUDA, shape, seed=16, scale=1.5, shift=0.4).requires_grad_()
+    x = make_seq(shape, torch.float32, CUDA, seed=16).requires_grad_()
     w = torch.zeros((), device=CUDA, requires_grad=True)
     grad_spikes, grad_v_last, _ = make_upstream(CUDA, shape, torch.float32, seed=17)
 
@@ -283,7 +255,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward(backend):
         static_spikes, static_v_last = step()
 
     for seed in (18, 19):
-        new_x = random_on(CUDA, shape, seed=seed, scale=1.5, shift=0.4)
+        new_x = make_seq(shape, torch.float32, CUDA, seed=seed)
         with torch.no_grad():
             x.copy_(new_x)
             w.fill_(seed / 40)
@@ -301,7 +273,7 @@ def test_cuda_runs_on_the_current_stream(backend):
     # The input is written on a side stream after a long sleep there. A kernel launched on any
     # other stream would run before the write and read zeros.
     shape = (4, 4096)
-    source = random_on(CUDA, shape, seed=20, scale=1.5, shift=0.4)
+    source = make_seq(shape, torch.float32, CUDA, seed=20)
     w = torch.tensor(0.3, device=CUDA)
     expected_spikes, expected_v_last, _ = plif_cuda.plif_multistep(source, w, backend=backend)
     assert expected_spikes.any(), "the test input must make some neurons fire"
@@ -320,7 +292,7 @@ def test_cuda_runs_on_the_current_stream(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream(backend):
-    x = random_on(CUDA, SHAPE, seed=21, scale=1.5, shift=0.4)
+    x = make_seq(SHAPE, torch.float32, CUDA, seed=21)
     w = tau_weight(CUDA, (3, 1, 1), seed=22)
     upstream = make_upstream(CUDA, SHAPE, torch.float32, seed=23)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream, store_v_seq=True)
@@ -339,7 +311,7 @@ def test_cuda_forward_and_backward_on_a_side_stream_equal_the_default_stream(bac
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_second_device_while_the_first_is_current(backend):
     second = torch.device("cuda", 1)
-    x = random_on(CUDA, SHAPE, seed=24, scale=1.5, shift=0.4)
+    x = make_seq(SHAPE, torch.float32, CUDA, seed=24)
     w = tau_weight(CUDA, (3, 5, 7), seed=25)
     upstream = make_upstream(CUDA, SHAPE, torch.float32, seed=26)
     expected_outputs, expected_grads = forward_backward(x, w, None, backend, upstream)
@@ -353,11 +325,9 @@ def test_cuda_second_device_while_the_first_is_current(backend):
 
 
 @pytest.mark.parametrize("w_shape", ((), (64, 1)), ids=("per_layer", "per_channel"))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_w_gradient_is_bitwise_reproducible(backend, w_shape):
-    device = device_of(backend)
+def test_cuda_w_gradient_is_bitwise_reproducible(backend, device, w_shape):
     shape = (4, 64, 4096)
-    x = random_on(device, shape, seed=27, scale=1.5, shift=0.4)
+    x = make_seq(shape, torch.float32, device, seed=27)
     w = tau_weight(device, w_shape, seed=28)
     upstream = make_upstream(device, shape, torch.float32, seed=29)
     first = forward_backward(x, w, None, backend, upstream)[1]["w"]
@@ -367,10 +337,8 @@ def test_cuda_w_gradient_is_bitwise_reproducible(backend, w_shape):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_keeps_one_sequence_for_backward(backend, dtype):
-    device = device_of(backend)
-    x = random_on(device, SHAPE, seed=30, dtype=dtype).requires_grad_()
+def test_cuda_keeps_one_sequence_for_backward(backend, device, dtype):
+    x = make_seq(SHAPE, dtype, device, seed=30, scale=1.0, shift=0.0).requires_grad_()
     w = torch.zeros((), device=device, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -385,22 +353,18 @@ def test_cuda_keeps_one_sequence_for_backward(backend, dtype):
         assert kept.data_ptr() != x.data_ptr(), "full precision keeps H"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_opcheck(backend):
-    device = device_of(backend)
-    x = random_on(device, (5, 3, 7), seed=31, scale=1.5, shift=0.4)
+def test_cuda_opcheck(backend, device):
+    x = make_seq((5, 3, 7), torch.float32, device, seed=31)
     k = torch.sigmoid(tau_weight(device, (21,), seed=32))
     v_init = torch.zeros(1, device=device)
-    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
+    options = op_options()
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, ops.SAVE_H, backends.launcher(backend))
+        backends.forward_op(backend), (x, k, v_init), dict(options, spiking=True, store_v_seq=True, needs_backward=True)
     )
 
 
 @pytest.mark.parametrize("argument", ("w", "v_init"))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_refuses_parameters_on_another_device(backend, argument):
-    device = device_of(backend)
+def test_cuda_refuses_parameters_on_another_device(backend, device, argument):
     x = torch.zeros(3, 4, device=device)
     tensors = {"w": torch.zeros((), device=device), "v_init": torch.zeros(4, device=device)}
     elsewhere = "cpu" if device.type == "cuda" else "meta"
@@ -409,40 +373,32 @@ def test_cuda_refuses_parameters_on_another_device(backend, argument):
         plif_cuda.plif_multistep(x, tensors["w"], tensors["v_init"], backend=backend)
 
 
-OP_OPTION_SETS = {
-    "hard": (1.0, -0.5, False, True, True),
-    "soft_nodecay": (1.0, 0.0, True, False, False),
-}
-
-
 @pytest.mark.skipif(
     any(backends.unavailable_reason(b, CUDA) for b in ("cuda", "cupy")), reason="needs both GPU launchers"
 )
 @pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
-@pytest.mark.parametrize("options", OP_OPTION_SETS, ids=list(OP_OPTION_SETS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_launchers_give_the_same_bits(dtype, options, spiking):
     """Both launchers run the same kernels with the same parameter block: every output and
     gradient is bit-equal."""
-    x = random_on(CUDA, (11, 5, 9), seed=33, dtype=dtype, scale=1.5, shift=0.4)
-    acc = reference_dtype(dtype)
+    x = make_seq((11, 5, 9), dtype, CUDA, seed=33)
+    acc = compute_dtype(dtype)
     k = torch.sigmoid(tau_weight(CUDA, (45,), seed=34, dtype=acc))
-    v_init = random_on(CUDA, (1,), seed=35, dtype=acc)
-    scalars = (*OP_OPTION_SETS[options], SURROGATE_IDS["atan"], 1.7, spiking)
-    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *scalars, True, ops.SAVE_H, ops.NVRTC_LAUNCHER)
+    v_init = make_seq((1,), acc, CUDA, seed=35, scale=1.0, shift=0.0)
+    neuron = op_options(**options, surrogate="atan", alpha=1.7, spiking=spiking)
+    compiled = backends.forward_op("cuda")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
+    nvrtc = backends.forward_op("cupy")(x, k, v_init, **neuron, store_v_seq=True, needs_backward=True)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
     grads = (
-        random_on(CUDA, x.shape, 36, dtype),
-        random_on(CUDA, x.shape[1:], 37, acc),
-        random_on(CUDA, x.shape, 38, dtype),
+        make_seq(x.shape, dtype, CUDA, seed=36, scale=1.0, shift=0.0),
+        make_seq(x.shape[1:], acc, CUDA, seed=37, scale=1.0, shift=0.0),
+        make_seq(x.shape, dtype, CUDA, seed=38, scale=1.0, shift=0.0),
     )
-    compiled = torch.ops.plif_cuda.multistep_backward(
-        *grads, compiled[3], None, k, v_init, dtype, *scalars, ops.COMPILED_LAUNCHER
-    )
-    nvrtc = torch.ops.plif_cuda.multistep_backward(
-        *grads, nvrtc[3], None, k, v_init, dtype, *scalars, ops.NVRTC_LAUNCHER
-    )
+    # Where the op kept H's checkpoint rows, the backward recomputes H from them and x.
+    saved_x = x if compiled[3].shape[0] != x.shape[0] else None
+    compiled = backends.backward_op("cuda")(*grads, compiled[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
+    nvrtc = backends.backward_op("cupy")(*grads, nvrtc[3], saved_x, k, v_init, x_dtype=dtype, **neuron)
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plif_cuda import _nvrtc, backends, cupy_backend, ops
-from plif_cuda.surrogate import SURROGATE_IDS
+from plif_cuda import _C, _nvrtc, backends, cupy_backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -173,9 +172,9 @@ def _numpy_type(c_type: str, acc):
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_nvrtc_launcher_op_takes_the_kernel_parameters(direction):
-    """plif_cuda::nvrtc_launch_* (declared by the extension, run by cupy_backend) take the
+    """plif_cuda_internal::nvrtc_launch_* (declared by the extension, run by cupy_backend) take the
     kernel's parameters by name and in order: a tensor for each pointer, the scalar block after."""
-    schema = getattr(torch.ops.plif_cuda, f"nvrtc_launch_{direction}").default._schema
+    schema = getattr(torch.ops.plif_cuda_internal, f"nvrtc_launch_{direction}").default._schema
     parameters = _kernel_parameters(f"plif_{direction}_kernel")
     assert [argument.name for argument in schema.arguments] == [name for _, name in parameters]
     for argument, (c_type, name) in zip(schema.arguments, parameters):
@@ -209,7 +208,8 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     acc = np.float64 if dtype == torch.float64 else np.float32
     x, spikes, h_seq = (torch.randn(4, 3, 5, dtype=dtype) for _ in range(3))
     k, v_init, v_last = torch.full((1,), 0.5, dtype=dtype), torch.zeros(15, dtype=dtype), torch.zeros(15, dtype=dtype)
-    scalars = (0, 1, 4, 3000, 0, 1.0, -0.5, 2.0, SURROGATE_IDS["erf"], 2 | 4 | 8)
+    flags = _C.FLAG_DECAY_INPUT | _C.FLAG_DETACH_RESET | _C.FLAG_SPIKING
+    scalars = (0, 1, 4, 3000, 0, 1.0, -0.5, 2.0, _C.SURROGATES.index("erf"), flags)
     cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *scalars)
     ((grid, block, args),) = launches
     assert (grid, block) == ((7,), (256,)), "3000 neurons: 12 blocks wanted, capped at the 7 resident ones"
@@ -257,7 +257,7 @@ def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     x = torch.randn(9, 5).bfloat16()
     h_seq, k, grad_k = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(5)
-    for flags in (8, 8 | 16):
+    for flags in (_C.FLAG_SPIKING, _C.FLAG_SPIKING | _C.FLAG_H_CHECKPOINTS):
         cupy_backend._launch_backward(
             x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 5, 1.0, 0.0, 4.0, 0, flags
         )
@@ -265,10 +265,13 @@ def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
 
 
 def test_cuda_tensors_reach_the_op_in_every_build():
-    """The op's CUDA registration does not depend on the compiled CUDA kernels: an extension
-    built without a toolkit serves CUDA tensors through the NVRTC launcher."""
-    for name in ("multistep_forward", "multistep_backward"):
+    """The ops' CUDA registration does not depend on the compiled CUDA kernels: an extension
+    built without a toolkit serves CUDA tensors through the NVRTC launcher's ops."""
+    for name in ("multistep_forward", "multistep_backward", "multistep_forward_nvrtc", "multistep_backward_nvrtc"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"plif_cuda::{name}", "CUDA")
+
+
+NEURON = dict(v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0)
 
 
 def _backward_case(**overrides):
@@ -297,60 +300,59 @@ BAD_BACKWARD = {
 }
 
 
+@pytest.mark.parametrize("launcher", ("compiled", "nvrtc"))
 @pytest.mark.parametrize("case", BAD_BACKWARD, ids=list(BAD_BACKWARD))
-def test_backward_op_checks(case):
+def test_backward_op_checks(case, launcher):
     args, message = BAD_BACKWARD[case]
-    positional = [args[n] for n in ("grad_spikes", "grad_v_last", "grad_v_seq", "h_seq", "x", "k", "v_init")]
+    op = (
+        torch.ops.plif_cuda.multistep_backward
+        if launcher == "compiled"
+        else torch.ops.plif_cuda.multistep_backward_nvrtc
+    )
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.plif_cuda.multistep_backward(*positional, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True)
+        op(**args, x_dtype=torch.float32, **NEURON, spiking=True)
 
 
-def test_op_refuses_an_unknown_launcher():
-    x, k = torch.zeros(3, 4), torch.full((1,), 0.5)
-    with pytest.raises(RuntimeError, match="launcher must be 0 .* or 1 .*, got 2"):
-        torch.ops.plif_cuda.multistep_forward(
-            x, k, k, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_NOTHING, 2
-        )
-
-
-def test_cpu_tensors_ignore_the_launcher():
+def test_cpu_tensors_run_the_cpu_kernel_through_either_launchers_op():
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) + 0.6
     k, v_init = torch.full((1,), 0.4), torch.zeros(7)
-    options = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True, True, ops.SAVE_H)
-    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.COMPILED_LAUNCHER)
-    nvrtc = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, ops.NVRTC_LAUNCHER)
+    options = dict(NEURON, surrogate="atan", alpha=2.0, spiking=True, store_v_seq=True, needs_backward=True)
+    compiled = torch.ops.plif_cuda.multistep_forward(x, k, v_init, **options)
+    nvrtc = torch.ops.plif_cuda.multistep_forward_nvrtc(x, k, v_init, **options)
     assert compiled[0].any()
     for a, b in zip(compiled, nvrtc):
         assert torch.equal(a, b)
-    # Fake kernel, autograd formula and schema take the launcher like any other argument.
-    torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_forward, (x.requires_grad_(), k, v_init, *options, ops.NVRTC_LAUNCHER)
-    )
+    # Meta kernels, autograd formula and schema are the compiled launcher's.
+    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward_nvrtc, (x.requires_grad_(), k, v_init), options)
 
 
-def test_launcher_reaches_the_backward():
-    """The autograd formula passes the forward's launcher on to the backward op."""
+def test_each_launchers_forward_differentiates_through_its_own_backward():
+    """The autograd formula calls the backward op of the forward's launcher."""
     x = torch.randn(4, 6, requires_grad=True)
     k, v_init = torch.full((1,), 0.5), torch.zeros(1)
-    calls = []
+    options = dict(NEURON, spiking=True, store_v_seq=False, needs_backward=True)
+    for forward, backward in (
+        (torch.ops.plif_cuda.multistep_forward, torch.ops.plif_cuda.multistep_backward),
+        (torch.ops.plif_cuda.multistep_forward_nvrtc, torch.ops.plif_cuda.multistep_backward_nvrtc),
+    ):
+        calls = []
 
-    class RecordBackwardLauncher(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.plif_cuda.multistep_backward.default:
-                calls.append(args[-1])
-            return func(*args, **(kwargs or {}))
+        class RecordBackward(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                calls.append(func)
+                return func(*args, **(kwargs or {}))
 
-    spikes = torch.ops.plif_cuda.multistep_forward(
-        x, k, v_init, 1.0, 0.0, False, True, False, 0, 4.0, True, False, ops.SAVE_H, ops.NVRTC_LAUNCHER
-    )[0]
-    with RecordBackwardLauncher():
-        spikes.sum().backward()
-    assert calls == [ops.NVRTC_LAUNCHER]
+        spikes = forward(x, k, v_init, **options)[0]
+        with RecordBackward():
+            spikes.sum().backward()
+        backward_calls = [call for call in calls if call.name().startswith("plif_cuda::multistep_backward")]
+        assert backward_calls == [backward.default]
 
 
 def test_unavailable_reasons_say_why():
     assert "CUDA tensors" in backends.unavailable_reason("cupy", torch.device("cpu"))
-    assert backends.launcher("cupy") == ops.NVRTC_LAUNCHER and backends.launcher("cuda") == ops.COMPILED_LAUNCHER
+    assert backends.forward_op("cupy") is torch.ops.plif_cuda.multistep_forward_nvrtc
+    assert backends.forward_op("cuda") is torch.ops.plif_cuda.multistep_forward
     reason = cupy_backend.unavailable_reason()
     if not torch.cuda.is_available():
         assert reason is not None and ("CUDA device" in reason or "cupy" in reason)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import command_line, load_script, train_tiny_network
 from plif_cuda import datasets
 
 # ---------------------------------------------------------------- IDX
@@ -572,9 +573,7 @@ def test_missing_dvs_gesture_names_the_expected_files(tmp_path):
 
 
 def test_train_script_lists_every_dataset_and_takes_the_papers_networks(capsys):
-    from test_models import load_train_script
-
-    train = load_train_script()
+    train = load_script("examples/train.py")
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     usage = capsys.readouterr().out
@@ -589,37 +588,9 @@ def test_train_script_lists_every_dataset_and_takes_the_papers_networks(capsys):
 def test_train_script_learns_real_fashion_mnist_from_its_default_folder(tmp_path):
     """A smoke test on the real data (Debian's package, read from its folder without --data-dir):
     a small network on a random 2000-image subset, seconds on 2 CPU cores."""
-    from test_models import load_train_script
-
     out_dir = tmp_path / "run"
-    row = load_train_script().main(
-        [
-            "--dataset",
-            "fashion-mnist",
-            "--train-subset",
-            "2000",
-            "--test-subset",
-            "1000",
-            "--epochs",
-            "2",
-            "--T",
-            "4",
-            "--width",
-            "8",
-            "--fc-width",
-            "64",
-            "--lr",
-            "5e-3",
-            "--batch-size",
-            "32",
-            "--threads",
-            "1",
-            "--out-dir",
-            str(out_dir),
-            "--no-progress",
-            "--no-plot",
-        ]
-    )
+    sizes = dict(train_subset=2000, test_subset=1000, epochs=2, T=4, width=8, fc_width=64, batch_size=32)
+    row = train_tiny_network("fashion-mnist", out_dir, **sizes, lr="5e-3", no_plot=True)
     assert float(row["test_acc"]) > 0.65, row  # chance is 0.1
     with open(out_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -630,33 +601,12 @@ def test_train_script_learns_real_fashion_mnist_from_its_default_folder(tmp_path
 
 
 def test_tau_sensitivity_compares_plif_and_lif_on_real_fashion_mnist(tmp_path, capsys):
-    import importlib.util
-
-    from test_models import TRAIN_SCRIPT
-
-    spec = importlib.util.spec_from_file_location("tau_sensitivity", TRAIN_SCRIPT.parent / "tau_sensitivity.py")
-    tau_sensitivity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tau_sensitivity)
+    tau_sensitivity = load_script("examples/tau_sensitivity.py")
     assert tau_sensitivity.parse_args(["--dataset", "fashion-mnist"]).out.name == "tau_sensitivity-fashion-mnist"
     tau_sensitivity.main(
-        [
-            "--dataset",
-            "fashion-mnist",
-            "--taus",
-            "2",
-            "--seeds",
-            "0",
-            "--epochs",
-            "1",
-            "--T",
-            "2",
-            "--train-subset",
-            "200",
-            "--test-subset",
-            "100",
-            "--out",
-            str(tmp_path),
-        ]
+        command_line(
+            dataset="fashion-mnist", taus=2, seeds=0, epochs=1, T=2, train_subset=200, test_subset=100, out=tmp_path
+        )
     )
     assert "fashion-mnist: 200 train / 100 test samples" in capsys.readouterr().out
     with open(tmp_path / "tau_sensitivity.csv", newline="") as f:
@@ -668,9 +618,7 @@ def test_tau_sensitivity_compares_plif_and_lif_on_real_fashion_mnist(tmp_path, c
 
 
 def test_train_script_names_the_apt_package_when_fashion_mnist_is_missing(tmp_path, monkeypatch):
-    from test_models import load_train_script
-
-    train = load_train_script()
+    train = load_script("examples/train.py")
     assert train.parse_args(["--dataset", "fashion-mnist"]).data_dir is None  # the package's folder
     assert train.parse_args(["--dataset", "mnist"]).data_dir == train.DEFAULT_DATA_DIR
     monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "absent")
@@ -679,32 +627,17 @@ def test_train_script_names_the_apt_package_when_fashion_mnist_is_missing(tmp_pa
 
 
 def test_train_script_subsets_are_checked(tmp_path):
-    from test_models import load_train_script
-
-    train = load_train_script()
+    train = load_script("examples/train.py")
     with pytest.raises(SystemExit):
         train.parse_args(["--train-subset", "0"])
     with pytest.raises(ValueError, match="--test-subset 5000 is larger than the 450 samples"):
         train.main(
-            [
-                "--dataset",
-                "digits",
-                "--test-subset",
-                "5000",
-                "--epochs",
-                "1",
-                "--out-dir",
-                str(tmp_path),
-                "--no-progress",
-                "--no-plot",
-            ]
+            command_line(dataset="digits", test_subset=5000, epochs=1, out_dir=tmp_path, no_progress=True, no_plot=True)
         )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10-dvs", "dvs128-gesture"])
 def test_train_script_runs_on_event_files(tmp_path, dataset):
-    from test_models import load_train_script
-
     rng = np.random.default_rng(8)
     if dataset == "cifar10-dvs":
         write_cifar10_dvs(tmp_path / "data", rng, [10] * 10, n_events=30)
@@ -713,30 +646,7 @@ def test_train_script_runs_on_event_files(tmp_path, dataset):
         write_dvs_gesture(tmp_path / "data", rng)
         n_classes = 11
     out_dir = tmp_path / "run"
-    row = load_train_script().main(
-        [
-            "--dataset",
-            dataset,
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--out-dir",
-            str(out_dir),
-            "--epochs",
-            "1",
-            "--T",
-            "3",
-            "--width",
-            "4",
-            "--fc-width",
-            "8",
-            "--batch-size",
-            "4",
-            "--threads",
-            "1",
-            "--no-progress",
-            "--no-plot",
-        ]
-    )
+    row = train_tiny_network(dataset, out_dir, data_dir=tmp_path / "data", batch_size=4, no_plot=True)
     assert row["epoch"] == 1
     state = torch.load(out_dir / "checkpoint.pt", weights_only=False)
     assert state["model"]["head.5.module.weight"].shape == (n_classes * 10, 8)  # voting: 10 neurons per class

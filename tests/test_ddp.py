@@ -5,7 +5,6 @@ steps every parameter (the learnable tau included) must equal a single process's
 batch. The models have no batch-norm, whose statistics would differ per process.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,37 +12,22 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import load_script
 from plif_cuda.models import StaticImageSNN, neuron_layers, reset_states
 
 # The example's process-group set-up and teardown, which the workers below use as it does.
-_spec = importlib.util.spec_from_file_location(
-    "plif_train_example", Path(__file__).resolve().parent.parent / "examples" / "train.py"
-)
-train_example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_example)
+train_example = load_script("examples/train.py")
 
 WORLD_SIZE = 2
 STEPS = 3
 GLOBAL_BATCH = 8
 TAU_GRANULARITIES = ("layer", "channel")
+NETWORK = dict(in_channels=1, image_size=8, num_classes=4, T=4, depth=1, width=6, fc_width=16, voting=2, dropout=0.0)
 
 
 def make_model(tau_granularity):
     torch.manual_seed(0)
-    model = StaticImageSNN(
-        in_channels=1,
-        image_size=8,
-        num_classes=4,
-        T=4,
-        depth=1,
-        width=6,
-        fc_width=16,
-        voting=2,
-        dropout=0.0,
-        batch_norm=False,
-        tau_granularity=tau_granularity,
-        backend="cpu",
-    )
+    model = StaticImageSNN(**NETWORK, batch_norm=False, tau_granularity=tau_granularity, backend="cpu")
     with torch.no_grad():  # without batch-norm, weights this large keep every layer firing
         for parameter in model.parameters():
             if parameter.dim() > 1:

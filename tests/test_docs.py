@@ -2,14 +2,14 @@
 inside the repository."""
 
 import re
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+from helpers import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 README_MAX_LINES = 150
 
 FENCED_BLOCK = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
@@ -51,7 +51,7 @@ def test_readme_is_short():
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines, at most {README_MAX_LINES}"
 
 
-@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda page: str(page.relative_to(ROOT)))
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda page: str(page.relative_to(REPO_ROOT)))
 def test_links_stay_in_the_repository_and_resolve(page):
     problems = []
     text = page.read_text(encoding="utf-8")
@@ -65,19 +65,19 @@ def test_links_stay_in_the_repository_and_resolve(page):
             problems.append(f"{target}: an absolute path or another scheme, not a file of the repository")
             continue
         resolved = (page.parent / path_part).resolve()
-        if not resolved.is_relative_to(ROOT):
+        if not resolved.is_relative_to(REPO_ROOT):
             problems.append(f"{target}: leaves the repository")
         elif not resolved.exists():
             problems.append(f"{target}: no such file")
-    assert not problems, f"{page.relative_to(ROOT)}: " + "; ".join(problems)
+    assert not problems, f"{page.relative_to(REPO_ROOT)}: " + "; ".join(problems)
 
 
 def test_readme_links_every_page_of_docs():
     linked = {
-        (ROOT / unquote(target.split("#", 1)[0])).resolve()
+        (REPO_ROOT / unquote(target.split("#", 1)[0])).resolve()
         for target in link_targets(README.read_text(encoding="utf-8"))
         if not WEB_LINK.match(target)
     }
-    unlinked = [str(page.relative_to(ROOT)) for page in DOCS if page.resolve() not in linked]
+    unlinked = [str(page.relative_to(REPO_ROOT)) for page in DOCS if page.resolve() not in linked]
     assert DOCS, "docs/ holds no pages"
     assert not unlinked, f"README.md does not link {unlinked}"

@@ -3,32 +3,21 @@ where it can run, and the doctor says what was built and why something cannot ru
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import plif_cuda
+from helpers import run_python
 from plif_cuda import backends
 from plif_cuda.__main__ import built_cuda_code, cuda_code_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GPU_BACKENDS = ("cuda", "cupy", "torch")
 
 
 def run_doctor(*args, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "plif_cuda", "doctor", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **env},
-    )
+    return run_python("-m", "plif_cuda", "doctor", *args, **env)
 
 
 def test_no_backend_runs_on_a_gpu_torch_cannot_see(monkeypatch):
@@ -58,6 +47,20 @@ def test_available_backends_on_this_machine():
     else:
         assert available == [], "no GPU is visible, yet backends claim to run on one"
     assert plif_cuda.available_backends("cpu")[-1] == "torch"
+
+
+def test_the_library_carries_its_build_information():
+    """setup.py hands the build information to the compiler; the library reports it, and the
+    doctor prints it."""
+    from plif_cuda import _C
+
+    assert _C.TORCH_VERSION == torch.__version__, "the library was built against another torch"
+    assert (_C.CUDA_SKIPPED_BECAUSE is None) == _C.HAS_COMPILED_CUDA_KERNELS
+    assert (_C.CUDA_ARCHS != "") == _C.HAS_COMPILED_CUDA_KERNELS
+    out = run_doctor(CUDA_VISIBLE_DEVICES="").stdout
+    assert f"built against torch {_C.TORCH_VERSION}" in out
+    if _C.CUDA_SKIPPED_BECAUSE:
+        assert f"CUDA kernels not built because {_C.CUDA_SKIPPED_BECAUSE}" in out
 
 
 def test_doctor_without_a_visible_gpu_says_why_nothing_runs_on_cuda():

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from helpers import (
-    BACKEND_DEVICE,
-    BACKENDS,
     SMOOTH_SURROGATES,
     assert_grad_close,
     assert_membrane_close,
+    op_options,
     strided_leaf,
 )
 from plif_cuda import plif_multistep
@@ -119,12 +118,10 @@ def test_float32_tau_gradient_error_stays_within_the_documented_bound(w_value):
 
 
 # ---- k underflows to 0 ----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dtype,w_value", [(torch.float32, -110.0), (torch.float16, -18.0), (torch.bfloat16, -95.0), (torch.float64, -750.0)]
 )
-def test_tau_gradient_is_zero_where_k_underflows(backend, dtype, w_value):
-    device = BACKEND_DEVICE[backend]
+def test_tau_gradient_is_zero_where_k_underflows(backend, device, dtype, w_value):
     x_seq = _seeded((5, 7), 6, dtype, 1.5, 0.4).to(device)
     w = torch.tensor([w_value, 0.0] * 3 + [w_value], dtype=dtype, device=device)  # per neuron: some k = 0
     v_init = _seeded((7,), 7, dtype).to(device)
@@ -142,11 +139,9 @@ def test_tau_gradient_is_zero_where_k_underflows(backend, dtype, w_value):
         assert_grad_close(grad, ref_grad, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_second_derivative_is_finite_where_k_underflows(backend):
+def test_second_derivative_is_finite_where_k_underflows(backend, device):
     # create_graph takes the differentiable recurrence (ops._differentiable_backward), which
     # recovers dH/dk by the same division by k as the kernels.
-    device = BACKEND_DEVICE[backend]
 
     def second_derivatives(chosen):
         x_seq = _seeded((5, 7), 6, torch.float32, 1.5, 0.4).to(device).requires_grad_()
@@ -164,12 +159,10 @@ def test_second_derivative_is_finite_where_k_underflows(backend):
 
 
 # ---- NaN / inf inputs with absent incoming gradients ---------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_on", ["v_last", "v_seq"])
-def test_absent_spike_gradient_adds_nothing_for_a_nan_input(backend, loss_on):
+def test_absent_spike_gradient_adds_nothing_for_a_nan_input(backend, device, loss_on):
     """detach_reset, loss on the membrane only: no gradient reaches the spikes, so surrogate'(NaN)
     must not enter (the reference gives finite gradients for x here)."""
-    device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[0.5, float("nan")], [0.5, 0.5]], device=device)
     w = torch.tensor(0.0, device=device)
 
@@ -184,13 +177,11 @@ def test_absent_spike_gradient_adds_nothing_for_a_nan_input(backend, loss_on):
         assert_grad_close(grad, ref_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("store_v_seq", [False, True])
 @pytest.mark.parametrize("last_input", [float("inf"), -float("inf"), float("nan")])
-def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, store_v_seq, last_input):
+def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, device, store_v_seq, last_input):
     """Loss on the spikes only (v_last and v_seq unused): nothing reaches V[T-1], so dV/dH at T-1
     (NaN for an infinite or NaN H under a hard reset) must not enter."""
-    device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[0.7, 0.2], [0.9, 1.4], [last_input, 0.3]], device=device)
     w, v_init = torch.tensor(-0.2, device=device), torch.tensor([0.1, 0.0], device=device)
     weights = torch.tensor([[1.0, -2.0], [0.5, 1.5], [3.0, -1.0]], device=device)
@@ -207,11 +198,9 @@ def test_absent_membrane_gradient_at_the_last_step_adds_nothing(backend, store_v
         assert_grad_close(grad, ref_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("surrogate", ["sigmoid", "piecewise_quadratic", "piecewise_exp"])
-def test_present_gradients_keep_a_nan_as_the_reference_does(backend, surrogate):
+def test_present_gradients_keep_a_nan_as_the_reference_does(backend, device, surrogate):
     """A gradient that arrives, even a zero one, meets surrogate'(NaN) = NaN, as in autograd."""
-    device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[0.5, float("nan")], [0.5, 0.5]], device=device)
     w, v_init = torch.tensor(0.0, device=device), torch.tensor(0.0, device=device)
 
@@ -231,7 +220,15 @@ def test_backward_with_no_incoming_gradient_gives_zeros():
     h_seq = torch.tensor([[0.5, float("nan")], [float("inf"), 0.2]])
     k, v_init = torch.tensor([0.5]), torch.tensor([0.0])
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        None, None, None, h_seq, None, k, v_init, torch.float32, 1.0, 0.0, False, True, False, 0, 4.0, True
+        None,
+        None,
+        None,
+        h_seq,
+        None,
+        k,
+        v_init,
+        x_dtype=torch.float32,
+        **op_options(),
     )
     assert torch.equal(grad_x, torch.zeros(2, 2))
     # One value each, as k and v_init hold: the sums of the neurons' (zero) shares.
@@ -266,8 +263,6 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
     """The CPU kernel's exp (plif_math.h, vectorised, not libm's) in each derivative that uses it,
     from exp(0) down through subnormal results to 0: one step, dL/dS = 1 and k = 1, so dL/dX is
     the derivative itself, against the same formula in float32 torch ops (libm's exp)."""
-    from plif_cuda.surrogate import SURROGATE_IDS
-
     alpha = DEFAULT_ALPHA[surrogate]
     reach = (120.0 / alpha) if surrogate != "erf" else math.sqrt(120.0) / alpha  # exp(-120) rounds to 0
     h_seq = (1.0 + torch.linspace(-reach, reach, 40001)).reshape(1, -1)
@@ -279,15 +274,14 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
         None,
         torch.ones(1),
         torch.zeros(1),
-        torch.float32,
-        1.0,
-        0.0,
-        False,
-        True,
-        False,
-        SURROGATE_IDS[surrogate],
-        alpha,
-        True,
+        x_dtype=torch.float32,
+        v_threshold=1.0,
+        v_reset=0.0,
+        decay_input=True,
+        detach_reset=False,
+        surrogate=surrogate,
+        alpha=alpha,
+        spiking=True,
     )
     expected = surrogate_derivative(surrogate, alpha, h_seq - 1.0)
     smallest_subnormal = 2.0**-149
@@ -296,10 +290,8 @@ def test_cpu_surrogate_derivative_over_the_whole_range_of_exp(surrogate):
     torch.testing.assert_close(grad_x, expected, rtol=3e-7, atol=4 * smallest_subnormal)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_smooth_piecewise_exp_gradient_at_the_threshold(backend):
+def test_smooth_piecewise_exp_gradient_at_the_threshold(backend, device):
     """H = V_th exactly (0 + 0.5 (2 - 0) = 1): dS/dx = k alpha / 2 = 0.25, in the reference too."""
-    device = BACKEND_DEVICE[backend]
     x_seq = torch.tensor([[2.0]], dtype=torch.float64, device=device)
     for name in (backend, "torch"):
         (spike_seq, _, _), grads = _outputs_and_grads(

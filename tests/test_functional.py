@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from helpers import (
     AWKWARD_STEP_SHAPES,
-    BACKEND_DEVICE,
-    BACKENDS,
     FLOAT_DTYPES,
+    NEURON_OPTIONS,
+    RESETS,
     SMOOTH_SURROGATES,
+    SURROGATE_CASES,
     SURROGATES,
     TIME_STEPS,
     assert_grad_close,
@@ -23,11 +22,8 @@ from helpers import (
     run_with_grads,
 )
 from plif_cuda import backends as plif_backends
-from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 from plif_cuda.reference import compute_dtype
-
-V_RESETS = {"hard0": 0.0, "hard-0.5": -0.5, "soft": None}
 
 
 def reference(x_seq, w, v_init, **options):
@@ -78,70 +74,35 @@ def compare_with_reference(backend, x_seq, w, v_init, x_view=None, **options):
     return spikes, v_last, v_seq
 
 
-# ---- the options grid ---------------------------------------------------------------------------
-OPTION_GRID = [
-    pytest.param(
-        v_reset,
-        decay_input,
-        detach_reset,
-        spiking,
-        surrogate,
-        id=f"{reset_id}-{'decay' if decay_input else 'nodecay'}-"
-        f"{'detach' if detach_reset else 'attached'}-{'spiking' if spiking else 'smooth'}-{surrogate}",
-    )
-    for (reset_id, v_reset), decay_input, detach_reset, spiking, surrogate in itertools.product(
-        V_RESETS.items(), (True, False), (False, True), (True, False), SURROGATES
-    )
-    if spiking or surrogate != "super_spike"
-]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+# ---- every option ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("v_reset, decay_input, detach_reset, spiking, surrogate", OPTION_GRID)
-def test_every_option_matches_reference(backend, dtype, v_reset, decay_input, detach_reset, spiking, surrogate):
-    device = BACKEND_DEVICE[backend]
-    # 3 * 67 neurons: three full CPU blocks of 64 and a 9-neuron tail.
+@pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
+def test_every_option_matches_reference(backend, device, dtype, options, surrogate, spiking):
+    # 3 * 67 neurons: one lane group of the CPU kernel (128 neurons) and a 73-neuron tail.
     x_seq = make_seq((17, 3, 67), dtype, device, seed=SURROGATES.index(surrogate))
     w = torch.tensor(0.3, dtype=param_dtype(dtype), device=device)
     v_init = 0.2 * make_seq((3, 67), param_dtype(dtype), device, seed=7)
-    compare_with_reference(
-        backend,
-        x_seq,
-        w,
-        v_init,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        spiking=spiking,
-        surrogate=surrogate,
-        store_v_seq=True,
-    )
+    compare_with_reference(backend, x_seq, w, v_init, **options, spiking=spiking, surrogate=surrogate, store_v_seq=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
-@pytest.mark.parametrize("v_reset", V_RESETS.values(), ids=V_RESETS.keys())
-def test_without_stored_sequence(backend, spiking, v_reset):
-    device = BACKEND_DEVICE[backend]
+@pytest.mark.parametrize("reset", RESETS.values(), ids=RESETS.keys())
+def test_without_stored_sequence(backend, device, spiking, reset):
     x_seq = make_seq((5, 2, 67), torch.float32, device)
     w = torch.tensor(-0.4, device=device)
-    compare_with_reference(backend, x_seq, w, None, v_reset=v_reset, spiking=spiking, store_v_seq=False)
+    compare_with_reference(backend, x_seq, w, None, **reset, spiking=spiking, store_v_seq=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", (0.5, 3.0))
 @pytest.mark.parametrize("surrogate", SURROGATES)
-def test_non_default_alpha(backend, surrogate, alpha):
-    device = BACKEND_DEVICE[backend]
+def test_non_default_alpha(backend, device, surrogate, alpha):
     x_seq = make_seq((6, 70), torch.float64, device)
     w = torch.tensor(0.1, dtype=torch.float64, device=device)
     compare_with_reference(backend, x_seq, w, None, surrogate=surrogate, alpha=alpha, store_v_seq=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_default_threshold(backend):
-    device = BACKEND_DEVICE[backend]
+def test_non_default_threshold(backend, device):
     x_seq = make_seq((9, 3, 67), torch.float32, device, scale=0.8, shift=0.2)
     w = torch.tensor(0.5, device=device)
     for v_reset in (0.1, None):
@@ -149,19 +110,17 @@ def test_non_default_threshold(backend):
 
 
 # ---- shapes of w and v_init, T, dtypes ---------------------------------------------------------
-STEP_SHAPE = (2, 3, 11)  # batch 2, 3 channels, 11 positions: 66 neurons, not a multiple of 64 or 8
+STEP_SHAPE = (2, 3, 11)  # batch 2, 3 channels, 11 positions: 66 neurons, under one 128-lane group
 W_SHAPES = {"layer": (), "channel": (3, 1), "neuron": (3, 11)}
 V_INITS = {"none": None, "float": 0.3, "tensor": "per-neuron"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", TIME_STEPS)
 @pytest.mark.parametrize("v_init_kind", V_INITS.keys())
 @pytest.mark.parametrize("w_kind", W_SHAPES.keys())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("decay_input, v_reset", [(True, 0.0), (False, None)], ids=["decay-hard", "nodecay-soft"])
-def test_w_and_v_init_shapes(backend, dtype, w_kind, v_init_kind, T, decay_input, v_reset):
-    device = BACKEND_DEVICE[backend]
+def test_w_and_v_init_shapes(backend, device, dtype, w_kind, v_init_kind, T, decay_input, v_reset):
     acc = param_dtype(dtype)
     x_seq = make_seq((T, *STEP_SHAPE), dtype, device, seed=T)
     generator = torch.Generator().manual_seed(3)
@@ -182,11 +141,9 @@ def test_w_and_v_init_shapes(backend, dtype, w_kind, v_init_kind, T, decay_input
     assert v_last.shape == STEP_SHAPE
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("step_shape", AWKWARD_STEP_SHAPES, ids=str)
 @pytest.mark.parametrize("T", TIME_STEPS)
-def test_awkward_sizes(backend, step_shape, T):
-    device = BACKEND_DEVICE[backend]
+def test_awkward_sizes(backend, device, step_shape, T):
     x_seq = make_seq((T, *step_shape), torch.float32, device, seed=len(step_shape) + T)
     w = torch.tensor(0.0, device=device)
     compare_with_reference(backend, x_seq, w, None, store_v_seq=True, detach_reset=True)
@@ -194,27 +151,21 @@ def test_awkward_sizes(backend, step_shape, T):
 
 # The CPU kernel walks blocks of 1024 neurons (8 groups of 128 lanes) in parallel, then the
 # remaining whole groups, then single neurons: 2 blocks + 1 group + 5 neurons runs all three paths.
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("surrogate", SURROGATES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sizes_spanning_blocks_groups_and_tail(backend, surrogate, dtype):
-    device = BACKEND_DEVICE[backend]
+def test_sizes_spanning_blocks_groups_and_tail(backend, device, surrogate, dtype):
     x_seq = make_seq((5, 2 * 1024 + 128 + 5), dtype, device, seed=7)
     w = torch.randn(2 * 1024 + 128 + 5, device=device, dtype=param_dtype(dtype))
     compare_with_reference(backend, x_seq, w, 0.2, surrogate=surrogate, store_v_seq=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_long_sequence(backend):
-    device = BACKEND_DEVICE[backend]
+def test_long_sequence(backend, device):
     x_seq = make_seq((128, 130), torch.float32, device, scale=1.0, shift=0.3)
     compare_with_reference(backend, x_seq, torch.tensor(1.0, device=device), None, store_v_seq=True, v_reset=None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_half_w_parameter(backend):
+def test_half_w_parameter(backend, device):
     """A layer converted with .half() has a half ``w``; k is still computed in float32 inside."""
-    device = BACKEND_DEVICE[backend]
     x_seq = make_seq((4, 3, 67), torch.float16, device)
     w = torch.tensor(0.7, dtype=torch.float16, device=device)
     compare_with_reference(backend, x_seq, w, None, store_v_seq=True)
@@ -230,12 +181,10 @@ LAYOUT_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUT_SHAPES.keys())
 @pytest.mark.parametrize("w_kind", ("layer", "channel"))
-def test_layouts(backend, dtype, layout, w_kind):
-    device = BACKEND_DEVICE[backend]
+def test_layouts(backend, device, dtype, layout, w_kind):
     shape = LAYOUT_SHAPES[layout]
     x_seq = make_seq(shape, dtype, device, layout=layout)
     dense = layout != "sliced"
@@ -262,10 +211,8 @@ def test_layouts(backend, dtype, layout, w_kind):
         assert spikes.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_expanded_input(backend):
+def test_expanded_input(backend, device):
     """A broadcast (stride-0) input: the same current for every neuron of a row."""
-    device = BACKEND_DEVICE[backend]
     x_seq = make_seq((6, 3, 1), torch.float32, device)
     compare_with_reference(
         backend, x_seq, torch.tensor(0.2, device=device), None, x_view=lambda x: x.expand(6, 3, 70), store_v_seq=True
@@ -273,18 +220,16 @@ def test_expanded_input(backend):
 
 
 # ---- special values -----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("v_reset", V_RESETS.values(), ids=V_RESETS.keys())
-def test_nan_input_behaves_as_reference(backend, v_reset):
-    device = BACKEND_DEVICE[backend]
+@pytest.mark.parametrize("reset", RESETS.values(), ids=RESETS.keys())
+def test_nan_input_behaves_as_reference(backend, device, reset):
     x_seq = make_seq((5, 2, 67), torch.float32, device)
     x_seq[1, 0, 3] = float("nan")
     x_seq[3, 1, 66] = float("nan")
     x_seq[0, 1, 10] = float("inf")
     w = torch.tensor(0.0, device=device)
-    (spikes, v_last, v_seq), grads = run_with_grads(fused(backend), x_seq, w, None, v_reset=v_reset, store_v_seq=True)
+    (spikes, v_last, v_seq), grads = run_with_grads(fused(backend), x_seq, w, None, **reset, store_v_seq=True)
     (ref_spikes, ref_v_last, ref_v_seq), ref_grads = run_with_grads(
-        reference, x_seq, w, None, v_reset=v_reset, store_v_seq=True
+        reference, x_seq, w, None, **reset, store_v_seq=True
     )
     assert torch.equal(spikes, ref_spikes)
     assert torch.equal(v_last.isnan(), ref_v_last.isnan()) and v_last.isnan().any()
@@ -294,10 +239,8 @@ def test_nan_input_behaves_as_reference(backend, v_reset):
     assert_grad_close(grads["x"], ref_grads["x"], torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("store_v_seq", (False, True))
-def test_zero_time_steps(backend, store_v_seq):
-    device = BACKEND_DEVICE[backend]
+def test_zero_time_steps(backend, device, store_v_seq):
     x_seq = torch.empty((0, 3, 5), device=device, requires_grad=True)
     w = torch.tensor(0.0, device=device, requires_grad=True)
     v_init = torch.full((3, 5), 0.25, device=device, requires_grad=True)
@@ -312,9 +255,7 @@ def test_zero_time_steps(backend, store_v_seq):
     assert w.grad is None or torch.all(w.grad == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_neurons(backend):
-    device = BACKEND_DEVICE[backend]
+def test_zero_neurons(backend, device):
     x_seq = torch.empty((4, 0, 3), device=device)
     spikes, v_last, v_seq = plif_multistep(x_seq, torch.tensor(0.0, device=device), backend=backend, store_v_seq=True)
     assert spikes.shape == (4, 0, 3) and v_last.shape == (0, 3) and v_seq.shape == (4, 0, 3)
@@ -338,10 +279,6 @@ def test_meta_tensors_give_output_shapes(layout):
 
 
 # ---- what backward keeps ------------------------------------------------------------------------
-# Position of `save` among the forward op's arguments (the launcher follows it).
-SAVE_ARGUMENT = 12
-
-
 def _record_forward_calls(monkeypatch):
     calls = []
     real_forward_op = plif_backends.forward_op
@@ -349,9 +286,9 @@ def _record_forward_calls(monkeypatch):
     def recording_forward_op(backend):
         op = real_forward_op(backend)
 
-        def call(*args):
-            calls.append(args)
-            return op(*args)
+        def call(*args, **kwargs):
+            calls.append(kwargs)
+            return op(*args, **kwargs)
 
         return call
 
@@ -359,34 +296,35 @@ def _record_forward_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_grad_saves_nothing(backend, monkeypatch):
-    device = BACKEND_DEVICE[backend]
+def _recorded_inputs(device, monkeypatch):
+    """Inputs that require gradients, the list the forward op's calls go to, and a context that
+    collects what autograd saves into ``packed``."""
     calls = _record_forward_calls(monkeypatch)
     x_seq = make_seq((6, 3, 67), torch.float32, device).requires_grad_()
     w = torch.tensor(0.0, device=device, requires_grad=True)
     packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+    saving = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t)
+    return x_seq, w, calls, packed, saving
+
+
+def test_no_grad_saves_nothing(backend, device, monkeypatch):
+    x_seq, w, calls, packed, saving = _recorded_inputs(device, monkeypatch)
+    with saving:
         with torch.no_grad():
             spikes, v_last, _ = plif_multistep(x_seq, w, backend=backend)
         # Nothing requires a gradient: no graph, so nothing to keep either.
         plif_multistep(x_seq.detach(), w.detach(), backend=backend)
     assert packed == []
     assert spikes.grad_fn is None and v_last.grad_fn is None
-    assert [call[SAVE_ARGUMENT] for call in calls] == [plif_ops.SAVE_NOTHING] * 2, "nothing to save without a gradient"
+    assert [call["needs_backward"] for call in calls] == [False] * 2, "nothing to save without a gradient"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_keeps_one_sequence_tensor(backend, monkeypatch):
+def test_backward_keeps_one_sequence_tensor(backend, device, monkeypatch):
     """For backward, at most one [T, ...] tensor (H) plus per-neuron tensors is kept."""
-    device = BACKEND_DEVICE[backend]
-    calls = _record_forward_calls(monkeypatch)
-    x_seq = make_seq((6, 3, 67), torch.float32, device).requires_grad_()
-    w = torch.tensor(0.0, device=device, requires_grad=True)
-    packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+    x_seq, w, calls, packed, saving = _recorded_inputs(device, monkeypatch)
+    with saving:
         spikes, v_last, v_seq = plif_multistep(x_seq, w, backend=backend, store_v_seq=True)
-    assert calls[0][SAVE_ARGUMENT] == plif_ops.SAVE_H
+    assert calls[0]["needs_backward"] is True
     sequence_sized = [t for t in packed if t.numel() >= x_seq.numel()]
     assert len(sequence_sized) == 1, [tuple(t.shape) for t in packed]
     assert all(t.numel() <= x_seq[0].numel() for t in packed if t.numel() < x_seq.numel())
@@ -395,10 +333,8 @@ def test_backward_keeps_one_sequence_tensor(backend, monkeypatch):
 
 
 # ---- determinism --------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deterministic_mode", (False, True), ids=("default", "use_deterministic_algorithms"))
-def test_w_gradient_is_bitwise_reproducible(backend, deterministic_mode):
-    device = BACKEND_DEVICE[backend]
+def test_w_gradient_is_bitwise_reproducible(backend, device, deterministic_mode):
     # Enough neurons (and channels) that the CPU kernel splits the work over several threads.
     x_seq = make_seq((3, 4, 16, 33, 31), torch.float32, device, scale=1.0, shift=0.5)
     w = torch.zeros((16, 1, 1), device=device)
@@ -436,38 +372,26 @@ def _gradcheck_inputs(device, seed, v_reset, margin=None, options=None):
     raise AssertionError("could not draw gradcheck inputs away from the threshold")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decay_input", (True, False), ids=("decay", "nodecay"))
 @pytest.mark.parametrize("v_reset", GRADCHECK_RESETS.values(), ids=GRADCHECK_RESETS.keys())
 @pytest.mark.parametrize("surrogate", SMOOTH_SURROGATES)
-def test_gradcheck_smooth_mode(backend, surrogate, v_reset, decay_input):
-    device = BACKEND_DEVICE[backend]
+def test_gradcheck_smooth_mode(backend, device, surrogate, v_reset, decay_input):
     inputs = _gradcheck_inputs(device, seed=SURROGATES.index(surrogate), v_reset=v_reset)
 
+    options = dict(v_reset=v_reset, decay_input=decay_input, surrogate=surrogate, spiking=False, store_v_seq=True)
+
     def all_outputs(x_seq, w, v_init):
-        return plif_multistep(
-            x_seq,
-            w,
-            v_init,
-            v_reset=v_reset,
-            decay_input=decay_input,
-            surrogate=surrogate,
-            spiking=False,
-            store_v_seq=True,
-            backend=backend,
-        )
+        return plif_multistep(x_seq, w, v_init, backend=backend, **options)
 
     assert torch.autograd.gradcheck(all_outputs, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decay_input", (True, False), ids=("decay", "nodecay"))
 @pytest.mark.parametrize("v_reset", GRADCHECK_RESETS.values(), ids=GRADCHECK_RESETS.keys())
 @pytest.mark.parametrize("surrogate", ("sigmoid", "atan", "super_spike"))
-def test_gradcheck_spiking_membranes(backend, surrogate, v_reset, decay_input):
+def test_gradcheck_spiking_membranes(backend, device, surrogate, v_reset, decay_input):
     """With detach_reset the membranes are piecewise smooth in every input, and exactly
     differentiable away from the threshold: the surrogate only enters through the spikes."""
-    device = BACKEND_DEVICE[backend]
     options = dict(decay_input=decay_input)
     inputs = _gradcheck_inputs(device, seed=5, v_reset=v_reset, margin=1e-3, options=options)
     spikes, _, _ = plif_multistep(*[t.detach() for t in inputs], v_reset=v_reset, backend=backend, **options)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT
+
 PHASES = ["build-check", "smoke", "kernels", "benchmark", "anchors", "gpu-tests", "memcheck", "initcheck"]
 DEVICE_RETURNS_FILES = 8
 
@@ -23,7 +24,7 @@ def dry_run(out: Path, **env: str) -> subprocess.CompletedProcess:
     environment.pop("OUT", None)
     return subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)],
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         env=environment,
         capture_output=True,
         text=True,
@@ -87,7 +88,7 @@ def test_each_gpu_script_finds_the_package_of_its_tree_by_itself(script, tmp_pat
     """compute-sanitizer starts them as plain scripts: no PYTHONPATH, another working directory."""
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--dry-run"],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--dry-run"],
         cwd=tmp_path,
         env=environment,
         capture_output=True,

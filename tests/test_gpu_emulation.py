@@ -26,22 +26,17 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from helpers import SURROGATE_CASES
-from plif_cuda import _nvrtc
-from plif_cuda import ops as plif_ops
+from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, op_options
+from plif_cuda import _C, _nvrtc
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 pytestmark = pytest.mark.gpu_emulation
 
-REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "tests" / "gpu_emulation" / "emulated_launch.cpp"
+SOURCE = REPO_ROOT / "tests" / "gpu_emulation" / "emulated_launch.cpp"
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = tuple(DTYPE_CODES)
 # Integer views for bit-for-bit comparison (NaN payloads and signed zeros included).
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# enum OptionFlags of csrc/plif_params.h.
-FLAG_SOFT_RESET, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SPIKING, FLAG_H_CHECKPOINTS = 1, 2, 4, 8, 16
 
 # Resident blocks of the emulated device: an H200 at four 256-thread blocks per multiprocessor
 # (scalar path for every N here), and devices small enough for the vector path.
@@ -79,7 +74,7 @@ def emulation(tmp_path_factory):
         if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
             pytest.fail(f"the GPU emulation cannot be built: {missing}")
         pytest.skip(f"the GPU emulation cannot be built: {missing}")
-    sources = sorted((REPO / "csrc").glob("*.h")) + sorted((REPO / "csrc").glob("*.cuh")) + [SOURCE]
+    sources = sorted((REPO_ROOT / "csrc").glob("*.h")) + sorted((REPO_ROOT / "csrc").glob("*.cuh")) + [SOURCE]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = tmp_path_factory.mktemp("gpu_emulation") / f"emulated_launch_{digest}.so"
     command = [
@@ -89,7 +84,7 @@ def emulation(tmp_path_factory):
         "-ffp-contract=off",
         "-fPIC",
         "-shared",
-        f"-I{REPO / 'csrc'}",
+        f"-I{REPO_ROOT / 'csrc'}",
         f"-I{include}",
         str(SOURCE),
         "-o",
@@ -156,38 +151,21 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str):
         )
 
 
-def _options(
-    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=None, spiking=True
-):
-    """The op's scalar options, as plif_cuda.functional passes them."""
-    soft_reset = v_reset is None
-    alpha = {"sigmoid": 4.0, "atan": 2.0, "erf": 2.0, "soft_sign": 2.0}.get(surrogate, 1.0) if alpha is None else alpha
-    return (
-        float(v_threshold),
-        0.0 if soft_reset else float(v_reset),
-        soft_reset,
-        decay_input,
-        detach_reset,
-        SURROGATE_IDS[surrogate],
-        float(alpha),
-        spiking,
-    )
-
-
 def _flags(options) -> int:
-    _, _, soft_reset, decay_input, detach_reset, _, _, spiking = options
     return (
-        (FLAG_SOFT_RESET if soft_reset else 0)
-        | (FLAG_DECAY_INPUT if decay_input else 0)
-        | (FLAG_DETACH_RESET if detach_reset else 0)
-        | (FLAG_SPIKING if spiking else 0)
+        (_C.FLAG_SOFT_RESET if options["v_reset"] is None else 0)
+        | (_C.FLAG_DECAY_INPUT if options["decay_input"] else 0)
+        | (_C.FLAG_DETACH_RESET if options["detach_reset"] else 0)
+        | (_C.FLAG_SPIKING if options["spiking"] else 0)
     )
 
 
-def _kernel_scalars(options, save=plif_ops.SAVE_H):
-    v_threshold, v_reset, _, _, _, surrogate, alpha, _ = options
-    checkpoints = FLAG_H_CHECKPOINTS if save == plif_ops.SAVE_CHECKPOINTS else 0
-    return v_threshold, v_reset, alpha, surrogate, _flags(options) | checkpoints
+def _kernel_scalars(options, save=_C.SAVE_H):
+    """v_threshold, v_reset, alpha, surrogate id, flags: the kernels' scalar block after the sizes."""
+    checkpoints = _C.FLAG_H_CHECKPOINTS if save == _C.SAVE_CHECKPOINTS else 0
+    v_reset = 0.0 if options["v_reset"] is None else options["v_reset"]
+    surrogate = _C.SURROGATES.index(options["surrogate"])
+    return options["v_threshold"], v_reset, options["alpha"], surrogate, _flags(options) | checkpoints
 
 
 def forward_lanes(dtype) -> int:
@@ -208,15 +186,16 @@ def run_case(
     store_v_seq=True,
     grads=("spikes", "v_last", "v_seq"),
     seed=0,
-    save=plif_ops.SAVE_H,
+    save=_C.SAVE_H,
     x_step=None,
 ) -> tuple[int, int]:
     """Forward and backward through the CPU op and through the emulated kernels, on inputs and
     outputs placed ``offset`` elements into their allocations (x and grad_spikes ``x_offset``);
-    asserts every output bit-equal. ``save``: what the forward keeps (every H, or checkpoints,
-    from which the backward recomputes H with x). ``x_step``: elements between the emulated x's
-    steps (None: N, contiguous; 0: one step broadcast over time); the CPU op gets the contiguous
-    copy. Returns the vector accesses of the emulated forward and backward."""
+    asserts every output bit-equal (a shared k's and v_init's gradient, summed in another
+    partition, to rounding). ``save``: what the compared forward keeps (every H, or checkpoints);
+    the backward, on CPU and GPU alike, recomputes H from x and the checkpoints. ``x_step``:
+    elements between the emulated x's steps (None: N, contiguous; 0: one step broadcast over
+    time); the CPU op gets the contiguous copy. Returns the vector accesses of the emulated forward and backward."""
     x_offset = offset if x_offset is None else x_offset
     x_step = neurons if x_step is None else x_step
     generator = torch.Generator().manual_seed(seed)
@@ -229,8 +208,9 @@ def run_case(
     v_init = (torch.randn(count, generator=generator, dtype=torch.float64) * 0.5).to(acc)
     ops = torch.ops.plif_cuda
 
-    spikes, v_last, v_seq, h_seq = ops.multistep_forward(x, k, v_init, *options, store_v_seq, save)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    spikes, v_last, v_seq, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+        x, k, v_init, **options, store_v_seq=store_v_seq, save=save
+    )
     em_x = _placed_steps(x, x_step, x_offset)
     em = {
         "spikes": _empty_placed(x.shape, dtype, offset),
@@ -241,24 +221,10 @@ def run_case(
     stride = 1 if per_neuron else 0
     # Named, so that they live until the kernels have run.
     em_k, em_v_init = _placed(k, offset), _placed(v_init, offset)
-    forward_vectors = _call(
-        lib.plif_emulate_forward,
-        DTYPE_CODES[dtype],
-        _ptr(em_x),
-        _ptr(em_k),
-        _ptr(em_v_init),
-        _ptr(em["spikes"]),
-        _ptr(em["v_last"]),
-        _ptr(em["v_seq"]),
-        _ptr(em["h_seq"]),
-        stride,
-        stride,
-        steps,
-        neurons,
-        x_step,
-        *_kernel_scalars(options, save),
-        resident_blocks,
-    )
+    # Both kernels' arguments after the tensors: k's and v_init's strides, the sizes, the options.
+    scalars = (stride, stride, steps, neurons, x_step, *_kernel_scalars(options, save), resident_blocks)
+    forward_tensors = (em_x, em_k, em_v_init, em["spikes"], em["v_last"], em["v_seq"], em["h_seq"])
+    forward_vectors = _call(lib.plif_emulate_forward, DTYPE_CODES[dtype], *map(_ptr, forward_tensors), *scalars)
     assert_bits_equal(em["spikes"], spikes, "spikes")
     assert_bits_equal(em["v_last"], v_last, "v_last")
     assert_bits_equal(em["h_seq"], h_seq, "h_seq")
@@ -272,73 +238,60 @@ def run_case(
     grad_spikes = upstream["spikes"] if "spikes" in grads else None
     grad_v_last = upstream["v_last"] if "v_last" in grads else None
     grad_v_seq = upstream["v_seq"] if "v_seq" in grads else None
+    if save != _C.SAVE_CHECKPOINTS:
+        h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x, k, v_init, **options, store_v_seq=False, save=_C.SAVE_CHECKPOINTS
+        )[3]
     grad_x, grad_k, grad_v_init = ops.multistep_backward(
-        grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options
+        grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, x_dtype=dtype, **options
     )
 
     em_inputs = [
         None if t is None else _placed(t, at)
         for t, at in ((grad_spikes, x_offset), (grad_v_last, offset), (grad_v_seq, offset), (h_seq, offset))
     ]
-    em_inputs.append(None if saved_x is None else em_x)
+    em_inputs.append(em_x)
     em_grad_x = _empty_placed(x.shape, dtype, offset)
-    em_grad_k = _empty_placed((neurons,), acc, offset)
-    em_grad_v_init = _empty_placed((neurons,), acc, offset)
+    em_grad_k = _empty_placed((count,), acc, offset)
+    em_grad_v_init = _empty_placed((count,), acc, offset)
+    backward_tensors = (*em_inputs, em_k, em_v_init, em_grad_x, em_grad_k, em_grad_v_init)
+    backward_scalars = (*scalars[:5], *_kernel_scalars(options, _C.SAVE_CHECKPOINTS), resident_blocks)
     backward_vectors = _call(
-        lib.plif_emulate_backward,
-        DTYPE_CODES[dtype],
-        *(_ptr(t) for t in em_inputs),
-        _ptr(em_k),
-        _ptr(em_v_init),
-        _ptr(em_grad_x),
-        _ptr(em_grad_k),
-        _ptr(em_grad_v_init),
-        stride,
-        stride,
-        steps,
-        neurons,
-        x_step,
-        *_kernel_scalars(options, save),
-        resident_blocks,
+        lib.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, backward_tensors), *backward_scalars
     )
     assert_bits_equal(em_grad_x, grad_x, "grad_x")
-    shares_k, shares_v_init = grad_k, grad_v_init
-    if not per_neuron:
-        # The CPU op returns the sum of the neurons' shares where k and v_init are one value (the
-        # GPU launchers sum the kernels' shares); the shares themselves, bit for bit the same
-        # arithmetic, come from the same call with k and v_init given per neuron.
+    if per_neuron:
+        assert_bits_equal(em_grad_k, grad_k, "grad_k")
+        assert_bits_equal(em_grad_v_init, grad_v_init, "grad_v_init")
+    else:
+        # Where k and v_init are one value, their gradients are the sums of the neurons' shares,
+        # which the CPU kernel sums per block of neurons and the GPU kernels per thread block: each
+        # within rounding of the shares' sum, which the same call with k and v_init given per
+        # neuron returns (bit for bit the same arithmetic per neuron).
         _, shares_k, shares_v_init = ops.multistep_backward(
             grad_spikes,
             grad_v_last,
             grad_v_seq,
             h_seq,
-            saved_x,
+            x,
             k.expand(neurons).contiguous(),
             v_init.expand(neurons).contiguous(),
-            dtype,
-            *options,
+            x_dtype=dtype,
+            **options,
         )
-        for total, shares in ((grad_k, shares_k), (grad_v_init, shares_v_init)):
-            assert total.shape == (1,)
+        for name, shares, totals in (
+            ("grad_k", shares_k, (grad_k, em_grad_k)),
+            ("grad_v_init", shares_v_init, (grad_v_init, em_grad_v_init)),
+        ):
             scale = shares.double().abs().sum().item()
-            torch.testing.assert_close(
-                total.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale + 1e-30
-            )
-    assert_bits_equal(em_grad_k, shares_k, "grad_k")
-    assert_bits_equal(em_grad_v_init, shares_v_init, "grad_v_init")
+            for total in totals:
+                assert total.shape == (1,), name
+                torch.testing.assert_close(
+                    total.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale + 1e-30
+                )
     return forward_vectors, backward_vectors
 
 
-OPTION_SETS = [
-    pytest.param({}, id="defaults"),
-    pytest.param({"v_reset": None}, id="soft_reset"),
-    pytest.param({"decay_input": False}, id="no_decay_input"),
-    pytest.param({"detach_reset": True}, id="detach_reset"),
-    pytest.param({"v_reset": None, "decay_input": False, "detach_reset": True}, id="soft_nodecay_detach"),
-    pytest.param({"v_reset": -0.3, "v_threshold": 0.7}, id="reset_threshold"),
-    pytest.param({"surrogate": "atan", "detach_reset": True}, id="paper_atan"),
-    pytest.param({"spiking": False, "surrogate": "atan"}, id="smooth_atan"),
-]
 # (resident blocks, neurons): the scalar path on an H200-sized grid with a tail in every dtype's
 # lanes, and the vector path, with a grid-stride loop, on a device keeping two blocks resident.
 GEOMETRIES = [
@@ -348,20 +301,20 @@ GEOMETRIES = [
 
 
 @pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks
+        emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks
     )
-    vector = resident_blocks != H200_BLOCKS and options.get("spiking", True)
+    vector = resident_blocks != H200_BLOCKS
     assert (forward_vectors > 0) == vector and backward_vectors == 0
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, spiking):
-    options = _options(surrogate=surrogate, alpha=1.7, spiking=spiking)
+    options = op_options(surrogate=surrogate, alpha=1.7, spiking=spiking)
     run_case(emulation, dtype, T_LONG, 600, options, H200_BLOCKS, seed=1)
     forward_vectors, _ = run_case(emulation, dtype, T_LONG, 4096, options, 1, seed=2)
     assert (forward_vectors > 0) == spiking
@@ -370,7 +323,7 @@ def test_every_surrogate_bit_equal_on_both_paths(emulation, dtype, surrogate, sp
 @pytest.mark.parametrize("steps", (1, 2, 3, 4, 5, 13, 33), ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
-    options = _options(v_reset=None, surrogate="piecewise_quadratic")
+    options = op_options(v_reset=None, surrogate="piecewise_quadratic")
     run_case(emulation, dtype, steps, 100, options, H200_BLOCKS, seed=steps)
     run_case(emulation, dtype, steps, 2048, options, 1, seed=steps)
 
@@ -380,7 +333,7 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
     # One resident block: the vector path would be chosen if N were a multiple of the lanes and
     # large enough; 4100 is a multiple of 4 (float32's lanes).
-    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, _options(), 1, seed=neurons)
+    forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_options(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
     assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
 
@@ -392,7 +345,7 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
     # stream is enough to take the whole launch down the scalar path.
     offset, x_offset = offsets
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, 11, 4096, _options(), 1, offset=offset, x_offset=x_offset
+        emulation, dtype, 11, 4096, op_options(), 1, offset=offset, x_offset=x_offset
     )
     assert forward_vectors == 0 and backward_vectors == 0
 
@@ -405,12 +358,12 @@ def test_misaligned_tensors_take_the_scalar_path(emulation, dtype, offsets):
 def test_absent_gradients(emulation, dtype, grads, resident_blocks):
     # Without grad_spikes the backward's chunks load H's rows in its place (and drop the values),
     # read as gradients of the input dtype.
-    run_case(emulation, dtype, 10, 1024, _options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
+    run_case(emulation, dtype, 10, 1024, op_options(), resident_blocks, grads=grads, store_v_seq="v_seq" in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
-    run_case(emulation, dtype, 10, 2048, _options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+    run_case(emulation, dtype, 10, 2048, op_options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
 
 
 def test_a_misaligned_vector_access_is_reported(emulation):
@@ -435,10 +388,10 @@ def test_a_misaligned_vector_access_is_reported(emulation):
     ids=lambda v: str(v),
 )
 def test_grid_rule_of_both_launchers(neurons, resident_blocks, blocks):
-    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through these ops)
+    # The one rule (csrc/plif_launch.h) that the nvcc launcher, the NVRTC one (through _C.launch_blocks)
     # and the emulation above launch with: one thread per neuron, capped at the resident blocks.
-    assert torch.ops.plif_cuda.threads_per_block() == 256
-    assert torch.ops.plif_cuda.launch_blocks(neurons, resident_blocks) == blocks
+    assert _C.THREADS_PER_BLOCK == 256
+    assert _C.launch_blocks(neurons, resident_blocks) == blocks
 
 
 # ---- checkpoints (half inputs keep x and every eighth H; the backward recomputes the rest) -----
@@ -446,13 +399,13 @@ CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
 
 
 @pytest.mark.parametrize("resident_blocks, neurons", GEOMETRIES)
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
     registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
     _, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(**options), resident_blocks, save=plif_ops.SAVE_CHECKPOINTS
+        emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks, save=_C.SAVE_CHECKPOINTS
     )
     assert backward_vectors == 0
 
@@ -460,9 +413,9 @@ def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, 
 @pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_at_every_sequence_length(emulation, dtype, steps):
-    options = _options(v_reset=None, surrogate="piecewise_quadratic")
-    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=plif_ops.SAVE_CHECKPOINTS)
-    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=plif_ops.SAVE_CHECKPOINTS)
+    options = op_options(v_reset=None, surrogate="piecewise_quadratic")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, save=_C.SAVE_CHECKPOINTS)
+    run_case(emulation, dtype, steps, 2048, options, 1, seed=steps, offset=1, save=_C.SAVE_CHECKPOINTS)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -472,10 +425,10 @@ def test_checkpoints_every_surrogate(emulation, surrogate, spiking):
         torch.bfloat16,
         20,
         700,
-        _options(surrogate=surrogate, alpha=1.7, spiking=spiking),
+        op_options(surrogate=surrogate, alpha=1.7, spiking=spiking),
         H200_BLOCKS,
         seed=3,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -488,12 +441,12 @@ def test_checkpoints_absent_gradients(emulation, grads):
         torch.float16,
         19,
         1024,
-        _options(),
+        op_options(),
         1,
         grads=grads,
         store_v_seq="v_seq" in grads,
         per_neuron=False,
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )
 
 
@@ -518,7 +471,7 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
     forward_vectors, backward_vectors = run_case(
-        emulation, dtype, T_LONG, neurons, _options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
+        emulation, dtype, T_LONG, neurons, op_options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
     )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
     assert backward_vectors == 0
@@ -530,10 +483,8 @@ def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, reside
 def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_step_of):
     """From checkpoints the backward reads x again: in place too, at the same step."""
     x_step = x_step_of(300, forward_lanes(dtype))
-    options = _options(v_reset=None, surrogate="atan")
-    run_case(
-        emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=plif_ops.SAVE_CHECKPOINTS
-    )
+    options = op_options(v_reset=None, surrogate="atan")
+    run_case(emulation, dtype, steps, 300, options, H200_BLOCKS, seed=steps, x_step=x_step, save=_C.SAVE_CHECKPOINTS)
     run_case(
         emulation,
         dtype,
@@ -543,5 +494,5 @@ def test_checkpoints_recompute_from_strided_steps(emulation, dtype, steps, x_ste
         1,
         seed=steps,
         x_step=x_step_of(2048, forward_lanes(dtype)),
-        save=plif_ops.SAVE_CHECKPOINTS,
+        save=_C.SAVE_CHECKPOINTS,
     )

@@ -8,8 +8,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from helpers import (
-    BACKEND_DEVICE,
-    BACKENDS,
+    NEURON_OPTION,
     SMOOTH_SURROGATES,
     SURROGATES,
     assert_grad_close,
@@ -22,22 +21,24 @@ from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
 from plif_cuda import plif_multistep
 
-# Each covers a different corner of the backward: reset kind, decay_input, detach_reset, the
-# shape of w (per layer, per channel) and of v_init (default, per neuron).
+# Each covers a different corner of the backward: one of the neuron's option combinations
+# (helpers.NEURON_OPTIONS) with a shape of w (per layer, channel or neuron) and of v_init.
 OPTION_SETS = {
-    "hard-decay-layer": dict(v_reset=0.0, decay_input=True, detach_reset=False, w_shape=(), v_init_shape=None),
+    "hard-decay-layer": dict(neuron=NEURON_OPTION["hard0-decay-attached"], w_shape=(), v_init_shape=None),
     "soft-nodecay-channel-vinit": dict(
-        v_reset=None, decay_input=False, detach_reset=False, w_shape=(2, 1), v_init_shape=(2, 5)
+        neuron=NEURON_OPTION["soft-nodecay-attached"], w_shape=(2, 1), v_init_shape=(2, 5)
     ),
-    "hard-detach-channel": dict(v_reset=-0.3, decay_input=True, detach_reset=True, w_shape=(2, 1), v_init_shape=None),
-    "soft-decay-detach-vinit": dict(v_reset=None, decay_input=True, detach_reset=True, w_shape=(), v_init_shape=(5,)),
+    "hard-detach-channel": dict(neuron=NEURON_OPTION["hard-0.3-decay-detach"], w_shape=(2, 1), v_init_shape=None),
+    "soft-decay-detach-vinit": dict(neuron=NEURON_OPTION["soft-decay-detach"], w_shape=(), v_init_shape=(5,)),
     "hard-nodecay-neuron-vinit": dict(
-        v_reset=0.2, decay_input=False, detach_reset=False, w_shape=(2, 5), v_init_shape=(2, 5)
+        neuron=NEURON_OPTION["hard-0.3-nodecay-attached"], w_shape=(2, 5), v_init_shape=(2, 5)
     ),
 }
 # detach_reset makes the first-order gradient differ from the derivative on purpose, so finite
 # differences cannot check it (the reference fails gradcheck there too).
-DIFFERENTIABLE_OPTION_SETS = {name: options for name, options in OPTION_SETS.items() if not options["detach_reset"]}
+DIFFERENTIABLE_OPTION_SETS = {
+    name: options for name, options in OPTION_SETS.items() if not options["neuron"]["detach_reset"]
+}
 FIRING_MODES = [pytest.param(s, True, id=f"{s}-spiking") for s in SURROGATES] + [
     pytest.param(s, False, id=f"{s}-smooth") for s in SMOOTH_SURROGATES
 ]
@@ -56,17 +57,7 @@ def _inputs(device, dtype, options, seed=0):
 
 
 def _call(backend, x_seq, w, v_init, options, **kwargs):
-    return plif_multistep(
-        x_seq,
-        w,
-        v_init,
-        v_reset=options["v_reset"],
-        decay_input=options["decay_input"],
-        detach_reset=options["detach_reset"],
-        store_v_seq=True,
-        backend=backend,
-        **kwargs,
-    )
+    return plif_multistep(x_seq, w, v_init, **options["neuron"], store_v_seq=True, backend=backend, **kwargs)
 
 
 def _first_and_second_order(backend, device, dtype, options, **kwargs):
@@ -81,14 +72,13 @@ def _first_and_second_order(backend, device, dtype, options, **kwargs):
 
 
 # ---- higher-order reverse mode ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_second_derivative_of_the_issue_example_matches_the_reference(backend):
+def test_second_derivative_of_the_issue_example_matches_the_reference(backend, device):
     """T=3, two neurons, x=0.5, w=-0.4, loss = sum(spikes) + sum(v_seq): d2L/dw2 = -0.2027 from
     the reference's autograd (the fused op once returned +0.1745 with only a warning)."""
 
     def second_derivative(name):
-        x_seq = torch.full((3, 2), 0.5, device=BACKEND_DEVICE[backend], requires_grad=True)
-        w = torch.tensor(-0.4, device=BACKEND_DEVICE[backend], requires_grad=True)
+        x_seq = torch.full((3, 2), 0.5, device=device, requires_grad=True)
+        w = torch.tensor(-0.4, device=device, requires_grad=True)
         spikes, _, v_seq = plif_multistep(x_seq, w, store_v_seq=True, backend=name)
         (grad_w,) = torch.autograd.grad(spikes.sum() + v_seq.sum(), w, create_graph=True)
         (grad_w_w,) = torch.autograd.grad(grad_w, w)
@@ -99,11 +89,9 @@ def test_second_derivative_of_the_issue_example_matches_the_reference(backend):
     assert_grad_close(fused, reference, torch.float32, summed_terms=6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 @pytest.mark.parametrize("surrogate, spiking", FIRING_MODES)
-def test_second_order_matches_the_reference(backend, options, surrogate, spiking):
-    device = BACKEND_DEVICE[backend]
+def test_second_order_matches_the_reference(backend, device, options, surrogate, spiking):
     kwargs = dict(surrogate=surrogate, spiking=spiking)
     fused_first, fused_second = _first_and_second_order(backend, device, torch.float64, options, **kwargs)
     ref_first, ref_second = _first_and_second_order("torch", device, torch.float64, options, **kwargs)
@@ -112,11 +100,9 @@ def test_second_order_matches_the_reference(backend, options, surrogate, spiking
     assert any(g.abs().max() > 0 for g in ref_second), "the case should have a nonzero second derivative"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_second_order_in_lower_precision_matches_the_reference(backend, dtype):
+def test_second_order_in_lower_precision_matches_the_reference(backend, device, dtype):
     options = OPTION_SETS["soft-nodecay-channel-vinit"]
-    device = BACKEND_DEVICE[backend]
     fused_first, fused_second = _first_and_second_order(backend, device, dtype, options, surrogate="atan")
     ref_first, ref_second = _first_and_second_order("torch", device, dtype, options, surrogate="atan")
     assert fused_first[0].dtype == dtype
@@ -124,10 +110,9 @@ def test_second_order_in_lower_precision_matches_the_reference(backend, dtype):
         assert_grad_close(fused, reference, dtype, summed_terms=40)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_third_derivative_matches_the_reference(backend):
+def test_third_derivative_matches_the_reference(backend, device):
     def third_derivative(name):
-        x_seq = make_seq((5, 3), torch.float64, BACKEND_DEVICE[backend], scale=0.9, shift=0.5)
+        x_seq = make_seq((5, 3), torch.float64, device, scale=0.9, shift=0.5)
         w = torch.tensor(0.3, dtype=torch.float64, device=x_seq.device, requires_grad=True)
         spikes, v_last, v_seq = plif_multistep(
             x_seq.requires_grad_(), w, surrogate="erf", store_v_seq=True, backend=name
@@ -142,11 +127,10 @@ def test_third_derivative_matches_the_reference(backend):
         assert_grad_close(fused, reference, torch.float64, summed_terms=15)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", DIFFERENTIABLE_OPTION_SETS.values(), ids=DIFFERENTIABLE_OPTION_SETS.keys())
 @pytest.mark.parametrize("surrogate", SMOOTH_SURROGATES)
-def test_gradgradcheck_smooth_mode(backend, options, surrogate):
-    x_seq, w, v_init, leaves = _inputs(BACKEND_DEVICE[backend], torch.float64, options, seed=3)
+def test_gradgradcheck_smooth_mode(backend, device, options, surrogate):
+    x_seq, w, v_init, leaves = _inputs(device, torch.float64, options, seed=3)
 
     def all_outputs(*leaves):
         x_seq, w, *v_init = leaves
@@ -197,11 +181,10 @@ def _weighted_sum(outputs, weights):
     return sum((out * weight).sum() for out, weight in zip(outputs, weights))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spiking", (True, False), ids=("spiking", "smooth"))
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-def test_forward_ad_tangents_match_the_reference(backend, options, spiking):
-    x_seq, w, v_init, leaves = _inputs(BACKEND_DEVICE[backend], torch.float32, options)
+def test_forward_ad_tangents_match_the_reference(backend, device, options, spiking):
+    x_seq, w, v_init, leaves = _inputs(device, torch.float32, options)
     primals = [leaf.detach() for leaf in leaves]
     tangents = _tangents_like(primals)
 
@@ -219,10 +202,9 @@ def test_forward_ad_tangents_match_the_reference(backend, options, spiking):
     assert fused[1].tangent.abs().max() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_jvp_matches_the_reference(backend):
+def test_func_jvp_matches_the_reference(backend, device):
     options = OPTION_SETS["hard-decay-layer"]
-    _, _, _, leaves = _inputs(BACKEND_DEVICE[backend], torch.float32, options)
+    _, _, _, leaves = _inputs(device, torch.float32, options)
     primals = tuple(leaf.detach() for leaf in leaves)
 
     def run(name):
@@ -235,13 +217,12 @@ def test_func_jvp_matches_the_reference(backend):
     assert fused_tangent[2].abs().max() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", ("grad", "jacrev", "jacfwd"))
-def test_func_derivatives_match_autograd(backend, transform):
+def test_func_derivatives_match_autograd(backend, device, transform):
     """torch.func.grad / jacrev / jacfwd through plif_multistep equal ordinary autograd through
     the fused op."""
     options = OPTION_SETS["soft-nodecay-channel-vinit"]
-    x_seq, w, v_init, leaves = _inputs(BACKEND_DEVICE[backend], torch.float32, options)
+    x_seq, w, v_init, leaves = _inputs(device, torch.float32, options)
 
     weights = _tangents_like(_call(backend, x_seq, w, v_init, options))
 
@@ -255,10 +236,9 @@ def test_func_derivatives_match_autograd(backend, transform):
         assert_grad_close(actual, reference, torch.float32, summed_terms=40)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_hessian_equals_double_backward(backend):
+def test_func_hessian_equals_double_backward(backend, device):
     options = OPTION_SETS["hard-detach-channel"]
-    x_seq, w, _, _ = _inputs(BACKEND_DEVICE[backend], torch.float64, options)
+    x_seq, w, _, _ = _inputs(device, torch.float64, options)
     x_seq = x_seq.detach()
 
     weights = _tangents_like(_call(backend, x_seq, w, None, options))
@@ -275,10 +255,8 @@ def test_func_hessian_equals_double_backward(backend):
     assert hessian.abs().max() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_equals_one_call_per_sample(backend):
+def test_vmap_equals_one_call_per_sample(backend, device):
     options = OPTION_SETS["soft-nodecay-channel-vinit"]
-    device = BACKEND_DEVICE[backend]
     batch = make_seq((3, 4, 2, 5), torch.float32, device, seed=5, scale=0.9, shift=0.5)
     _, w, v_init, _ = _inputs(device, torch.float32, options)
     w, v_init = w.detach(), v_init.detach()

@@ -4,29 +4,15 @@ rest; gradients equal those from every H bit for bit."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import plif_cuda
-from helpers import SURROGATE_CASES, assert_grad_close, printed_by_fresh_interpreter
-from plif_cuda import ops
+from helpers import NEURON_OPTIONS, SURROGATE_CASES, assert_grad_close, op_options, printed_by_fresh_interpreter
+from plif_cuda import _C
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# (v_threshold, v_reset, soft_reset, decay_input, detach_reset)
-OPTION_GRID = {
-    f"{'soft' if soft else 'hard'}-{'decay' if decay else 'nodecay'}-{'detach' if detach else 'attached'}": (
-        1.0,
-        0.0 if soft else -0.3,
-        soft,
-        decay,
-        detach,
-    )
-    for soft, decay, detach in itertools.product((False, True), repeat=3)
-}
 
 
 def saved_bytes(forward) -> int:
@@ -60,10 +46,14 @@ def _inputs(T, N, dtype, per_neuron, seed=0):
 def _both_modes(x, k, v_init, options, grads):
     """Forward and backward op from every H and from the checkpoints; returns both result pairs."""
     results = []
-    for save in (ops.SAVE_H, ops.SAVE_CHECKPOINTS):
-        forward = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, save)
-        saved_x = x if save == ops.SAVE_CHECKPOINTS else None
-        backward = torch.ops.plif_cuda.multistep_backward(*grads, forward[3], saved_x, k, v_init, x.dtype, *options)
+    for save in (_C.SAVE_H, _C.SAVE_CHECKPOINTS):
+        forward = torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x, k, v_init, **options, store_v_seq=True, save=save
+        )
+        saved_x = x if save == _C.SAVE_CHECKPOINTS else None
+        backward = torch.ops.plif_cuda.multistep_backward(
+            *grads, forward[3], saved_x, k, v_init, x_dtype=x.dtype, **options
+        )
         results.append((forward, backward))
     return results
 
@@ -75,7 +65,7 @@ def test_half_inputs_keep_at_most_2_5_bytes_per_neuron_step(dtype, steps):
     w = torch.tensor(0.2, requires_grad=True)
     kept = saved_bytes(lambda: plif_cuda.plif_multistep(x, w, backend="cpu"))
     # x itself (2 B) and one fp32 H per 8 steps, but none for the last chunk.
-    expected = x.numel() * 2 + ops.checkpoint_rows(steps) * 1200 * 4
+    expected = x.numel() * 2 + _C.checkpoint_rows(steps) * 1200 * 4
     per_neuron = 4 * 4 + 4  # k (one value) and v_init, not per step
     assert expected <= kept <= expected + per_neuron, kept
     assert kept / x.numel() <= 2.5 + per_neuron / x.numel()
@@ -89,16 +79,15 @@ def test_full_precision_keeps_h(dtype):
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
-@pytest.mark.parametrize("options", OPTION_GRID.values(), ids=OPTION_GRID.keys())
+@pytest.mark.parametrize("options", NEURON_OPTIONS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES + (torch.float32,), ids=str)
 def test_checkpoints_give_the_gradients_of_every_h_bit_for_bit(dtype, options, surrogate, spiking):
     """Whole blocks of the CPU kernel, a lane group and single neurons; T not a multiple of 8."""
-    name, alpha = resolve_surrogate(surrogate, None)
     x, k, v_init, grads = _inputs(19, 2 * 1024 + 128 + 5, dtype, per_neuron=True)
-    scalars = (*options, SURROGATE_IDS[name], alpha, spiking)
+    scalars = op_options(**options, surrogate=surrogate, spiking=spiking)
     (forward_h, backward_h), (forward_c, backward_c) = _both_modes(x, k, v_init, scalars, grads)
     assert torch.equal(forward_h[0], forward_c[0]) and torch.equal(forward_h[1], forward_c[1])
-    assert torch.equal(forward_c[3], forward_h[3][ops.CHECKPOINT_STEPS - 1 :: ops.CHECKPOINT_STEPS][:2])
+    assert torch.equal(forward_c[3], forward_h[3][_C.CHECKPOINT_STEPS - 1 :: _C.CHECKPOINT_STEPS][:2])
     for from_h, from_checkpoints in zip(backward_h, backward_c):
         assert torch.equal(from_h, from_checkpoints)
 
@@ -107,9 +96,9 @@ def test_checkpoints_give_the_gradients_of_every_h_bit_for_bit(dtype, options, s
 @pytest.mark.parametrize("per_neuron", (True, False), ids=("neuron", "layer"))
 def test_checkpoints_at_every_sequence_length(steps, per_neuron):
     x, k, v_init, grads = _inputs(steps, 1024 + 3, torch.bfloat16, per_neuron, seed=steps)
-    scalars = (*OPTION_GRID["hard-decay-attached"], SURROGATE_IDS["sigmoid"], 4.0, True)
+    scalars = op_options(v_reset=-0.3)
     (_, backward_h), (forward_c, backward_c) = _both_modes(x, k, v_init, scalars, grads)
-    assert forward_c[3].shape == (ops.checkpoint_rows(steps), 1024 + 3)
+    assert forward_c[3].shape == (_C.checkpoint_rows(steps), 1024 + 3)
     for from_h, from_checkpoints in zip(backward_h, backward_c):
         assert torch.equal(from_h, from_checkpoints)
 
@@ -148,11 +137,13 @@ def test_second_derivatives_from_checkpoints_equal_those_from_every_h():
     """create_graph: the backward recomputes every H as a differentiable function of x."""
     x = (torch.randn(12, 40, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.6).bfloat16().requires_grad_()
     results = []
-    for save in (ops.SAVE_H, ops.SAVE_CHECKPOINTS):
+    for save in (_C.SAVE_H, _C.SAVE_CHECKPOINTS):
         w = torch.tensor(0.4, requires_grad=True)
         k = torch.sigmoid(w).reshape(1)
-        scalars = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, False)  # smooth: non-zero 2nd order
-        spikes = torch.ops.plif_cuda.multistep_forward(x, k, torch.zeros(1), *scalars, False, save)[0]
+        options = op_options(spiking=False)  # smooth: a non-zero second order
+        spikes = torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x, k, torch.zeros(1), **options, store_v_seq=False, save=save
+        )[0]
         (grad_w,) = torch.autograd.grad(spikes.float().pow(2).sum(), [w], create_graph=True)
         (second,) = torch.autograd.grad(grad_w, [w])
         results.append((grad_w.detach(), second))
@@ -162,18 +153,21 @@ def test_second_derivatives_from_checkpoints_equal_those_from_every_h():
 
 _LEAN_PASS_LARGER_THAN_THE_CACHE = """
 import torch, plif_cuda
-from plif_cuda import ops
+from plif_cuda import _C
 T, N = 19, (1 << 20) // 16 + 4099  # past the 1 MiB cache it is told of: streaming stores
 g = torch.Generator().manual_seed(0)
 x = (torch.randn(T, N, generator=g) + 0.5).bfloat16()
 k, v_init = torch.full((N,), 0.3), torch.zeros(1)
 grads = (torch.randn(T, N, generator=g).bfloat16(), None, None)
-options = (1.0, 0.0, False, True, False, 0, 4.0, True)
+options = dict(v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0,
+               spiking=True)
 results = []
-for save in (ops.SAVE_H, ops.SAVE_CHECKPOINTS):
-    forward = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, False, save)
-    saved_x = x if save == ops.SAVE_CHECKPOINTS else None
-    results.append(torch.ops.plif_cuda.multistep_backward(*grads, forward[3], saved_x, k, v_init, x.dtype, *options))
+for save in (_C.SAVE_H, _C.SAVE_CHECKPOINTS):
+    forward = torch.ops.plif_cuda_internal.multistep_forward_saving(x, k, v_init, **options, store_v_seq=False,
+                                                                    save=save)
+    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
+    results.append(torch.ops.plif_cuda.multistep_backward(*grads, forward[3], saved_x, k, v_init, x_dtype=x.dtype,
+                                                          **options))
 assert all(torch.equal(a, b) for a, b in zip(*results))
 print("ok")
 """
@@ -183,14 +177,15 @@ def test_checkpoints_past_the_last_level_cache():
     assert printed_by_fresh_interpreter(_LEAN_PASS_LARGER_THAN_THE_CACHE, PLIF_CPU_LLC_MB="1") == "ok"
 
 
+NEURON = op_options()
+
+
 def test_backward_op_checks_the_checkpoint_shape():
     x = torch.randn(17, 6).half()
     k = torch.full((1,), 0.5)
     with pytest.raises(RuntimeError, match=r"h_seq must hold the checkpoint rows of x: shape \[2, 6\]"):
-        torch.ops.plif_cuda.multistep_backward(
-            None, None, None, torch.zeros(3, 6), x, k, k, x.dtype, 1.0, 0.0, False, True, False, 0, 4.0, True
-        )
+        torch.ops.plif_cuda.multistep_backward(None, None, None, torch.zeros(3, 6), x, k, k, x_dtype=x.dtype, **NEURON)
     with pytest.raises(RuntimeError, match="x must have dtype"):
         torch.ops.plif_cuda.multistep_backward(
-            None, None, None, torch.zeros(2, 6), x.float(), k, k, x.dtype, 1.0, 0.0, False, True, False, 0, 4.0, True
+            None, None, None, torch.zeros(2, 6), x.float(), k, k, x_dtype=x.dtype, **NEURON
         )

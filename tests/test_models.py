@@ -1,14 +1,13 @@
 """plif_cuda.models (the paper's networks) and examples/train.py on the bundled digits."""
 
 import csv
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import load_script, train_tiny_network
 from plif_cuda import LIFNode, ParametricLIFNode
 from plif_cuda.models import (
     EventFrameSNN,
@@ -21,7 +20,6 @@ from plif_cuda.models import (
 )
 
 SMALL = dict(depth=2, width=4, fc_width=12, voting=3, dropout=0.0)
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train.py"
 
 
 def strengthen(model):
@@ -33,31 +31,14 @@ def strengthen(model):
     return model
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("plif_train_example", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "neuron, pooling, tau_granularity, batch_norm",
     list(itertools.product(("plif", "lif"), ("max", "avg"), ("layer", "channel"), (True, False))),
 )
 def test_static_image_net_forward_backward(neuron, pooling, tau_granularity, batch_norm):
     torch.manual_seed(0)
-    model = StaticImageSNN(
-        in_channels=3,
-        image_size=8,
-        num_classes=5,
-        T=3,
-        neuron=neuron,
-        pooling=pooling,
-        tau_granularity=tau_granularity,
-        batch_norm=batch_norm,
-        init_tau=3.0,
-        **SMALL,
-    )
+    choices = dict(neuron=neuron, pooling=pooling, tau_granularity=tau_granularity, batch_norm=batch_norm)
+    model = StaticImageSNN(in_channels=3, image_size=8, num_classes=5, T=3, init_tau=3.0, **choices, **SMALL)
     x = torch.rand(4, 3, 8, 8) * 4
     rates = model(x)
     assert rates.shape == (4, 5)
@@ -191,7 +172,7 @@ def read_rows(path):
 
 
 def test_training_on_digits_learns_and_resumes(tmp_path):
-    train = load_train_script()
+    train = load_script("examples/train.py")
     common = ["--dataset", "digits", "--no-progress", "--no-plot"]
     straight = train.main(common + ["--epochs", "3", "--out-dir", str(tmp_path / "straight")])
     # Chance is 10%; the untrained network sits near it (its first-epoch train accuracy shows that).
@@ -243,29 +224,7 @@ def write_fake_mnist(root, rng):
 def test_train_script_runs_on_files_from_data_dir(tmp_path, dataset, writer):
     writer(tmp_path / "data", np.random.default_rng(0))
     out_dir = tmp_path / "run"
-    row = load_train_script().main(
-        [
-            "--dataset",
-            dataset,
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--out-dir",
-            str(out_dir),
-            "--epochs",
-            "1",
-            "--T",
-            "3",
-            "--width",
-            "4",
-            "--fc-width",
-            "8",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--no-progress",
-        ]
-    )
+    row = train_tiny_network(dataset, out_dir, data_dir=tmp_path / "data", batch_size=2)
     assert row["epoch"] == 1
     assert len(read_rows(out_dir / "metrics.csv")) == 1
     assert (out_dir / "curves.png").stat().st_size > 0
@@ -273,7 +232,7 @@ def test_train_script_runs_on_files_from_data_dir(tmp_path, dataset, writer):
 
 
 def test_plain_progress_reports_and_yields_everything(capsys):
-    train = load_train_script()
+    train = load_script("examples/train.py")
     assert list(train._plain_progress(range(20), 20, "work")) == list(range(20))
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "  work: 20/20" and len(lines) == 10

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
+from helpers import BACKEND_DEVICE, assert_grad_close, assert_membrane_close, make_seq, random_weights_like
 from plif_cuda import surrogate as plif_surrogate
 
 
@@ -17,11 +17,9 @@ def _layer(backend, **kwargs):
     return plif_cuda.ParametricLIFNode(backend=backend, **kwargs).to(BACKEND_DEVICE[backend])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v_reset", (0.0, None), ids=("hard", "soft"))
 @pytest.mark.parametrize("tau_shape", ((), (3, 1)), ids=("layer_tau", "channel_tau"))
-def test_single_step_calls_equal_multi_step(backend, v_reset, tau_shape):
-    device = BACKEND_DEVICE[backend]
+def test_single_step_calls_equal_multi_step(backend, device, v_reset, tau_shape):
     x_seq = make_seq((7, 2, 3, 67), torch.float32, device).requires_grad_()
     single = _layer(backend, step_mode="s", v_reset=v_reset, tau_shape=tau_shape, init_tau=3.0)
     multi = _layer(backend, step_mode="m", v_reset=v_reset, tau_shape=tau_shape, init_tau=3.0)
@@ -42,9 +40,7 @@ def test_single_step_calls_equal_multi_step(backend, v_reset, tau_shape):
     assert_grad_close(grad_w_single, grad_w_multi, torch.float32, summed_terms=x_seq.numel() // single.w.numel())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_membrane_persists_and_carries_gradient_across_calls(backend):
-    device = BACKEND_DEVICE[backend]
+def test_membrane_persists_and_carries_gradient_across_calls(backend, device):
     first = make_seq((3, 2, 67), torch.float32, device, seed=1).requires_grad_()
     second = make_seq((4, 2, 67), torch.float32, device, seed=2).requires_grad_()
     layer = _layer(backend, step_mode="m", store_v_seq=True)
@@ -68,10 +64,8 @@ def test_membrane_persists_and_carries_gradient_across_calls(backend):
     assert_grad_close(grad_w, grad_w_whole, torch.float32, summed_terms=whole.numel())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v_reset", (-0.3, None), ids=("hard", "soft"))
-def test_reset(backend, v_reset):
-    device = BACKEND_DEVICE[backend]
+def test_reset(backend, device, v_reset):
     x_seq = make_seq((5, 2, 67), torch.float32, device)
     layer = _layer(backend, step_mode="m", v_reset=v_reset, store_v_seq=True)
     first = layer(x_seq)
@@ -82,9 +76,7 @@ def test_reset(backend, v_reset):
     assert torch.equal(layer(x_seq), first)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_store_v_seq(backend):
-    device = BACKEND_DEVICE[backend]
+def test_store_v_seq(backend, device):
     x_seq = make_seq((6, 2, 67), torch.float32, device)
     layer = _layer(backend, step_mode="m", store_v_seq=True, v_reset=None)
     layer(x_seq)
@@ -153,9 +145,7 @@ def test_known_surrogates_use_the_fused_path(surrogate_function):
     assert_grad_close(grad_fused, grad_ref, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_any_callable_surrogate_falls_back_with_one_warning(backend):
-    device = BACKEND_DEVICE[backend]
+def test_any_callable_surrogate_falls_back_with_one_warning(backend, device):
     atan = plif_surrogate.ATan(alpha=3.0)
 
     def my_surrogate(x):
@@ -206,3 +196,18 @@ def test_input_shape_change_needs_reset():
         layer(make_seq((2, 4, 5), torch.float32))
     layer.reset()
     assert layer(make_seq((2, 4, 5), torch.float32)).shape == (2, 4, 5)
+
+
+def test_lif_node_takes_the_parametric_nodes_arguments_with_a_fixed_tau():
+    """SpikingJelly's LIFNode order: tau, decay_input, v_threshold, v_reset, surrogate_function,
+    detach_reset, step_mode, backend, store_v_seq."""
+    surrogate = plif_cuda.surrogate.ATan()
+    layer = plif_cuda.LIFNode(3.0, False, 0.5, None, surrogate, True, "m", "cpu", True)
+    assert (layer.tau, layer.decay_input, layer.v_threshold, layer.v_reset) == (3.0, False, 0.5, None)
+    assert layer.surrogate_function is surrogate and layer.detach_reset
+    assert (layer.step_mode, layer.backend, layer.store_v_seq) == ("m", "cpu", True)
+    with pytest.raises(TypeError, match="positional"):
+        plif_cuda.LIFNode(3.0, False, 0.5, None, surrogate, True, "m", "cpu", True, (2,))
+    for name, value in (("init_tau", 3.0), ("tau_shape", (2,)), ("learnable_tau", False)):
+        with pytest.raises(TypeError, match=name):
+            plif_cuda.LIFNode(**{name: value})

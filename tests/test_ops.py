@@ -11,16 +11,29 @@ from torch import nn
 
 import plif_cuda
 from helpers import BACKEND_DEVICE, BACKENDS, make_seq
+from plif_cuda import _C
 from plif_cuda import backends as plif_backends
 from plif_cuda import ops as plif_ops
-from plif_cuda.surrogate import SURROGATE_IDS
 
 OPCHECK_OPTION_SETS = {
-    # v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking
-    "hard-decay-sigmoid": (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True),
-    "soft-nodecay-atan-detach": (0.7, 0.0, True, False, True, SURROGATE_IDS["atan"], 2.0, True),
-    "hard-smooth-erf": (1.0, -0.5, False, True, False, SURROGATE_IDS["erf"], 2.0, False),
-    "soft-superspike": (1.2, 0.0, True, True, False, SURROGATE_IDS["super_spike"], 1.0, True),
+    "hard-decay-sigmoid": dict(
+        v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0, spiking=True
+    ),
+    "soft-nodecay-atan-detach": dict(
+        v_threshold=0.7, v_reset=None, decay_input=False, detach_reset=True, surrogate="atan", alpha=2.0, spiking=True
+    ),
+    "hard-smooth-erf": dict(
+        v_threshold=1.0, v_reset=-0.5, decay_input=True, detach_reset=False, surrogate="erf", alpha=2.0, spiking=False
+    ),
+    "soft-superspike": dict(
+        v_threshold=1.2,
+        v_reset=None,
+        decay_input=True,
+        detach_reset=False,
+        surrogate="super_spike",
+        alpha=1.0,
+        spiking=True,
+    ),
 }
 
 
@@ -37,6 +50,81 @@ def _op_inputs(device, dtype, per_neuron, requires_grad):
     return x, k, v_init
 
 
+def _forward_keeping(backend, save, x, k, v_init, **options):
+    """The forward that keeps ``save`` for the backward: the backend's op where that is the op's
+    own choice, else the internal one that takes the save mode (CPU or the nvcc launcher)."""
+    if save == plif_ops.save_mode(x, True):
+        return plif_backends.forward_op(backend)(x, k, v_init, **options, needs_backward=True)
+    return torch.ops.plif_cuda_internal.multistep_forward_saving(x, k, v_init, **options, save=save)
+
+
+def test_the_forward_schema_says_what_the_neuron_needs():
+    """At most 12 arguments: the tensors, then keyword-only the neuron's parameters and options,
+    store_v_seq and whether a backward follows; no launcher, no save mode. Both launchers' ops
+    have the one schema, and so have the backward ops."""
+    for name in ("multistep_forward", "multistep_backward"):
+        compiled = getattr(torch.ops.plif_cuda, name).default._schema
+        nvrtc = getattr(torch.ops.plif_cuda, f"{name}_nvrtc").default._schema
+        assert [(a.name, str(a.type), a.kwarg_only) for a in compiled.arguments] == [
+            (a.name, str(a.type), a.kwarg_only) for a in nvrtc.arguments
+        ]
+    schema = torch.ops.plif_cuda.multistep_forward.default._schema
+    names = [argument.name for argument in schema.arguments]
+    assert len(names) <= 12
+    assert names[:3] == ["x", "k", "v_init"] and not any(a.kwarg_only for a in schema.arguments[:3])
+    assert all(a.kwarg_only for a in schema.arguments[3:])
+    assert {"store_v_seq", "needs_backward", "surrogate", "v_reset"} <= set(names)
+    assert not {"launcher", "save", "soft_reset"} & set(names)
+    assert str(schema.arguments[names.index("v_reset")].type) == "Optional[float]"
+
+
+def test_service_functions_are_not_public_ops():
+    for name in ("multistep_forward", "multistep_backward", "multistep_forward_nvrtc", "multistep_backward_nvrtc"):
+        assert hasattr(torch.ops.plif_cuda, name), name
+    for service in ("nvrtc_launch_forward", "threads_per_block", "launch_blocks", "cpu_cache_bytes", "empty_cpu_cache"):
+        assert not hasattr(torch.ops.plif_cuda, service), service
+    assert hasattr(torch.ops.plif_cuda_internal, "nvrtc_launch_forward")
+    assert _C.launch_blocks(1000, 2) == 2 and _C.cpu_cache_bytes() >= 0
+
+
+def test_the_op_decides_what_to_keep():
+    """Half inputs keep H's checkpoint rows (and the backward then needs x), the others every H,
+    nothing without a backward; the h_seq output shows which."""
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x, k, v_init = _op_inputs("cpu", dtype, per_neuron=False, requires_grad=False)
+        options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
+        kept = torch.ops.plif_cuda.multistep_forward(x, k, v_init, **options, store_v_seq=False, needs_backward=True)[3]
+        nothing = torch.ops.plif_cuda.multistep_forward(
+            x, k, v_init, **options, store_v_seq=False, needs_backward=False
+        )[3]
+        assert nothing.numel() == 0
+        if plif_ops.save_mode(x, True) == _C.SAVE_CHECKPOINTS:
+            assert kept.shape == (_C.checkpoint_rows(x.shape[0]), *x.shape[1:])
+        else:
+            assert plif_ops.save_mode(x, True) == _C.SAVE_H and kept.shape == x.shape
+    assert plif_ops.save_mode(torch.empty(1, dtype=torch.bfloat16), True) == _C.SAVE_CHECKPOINTS
+    assert plif_ops.save_mode(torch.empty(1), False) == _C.SAVE_NOTHING
+
+
+def test_surrogates_go_by_name():
+    """The op maps the names to its kernels' ids; Python's surrogates are the same set."""
+    from plif_cuda.surrogate import DEFAULT_ALPHA
+
+    assert set(_C.SURROGATES) == set(DEFAULT_ALPHA) and len(_C.SURROGATES) == len(DEFAULT_ALPHA)
+    x, k, v_init = _op_inputs("cpu", torch.float32, per_neuron=False, requires_grad=False)
+    options = dict(OPCHECK_OPTION_SETS["hard-decay-sigmoid"], spiking=False)
+    primitives = {
+        name: torch.ops.plif_cuda.multistep_forward(
+            x, k, v_init, **dict(options, surrogate=name), store_v_seq=False, needs_backward=False
+        )[0]
+        for name in _C.SURROGATES
+        if name != "super_spike"
+    }
+    for name, spikes in primitives.items():
+        ref = plif_cuda.plif_multistep_ref(x, torch.logit(k), v_init, **dict(options, surrogate=name))[0]
+        torch.testing.assert_close(spikes, ref, msg=name)
+
+
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
 @pytest.mark.parametrize("store_v_seq", (True, False), ids=("v_seq", "no_v_seq"))
 @pytest.mark.parametrize("options", OPCHECK_OPTION_SETS.values(), ids=OPCHECK_OPTION_SETS.keys())
@@ -48,7 +136,9 @@ def _op_inputs(device, dtype, per_neuron, requires_grad):
 def test_opcheck_forward(backend, options, store_v_seq, dtype, per_neuron):
     x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], dtype, per_neuron, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, store_v_seq, plif_ops.save_mode(x, True))
+        plif_backends.forward_op(backend),
+        (x, k, v_init),
+        dict(options, store_v_seq=store_v_seq, needs_backward=True),
     )
 
 
@@ -56,7 +146,20 @@ def test_opcheck_forward(backend, options, store_v_seq, dtype, per_neuron):
 def test_opcheck_forward_without_saving(backend):
     x, k, v_init = _op_inputs(BACKEND_DEVICE[backend], torch.float32, True, requires_grad=False)
     options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
-    torch.library.opcheck(torch.ops.plif_cuda.multistep_forward, (x, k, v_init, *options, True, plif_ops.SAVE_NOTHING))
+    torch.library.opcheck(
+        plif_backends.forward_op(backend), (x, k, v_init), dict(options, store_v_seq=True, needs_backward=False)
+    )
+
+
+@pytest.mark.parametrize("save", ("every-h", "checkpoints"))
+def test_opcheck_forward_that_names_its_save_mode(save):
+    x, k, v_init = _op_inputs("cpu", torch.float32, True, requires_grad=True)
+    options = OPCHECK_OPTION_SETS["soft-nodecay-atan-detach"]
+    torch.library.opcheck(
+        torch.ops.plif_cuda_internal.multistep_forward_saving,
+        (x, k, v_init),
+        dict(options, store_v_seq=True, save=_C.SAVE_H if save == "every-h" else _C.SAVE_CHECKPOINTS),
+    )
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cupy"])
@@ -67,8 +170,8 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
     device = BACKEND_DEVICE[backend]
     x, k, v_init = _op_inputs(device, dtype, per_neuron=True, requires_grad=False)
     save = plif_ops.save_mode(x, True)
-    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, True, save)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    _, _, _, h_seq = _forward_keeping(backend, save, x, k, v_init, **options, store_v_seq=True)
+    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
     grad_v_last = make_seq(x.shape[1:], h_seq.dtype, device, seed=2)  # v_last is in the compute dtype
     grad_v_seq = make_seq(x.shape, dtype, device, seed=3)
@@ -77,8 +180,9 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
     elif which_grads == "v_last_only":
         grad_spikes = grad_v_seq = None
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_backward,
-        (grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options),
+        plif_backends.backward_op(backend),
+        (grad_spikes, grad_v_last, grad_v_seq, h_seq, saved_x, k, v_init),
+        dict(options, x_dtype=dtype),
     )
 
 
@@ -87,10 +191,10 @@ def test_opcheck_backward(backend, options, which_grads, dtype):
 @pytest.mark.parametrize(
     "dtype, save",
     [
-        (torch.float32, plif_ops.SAVE_H),
-        (torch.float32, plif_ops.SAVE_CHECKPOINTS),
-        (torch.float64, plif_ops.SAVE_H),
-        (torch.bfloat16, plif_ops.SAVE_CHECKPOINTS),
+        (torch.float32, "every-h"),
+        (torch.float32, "checkpoints"),
+        (torch.float64, "every-h"),
+        (torch.bfloat16, "checkpoints"),
     ],
     ids=("f32", "f32-checkpoints", "f64", "bf16-checkpoints"),
 )
@@ -98,24 +202,23 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
     """Where k or v_init is one value, the backward op returns one value: the sum of what the same
     call returns per neuron when they are given per neuron (the same arithmetic, neuron by neuron)."""
     device = BACKEND_DEVICE[backend]
-    if device == "cuda" and save == plif_ops.SAVE_CHECKPOINTS and dtype == torch.float32:
+    save = _C.SAVE_H if save == "every-h" else _C.SAVE_CHECKPOINTS
+    if device == "cuda" and save == _C.SAVE_CHECKPOINTS and dtype == torch.float32:
         pytest.skip("checkpoints are for half inputs on CUDA")
-    launcher = plif_backends.launcher(backend)
     options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_seq((11, neurons), dtype, device)
     k_one = torch.full((1,), 0.4, dtype=acc, device=device)
     v_init_one = torch.full((1,), 0.1, dtype=acc, device=device)
     k_all, v_init_all = k_one.expand(neurons).contiguous(), v_init_one.expand(neurons).contiguous()
-    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k_one, v_init_one, *options, False, save, launcher)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    _, _, _, h_seq = _forward_keeping(backend, save, x, k_one, v_init_one, **options, store_v_seq=False)
+    saved_x = x if save == _C.SAVE_CHECKPOINTS else None
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
     grad_v_last = make_seq((neurons,), acc, device, seed=2)
+    backward_op = plif_backends.backward_op(backend)
 
     def backward(k, v_init):
-        return torch.ops.plif_cuda.multistep_backward(
-            grad_spikes, grad_v_last, None, h_seq, saved_x, k, v_init, dtype, *options, launcher
-        )
+        return backward_op(grad_spikes, grad_v_last, None, h_seq, saved_x, k, v_init, x_dtype=dtype, **options)
 
     grad_x, shares_k, shares_v_init = backward(k_all, v_init_all)
     for k, v_init in ((k_one, v_init_one), (k_one, v_init_all), (k_all, v_init_one)):
@@ -129,8 +232,9 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
                 scale = shares.double().abs().sum().item()
                 torch.testing.assert_close(grad.double(), shares.double().sum().reshape(1), rtol=0.0, atol=1e-6 * scale)
     torch.library.opcheck(
-        torch.ops.plif_cuda.multistep_backward,
-        (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one, dtype, *options, launcher),
+        backward_op,
+        (grad_spikes, grad_v_last, None, h_seq, saved_x, k_one, v_init_one),
+        dict(options, x_dtype=dtype),
     )
 
 
@@ -141,20 +245,18 @@ def test_a_membrane_gradient_of_zeros_gives_the_bits_of_an_absent_one(backend, o
     """Training's usual call (dL/dS only) takes a copy of the CPU loop of its own, without the
     selects for absent gradients; given dL/dV[t] as zeros, the general loop must give the same bits."""
     device = BACKEND_DEVICE[backend]
-    launcher = plif_backends.launcher(backend)
     options = OPCHECK_OPTION_SETS[options]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_seq((9, 3 * 1024 + 200), dtype, device)
     k = torch.full((1,), 0.4, dtype=acc, device=device)
     v_init = torch.full((1,), 0.1, dtype=acc, device=device)
-    save = plif_ops.save_mode(x, True)
-    _, _, _, h_seq = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *options, False, save, launcher)
-    saved_x = x if save == plif_ops.SAVE_CHECKPOINTS else None
+    _, _, _, h_seq = plif_backends.forward_op(backend)(x, k, v_init, **options, store_v_seq=False, needs_backward=True)
+    saved_x = x if plif_ops.save_mode(x, True) == _C.SAVE_CHECKPOINTS else None
     grad_spikes = make_seq(x.shape, dtype, device, seed=1)
 
     def backward(grad_v_seq):
-        return torch.ops.plif_cuda.multistep_backward(
-            grad_spikes, None, grad_v_seq, h_seq, saved_x, k, v_init, dtype, *options, launcher
+        return plif_backends.backward_op(backend)(
+            grad_spikes, None, grad_v_seq, h_seq, saved_x, k, v_init, x_dtype=dtype, **options
         )
 
     absent, zeros = backward(None), backward(torch.zeros_like(x))
@@ -261,19 +363,7 @@ def test_torch_backend_is_the_reference(monkeypatch):
     x_seq, w = _inputs()
     monkeypatch.setattr(plif_backends, "forward_op", lambda backend: pytest.fail("a fused op ran for 'torch'"))
     spikes, v_last, v_seq = plif_cuda.plif_multistep(x_seq, w, backend="torch", v_reset=None, store_v_seq=True)
-    ref = plif_cuda.plif_multistep_ref(
-        x_seq,
-        torch.sigmoid(w),
-        torch.tensor(0.0),
-        v_threshold=1.0,
-        v_reset=None,
-        decay_input=True,
-        detach_reset=False,
-        surrogate="sigmoid",
-        alpha=4.0,
-        spiking=True,
-        store_v_seq=True,
-    )
+    ref = plif_cuda.plif_multistep_ref(x_seq, w, v_reset=None, store_v_seq=True)
     assert torch.equal(spikes, ref[0]) and torch.equal(v_last, ref[1]) and torch.equal(v_seq, ref[2])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT, load_script
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/../calls.log"
@@ -26,7 +26,7 @@ case "$*" in
     [ "${FAKE_BUILD_FAILS:-0}" = 1 ] && { echo "fake compiler error"; exit 1; }
     echo "  running build_ext"
     echo "  plif_cuda: building the CPU kernels only (fake build)" >&2
-    mkdir -p plif_cuda && echo "library" > plif_cuda/_C.fake.so && echo "# fake" > plif_cuda/_build_info.py ;;
+    mkdir -p plif_cuda && echo "library" > plif_cuda/_C.fake.so ;;
 esac
 exit 0
 """
@@ -38,9 +38,9 @@ BUILD_VARIABLES = ("PLIF_CPU_ONLY", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "PLIF_P
 def sandbox(tmp_path):
     """A copy of what the scripts read, with the stand-in .venv/bin/python."""
     for name in ("scripts", "csrc"):
-        shutil.copytree(ROOT / name, tmp_path / name)
+        shutil.copytree(REPO_ROOT / name, tmp_path / name)
     for name in ("setup.py", "requirements-dev.txt", "pytest.ini"):
-        shutil.copy2(ROOT / name, tmp_path / name)
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text(FAKE_PYTHON)
@@ -212,7 +212,7 @@ def test_test_sh_passes_its_arguments_to_pytest_unchanged(sandbox, args):
 
 def test_pytest_runs_tests_without_paths_and_only_the_given_paths_with_them(tmp_path):
     """test.sh relies on pytest.ini's testpaths: no path means tests/, a path replaces it."""
-    shutil.copy2(ROOT / "pytest.ini", tmp_path / "pytest.ini")
+    shutil.copy2(REPO_ROOT / "pytest.ini", tmp_path / "pytest.ini")
     for folder, name in (("tests", "test_a.py"), ("tests", "test_b.py"), ("other", "test_c.py")):
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / name).write_text("def test_one():\n    pass\n")
@@ -234,29 +234,25 @@ def test_pytest_runs_tests_without_paths_and_only_the_given_paths_with_them(tmp_
 
 # ---- default output locations -----------------------------------------------------------------
 def _ignored_by_git(path: Path) -> bool:
-    completed = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT, capture_output=True)
+    completed = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT, capture_output=True)
     assert completed.returncode in (0, 1), completed.stderr
     return completed.returncode == 0
 
 
 def _git_checkout() -> bool:
     try:
-        return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode == 0
+        return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO_ROOT, capture_output=True).returncode == 0
     except OSError:
         return False
 
 
 def _default_outputs():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
         import run as benchmark
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tau_sensitivity", ROOT / "examples" / "tau_sensitivity.py")
-    tau_sensitivity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tau_sensitivity)
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    tau_sensitivity = load_script("examples/tau_sensitivity.py")
     stem = benchmark.output_stem(benchmark.arguments([]), ["cpu"])
     return {
         "benchmark": [benchmark.arguments([]).out / f"{stem}{suffix}" for suffix in (".json", ".md", ".png")],
@@ -270,6 +266,6 @@ def _default_outputs():
 def test_default_runs_write_outside_the_committed_results(script):
     outputs = _default_outputs()[script]
     for path in outputs:
-        assert "results" not in path.relative_to(ROOT).parts, f"{path}: a default run must not overwrite results/"
+        assert "results" not in path.relative_to(REPO_ROOT).parts, f"{path}: a default run must not overwrite results/"
         if _git_checkout():
             assert _ignored_by_git(path), f"{path} is not ignored by git: a default run would dirty the checkout"

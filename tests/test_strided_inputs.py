@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import plif_cuda
-from helpers import BACKEND_DEVICE, BACKENDS, FLOAT_DTYPES, make_seq, random_weights_like
+from helpers import FLOAT_DTYPES, make_seq, op_options, random_weights_like
+from plif_cuda import _C
 from plif_cuda import ops as plif_ops
 from plif_cuda.models import StaticImageSNN
 from plif_cuda.reference import compute_dtype
@@ -45,9 +46,12 @@ class OpInputs(TorchDispatchMode):
         self.backward_x = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.plif_cuda.multistep_forward.default:
+        if func in (torch.ops.plif_cuda.multistep_forward.default, torch.ops.plif_cuda.multistep_forward_nvrtc.default):
             self.forward_x.append(args[0])
-        elif func is torch.ops.plif_cuda.multistep_backward.default:
+        elif func in (
+            torch.ops.plif_cuda.multistep_backward.default,
+            torch.ops.plif_cuda.multistep_backward_nvrtc.default,
+        ):
             self.backward_x.append(args[4])
         return func(*args, **(kwargs or {}))
 
@@ -76,11 +80,9 @@ def _assert_bits_equal(actual, expected, name):
     assert torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backend):
-    device = BACKEND_DEVICE[backend]
+def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backend, device):
     shape, view_of = LAYOUTS[layout]
     acc = compute_dtype(dtype)
     source = make_seq(shape, dtype, device, seed=1, scale=1.5, shift=0.45).requires_grad_()
@@ -96,7 +98,7 @@ def test_read_in_place_and_bit_equal_to_the_contiguous_copy(layout, dtype, backe
         outputs, grads = _run(x_view, source, w, v_init, backend, **options)
     (op_x,) = seen.forward_x
     assert _same_memory(op_x, x_view), "the op got a copy, not the caller's storage"
-    if plif_ops.save_mode(x_view, True) == plif_ops.SAVE_CHECKPOINTS:
+    if plif_ops.save_mode(x_view, True) == _C.SAVE_CHECKPOINTS:
         # Half inputs keep x for the backward, which recomputes H from it: in place too.
         (backward_x,) = seen.backward_x
         assert _same_memory(backward_x, x_view)
@@ -177,7 +179,12 @@ def test_op_refuses_steps_with_gaps_by_name():
     one = torch.ones(1)
     with pytest.raises(RuntimeError, match="every step of x must be contiguous"):
         torch.ops.plif_cuda.multistep_forward(
-            x, one * 0.5, one * 0.0, 1.0, 0.0, False, True, False, 0, 4.0, True, False, plif_ops.SAVE_H
+            x,
+            one * 0.5,
+            one * 0.0,
+            **op_options(),
+            store_v_seq=False,
+            needs_backward=True,
         )
 
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 
 import plif_cuda
-from plif_cuda import ops
+from plif_cuda import _C
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import traffic  # noqa: E402
 from timing import saved_tensor_bytes  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-SAVE_MODES = {"every-h": ops.SAVE_H, "checkpoints": ops.SAVE_CHECKPOINTS}
-# v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking
-SCALARS = (1.0, 0.0, False, True, False, SURROGATE_IDS["sigmoid"], 4.0, True)
+SAVE_MODES = {"every-h": _C.SAVE_H, "checkpoints": _C.SAVE_CHECKPOINTS}
+NEURON = dict(
+    v_threshold=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate="sigmoid", alpha=4.0, spiking=True
+)
 NEURONS = 3 * 1024 + 5
 
 
@@ -49,7 +49,9 @@ def test_streams_and_saved_bytes_match_the_op(dtype, save_name, steps, per_neuro
     outputs = {}
 
     def forward():
-        outputs["forward"] = torch.ops.plif_cuda.multistep_forward(x, k, v_init, *SCALARS, False, save)
+        outputs["forward"] = torch.ops.plif_cuda_internal.multistep_forward_saving(
+            x, k, v_init, **NEURON, store_v_seq=False, save=save
+        )
         return outputs["forward"]
 
     kept = saved_tensor_bytes(forward)["bytes"]
@@ -60,9 +62,9 @@ def test_streams_and_saved_bytes_match_the_op(dtype, save_name, steps, per_neuro
     assert dict(fwd.reads) == {"x": x.nbytes, "k": k.nbytes, "v_init": v_init.nbytes}
     assert dict(fwd.writes) == {"spikes": spikes.nbytes, "h_seq": h_seq.nbytes, "v_last": v_last.nbytes}
 
-    saved_x = x.detach() if save == ops.SAVE_CHECKPOINTS else None
+    saved_x = x.detach() if save == _C.SAVE_CHECKPOINTS else None
     grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
-        grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype, *SCALARS
+        grad_spikes, None, None, h_seq, saved_x, k, v_init, x_dtype=dtype, **NEURON
     )
     bwd = traffic.backward_traffic(steps, NEURONS, dtype, save=save, device="cpu", **counts)
     assert dict(bwd.reads) == {
@@ -110,16 +112,16 @@ def test_half_inputs_at_eight_steps_write_no_h_and_read_x_back():
     cpu = traffic.backward_traffic(8, N, torch.bfloat16, device="cpu")
     assert gpu.total - cpu.total == 16 * N
     assert cpu.read("x") == 8 * N * 2 and cpu.read("h_seq") == 0
-    assert traffic.pass_bytes("fwdbwd", 8, N, torch.bfloat16) == fwd.total + gpu.total
+    assert traffic.pass_traffic("fwdbwd", 8, N, torch.bfloat16).total == fwd.total + gpu.total
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="k_values"):
         traffic.forward_traffic(8, 100, torch.float32, k_values=7)
     with pytest.raises(ValueError, match="pass must be"):
-        traffic.pass_bytes("sideways", 8, 100, torch.float32)
+        traffic.pass_traffic("sideways", 8, 100, torch.float32)
     with pytest.raises(ValueError, match="SAVE_NOTHING"):
-        traffic.backward_traffic(8, 100, torch.float32, save=ops.SAVE_NOTHING)
+        traffic.backward_traffic(8, 100, torch.float32, save=_C.SAVE_NOTHING)
 
 
 @pytest.mark.skipif(
@@ -134,13 +136,15 @@ def test_cuda_backward_allocates_the_share_rows_the_model_counts(dtype, per_neur
     steps, N = 8, 1 << 20
     save = traffic.training_save_mode(dtype)
     x, k, v_init, grad_spikes = _inputs(steps, N, dtype, per_neuron, device="cuda")
-    h_seq = torch.ops.plif_cuda.multistep_forward(x.detach(), k, v_init, *SCALARS, False, save)[3]
-    saved_x = x.detach() if save == ops.SAVE_CHECKPOINTS else None
+    h_seq = torch.ops.plif_cuda.multistep_forward(
+        x.detach(), k, v_init, **NEURON, store_v_seq=False, needs_backward=True
+    )[3]
+    saved_x = x.detach() if save == _C.SAVE_CHECKPOINTS else None
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     outputs = torch.ops.plif_cuda.multistep_backward(
-        grad_spikes, None, None, h_seq, saved_x, k, v_init, dtype, *SCALARS
+        grad_spikes, None, None, h_seq, saved_x, k, v_init, x_dtype=dtype, **NEURON
     )
     torch.cuda.synchronize()
     beyond_outputs = torch.cuda.max_memory_allocated() - before - sum(t.nbytes for t in outputs)

@@ -77,7 +77,7 @@ plif::Options<acc_t> options_of(double v_threshold, double v_reset, double alpha
   o.decay_input = (flags & plif::kFlagDecayInput) != 0;
   o.detach_reset = (flags & plif::kFlagDetachReset) != 0;
   o.spiking = (flags & plif::kFlagSpiking) != 0;
-  o.h_checkpoints = false;
+  o.h_checkpoints = true;  // as the op's options: X given to the backward step
   return o;
 }
 

@@ -1,6 +1,7 @@
 // The CUDA kernels of csrc/plif_kernels.cuh compiled by the host compiler and launched on the CPU:
-// every block and thread of the grid the extension's launcher picks runs the real __global__
-// function in turn (the kernels share nothing between threads, so the order does not matter).
+// every block of the grid the extension's launcher picks runs the real __global__ function, its
+// threads as coroutines on one CPU thread: each runs until it ends or reaches __syncthreads,
+// and a barrier releases once every thread of the block has reached it (or ended), as on a GPU.
 // Every vector access has its alignment checked. tests/test_gpu_emulation.py builds this file
 // into a shared library and compares its results bit for bit with the fused CPU kernel.
 //
@@ -8,10 +9,15 @@
 // (the CPU kernel's expf, the bit-select `pick`), so the emulation computes what the CPU kernel
 // computes, while the memory traffic (paths, chunks, vector accesses, grid-stride loops) is the
 // GPU's.
+#include <ucontext.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <stdexcept>
+#include <vector>
 
 // CUDA's half types with their host conversions; included before the launch names are defined
 // below, since the runtime API headers they pull in use those names as parameters.
@@ -31,6 +37,11 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
   }
   ++vector_accesses;
 }
+
+// The block's scheduler and the thread running now, which __syncthreads hands control back to.
+ucontext_t scheduler_context;
+ucontext_t* running_context = nullptr;
+inline void syncthreads() { swapcontext(running_context, &scheduler_context); }
 }  // namespace plif_emulation
 
 #define gridDim plif_emulation::grid_dim
@@ -38,10 +49,10 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
 #define blockIdx plif_emulation::block_idx
 #define threadIdx plif_emulation::thread_idx
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
+#define __syncthreads() plif_emulation::syncthreads()
 // Launch bounds steer only the device compiler's register allocation.
 #define __launch_bounds__(...)
-// The threads of the emulated grid run one after another, each to its end, so one copy of a
-// block's shared array serves them all (a thread uses its own column only).
+// One block runs at a time, so one copy of a block's shared array serves every block.
 #undef __shared__
 #define __shared__ static
 
@@ -51,15 +62,61 @@ namespace {
 
 using plif::index_t;
 
-template <typename Kernel>
-void launch(index_t neurons, index_t resident_blocks, Kernel run_thread) {
-  plif_emulation::grid_dim = dim3(static_cast<unsigned int>(plif::launch_blocks(neurons, resident_blocks)));
-  plif_emulation::block_dim = dim3(plif::kThreadsPerBlock);
-  for (unsigned int b = 0; b < plif_emulation::grid_dim.x; ++b) {
-    for (unsigned int t = 0; t < plif_emulation::block_dim.x; ++t) {
-      plif_emulation::block_idx = make_uint3(b, 0, 0);
-      plif_emulation::thread_idx = make_uint3(t, 0, 0);
-      run_thread();
+// A thread's stack: the kernels keep their chunks in registers, a few KiB on the host.
+constexpr size_t kThreadStackBytes = 256 << 10;
+
+struct EmulatedThread {
+  ucontext_t context;
+  std::vector<char> stack = std::vector<char>(kThreadStackBytes);
+  bool ended = false;
+  std::exception_ptr error;
+};
+
+// The thread body makecontext starts (it takes no pointer argument portably): the kernel call and
+// the thread of the launch, set before each start.
+const std::function<void()>* thread_body = nullptr;
+EmulatedThread* starting_thread = nullptr;
+
+void run_emulated_thread() {
+  EmulatedThread* self = starting_thread;
+  try {
+    (*thread_body)();
+  } catch (...) {
+    self->error = std::current_exception();  // an exception cannot leave a coroutine's stack
+  }
+  self->ended = true;
+}  // returns to uc_link: the scheduler
+
+void launch(index_t neurons, index_t resident_blocks, const std::function<void()>& run_thread) {
+  using namespace plif_emulation;
+  grid_dim = dim3(static_cast<unsigned int>(plif::launch_blocks(neurons, resident_blocks)));
+  block_dim = dim3(plif::kThreadsPerBlock);
+  std::vector<EmulatedThread> threads(block_dim.x);
+  thread_body = &run_thread;
+  for (unsigned int b = 0; b < grid_dim.x; ++b) {
+    block_idx = make_uint3(b, 0, 0);
+    for (unsigned int t = 0; t < block_dim.x; ++t) {
+      EmulatedThread& thread = threads[t];
+      thread.ended = false;
+      getcontext(&thread.context);
+      thread.context.uc_stack.ss_sp = thread.stack.data();
+      thread.context.uc_stack.ss_size = thread.stack.size();
+      thread.context.uc_link = &scheduler_context;
+      makecontext(&thread.context, run_emulated_thread, 0);
+    }
+    // Rounds: every thread not yet ended runs to its next barrier or its end.
+    for (bool started = false, pending = true; pending; started = true) {
+      pending = false;
+      for (unsigned int t = 0; t < block_dim.x; ++t) {
+        EmulatedThread& thread = threads[t];
+        if (thread.ended) continue;
+        thread_idx = make_uint3(t, 0, 0);
+        running_context = &thread.context;
+        if (!started) starting_thread = &thread;
+        swapcontext(&scheduler_context, &thread.context);
+        if (thread.error) std::rethrow_exception(thread.error);
+        pending = pending || !thread.ended;
+      }
     }
   }
 }
@@ -123,19 +180,27 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      // The launchers' choice (csrc/plif_cuda.cu backward_cuda): checkpoints have their own kernel.
-      auto kernel = plif::plif_backward_kernel<in_t, acc_t>;
-      if constexpr (sizeof(in_t) == 2) {
-        if (flags & plif::kFlagHCheckpoints) kernel = plif::plif_recompute_backward_kernel<in_t, acc_t>;
-      }
+      // As the launchers do (csrc/plif_cuda.cu backward_cuda): a shared k (v_init) gets a row of
+      // per-block partials, finished by one thread after the backward.
+      const index_t blocks = plif::launch_blocks(N, resident_blocks);
+      std::vector<double> k_partials(k_stride == 0 ? blocks : 0), v_init_partials(v_init_stride == 0 ? blocks : 0);
+      double* const k_partials_ptr = k_partials.empty() ? nullptr : k_partials.data();
+      double* const v_init_partials_ptr = v_init_partials.empty() ? nullptr : v_init_partials.data();
       launch(N, resident_blocks, [&] {
-        kernel(
+        plif::plif_backward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
             static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const in_t*>(x),
             static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x),
-            static_cast<acc_t*>(grad_k), static_cast<acc_t*>(grad_v_init), k_stride, v_init_stride, T, N, x_step,
-            static_cast<acc_t>(v_threshold), static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<acc_t*>(grad_k), static_cast<acc_t*>(grad_v_init), k_partials_ptr, v_init_partials_ptr,
+            k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold), static_cast<acc_t>(v_reset),
+            static_cast<acc_t>(alpha), surrogate, flags);
       });
+      if (k_partials_ptr != nullptr || v_init_partials_ptr != nullptr) {
+        plif_emulation::grid_dim = plif_emulation::block_dim = dim3(1);
+        plif_emulation::block_idx = plif_emulation::thread_idx = make_uint3(0, 0, 0);
+        plif::plif_finish_shares_kernel<acc_t>(k_partials_ptr, v_init_partials_ptr, static_cast<acc_t*>(grad_k),
+                                               static_cast<acc_t*>(grad_v_init), blocks);
+      }
     });
   });
 }
