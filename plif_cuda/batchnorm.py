@@ -28,11 +28,18 @@ from .functional import _check_float_scalar, _needs_reference_autodiff, multiste
 from .ops import _fixed_order_sum, extension_available
 from .reference import compute_dtype, w_for_tau
 from .spikingjelly_compat import MemoryModule
-from .surrogate import HAS_PRIMITIVE, SURROGATE_IDS, Sigmoid, describe_surrogate, resolve_surrogate
+from .surrogate import HAS_PRIMITIVE, Sigmoid, describe_surrogate, resolve_surrogate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Rows of the op's channel_terms output (enum ChannelTerm of csrc/plif_bn.h).
 _MEAN, _INVSTD, _SCALE, _SHIFT, _UNBIASED_VAR = range(5)
+
+
+def surrogate_id(name: str) -> int:
+    """The fused kernels' id of a surrogate name: its place in the compiled extension's SURROGATES."""
+    from . import _C
+
+    return _C.SURROGATES.index(name)
 
 
 def fused_op_available(device_type: str = "cpu") -> bool:
@@ -297,7 +304,7 @@ def bn_plif_multistep(
         v_reset is None,
         decay_input,
         detach_reset,
-        SURROGATE_IDS[surrogate],
+        surrogate_id(surrogate),
         alpha,
         spiking,
     )

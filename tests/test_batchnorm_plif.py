@@ -12,9 +12,16 @@ from torch import nn
 import plif_cuda
 from helpers import assert_grad_close
 from plif_cuda import models
-from plif_cuda.batchnorm import BatchNormPLIF, DeferredBatchNorm, bn_plif_multistep, fuse_bn_plif, fused_op_available
+from plif_cuda.batchnorm import (
+    BatchNormPLIF,
+    DeferredBatchNorm,
+    bn_plif_multistep,
+    fuse_bn_plif,
+    fused_op_available,
+    surrogate_id,
+)
 from plif_cuda.reference import compute_dtype, reference_multistep
-from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
+from plif_cuda.surrogate import resolve_surrogate
 
 pytestmark = pytest.mark.skipif(not fused_op_available(), reason="the compiled extension lacks the fused ops")
 
@@ -85,7 +92,7 @@ def _fused_with_terms(y, w, *, weight, bias, v_reset=0.0, surrogate="sigmoid", a
         y, weight, bias, None, None, 1e-5, torch.sigmoid(w).to(acc).reshape(-1),
         torch.full((), 0.0 if v_reset is None else v_reset, dtype=acc), options.get("v_threshold", 1.0),
         0.0 if v_reset is None else v_reset, v_reset is None, options.get("decay_input", True),
-        options.get("detach_reset", False), SURROGATE_IDS[surrogate], alpha, True,
+        options.get("detach_reset", False), surrogate_id(surrogate), alpha, True,
     )  # fmt: skip
 
 
@@ -554,7 +561,7 @@ def test_ops_pass_opcheck(training, dtype):
     k = torch.full((4,), 0.4, dtype=acc, requires_grad=True)
     v_init = torch.zeros((), dtype=acc)
     running = (None, None) if training else (torch.zeros(4), torch.ones(4))
-    neuron = (1.0, 0.0, False, True, False, SURROGATE_IDS["atan"], 2.0, True)
+    neuron = (1.0, 0.0, False, True, False, surrogate_id("atan"), 2.0, True)
     forward_args = (y.requires_grad_(), weight.requires_grad_(), bias, *running, 1e-5, k, v_init, *neuron)
     torch.library.opcheck(torch.ops.plif_cuda.bn_plif_forward.default, forward_args)
     terms = torch.ops.plif_cuda.bn_plif_forward(y.detach(), weight.detach(), bias, *running, 1e-5, k.detach(), v_init,

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from plif_cuda.batchnorm import fused_op_available
+from plif_cuda import _C
+from plif_cuda.batchnorm import fused_op_available, surrogate_id
 from plif_cuda.reference import compute_dtype
-from plif_cuda.surrogate import SURROGATE_IDS, resolve_surrogate
-from test_gpu_emulation import BITS, DTYPE_CODES, FLAG_DECAY_INPUT, FLAG_DETACH_RESET, FLAG_SOFT_RESET, FLAG_SPIKING
+from plif_cuda.surrogate import resolve_surrogate
+from test_gpu_emulation import BITS, DTYPE_CODES
 from test_gpu_emulation import _half_header_dir as half_header_dir
 
 pytestmark = [
@@ -103,10 +104,10 @@ OPTIONS = [
 
 def _flags(options):
     return (
-        (FLAG_SOFT_RESET if options.get("v_reset", 0.0) is None else 0)
-        | (FLAG_DECAY_INPUT if options.get("decay_input", True) else 0)
-        | (FLAG_DETACH_RESET if options.get("detach_reset", False) else 0)
-        | (FLAG_SPIKING if options.get("spiking", True) else 0)
+        (_C.FLAG_SOFT_RESET if options.get("v_reset", 0.0) is None else 0)
+        | (_C.FLAG_DECAY_INPUT if options.get("decay_input", True) else 0)
+        | (_C.FLAG_DETACH_RESET if options.get("detach_reset", False) else 0)
+        | (_C.FLAG_SPIKING if options.get("spiking", True) else 0)
     )
 
 
@@ -139,7 +140,7 @@ def test_kernels_equal_the_cpu_op(emulation, dtype, case, options, mode, tau):
         v_reset is None,
         options.get("decay_input", True),
         options.get("detach_reset", False),
-        SURROGATE_IDS[surrogate],
+        surrogate_id(surrogate),
         alpha,
         options.get("spiking", True),
     )

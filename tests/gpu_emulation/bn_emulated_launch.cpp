@@ -23,6 +23,9 @@ uint3 block_idx, thread_idx;
 #define blockIdx bn_emulation::block_idx
 #define threadIdx bn_emulation::thread_idx
 #define __launch_bounds__(...)
+// plif_kernels.cuh, included for its half types' conversions, holds kernels that synchronise a
+// block; none of them runs here, and the BatchNorm kernels never synchronise.
+#define __syncthreads() throw std::logic_error("__syncthreads in the emulated BatchNorm kernels")
 #undef __shared__
 #define __shared__ static
 
