@@ -80,7 +80,7 @@ def extensions():
         if os.environ.get("PLIF_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         ext = cpp_extension.CUDAExtension(
-            sources=sources + ["csrc/plif_cuda.cu"],
+            sources=sources + ["csrc/plif_cuda.cu", "csrc/plif_bn_cuda.cu"],
             extra_compile_args={"cxx": cxx + ["-DPLIF_WITH_CUDA"], "nvcc": nvcc + ["-DPLIF_WITH_CUDA"]},
             **kwargs,
         )

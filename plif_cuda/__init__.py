@@ -9,6 +9,7 @@ from . import (
     surrogate,
 )
 from .backends import available_backends
+from .batchnorm import BatchNormPLIF, bn_plif_multistep, fuse_bn_plif
 from .functional import plif_multistep
 from .module import LIFNode, ParametricLIFNode
 from .ops import cpu_cache_bytes, empty_cpu_cache
@@ -20,6 +21,9 @@ __all__ = [
     "plif_multistep_ref",
     "ParametricLIFNode",
     "LIFNode",
+    "BatchNormPLIF",
+    "bn_plif_multistep",
+    "fuse_bn_plif",
     "available_backends",
     "cpu_cache_bytes",
     "empty_cpu_cache",

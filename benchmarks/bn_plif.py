@@ -1,0 +1,278 @@
+"""BatchNorm + PLIF fused (plif_cuda.BatchNormPLIF) against nn.BatchNorm + plif_cuda's PLIF, in one run.
+
+Rows: the bytes autograd keeps per neuron-step for the pair; the pair's forward+backward time
+(float32, T=8, inputs past the last-level cache); the training step of the paper's Fashion-MNIST
+network (and, with --cifar, the CIFAR-10 one) fused by fuse_bn_plif against unfused. Cases
+alternate within each round, so the ratio compares like with like under the machine's load.
+
+    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--spikingjelly] [--device cuda]
+                                 [--json PATH]
+
+--spikingjelly adds the Fashion-MNIST network written in SpikingJelly's layers, fused against
+SpikingJelly's own; --device cuda runs every row on the GPU and checks the fused layer there
+against the CPU op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plif_cuda, built in place
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import plif_cuda  # noqa: E402
+from plif_cuda import models  # noqa: E402
+from timing import saved_tensor_bytes  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+class UnfusedPair(nn.Module):
+    """nn.BatchNorm2d on the time-folded batch, then plif_cuda's multi-step PLIF."""
+
+    def __init__(self, channels: int, surrogate: str):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.neuron = plif_cuda.ParametricLIFNode(step_mode="m", surrogate_function=surrogate, detach_reset=True)
+
+    def forward(self, y_seq):
+        z = self.bn(y_seq.flatten(0, 1)).unflatten(0, y_seq.shape[:2])
+        return self.neuron(z)
+
+
+def fused_pair(channels: int, surrogate: str) -> nn.Module:
+    return plif_cuda.BatchNormPLIF(channels, surrogate_function=surrogate, detach_reset=True)
+
+
+def pair_step(layer, y, grad):
+    spikes = layer(y)
+    spikes.backward(grad)
+    models.reset_states(layer)
+
+
+def kept_bytes_per_neuron_step(layer, y) -> float:
+    saved = saved_tensor_bytes(lambda: layer(y))
+    models.reset_states(layer)
+    # The pair's input is saved by the unfused BatchNorm and the fused layer alike, and counts.
+    return saved["bytes"] / y.numel()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(cases: dict, rounds: int, device: torch.device) -> dict:
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, call in cases.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -> dict:
+    N, C, H, W = size
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).to(device).requires_grad_()
+    grad = torch.randn(T, N, C, H, W, generator=gen).to(device)
+    unfused = UnfusedPair(C, surrogate).to(device)
+    fused = fused_pair(C, surrogate).to(device)
+    for layer in (unfused, fused):
+        pair_step(layer, y, grad)  # warm-up
+    kept = {"unfused": kept_bytes_per_neuron_step(unfused, y), "fused": kept_bytes_per_neuron_step(fused, y)}
+    medians = time_rounds(
+        {"unfused": lambda: pair_step(unfused, y, grad), "fused": lambda: pair_step(fused, y, grad)}, rounds, device
+    )
+    return {
+        "shape": [T, N, C, H, W],
+        "tensor_mib": y.numel() * 4 / 2**20,
+        "kept_bytes_per_neuron_step": kept,
+        "fwd_bwd_ms": medians,
+        "speedup": medians["unfused"] / medians["fused"],
+    }
+
+
+def network_rows(name: str, build, batch: int, rounds: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    unfused = build().to(device)
+    fused = plif_cuda.fuse_bn_plif(copy.deepcopy(unfused))
+    channels = unfused.first_conv.module[0].in_channels if hasattr(unfused, "first_conv") else 1
+    side = 32 if channels == 3 else 28
+    x = torch.rand(batch, channels, side, side, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+
+    def step(model):
+        def run():
+            rate = model(x)
+            F.mse_loss(rate, F.one_hot(labels, 10).float()).backward()
+            models.reset_states(model)
+
+        return run
+
+    for model in (unfused, fused):
+        step(model)()
+    kept = {}
+    for label, model in (("unfused", unfused), ("fused", fused)):
+        kept[label] = saved_tensor_bytes(lambda model=model: model(x))["bytes"] / 2**20
+        models.reset_states(model)
+    medians = time_rounds({"unfused": step(unfused), "fused": step(fused)}, rounds, device)
+    return {
+        "network": name,
+        "batch": batch,
+        "step_ms": medians,
+        "speedup": medians["unfused"] / medians["fused"],
+        "kept_mib": kept,
+    }
+
+
+def spikingjelly_fashion_mnist(T: int = 8, width: int = 128, fc_width: int = 2048) -> nn.Module:
+    """The Fashion-MNIST network written with SpikingJelly's layers (multi-step, its PLIF neurons with
+    the paper's ATan and detach_reset), input ``[N, 1, 28, 28]`` repeated over T."""
+    from spikingjelly.activation_based import layer, neuron, surrogate
+
+    def plif():
+        return neuron.ParametricLIFNode(surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.T = T
+            self.body = nn.Sequential(
+                layer.SeqToANNContainer(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
+                plif(),
+                layer.MaxPool2d(2, 2, step_mode="m"),
+                layer.SeqToANNContainer(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
+                plif(),
+                layer.MaxPool2d(2, 2, step_mode="m"),
+                layer.Flatten(step_mode="m"),
+                layer.Linear(width * 7 * 7, fc_width, bias=False, step_mode="m"),
+                plif(),
+                layer.Linear(fc_width, 100, bias=False, step_mode="m"),
+                plif(),
+            )
+
+        def forward(self, x):
+            rate = self.body(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)).mean(0)
+            return F.avg_pool1d(rate.unsqueeze(1), 10, 10).squeeze(1)
+
+    return Net()
+
+
+def matches_cpu(device: torch.device, surrogate: str) -> dict:
+    """The fused layer on ``device`` against the CPU op on the same values: spikes and running
+    statistics bit for bit (no exp in the spiking forward; the statistics in float64 in one
+    order), gradients within float32 rounding (the GPU's exp differs from the CPU's in the last
+    place, and so the surrogate's slope)."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(8, 16, 32, 16, 16, generator=gen) * 2 + 0.5
+    grad = torch.randn(y.shape, generator=gen)
+    results = {}
+    for where in (torch.device("cpu"), device):
+        torch.manual_seed(0)
+        layer = plif_cuda.BatchNormPLIF(32, surrogate_function=surrogate, tau_shape=(32, 1, 1)).to(where)
+        with torch.no_grad():
+            layer.bn.bias.fill_(0.6)
+        y_where = y.to(where).requires_grad_()
+        spikes = layer(y_where)
+        spikes.backward(grad.to(where))
+        results[where.type] = {
+            "spikes": spikes.detach().cpu(),
+            "running_var": layer.bn.running_var.cpu(),
+            "grads": [t.cpu() for t in (y_where.grad, layer.bn.weight.grad, layer.w.grad)],
+        }
+    cpu, other = results["cpu"], results[device.type]
+    return {
+        "spikes_equal": bool(torch.equal(cpu["spikes"], other["spikes"])),
+        "running_var_equal": bool(torch.equal(cpu["running_var"], other["running_var"])),
+        "grad_max_relative_difference": [
+            float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30))) for a, b in zip(other["grads"], cpu["grads"])
+        ],
+        "fused_kernel_on_device": plif_cuda.batchnorm.fused_op_available(device.type),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=4, default=[32, 64, 32, 32], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--T", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--surrogate", default="atan")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--network-rounds", type=int, default=5)
+    parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
+    parser.add_argument(
+        "--spikingjelly", action="store_true", help="also the Fashion-MNIST network in SpikingJelly's layers"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then also the check against the CPU op)")
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    report = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_before": load_average(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate, device),
+        "networks": [
+            network_rows("fashion_mnist", lambda: models.StaticImageSNN(), args.batch, args.network_rounds, device),
+        ],
+    }
+    if args.cifar:
+        report["networks"].append(
+            network_rows(
+                "cifar10",
+                lambda: models.StaticImageSNN(in_channels=3, image_size=32, width=256, convs_per_stage=3),
+                args.batch,
+                args.network_rounds,
+                device,
+            )
+        )
+    if args.spikingjelly:
+        report["networks"].append(
+            network_rows(
+                "fashion_mnist_spikingjelly", spikingjelly_fashion_mnist, args.batch, args.network_rounds, device
+            )
+        )
+    if device.type != "cpu":
+        report["matches_cpu"] = matches_cpu(device, args.surrogate)
+    report["load_after"] = load_average()
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

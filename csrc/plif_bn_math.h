@@ -1,0 +1,133 @@
+// The fused BatchNorm + PLIF's arithmetic that every backend shares, in plain C++ (nvcc compiles
+// it for the GPU kernels of plif_bn_kernels.cuh, the host compiler for the CPU kernel of
+// plif_bn.h): the layout, the fixed-order sums, the channel terms and the per-neuron pieces, so
+// that both compute the same bits.
+#pragma once
+
+#include "plif_math.h"
+
+namespace plif {
+namespace bn {
+
+// Neurons walked together through the T steps: every per-step stream is read and written in
+// runs of this many values, and a block's membranes H[0..T-1] stay in the core's L2.
+constexpr index_t kBlock = 1024;
+
+// Rows of the [5, C] float64 channel_terms tensor the forward returns and the backward reads.
+enum ChannelTerm : int { kMean = 0, kInvstd = 1, kScale = 2, kShift = 3, kUnbiasedVar = 4, kChannelTerms = 5 };
+
+struct Geometry {
+  index_t T;        // steps
+  index_t y_step;   // elements between two steps of y (0: one step broadcast over time)
+  index_t neurons;  // per step: N * C * S
+  index_t C;
+  index_t S;
+  // Steps holding distinct values: the statistics are taken over these.
+  PLIF_HD index_t distinct_steps() const { return y_step == 0 ? (T < 1 ? T : 1) : T; }
+  PLIF_HD index_t blocks() const { return (neurons + kBlock - 1) / kBlock; }
+  // Values per channel over all steps (what the gradient's means divide by) and over the distinct ones.
+  PLIF_HD double per_channel(index_t steps) const { return static_cast<double>(steps) * static_cast<double>(neurons / C); }
+};
+
+// What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or both.
+enum PassBits : int { kReduce = 1, kWriteGradY = 2 };
+
+// Rows a block's sums use: a block of kBlock neurons starting anywhere in a row of S spans at most this many.
+PLIF_HD index_t rows_per_block(index_t S) { return (kBlock + S - 2) / S + 1; }
+
+// The channel terms (rows of channel_terms, column c, `stride` apart) from the mean and variance
+// that normalise, in float64: `batch` means they are the batch's biased ones over `count` values,
+// whose unbiased variance the running statistics take; else they are the running statistics.
+PLIF_HD void fill_channel_terms(double mean, double variance, double gamma, double beta, double eps, double count,
+                                bool batch, double* terms, index_t stride) {
+  const double invstd = 1.0 / ::sqrt(variance + eps);
+  const double scale = gamma * invstd;
+  terms[kMean * stride] = mean;
+  terms[kInvstd * stride] = invstd;
+  terms[kScale * stride] = scale;
+  terms[kShift * stride] = beta - mean * scale;
+  terms[kUnbiasedVar * stride] = !batch ? variance : count > 1 ? variance * count / (count - 1) : ::nan("");
+}
+
+// The batch's mean and biased variance from the sums of y and y * y over `count` values.
+PLIF_HD void batch_moments(double sum, double sum_of_squares, double count, double& mean, double& variance) {
+  mean = sum / count;
+  const double raw = sum_of_squares / count - mean * mean;
+  variance = raw > 0.0 ? raw : 0.0;
+}
+
+// ---- the per-neuron pieces, each written once ----------------------------------------------------
+// The PLIF input: y normalised, scale = gamma * invstd and shift = beta - mean * scale (each
+// rounded once to the compute type), two roundings.
+template <typename acc_t>
+PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
+  return y * scale + shift;
+}
+
+// The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
+// normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
+// (the Options these kernels pass say so with h_checkpoints: X is given, as for checkpoints).
+template <typename acc_t>
+PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
+                              bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
+                              acc_t& grad_k_sum) {
+  return backward_neuron_given_surrogate(h, s, sg, v_prev, x, k, grad_v, grad_s, through_spike, through_membrane, o,
+                                         grad_h_next, grad_k_sum);
+}
+
+// ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---
+// The device buffers of a forward: inputs, outputs and scratch (sizes in the comments).
+template <typename in_t, typename acc_t>
+struct ForwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const double* gamma;          // [C] or null
+  const double* beta;           // [C] or null
+  const double* running_mean;   // [C], or null: the batch's statistics
+  const double* running_var;    // [C]
+  double eps;
+  const acc_t* k;               // [C], or one value (k_per_layer)
+  bool k_per_layer;
+  const acc_t* v_init;          // [neurons], or one value (v_init_stride 0)
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  in_t* spikes;                 // [T, neurons]
+  acc_t* v_last;                // [neurons]
+  double* terms;                // [5, C]
+  acc_t* terms_acc;             // [5, C]
+  double* neuron_values;        // [2, neurons] (batch statistics only)
+  double* slots;                // [blocks * rows_per_block(S) * 2]
+  double* channel_sums;         // [2, C]
+};
+
+template <typename in_t, typename acc_t>
+struct BackwardLaunch {
+  Geometry g;
+  const in_t* y;
+  const acc_t* terms_acc;       // [5, C]: the forward's terms, rounded
+  const acc_t* k;
+  bool k_per_layer;
+  const acc_t* v_init;
+  index_t v_init_stride;
+  Options<acc_t> opts;
+  const in_t* grad_spikes;      // [T, neurons] or null
+  const acc_t* grad_v_last;     // [neurons] or null
+  bool batch_statistics;
+  in_t* grad_y;                 // [T, neurons], or null: not needed
+  acc_t* grad_v_init;           // [neurons] or null
+  acc_t* neuron_values;         // [3, neurons]
+  double* slots;                // [blocks * rows_per_block(S) * 3]
+  double* channel_sums;         // [3, C]: sum dL/dz, sum dL/dz * xhat, dL/dk per channel
+  acc_t* mean_grads;            // [2, C]
+  double* layer_grad_k;         // [1]: dL/dk summed over the channels (k_per_layer)
+};
+
+// The (input, compute) type pairs every backend instantiates (c10's half types on the host side).
+#define PLIF_BN_FOR_EACH_TYPE_PAIR(MACRO) \
+  MACRO(float, float)                     \
+  MACRO(double, double)                   \
+  MACRO(c10::Half, float)                 \
+  MACRO(c10::BFloat16, float)
+
+}  // namespace bn
+}  // namespace plif
