@@ -51,7 +51,7 @@ MIN_LOAD_BYTES_IN_FLIGHT = 64
 _HALF_BACKWARD = (
     32,
     "one neuron per thread, a checkpoint chunk of 8 steps of 2-byte X and gradients (32 B, 48 with "
-    "grad_v_seq) at 768 resident threads: 24 KB in flight per multiprocessor",
+    "grad_v_seq) at 512 resident threads: 16 KB in flight per multiprocessor",
 )
 LOAD_BYTES_EXCEPTIONS = {"backward float16": _HALF_BACKWARD, "backward bfloat16": _HALF_BACKWARD}
 THREADS_PER_BLOCK = 256  # plif::kThreadsPerBlock (csrc/plif_launch.h)
@@ -74,9 +74,9 @@ MAX_THREADS_PER_SM = {
 # (the resident threads per multiprocessor they must keep at least, why). Their launch bounds are
 # in csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks).
 _BACKWARD_CHUNK = (
-    768,
-    "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: 80 "
-    "registers, 3 blocks (at 64 ptxas spills); 768 threads x 64 B = 48 KB in flight per "
+    512,
+    "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: 96 "
+    "registers, 2 blocks (at 80 ptxas spills); 512 threads x 64 B = 32 KB in flight per "
     "multiprocessor in float32",
 )
 OCCUPANCY_EXCEPTIONS = {

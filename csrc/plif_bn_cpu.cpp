@@ -20,6 +20,7 @@
 #include "plif_bn.h"
 #include "plif_bn_cuda.h"
 #include "plif_cpu_buffers.h"
+#include "plif_dtypes.h"
 
 namespace plif {
 namespace bn {
@@ -38,18 +39,6 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType compute_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-template <typename Fn>
-void dispatch_types(at::ScalarType t, Fn fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}, float{}); break;
-    case at::kDouble: fn(double{}, double{}); break;
-    case at::kHalf: fn(c10::Half{}, float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}, float{}); break;
-    default: TORCH_CHECK(false, "y must be float16, bfloat16, float32 or float64, got ", t);
-  }
-}
 
 Geometry geometry_of(const Tensor& y) {
   TORCH_CHECK(y.dim() >= 3, "y must be [T, N, C, ...], got ", y.dim(), " dimensions");
@@ -167,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometr
   const Tensor slots = at::empty({g.blocks() * rows_per_block(g.S) * 2}, doubles);
   const Tensor channel_sums = at::zeros({2, g.C}, doubles);
   const Tensor terms_acc = at::empty({kChannelTerms, g.C}, y.options().dtype(acc_type));
-  dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+  dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
     ForwardLaunch<in_t, acc_t> p;
@@ -216,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
     const Tensor neuron_values = at::empty({3 * g.neurons}, accs);
     const Tensor slots = at::empty({g.blocks() * rows_per_block(g.S) * 3}, doubles);
     const Tensor mean_grads = at::empty({2, g.C}, accs);
-    dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+    dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       BackwardLaunch<in_t, acc_t> p;
@@ -281,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
     moments[0].copy_(*running_mean);
     moments[1].copy_(*running_var);
   } else if (g.T * g.neurons > 0) {
-    dispatch_types(y.scalar_type(), [&](auto in_v, auto) {
+    dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto) {
       using in_t = decltype(in_v);
       channel_statistics(y.data_ptr<in_t>(), g, moments.data_ptr<double>(), moments.data_ptr<double>() + g.C);
     });
@@ -308,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
     return {spikes, v_last, terms};
   }
   const Tensor terms_acc = terms.to(acc_type);
-  dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+  dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
     const Args<in_t, acc_t> a = make_args<in_t, acc_t>(
@@ -362,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
     if (need_grad_v_init) grad_v_init.fill_(0);
   } else {
     const Tensor terms_acc = channel_terms.contiguous().to(acc_type);
-    dispatch_types(y.scalar_type(), [&](auto in_v, auto acc_v) {
+    dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       const Args<in_t, acc_t> a = make_args<in_t, acc_t>(

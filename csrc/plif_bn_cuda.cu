@@ -11,25 +11,12 @@
 #include <type_traits>
 
 #include "plif_bn_cuda.h"
+#include "plif_cuda_types.cuh"
 #include "plif_bn_kernels.cuh"
 
 namespace plif {
 namespace bn {
 namespace {
-
-// c10's half types and CUDA's have the same bits; the kernels are written for CUDA's.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 // A launch struct with the half types' pointers as CUDA's (the same bits, the same layout).
 template <typename Target, typename Source>

@@ -13,26 +13,12 @@
 #include <array>
 #include <atomic>
 
+#include "plif_cuda_types.cuh"
 #include "plif_kernels.cuh"
 #include "plif_launch.h"
 
 namespace plif {
 namespace {
-
-// c10's half types and CUDA's have the same bits; the kernels are written for CUDA's, which
-// is what NVRTC sees too.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 template <typename T>
 const typename CudaType<T>::type* as_cuda(const T* ptr) {

@@ -89,13 +89,14 @@ struct Geometry {
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
-  // keeps every load of its steps in flight, takes 80 registers (three blocks: 768 threads; at 64
-  // ptxas spills) and float64 136 (one block; at 128 the division's slow path took a stack frame
-  // on sm_80-89); .ci/check_cuda_build.py lists both as exceptions with the bytes in flight they
-  // keep (benchmarks/NOTES.md, "The backward in one round trip").
+  // keeps every load of its 8 steps in flight in one straight run, takes 96 registers (two
+  // blocks: 512 threads; at 80 ptxas spilled 772 bytes) and float64 138 (one block; at 128 the
+  // division's slow path took a stack frame on sm_80-89); .ci/check_cuda_build.py lists both as
+  // exceptions with the bytes in flight they keep (benchmarks/NOTES.md, "The backward in one
+  // round trip").
   enum : int {
     kForwardMinBlocks = 4,
-    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 3,
+    kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 2,
   };
 };
 
@@ -289,20 +290,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForw
     in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
     acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, index_t x_step,
     acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
-  ForwardParams<in_t, acc_t> p;
-  p.x = x;
-  p.k = k;
-  p.v_init = v_init;
-  p.spikes = spikes;
-  p.v_last = v_last;
-  p.v_seq = v_seq;
-  p.h_seq = h_seq;
-  p.k_stride = k_stride;
-  p.v_init_stride = v_init_stride;
-  p.T = T;
-  p.N = N;
-  p.x_step = x_step;
-  p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
+  // The kernel's parameters are ForwardParams' fields, in their order.
+  const ForwardParams<in_t, acc_t> p{x, k, v_init, spikes, v_last, v_seq, h_seq, k_stride, v_init_stride, T, N, x_step,
+                                     make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   if (p.opts.spiking) {
     forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
   } else {
@@ -354,21 +344,27 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
     const index_t t0 = chunk * K;
     const int count = p.T - t0 < K ? static_cast<int>(p.T - t0) : K;
-    // Every load of the chunk first. Rows are running offsets: computed per step, ptxas keeps a
-    // 64-bit offset for every step.
+    // Every load of the chunk first, in one straight run: steps past the end load the last
+    // step's rows again, and without grad_spikes its loads read x's rows (in bounds, values
+    // dropped), so that no branch splits the run. Rows are running offsets: computed per step,
+    // ptxas keeps a 64-bit offset for every step.
     in_t inputs[K], grad_s[K], grad_v[K];
+    const in_t* const grad_s_rows = through_spike ? grad_spikes : x;
+    const index_t grad_s_step = through_spike ? p.N : p.x_step;
     index_t x_row = t0 * p.x_step + n;
+    index_t grad_s_row = t0 * grad_s_step + n;
     index_t row = t0 * p.N + n;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       PLIF_KEEP_IN_ORDER(row);
-      if (i < count) {
-        inputs[i] = x[x_row];
-        if (through_spike) grad_s[i] = grad_spikes[row];
-        if (GRAD_V) grad_v[i] = grad_v_seq[row];
+      inputs[i] = x[x_row];
+      grad_s[i] = grad_s_rows[grad_s_row];
+      if (GRAD_V) grad_v[i] = grad_v_seq[row];
+      if (i + 1 < count) {
+        x_row += p.x_step;
+        grad_s_row += grad_s_step;
+        row += p.N;
       }
-      x_row += p.x_step;
-      row += p.N;
     }
     ForwardState<1, acc_t> forward;
     recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, column.h);
@@ -447,25 +443,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, double* __restrict__ grad_k_partials,
     double* __restrict__ grad_v_init_partials, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
     index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
-  BackwardParams<in_t, acc_t> p;
-  p.grad_spikes = grad_spikes;
-  p.grad_v_last = grad_v_last;
-  p.grad_v_seq = grad_v_seq;
-  p.h_seq = h_seq;
-  p.x = x;
-  p.k = k;
-  p.v_init = v_init;
-  p.grad_x = grad_x;
-  p.grad_k = grad_k;
-  p.grad_v_init = grad_v_init;
-  p.grad_k_partials = grad_k_partials;
-  p.grad_v_init_partials = grad_v_init_partials;
-  p.k_stride = k_stride;
-  p.v_init_stride = v_init_stride;
-  p.T = T;
-  p.N = N;
-  p.x_step = x_step;
-  p.opts = make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
+  // The kernel's parameters are BackwardParams' fields, in their order.
+  const BackwardParams<in_t, acc_t> p{grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k,
+                                      grad_v_init, grad_k_partials, grad_v_init_partials, k_stride, v_init_stride,
+                                      T, N, x_step, make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   ThreadShares shares;
 #define PLIF_BACKWARD_NEURONS(mode)                                                                \
   (grad_v_seq != nullptr ? backward_neurons<true, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "plif_cpu_buffers.h"
+#include "plif_dtypes.h"
 #include "plif_launch.h"
 #include "plif_math.h"
 
@@ -117,9 +118,6 @@ Options<acc_t> make_options(const Neuron& n, bool h_checkpoints) {
   return o;
 }
 
-at::ScalarType compute_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // ---- output shapes: shared by the kernels' allocation and the Meta kernels ----------------------
 // checkpoint_rows (plif_params.h) for sizes that may be symbolic (torch.compile's dynamic shapes).
@@ -225,6 +223,9 @@ void check_cuda_backward_has_checkpoints(const c10::Device& device, bool checkpo
               "the CUDA backward needs x and the checkpoint rows of H (a forward that saved checkpoints)");
 }
 
+// k's and v_init's stride: 0 where the tensor holds one value for every neuron.
+int64_t per_neuron_stride(const Tensor& t) { return t.numel() == 1 ? 0 : 1; }
+
 template <typename T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
@@ -279,17 +280,6 @@ void launch_compiled(const Params&) {
 }
 #endif
 
-// Dispatch over the four supported (input, compute) type pairs.
-template <typename Fn>
-void dispatch_types(at::ScalarType t, Fn fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}, float{}); break;
-    case at::kDouble: fn(double{}, double{}); break;
-    case at::kHalf: fn(c10::Half{}, float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}, float{}); break;
-    default: check_x_dtype(t);
-  }
-}
 
 // `values` ([N], reached only without a time step) as `count` values: themselves (count N), or
 // their sum (count 1) in an order fixed by N: on CPU plif_math.h's sum_in_fixed_order, on CUDA
@@ -329,23 +319,17 @@ ForwardOutputs forward_saving(const Tensor& x, const Tensor& k, const Tensor& v_
     return {spikes, v_last, v_seq, h_seq};
   }
 
-  dispatch_types(x.scalar_type(), [&](auto in_v, auto acc_v) {
+  dispatch_types(x.scalar_type(), "x", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
-    ForwardParams<in_t, acc_t> p;
-    p.x = x.data_ptr<in_t>();
-    p.k = k.data_ptr<acc_t>();
-    p.v_init = v_init.data_ptr<acc_t>();
-    p.spikes = spikes.data_ptr<in_t>();
-    p.v_last = v_last.data_ptr<acc_t>();
-    p.v_seq = ptr_or_null<in_t>(v_seq);
-    p.h_seq = ptr_or_null<acc_t>(h_seq);
-    p.k_stride = k.numel() == 1 ? 0 : 1;
-    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-    p.T = T;
-    p.N = N;
-    p.x_step = step_stride(x, N);
-    p.opts = make_options<acc_t>(neuron, save == kSaveCheckpoints);
+    // ForwardParams' fields, in their order.
+    const ForwardParams<in_t, acc_t> p{x.data_ptr<in_t>(),        k.data_ptr<acc_t>(),
+                                       v_init.data_ptr<acc_t>(),   spikes.data_ptr<in_t>(),
+                                       v_last.data_ptr<acc_t>(),   ptr_or_null<in_t>(v_seq),
+                                       ptr_or_null<acc_t>(h_seq),  per_neuron_stride(k),
+                                       per_neuron_stride(v_init),  T,
+                                       N,                          step_stride(x, N),
+                                       make_options<acc_t>(neuron, save == kSaveCheckpoints)};
     if (x.is_cpu()) {
       forward_cpu(p);
     } else {
@@ -467,28 +451,28 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
   const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);
   const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1, N);
 
-  dispatch_types(x_dtype, [&](auto in_v, auto acc_v) {
+  dispatch_types(x_dtype, "x", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
-    BackwardParams<in_t, acc_t> p;
-    p.grad_spikes = grad_spikes ? ptr_or_null<in_t>(*grad_spikes) : nullptr;
-    p.grad_v_last = grad_v_last ? ptr_or_null<acc_t>(*grad_v_last) : nullptr;
-    p.grad_v_seq = grad_v_seq ? ptr_or_null<in_t>(*grad_v_seq) : nullptr;
-    p.h_seq = ptr_or_null<acc_t>(h_seq);
-    p.x = x ? x->data_ptr<in_t>() : nullptr;
-    p.k = k.data_ptr<acc_t>();
-    p.v_init = v_init.data_ptr<acc_t>();
-    p.grad_x = grad_x.data_ptr<in_t>();
-    p.grad_k = grad_k.data_ptr<acc_t>();
-    p.grad_v_init = grad_v_init.data_ptr<acc_t>();
-    p.grad_k_partials = ptr_or_null<double>(grad_k_partials);
-    p.grad_v_init_partials = ptr_or_null<double>(grad_v_init_partials);
-    p.k_stride = k.numel() == 1 ? 0 : 1;
-    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-    p.T = T;
-    p.N = N;
-    p.x_step = x ? step_stride(*x, N) : N;
-    p.opts = make_options<acc_t>(neuron, x.has_value());
+    // BackwardParams' fields, in their order.
+    const BackwardParams<in_t, acc_t> p{grad_spikes ? ptr_or_null<in_t>(*grad_spikes) : nullptr,
+                                        grad_v_last ? ptr_or_null<acc_t>(*grad_v_last) : nullptr,
+                                        grad_v_seq ? ptr_or_null<in_t>(*grad_v_seq) : nullptr,
+                                        ptr_or_null<acc_t>(h_seq),
+                                        x ? x->data_ptr<in_t>() : nullptr,
+                                        k.data_ptr<acc_t>(),
+                                        v_init.data_ptr<acc_t>(),
+                                        grad_x.data_ptr<in_t>(),
+                                        grad_k.data_ptr<acc_t>(),
+                                        grad_v_init.data_ptr<acc_t>(),
+                                        ptr_or_null<double>(grad_k_partials),
+                                        ptr_or_null<double>(grad_v_init_partials),
+                                        per_neuron_stride(k),
+                                        per_neuron_stride(v_init),
+                                        T,
+                                        N,
+                                        x ? step_stride(*x, N) : N,
+                                        make_options<acc_t>(neuron, x.has_value())};
     if (h_seq.is_cpu()) {
       backward_cpu(p);
     } else {
