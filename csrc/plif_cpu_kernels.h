@@ -1,6 +1,7 @@
 // Fused CPU kernels: blocks of neurons in parallel, each block walked through all T steps
 // with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py). Included
-// only by the plif_cpu_*.cpp files, each instantiating a part, so that they compile in parallel.
+// only by the plif_cpu_forward_*.cpp and plif_cpu_backward_*.cpp files, each instantiating a part
+// (plif_cpu_parts.h), so that they compile in parallel.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -21,6 +22,8 @@
 #include <immintrin.h>
 #endif
 
+#include "plif_cpu_parts.h"
+#include "plif_dispatch.h"
 #include "plif_launch.h"
 #include "plif_math.h"
 
@@ -186,6 +189,7 @@ void stream_forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t
 // per neuron-step in the forward, a fifth fewer in the backward. kOptionsAtRunTime keeps them
 // as they come (float64, and the smooth mode).
 enum OptionBits : int { kSoftReset = 1, kDecayInput = 2, kDetachReset = 4, kOptionsAtRunTime = -1 };
+constexpr int kOptionMasks = (kSoftReset | kDecayInput | kDetachReset) + 1;
 
 template <int OPTIONS, typename Params>
 PLIF_HD void fix_options(Params& p) {
@@ -214,13 +218,11 @@ PLIF_HD Params with_strides(const Params& p) {
 // Calls fn(view of p) with k's and v_init's strides (0 or 1) fixed at compile time.
 template <typename Params, typename Fn>
 PLIF_HD void with_constant_strides(const Params& p, Fn fn) {
-  if (p.k_stride == 0) {
-    if (p.v_init_stride == 0) fn(with_strides<0, 0>(p));
-    else fn(with_strides<0, 1>(p));
-  } else {
-    if (p.v_init_stride == 0) fn(with_strides<1, 0>(p));
-    else fn(with_strides<1, 1>(p));
-  }
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) {
+    dispatch_flag(p.v_init_stride != 0, [&](auto v_init_stride) {
+      fn(with_strides<decltype(k_stride)::value, decltype(v_init_stride)::value>(p));
+    });
+  });
 }
 
 template <typename in_t, typename acc_t>
@@ -285,8 +287,9 @@ PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t
 template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
                          BackwardState<kLanes, acc_t>* state) {
-  if (p.k_stride == 0) backward_begin_groups<SURROGATE>(with_strides<0, 0>(p), n0, h_last, state);
-  else backward_begin_groups<SURROGATE>(with_strides<1, 0>(p), n0, h_last, state);
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) {
+    backward_begin_groups<SURROGATE>(with_strides<decltype(k_stride)::value, 0>(p), n0, h_last, state);
+  });
 }
 
 // Step t of every group of the block, H[t-1] of the block's first neuron in h_prev_row.
@@ -556,23 +559,14 @@ bool exceeds_cache(index_t T, index_t N, int64_t streams) {
   return T * N * static_cast<int64_t>(sizeof(in_t)) * streams > last_level_cache_bytes();
 }
 
-// Calls fn(std::integral_constant<int, OPTIONS>) with the option mask fixed, or
-// kOptionsAtRunTime where fixing it is not worth eight copies (float64, the smooth mode).
+// Calls fn(IntConstant<OPTIONS>) with the option mask fixed, or kOptionsAtRunTime where fixing
+// it is not worth eight copies (float64, the smooth mode).
 template <int SURROGATE, typename acc_t, typename Fn>
 void with_options(const Options<acc_t>& o, Fn fn) {
   if constexpr (SURROGATE == kRuntime || sizeof(acc_t) != sizeof(float)) {
-    fn(std::integral_constant<int, kOptionsAtRunTime>());
+    fn(IntConstant<kOptionsAtRunTime>());
   } else {
-    switch (option_bits(o)) {
-      case 0: return fn(std::integral_constant<int, 0>());
-      case 1: return fn(std::integral_constant<int, 1>());
-      case 2: return fn(std::integral_constant<int, 2>());
-      case 3: return fn(std::integral_constant<int, 3>());
-      case 4: return fn(std::integral_constant<int, 4>());
-      case 5: return fn(std::integral_constant<int, 5>());
-      case 6: return fn(std::integral_constant<int, 6>());
-      default: return fn(std::integral_constant<int, 7>());
-    }
+    dispatch_below<kOptionMasks>(option_bits(o), fn);
   }
 }
 
@@ -625,59 +619,16 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
 
 }  // namespace
 
-// Spiking mode, the one training uses, runs branch-free vectorised loops (one copy per
-// surrogate for the backward); the smooth mode (for gradcheck) runs the runtime-switch scans.
-template <typename in_t, typename acc_t>
-void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
-  if (p.opts.spiking) {
-    forward_in_mode<kSpikingForward>(p);
-  } else {
-    forward_in_mode<kRuntime>(p);
-  }
+// One mode's forward kernels (every option mask) and one surrogate's backward kernels, each
+// instantiated by one plif_cpu_forward_*.cpp or plif_cpu_backward_*.cpp file (plif_cpu_parts.h).
+template <int MODE, typename in_t, typename acc_t>
+void forward_with_mode(const ForwardParams<in_t, acc_t>& p) {
+  forward_in_mode<MODE>(p);
 }
 
-// One surrogate's backward kernels (every option mask). Instantiated apart, by the
-// plif_cpu_backward_*.cpp files, a few surrogates each: the backward is most of the build, and
-// split so its parts compile in parallel.
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_with_surrogate(const BackwardParams<in_t, acc_t>& p) {
   backward_in_mode<SURROGATE>(p);
 }
-
-#define PLIF_FOR_EACH_BACKWARD_VARIANT(MACRO, in_t, acc_t) \
-  MACRO(kRuntime, in_t, acc_t)                             \
-  MACRO(kSigmoid, in_t, acc_t)                             \
-  MACRO(kAtan, in_t, acc_t)                                \
-  MACRO(kPiecewiseQuadratic, in_t, acc_t)                  \
-  MACRO(kPiecewiseExp, in_t, acc_t)                        \
-  MACRO(kSoftSign, in_t, acc_t)                            \
-  MACRO(kSuperSpike, in_t, acc_t)                          \
-  MACRO(kErf, in_t, acc_t)
-#define PLIF_DECLARE_BACKWARD_VARIANT(SURROGATE, in_t, acc_t) \
-  extern template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-#define PLIF_INSTANTIATE_CPU_BACKWARD(SURROGATE, in_t, acc_t) \
-  template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, float, float)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, double, double)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::Half, float)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::BFloat16, float)
-
-template <typename in_t, typename acc_t>
-void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  if (!p.opts.spiking) return backward_with_surrogate<kRuntime>(p);
-  switch (p.opts.surrogate) {
-    case kSigmoid: return backward_with_surrogate<kSigmoid>(p);
-    case kAtan: return backward_with_surrogate<kAtan>(p);
-    case kPiecewiseQuadratic: return backward_with_surrogate<kPiecewiseQuadratic>(p);
-    case kPiecewiseExp: return backward_with_surrogate<kPiecewiseExp>(p);
-    case kSoftSign: return backward_with_surrogate<kSoftSign>(p);
-    case kSuperSpike: return backward_with_surrogate<kSuperSpike>(p);
-    default: return backward_with_surrogate<kErf>(p);
-  }
-}
-
-#define PLIF_INSTANTIATE_CPU_ENTRY_POINTS(in_t, acc_t)                       \
-  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
-  template void backward_cpu<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
 
 }  // namespace plif
