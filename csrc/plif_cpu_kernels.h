@@ -218,8 +218,8 @@ PLIF_HD Params with_strides(const Params& p) {
 // Calls fn(view of p) with k's and v_init's strides (0 or 1) fixed at compile time.
 template <typename Params, typename Fn>
 PLIF_HD void with_constant_strides(const Params& p, Fn fn) {
-  dispatch_flag(p.k_stride != 0, [&](auto k_stride) {
-    dispatch_flag(p.v_init_stride != 0, [&](auto v_init_stride) {
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) PLIF_INLINE_BODY {
+    dispatch_flag(p.v_init_stride != 0, [&](auto v_init_stride) PLIF_INLINE_BODY {
       fn(with_strides<decltype(k_stride)::value, decltype(v_init_stride)::value>(p));
     });
   });
@@ -231,13 +231,13 @@ PLIF_HD void forward_begin_groups(const ForwardParams<in_t, acc_t>& p, index_t n
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
-                                   bool stream) {
+PLIF_HD void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0, bool stream) {
   ForwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   ForwardState<kLanes, acc_t> state[kGroups];
   ForwardStaging<in_t, acc_t> staging;
-  with_constant_strides(p, [&](const ForwardParams<in_t, acc_t>& view) { forward_begin_groups(view, n0, state); });
+  with_constant_strides(p, [&](const ForwardParams<in_t, acc_t>& view)
+                                PLIF_INLINE_BODY { forward_begin_groups(view, n0, state); });
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
@@ -287,7 +287,7 @@ PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t
 template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
                          BackwardState<kLanes, acc_t>* state) {
-  dispatch_flag(p.k_stride != 0, [&](auto k_stride) {
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) PLIF_INLINE_BODY {
     backward_begin_groups<SURROGATE>(with_strides<decltype(k_stride)::value, 0>(p), n0, h_last, state);
   });
 }
@@ -396,8 +396,8 @@ PLIF_HD void emit_shares(acc_t* out, index_t n0, const acc_t* row, index_t count
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
-                                    bool stream, ShareSlots slots) {
+PLIF_HD void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0, bool stream,
+                            ShareSlots slots) {
   BackwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   BackwardState<kLanes, acc_t> state[kGroups];
@@ -422,6 +422,21 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   emit_shares(p.grad_k, n0, grad_k_row, kBlock, stream, slots.grad_k);
   emit_shares(p.grad_v_init, n0, grad_v_init_row, kBlock, stream, slots.grad_v_init);
   if (stream) fence_streamed_rows();
+}
+
+// The block loops in one copy per instruction set where the option mask is fixed (spiking mode,
+// float32 and the half types: what training runs), in one baseline copy elsewhere (float64, the
+// smooth mode): benchmarks/NOTES.md, "CPU compile-time specialisations", says what each pays.
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_ISA_CLONES void forward_block_per_isa(const ForwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
+                                           bool stream) {
+  forward_block<SURROGATE, OPTIONS>(p, n0, following_n0, stream);
+}
+
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_ISA_CLONES void backward_block_per_isa(const BackwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
+                                            bool stream, ShareSlots slots) {
+  backward_block<SURROGATE, OPTIONS>(p, n0, following_n0, stream, slots);
 }
 
 // The neurons from n_begin on, as a view whose neuron 0 is n_begin (rows keep their stride N;
@@ -577,7 +592,12 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
         p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
-          forward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
+          constexpr int kOptions = decltype(options)::value;
+          if constexpr (kOptions == kOptionsAtRunTime) {
+            forward_block<SURROGATE, kOptions>(q, n0, following_n0, stream);
+          } else {
+            forward_block_per_isa<SURROGATE, kOptions>(q, n0, following_n0, stream);
+          }
         },
         [](const ForwardParams<in_t, acc_t>& q, index_t n_begin) {
           index_t n = n_begin;
@@ -609,8 +629,12 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
         p, [stream, &sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
-          backward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream,
-                                                              sums.slots_of_block(n0 / kBlock));
+          constexpr int kOptions = decltype(options)::value;
+          if constexpr (kOptions == kOptionsAtRunTime) {
+            backward_block<SURROGATE, kOptions>(q, n0, following_n0, stream, sums.slots_of_block(n0 / kBlock));
+          } else {
+            backward_block_per_isa<SURROGATE, kOptions>(q, n0, following_n0, stream, sums.slots_of_block(n0 / kBlock));
+          }
         },
         tail);
   });
