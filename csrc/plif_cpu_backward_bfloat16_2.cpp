@@ -3,5 +3,4 @@
 
 namespace plif {
 PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, c10::BFloat16, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, c10::BFloat16, float)
 }  // namespace plif

@@ -2,6 +2,5 @@
 #include "plif_cpu_kernels.h"
 
 namespace plif {
-PLIF_INSTANTIATE_CPU_BACKWARD(kSuperSpike, c10::BFloat16, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kErf, c10::BFloat16, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseExp, c10::BFloat16, float)
 }  // namespace plif

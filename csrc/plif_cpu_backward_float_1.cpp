@@ -4,6 +4,4 @@
 namespace plif {
 PLIF_INSTANTIATE_CPU_BACKWARD(kRuntime, float, float)
 PLIF_INSTANTIATE_CPU_BACKWARD(kSigmoid, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, float, float)
 }  // namespace plif

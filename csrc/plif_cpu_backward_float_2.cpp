@@ -2,8 +2,6 @@
 #include "plif_cpu_kernels.h"
 
 namespace plif {
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseExp, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kSoftSign, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kSuperSpike, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kErf, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, float, float)
 }  // namespace plif

@@ -3,5 +3,4 @@
 
 namespace plif {
 PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, c10::Half, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, c10::Half, float)
 }  // namespace plif

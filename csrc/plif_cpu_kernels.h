@@ -39,9 +39,10 @@ constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans
-// vectorise 4, 8 or 16 floats wide. No -ffast-math and contraction stays off in every copy.
+// vectorise 4 or 8 floats wide. An x86-64-v4 (AVX-512) copy did not pay for its build time on
+// the default benchmark (benchmarks/NOTES.md). No -ffast-math; contraction stays off in every copy.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define PLIF_ISA_CLONES
 #endif
