@@ -237,8 +237,8 @@ PLIF_HD void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, 
   fix_options<OPTIONS>(p);
   ForwardState<kLanes, acc_t> state[kGroups];
   ForwardStaging<in_t, acc_t> staging;
-  with_constant_strides(p, [&](const ForwardParams<in_t, acc_t>& view)
-                                PLIF_INLINE_BODY { forward_begin_groups(view, n0, state); });
+  with_constant_strides(
+      p, [&](const ForwardParams<in_t, acc_t>& view) PLIF_INLINE_BODY { forward_begin_groups(view, n0, state); });
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
