@@ -1,4 +1,4 @@
-// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+// A part of the CPU kernels (plif_cpu_parts.h says why they are split).
 #include "plif_cpu_kernels.h"
 
 namespace plif {

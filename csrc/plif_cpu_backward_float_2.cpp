@@ -1,9 +1,7 @@
-// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+// A part of the CPU kernels (plif_cpu_parts.h says why they are split).
 #include "plif_cpu_kernels.h"
 
 namespace plif {
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseExp, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kSoftSign, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kSuperSpike, float, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kErf, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, float, float)
+PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, float, float)
 }  // namespace plif

@@ -1,7 +1,6 @@
-// A part of the CPU backward kernels (plif_cpu_kernels.h says why it is split).
+// A part of the CPU kernels (plif_cpu_parts.h says why they are split).
 #include "plif_cpu_kernels.h"
 
 namespace plif {
 PLIF_INSTANTIATE_CPU_BACKWARD(kAtan, c10::Half, float)
-PLIF_INSTANTIATE_CPU_BACKWARD(kPiecewiseQuadratic, c10::Half, float)
 }  // namespace plif

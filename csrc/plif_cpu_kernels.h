@@ -1,6 +1,7 @@
 // Fused CPU kernels: blocks of neurons in parallel, each block walked through all T steps
 // with the shared math of plif_math.h. Built with -ffp-contract=off (see setup.py). Included
-// only by the plif_cpu_*.cpp files, each instantiating a part, so that they compile in parallel.
+// only by the plif_cpu_forward_*.cpp and plif_cpu_backward_*.cpp files, each instantiating a part
+// (plif_cpu_parts.h), so that they compile in parallel.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -21,6 +22,8 @@
 #include <immintrin.h>
 #endif
 
+#include "plif_cpu_parts.h"
+#include "plif_dispatch.h"
 #include "plif_launch.h"
 #include "plif_math.h"
 
@@ -36,9 +39,10 @@ constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans
-// vectorise 4, 8 or 16 floats wide. No -ffast-math and contraction stays off in every copy.
+// vectorise 4 or 8 floats wide. An x86-64-v4 (AVX-512) copy did not pay for its build time on
+// the default benchmark (benchmarks/NOTES.md). No -ffast-math; contraction stays off in every copy.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define PLIF_ISA_CLONES
 #endif
@@ -186,6 +190,7 @@ void stream_forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t
 // per neuron-step in the forward, a fifth fewer in the backward. kOptionsAtRunTime keeps them
 // as they come (float64, and the smooth mode).
 enum OptionBits : int { kSoftReset = 1, kDecayInput = 2, kDetachReset = 4, kOptionsAtRunTime = -1 };
+constexpr int kOptionMasks = (kSoftReset | kDecayInput | kDetachReset) + 1;
 
 template <int OPTIONS, typename Params>
 PLIF_HD void fix_options(Params& p) {
@@ -214,13 +219,11 @@ PLIF_HD Params with_strides(const Params& p) {
 // Calls fn(view of p) with k's and v_init's strides (0 or 1) fixed at compile time.
 template <typename Params, typename Fn>
 PLIF_HD void with_constant_strides(const Params& p, Fn fn) {
-  if (p.k_stride == 0) {
-    if (p.v_init_stride == 0) fn(with_strides<0, 0>(p));
-    else fn(with_strides<0, 1>(p));
-  } else {
-    if (p.v_init_stride == 0) fn(with_strides<1, 0>(p));
-    else fn(with_strides<1, 1>(p));
-  }
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) PLIF_INLINE_BODY {
+    dispatch_flag(p.v_init_stride != 0, [&](auto v_init_stride) PLIF_INLINE_BODY {
+      fn(with_strides<decltype(k_stride)::value, decltype(v_init_stride)::value>(p));
+    });
+  });
 }
 
 template <typename in_t, typename acc_t>
@@ -229,13 +232,13 @@ PLIF_HD void forward_begin_groups(const ForwardParams<in_t, acc_t>& p, index_t n
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
-                                   bool stream) {
+PLIF_HD void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0, bool stream) {
   ForwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   ForwardState<kLanes, acc_t> state[kGroups];
   ForwardStaging<in_t, acc_t> staging;
-  with_constant_strides(p, [&](const ForwardParams<in_t, acc_t>& view) { forward_begin_groups(view, n0, state); });
+  with_constant_strides(
+      p, [&](const ForwardParams<in_t, acc_t>& view) PLIF_INLINE_BODY { forward_begin_groups(view, n0, state); });
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
@@ -287,8 +290,9 @@ PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t
 template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
                          BackwardState<kLanes, acc_t>* state) {
-  if (p.k_stride == 0) backward_begin_groups<SURROGATE>(with_strides<0, 0>(p), n0, h_last, state);
-  else backward_begin_groups<SURROGATE>(with_strides<1, 0>(p), n0, h_last, state);
+  dispatch_flag(p.k_stride != 0, [&](auto k_stride) PLIF_INLINE_BODY {
+    backward_begin_groups<SURROGATE>(with_strides<decltype(k_stride)::value, 0>(p), n0, h_last, state);
+  });
 }
 
 // Step t of every group of the block, H[t-1] of the block's first neuron in h_prev_row.
@@ -377,8 +381,8 @@ PLIF_HD void emit_shares(acc_t* out, index_t n0, const acc_t* row, index_t count
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0,
-                                    bool stream, ShareSlots slots) {
+PLIF_HD void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0, index_t following_n0, bool stream,
+                            ShareSlots slots) {
   BackwardParams<in_t, acc_t> p = given;
   fix_options<OPTIONS>(p);
   BackwardState<kLanes, acc_t> state[kGroups];
@@ -403,6 +407,21 @@ PLIF_ISA_CLONES void backward_block(const BackwardParams<in_t, acc_t>& given, in
   emit_shares(p.grad_k, n0, grad_k_row, kBlock, stream, slots.grad_k);
   emit_shares(p.grad_v_init, n0, grad_v_init_row, kBlock, stream, slots.grad_v_init);
   if (stream) fence_streamed_rows();
+}
+
+// The block loops in one copy per instruction set where the option mask is fixed (spiking mode,
+// float32 and the half types: what training runs), in one baseline copy elsewhere (float64, the
+// smooth mode): benchmarks/NOTES.md, "CPU compile-time specialisations", says what each pays.
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_ISA_CLONES void forward_block_per_isa(const ForwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
+                                           bool stream) {
+  forward_block<SURROGATE, OPTIONS>(p, n0, following_n0, stream);
+}
+
+template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
+PLIF_ISA_CLONES void backward_block_per_isa(const BackwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
+                                            bool stream, ShareSlots slots) {
+  backward_block<SURROGATE, OPTIONS>(p, n0, following_n0, stream, slots);
 }
 
 // The neurons from n_begin on, as a view whose neuron 0 is n_begin (rows keep their stride N;
@@ -538,23 +557,14 @@ bool exceeds_cache(index_t T, index_t N, int64_t streams) {
   return T * N * static_cast<int64_t>(sizeof(in_t)) * streams > last_level_cache_bytes();
 }
 
-// Calls fn(std::integral_constant<int, OPTIONS>) with the option mask fixed, or
-// kOptionsAtRunTime where fixing it is not worth eight copies (float64, the smooth mode).
+// Calls fn(IntConstant<OPTIONS>) with the option mask fixed, or kOptionsAtRunTime where fixing
+// it is not worth eight copies (float64, the smooth mode).
 template <int SURROGATE, typename acc_t, typename Fn>
 void with_options(const Options<acc_t>& o, Fn fn) {
   if constexpr (SURROGATE == kRuntime || sizeof(acc_t) != sizeof(float)) {
-    fn(std::integral_constant<int, kOptionsAtRunTime>());
+    fn(IntConstant<kOptionsAtRunTime>());
   } else {
-    switch (option_bits(o)) {
-      case 0: return fn(std::integral_constant<int, 0>());
-      case 1: return fn(std::integral_constant<int, 1>());
-      case 2: return fn(std::integral_constant<int, 2>());
-      case 3: return fn(std::integral_constant<int, 3>());
-      case 4: return fn(std::integral_constant<int, 4>());
-      case 5: return fn(std::integral_constant<int, 5>());
-      case 6: return fn(std::integral_constant<int, 6>());
-      default: return fn(std::integral_constant<int, 7>());
-    }
+    dispatch_below<kOptionMasks>(option_bits(o), fn);
   }
 }
 
@@ -565,7 +575,12 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
         p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
-          forward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream);
+          constexpr int kOptions = decltype(options)::value;
+          if constexpr (kOptions == kOptionsAtRunTime) {
+            forward_block<SURROGATE, kOptions>(q, n0, following_n0, stream);
+          } else {
+            forward_block_per_isa<SURROGATE, kOptions>(q, n0, following_n0, stream);
+          }
         },
         [](const ForwardParams<in_t, acc_t>& q, index_t n_begin) {
           index_t n = n_begin;
@@ -585,8 +600,12 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
         p, [stream, &sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
-          backward_block<SURROGATE, decltype(options)::value>(q, n0, following_n0, stream,
-                                                              sums.slots_of_block(n0 / kBlock));
+          constexpr int kOptions = decltype(options)::value;
+          if constexpr (kOptions == kOptionsAtRunTime) {
+            backward_block<SURROGATE, kOptions>(q, n0, following_n0, stream, sums.slots_of_block(n0 / kBlock));
+          } else {
+            backward_block_per_isa<SURROGATE, kOptions>(q, n0, following_n0, stream, sums.slots_of_block(n0 / kBlock));
+          }
         },
         tail);
   });
@@ -595,59 +614,16 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
 
 }  // namespace
 
-// Spiking mode, the one training uses, runs branch-free vectorised loops (one copy per
-// surrogate for the backward); the smooth mode (for gradcheck) runs the runtime-switch scans.
-template <typename in_t, typename acc_t>
-void forward_cpu(const ForwardParams<in_t, acc_t>& p) {
-  if (p.opts.spiking) {
-    forward_in_mode<kSpikingForward>(p);
-  } else {
-    forward_in_mode<kRuntime>(p);
-  }
+// One mode's forward kernels (every option mask) and one surrogate's backward kernels, each
+// instantiated by one plif_cpu_forward_*.cpp or plif_cpu_backward_*.cpp file (plif_cpu_parts.h).
+template <int MODE, typename in_t, typename acc_t>
+void forward_with_mode(const ForwardParams<in_t, acc_t>& p) {
+  forward_in_mode<MODE>(p);
 }
 
-// One surrogate's backward kernels (every option mask). Instantiated apart, by the
-// plif_cpu_backward_*.cpp files, a few surrogates each: the backward is most of the build, and
-// split so its parts compile in parallel.
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_with_surrogate(const BackwardParams<in_t, acc_t>& p) {
   backward_in_mode<SURROGATE>(p);
 }
-
-#define PLIF_FOR_EACH_BACKWARD_VARIANT(MACRO, in_t, acc_t) \
-  MACRO(kRuntime, in_t, acc_t)                             \
-  MACRO(kSigmoid, in_t, acc_t)                             \
-  MACRO(kAtan, in_t, acc_t)                                \
-  MACRO(kPiecewiseQuadratic, in_t, acc_t)                  \
-  MACRO(kPiecewiseExp, in_t, acc_t)                        \
-  MACRO(kSoftSign, in_t, acc_t)                            \
-  MACRO(kSuperSpike, in_t, acc_t)                          \
-  MACRO(kErf, in_t, acc_t)
-#define PLIF_DECLARE_BACKWARD_VARIANT(SURROGATE, in_t, acc_t) \
-  extern template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-#define PLIF_INSTANTIATE_CPU_BACKWARD(SURROGATE, in_t, acc_t) \
-  template void backward_with_surrogate<SURROGATE, in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, float, float)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, double, double)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::Half, float)
-PLIF_FOR_EACH_BACKWARD_VARIANT(PLIF_DECLARE_BACKWARD_VARIANT, c10::BFloat16, float)
-
-template <typename in_t, typename acc_t>
-void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
-  if (!p.opts.spiking) return backward_with_surrogate<kRuntime>(p);
-  switch (p.opts.surrogate) {
-    case kSigmoid: return backward_with_surrogate<kSigmoid>(p);
-    case kAtan: return backward_with_surrogate<kAtan>(p);
-    case kPiecewiseQuadratic: return backward_with_surrogate<kPiecewiseQuadratic>(p);
-    case kPiecewiseExp: return backward_with_surrogate<kPiecewiseExp>(p);
-    case kSoftSign: return backward_with_surrogate<kSoftSign>(p);
-    case kSuperSpike: return backward_with_surrogate<kSuperSpike>(p);
-    default: return backward_with_surrogate<kErf>(p);
-  }
-}
-
-#define PLIF_INSTANTIATE_CPU_ENTRY_POINTS(in_t, acc_t)                       \
-  template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
-  template void backward_cpu<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
 
 }  // namespace plif
