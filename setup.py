@@ -60,7 +60,8 @@ def extensions():
     # No contraction of a*b+c into FMA: spikes must equal the reference's bit for bit.
     # -fno-trapping-math changes no result (it lets the vectoriser if-convert selects around
     # float-to-int conversions); -ffast-math is never used, it would reorder the arithmetic.
-    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+    # -g0: no debug information (Python's default flags ask for it), a fifth of the compile time.
+    cxx = ["-O3", "-g0", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"]
     kwargs = dict(
         name="plif_cuda._C",

@@ -303,25 +303,18 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
   fix_options<OPTIONS>(view);
   // Each group requests its own part of the next step's rows: spread over the step, the
   // requests find free miss buffers, where the whole block's at once stalled the backward
-  // (-12% time at 2^20 neurons, one thread). H comes from memory on the H path only. Step 0
-  // requests the first rows of the block this thread takes next (following_n0, if any).
+  // (benchmarks/NOTES.md, "The backward's arithmetic"). Step 0 requests the first rows of the block this
+  // thread takes next (following_n0, if any): its last chunk's checkpoint and first X row.
   const bool stream = grad_x_staging != nullptr;
   for (int g = 0; g < kGroups; ++g) {
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next, stream);
-    if (t >= 2 && !p.opts.h_checkpoints) prefetch_row<kLanes>(p.h_seq + (t - 2) * p.N + next, stream);
     if (t == 0 && following_n0 >= 0) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead, stream);
-      if (!p.opts.h_checkpoints) {
-        prefetch_row<kLanes>(p.h_seq + (p.T - 1) * p.N + ahead, stream);
-        if (p.T >= 2) prefetch_row<kLanes>(p.h_seq + (p.T - 2) * p.N + ahead, stream);
-      } else {
-        // The next block's recompute starts from its last chunk's checkpoint and first X row.
-        const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
-        if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead, stream);
-        prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.x_step + ahead, stream);
-      }
+      const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+      if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead, stream);
+      prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.x_step + ahead, stream);
     }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
   }
@@ -388,15 +381,7 @@ PLIF_HD void backward_block(const BackwardParams<in_t, acc_t>& given, index_t n0
   BackwardState<kLanes, acc_t> state[kGroups];
   in_t grad_x_staging[kBlock];
   in_t* const staging = stream ? grad_x_staging : nullptr;
-  if (p.opts.h_checkpoints) {
-    backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, following_n0, staging, state);
-  } else {
-    begin_block<SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, state);
-    for (index_t t = p.T - 1; t >= 0; --t) {
-      backward_block_step<SURROGATE, OPTIONS>(p, t, n0, following_n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr,
-                                              staging, state);
-    }
-  }
+  backward_block_recomputing<SURROGATE, OPTIONS>(p, n0, following_n0, staging, state);
   // The per-neuron gradients go through rows on the stack: out with streaming stores when the
   // pass streams (an ordinary store would read each line first), or into their sums.
   acc_t grad_k_row[kBlock], grad_v_init_row[kBlock];
@@ -596,6 +581,16 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   const auto tail = [&sums](const BackwardParams<in_t, acc_t>& q, index_t n_begin) {
     backward_scans<SURROGATE>(q, n_begin, q.N, sums.slots_of_block(q.N / kBlock));
   };
+  if (!p.opts.h_checkpoints) {
+    // From every H: what tests compare the checkpoints' backward with (training keeps checkpoints),
+    // so the plain scans, a block loop fewer to build per variant.
+    for_each_neuron(
+        p, [&sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
+          backward_scans<SURROGATE>(q, n0, n0 + kBlock, sums.slots_of_block(n0 / kBlock));
+        },
+        tail);
+    return sums.store(p);
+  }
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
