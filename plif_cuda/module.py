@@ -10,7 +10,7 @@ from torch import nn
 
 from .functional import multistep_keeping_state
 from .reference import compute_dtype, plif_time_loop, w_for_tau
-from .spikingjelly_compat import MemoryModule
+from .spikingjelly_compat import MemoryModule, layer_neuron_options
 from .surrogate import Sigmoid, describe_surrogate
 
 
@@ -25,6 +25,29 @@ def _check_tau(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 1:
         raise ValueError(f"{name} must be a number > 1 (tau = 1/sigmoid(w)), got {value!r}")
     return float(value)
+
+
+def init_learnable_w(layer: nn.Module, init_tau, tau_shape, learnable_tau: bool) -> float:
+    """Gives ``layer`` its ``w`` for ``init_tau`` (a parameter, or a buffer where ``learnable_tau``
+    is False); returns ``init_tau`` checked."""
+    init_tau = _check_tau(init_tau, "init_tau")
+    w = torch.full(tuple(tau_shape), w_for_tau(init_tau))
+    if learnable_tau:
+        layer.w = nn.Parameter(w)
+    else:
+        layer.register_buffer("w", w)
+    return init_tau
+
+
+def set_neuron_options(layer, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend) -> None:
+    """The neuron options every layer keeps, under SpikingJelly's names, and its membrane ``v``."""
+    layer.decay_input = decay_input
+    layer.v_threshold = v_threshold
+    layer.v_reset = v_reset
+    layer.detach_reset = detach_reset
+    layer.backend = backend
+    layer.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
+    layer.register_memory("v", 0.0 if v_reset is None else v_reset)
 
 
 class ParametricLIFNode(MemoryModule):
@@ -66,24 +89,13 @@ class ParametricLIFNode(MemoryModule):
     ):
         super().__init__()
         self._init_time_constant(init_tau, tau_shape, learnable_tau)
-        self.decay_input = decay_input
-        self.v_threshold = v_threshold
-        self.v_reset = v_reset
-        self.detach_reset = detach_reset
+        set_neuron_options(self, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend)
         self.step_mode = step_mode
-        self.backend = backend
         self.store_v_seq = store_v_seq
-        self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
-        self.register_memory("v", 0.0 if v_reset is None else v_reset)
         self._warned_fallback = False
 
     def _init_time_constant(self, init_tau, tau_shape, learnable_tau) -> None:
-        self.init_tau = _check_tau(init_tau, "init_tau")
-        w = torch.full(tuple(tau_shape), w_for_tau(self.init_tau))
-        if learnable_tau:
-            self.w = nn.Parameter(w)
-        else:
-            self.register_buffer("w", w)
+        self.init_tau = init_learnable_w(self, init_tau, tau_shape, learnable_tau)
 
     def _w(self, x_seq: torch.Tensor) -> torch.Tensor:
         """The op's ``w`` (k = sigmoid(w) = 1/tau)."""
@@ -132,14 +144,6 @@ class ParametricLIFNode(MemoryModule):
             )
         return described
 
-    def _options(self):
-        return dict(
-            v_threshold=self.v_threshold,
-            v_reset=self.v_reset,
-            decay_input=self.decay_input,
-            detach_reset=self.detach_reset,
-        )
-
     @staticmethod
     def _check_state(v, x_seq: torch.Tensor, name: str):
         if isinstance(v, torch.Tensor) and v.shape != x_seq.shape[1:]:
@@ -157,17 +161,13 @@ class ParametricLIFNode(MemoryModule):
         described = self._surrogate()
         if described is None:
             return self._generic_surrogate_forward(x_seq, v_init, store_v_seq)
-        name, alpha, spiking = described
         return multistep_keeping_state(
             x_seq,
             self._w(x_seq),
             v_init,
-            surrogate=name,
-            alpha=alpha,
-            spiking=spiking,
             store_v_seq=store_v_seq,
             backend=self.backend,
-            **self._options(),
+            **layer_neuron_options(self, described),
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,7 @@ class ParametricLIFNode(MemoryModule):
             v_init.to(device=x_seq.device, dtype=acc),
             self.surrogate_function,
             store_v_seq=store_v_seq,
-            **self._options(),
+            **layer_neuron_options(self),
         )
 
 
