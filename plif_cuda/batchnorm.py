@@ -32,7 +32,7 @@ from .functional import (
     check_neuron_options,
     multistep_keeping_state,
 )
-from .module import init_learnable_w, set_neuron_options
+from .module import ParametricLIFNode, check_membrane, init_learnable_w, set_neuron_options
 from .ops import _fixed_order_sum, extension_available
 from .reference import compute_dtype, state_tensors, w_for_tau
 from .spikingjelly_compat import MemoryModule, layer_neuron_options
@@ -164,12 +164,22 @@ def _update_running(running_mean, running_var, channel_terms, momentum: float) -
             running.copy_(momentum * batch + (1.0 - momentum) * running.double())
 
 
+def _keyword_defaults(function, skipped=()) -> dict:
+    """The defaults of ``function``'s arguments that have one, but ``skipped``: one source for them."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty and p.name not in skipped}
+
+
+def _with_defaults(caller: str, arguments: dict, defaults: dict) -> dict:
+    """``arguments`` (keyword arguments taken as ``**``) over ``defaults``, naming an unknown one."""
+    unknown = sorted(set(arguments) - set(defaults))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    return dict(defaults, **arguments)
+
+
 # plif_multistep's neuron options that the fused op takes, with their defaults.
-_NEURON_DEFAULTS = {
-    p.name: p.default
-    for p in inspect.signature(multistep_keeping_state).parameters.values()
-    if p.kind is p.KEYWORD_ONLY and p.name not in ("store_v_seq", "backend")
-}
+_NEURON_DEFAULTS = _keyword_defaults(multistep_keeping_state, skipped=("v_init", "store_v_seq", "backend"))
 
 
 def bn_plif_multistep(
@@ -199,9 +209,6 @@ def bn_plif_multistep(
     other shape runs BatchNorm and the neuron apart). Returns ``(spike_seq, v_last)``, ``v_last`` in
     the compute dtype.
     """
-    unknown = sorted(set(neuron_options) - set(_NEURON_DEFAULTS))
-    if unknown:
-        raise TypeError(f"bn_plif_multistep() got an unexpected keyword argument {unknown[0]!r}")
     if not isinstance(y_seq, torch.Tensor):
         raise TypeError(f"y_seq must be a tensor, got {type(y_seq).__name__}")
     if y_seq.dtype not in FLOAT_DTYPES:
@@ -221,7 +228,7 @@ def bn_plif_multistep(
     eps = _check_float_scalar(eps, "eps")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    options = check_neuron_options(dict(_NEURON_DEFAULTS, **neuron_options))
+    options = check_neuron_options(_with_defaults("bn_plif_multistep", neuron_options, _NEURON_DEFAULTS))
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     broadcast_steps = y_seq.shape[0] > 1 and y_seq.stride(0) == 0
@@ -316,14 +323,19 @@ class DeferredBatchNorm(_BatchNorm):
         return deferred
 
 
+# ParametricLIFNode's arguments that BatchNormPLIF takes, with their defaults.
+_LAYER_DEFAULTS = _keyword_defaults(ParametricLIFNode.__init__, skipped=("step_mode", "store_v_seq"))
+
+
 class BatchNormPLIF(MemoryModule):
     """BatchNorm followed by a multi-step Parametric LIF neuron, fused: input ``[T, N, C, ...]``
     (``[T, N, C]``, ``[T, N, C, L]`` as BatchNorm1d, ``[T, N, C, H, W]`` as BatchNorm2d), output
     the spikes, same shape.
 
-    BatchNorm's arguments are ``nn.BatchNorm2d``'s; the neuron's are ``ParametricLIFNode``'s
-    (``tau_shape`` ``()`` for one tau per layer, ``(C, 1, 1)`` or ``(C,)`` per channel;
-    ``learnable_tau=False`` keeps it a buffer). ``fuse_bn_plif`` builds these from existing layers.
+    BatchNorm's arguments are ``nn.BatchNorm2d``'s; the neuron's, by keyword, are ``ParametricLIFNode``'s
+    with its defaults, but ``step_mode`` and ``store_v_seq`` (``tau_shape`` ``()`` for one tau per
+    layer, ``(C, 1, 1)`` or ``(C,)`` per channel; ``learnable_tau=False`` keeps it a buffer).
+    ``fuse_bn_plif`` builds these from existing layers.
     The membrane ``v`` persists across calls until ``reset()``, as the neuron's does.
     """
 
@@ -334,23 +346,23 @@ class BatchNormPLIF(MemoryModule):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        init_tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function=None,
-        detach_reset: bool = False,
-        backend: str = "auto",
-        tau_shape=(),
-        learnable_tau: bool = True,
+        **neuron_arguments,
     ):
         super().__init__()
+        neuron = _with_defaults("BatchNormPLIF", neuron_arguments, _LAYER_DEFAULTS)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.bn = DeferredBatchNorm(num_features, eps, momentum, affine, track_running_stats)
-        init_learnable_w(self, init_tau, tau_shape, learnable_tau)
+        init_learnable_w(self, neuron["init_tau"], neuron["tau_shape"], neuron["learnable_tau"])
         self.constant_tau = None
-        self._set_neuron_options(decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend)
+        self._set_neuron_options(
+            neuron["decay_input"],
+            neuron["v_threshold"],
+            neuron["v_reset"],
+            neuron["surrogate_function"],
+            neuron["detach_reset"],
+            neuron["backend"],
+        )
         self.step_mode = "m"
 
     def _set_neuron_options(self, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend):
@@ -374,8 +386,6 @@ class BatchNormPLIF(MemoryModule):
     def fused_from(cls, deferred: DeferredBatchNorm, neuron: nn.Module) -> BatchNormPLIF:
         """The layer for a BatchNorm (now ``deferred``, left in the network) and ``neuron``: it takes the
         neuron's ``w`` (or constant tau), options and membrane, and normalises with ``deferred``."""
-        from .module import ParametricLIFNode
-
         layer = cls.__new__(cls)
         MemoryModule.__init__(layer)
         object.__setattr__(layer, "_external_norm", deferred)
@@ -432,15 +442,7 @@ class BatchNormPLIF(MemoryModule):
             factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         batch_statistics = norm.training or norm.running_mean is None
         track = not norm.training or norm.track_running_stats
-        v = self.v
-        if isinstance(v, torch.Tensor) and isinstance(y_seq, torch.Tensor) and v.shape != y_seq.shape[1:]:
-            try:
-                torch.broadcast_shapes(v.shape, y_seq.shape[1:])
-            except RuntimeError:
-                raise ValueError(
-                    f"the stored membrane v has shape {tuple(v.shape)} but the input step has shape "
-                    f"{tuple(y_seq.shape[1:])}; call reset() between inputs of different shapes"
-                ) from None
+        v = check_membrane(self.v, y_seq, "the stored membrane v")
         spikes, self.v = bn_plif_multistep(
             y_seq,
             self._w(y_seq),

@@ -39,6 +39,19 @@ def init_learnable_w(layer: nn.Module, init_tau, tau_shape, learnable_tau: bool)
     return init_tau
 
 
+def check_membrane(v, x_seq: torch.Tensor, name: str):
+    """``v``, a membrane carried into ``x_seq``'s steps, where it broadcasts against one step."""
+    if isinstance(v, torch.Tensor) and isinstance(x_seq, torch.Tensor) and v.shape != x_seq.shape[1:]:
+        try:
+            torch.broadcast_shapes(v.shape, x_seq.shape[1:])
+        except RuntimeError:
+            raise ValueError(
+                f"{name} has shape {tuple(v.shape)} but the input step has shape "
+                f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
+            ) from None
+    return v
+
+
 def set_neuron_options(layer, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend) -> None:
     """The neuron options every layer keeps, under SpikingJelly's names, and its membrane ``v``."""
     layer.decay_input = decay_input
@@ -144,18 +157,6 @@ class ParametricLIFNode(MemoryModule):
             )
         return described
 
-    @staticmethod
-    def _check_state(v, x_seq: torch.Tensor, name: str):
-        if isinstance(v, torch.Tensor) and v.shape != x_seq.shape[1:]:
-            try:
-                torch.broadcast_shapes(v.shape, x_seq.shape[1:])
-            except RuntimeError:
-                raise ValueError(
-                    f"{name} has shape {tuple(v.shape)} but the input step has shape "
-                    f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
-                ) from None
-        return v
-
     def _run(self, x_seq: torch.Tensor, v_init, store_v_seq: bool):
         """All steps of ``x_seq`` from the membrane ``v_init``: (spike_seq, v_last, v_seq or None)."""
         described = self._surrogate()
@@ -171,7 +172,7 @@ class ParametricLIFNode(MemoryModule):
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        v_init = check_membrane(self.v, x_seq, "the stored membrane v")
         spike_seq, self.v, v_seq = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self.v_seq = v_seq
@@ -179,7 +180,7 @@ class ParametricLIFNode(MemoryModule):
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_seq = x.unsqueeze(0)
-        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        v_init = check_membrane(self.v, x_seq, "the stored membrane v")
         spike_seq, self.v, v_step = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self._append_v_seq(v_step)
@@ -209,14 +210,14 @@ class ParametricLIFNode(MemoryModule):
         """
         x, v = self._functional_arguments(inputs, states, kwargs, "single_step_functional_forward")
         x_seq = x.unsqueeze(0)
-        spike_seq, v_next, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        spike_seq, v_next, _ = self._run(x_seq, check_membrane(v, x_seq, "the state v"), False)
         return (spike_seq.squeeze(0),), (v_next,)
 
     def multi_step_functional_forward(self, inputs, states, **kwargs):
         """All steps in one fused call: ``((x_seq,), (v,))`` -> ``((spike_seq,), (v_last,))``,
         ``x_seq`` time-first; otherwise as ``single_step_functional_forward``."""
         x_seq, v = self._functional_arguments(inputs, states, kwargs, "multi_step_functional_forward")
-        spike_seq, v_last, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        spike_seq, v_last, _ = self._run(x_seq, check_membrane(v, x_seq, "the state v"), False)
         return (spike_seq,), (v_last,)
 
     def _append_v_seq(self, v_step: torch.Tensor) -> None:
