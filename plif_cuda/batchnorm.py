@@ -16,21 +16,28 @@ the unfused pair's.
 
 from __future__ import annotations
 
+import inspect
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _check_float_scalar, _needs_reference_autodiff, multistep_keeping_state
+from .functional import (
+    FLOAT_DTYPES,
+    _check_float_scalar,
+    _needs_reference_autodiff,
+    _steps_contiguous,
+    check_neuron_options,
+    multistep_keeping_state,
+)
+from .module import ParametricLIFNode, check_membrane, init_learnable_w, set_neuron_options
 from .ops import _fixed_order_sum, extension_available
-from .reference import compute_dtype, w_for_tau
-from .spikingjelly_compat import MemoryModule
-from .surrogate import HAS_PRIMITIVE, Sigmoid, describe_surrogate, resolve_surrogate
+from .reference import compute_dtype, state_tensors, w_for_tau
+from .spikingjelly_compat import MemoryModule, layer_neuron_options
+from .surrogate import describe_surrogate
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Rows of the op's channel_terms output (enum ChannelTerm of csrc/plif_bn.h).
 _MEAN, _INVSTD, _SCALE, _SHIFT, _UNBIASED_VAR = range(5)
 
@@ -131,7 +138,7 @@ def _check_channel_tensor(t, name: str, channels: int, device) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(t.shape)}")
@@ -149,22 +156,30 @@ def _per_channel_w(w: torch.Tensor, step_shape) -> bool:
     return shape == (step_shape[1],) + (1,) * (len(step_shape) - 2)
 
 
-def _steps_contiguous(y: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in zip(reversed(y.shape[1:]), reversed(y.stride()[1:])):
-        if size != 1:
-            if stride != expected:
-                return False
-            expected *= size
-    return True
-
-
 def _update_running(running_mean, running_var, channel_terms, momentum: float) -> None:
     """running = momentum * batch + (1 - momentum) * running, as nn.BatchNorm (unbiased variance)."""
     with torch.no_grad():
         for running, row in ((running_mean, _MEAN), (running_var, _UNBIASED_VAR)):
             batch = channel_terms[row].to(device=running.device)
             running.copy_(momentum * batch + (1.0 - momentum) * running.double())
+
+
+def _keyword_defaults(function, skipped=()) -> dict:
+    """The defaults of ``function``'s arguments that have one, but ``skipped``: one source for them."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty and p.name not in skipped}
+
+
+def _with_defaults(caller: str, arguments: dict, defaults: dict) -> dict:
+    """``arguments`` (keyword arguments taken as ``**``) over ``defaults``, naming an unknown one."""
+    unknown = sorted(set(arguments) - set(defaults))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    return dict(defaults, **arguments)
+
+
+# plif_multistep's neuron options that the fused op takes, with their defaults.
+_NEURON_DEFAULTS = _keyword_defaults(multistep_keeping_state, skipped=("v_init", "store_v_seq", "backend"))
 
 
 def bn_plif_multistep(
@@ -179,14 +194,8 @@ def bn_plif_multistep(
     batch_statistics: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    v_threshold: float = 1.0,
-    v_reset: float | None = 0.0,
-    decay_input: bool = True,
-    detach_reset: bool = False,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    spiking: bool = True,
     backend: str = "auto",
+    **neuron_options,
 ):
     """BatchNorm over ``[T, N, C, *spatial]`` (statistics over T x N x spatial) and a multi-step PLIF
     neuron on its output, in one fused op where it runs (CPU tensors; CUDA tensors in a build with
@@ -194,13 +203,15 @@ def bn_plif_multistep(
 
     ``batch_statistics`` normalises with the batch's statistics and, where ``running_mean`` /
     ``running_var`` are given, updates them in place with ``momentum``; otherwise the running
-    statistics normalise. ``w``, ``v_init`` and the neuron options are ``plif_multistep``'s; the
-    fused op takes ``w`` per layer or per channel (any other shape runs BatchNorm and the neuron
-    apart). Returns ``(spike_seq, v_last)``, ``v_last`` in the compute dtype.
+    statistics normalise. ``w``, ``v_init`` and the neuron options (``v_threshold``, ``v_reset``,
+    ``decay_input``, ``detach_reset``, ``surrogate``, ``alpha``, ``spiking``, by keyword) are
+    ``plif_multistep``'s, with its defaults; the fused op takes ``w`` per layer or per channel (any
+    other shape runs BatchNorm and the neuron apart). Returns ``(spike_seq, v_last)``, ``v_last`` in
+    the compute dtype.
     """
     if not isinstance(y_seq, torch.Tensor):
         raise TypeError(f"y_seq must be a tensor, got {type(y_seq).__name__}")
-    if y_seq.dtype not in _FLOAT_DTYPES:
+    if y_seq.dtype not in FLOAT_DTYPES:
         raise TypeError(f"y_seq must be float16, bfloat16, float32 or float64, got dtype {y_seq.dtype}")
     if y_seq.dim() < 3:
         raise ValueError(f"y_seq must be [T, N, C, ...] (time first), got shape {tuple(y_seq.shape)}")
@@ -217,14 +228,7 @@ def bn_plif_multistep(
     eps = _check_float_scalar(eps, "eps")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    v_threshold = _check_float_scalar(v_threshold, "v_threshold")
-    v_reset = _check_float_scalar(v_reset, "v_reset", allow_none=True)
-    surrogate, alpha = resolve_surrogate(surrogate, alpha)
-    if not spiking and surrogate not in HAS_PRIMITIVE:
-        raise ValueError(f"surrogate {surrogate!r} has no closed-form primitive, so spiking=False is not available")
-    for flag_name, flag in (("decay_input", decay_input), ("detach_reset", detach_reset), ("spiking", spiking)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+    options = check_neuron_options(_with_defaults("bn_plif_multistep", neuron_options, _NEURON_DEFAULTS))
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     broadcast_steps = y_seq.shape[0] > 1 and y_seq.stride(0) == 0
@@ -237,25 +241,11 @@ def bn_plif_multistep(
 
     acc = compute_dtype(y_seq.dtype)
     step_shape = y_seq.shape[1:]
-    if isinstance(w, Real) and not isinstance(w, bool):
-        w = torch.full((), float(w), dtype=acc, device=y_seq.device)
+    w, v_init = state_tensors(w, v_init, options["v_reset"], acc, y_seq.device)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a tensor or a float, got {type(w).__name__}")
-    if v_init is None:
-        v_init = 0.0 if v_reset is None else v_reset
-    if isinstance(v_init, Real) and not isinstance(v_init, bool):
-        v_init = torch.full((), float(v_init), dtype=acc, device=y_seq.device)
     if not isinstance(v_init, torch.Tensor):
         raise TypeError(f"v_init must be a tensor, a float or None, got {type(v_init).__name__}")
-    neuron_options = dict(
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        spiking=spiking,
-    )
 
     fused = (
         backend in ("auto", y_seq.device.type)
@@ -264,21 +254,16 @@ def bn_plif_multistep(
         and not _needs_reference_autodiff(y_seq, w, v_init)
     )
     if not fused:
-        return _unfused(
-            y_seq,
-            w,
-            v_init,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            batch_statistics,
-            momentum,
-            eps,
-            backend,
-            broadcast_steps,
-            neuron_options,
-        )
+        # BatchNorm on the time-folded batch (on the one step of a broadcast input), then the neuron.
+        norm = dict(training=batch_statistics, momentum=momentum, eps=eps)
+        if broadcast_steps:
+            z = F.batch_norm(y_seq[0], running_mean, running_var, weight, bias, **norm)
+            z_seq = z.unsqueeze(0).expand(y_seq.shape)
+        else:
+            z = F.batch_norm(y_seq.flatten(0, 1), running_mean, running_var, weight, bias, **norm)
+            z_seq = z.unflatten(0, y_seq.shape[:2])
+        spikes, v_last, _ = multistep_keeping_state(z_seq, w, v_init, backend=backend, **options)
+        return spikes, v_last
 
     try:
         torch.broadcast_shapes(v_init.shape, step_shape)
@@ -290,6 +275,7 @@ def bn_plif_multistep(
     y_op = y_seq if _steps_contiguous(y_seq) else y_seq.contiguous()
     k = torch.sigmoid(w).to(acc).reshape(-1)
     v_op = v_init.to(acc).reshape(()) if v_init.numel() == 1 else v_init.to(acc).expand(step_shape).contiguous()
+    v_reset = options["v_reset"]
     spikes, v_last, channel_terms = torch.ops.plif_cuda.bn_plif_forward(
         y_op,
         weight,
@@ -299,43 +285,17 @@ def bn_plif_multistep(
         eps,
         k,
         v_op,
-        v_threshold,
+        options["v_threshold"],
         0.0 if v_reset is None else v_reset,
         v_reset is None,
-        decay_input,
-        detach_reset,
-        surrogate_id(surrogate),
-        alpha,
-        spiking,
+        options["decay_input"],
+        options["detach_reset"],
+        surrogate_id(options["surrogate"]),
+        options["alpha"],
+        options["spiking"],
     )
     if batch_statistics and running_mean is not None:
         _update_running(running_mean, running_var, channel_terms, momentum)
-    return spikes, v_last
-
-
-def _unfused(
-    y_seq,
-    w,
-    v_init,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    batch_statistics,
-    momentum,
-    eps,
-    backend,
-    broadcast_steps,
-    neuron_options,
-):
-    """BatchNorm on the time-folded batch (on the one step of a broadcast input), then the neuron."""
-    if broadcast_steps:
-        z = F.batch_norm(y_seq[0], running_mean, running_var, weight, bias, batch_statistics, momentum, eps)
-        z_seq = z.unsqueeze(0).expand(y_seq.shape)
-    else:
-        z = F.batch_norm(y_seq.flatten(0, 1), running_mean, running_var, weight, bias, batch_statistics, momentum, eps)
-        z_seq = z.unflatten(0, y_seq.shape[:2])
-    spikes, v_last, _ = multistep_keeping_state(z_seq, w, v_init, backend=backend, **neuron_options)
     return spikes, v_last
 
 
@@ -363,10 +323,8 @@ class DeferredBatchNorm(_BatchNorm):
         return deferred
 
 
-def _check_tau(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value > 1:
-        raise ValueError(f"{name} must be a number > 1 (tau = 1/sigmoid(w)), got {value!r}")
-    return float(value)
+# ParametricLIFNode's arguments that BatchNormPLIF takes, with their defaults.
+_LAYER_DEFAULTS = _keyword_defaults(ParametricLIFNode.__init__, skipped=("step_mode", "store_v_seq"))
 
 
 class BatchNormPLIF(MemoryModule):
@@ -374,9 +332,10 @@ class BatchNormPLIF(MemoryModule):
     (``[T, N, C]``, ``[T, N, C, L]`` as BatchNorm1d, ``[T, N, C, H, W]`` as BatchNorm2d), output
     the spikes, same shape.
 
-    BatchNorm's arguments are ``nn.BatchNorm2d``'s; the neuron's are ``ParametricLIFNode``'s
-    (``tau_shape`` ``()`` for one tau per layer, ``(C, 1, 1)`` or ``(C,)`` per channel;
-    ``learnable_tau=False`` keeps it a buffer). ``fuse_bn_plif`` builds these from existing layers.
+    BatchNorm's arguments are ``nn.BatchNorm2d``'s; the neuron's, by keyword, are ``ParametricLIFNode``'s
+    with its defaults, but ``step_mode`` and ``store_v_seq`` (``tau_shape`` ``()`` for one tau per
+    layer, ``(C, 1, 1)`` or ``(C,)`` per channel; ``learnable_tau=False`` keeps it a buffer).
+    ``fuse_bn_plif`` builds these from existing layers.
     The membrane ``v`` persists across calls until ``reset()``, as the neuron's does.
     """
 
@@ -387,43 +346,32 @@ class BatchNormPLIF(MemoryModule):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        init_tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function=None,
-        detach_reset: bool = False,
-        backend: str = "auto",
-        tau_shape=(),
-        learnable_tau: bool = True,
+        **neuron_arguments,
     ):
         super().__init__()
+        neuron = _with_defaults("BatchNormPLIF", neuron_arguments, _LAYER_DEFAULTS)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.bn = DeferredBatchNorm(num_features, eps, momentum, affine, track_running_stats)
-        init_tau = _check_tau(init_tau, "init_tau")
-        w = torch.full(tuple(tau_shape), w_for_tau(init_tau))
-        if learnable_tau:
-            self.w = nn.Parameter(w)
-        else:
-            self.register_buffer("w", w)
+        init_learnable_w(self, neuron["init_tau"], neuron["tau_shape"], neuron["learnable_tau"])
         self.constant_tau = None
-        self._set_neuron_options(decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend)
+        self._set_neuron_options(
+            neuron["decay_input"],
+            neuron["v_threshold"],
+            neuron["v_reset"],
+            neuron["surrogate_function"],
+            neuron["detach_reset"],
+            neuron["backend"],
+        )
         self.step_mode = "m"
 
     def _set_neuron_options(self, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend):
-        self.decay_input = decay_input
-        self.v_threshold = v_threshold
-        self.v_reset = v_reset
-        self.detach_reset = detach_reset
-        self.backend = backend
-        self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
+        set_neuron_options(self, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend)
         if describe_surrogate(self.surrogate_function) is None:
             raise TypeError(
                 "surrogate_function must be one of plif_cuda's or SpikingJelly's seven surrogates "
                 f"(a name or an object), got {type(self.surrogate_function).__name__}"
             )
-        self.register_memory("v", 0.0 if v_reset is None else v_reset)
 
     def supported_step_mode(self):
         return ("m",)
@@ -438,8 +386,6 @@ class BatchNormPLIF(MemoryModule):
     def fused_from(cls, deferred: DeferredBatchNorm, neuron: nn.Module) -> BatchNormPLIF:
         """The layer for a BatchNorm (now ``deferred``, left in the network) and ``neuron``: it takes the
         neuron's ``w`` (or constant tau), options and membrane, and normalises with ``deferred``."""
-        from .module import ParametricLIFNode
-
         layer = cls.__new__(cls)
         MemoryModule.__init__(layer)
         object.__setattr__(layer, "_external_norm", deferred)
@@ -496,16 +442,7 @@ class BatchNormPLIF(MemoryModule):
             factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         batch_statistics = norm.training or norm.running_mean is None
         track = not norm.training or norm.track_running_stats
-        v = self.v
-        if isinstance(v, torch.Tensor) and isinstance(y_seq, torch.Tensor) and v.shape != y_seq.shape[1:]:
-            try:
-                torch.broadcast_shapes(v.shape, y_seq.shape[1:])
-            except RuntimeError:
-                raise ValueError(
-                    f"the stored membrane v has shape {tuple(v.shape)} but the input step has shape "
-                    f"{tuple(y_seq.shape[1:])}; call reset() between inputs of different shapes"
-                ) from None
-        name, alpha, spiking = describe_surrogate(self.surrogate_function)
+        v = check_membrane(self.v, y_seq, "the stored membrane v")
         spikes, self.v = bn_plif_multistep(
             y_seq,
             self._w(y_seq),
@@ -517,14 +454,8 @@ class BatchNormPLIF(MemoryModule):
             batch_statistics=batch_statistics,
             momentum=factor,
             eps=norm.eps,
-            v_threshold=self.v_threshold,
-            v_reset=self.v_reset,
-            decay_input=self.decay_input,
-            detach_reset=self.detach_reset,
-            surrogate=name,
-            alpha=alpha,
-            spiking=spiking,
             backend=self.backend,
+            **layer_neuron_options(self, describe_surrogate(self.surrogate_function)),
         )
         return spikes
 

@@ -23,10 +23,10 @@ import torch
 from torch.autograd import forward_ad
 
 from . import backends
-from .reference import compute_dtype, reference_multistep
+from .reference import compute_dtype, reference_multistep, state_tensors
 from .surrogate import HAS_PRIMITIVE, in_functorch_transform, resolve_surrogate
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_float_scalar(value, name: str, allow_none: bool = False):
@@ -40,10 +40,26 @@ def _check_float_scalar(value, name: str, allow_none: bool = False):
     return value
 
 
+def check_neuron_options(options: dict) -> dict:
+    """The neuron's options (``plif_multistep``'s keyword arguments, by name) checked, errors naming
+    the argument: a copy with the numbers as floats and the surrogate's default alpha filled in."""
+    checked = dict(options)
+    checked["v_threshold"] = _check_float_scalar(options["v_threshold"], "v_threshold")
+    checked["v_reset"] = _check_float_scalar(options["v_reset"], "v_reset", allow_none=True)
+    checked["surrogate"], checked["alpha"] = resolve_surrogate(options["surrogate"], options["alpha"])
+    if not options["spiking"] and checked["surrogate"] not in HAS_PRIMITIVE:
+        surrogate = checked["surrogate"]
+        raise ValueError(f"surrogate {surrogate!r} has no closed-form primitive, so spiking=False is not available")
+    for flag_name in ("decay_input", "detach_reset", "store_v_seq", "spiking"):
+        if flag_name in options and not isinstance(options[flag_name], bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(options[flag_name]).__name__}")
+    return checked
+
+
 def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.device != x_seq.device:
         raise ValueError(f"{name} is on {t.device} but x_seq is on {x_seq.device}")
@@ -144,46 +160,13 @@ def multistep_keeping_state(
     """
     if not isinstance(x_seq, torch.Tensor):
         raise TypeError(f"x_seq must be a tensor, got {type(x_seq).__name__}")
-    if x_seq.dtype not in _FLOAT_DTYPES:
+    if x_seq.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x_seq must be float16, bfloat16, float32 or float64, got dtype {x_seq.dtype}")
     if x_seq.dim() < 1:
         raise ValueError("x_seq must have a time dimension first: shape [T, ...], got a 0-dim tensor")
     step_shape = x_seq.shape[1:]
-    v_threshold = _check_float_scalar(v_threshold, "v_threshold")
-    v_reset = _check_float_scalar(v_reset, "v_reset", allow_none=True)
-    surrogate, alpha = resolve_surrogate(surrogate, alpha)
-    if not spiking and surrogate not in HAS_PRIMITIVE:
-        raise ValueError(f"surrogate {surrogate!r} has no closed-form primitive, so spiking=False is not available")
-    for flag_name, flag in (
-        ("decay_input", decay_input),
-        ("detach_reset", detach_reset),
-        ("store_v_seq", store_v_seq),
-        ("spiking", spiking),
-    ):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
-
-    acc = compute_dtype(x_seq.dtype)
-    # Python numbers become tensors through torch.full, a device-side fill: torch.tensor would
-    # copy from the host and synchronise, which a CUDA graph capture forbids.
-    if isinstance(w, Real) and not isinstance(w, bool):
-        w = torch.full((), float(w), dtype=acc, device=x_seq.device)
-    w = _check_tensor_arg(w, "w", x_seq, step_shape)
-    if v_init is None:
-        v_init = 0.0 if v_reset is None else v_reset
-    if isinstance(v_init, Real) and not isinstance(v_init, bool):
-        v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
-    v_init = _check_tensor_arg(v_init, "v_init", x_seq, step_shape)
-    k = torch.sigmoid(w).to(acc)
-
-    chosen = backends.select(backend, x_seq)
-    if chosen != "torch" and _needs_reference_autodiff(x_seq, k, v_init):
-        chosen = "torch"
-    if chosen == "torch":
-        return reference_multistep(
-            x_seq,
-            k,
-            v_init.to(acc),
+    options = check_neuron_options(
+        dict(
             v_threshold=v_threshold,
             v_reset=v_reset,
             decay_input=decay_input,
@@ -193,6 +176,19 @@ def multistep_keeping_state(
             spiking=spiking,
             store_v_seq=store_v_seq,
         )
+    )
+
+    acc = compute_dtype(x_seq.dtype)
+    w, v_init = state_tensors(w, v_init, options["v_reset"], acc, x_seq.device)
+    w = _check_tensor_arg(w, "w", x_seq, step_shape)
+    v_init = _check_tensor_arg(v_init, "v_init", x_seq, step_shape)
+    k = torch.sigmoid(w).to(acc)
+
+    chosen = backends.select(backend, x_seq)
+    if chosen != "torch" and _needs_reference_autodiff(x_seq, k, v_init):
+        chosen = "torch"
+    if chosen == "torch":
+        return reference_multistep(x_seq, k, v_init.to(acc), **options)
 
     x_op, order = _to_op_layout(x_seq)
     k_op = _per_neuron(k, step_shape, order, acc)
@@ -201,14 +197,7 @@ def multistep_keeping_state(
         x_op,
         k_op,
         v_init_op,
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        spiking=spiking,
-        store_v_seq=store_v_seq,
+        **options,
         needs_backward=torch.is_grad_enabled()
         and (x_seq.requires_grad or k_op.requires_grad or v_init_op.requires_grad),
     )

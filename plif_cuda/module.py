@@ -10,7 +10,7 @@ from torch import nn
 
 from .functional import multistep_keeping_state
 from .reference import compute_dtype, plif_time_loop, w_for_tau
-from .spikingjelly_compat import MemoryModule
+from .spikingjelly_compat import MemoryModule, layer_neuron_options
 from .surrogate import Sigmoid, describe_surrogate
 
 
@@ -25,6 +25,42 @@ def _check_tau(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 1:
         raise ValueError(f"{name} must be a number > 1 (tau = 1/sigmoid(w)), got {value!r}")
     return float(value)
+
+
+def init_learnable_w(layer: nn.Module, init_tau, tau_shape, learnable_tau: bool) -> float:
+    """Gives ``layer`` its ``w`` for ``init_tau`` (a parameter, or a buffer where ``learnable_tau``
+    is False); returns ``init_tau`` checked."""
+    init_tau = _check_tau(init_tau, "init_tau")
+    w = torch.full(tuple(tau_shape), w_for_tau(init_tau))
+    if learnable_tau:
+        layer.w = nn.Parameter(w)
+    else:
+        layer.register_buffer("w", w)
+    return init_tau
+
+
+def check_membrane(v, x_seq: torch.Tensor, name: str):
+    """``v``, a membrane carried into ``x_seq``'s steps, where it broadcasts against one step."""
+    if isinstance(v, torch.Tensor) and isinstance(x_seq, torch.Tensor) and v.shape != x_seq.shape[1:]:
+        try:
+            torch.broadcast_shapes(v.shape, x_seq.shape[1:])
+        except RuntimeError:
+            raise ValueError(
+                f"{name} has shape {tuple(v.shape)} but the input step has shape "
+                f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
+            ) from None
+    return v
+
+
+def set_neuron_options(layer, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend) -> None:
+    """The neuron options every layer keeps, under SpikingJelly's names, and its membrane ``v``."""
+    layer.decay_input = decay_input
+    layer.v_threshold = v_threshold
+    layer.v_reset = v_reset
+    layer.detach_reset = detach_reset
+    layer.backend = backend
+    layer.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
+    layer.register_memory("v", 0.0 if v_reset is None else v_reset)
 
 
 class ParametricLIFNode(MemoryModule):
@@ -66,24 +102,13 @@ class ParametricLIFNode(MemoryModule):
     ):
         super().__init__()
         self._init_time_constant(init_tau, tau_shape, learnable_tau)
-        self.decay_input = decay_input
-        self.v_threshold = v_threshold
-        self.v_reset = v_reset
-        self.detach_reset = detach_reset
+        set_neuron_options(self, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend)
         self.step_mode = step_mode
-        self.backend = backend
         self.store_v_seq = store_v_seq
-        self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
-        self.register_memory("v", 0.0 if v_reset is None else v_reset)
         self._warned_fallback = False
 
     def _init_time_constant(self, init_tau, tau_shape, learnable_tau) -> None:
-        self.init_tau = _check_tau(init_tau, "init_tau")
-        w = torch.full(tuple(tau_shape), w_for_tau(self.init_tau))
-        if learnable_tau:
-            self.w = nn.Parameter(w)
-        else:
-            self.register_buffer("w", w)
+        self.init_tau = init_learnable_w(self, init_tau, tau_shape, learnable_tau)
 
     def _w(self, x_seq: torch.Tensor) -> torch.Tensor:
         """The op's ``w`` (k = sigmoid(w) = 1/tau)."""
@@ -132,46 +157,22 @@ class ParametricLIFNode(MemoryModule):
             )
         return described
 
-    def _options(self):
-        return dict(
-            v_threshold=self.v_threshold,
-            v_reset=self.v_reset,
-            decay_input=self.decay_input,
-            detach_reset=self.detach_reset,
-        )
-
-    @staticmethod
-    def _check_state(v, x_seq: torch.Tensor, name: str):
-        if isinstance(v, torch.Tensor) and v.shape != x_seq.shape[1:]:
-            try:
-                torch.broadcast_shapes(v.shape, x_seq.shape[1:])
-            except RuntimeError:
-                raise ValueError(
-                    f"{name} has shape {tuple(v.shape)} but the input step has shape "
-                    f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
-                ) from None
-        return v
-
     def _run(self, x_seq: torch.Tensor, v_init, store_v_seq: bool):
         """All steps of ``x_seq`` from the membrane ``v_init``: (spike_seq, v_last, v_seq or None)."""
         described = self._surrogate()
         if described is None:
             return self._generic_surrogate_forward(x_seq, v_init, store_v_seq)
-        name, alpha, spiking = described
         return multistep_keeping_state(
             x_seq,
             self._w(x_seq),
             v_init,
-            surrogate=name,
-            alpha=alpha,
-            spiking=spiking,
             store_v_seq=store_v_seq,
             backend=self.backend,
-            **self._options(),
+            **layer_neuron_options(self, described),
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        v_init = check_membrane(self.v, x_seq, "the stored membrane v")
         spike_seq, self.v, v_seq = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self.v_seq = v_seq
@@ -179,7 +180,7 @@ class ParametricLIFNode(MemoryModule):
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_seq = x.unsqueeze(0)
-        v_init = self._check_state(self.v, x_seq, "the stored membrane v")
+        v_init = check_membrane(self.v, x_seq, "the stored membrane v")
         spike_seq, self.v, v_step = self._run(x_seq, v_init, self.store_v_seq)
         if self.store_v_seq:
             self._append_v_seq(v_step)
@@ -209,14 +210,14 @@ class ParametricLIFNode(MemoryModule):
         """
         x, v = self._functional_arguments(inputs, states, kwargs, "single_step_functional_forward")
         x_seq = x.unsqueeze(0)
-        spike_seq, v_next, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        spike_seq, v_next, _ = self._run(x_seq, check_membrane(v, x_seq, "the state v"), False)
         return (spike_seq.squeeze(0),), (v_next,)
 
     def multi_step_functional_forward(self, inputs, states, **kwargs):
         """All steps in one fused call: ``((x_seq,), (v,))`` -> ``((spike_seq,), (v_last,))``,
         ``x_seq`` time-first; otherwise as ``single_step_functional_forward``."""
         x_seq, v = self._functional_arguments(inputs, states, kwargs, "multi_step_functional_forward")
-        spike_seq, v_last, _ = self._run(x_seq, self._check_state(v, x_seq, "the state v"), False)
+        spike_seq, v_last, _ = self._run(x_seq, check_membrane(v, x_seq, "the state v"), False)
         return (spike_seq,), (v_last,)
 
     def _append_v_seq(self, v_step: torch.Tensor) -> None:
@@ -260,7 +261,7 @@ class ParametricLIFNode(MemoryModule):
             v_init.to(device=x_seq.device, dtype=acc),
             self.surrogate_function,
             store_v_seq=store_v_seq,
-            **self._options(),
+            **layer_neuron_options(self),
         )
 
 

@@ -8,10 +8,11 @@ not to be fast; the arithmetic order here is the order the kernels reproduce
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
-from .surrogate import heaviside_with_surrogate, resolve_surrogate, surrogate_primitive
+from .surrogate import heaviside_with_surrogate, surrogate_primitive
 
 
 def w_for_tau(tau: float) -> float:
@@ -24,50 +25,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def plif_multistep_ref(
-    x_seq: torch.Tensor,
-    w,
-    v_init=None,
-    *,
-    v_threshold: float = 1.0,
-    v_reset: float | None = 0.0,
-    decay_input: bool = True,
-    detach_reset: bool = False,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    store_v_seq: bool = False,
-    spiking: bool = True,
-):
+def state_tensors(w, v_init, v_reset, dtype: torch.dtype, device):
+    """``w`` and ``v_init`` with Python numbers made 0-dim tensors of ``dtype`` on ``device``, and
+    ``v_init`` None made the reset value (0 for soft reset); anything else is returned as it is."""
+    if v_init is None:
+        v_init = 0.0 if v_reset is None else v_reset
+    # torch.full, a device-side fill: torch.tensor would copy from the host and synchronise,
+    # which a CUDA graph capture forbids.
+    return tuple(
+        torch.full((), float(value), dtype=dtype, device=device)
+        if isinstance(value, Real) and not isinstance(value, bool)
+        else value
+        for value in (w, v_init)
+    )
+
+
+def plif_multistep_ref(x_seq: torch.Tensor, w, v_init=None, **options):
     """Reference multi-step PLIF: ``plif_multistep``'s arguments (but ``backend``) and results.
 
     A drop-in comparator for ``plif_cuda.plif_multistep``: ``w`` is the tau parameter
     (``k = sigmoid(w)``), a tensor or a float; ``v_init`` None (``v_reset``, or 0 for soft
     reset), a float or a tensor broadcastable to one step; ``alpha`` None takes the surrogate's
     default. Returns ``(spike_seq [T, *S], v_last [*S], v_seq [T, *S] or None)`` in ``x_seq``'s
-    dtype, computed in ``compute_dtype(x_seq.dtype)``.
+    dtype, computed in ``compute_dtype(x_seq.dtype)``. It is ``plif_multistep`` with
+    ``backend="torch"``: the same argument checks, then ``reference_multistep``.
     """
-    surrogate, alpha = resolve_surrogate(surrogate, alpha)
-    acc = compute_dtype(x_seq.dtype)
-    if not isinstance(w, torch.Tensor):
-        w = torch.full((), float(w), dtype=acc, device=x_seq.device)
-    if v_init is None:
-        v_init = 0.0 if v_reset is None else v_reset
-    if not isinstance(v_init, torch.Tensor):
-        v_init = torch.full((), float(v_init), dtype=acc, device=x_seq.device)
-    spike_seq, v_last, v_seq = reference_multistep(
-        x_seq,
-        torch.sigmoid(w).to(acc),
-        v_init.to(acc),
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        spiking=spiking,
-        store_v_seq=store_v_seq,
-    )
-    return spike_seq, v_last.to(spike_seq.dtype), v_seq
+    from .functional import plif_multistep
+
+    return plif_multistep(x_seq, w, v_init, backend="torch", **options)
 
 
 def _firing_function(surrogate: str, alpha: float, spiking: bool):
@@ -89,16 +74,14 @@ def reference_multistep(
     k: torch.Tensor,
     v_init: torch.Tensor,
     *,
-    v_threshold: float,
-    v_reset: float | None,
-    decay_input: bool,
-    detach_reset: bool,
     surrogate: str,
     alpha: float,
     spiking: bool,
-    store_v_seq: bool,
+    **loop_options,
 ):
-    """The reference on the fused op's terms (what ``backend="torch"`` runs).
+    """The reference on the fused op's terms (what ``backend="torch"`` runs): ``plif_time_loop``
+    firing through the surrogate ``(surrogate, alpha, spiking)``; ``loop_options`` are the loop's
+    (``v_threshold``, ``v_reset``, ``decay_input``, ``detach_reset``, ``store_v_seq``, ``h_rows``).
 
     Shapes:
         x_seq:  [T, *S]   any float dtype; computed in ``compute_dtype(x_seq.dtype)``
@@ -108,37 +91,15 @@ def reference_multistep(
         spike_seq [T, *S] and v_seq [T, *S] (or None) in x_seq's dtype; v_last [*S] in the compute
         dtype, as the fused op returns it (``plif_multistep`` converts it to x_seq's dtype).
     """
-    return plif_time_loop(
-        x_seq,
-        k,
-        v_init,
-        _firing_function(surrogate, alpha, spiking),
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        store_v_seq=store_v_seq,
-    )
+    return plif_time_loop(x_seq, k, v_init, _firing_function(surrogate, alpha, spiking), **loop_options)
 
 
-def membrane_before_reset(
-    x_seq, k, v_init, *, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking
-) -> torch.Tensor:
+def membrane_before_reset(x_seq, k, v_init, **options) -> torch.Tensor:
     """H[0..T-1] ([T, *S], compute dtype), differentiable in (x_seq, k, v_init): the values the
-    fused forward keeps for its backward, in the kernels' arithmetic order."""
+    fused forward keeps for its backward, in the kernels' arithmetic order. ``options`` are
+    ``reference_multistep``'s but ``store_v_seq``."""
     h_rows = []
-    plif_time_loop(
-        x_seq,
-        k,
-        v_init,
-        _firing_function(surrogate, alpha, spiking),
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        store_v_seq=False,
-        h_rows=h_rows,
-    )
+    reference_multistep(x_seq, k, v_init, store_v_seq=False, h_rows=h_rows, **options)
     if not h_rows:
         return x_seq.new_empty(x_seq.shape, dtype=compute_dtype(x_seq.dtype))
     return torch.stack(h_rows).reshape(x_seq.shape)

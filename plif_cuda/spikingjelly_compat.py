@@ -119,6 +119,20 @@ class _MemoryModule(nn.Module):
 MemoryModule = _MemoryModule if _sj_base is None else _sj_base.MemoryModule
 
 
+def layer_neuron_options(layer, surrogate: tuple | None = None) -> dict:
+    """A neuron layer's options as ``plif_multistep`` takes them (plif_cuda's layers and
+    SpikingJelly's name them alike); ``surrogate``, a ``describe_surrogate`` triple, adds its."""
+    options = dict(
+        v_threshold=layer.v_threshold,
+        v_reset=layer.v_reset,
+        decay_input=layer.decay_input,
+        detach_reset=layer.detach_reset,
+    )
+    if surrogate is not None:
+        options["surrogate"], options["alpha"], options["spiking"] = surrogate
+    return options
+
+
 # ---- patch_spikingjelly --------------------------------------------------------------------------
 _ORIGINAL_FORWARDS: dict[type, object] = {}
 
@@ -151,22 +165,11 @@ def _fused_multi_step_forward(cls, w_of):
             or type(self).multi_step_functional_forward is not cls.multi_step_functional_forward
         ):
             return original(self, x_seq, *args, **kwargs)
-        name, alpha, spiking = described
         # SpikingJelly's own state materialisation: the float reset value becomes a tensor in
         # x's dtype, a membrane of another shape restarts from the reset value.
         (v,) = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
         spike_seq, v_last, v_seq = plif_multistep(
-            x_seq,
-            w_of(self),
-            v,
-            v_threshold=self.v_threshold,
-            v_reset=self.v_reset,
-            decay_input=self.decay_input,
-            detach_reset=self.detach_reset,
-            surrogate=name,
-            alpha=alpha,
-            spiking=spiking,
-            store_v_seq=self.store_v_seq,
+            x_seq, w_of(self), v, store_v_seq=self.store_v_seq, **layer_neuron_options(self, described)
         )
         # A fresh tensor, not our permuted view of the op's output: SpikingJelly's detach() works in
         # place (detach_), which views refuse.

@@ -207,32 +207,16 @@ class SurrogateFunction:
         return f"{type(self).__name__}(alpha={self.alpha}, spiking={self.spiking})"
 
 
-class Sigmoid(SurrogateFunction):
-    name = "sigmoid"
+def _surrogate_class(class_name: str, name: str) -> type:
+    """The ``SurrogateFunction`` subclass for ``name``, under SpikingJelly's class name."""
+    doc = f"The {name!r} surrogate (SpikingJelly's ``{class_name}``), with its alpha and spiking mode."
+    return type(class_name, (SurrogateFunction,), {"name": name, "__module__": __name__, "__doc__": doc})
 
 
-class ATan(SurrogateFunction):
-    name = "atan"
-
-
-class PiecewiseQuadratic(SurrogateFunction):
-    name = "piecewise_quadratic"
-
-
-class PiecewiseExp(SurrogateFunction):
-    name = "piecewise_exp"
-
-
-class SoftSign(SurrogateFunction):
-    name = "soft_sign"
-
-
-class SuperSpike(SurrogateFunction):
-    name = "super_spike"
-
-
-class Erf(SurrogateFunction):
-    name = "erf"
+# One class per surrogate, named as SpikingJelly's (SPIKINGJELLY_CLASS_NAMES lists them in this order).
+Sigmoid, ATan, PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf = (
+    _surrogate_class(class_name, name) for class_name, name in SPIKINGJELLY_CLASS_NAMES.items()
+)
 
 
 def describe_surrogate(obj) -> tuple[str, float, bool] | None:

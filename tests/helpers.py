@@ -7,8 +7,11 @@ and fixtures (the backend parametrisation) and the environment set before anythi
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from plif_cuda import _nvrtc
 from plif_cuda import backends as plif_backends
 from plif_cuda.surrogate import resolve_surrogate
 
@@ -311,3 +315,45 @@ def run_with_grads(fn, x_seq, w, v_init, x_view=None, **kwargs):
     if isinstance(v_leaf, torch.Tensor):
         grads["v_init"] = v_leaf.grad
     return (spike_seq, v_last, v_seq), grads
+
+
+def _half_header_dir() -> Path | None:
+    """A CUDA include folder whose half headers compile on the host: cuda_fp16.h needs the
+    toolkit's crt/host_defines.h, which the CUDA runtime wheels lack."""
+    candidates = [Path(os.environ[var]) / "include" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    candidates.append(Path("/usr/local/cuda/include"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    try:
+        candidates.append(_nvrtc.cuda_include_dir())
+    except FileNotFoundError:
+        pass
+    for folder in candidates:
+        if (folder / "cuda_fp16.h").is_file() and (folder / "crt" / "host_defines.h").is_file():
+            return folder
+    return None
+
+
+def build_emulation_library(tmp_path_factory, source: Path) -> ctypes.CDLL:
+    """An emulated launch (``source``, under tests/gpu_emulation) built with the kernels of csrc/ by
+    the host compiler into a shared library, named by the sources' digest. Skips where there is no
+    compiler or no CUDA half headers (fails instead under PLIF_REQUIRE_GPU_EMULATION=1)."""
+    include = _half_header_dir()
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    missing = None if include else "no CUDA toolkit include folder with cuda_fp16.h and crt/host_defines.h"
+    if compiler is None:
+        missing = "no host C++ compiler (g++ or $CXX)"
+    if missing:
+        if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
+            pytest.fail(f"the GPU emulation cannot be built: {missing}")
+        pytest.skip(f"the GPU emulation cannot be built: {missing}")
+    sources = sorted((REPO_ROOT / "csrc").glob("*.h")) + sorted((REPO_ROOT / "csrc").glob("*.cuh"))
+    sources += sorted(source.parent.glob("*.h")) + [source]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    library = tmp_path_factory.mktemp(source.stem) / f"{source.stem}_{digest}.so"
+    command = [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{REPO_ROOT / 'csrc'}"]
+    command += [f"-I{include}", str(source), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+    return ctypes.CDLL(str(library))

@@ -10,51 +10,29 @@ and without a gradient on the last membrane.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
+from helpers import REPO_ROOT, build_emulation_library
 from plif_cuda import _C
 from plif_cuda.batchnorm import fused_op_available, surrogate_id
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import resolve_surrogate
 from test_gpu_emulation import BITS, DTYPE_CODES
-from test_gpu_emulation import _half_header_dir as half_header_dir
 
 pytestmark = [
     pytest.mark.gpu_emulation,
     pytest.mark.skipif(not fused_op_available(), reason="the compiled extension lacks the fused ops"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "tests" / "gpu_emulation" / "bn_emulated_launch.cpp"
+SOURCE = REPO_ROOT / "tests" / "gpu_emulation" / "bn_emulated_launch.cpp"
 
 
 @pytest.fixture(scope="session")
 def emulation(tmp_path_factory):
-    include = half_header_dir()
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    missing = None if include else "no CUDA toolkit include folder with cuda_fp16.h and crt/host_defines.h"
-    if compiler is None:
-        missing = "no host C++ compiler (g++ or $CXX)"
-    if missing:
-        if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
-            pytest.fail(f"the GPU emulation cannot be built: {missing}")
-        pytest.skip(f"the GPU emulation cannot be built: {missing}")
-    sources = sorted((REPO / "csrc").glob("*.h")) + sorted((REPO / "csrc").glob("*.cuh")) + [SOURCE]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    library = tmp_path_factory.mktemp("bn_gpu_emulation") / f"bn_emulated_launch_{digest}.so"
-    command = [compiler, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{REPO / 'csrc'}"]
-    command += [f"-I{include}", str(SOURCE), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(library))
+    lib = build_emulation_library(tmp_path_factory, SOURCE)
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_int
     options = [f64, f64, f64, i32, i32]
     lib.bn_emulate_forward.argtypes = (

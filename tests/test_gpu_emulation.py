@@ -16,18 +16,13 @@ backward takes one neuron per thread: see Geometry in the kernels).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 import plif_cuda  # noqa: F401  (loads the compiled ops)
-from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, op_options
-from plif_cuda import _C, _nvrtc
+from helpers import NEURON_OPTIONS, REPO_ROOT, SURROGATE_CASES, build_emulation_library, op_options
+from plif_cuda import _C
 from plif_cuda.reference import compute_dtype
 
 pytestmark = pytest.mark.gpu_emulation
@@ -44,55 +39,10 @@ H200_BLOCKS = 132 * 4
 T_LONG = 37  # prime: no chunk size divides it, and above the deepest chunk (32 steps)
 
 
-def _half_header_dir() -> Path | None:
-    """A CUDA include folder whose half headers compile on the host: cuda_fp16.h needs the
-    toolkit's crt/host_defines.h, which the CUDA runtime wheels lack."""
-    candidates = [Path(os.environ[var]) / "include" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
-    candidates.append(Path("/usr/local/cuda/include"))
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parent.parent / "include")
-    try:
-        candidates.append(_nvrtc.cuda_include_dir())
-    except FileNotFoundError:
-        pass
-    for folder in candidates:
-        if (folder / "cuda_fp16.h").is_file() and (folder / "crt" / "host_defines.h").is_file():
-            return folder
-    return None
-
-
 @pytest.fixture(scope="session")
 def emulation(tmp_path_factory):
     """The emulation library, built once per session (a few seconds)."""
-    include = _half_header_dir()
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    missing = None if include else "no CUDA toolkit include folder with cuda_fp16.h and crt/host_defines.h"
-    if compiler is None:
-        missing = "no host C++ compiler (g++ or $CXX)"
-    if missing:
-        if os.environ.get("PLIF_REQUIRE_GPU_EMULATION") == "1":
-            pytest.fail(f"the GPU emulation cannot be built: {missing}")
-        pytest.skip(f"the GPU emulation cannot be built: {missing}")
-    sources = sorted((REPO_ROOT / "csrc").glob("*.h")) + sorted((REPO_ROOT / "csrc").glob("*.cuh")) + [SOURCE]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    library = tmp_path_factory.mktemp("gpu_emulation") / f"emulated_launch_{digest}.so"
-    command = [
-        compiler,
-        "-std=c++17",
-        "-O1",
-        "-ffp-contract=off",
-        "-fPIC",
-        "-shared",
-        f"-I{REPO_ROOT / 'csrc'}",
-        f"-I{include}",
-        str(SOURCE),
-        "-o",
-        str(library),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(library))
+    lib = build_emulation_library(tmp_path_factory, SOURCE)
     pointer, i64, f64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_int
     tail = [i64, i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, ctypes.c_char_p, i32]
     lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail

@@ -4,30 +4,14 @@
 // makes. tests/test_batchnorm_plif_gpu_emulation.py builds this file into a shared library and
 // compares its results bit for bit with the CPU op. Built with -ffp-contract=off, as the
 // extension is.
-#include <cstdint>
-#include <cstdio>
-#include <stdexcept>
+#include <functional>
 #include <vector>
 
-// CUDA's half types with their host conversions, before the launch names are defined below.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "emulation.h"
 
-namespace bn_emulation {
-dim3 grid_dim, block_dim;
-uint3 block_idx, thread_idx;
-}  // namespace bn_emulation
-
-#define gridDim bn_emulation::grid_dim
-#define blockDim bn_emulation::block_dim
-#define blockIdx bn_emulation::block_idx
-#define threadIdx bn_emulation::thread_idx
-#define __launch_bounds__(...)
 // plif_kernels.cuh, included for its half types' conversions, holds kernels that synchronise a
 // block; none of them runs here, and the BatchNorm kernels never synchronise.
 #define __syncthreads() throw std::logic_error("__syncthreads in the emulated BatchNorm kernels")
-#undef __shared__
-#define __shared__ static
 
 #include "plif_bn_kernels.cuh"
 
@@ -45,29 +29,19 @@ constexpr unsigned int kEmulatedThreads = 64;
 struct EmulatedLaunch {
   template <typename Kernel, typename... Arguments>
   void operator()(index_t, Kernel kernel, Arguments... arguments) const {
-    bn_emulation::grid_dim = dim3(kEmulatedBlocks);
-    bn_emulation::block_dim = dim3(kEmulatedThreads);
+    plif_emulation::grid_dim = dim3(kEmulatedBlocks);
+    plif_emulation::block_dim = dim3(kEmulatedThreads);
     for (unsigned int b = 0; b < kEmulatedBlocks; ++b) {
       for (unsigned int t = 0; t < kEmulatedThreads; ++t) {
-        bn_emulation::block_idx = make_uint3(b, 0, 0);
-        bn_emulation::thread_idx = make_uint3(t, 0, 0);
+        plif_emulation::block_idx = make_uint3(b, 0, 0);
+        plif_emulation::thread_idx = make_uint3(t, 0, 0);
         kernel(arguments...);
       }
     }
   }
 };
 
-// dtype codes of the test: float32, float64, float16, bfloat16.
-template <typename Fn>
-void dispatch(int dtype, Fn fn) {
-  switch (dtype) {
-    case 0: fn(float{}, float{}); break;
-    case 1: fn(double{}, double{}); break;
-    case 2: fn(__half{}, float{}); break;
-    case 3: fn(__nv_bfloat16{}, float{}); break;
-    default: throw std::invalid_argument("unknown dtype code");
-  }
-}
+using plif_emulation::dispatch;
 
 template <typename acc_t>
 plif::Options<acc_t> options_of(double v_threshold, double v_reset, double alpha, int surrogate, int flags) {
@@ -84,15 +58,8 @@ plif::Options<acc_t> options_of(double v_threshold, double v_reset, double alpha
   return o;
 }
 
-template <typename Body>
-int guarded(char* error, int error_size, Body body) {
-  try {
-    body();
-  } catch (const std::exception& e) {
-    std::snprintf(error, static_cast<size_t>(error_size), "%s", e.what());
-    return -1;
-  }
-  return 0;
+int guarded(char* error, int error_size, const std::function<void()>& body) {
+  return plif_emulation::run_reporting(error, error_size, body) ? 0 : -1;
 }
 
 }  // namespace

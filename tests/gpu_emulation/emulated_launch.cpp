@@ -11,22 +11,13 @@
 // GPU's.
 #include <ucontext.h>
 
-#include <cstdint>
-#include <cstdio>
 #include <cstring>
-#include <exception>
 #include <functional>
-#include <stdexcept>
 #include <vector>
 
-// CUDA's half types with their host conversions; included before the launch names are defined
-// below, since the runtime API headers they pull in use those names as parameters.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "emulation.h"
 
 namespace plif_emulation {
-dim3 grid_dim, block_dim;
-uint3 block_idx, thread_idx;
 long long vector_accesses = 0;
 
 inline void check_vector_access(const void* pointer, unsigned long long bytes) {
@@ -44,17 +35,8 @@ ucontext_t* running_context = nullptr;
 inline void syncthreads() { swapcontext(running_context, &scheduler_context); }
 }  // namespace plif_emulation
 
-#define gridDim plif_emulation::grid_dim
-#define blockDim plif_emulation::block_dim
-#define blockIdx plif_emulation::block_idx
-#define threadIdx plif_emulation::thread_idx
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
 #define __syncthreads() plif_emulation::syncthreads()
-// Launch bounds steer only the device compiler's register allocation.
-#define __launch_bounds__(...)
-// One block runs at a time, so one copy of a block's shared array serves every block.
-#undef __shared__
-#define __shared__ static
 
 #include "plif_kernels.cuh"
 
@@ -121,29 +103,12 @@ void launch(index_t neurons, index_t resident_blocks, const std::function<void()
   }
 }
 
-// dtype codes of tests/test_gpu_emulation.py: float32, float64, float16, bfloat16.
-template <typename Fn>
-void dispatch(int dtype, Fn fn) {
-  switch (dtype) {
-    case 0: fn(float{}, float{}); break;
-    case 1: fn(double{}, double{}); break;
-    case 2: fn(__half{}, float{}); break;
-    case 3: fn(__nv_bfloat16{}, float{}); break;
-    default: throw std::invalid_argument("unknown dtype code");
-  }
-}
+using plif_emulation::dispatch;
 
 // Runs `body`; returns the number of vector accesses it made, or -1 with the error in `error`.
-template <typename Body>
-long long guarded(char* error, int error_size, Body body) {
+long long guarded(char* error, int error_size, const std::function<void()>& body) {
   plif_emulation::vector_accesses = 0;
-  try {
-    body();
-  } catch (const std::exception& e) {
-    std::snprintf(error, static_cast<size_t>(error_size), "%s", e.what());
-    return -1;
-  }
-  return plif_emulation::vector_accesses;
+  return plif_emulation::run_reporting(error, error_size, body) ? plif_emulation::vector_accesses : -1;
 }
 
 }  // namespace
