@@ -33,7 +33,7 @@ void forward_cpu(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last) {
 
 #define PLIF_BN_INSTANTIATE_FORWARD(in_t, acc_t) \
   template void forward_cpu<in_t, acc_t>(const Args<in_t, acc_t>&, in_t*, acc_t*);
-PLIF_BN_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_FORWARD)
+PLIF_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_FORWARD)
 
 namespace {
 

@@ -77,7 +77,7 @@ void backward_cuda(const BackwardLaunch<in_t, acc_t>& given) {
 #define PLIF_BN_INSTANTIATE_CUDA(in_t, acc_t)                                  \
   template void forward_cuda<in_t, acc_t>(const ForwardLaunch<in_t, acc_t>&); \
   template void backward_cuda<in_t, acc_t>(const BackwardLaunch<in_t, acc_t>&);
-PLIF_BN_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_CUDA)
+PLIF_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_CUDA)
 
 }  // namespace bn
 }  // namespace plif

@@ -4,6 +4,7 @@
 // that both compute the same bits.
 #pragma once
 
+#include "plif_launch.h"
 #include "plif_math.h"
 
 namespace plif {
@@ -121,13 +122,6 @@ struct BackwardLaunch {
   acc_t* mean_grads;            // [2, C]
   double* layer_grad_k;         // [1]: dL/dk summed over the channels (k_per_layer)
 };
-
-// The (input, compute) type pairs every backend instantiates (c10's half types on the host side).
-#define PLIF_BN_FOR_EACH_TYPE_PAIR(MACRO) \
-  MACRO(float, float)                     \
-  MACRO(double, double)                   \
-  MACRO(c10::Half, float)                 \
-  MACRO(c10::BFloat16, float)
 
 }  // namespace bn
 }  // namespace plif

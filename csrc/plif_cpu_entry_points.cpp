@@ -27,10 +27,7 @@ void backward_cpu(const BackwardParams<in_t, acc_t>& p) {
 #define PLIF_INSTANTIATE_CPU_ENTRY_POINTS(in_t, acc_t)                       \
   template void forward_cpu<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
   template void backward_cpu<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
-PLIF_INSTANTIATE_CPU_ENTRY_POINTS(float, float)
-PLIF_INSTANTIATE_CPU_ENTRY_POINTS(double, double)
-PLIF_INSTANTIATE_CPU_ENTRY_POINTS(c10::Half, float)
-PLIF_INSTANTIATE_CPU_ENTRY_POINTS(c10::BFloat16, float)
+PLIF_FOR_EACH_TYPE_PAIR(PLIF_INSTANTIATE_CPU_ENTRY_POINTS)
 #undef PLIF_INSTANTIATE_CPU_ENTRY_POINTS
 
 }  // namespace plif

@@ -88,9 +88,6 @@ void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   template void forward_cuda<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
   template void backward_cuda<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
 
-PLIF_INSTANTIATE_CUDA(float, float)
-PLIF_INSTANTIATE_CUDA(double, double)
-PLIF_INSTANTIATE_CUDA(c10::Half, float)
-PLIF_INSTANTIATE_CUDA(c10::BFloat16, float)
+PLIF_FOR_EACH_TYPE_PAIR(PLIF_INSTANTIATE_CUDA)
 
 }  // namespace plif

@@ -14,6 +14,13 @@ void forward_cpu(const ForwardParams<in_t, acc_t>& p);
 template <typename in_t, typename acc_t>
 void backward_cpu(const BackwardParams<in_t, acc_t>& p);
 
+// MACRO(in_t, acc_t) for the four (input, compute) type pairs the entry points are instantiated for.
+#define PLIF_FOR_EACH_TYPE_PAIR(MACRO) \
+  MACRO(float, float)                  \
+  MACRO(double, double)                \
+  MACRO(c10::Half, float)              \
+  MACRO(c10::BFloat16, float)
+
 #ifdef PLIF_WITH_CUDA
 // Launch on PyTorch's current stream of the device the tensors live on; the caller sets the
 // device guard.

@@ -356,15 +356,6 @@ ForwardOutputs multistep_forward(const Tensor& x, const Tensor& k, const Tensor&
   return forward_saving<launcher>(x, k, v_init, neuron, store_v_seq, save_mode_for(x.scalar_type(), needs_backward));
 }
 
-ForwardOutputs multistep_forward_meta(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
-                                      std::optional<double> v_reset, bool decay_input, bool detach_reset,
-                                      c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
-                                      bool needs_backward) {
-  TORCH_CHECK(x.dim() >= 1, "x must have a time dimension");
-  check_x_dtype(x.scalar_type());
-  neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
-  return allocate_forward(x, store_v_seq, save_mode_for(x.scalar_type(), needs_backward), empty_meta);
-}
 
 SaveMode checked_save_mode(int64_t save) {
   TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
@@ -390,6 +381,14 @@ ForwardOutputs forward_saving_meta(const Tensor& x, const Tensor& k, const Tenso
   check_x_dtype(x.scalar_type());
   neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   return allocate_forward(x, store_v_seq, checked_save_mode(save), empty_meta);
+}
+
+ForwardOutputs multistep_forward_meta(const Tensor& x, const Tensor& k, const Tensor& v_init, double v_threshold,
+                                      std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                      c10::string_view surrogate, double alpha, bool spiking, bool store_v_seq,
+                                      bool needs_backward) {
+  return forward_saving_meta(x, k, v_init, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking,
+                             store_v_seq, save_mode_for(x.scalar_type(), needs_backward));
 }
 
 // ---- the backward --------------------------------------------------------------------------------

@@ -9,15 +9,7 @@ namespace plif {
 typedef long long index_t;
 
 // Surrogate ids, in the order of the names the library exports (plif_cuda._C.SURROGATES).
-enum SurrogateId : int {
-  kSigmoid = 0,
-  kAtan = 1,
-  kPiecewiseQuadratic = 2,
-  kPiecewiseExp = 3,
-  kSoftSign = 4,
-  kSuperSpike = 5,
-  kErf = 6,
-};
+enum SurrogateId : int { kSigmoid, kAtan, kPiecewiseQuadratic, kPiecewiseExp, kSoftSign, kSuperSpike, kErf };
 
 // What a forward keeps for the backward (plif_ops.cpp's save_mode_for decides; exported as
 // plif_cuda._C.SAVE_*). kSaveCheckpoints keeps H only at the last step of every chunk of
@@ -50,12 +42,7 @@ struct Options {
 // The boolean options packed into one int, for kernels that take scalar arguments only
 // (plif_kernels.cuh).
 enum OptionFlags : int {
-  kFlagSoftReset = 1,
-  kFlagDecayInput = 2,
-  kFlagDetachReset = 4,
-  kFlagSpiking = 8,
-  kFlagHCheckpoints = 16,
-};
+  kFlagSoftReset = 1, kFlagDecayInput = 2, kFlagDetachReset = 4, kFlagSpiking = 8, kFlagHCheckpoints = 16 };
 
 template <typename acc_t>
 inline int option_flags(const Options<acc_t>& o) {
@@ -87,11 +74,8 @@ struct ForwardParams {
   acc_t* v_last;        // [N], in the compute dtype: the state a layer carries to its next call
   in_t* v_seq;          // [T, N] or null (store_v_seq off)
   acc_t* h_seq;         // [T, N], checkpoint rows only ([(T-1)/K, N], opts.h_checkpoints), or null
-  index_t k_stride;
-  index_t v_init_stride;
-  index_t T;
-  index_t N;
-  index_t x_step;
+  index_t k_stride, v_init_stride;  // 0 where k (v_init) is one value, else 1
+  index_t T, N, x_step;
   Options<acc_t> opts;
 };
 
@@ -113,11 +97,8 @@ struct BackwardParams {
   // blocks), where k (v_init) is one value; else null, as always on CPU.
   double* grad_k_partials;
   double* grad_v_init_partials;
-  index_t k_stride;
-  index_t v_init_stride;
-  index_t T;
-  index_t N;
-  index_t x_step;
+  index_t k_stride, v_init_stride;  // 0 where k (v_init) is one value, else 1
+  index_t T, N, x_step;
   Options<acc_t> opts;
 };
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plif_cuda
-from helpers import assert_grad_close
+from helpers import assert_grad_close, op_options
 from plif_cuda import models
 from plif_cuda.batchnorm import (
     BatchNormPLIF,
@@ -43,44 +43,18 @@ def _inputs(shape, dtype=torch.float32, seed=0, tau="layer"):
     return y, weight, bias, w
 
 
-def _unfused(
-    y,
-    w,
-    v_init=None,
-    *,
-    weight=None,
-    bias=None,
-    running_mean=None,
-    running_var=None,
-    training=True,
-    momentum=0.1,
-    eps=1e-5,
-    v_reset=0.0,
-    surrogate="sigmoid",
-    alpha=None,
-    spiking=True,
-    **options,
-):
+def _unfused(y, w, v_init=None, *, running_mean=None, running_var=None, training=True, momentum=0.1, **options):
     """nn.BatchNorm on the time-folded batch, then the reference neuron (on k, as the op takes it)."""
+    weight, bias, eps = (
+        options.pop(name, default) for name, default in (("weight", None), ("bias", None), ("eps", 1e-5))
+    )
     z = F.batch_norm(y.flatten(0, 1), running_mean, running_var, weight, bias, training, momentum, eps)
     z = z.unflatten(0, y.shape[:2])
     acc = compute_dtype(y.dtype)
+    neuron = op_options(**options)
     if v_init is None:
-        v_init = torch.full((), 0.0 if v_reset is None else v_reset, dtype=acc)
-    surrogate, alpha = resolve_surrogate(surrogate, alpha)
-    spikes, v_last, _ = reference_multistep(
-        z,
-        torch.sigmoid(w).to(acc),
-        v_init,
-        v_threshold=options.get("v_threshold", 1.0),
-        v_reset=v_reset,
-        decay_input=options.get("decay_input", True),
-        detach_reset=options.get("detach_reset", False),
-        surrogate=surrogate,
-        alpha=alpha,
-        spiking=spiking,
-        store_v_seq=False,
-    )
+        v_init = torch.full((), 0.0 if neuron["v_reset"] is None else neuron["v_reset"], dtype=acc)
+    spikes, v_last, _ = reference_multistep(z, torch.sigmoid(w).to(acc), v_init, **neuron, store_v_seq=False)
     return spikes, v_last, z
 
 
