@@ -17,8 +17,8 @@
 #include <cmath>
 #include <vector>
 
-#include "plif_cpu_kernels.h"  // the PLIF kernel's stream_row, prefetch_row, exceeds_cache, PLIF_ISA_CLONES
 #include "plif_bn_math.h"
+#include "plif_cpu_kernels.h"  // the PLIF kernel's stream_row, prefetch_row, exceeds_cache, PLIF_ISA_CLONES
 #include "plif_math.h"
 
 namespace plif {
@@ -34,7 +34,9 @@ constexpr index_t kMinNeuronStepsPerThread = index_t(1) << 17;
 class RowSums {
  public:
   RowSums(const Geometry& g, int quantities)
-      : g_(g), quantities_(quantities), rows_per_block_(rows_per_block(g.S)),
+      : g_(g),
+        quantities_(quantities),
+        rows_per_block_(rows_per_block(g.S)),
         slots_(static_cast<size_t>(g.blocks() * rows_per_block_ * quantities), 0.0) {}
 
   // values[q][j]: quantity q of neuron n0 + j, for the `count` neurons of block `block`.
@@ -87,7 +89,7 @@ void for_each_block(const Geometry& g, index_t scratch_values, Fn fn) {
 // ---- statistics ------------------------------------------------------------------------------
 template <typename in_t>
 PLIF_ISA_CLONES void statistics_block(const in_t* y, const Geometry& g, index_t block, index_t n0, index_t count,
-                                         RowSums& sums) {
+                                      RowSums& sums) {
   double sum[kBlock] = {}, sum_of_squares[kBlock] = {};
   const bool stream = exceeds_cache<in_t>(g.distinct_steps(), g.neurons, 1);
   for (index_t t = 0; t < g.distinct_steps(); ++t) {
@@ -107,9 +109,8 @@ PLIF_ISA_CLONES void statistics_block(const in_t* y, const Geometry& g, index_t 
 template <typename in_t>
 void channel_statistics(const in_t* y, const Geometry& g, double* mean, double* variance) {
   RowSums sums(g, 2);
-  for_each_block<char>(g, 0, [&](index_t block, index_t n0, index_t count, char*) {
-    statistics_block(y, g, block, n0, count, sums);
-  });
+  for_each_block<char>(
+      g, 0, [&](index_t block, index_t n0, index_t count, char*) { statistics_block(y, g, block, n0, count, sums); });
   std::vector<double> totals(static_cast<size_t>(2 * g.C));
   sums.per_channel(totals.data());
   const double count = g.per_channel(g.distinct_steps());
@@ -169,8 +170,8 @@ void fill_block_terms(const Args<in_t, acc_t>& a, index_t n0, index_t count, Blo
 // non-temporal lines and write their [T, ...] outputs through an L1 staging row with
 // non-temporal stores, as the PLIF kernel does (plif_cpu_kernels.h says why).
 template <int SURROGATE, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void forward_block(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last, index_t n0,
-                                      index_t count, bool stream) {
+PLIF_ISA_CLONES void forward_block(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last, index_t n0, index_t count,
+                                   bool stream) {
   const Options<acc_t> o = a.opts;
   BlockTerms<acc_t> terms;
   fill_block_terms(a, n0, count, terms);
@@ -205,21 +206,20 @@ void forward_all(const Args<in_t, acc_t>& a, in_t* spikes, acc_t* v_last) {
 // The gradients arriving at the block's outputs, and what the backward writes.
 template <typename in_t, typename acc_t>
 struct Gradients {
-  const in_t* grad_spikes;   // [T, neurons] or null
-  const acc_t* grad_v_last;  // [neurons] or null
-  in_t* grad_y;              // [T, neurons] (written by the kWriteGradY pass)
-  acc_t* grad_v_init;        // [neurons] or null (written by the kReduce pass)
-  bool batch_statistics;     // the normalisation used the batch's statistics (training)
-  const acc_t* mean_grad;         // [C]: sum of dL/dz over the channel / its count (kWriteGradY)
-  const acc_t* mean_grad_xhat;    // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
+  const in_t* grad_spikes;      // [T, neurons] or null
+  const acc_t* grad_v_last;     // [neurons] or null
+  in_t* grad_y;                 // [T, neurons] (written by the kWriteGradY pass)
+  acc_t* grad_v_init;           // [neurons] or null (written by the kReduce pass)
+  bool batch_statistics;        // the normalisation used the batch's statistics (training)
+  const acc_t* mean_grad;       // [C]: sum of dL/dz over the channel / its count (kWriteGradY)
+  const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
 };
-
 
 // One block: recompute H[0..T-1] from y (the forward's expressions, so its bits), then walk back
 // in time. `h` holds T * kBlock values.
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t block,
-                                       index_t n0, index_t count, acc_t* h, RowSums* sums, bool stream) {
+                                    index_t n0, index_t count, acc_t* h, RowSums* sums, bool stream) {
   const Options<acc_t> o = a.opts;
   const Geometry& g = a.g;
   BlockTerms<acc_t> terms;
@@ -238,8 +238,8 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
       if (t + 1 < g.T) prefetch_row<kBlock>(y_row + g.y_step, stream);
       acc_t* __restrict__ const h_row = h + t * kBlock;
       for (index_t j = 0; j < count; ++j) {
-        forward_neuron<SURROGATE>(v[j], normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]),
-                                  terms.k[j], o, h_row[j]);
+        forward_neuron<SURROGATE>(v[j], normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]), terms.k[j],
+                                  o, h_row[j]);
       }
     }
   }
@@ -284,10 +284,10 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
     for (index_t j = 0; j < count; ++j) {
       const acc_t y = load_as<acc_t>(y_row[j]);
       const acc_t ht = h_row[j];
-      const acc_t grad_z = neuron_backward(
-          ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev[j],
-          normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j], through_spike,
-          through_membrane, o, grad_h_next[j], grad_k_sum[j]);
+      const acc_t grad_z =
+          neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev[j],
+                          normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j], through_spike,
+                          through_membrane, o, grad_h_next[j], grad_k_sum[j]);
       const acc_t xhat = (y - mean[j]) * invstd[j];
       if constexpr ((PASS & kReduce) != 0) {
         sum_grad[j] += grad_z;

@@ -39,7 +39,6 @@ namespace {
 
 using at::Tensor;
 
-
 Geometry geometry_of(const Tensor& y) {
   TORCH_CHECK(y.dim() >= 3, "y must be [T, N, C, ...], got ", y.dim(), " dimensions");
   int64_t expected = 1;
@@ -117,17 +116,16 @@ T* data_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-Tensor doubles_or_undefined(const std::optional<Tensor>& t) {
-  return t ? t->to(at::kDouble).contiguous() : Tensor();
-}
+Tensor doubles_or_undefined(const std::optional<Tensor>& t) { return t ? t->to(at::kDouble).contiguous() : Tensor(); }
 
 // The forward on CUDA tensors: every buffer of the launch (plif_bn_kernels.cuh) on their device.
 template <typename MakeOptions>
-std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometry& g, const std::optional<Tensor>& weight,
+std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometry& g,
+                                                  const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias,
                                                   const std::optional<Tensor>& running_mean,
-                                                  const std::optional<Tensor>& running_var, double eps,
-                                                  const Tensor& k, const Tensor& v_init, MakeOptions make) {
+                                                  const std::optional<Tensor>& running_var, double eps, const Tensor& k,
+                                                  const Tensor& v_init, MakeOptions make) {
   const c10::DeviceGuard guard(y.device());
   const auto acc_type = compute_type_of(y.scalar_type());
   const auto doubles = y.options().dtype(at::kDouble);
@@ -241,8 +239,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
                                                    const std::optional<Tensor>& running_mean,
                                                    const std::optional<Tensor>& running_var, double eps,
                                                    const Tensor& k, const Tensor& v_init, double v_threshold,
-                                                   double v_reset, bool soft_reset, bool decay_input,
-                                                   bool detach_reset, int64_t surrogate, double alpha, bool spiking) {
+                                                   double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
+                                                   int64_t surrogate, double alpha, bool spiking) {
   const Geometry g = geometry_of(y);
   check_channels(weight, "weight", g.C);
   check_channels(bias, "bias", g.C);
@@ -256,11 +254,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   const auto doubles = y.options().dtype(at::kDouble);
 #ifdef PLIF_WITH_CUDA
   if (y.is_cuda()) {
-    return forward_on_gpu(y, g, weight, bias, running_mean, running_var, eps, k, v_init,
-                          [&](auto acc_v) {
-                            return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input,
-                                                                 detach_reset, surrogate, alpha, spiking);
-                          });
+    return forward_on_gpu(y, g, weight, bias, running_mean, running_var, eps, k, v_init, [&](auto acc_v) {
+      return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate,
+                                           alpha, spiking);
+    });
   }
 #endif
 
@@ -371,8 +368,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
   // views of channel_sums: an op's outputs must not alias).
   Tensor grad_k = channel_sums[2];
   if (k.numel() == 1) grad_k = at::scalar_tensor(sum_in_fixed_order(grad_k.data_ptr<double>(), g.C), grad_k.options());
-  return {grad_y, channel_sums[1].clone(), channel_sums[0].clone(),
-          grad_k.to(acc_type).reshape(k.sizes()).clone(), grad_v_init};
+  return {grad_y, channel_sums[1].clone(), channel_sums[0].clone(), grad_k.to(acc_type).reshape(k.sizes()).clone(),
+          grad_v_init};
 }
 
 }  // namespace

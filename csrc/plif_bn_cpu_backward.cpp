@@ -16,9 +16,8 @@ void backward_cpu(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, 
   backward_all<kRuntime>(a, gr, write_grad_y, channel_sums);
 }
 
-#define PLIF_BN_INSTANTIATE_BACKWARD(in_t, acc_t)                                                          \
-  template void backward_cpu<in_t, acc_t>(const Args<in_t, acc_t>&, const Gradients<in_t, acc_t>&, bool, \
-                                          double*);
+#define PLIF_BN_INSTANTIATE_BACKWARD(in_t, acc_t) \
+  template void backward_cpu<in_t, acc_t>(const Args<in_t, acc_t>&, const Gradients<in_t, acc_t>&, bool, double*);
 PLIF_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_BACKWARD)
 
 }  // namespace bn

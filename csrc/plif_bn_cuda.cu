@@ -11,8 +11,8 @@
 #include <type_traits>
 
 #include "plif_bn_cuda.h"
-#include "plif_cuda_types.cuh"
 #include "plif_bn_kernels.cuh"
+#include "plif_cuda_types.cuh"
 
 namespace plif {
 namespace bn {
@@ -74,7 +74,7 @@ void backward_cuda(const BackwardLaunch<in_t, acc_t>& given) {
   with_surrogate(p.opts, [&](auto surrogate) { backward_launches<decltype(surrogate)::value>(p, launch); });
 }
 
-#define PLIF_BN_INSTANTIATE_CUDA(in_t, acc_t)                                  \
+#define PLIF_BN_INSTANTIATE_CUDA(in_t, acc_t)                                 \
   template void forward_cuda<in_t, acc_t>(const ForwardLaunch<in_t, acc_t>&); \
   template void backward_cuda<in_t, acc_t>(const BackwardLaunch<in_t, acc_t>&);
 PLIF_FOR_EACH_TYPE_PAIR(PLIF_BN_INSTANTIATE_CUDA)

@@ -161,9 +161,10 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
         const acc_t grad_s = through_spike ? load_as<acc_t>(grad_spikes[t * g.neurons + n]) : acc_t(0);
         const bool through_membrane = grad_v_last != nullptr || (t < g.T - 1 && through_spike);
         const acc_t y_value = load_as<acc_t>(y[t * g.y_step + n]);
-        const acc_t grad_z = neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o),
-                                             v_prev, normalise(y_value, nt.scale, nt.shift), nt.k, grad_v, grad_s,
-                                             through_spike, through_membrane, o, grad_h_next, grad_k_sum);
+        const acc_t grad_z =
+            neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev,
+                            normalise(y_value, nt.scale, nt.shift), nt.k, grad_v, grad_s, through_spike,
+                            through_membrane, o, grad_h_next, grad_k_sum);
         const acc_t xhat = (y_value - nt.mean) * nt.invstd;
         if ((PASS & kReduce) != 0) {
           sum_grad += grad_z;
@@ -219,8 +220,8 @@ void forward_launches(const ForwardLaunch<in_t, acc_t>& p, Launch launch) {
   const Geometry& g = p.g;
   if (p.running_mean == nullptr) {
     launch(g.neurons, bn_statistics_kernel<in_t, acc_t>, p.y, g, p.neuron_values);
-    launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<double>, static_cast<const double*>(p.neuron_values),
-           2, g, p.slots);
+    launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<double>, static_cast<const double*>(p.neuron_values), 2,
+           g, p.slots);
     launch(g.C, bn_channel_sums_kernel, static_cast<const double*>(p.slots), 2, g, p.channel_sums);
   }
   launch(g.C, bn_channel_terms_kernel, static_cast<const double*>(p.channel_sums), p.running_mean, p.running_var,
@@ -238,8 +239,8 @@ void backward_launches(const BackwardLaunch<in_t, acc_t>& p, Launch launch) {
   launch(g.neurons, bn_backward_kernel<SURROGATE, kReduce, in_t, acc_t>, p.y, g, p.terms_acc, p.k, p.k_per_layer,
          p.v_init, p.v_init_stride, p.opts, p.grad_spikes, p.grad_v_last, p.batch_statistics, no_means, no_means,
          p.neuron_values, p.grad_v_init, static_cast<in_t*>(nullptr));
-  launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<acc_t>, static_cast<const acc_t*>(p.neuron_values), 3,
-         g, p.slots);
+  launch(g.blocks() * rows_per_block(g.S), bn_row_sums_kernel<acc_t>, static_cast<const acc_t*>(p.neuron_values), 3, g,
+         p.slots);
   launch(g.C, bn_channel_sums_kernel, static_cast<const double*>(p.slots), 3, g, p.channel_sums);
   if (p.k_per_layer) {
     launch(1, bn_layer_sum_kernel, static_cast<const double*>(p.channel_sums + 2 * g.C), g.C, p.layer_grad_k);
@@ -247,8 +248,8 @@ void backward_launches(const BackwardLaunch<in_t, acc_t>& p, Launch launch) {
   if (p.grad_y == nullptr) return;
   launch(g.C, bn_mean_grads_kernel<acc_t>, static_cast<const double*>(p.channel_sums), g.per_channel(g.T), g.C,
          p.mean_grads);
-  launch(g.neurons, bn_backward_kernel<SURROGATE, kWriteGradY, in_t, acc_t>, p.y, g, p.terms_acc, p.k,
-         p.k_per_layer, p.v_init, p.v_init_stride, p.opts, p.grad_spikes, p.grad_v_last, p.batch_statistics,
+  launch(g.neurons, bn_backward_kernel<SURROGATE, kWriteGradY, in_t, acc_t>, p.y, g, p.terms_acc, p.k, p.k_per_layer,
+         p.v_init, p.v_init_stride, p.opts, p.grad_spikes, p.grad_v_last, p.batch_statistics,
          static_cast<const acc_t*>(p.mean_grads), static_cast<const acc_t*>(p.mean_grads + g.C),
          static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), p.grad_y);
 }

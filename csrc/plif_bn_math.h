@@ -27,7 +27,9 @@ struct Geometry {
   PLIF_HD index_t distinct_steps() const { return y_step == 0 ? (T < 1 ? T : 1) : T; }
   PLIF_HD index_t blocks() const { return (neurons + kBlock - 1) / kBlock; }
   // Values per channel over all steps (what the gradient's means divide by) and over the distinct ones.
-  PLIF_HD double per_channel(index_t steps) const { return static_cast<double>(steps) * static_cast<double>(neurons / C); }
+  PLIF_HD double per_channel(index_t steps) const {
+    return static_cast<double>(steps) * static_cast<double>(neurons / C);
+  }
 };
 
 // What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or both.
@@ -82,45 +84,45 @@ template <typename in_t, typename acc_t>
 struct ForwardLaunch {
   Geometry g;
   const in_t* y;
-  const double* gamma;          // [C] or null
-  const double* beta;           // [C] or null
-  const double* running_mean;   // [C], or null: the batch's statistics
-  const double* running_var;    // [C]
+  const double* gamma;         // [C] or null
+  const double* beta;          // [C] or null
+  const double* running_mean;  // [C], or null: the batch's statistics
+  const double* running_var;   // [C]
   double eps;
-  const acc_t* k;               // [C], or one value (k_per_layer)
+  const acc_t* k;  // [C], or one value (k_per_layer)
   bool k_per_layer;
-  const acc_t* v_init;          // [neurons], or one value (v_init_stride 0)
+  const acc_t* v_init;  // [neurons], or one value (v_init_stride 0)
   index_t v_init_stride;
   Options<acc_t> opts;
-  in_t* spikes;                 // [T, neurons]
-  acc_t* v_last;                // [neurons]
-  double* terms;                // [5, C]
-  acc_t* terms_acc;             // [5, C]
-  double* neuron_values;        // [2, neurons] (batch statistics only)
-  double* slots;                // [blocks * rows_per_block(S) * 2]
-  double* channel_sums;         // [2, C]
+  in_t* spikes;           // [T, neurons]
+  acc_t* v_last;          // [neurons]
+  double* terms;          // [5, C]
+  acc_t* terms_acc;       // [5, C]
+  double* neuron_values;  // [2, neurons] (batch statistics only)
+  double* slots;          // [blocks * rows_per_block(S) * 2]
+  double* channel_sums;   // [2, C]
 };
 
 template <typename in_t, typename acc_t>
 struct BackwardLaunch {
   Geometry g;
   const in_t* y;
-  const acc_t* terms_acc;       // [5, C]: the forward's terms, rounded
+  const acc_t* terms_acc;  // [5, C]: the forward's terms, rounded
   const acc_t* k;
   bool k_per_layer;
   const acc_t* v_init;
   index_t v_init_stride;
   Options<acc_t> opts;
-  const in_t* grad_spikes;      // [T, neurons] or null
-  const acc_t* grad_v_last;     // [neurons] or null
+  const in_t* grad_spikes;   // [T, neurons] or null
+  const acc_t* grad_v_last;  // [neurons] or null
   bool batch_statistics;
-  in_t* grad_y;                 // [T, neurons], or null: not needed
-  acc_t* grad_v_init;           // [neurons] or null
-  acc_t* neuron_values;         // [3, neurons]
-  double* slots;                // [blocks * rows_per_block(S) * 3]
-  double* channel_sums;         // [3, C]: sum dL/dz, sum dL/dz * xhat, dL/dk per channel
-  acc_t* mean_grads;            // [2, C]
-  double* layer_grad_k;         // [1]: dL/dk summed over the channels (k_per_layer)
+  in_t* grad_y;          // [T, neurons], or null: not needed
+  acc_t* grad_v_init;    // [neurons] or null
+  acc_t* neuron_values;  // [3, neurons]
+  double* slots;         // [blocks * rows_per_block(S) * 3]
+  double* channel_sums;  // [3, C]: sum dL/dz, sum dL/dz * xhat, dL/dk per channel
+  acc_t* mean_grads;     // [2, C]
+  double* layer_grad_k;  // [1]: dL/dk summed over the channels (k_per_layer)
 };
 
 }  // namespace bn

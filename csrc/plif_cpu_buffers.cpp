@@ -161,7 +161,7 @@ class OutputCache final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  std::vector<Block> free_;  // in release order, oldest first
+  std::vector<Block> free_;                 // in release order, oldest first
   std::unordered_map<void*, size_t> live_;  // buffers handed out, by address
   size_t cached_bytes_ = 0;
   size_t live_bytes_ = 0;

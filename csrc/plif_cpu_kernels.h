@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <type_traits>
@@ -85,13 +85,13 @@ int64_t last_level_cache_bytes() {
 // ones, four per line, made the forward 20% slower); the unaligned ends go through ordinary
 // stores. One function per store width, each compiled for its instruction set (the intrinsics
 // need it), all from this one body; each returns the bytes it wrote, the tail left to stream_row.
-#define PLIF_STREAM_ROW(NAME, TARGET, WIDTH, STORE)                                      \
-  TARGET size_t NAME(char* d, const char* s, size_t bytes) {                             \
+#define PLIF_STREAM_ROW(NAME, TARGET, WIDTH, STORE)                                                \
+  TARGET size_t NAME(char* d, const char* s, size_t bytes) {                                       \
     const size_t head = std::min(bytes, (WIDTH - reinterpret_cast<uintptr_t>(d) % WIDTH) % WIDTH); \
-    std::memcpy(d, s, head);                                                            \
-    size_t done = head;                                                                 \
-    for (; bytes - done >= WIDTH; done += WIDTH) STORE;                                 \
-    return done;                                                                        \
+    std::memcpy(d, s, head);                                                                       \
+    size_t done = head;                                                                            \
+    for (; bytes - done >= WIDTH; done += WIDTH) STORE;                                            \
+    return done;                                                                                   \
   }
 #if defined(__x86_64__) && defined(__GNUC__)
 PLIF_STREAM_ROW(stream_lines_avx512, __attribute__((target("avx512f"))), 64,
@@ -113,8 +113,9 @@ void stream_row(void* dst, const void* src, size_t bytes) {
   size_t done = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
   static const int width = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx") ? 32 : 16;
-  done = width == 64 ? stream_lines_avx512(d, s, bytes) : width == 32 ? stream_lines_avx(d, s, bytes)
-                                                                      : stream_lines_sse2(d, s, bytes);
+  done = width == 64   ? stream_lines_avx512(d, s, bytes)
+         : width == 32 ? stream_lines_avx(d, s, bytes)
+                       : stream_lines_sse2(d, s, bytes);
 #elif defined(__SSE2__)
   done = stream_lines_sse2(d, s, bytes);
 #endif
@@ -162,7 +163,7 @@ index_t h_row_offset(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0)
 
 template <typename in_t, typename acc_t>
 ForwardParams<in_t, acc_t> forward_step_view(const ForwardParams<in_t, acc_t>& p, index_t t, index_t n0,
-                                              ForwardStaging<in_t, acc_t>* staging) {
+                                             ForwardStaging<in_t, acc_t>* staging) {
   ForwardParams<in_t, acc_t> view = p;
   const index_t row = t * p.N + n0;
   view.N = 0;
@@ -245,8 +246,10 @@ PLIF_HD void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, 
     // Each group requests its part of the next step's X, as the backward does (see there); the
     // last step, the first X row of the block this thread takes next.
     for (int g = 0; g < kGroups; ++g) {
-      if (t + 1 < p.T) prefetch_row<kLanes>(p.x + (t + 1) * p.x_step + n0 + g * kLanes, stream);
-      else if (following_n0 >= 0) prefetch_row<kLanes>(p.x + following_n0 + g * kLanes, stream);
+      if (t + 1 < p.T)
+        prefetch_row<kLanes>(p.x + (t + 1) * p.x_step + n0 + g * kLanes, stream);
+      else if (following_n0 >= 0)
+        prefetch_row<kLanes>(p.x + following_n0 + g * kLanes, stream);
       forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     }
     if (stream) stream_forward_step(p, t, n0, staging);
@@ -284,7 +287,8 @@ BackwardParams<in_t, acc_t> backward_step_view(const BackwardParams<in_t, acc_t>
 template <int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_begin_groups(const BackwardParams<in_t, acc_t>& p, index_t n0, const acc_t* h_last,
                                    BackwardState<kLanes, acc_t>* state) {
-  for (int g = 0; g < kGroups; ++g) backward_begin<kLanes, SURROGATE>(p, n0 + g * kLanes, h_last + g * kLanes, state[g]);
+  for (int g = 0; g < kGroups; ++g)
+    backward_begin<kLanes, SURROGATE>(p, n0 + g * kLanes, h_last + g * kLanes, state[g]);
 }
 
 template <int SURROGATE, typename in_t, typename acc_t>
@@ -335,7 +339,8 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     ForwardState<kLanes, acc_t> forward_state[kGroups];
     with_constant_strides(p, [&](const BackwardParams<in_t, acc_t>& view) {
       for (int g = 0; g < kGroups; ++g) {
-        recompute_chunk_begin<kLanes, SURROGATE>(view, chunk, n0 + g * kLanes, forward_state[g], h_rows[0] + g * kLanes);
+        recompute_chunk_begin<kLanes, SURROGATE>(view, chunk, n0 + g * kLanes, forward_state[g],
+                                                 h_rows[0] + g * kLanes);
       }
     });
     for (int i = 0; i < count; ++i) {
@@ -559,7 +564,8 @@ void forward_in_mode(const ForwardParams<in_t, acc_t>& p) {
       exceeds_cache<in_t>(p.T, p.N, 2 + (p.v_seq != nullptr) + (p.h_seq != nullptr && !p.opts.h_checkpoints));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
-        p, [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
+        p,
+        [stream](const ForwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
           constexpr int kOptions = decltype(options)::value;
           if constexpr (kOptions == kOptionsAtRunTime) {
             forward_block<SURROGATE, kOptions>(q, n0, following_n0, stream);
@@ -585,7 +591,8 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
     // From every H: what tests compare the checkpoints' backward with (training keeps checkpoints),
     // so the plain scans, a block loop fewer to build per variant.
     for_each_neuron(
-        p, [&sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
+        p,
+        [&sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t) {
           backward_scans<SURROGATE>(q, n0, n0 + kBlock, sums.slots_of_block(n0 / kBlock));
         },
         tail);
@@ -594,7 +601,8 @@ void backward_in_mode(const BackwardParams<in_t, acc_t>& p) {
   const bool stream = exceeds_cache<in_t>(p.T, p.N, 2 + (p.grad_spikes != nullptr) + (p.grad_v_seq != nullptr));
   with_options<SURROGATE>(p.opts, [&](auto options) {
     for_each_neuron(
-        p, [stream, &sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
+        p,
+        [stream, &sums](const BackwardParams<in_t, acc_t>& q, index_t n0, index_t following_n0) {
           constexpr int kOptions = decltype(options)::value;
           if constexpr (kOptions == kOptionsAtRunTime) {
             backward_block<SURROGATE, kOptions>(q, n0, following_n0, stream, sums.slots_of_block(n0 / kBlock));

@@ -78,13 +78,13 @@ void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.grad_k_partials != nullptr || p.grad_v_init_partials != nullptr) {
-    plif_finish_shares_kernel<acc_t><<<1, 1, 0, stream>>>(p.grad_k_partials, p.grad_v_init_partials, p.grad_k,
-                                                          p.grad_v_init, blocks);
+    plif_finish_shares_kernel<acc_t>
+        <<<1, 1, 0, stream>>>(p.grad_k_partials, p.grad_v_init_partials, p.grad_k, p.grad_v_init, blocks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-#define PLIF_INSTANTIATE_CUDA(in_t, acc_t)                                     \
+#define PLIF_INSTANTIATE_CUDA(in_t, acc_t)                                    \
   template void forward_cuda<in_t, acc_t>(const ForwardParams<in_t, acc_t>&); \
   template void backward_cuda<in_t, acc_t>(const BackwardParams<in_t, acc_t>&);
 

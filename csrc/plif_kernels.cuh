@@ -51,19 +51,22 @@
 #define PLIF_KEEP_IN_ORDER(offset) ((void)0)
 #endif
 
-
 namespace plif {
 
 // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__, which removes the
 // implicit ones.
 template <>
-__host__ __device__ __forceinline__ float load_as<float, __half>(const __half& v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float load_as<float, __half>(const __half& v) {
+  return __half2float(v);
+}
 template <>
 __host__ __device__ __forceinline__ float load_as<float, __nv_bfloat16>(const __nv_bfloat16& v) {
   return __bfloat162float(v);
 }
 template <>
-__host__ __device__ __forceinline__ __half store_as<__half, float>(float v) { return __float2half_rn(v); }
+__host__ __device__ __forceinline__ __half store_as<__half, float>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>(float v) {
   return __float2bfloat16_rn(v);
@@ -285,13 +288,24 @@ __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& 
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForwardMinBlocks) plif_forward_kernel(
-    const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
-    in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
-    acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N, index_t x_step,
-    acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForwardMinBlocks)
+    plif_forward_kernel(const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
+                        in_t* __restrict__ spikes, VLast<in_t, acc_t>* __restrict__ v_last, in_t* __restrict__ v_seq,
+                        acc_t* __restrict__ h_seq, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
+                        index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   // The kernel's parameters are ForwardParams' fields, in their order.
-  const ForwardParams<in_t, acc_t> p{x, k, v_init, spikes, v_last, v_seq, h_seq, k_stride, v_init_stride, T, N, x_step,
+  const ForwardParams<in_t, acc_t> p{x,
+                                     k,
+                                     v_init,
+                                     spikes,
+                                     v_last,
+                                     v_seq,
+                                     h_seq,
+                                     k_stride,
+                                     v_init_stride,
+                                     T,
+                                     N,
+                                     x_step,
                                      make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   if (p.opts.spiking) {
     forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
@@ -331,9 +345,9 @@ __device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
 template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t, acc_t>& p,
                                                        const in_t* __restrict__ grad_spikes,
-                                                       const in_t* __restrict__ grad_v_seq,
-                                                       const in_t* __restrict__ x, in_t* __restrict__ grad_x,
-                                                       index_t n, BackwardState<1, acc_t>& st) {
+                                                       const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
+                                                       in_t* __restrict__ grad_x, index_t n,
+                                                       BackwardState<1, acc_t>& st) {
   constexpr int K = kCheckpointSteps;
   const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
@@ -389,8 +403,8 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
       const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i]) : acc_t(0);
       const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i]) : acc_t(0)) + (last_step ? grad_v_last : acc_t(0));
       const acc_t gx = backward_neuron_step<SURROGATE>(
-          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), v_init, column.x[i * kThreadsPerBlock], gs, gv, through_spike,
-          through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
+          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), v_init, column.x[i * kThreadsPerBlock], gs, gv,
+          through_spike, through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
       grad_x[row] = store_as<in_t>(gx);
       row -= p.N;
     }
@@ -418,10 +432,14 @@ __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_
     backward_neuron_chunks<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n, st);
     const acc_t grad_k = grad_k_of_lane(p, st, 0);
     const acc_t grad_v_init = grad_v_init_of_lane(st, 0);
-    if (p.grad_k_partials != nullptr) shares.grad_k += grad_k;
-    else p.grad_k[n] = grad_k;
-    if (p.grad_v_init_partials != nullptr) shares.grad_v_init += grad_v_init;
-    else p.grad_v_init[n] = grad_v_init;
+    if (p.grad_k_partials != nullptr)
+      shares.grad_k += grad_k;
+    else
+      p.grad_k[n] = grad_k;
+    if (p.grad_v_init_partials != nullptr)
+      shares.grad_v_init += grad_v_init;
+    else
+      p.grad_v_init[n] = grad_v_init;
   }
 }
 
@@ -436,19 +454,35 @@ __device__ __forceinline__ void store_block_partial(double thread_share, double*
 }
 
 template <typename in_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks) plif_backward_kernel(
-    const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
-    const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq, const in_t* __restrict__ x,
-    const acc_t* __restrict__ k, const acc_t* __restrict__ v_init, in_t* __restrict__ grad_x,
-    acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init, double* __restrict__ grad_k_partials,
-    double* __restrict__ grad_v_init_partials, index_t k_stride, index_t v_init_stride, index_t T, index_t N,
-    index_t x_step, acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
+__global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBackwardMinBlocks)
+    plif_backward_kernel(const in_t* __restrict__ grad_spikes, GradVLast<in_t, acc_t>* __restrict__ grad_v_last,
+                         const in_t* __restrict__ grad_v_seq, const acc_t* __restrict__ h_seq,
+                         const in_t* __restrict__ x, const acc_t* __restrict__ k, const acc_t* __restrict__ v_init,
+                         in_t* __restrict__ grad_x, acc_t* __restrict__ grad_k, acc_t* __restrict__ grad_v_init,
+                         double* __restrict__ grad_k_partials, double* __restrict__ grad_v_init_partials,
+                         index_t k_stride, index_t v_init_stride, index_t T, index_t N, index_t x_step,
+                         acc_t v_threshold, acc_t v_reset, acc_t alpha, int surrogate, int flags) {
   // The kernel's parameters are BackwardParams' fields, in their order.
-  const BackwardParams<in_t, acc_t> p{grad_spikes, grad_v_last, grad_v_seq, h_seq, x, k, v_init, grad_x, grad_k,
-                                      grad_v_init, grad_k_partials, grad_v_init_partials, k_stride, v_init_stride,
-                                      T, N, x_step, make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
+  const BackwardParams<in_t, acc_t> p{grad_spikes,
+                                      grad_v_last,
+                                      grad_v_seq,
+                                      h_seq,
+                                      x,
+                                      k,
+                                      v_init,
+                                      grad_x,
+                                      grad_k,
+                                      grad_v_init,
+                                      grad_k_partials,
+                                      grad_v_init_partials,
+                                      k_stride,
+                                      v_init_stride,
+                                      T,
+                                      N,
+                                      x_step,
+                                      make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   ThreadShares shares;
-#define PLIF_BACKWARD_NEURONS(mode)                                                                \
+#define PLIF_BACKWARD_NEURONS(mode)                                                                    \
   (grad_v_seq != nullptr ? backward_neurons<true, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
                          : backward_neurons<false, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
   // Spiking mode with the surrogate fixed at compile time (branch-free steps); the smooth mode
@@ -475,9 +509,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
 // on the same stream, sums the blocks' partials into the one value of grad_k (grad_v_init).
 template <typename acc_t>
 __global__ void plif_finish_shares_kernel(const double* __restrict__ grad_k_partials,
-                                                                const double* __restrict__ grad_v_init_partials,
-                                                                acc_t* __restrict__ grad_k,
-                                                                acc_t* __restrict__ grad_v_init, index_t partials) {
+                                          const double* __restrict__ grad_v_init_partials, acc_t* __restrict__ grad_k,
+                                          acc_t* __restrict__ grad_v_init, index_t partials) {
   if (grad_k_partials != nullptr) grad_k[0] = static_cast<acc_t>(sum_in_fixed_order(grad_k_partials, partials));
   if (grad_v_init_partials != nullptr) {
     grad_v_init[0] = static_cast<acc_t>(sum_in_fixed_order(grad_v_init_partials, partials));

@@ -96,13 +96,14 @@ PLIF_HD double abs_(double x) { return ::fabs(x); }
 PLIF_HD float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
 PLIF_HD double fma_(double a, double b, double c) { return ::fma(a, b, c); }
 
-
 // A select on a uniform flag (an option). On the host it is written as bit operations: GCC 12
 // does not vectorise `flag ? a : b` with a scalar bool condition inside a loop, while this form
 // vectorises and picks the same bits.
 #if defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
 template <typename acc_t>
-PLIF_HD acc_t pick(bool flag, acc_t a, acc_t b) { return flag ? a : b; }
+PLIF_HD acc_t pick(bool flag, acc_t a, acc_t b) {
+  return flag ? a : b;
+}
 #else
 template <typename acc_t, typename bits_t>
 PLIF_HD acc_t pick_bits(bool flag, acc_t a, acc_t b) {
@@ -191,8 +192,7 @@ PLIF_HD acc_t surrogate_primitive(acc_t x, const Options<acc_t>& o) {
       const acc_t e = exp_nonpositive_(-a * abs_(x));
       return x < acc_t(0) ? e / (acc_t(1) + e) : acc_t(1) / (acc_t(1) + e);
     }
-    case kAtan:
-      return atan_(Constants<acc_t>::pi / acc_t(2) * a * x) / Constants<acc_t>::pi + acc_t(0.5);
+    case kAtan: return atan_(Constants<acc_t>::pi / acc_t(2) * a * x) / Constants<acc_t>::pi + acc_t(0.5);
     case kPiecewiseQuadratic: {
       const acc_t bound = acc_t(1) / a;
       const acc_t inner = acc_t(-0.5) * a * a * x * abs_(x) + a * x + acc_t(0.5);
@@ -266,10 +266,9 @@ PLIF_HD acc_t forward_neuron(acc_t& v, acc_t x, acc_t k, const Options<acc_t>& o
 // dH[t]/dk is X[t] - (V[t-1] - V_r) (decay_input) or -(V[t-1] - V_r), each term exact for every
 // k; see backward_end for the sum's other form, from H alone.
 template <typename acc_t>
-PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k,
-                                              acc_t grad_v, acc_t grad_s, bool through_spike,
-                                              bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
-                                              acc_t& grad_k_sum) {
+PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v,
+                                              acc_t grad_s, bool through_spike, bool through_membrane,
+                                              const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
   const acc_t r = reset_grad(h, s, sg, o);
   const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
   const acc_t via_spike = grad_s * sg;
@@ -283,20 +282,23 @@ PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t 
 
 template <int SURROGATE, typename acc_t>
 PLIF_HD acc_t backward_neuron(acc_t h, acc_t s, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
-                              bool through_spike, bool through_membrane, const Options<acc_t>& o,
-                              acc_t& grad_h_next, acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, surrogate_grad<SURROGATE>(h - o.v_threshold, o), v_prev, x, k,
-                                         grad_v, grad_s, through_spike, through_membrane, o, grad_h_next,
-                                         grad_k_sum);
+                              bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
+                              acc_t& grad_k_sum) {
+  return backward_neuron_given_surrogate(h, s, surrogate_grad<SURROGATE>(h - o.v_threshold, o), v_prev, x, k, grad_v,
+                                         grad_s, through_spike, through_membrane, o, grad_h_next, grad_k_sum);
 }
 
 // ---- loads and stores -----------------------------------------------------------------------
 // static_cast covers float, double and c10's Half/BFloat16; the GPU paths add overloads for
 // CUDA's half types in plif_kernels.cuh.
 template <typename acc_t, typename in_t>
-PLIF_HD acc_t load_as(const in_t& v) { return static_cast<acc_t>(v); }
+PLIF_HD acc_t load_as(const in_t& v) {
+  return static_cast<acc_t>(v);
+}
 template <typename out_t, typename acc_t>
-PLIF_HD out_t store_as(acc_t v) { return static_cast<out_t>(v); }
+PLIF_HD out_t store_as(acc_t v) {
+  return static_cast<out_t>(v);
+}
 
 // ---- checkpoints (kSaveCheckpoints) -----------------------------------------------------------
 // Step t's H is a checkpoint where it ends a chunk of kCheckpointSteps steps other than the last.
@@ -500,11 +502,13 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
     for (int j = 0; j < LANES; ++j) grad_v_staged[j] = grad_v[j] + p.grad_v_last[n0 + j];
     grad_v = grad_v_staged;
   }
-  const acc_t* const grad_s = p.grad_spikes != nullptr ? gradient_row<LANES>(p.grad_spikes + row, grad_s_staged) : zeros;
+  const acc_t* const grad_s =
+      p.grad_spikes != nullptr ? gradient_row<LANES>(p.grad_spikes + row, grad_s_staged) : zeros;
   acc_t x_staged[LANES];
   const acc_t* const x_row = p.x != nullptr ? gradient_row<LANES>(p.x + t * p.x_step + n0, x_staged) : zeros;
   const bool through_spike = p.grad_spikes != nullptr;
-  const bool membrane = through_membrane(t == p.T - 1, through_spike, p.grad_v_seq != nullptr, p.grad_v_last != nullptr);
+  const bool membrane =
+      through_membrane(t == p.T - 1, through_spike, p.grad_v_seq != nullptr, p.grad_v_last != nullptr);
   if (t > 0 && grad_v == zeros && through_spike && membrane) {
     backward_lanes<true, true, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, true, true, st);
   } else if (t > 0) {

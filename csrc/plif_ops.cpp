@@ -59,8 +59,8 @@ using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor>;
 
 // The ops' surrogate names, in the order of SurrogateId (plif_params.h).
-constexpr const char* kSurrogateNames[] = {"sigmoid",   "atan",        "piecewise_quadratic", "piecewise_exp",
-                                           "soft_sign", "super_spike", "erf"};
+constexpr const char* kSurrogateNames[] = {"sigmoid",     "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign",
+                                           "super_spike", "erf"};
 static_assert(sizeof(kSurrogateNames) / sizeof(kSurrogateNames[0]) == kErf + 1, "one name per SurrogateId");
 
 std::string surrogate_choices() {
@@ -118,7 +118,6 @@ Options<acc_t> make_options(const Neuron& n, bool h_checkpoints) {
   return o;
 }
 
-
 // ---- output shapes: shared by the kernels' allocation and the Meta kernels ----------------------
 // checkpoint_rows (plif_params.h) for sizes that may be symbolic (torch.compile's dynamic shapes).
 c10::SymInt checkpoint_rows_of(const c10::SymInt& steps) {
@@ -137,7 +136,9 @@ ForwardSizes forward_sizes(c10::SymIntArrayRef x, bool store_v_seq, SaveMode sav
   rows[0] = checkpoint_rows_of(all[0]);
   const SymSizes none{0};
   return {all, SymSizes(all.begin() + 1, all.end()), store_v_seq ? all : none,
-          save == kSaveH ? all : save == kSaveCheckpoints ? rows : none};
+          save == kSaveH             ? all
+          : save == kSaveCheckpoints ? rows
+                                     : none};
 }
 
 // grad_x has the shape of the forward's x, grad_k and grad_v_init as many values as k and v_init.
@@ -146,7 +147,8 @@ struct BackwardSizes {
 };
 
 BackwardSizes backward_sizes(const Tensor& shape_source, const Tensor& k, const Tensor& v_init) {
-  return {SymSizes(shape_source.sym_sizes().begin(), shape_source.sym_sizes().end()), {k.sym_numel()},
+  return {SymSizes(shape_source.sym_sizes().begin(), shape_source.sym_sizes().end()),
+          {k.sym_numel()},
           {v_init.sym_numel()}};
 }
 
@@ -158,9 +160,7 @@ Tensor empty_output(const SymSizes& sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(concrete, options) : at::empty(concrete, options);
 }
 
-Tensor empty_meta(const SymSizes& sizes, const at::TensorOptions& options) {
-  return at::empty_symint(sizes, options);
-}
+Tensor empty_meta(const SymSizes& sizes, const at::TensorOptions& options) { return at::empty_symint(sizes, options); }
 
 template <typename Allocate>
 ForwardOutputs allocate_forward(const Tensor& x, bool store_v_seq, SaveMode save, Allocate allocate) {
@@ -236,12 +236,8 @@ enum class Launcher { kCompiled, kNvrtc };
 
 // A kernel argument as the NVRTC launcher op takes it: a tensor where the kernel gets a
 // pointer (None for a null one, as ptr_or_null decides), then the scalar block.
-c10::IValue pointer_argument(const Tensor& t) {
-  return t.defined() && t.numel() > 0 ? c10::IValue(t) : c10::IValue();
-}
-c10::IValue pointer_argument(const std::optional<Tensor>& t) {
-  return t ? pointer_argument(*t) : c10::IValue();
-}
+c10::IValue pointer_argument(const Tensor& t) { return t.defined() && t.numel() > 0 ? c10::IValue(t) : c10::IValue(); }
+c10::IValue pointer_argument(const std::optional<Tensor>& t) { return t ? pointer_argument(*t) : c10::IValue(); }
 
 // The NVRTC launcher: the op `op_name` with the kernel's tensors, then its scalar block. The
 // caller's device guard makes the tensors' device current, as for the nvcc launcher.
@@ -276,10 +272,10 @@ void launch_compiled(const BackwardParams<in_t, acc_t>& p) {
 #else
 template <typename Params>
 void launch_compiled(const Params&) {
-  TORCH_CHECK(false, "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
+  TORCH_CHECK(false,
+              "plif_cuda was built without its compiled CUDA kernels; backend='cupy' runs them compiled at run time");
 }
 #endif
-
 
 // `values` ([N], reached only without a time step) as `count` values: themselves (count N), or
 // their sum (count 1) in an order fixed by N: on CPU plif_math.h's sum_in_fixed_order, on CUDA
@@ -323,12 +319,18 @@ ForwardOutputs forward_saving(const Tensor& x, const Tensor& k, const Tensor& v_
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
     // ForwardParams' fields, in their order.
-    const ForwardParams<in_t, acc_t> p{x.data_ptr<in_t>(),        k.data_ptr<acc_t>(),
-                                       v_init.data_ptr<acc_t>(),   spikes.data_ptr<in_t>(),
-                                       v_last.data_ptr<acc_t>(),   ptr_or_null<in_t>(v_seq),
-                                       ptr_or_null<acc_t>(h_seq),  per_neuron_stride(k),
-                                       per_neuron_stride(v_init),  T,
-                                       N,                          step_stride(x, N),
+    const ForwardParams<in_t, acc_t> p{x.data_ptr<in_t>(),
+                                       k.data_ptr<acc_t>(),
+                                       v_init.data_ptr<acc_t>(),
+                                       spikes.data_ptr<in_t>(),
+                                       v_last.data_ptr<acc_t>(),
+                                       ptr_or_null<in_t>(v_seq),
+                                       ptr_or_null<acc_t>(h_seq),
+                                       per_neuron_stride(k),
+                                       per_neuron_stride(v_init),
+                                       T,
+                                       N,
+                                       step_stride(x, N),
                                        make_options<acc_t>(neuron, save == kSaveCheckpoints)};
     if (x.is_cpu()) {
       forward_cpu(p);
@@ -355,7 +357,6 @@ ForwardOutputs multistep_forward(const Tensor& x, const Tensor& k, const Tensor&
   const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   return forward_saving<launcher>(x, k, v_init, neuron, store_v_seq, save_mode_for(x.scalar_type(), needs_backward));
 }
-
 
 SaveMode checked_save_mode(int64_t save) {
   TORCH_CHECK(save == kSaveNothing || save == kSaveH || save == kSaveCheckpoints,
@@ -429,7 +430,8 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
   if (grad_v_last) {
     TORCH_CHECK(grad_v_last->numel() == N && grad_v_last->is_contiguous() &&
                     grad_v_last->scalar_type() == h_seq.scalar_type() && grad_v_last->device() == h_seq.device(),
-                "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ", h_seq.device());
+                "grad_v_last must be a contiguous ", h_seq.scalar_type(), " tensor of ", N, " values on ",
+                h_seq.device());
   }
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
@@ -440,8 +442,10 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
   if (N == 0 || T == 0) {
     // No step: nothing reaches k, and dL/dv_init is dL/dV[T-1] (zero for N = 0).
     grad_k.zero_();
-    if (grad_v_last && N > 0) grad_v_init.copy_(sum_to_count(grad_v_last->reshape({N}), v_init.numel()));
-    else grad_v_init.zero_();
+    if (grad_v_last && N > 0)
+      grad_v_init.copy_(sum_to_count(grad_v_last->reshape({N}), v_init.numel()));
+    else
+      grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
   check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
@@ -496,8 +500,8 @@ BackwardOutputs multistep_backward_meta(const std::optional<Tensor>& grad_spikes
                                         const std::optional<Tensor>& grad_v_seq, const Tensor& h_seq,
                                         const std::optional<Tensor>& x, const Tensor& k, const Tensor& v_init,
                                         at::ScalarType x_dtype, double v_threshold, std::optional<double> v_reset,
-                                        bool decay_input, bool detach_reset, c10::string_view surrogate,
-                                        double alpha, bool spiking) {
+                                        bool decay_input, bool detach_reset, c10::string_view surrogate, double alpha,
+                                        bool spiking) {
   neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   check_x_dtype(x_dtype);
   check_h_seq(h_seq, x_dtype);
@@ -508,18 +512,19 @@ BackwardOutputs multistep_backward_meta(const std::optional<Tensor>& grad_spikes
 
 // The neuron's parameters and options after `*`: keyword-only, so that autograd expects a
 // gradient for the three tensors alone.
-#define PLIF_NEURON_OPTIONS                                                                            \
+#define PLIF_NEURON_OPTIONS                                                                              \
   "float v_threshold, float? v_reset, bool decay_input, bool detach_reset, str surrogate, float alpha, " \
   "bool spiking"
 #define PLIF_FORWARD_OUTPUTS "-> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)"
-#define PLIF_BACKWARD_ARGUMENTS                                                                       \
+#define PLIF_BACKWARD_ARGUMENTS                                                                        \
   "(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, Tensor? x, Tensor k, " \
-  "Tensor v_init, *, ScalarType x_dtype, " PLIF_NEURON_OPTIONS ") -> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)"
+  "Tensor v_init, *, ScalarType x_dtype, " PLIF_NEURON_OPTIONS                                         \
+  ") -> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)"
 
 TORCH_LIBRARY(plif_cuda, m) {
   for (const char* name : {"multistep_forward", "multistep_forward_nvrtc"}) {
     m.def((std::string(name) + "(Tensor x, Tensor k, Tensor v_init, *, " PLIF_NEURON_OPTIONS
-           ", bool store_v_seq, bool needs_backward) " PLIF_FORWARD_OUTPUTS)
+                               ", bool store_v_seq, bool needs_backward) " PLIF_FORWARD_OUTPUTS)
               .c_str());
   }
   for (const char* name : {"multistep_backward", "multistep_backward_nvrtc"}) {
@@ -656,16 +661,11 @@ bool add_attributes(PyObject* module) {
   }
   const char* skipped_because = PLIF_CUDA_SKIPPED_BECAUSE;
   const std::pair<const char*, long> integers[] = {
-      {"SAVE_NOTHING", kSaveNothing},
-      {"SAVE_H", kSaveH},
-      {"SAVE_CHECKPOINTS", kSaveCheckpoints},
-      {"CHECKPOINT_STEPS", kCheckpointSteps},
-      {"THREADS_PER_BLOCK", kThreadsPerBlock},
-      {"FLAG_SOFT_RESET", kFlagSoftReset},
-      {"FLAG_DECAY_INPUT", kFlagDecayInput},
-      {"FLAG_DETACH_RESET", kFlagDetachReset},
-      {"FLAG_SPIKING", kFlagSpiking},
-      {"FLAG_H_CHECKPOINTS", kFlagHCheckpoints},
+      {"SAVE_NOTHING", kSaveNothing},          {"SAVE_H", kSaveH},
+      {"SAVE_CHECKPOINTS", kSaveCheckpoints},  {"CHECKPOINT_STEPS", kCheckpointSteps},
+      {"THREADS_PER_BLOCK", kThreadsPerBlock}, {"FLAG_SOFT_RESET", kFlagSoftReset},
+      {"FLAG_DECAY_INPUT", kFlagDecayInput},   {"FLAG_DETACH_RESET", kFlagDetachReset},
+      {"FLAG_SPIKING", kFlagSpiking},          {"FLAG_H_CHECKPOINTS", kFlagHCheckpoints},
   };
   for (const auto& [name, value] : integers) {
     if (!add_attribute(module, name, PyLong_FromLong(value))) {
@@ -686,9 +686,9 @@ bool add_attributes(PyObject* module) {
 }  // namespace plif
 
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "plif_cuda's compiled ops, their constants and build information", -1,
-      plif::module_functions};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "plif_cuda's compiled ops, their constants and build information", -1,
+                                          plif::module_functions};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && !plif::add_attributes(module)) {
     Py_DECREF(module);

@@ -42,7 +42,12 @@ struct Options {
 // The boolean options packed into one int, for kernels that take scalar arguments only
 // (plif_kernels.cuh).
 enum OptionFlags : int {
-  kFlagSoftReset = 1, kFlagDecayInput = 2, kFlagDetachReset = 4, kFlagSpiking = 8, kFlagHCheckpoints = 16 };
+  kFlagSoftReset = 1,
+  kFlagDecayInput = 2,
+  kFlagDetachReset = 4,
+  kFlagSpiking = 8,
+  kFlagHCheckpoints = 16
+};
 
 template <typename acc_t>
 inline int option_flags(const Options<acc_t>& o) {
@@ -67,13 +72,13 @@ inline void with_scalar_arguments(const Params& p, Fn fn) {
 // 0, a single value shared by all neurons.
 template <typename in_t, typename acc_t>
 struct ForwardParams {
-  const in_t* x;        // [T, N], steps x_step apart
-  const acc_t* k;       // [N] or one value (k_stride = 0); k = sigmoid(w) = 1/tau
-  const acc_t* v_init;  // [N] or one value (v_init_stride = 0)
-  in_t* spikes;         // [T, N]
-  acc_t* v_last;        // [N], in the compute dtype: the state a layer carries to its next call
-  in_t* v_seq;          // [T, N] or null (store_v_seq off)
-  acc_t* h_seq;         // [T, N], checkpoint rows only ([(T-1)/K, N], opts.h_checkpoints), or null
+  const in_t* x;                    // [T, N], steps x_step apart
+  const acc_t* k;                   // [N] or one value (k_stride = 0); k = sigmoid(w) = 1/tau
+  const acc_t* v_init;              // [N] or one value (v_init_stride = 0)
+  in_t* spikes;                     // [T, N]
+  acc_t* v_last;                    // [N], in the compute dtype: the state a layer carries to its next call
+  in_t* v_seq;                      // [T, N] or null (store_v_seq off)
+  acc_t* h_seq;                     // [T, N], checkpoint rows only ([(T-1)/K, N], opts.h_checkpoints), or null
   index_t k_stride, v_init_stride;  // 0 where k (v_init) is one value, else 1
   index_t T, N, x_step;
   Options<acc_t> opts;
@@ -81,14 +86,14 @@ struct ForwardParams {
 
 template <typename in_t, typename acc_t>
 struct BackwardParams {
-  const in_t* grad_spikes;  // [T, N] or null (zero)
-  const acc_t* grad_v_last; // [N] or null (zero)
-  const in_t* grad_v_seq;   // [T, N] or null (zero)
-  const acc_t* h_seq;       // [T, N]: H saved by the forward, or its checkpoint rows (opts.h_checkpoints)
-  const in_t* x;            // [T, N], steps x_step apart: the forward's input where h_seq holds checkpoints, else null
+  const in_t* grad_spikes;   // [T, N] or null (zero)
+  const acc_t* grad_v_last;  // [N] or null (zero)
+  const in_t* grad_v_seq;    // [T, N] or null (zero)
+  const acc_t* h_seq;        // [T, N]: H saved by the forward, or its checkpoint rows (opts.h_checkpoints)
+  const in_t* x;             // [T, N], steps x_step apart: the forward's input where h_seq holds checkpoints, else null
   const acc_t* k;
   const acc_t* v_init;
-  in_t* grad_x;             // [T, N]
+  in_t* grad_x;  // [T, N]
   // dL/dk and dL/dv_init: [N], or one value, the sum of the neurons' shares, where k (v_init) is
   // one value (stride 0; plif_math.h's sum_in_fixed_order).
   acc_t* grad_k;
