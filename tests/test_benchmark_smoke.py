@@ -74,9 +74,10 @@ def test_every_pass_of_the_fused_backend_and_the_reference_is_measured(quick_run
             assert row["samples"] >= 1 and row["median_ms"] > 0
             assert row["T"] == 4 and row["neurons"] == 4096 and row["dtype"] == "fp32"
     fwdbwd = next(r for r in result["rows"] if r["impl"] == "torch" and r["pass"] == "fwdbwd")
-    # forward: x in, spikes and H out (4 B each per neuron-step), v_last out, k and v_init in;
-    # backward on the CPU: grad_spikes and H in, grad_x out, k and v_init in, their gradients out.
-    assert fwdbwd["traffic_bytes"] == 4 * 4096 * 12 + 4096 * 4 + 8 + 4 * 4096 * 12 + 16
+    # forward: x in, spikes out (4 B each per neuron-step; no checkpoint row at T=4), v_last out,
+    # k and v_init in; backward on the CPU: grad_spikes and x in, grad_x out, k and v_init in,
+    # their gradients out.
+    assert fwdbwd["traffic_bytes"] == 4 * 4096 * 8 + 4096 * 4 + 8 + 4 * 4096 * 12 + 16
     # CPU rows have no kernel-only figure (nothing to separate from the host's work).
     assert not any("kernel_median_ms" in r for r in result["rows"])
 

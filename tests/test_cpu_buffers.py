@@ -149,7 +149,7 @@ def test_alternating_passes_at_the_peak_map_no_new_pages():
         "grad_spikes = torch.randn(T, N)\n"
         "kept = [forward(x) for x in xs]\n"
         "def backward(i):\n"
-        "    return torch.ops.plif_cuda.multistep_backward(grad_spikes, None, None, kept[i][3], None, k, v0,\n"
+        "    return torch.ops.plif_cuda.multistep_backward(grad_spikes, None, None, kept[i][3], xs[i % 3], k, v0,\n"
         "                                                  x_dtype=torch.float32, **neuron)\n"
         "faults = []\n"
         "for i in range(8):\n"

@@ -158,7 +158,7 @@ def test_cuda_include_dir_has_the_half_headers():
 def _kernel_parameters(kernel: str) -> list[tuple[str, str]]:
     """(C type, name) of a kernel's parameters, read from its declaration in plif_kernels.cuh."""
     header = (_nvrtc.kernel_source_dir() / _nvrtc.KERNEL_HEADER).read_text()
-    declaration = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{kernel}\(([^)]*)\)", header).group(1)
+    declaration = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\)\s+)?{kernel}\(([^)]*)\)", header).group(1)
     parameters = []
     for parameter in re.split(r",(?![^<]*>)", declaration):  # not the commas of template arguments
         c_type, name = parameter.replace("__restrict__", "").strip().rsplit(" ", 1)
@@ -230,7 +230,7 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
     cupy_backend._launch_backward(
-        x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, 0, 1, 4, 15, 15, 1.0, 0.0, 4.0, 0, 1
+        x, None, None, h_seq, None, k, v_init, grad_x, grad_k, v_last, None, None, 0, 1, 4, 15, 15, 1.0, 0.0, 4.0, 0, 1
     )
     ((grid, _, args),) = launches
     assert grid == (1,)
@@ -238,30 +238,35 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     assert [int(a) for a in args[:3]] == [x.data_ptr(), 0, 0]
 
 
-def test_checkpoints_launch_the_recomputing_kernel(monkeypatch):
-    """Both backward kernels take the same parameters; the launcher picks the one from
-    checkpoints by the flags, as the nvcc launcher does."""
-    assert _kernel_parameters("plif_recompute_backward_kernel") == _kernel_parameters("plif_backward_kernel")
-    assert set(_nvrtc.kernel_names(torch.bfloat16)) == {"forward", "backward", "recompute_backward"}
-    assert set(_nvrtc.kernel_names(torch.float32)) == {"forward", "backward"}
+def test_shared_parameters_launch_the_finishing_sum(monkeypatch):
+    """A shared k's and v_init's per-block partials are summed by one thread after the backward,
+    with its grid's block count, as the nvcc launcher does; per-neuron ones launch nothing more."""
     launched = []
     monkeypatch.setattr(
         cupy_backend,
         "_kernel_pair",
         lambda device, dtype: {
-            d: (lambda grid, block, args, stream, d=d: launched.append(d), 7) for d in _nvrtc.kernel_names(dtype)
+            d: (lambda grid, block, args, stream, d=d: launched.append((d, grid, block, args)), 7)
+            for d in _nvrtc.kernel_names(dtype)
         },
     )
     monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     x = torch.randn(9, 5).bfloat16()
-    h_seq, k, grad_k = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(5)
-    for flags in (_C.FLAG_SPIKING, _C.FLAG_SPIKING | _C.FLAG_H_CHECKPOINTS):
-        cupy_backend._launch_backward(
-            x, None, None, h_seq, x, k, k, x, grad_k, grad_k, 0, 0, 9, 5, 5, 1.0, 0.0, 4.0, 0, flags
-        )
-    assert launched == ["backward", "recompute_backward"]
+    h_seq, k, grad_k, grad_v_init = torch.zeros(1, 5), torch.full((1,), 0.5), torch.zeros(1), torch.zeros(1)
+    partials = torch.zeros(2, 7, dtype=torch.float64)
+    scalars = (0, 0, 9, 5, 5, 1.0, 0.0, 4.0, 0, _C.FLAG_SPIKING | _C.FLAG_H_CHECKPOINTS)
+    cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_v_init, *partials, *scalars)
+    (backward, finish) = launched
+    assert backward[0] == "backward" and finish[:3] == ("finish_shares", (1,), (1,))
+    finish_parameters = _kernel_parameters("plif_finish_shares_kernel")
+    assert [type(a) for a in finish[3]] == [_numpy_type(c, np.float32) for c, _ in finish_parameters]
+    pointers = [partials[0].data_ptr(), partials[1].data_ptr(), grad_k.data_ptr(), grad_v_init.data_ptr()]
+    assert [int(a) for a in finish[3]] == [*pointers, 1], "5 neurons: one block of partials"
+    launched.clear()
+    cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_v_init, None, None, *scalars)
+    assert [d for d, *_ in launched] == ["backward"]
 
 
 def test_cuda_tensors_reach_the_op_in_every_build():
