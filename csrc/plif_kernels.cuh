@@ -385,11 +385,10 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i < count) {
-        const acc_t input = load_as<acc_t>(inputs[i]);
         acc_t h_step;
-        forward_neuron<SURROGATE>(forward.v[0], input, forward.k[0], o, h_step);
+        recompute_step<1, SURROGATE>(&inputs[i], o, forward, &h_step);
         column.h[(i + 1) * kThreadsPerBlock] = h_step;
-        column.x[i * kThreadsPerBlock] = input;
+        column.x[i * kThreadsPerBlock] = load_as<acc_t>(inputs[i]);
       }
     }
     if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &column.h[count * kThreadsPerBlock], st);

@@ -405,7 +405,8 @@ PLIF_HD bool through_membrane(bool last_step, bool through_spike, bool grad_v_se
 }
 
 // One reverse-time step t of lane j, the one step function of every backward driver: V[t-1]
-// rebuilt from H[t-1] (reset is a function of H) where has_prev (t > 0), else v_init; returns
+// rebuilt from H[t-1] (reset is a function of H) where has_prev (t > 0), else v_init (h_prev is
+// then 0, the state's H after step 0); returns
 // dL/dX[t] and moves the lane's state one step back. The surrogate derivative the previous step
 // will need is computed here, a step ahead: its exp and division are a long chain of dependent
 // operations that depends on nothing of this step, so it runs beside this step's chain instead
@@ -422,7 +423,7 @@ PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t v_init, ac
   const acc_t grad_x =
       backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, x, st.k[j], grad_v, grad_s,
                                       through_spike, through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
-  st.h[j] = has_prev ? h_prev : acc_t(0);
+  st.h[j] = h_prev;
   st.s[j] = s_prev;
   if (has_prev) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
   return grad_x;
@@ -547,6 +548,12 @@ PLIF_HD void recompute_step(const in_t* x_row, const Options<acc_t>& o, ForwardS
 }
 
 // The gradient of one lane's k and of its v_init, once the lane has walked back to step 0.
+// From H alone (no X: every H saved), decay_input's dH/dk = X - (V[t-1] - V_r) is recovered as
+// (H[t] - V[t-1]) / k, the division done once here; it loses the digits H[t] - V[t-1] cancels as
+// k shrinks (benchmarks/NOTES.md, "Exact dL/dk"), which is why a backward keeps X and checkpoints.
+// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and that sum is 0 (or NaN
+// from a NaN gradient); dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference)
+// instead of 0/0. With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD acc_t grad_k_of_lane(const BackwardParams<in_t, acc_t>& p, const BackwardState<LANES, acc_t>& st, int j) {
   const bool any_grad = p.grad_spikes != nullptr || p.grad_v_seq != nullptr || p.grad_v_last != nullptr;
@@ -559,12 +566,6 @@ PLIF_HD acc_t grad_v_init_of_lane(const BackwardState<LANES, acc_t>& st, int j) 
   return (acc_t(1) - st.k[j]) * st.grad_h_next[j];
 }
 
-// From H alone (no X: every H saved), decay_input's dH/dk = X - (V[t-1] - V_r) is recovered as
-// (H[t] - V[t-1]) / k, the division done once here; it loses the digits H[t] - V[t-1] cancels as
-// k shrinks (benchmarks/NOTES.md, "Exact dL/dk"), which is why a backward keeps X and checkpoints.
-// Where k underflows to 0 (w below about -88.7 in float32), H = V[t-1] and that sum is 0 (or NaN
-// from a NaN gradient); dividing by 1 there keeps dL/dw = 0 * sum = 0 (as in the reference)
-// instead of 0/0. With no incoming gradient at all nothing reaches k, not even a NaN from dH/dk.
 template <int LANES, typename in_t, typename acc_t>
 PLIF_HD void backward_end(const BackwardParams<in_t, acc_t>& p, index_t n0, const BackwardState<LANES, acc_t>& st) {
   for (int j = 0; j < LANES; ++j) {
