@@ -69,13 +69,13 @@ PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
 
 // The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
 // normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
-// (the Options these kernels pass say so with h_checkpoints: X is given, as for checkpoints).
+// (dh_dk_of from X).
 template <typename acc_t>
 PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
                               bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
                               acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, sg, v_prev, x, k, grad_v, grad_s, through_spike, through_membrane, o,
-                                         grad_h_next, grad_k_sum);
+  return backward_neuron_given_surrogate(h, s, sg, dh_dk_of<true>(v_prev, x, o), k, grad_v, grad_s, through_spike,
+                                         through_membrane, o, grad_h_next, grad_k_sum);
 }
 
 // ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---

@@ -325,20 +325,20 @@ using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_
 // H from X (the forward's expressions: the same bits), then runs its steps back, each one the
 // step function of plif_math.h with step T-1's and step 0's terms as predicates. So a neuron
 // with T <= kCheckpointSteps makes one round trip to memory before its first store. The chunk's
-// H and X sit in shared memory, one column per thread: in registers they left no room within the
-// 64 that four resident blocks allow.
+// H and dH/dk sit in shared memory, one column per thread: in registers they left no room within
+// the 64 that four resident blocks allow.
 template <typename acc_t>
 struct ChunkColumns {
-  acc_t* h;  // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1]
-  acc_t* x;  // x[i * kThreadsPerBlock]: X[t0 + i] as the compute type
+  acc_t* h;      // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1]
+  acc_t* dh_dk;  // dh_dk[i * kThreadsPerBlock]: dH/dk at t0 + i
 };
 
 // One pair of arrays per compute type, shared by every instantiation that uses it.
 template <typename acc_t>
 __device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
   __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kThreadsPerBlock];
-  __shared__ acc_t chunk_x[kCheckpointSteps * kThreadsPerBlock];
-  return {chunk_h + threadIdx.x, chunk_x + threadIdx.x};
+  __shared__ acc_t chunk_dh_dk[kCheckpointSteps * kThreadsPerBlock];
+  return {chunk_h + threadIdx.x, chunk_dh_dk + threadIdx.x};
 }
 
 // All T steps (T >= 1) of neuron n, back in time, into st. GRAD_V: grad_v_seq is given.
@@ -352,7 +352,6 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
   const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
   const bool through_spike = grad_spikes != nullptr;
-  const acc_t v_init = p.v_init[n * p.v_init_stride];
   const acc_t grad_v_last = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n]) : acc_t(0);
   const index_t last_chunk = (p.T - 1) / K;
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
@@ -385,10 +384,10 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i < count) {
-        acc_t h_step;
-        recompute_step<1, SURROGATE>(&inputs[i], o, forward, &h_step);
+        acc_t h_step, dh_dk_step;
+        recompute_step<1, SURROGATE>(&inputs[i], o, forward, &h_step, &dh_dk_step);
         column.h[(i + 1) * kThreadsPerBlock] = h_step;
-        column.x[i * kThreadsPerBlock] = load_as<acc_t>(inputs[i]);
+        column.dh_dk[i * kThreadsPerBlock] = dh_dk_step;
       }
     }
     if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &column.h[count * kThreadsPerBlock], st);
@@ -402,7 +401,7 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
       const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i]) : acc_t(0);
       const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i]) : acc_t(0)) + (last_step ? grad_v_last : acc_t(0));
       const acc_t gx = backward_neuron_step<SURROGATE>(
-          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), v_init, column.x[i * kThreadsPerBlock], gs, gv,
+          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), column.dh_dk[i * kThreadsPerBlock], gs, gv,
           through_spike, through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
       grad_x[row] = store_as<in_t>(gx);
       row -= p.N;
