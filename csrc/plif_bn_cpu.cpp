@@ -79,24 +79,31 @@ Options<acc_t> bn_options(const Neuron& neuron) {
   return make_options<acc_t>(neuron, true);
 }
 
-// The kernels' view of the channels and the neuron; `terms` (the compute-dtype copy of
+// The fields of every pass's arguments (the CPU kernels' Args, the GPU launches').
+template <typename in_t, typename acc_t>
+void set_neuron_inputs(NeuronInputs<in_t, acc_t>& p, const Tensor& y, const Geometry& g, const Tensor& k,
+                       const Tensor& v_init, const Neuron& neuron) {
+  p.g = g;
+  p.y = y.data_ptr<in_t>();
+  p.k = k.data_ptr<acc_t>();
+  p.k_per_layer = k.numel() == 1;
+  p.v_init = v_init.data_ptr<acc_t>();
+  p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+  p.opts = bn_options<acc_t>(neuron);
+}
+
+// The CPU kernels' view of the channels and the neuron; `terms` (the compute-dtype copy of
 // channel_terms) must outlive it.
 template <typename in_t, typename acc_t>
 Args<in_t, acc_t> make_args(const Tensor& y, const Geometry& g, const Tensor& terms, const Tensor& k,
-                            const Tensor& v_init, const Options<acc_t>& o) {
+                            const Tensor& v_init, const Neuron& neuron) {
   Args<in_t, acc_t> a;
-  a.g = g;
-  a.y = y.data_ptr<in_t>();
+  set_neuron_inputs(a, y, g, k, v_init, neuron);
   const acc_t* rows = terms.data_ptr<acc_t>();
   a.mean = rows + kMean * g.C;
   a.invstd = rows + kInvstd * g.C;
   a.scale = rows + kScale * g.C;
   a.shift = rows + kShift * g.C;
-  a.k = k.data_ptr<acc_t>();
-  a.k_per_layer = k.numel() == 1;
-  a.v_init = v_init.data_ptr<acc_t>();
-  a.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-  a.opts = o;
   return a;
 }
 
@@ -147,18 +154,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometr
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
     ForwardLaunch<in_t, acc_t> p;
-    p.g = g;
-    p.y = y.data_ptr<in_t>();
+    set_neuron_inputs(p, y, g, k, v_init, neuron);
     p.gamma = data_or_null<double>(gamma);
     p.beta = data_or_null<double>(beta);
     p.running_mean = data_or_null<double>(mean);
     p.running_var = data_or_null<double>(var);
     p.eps = eps;
-    p.k = k.data_ptr<acc_t>();
-    p.k_per_layer = k.numel() == 1;
-    p.v_init = v_init.data_ptr<acc_t>();
-    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-    p.opts = bn_options<acc_t>(neuron);
     p.spikes = spikes.data_ptr<in_t>();
     p.v_last = v_last.data_ptr<acc_t>();
     p.terms = terms.data_ptr<double>();
@@ -195,14 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       BackwardLaunch<in_t, acc_t> p;
-      p.g = g;
-      p.y = y.data_ptr<in_t>();
+      set_neuron_inputs(p, y, g, k, v_init, neuron);
       p.terms_acc = terms_acc.data_ptr<acc_t>();
-      p.k = k.data_ptr<acc_t>();
-      p.k_per_layer = k.numel() == 1;
-      p.v_init = v_init.data_ptr<acc_t>();
-      p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-      p.opts = bn_options<acc_t>(neuron);
       p.grad_spikes = grad_spikes ? grad_spikes->data_ptr<in_t>() : nullptr;
       p.grad_v_last = grad_v_last ? grad_v_last->data_ptr<acc_t>() : nullptr;
       p.batch_statistics = batch_statistics;
@@ -283,7 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
-    const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, bn_options<acc_t>(neuron));
+    const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, neuron);
     forward_cpu(a, spikes.data_ptr<in_t>(), v_last.data_ptr<acc_t>());
   });
   return {spikes, v_last, terms};
@@ -333,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
     dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, bn_options<acc_t>(neuron));
+      const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, neuron);
       Gradients<in_t, acc_t> gr;
       gr.grad_spikes = grad_spikes ? grad_spikes->data_ptr<in_t>() : nullptr;
       gr.grad_v_last = grad_v_last ? grad_v_last->data_ptr<acc_t>() : nullptr;
