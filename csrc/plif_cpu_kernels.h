@@ -149,6 +149,13 @@ PLIF_HD void prefetch_row(const T* row, bool streaming) {
   }
 }
 
+// Requests a row needed a few microseconds from now into L2, where L1 would not keep it.
+template <int VALUES, typename T>
+PLIF_HD void prefetch_row_into_l2(const T* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (size_t offset = 0; offset < VALUES * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset, 0, 2);
+}
+
 // The block's step-t rows in a one-step view (N = 0: a step's row offsets are then just the
 // neuron offsets within the block), with the outputs redirected to staging rows when streaming.
 template <typename in_t, typename acc_t>
@@ -311,17 +318,27 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
   // Each group requests its own part of the next step's rows: spread over the step, the
   // requests find free miss buffers, where the whole block's at once stalled the backward
   // (benchmarks/NOTES.md, "The backward's arithmetic"). Step 0 requests the first rows of the block this
-  // thread takes next (following_n0, if any): its last chunk's checkpoint and first X row.
+  // thread takes next (following_n0, if any): its last chunk's checkpoint and dL/dS[T-1].
+  // Each step also requests one X row of the next chunk to recompute (this block's chunk before,
+  // or after chunk 0 the next block's last chunk) into L2: the recompute, light on arithmetic,
+  // would otherwise wait on each of its rows, while this step's arithmetic hides the request.
   const bool stream = grad_x_staging != nullptr;
+  const index_t chunk = t / kCheckpointSteps, step_in_chunk = t % kCheckpointSteps;
+  const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+  const in_t* x_ahead = nullptr;
+  if (chunk > 0) {
+    x_ahead = p.x + ((chunk - 1) * kCheckpointSteps + step_in_chunk) * p.x_step + n0;
+  } else if (following_n0 >= 0 && last_chunk * kCheckpointSteps + step_in_chunk < p.T) {
+    x_ahead = p.x + (last_chunk * kCheckpointSteps + step_in_chunk) * p.x_step + following_n0;
+  }
   for (int g = 0; g < kGroups; ++g) {
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next, stream);
+    if (x_ahead != nullptr) prefetch_row_into_l2<kLanes>(x_ahead + g * kLanes);
     if (t == 0 && following_n0 >= 0) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead, stream);
-      const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
       if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead, stream);
-      prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.x_step + ahead, stream);
     }
     backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr,
                                      dh_dk_row + g * kLanes, state[g]);
