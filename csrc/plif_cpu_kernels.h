@@ -369,6 +369,8 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
       const in_t* const x_row = p.x + (t0 + i) * p.x_step + n0;
       for (int g = 0; g < kGroups; ++g) {
         if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, grad_x_staging != nullptr);
+        // The chunk's dL/dS rows, into L2 while this light arithmetic leaves memory idle.
+        if (p.grad_spikes != nullptr) prefetch_row_into_l2<kLanes>(p.grad_spikes + (t0 + i) * p.N + n0 + g * kLanes);
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes,
                                           dh_dk_rows[i] + g * kLanes);
       }
