@@ -37,6 +37,8 @@ namespace {
 constexpr int kLanes = 128;
 constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
+// How far ahead the forward requests X into L2.
+constexpr index_t kForwardStepsIntoL2 = 3;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans
 // vectorise 4, 8 or 16 floats wide. The backward, bound by its arithmetic, has an AVX-512 copy
@@ -253,13 +255,20 @@ PLIF_HD void forward_block(const ForwardParams<in_t, acc_t>& given, index_t n0, 
   for (index_t t = 0; t < p.T; ++t) {
     ForwardParams<in_t, acc_t> view = forward_step_view(p, t, n0, stream ? &staging : nullptr);
     fix_options<OPTIONS>(view);
-    // Each group requests its part of the next step's X, as the backward does (see there); the
-    // last step, the first X row of the block this thread takes next.
+    // Each group requests its part of the next step's X, as the backward does (see there), and
+    // of the X kForwardStepsIntoL2 steps ahead into L2 (the few misses a core keeps in flight into
+    // L1 leave memory idle: -12% forward time at 2^20 on one thread, benchmarks/NOTES.md); near
+    // the end, the rows of the block this thread takes next.
     for (int g = 0; g < kGroups; ++g) {
       if (t + 1 < p.T)
         prefetch_row<kLanes>(p.x + (t + 1) * p.x_step + n0 + g * kLanes, stream);
       else if (following_n0 >= 0)
         prefetch_row<kLanes>(p.x + following_n0 + g * kLanes, stream);
+      const index_t ahead = t + kForwardStepsIntoL2;
+      if (ahead < p.T)
+        prefetch_row_into_l2<kLanes>(p.x + ahead * p.x_step + n0 + g * kLanes);
+      else if (following_n0 >= 0 && ahead - p.T < p.T)
+        prefetch_row_into_l2<kLanes>(p.x + (ahead - p.T) * p.x_step + following_n0 + g * kLanes);
       forward_step<kLanes, SURROGATE>(view, t, g * kLanes, state[g]);
     }
     if (stream) stream_forward_step(p, t, n0, staging);
