@@ -328,22 +328,27 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
   // requests find free miss buffers, where the whole block's at once stalled the backward
   // (benchmarks/NOTES.md, "The backward's arithmetic"). Step 0 requests the first rows of the block this
   // thread takes next (following_n0, if any): its last chunk's checkpoint and dL/dS[T-1].
-  // Each step also requests one X row of the next chunk to recompute (this block's chunk before,
-  // or after chunk 0 the next block's last chunk) into L2: the recompute, light on arithmetic,
-  // would otherwise wait on each of its rows, while this step's arithmetic hides the request.
+  // Each step also requests one step's X and dL/dS rows of the next chunk to recompute (this
+  // block's chunk before, or after chunk 0 the next block's last chunk) into L2: this step's
+  // arithmetic hides the requests, which the recompute (light on arithmetic) and the first steps
+  // back would otherwise wait on.
   const bool stream = grad_x_staging != nullptr;
   const index_t chunk = t / kCheckpointSteps, step_in_chunk = t % kCheckpointSteps;
   const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
-  const in_t* x_ahead = nullptr;
+  index_t t_ahead = -1, n_ahead = n0;
   if (chunk > 0) {
-    x_ahead = p.x + ((chunk - 1) * kCheckpointSteps + step_in_chunk) * p.x_step + n0;
+    t_ahead = (chunk - 1) * kCheckpointSteps + step_in_chunk;
   } else if (following_n0 >= 0 && last_chunk * kCheckpointSteps + step_in_chunk < p.T) {
-    x_ahead = p.x + (last_chunk * kCheckpointSteps + step_in_chunk) * p.x_step + following_n0;
+    t_ahead = last_chunk * kCheckpointSteps + step_in_chunk;
+    n_ahead = following_n0;
   }
   for (int g = 0; g < kGroups; ++g) {
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next, stream);
-    if (x_ahead != nullptr) prefetch_row_into_l2<kLanes>(x_ahead + g * kLanes);
+    if (t_ahead >= 0) {
+      prefetch_row_into_l2<kLanes>(p.x + t_ahead * p.x_step + n_ahead + g * kLanes);
+      if (p.grad_spikes != nullptr) prefetch_row_into_l2<kLanes>(p.grad_spikes + t_ahead * p.N + n_ahead + g * kLanes);
+    }
     if (t == 0 && following_n0 >= 0) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead, stream);
@@ -378,8 +383,6 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
       const in_t* const x_row = p.x + (t0 + i) * p.x_step + n0;
       for (int g = 0; g < kGroups; ++g) {
         if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, grad_x_staging != nullptr);
-        // The chunk's dL/dS rows, into L2 while this light arithmetic leaves memory idle.
-        if (p.grad_spikes != nullptr) prefetch_row_into_l2<kLanes>(p.grad_spikes + (t0 + i) * p.N + n0 + g * kLanes);
         recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes,
                                           dh_dk_rows[i] + g * kLanes);
       }
