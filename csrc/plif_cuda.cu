@@ -55,11 +55,14 @@ template <typename in_t, typename acc_t>
 void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   constexpr auto kernel = plif_forward_kernel<cuda_t, acc_t>;
-  with_scalar_arguments(p, [&](auto... scalars) {
-    const auto blocks = static_cast<unsigned int>(launch_blocks(p.N, resident_blocks<kernel>()));
-    kernel<<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
-  });
+  const ForwardShape launch = forward_shape(p, resident_blocks<kernel>());
+  with_scalar_arguments(
+      p,
+      [&](auto... scalars) {
+        kernel<<<static_cast<unsigned int>(launch.blocks), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
+      },
+      launch.path_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -7,11 +7,11 @@
 // can only keep the memory system busy by loading inputs of several time steps before it runs
 // the recurrence over them: every chunk of steps issues all its loads (at least 64 bytes per
 // thread in float32; .ci/check_cuda_build.py reads that from the SASS) before its first store.
-// The forward has two paths, picked per launch from N, the grid and the tensors' alignment
-// (vector_path below):
+// The forward has two paths, picked per launch by the host with the grid (forward_shape in
+// plif_launch.h) and passed in the kernel's flags (kFlagVectorPath):
 //   vector: LANES consecutive neurons per thread, every [T, N] access one 16-byte word; where N
-//           is a multiple of LANES and so large that every thread of the grid takes LANES
-//           neurons or more anyway;
+//           is a multiple of LANES, the tensors are aligned, and N is large enough that this keeps
+//           at least as many bytes in flight as one neuron per thread;
 //   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
 // Each takes as many steps per chunk as 64 bytes of its loads need (Geometry below); the last
@@ -74,21 +74,15 @@ __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>
 
 // ---- launch geometry ---------------------------------------------------------------------------
 // Neurons per thread of the forward's vector path (its scalar path and the backward take one)
-// and time steps per forward chunk: a chunk loads at least kLoadBytesAhead per thread, ceil(64 /
-// bytes per step) steps, where a step of LANES neurons loads x. The backward's chunk is the
-// checkpoint chunk (kCheckpointSteps steps of X and of the incoming gradients; see there).
+// and time steps per forward chunk: a chunk loads at least kLoadBytesAhead per thread
+// (plif_launch.h's chunk_steps), where a step of LANES neurons loads x. The backward's chunk is
+// the checkpoint chunk (kCheckpointSteps steps of X and of the incoming gradients; see there).
 template <typename in_t, typename acc_t>
 struct Geometry {
-  enum : int {
-    kLoadBytesAhead = 64,
-    kForwardLanes = 16 / sizeof(in_t),
-  };
-  __host__ __device__ static constexpr int steps_for(int step_bytes) {
-    return (kLoadBytesAhead + step_bytes - 1) / step_bytes;
-  }
+  enum : int { kForwardLanes = kVectorBytes / sizeof(in_t) };
   template <int LANES>
   __host__ __device__ static constexpr int forward_steps() {
-    return steps_for(LANES * static_cast<int>(sizeof(in_t)));
+    return chunk_steps(LANES * static_cast<int>(sizeof(in_t)));
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
@@ -102,19 +96,6 @@ struct Geometry {
     kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 2,
   };
 };
-
-__device__ __forceinline__ bool aligned16(const void* pointer) {
-  return (reinterpret_cast<unsigned long long>(pointer) & 15u) == 0;  // null counts as aligned
-}
-
-// The vector path needs every [T, N] stream 16-byte aligned and whole vectors per row, and pays
-// only where the scalar path would have each thread scan LANES neurons or more one after
-// another. Uniform over the launch.
-template <int LANES>
-__device__ __forceinline__ bool vector_path(index_t N, const void* a, const void* b, const void* c, const void* d) {
-  const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
-  return N % LANES == 0 && N >= LANES * threads && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d);
-}
 
 // ---- accesses of LANES consecutive values ------------------------------------------------------
 // Vector accesses move 16-byte words.
@@ -261,20 +242,19 @@ __device__ __forceinline__ void forward_neurons(const ForwardParams<in_t, acc_t>
   forward_end<LANES>(p, n0, st);
 }
 
-// The vector path or the scalar one, each thread taking neurons in a grid-stride loop. The
-// smooth mode (kRuntime) is for gradcheck: one step at a time, scalar path only (a fourth loop
-// cost the other three registers).
+// The vector path or the scalar one, as the host picked it (vector_path), each thread taking
+// neurons in a grid-stride loop. The smooth mode (kRuntime) is for gradcheck: one step at a time,
+// scalar path only (a fourth loop cost the other three registers).
 template <int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& p, const in_t* __restrict__ x,
                                               in_t* __restrict__ spikes, in_t* __restrict__ v_seq,
-                                              acc_t* __restrict__ h_seq) {
+                                              acc_t* __restrict__ h_seq, bool vector_path) {
   using Shape = Geometry<in_t, acc_t>;
   constexpr int kLanes = Shape::kForwardLanes;
   constexpr bool kChunked = SURROGATE != kRuntime;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  // Every step of x starts on a 16-byte word too: its step x_step (0 included) whole vectors.
-  if (kChunked && p.x_step % kLanes == 0 && vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
+  if (kChunked && vector_path) {
     constexpr int kSteps = Shape::template forward_steps<kLanes>();
     for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
       forward_neurons<kSteps, true, kLanes, SURROGATE>(p, x, spikes, v_seq, h_seq, n);
@@ -307,10 +287,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForw
                                      N,
                                      x_step,
                                      make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
+  const bool vector_path = (flags & kFlagVectorPath) != 0;
   if (p.opts.spiking) {
-    forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq, vector_path);
   } else {
-    forward_paths<kRuntime>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kRuntime>(p, x, spikes, v_seq, h_seq, vector_path);
   }
 }
 

@@ -600,6 +600,25 @@ PyObject* py_launch_blocks(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(launch_blocks(neurons, resident_blocks));
 }
 
+PyObject* py_forward_shape(PyObject*, PyObject* args) {
+  long long T = 0, N = 0, x_step = 0, resident_blocks = 0;
+  int element_bytes = 0, flags = 0;
+  unsigned long long x = 0, spikes = 0, v_seq = 0, h_seq = 0;
+  if (!PyArg_ParseTuple(args, "LLLiiLKKKK:forward_shape", &T, &N, &x_step, &element_bytes, &flags, &resident_blocks, &x,
+                        &spikes, &v_seq, &h_seq)) {
+    return nullptr;
+  }
+  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
+    PyErr_Format(PyExc_ValueError, "forward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
+    return nullptr;
+  }
+  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  const ForwardShape launch =
+      forward_shape(T, N, x_step, element_bytes, flags,
+                    on_vector_words(address(x), address(spikes), address(v_seq), address(h_seq)), resident_blocks);
+  return Py_BuildValue("(Li)", static_cast<long long>(launch.blocks), launch.path_flag);
+}
+
 PyObject* py_checkpoint_rows(PyObject*, PyObject* args) {
   long long steps = 0;
   if (!PyArg_ParseTuple(args, "L:checkpoint_rows", &steps)) return nullptr;
@@ -626,6 +645,9 @@ PyObject* py_set_cpu_cache_limit(PyObject*, PyObject* args) {
 PyMethodDef module_functions[] = {
     {"launch_blocks", py_launch_blocks, METH_VARARGS,
      "launch_blocks(neurons, resident_blocks): blocks of a GPU launch over `neurons` (plif_launch.h)"},
+    {"forward_shape", py_forward_shape, METH_VARARGS,
+     "forward_shape(T, N, x_step, element_bytes, flags, resident_blocks, x, spikes, v_seq, h_seq): (blocks, "
+     "path flag) of a forward launch, the tensors given by address, 0 for none (plif_launch.h)"},
     {"checkpoint_rows", py_checkpoint_rows, METH_VARARGS,
      "checkpoint_rows(steps): rows of H a forward of `steps` steps keeps in SAVE_CHECKPOINTS mode"},
     {"cpu_cache_bytes", py_cpu_cache_bytes, METH_NOARGS, "bytes of released CPU outputs kept for reuse"},
@@ -666,6 +688,7 @@ bool add_attributes(PyObject* module) {
       {"THREADS_PER_BLOCK", kThreadsPerBlock}, {"FLAG_SOFT_RESET", kFlagSoftReset},
       {"FLAG_DECAY_INPUT", kFlagDecayInput},   {"FLAG_DETACH_RESET", kFlagDetachReset},
       {"FLAG_SPIKING", kFlagSpiking},          {"FLAG_H_CHECKPOINTS", kFlagHCheckpoints},
+      {"FLAG_VECTOR_PATH", kFlagVectorPath},
   };
   for (const auto& [name, value] : integers) {
     if (!add_attribute(module, name, PyLong_FromLong(value))) {

@@ -7,10 +7,12 @@ The cases cover both memory paths of the kernels (vector accesses, picked for la
 tensors, and the scalar one for small N, tails and misaligned tensors), T below, at and above
 the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype,
 absent gradients, and x read with its steps any distance apart (one step broadcast over time,
-slices), compared with the CPU kernel on its contiguous copy. The vector path needs N >= neurons
-per thread x resident threads; to reach it with a few thousand neurons, the emulated device keeps
-only one or two blocks resident. Only the spiking mode takes it, and only the forward (the
-backward takes one neuron per thread: see Geometry in the kernels).
+slices), compared with the CPU kernel on its contiguous copy. The host picks the forward's path
+with its grid (csrc/plif_launch.h, forward_shape): the vector path where it keeps at least as many
+bytes in flight as one neuron per thread, from about twice the resident threads on; to reach it with
+a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the spiking
+mode takes it, and only the forward (the backward takes one neuron per thread: see Geometry in the
+kernels).
 """
 
 from __future__ import annotations
@@ -281,11 +283,54 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 @pytest.mark.parametrize("neurons", (1, 3, 4095, 4097, 4100), ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
-    # One resident block: the vector path would be chosen if N were a multiple of the lanes and
-    # large enough; 4100 is a multiple of 4 (float32's lanes).
+    # One resident block (256 threads), T = 9: the vector path is chosen where N is a multiple of
+    # the lanes and fills the block at that many neurons per thread; 4100 is a multiple of 4
+    # (float32's lanes) and 2 (float64's).
     forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_options(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
-    assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
+    assert (forward_vectors > 0) == (neurons == 4100 and lanes <= 4) and backward_vectors == 0
+
+
+# (dtype, neurons, vector path chosen) on a device keeping 2 blocks (512 threads) resident, T = 8,
+# where one neuron per thread keeps 512 x 8 steps x 2 B = 8 KiB in flight (float32: 16 KiB) and
+# the vector path N / LANES threads x 4 steps x 16 B. The old rule, inside the kernel, took the
+# vector path only from N = LANES x 512 on (4096 half neurons): these are the sizes of 2^20 half
+# neurons on an H100, which it ran one neuron per thread.
+PATH_CHOICES = [
+    pytest.param(torch.float16, 2048, True, id="float16-4x_threads-vector"),
+    pytest.param(torch.bfloat16, 1024, True, id="bfloat16-2x_threads-tie-vector"),
+    pytest.param(torch.float16, 768, False, id="float16-1.5x_threads-scalar"),
+    pytest.param(torch.float32, 1024, True, id="float32-2x_threads-tie-vector"),
+    pytest.param(torch.float32, 1020, False, id="float32-below_2x_threads-scalar"),
+]
+
+
+@pytest.mark.parametrize("dtype, neurons, vector", PATH_CHOICES)
+def test_the_host_picks_the_path_from_n_over_lanes(emulation, dtype, neurons, vector):
+    forward_vectors, _ = run_case(emulation, dtype, 8, neurons, op_options(), 2, seed=neurons)
+    # Every vector access moves 16 bytes: x's loads and the spikes, H and V rows' stores.
+    assert (forward_vectors > 0) == vector
+
+
+def test_forward_shape_on_an_h100():
+    """The rule both launchers follow, for an H100 (132 multiprocessors x 4 forward blocks of 256
+    threads: 135168 resident threads), T = 8: expectations worked out by hand."""
+    resident, aligned = 132 * 4, (4096, 8192, 0, 12288)
+    spiking = _C.FLAG_SPIKING
+    vector = _C.FLAG_VECTOR_PATH
+    # 2^20 half neurons: 131072 threads x 64 B (8.4 MB) beat 135168 x 16 B (2.2 MB): 512 blocks.
+    assert _C.forward_shape(8, 2**20, 2**20, 2, spiking, resident, *aligned) == (512, vector)
+    # 2^18: 32768 threads x 64 B (2.10 MB) against 135168 x 16 B (2.16 MB): one neuron per thread.
+    assert _C.forward_shape(8, 2**18, 2**18, 2, spiking, resident, *aligned) == (resident, 0)
+    # float32, 2^20: 262144 threads wanted, capped at the resident 528 blocks either way.
+    assert _C.forward_shape(8, 2**20, 2**20, 4, spiking, resident, *aligned) == (resident, vector)
+    # Not on 16-byte words (x, or x's steps), N not whole vectors, or the smooth mode: scalar.
+    assert _C.forward_shape(8, 2**20, 2**20, 2, spiking, resident, 4098, 8192, 0, 0) == (resident, 0)
+    assert _C.forward_shape(8, 2**20, 2**20 + 4, 2, spiking, resident, *aligned) == (resident, 0)
+    assert _C.forward_shape(8, 2**20 + 4, 2**20 + 4, 2, spiking, resident, *aligned) == (resident, 0)
+    assert _C.forward_shape(8, 2**20, 2**20, 2, 0, resident, *aligned) == (resident, 0)
+    # One step broadcast over time (x_step 0) is on words at every step.
+    assert _C.forward_shape(8, 2**20, 0, 2, spiking, resident, *aligned) == (512, vector)
 
 
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")

@@ -69,9 +69,9 @@ void run_emulated_thread() {
   self->ended = true;
 }  // returns to uc_link: the scheduler
 
-void launch(index_t neurons, index_t resident_blocks, const std::function<void()>& run_thread) {
+void launch(index_t blocks, const std::function<void()>& run_thread) {
   using namespace plif_emulation;
-  grid_dim = dim3(static_cast<unsigned int>(plif::launch_blocks(neurons, resident_blocks)));
+  grid_dim = dim3(static_cast<unsigned int>(blocks));
   block_dim = dim3(plif::kThreadsPerBlock);
   std::vector<EmulatedThread> threads(block_dim.x);
   thread_body = &run_thread;
@@ -124,12 +124,16 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       using v_last_t = plif::VLast<in_t, acc_t>;
-      launch(N, resident_blocks, [&] {
+      // The host's choice of path and grid, as the launchers make it (plif_launch.h).
+      const plif::ForwardShape shape =
+          plif::forward_shape(T, N, x_step, static_cast<int>(sizeof(in_t)), flags,
+                              plif::on_vector_words(x, spikes, v_seq, h_seq), resident_blocks);
+      launch(shape.blocks, [&] {
         plif::plif_forward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(x), static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init),
             static_cast<in_t*>(spikes), static_cast<v_last_t*>(v_last), static_cast<in_t*>(v_seq),
             static_cast<acc_t*>(h_seq), k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold),
-            static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags | shape.path_flag);
       });
     });
   });
@@ -151,7 +155,7 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
       std::vector<double> k_partials(k_stride == 0 ? blocks : 0), v_init_partials(v_init_stride == 0 ? blocks : 0);
       double* const k_partials_ptr = k_partials.empty() ? nullptr : k_partials.data();
       double* const v_init_partials_ptr = v_init_partials.empty() ? nullptr : v_init_partials.data();
-      launch(N, resident_blocks, [&] {
+      launch(blocks, [&] {
         plif::plif_backward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
             static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const in_t*>(x),
