@@ -399,7 +399,9 @@ struct ThreadShares {
 };
 
 // One neuron per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
-// without it are compiled apart (in one loop the chunks of both cost registers for both).
+// without it are compiled apart (in one loop the chunks of both cost registers for both). A null
+// grad_k (grad_v_init), and then null partials, is a gradient nobody asked for: nothing of it is
+// stored or summed.
 template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
                                                  const in_t* __restrict__ grad_spikes,
@@ -410,16 +412,16 @@ __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_
   for (index_t n = first; n < p.N; n += threads) {
     BackwardState<1, acc_t> st;
     backward_neuron_chunks<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n, st);
-    const acc_t grad_k = grad_k_of_lane(p, st, 0);
-    const acc_t grad_v_init = grad_v_init_of_lane(st, 0);
-    if (p.grad_k_partials != nullptr)
-      shares.grad_k += grad_k;
-    else
-      p.grad_k[n] = grad_k;
-    if (p.grad_v_init_partials != nullptr)
-      shares.grad_v_init += grad_v_init;
-    else
-      p.grad_v_init[n] = grad_v_init;
+    if (p.grad_k_partials != nullptr) {
+      shares.grad_k += grad_k_of_lane(p, st, 0);
+    } else if (p.grad_k != nullptr) {
+      p.grad_k[n] = grad_k_of_lane(p, st, 0);
+    }
+    if (p.grad_v_init_partials != nullptr) {
+      shares.grad_v_init += grad_v_init_of_lane(st, 0);
+    } else if (p.grad_v_init != nullptr) {
+      p.grad_v_init[n] = grad_v_init_of_lane(st, 0);
+    }
   }
 }
 

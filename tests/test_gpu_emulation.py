@@ -50,8 +50,10 @@ def emulation(tmp_path_factory):
     lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail
     lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 10 + tail
     lib.plif_emulate_vector_load.argtypes = [pointer, ctypes.c_char_p, i32]
+    lib.plif_emulated_barriers.argtypes = []
     for fn in (lib.plif_emulate_forward, lib.plif_emulate_backward, lib.plif_emulate_vector_load):
         fn.restype = i64
+    lib.plif_emulated_barriers.restype = i64
     return lib
 
 
@@ -359,6 +361,50 @@ def test_absent_gradients(emulation, dtype, grads, resident_blocks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
     run_case(emulation, dtype, 10, 2048, op_options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+
+
+@pytest.mark.parametrize("asked", [("k", "v_init"), ("k",), ("v_init",), ()], ids=lambda a: "+".join(a) or "none")
+@pytest.mark.parametrize("per_neuron", (True, False), ids=("per_neuron", "shared"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_gradients_nobody_asks_for_cost_nothing(emulation, dtype, per_neuron, asked):
+    """A null grad_k (grad_v_init) is a gradient nobody asked for (v_init's for a fresh layer, a
+    frozen tau's): the backward stores none of it, and for a shared one sums no shares, takes no
+    barrier and writes no partials; grad_x and the asked-for gradients are what the CPU kernel
+    gives. (A store through the null pointer would end the test process.)"""
+    steps, neurons, resident_blocks = 10, 1500, 2
+    options = op_options()
+    generator = torch.Generator().manual_seed(7)
+    acc = compute_dtype(dtype)
+    x = torch.randn(steps, neurons, generator=generator).to(dtype)
+    count = neurons if per_neuron else 1
+    k = torch.sigmoid(torch.randn(count, generator=generator)).to(acc)
+    v_init = (torch.randn(count, generator=generator) * 0.5).to(acc)
+    _, _, _, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+        x, k, v_init, **options, store_v_seq=False, save=_C.SAVE_CHECKPOINTS
+    )
+    grad_spikes = torch.randn(steps, neurons, generator=generator).to(dtype)
+    grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
+        grad_spikes, None, None, h_seq, x, k, v_init, x_dtype=dtype, **options
+    )
+    em_grad_x = torch.full_like(x, float("nan"))
+    em_grad = {name: torch.full((count,), float("nan"), dtype=acc) for name in ("k", "v_init")}
+    stride = 1 if per_neuron else 0
+    tensors = (grad_spikes, None, None, h_seq, x, k, v_init, em_grad_x)
+    tensors += tuple(em_grad[name] if name in asked else None for name in ("k", "v_init"))
+    scalars = (stride, stride, steps, neurons, neurons, *_kernel_scalars(options, _C.SAVE_CHECKPOINTS))
+    _call(emulation.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, tensors), *scalars, resident_blocks)
+    assert_bits_equal(em_grad_x, grad_x, "grad_x")
+    for name, expected in (("k", grad_k), ("v_init", grad_v_init)):
+        if name not in asked:
+            continue
+        if per_neuron:
+            assert_bits_equal(em_grad[name], expected, f"grad_{name}")
+        else:
+            torch.testing.assert_close(em_grad[name], expected, rtol=1e-5, atol=1e-4)  # summed in another order
+    # Each asked-for shared parameter: two barriers per thread of each of the 2 blocks (the block's
+    # partial sum); nothing else in the backward waits.
+    shared_asked = 0 if per_neuron else len(asked)
+    assert emulation.plif_emulated_barriers() == shared_asked * 2 * resident_blocks * 256
 
 
 def test_a_misaligned_vector_access_is_reported(emulation):

@@ -19,6 +19,7 @@
 
 namespace plif_emulation {
 long long vector_accesses = 0;
+long long barriers = 0;  // __syncthreads calls of the last launch, every thread's counted
 
 inline void check_vector_access(const void* pointer, unsigned long long bytes) {
   if (reinterpret_cast<std::uintptr_t>(pointer) % bytes != 0) {
@@ -32,7 +33,10 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
 // The block's scheduler and the thread running now, which __syncthreads hands control back to.
 ucontext_t scheduler_context;
 ucontext_t* running_context = nullptr;
-inline void syncthreads() { swapcontext(running_context, &scheduler_context); }
+inline void syncthreads() {
+  ++barriers;
+  swapcontext(running_context, &scheduler_context);
+}
 }  // namespace plif_emulation
 
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
@@ -107,7 +111,7 @@ using plif_emulation::dispatch;
 
 // Runs `body`; returns the number of vector accesses it made, or -1 with the error in `error`.
 long long guarded(char* error, int error_size, const std::function<void()>& body) {
-  plif_emulation::vector_accesses = 0;
+  plif_emulation::vector_accesses = plif_emulation::barriers = 0;
   return plif_emulation::run_reporting(error, error_size, body) ? plif_emulation::vector_accesses : -1;
 }
 
@@ -149,10 +153,12 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      // As the launchers do (csrc/plif_cuda.cu backward_cuda): a shared k (v_init) gets a row of
-      // per-block partials, finished by one thread after the backward.
+      // As the op and the launchers do (csrc/plif_ops.cpp, csrc/plif_cuda.cu backward_cuda): a
+      // shared k (v_init) whose gradient is asked for (not null) gets a row of per-block
+      // partials, finished by one thread after the backward.
       const index_t blocks = plif::launch_blocks(N, resident_blocks);
-      std::vector<double> k_partials(k_stride == 0 ? blocks : 0), v_init_partials(v_init_stride == 0 ? blocks : 0);
+      std::vector<double> k_partials(k_stride == 0 && grad_k != nullptr ? blocks : 0);
+      std::vector<double> v_init_partials(v_init_stride == 0 && grad_v_init != nullptr ? blocks : 0);
       double* const k_partials_ptr = k_partials.empty() ? nullptr : k_partials.data();
       double* const v_init_partials_ptr = v_init_partials.empty() ? nullptr : v_init_partials.data();
       launch(blocks, [&] {
@@ -173,6 +179,9 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
     });
   });
 }
+
+// The __syncthreads calls of the last emulated launch (every thread's).
+long long plif_emulated_barriers() { return plif_emulation::barriers; }
 
 // A vector access at `pointer`, for the test that the alignment check fires.
 long long plif_emulate_vector_load(const void* pointer, char* error, int error_size) {
