@@ -86,11 +86,11 @@ struct Geometry {
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
-  // keeps every load of its 8 steps in flight in one straight run, takes 96 registers (two
-  // blocks: 512 threads; at 80 ptxas spilled 772 bytes) and float64 138 (one block; at 128 the
-  // division's slow path took a stack frame on sm_80-89); .ci/check_cuda_build.py lists both as
-  // exceptions with the bytes in flight they keep (benchmarks/NOTES.md, "The backward in one
-  // round trip").
+  // keeps every load of its 8 steps in flight in one straight run, takes 94-114 registers (two
+  // blocks: 512 threads; at 80 ptxas spilled 772 bytes; the half types' two lanes take the most)
+  // and float64 140-146 (one block; at 128 the division's slow path took a stack frame on
+  // sm_80-89); .ci/check_cuda_build.py lists both as exceptions with the bytes in flight they keep
+  // (benchmarks/NOTES.md, "The backward in one round trip", "The half types' backward in lanes").
   enum : int {
     kForwardMinBlocks = 4,
     kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 2,
@@ -98,14 +98,29 @@ struct Geometry {
 };
 
 // ---- accesses of LANES consecutive values ------------------------------------------------------
-// Vector accesses move 16-byte words.
-template <bool VECTOR, typename T>
+// Vector accesses move words of all LANES values, at most 16 bytes each: 16-byte words in the
+// forward, one 4-byte word of two half values in the half types' backward.
+template <int BYTES>
+struct WordOfBytes {
+  using type = uint4;
+};
+template <>
+struct WordOfBytes<8> {
+  using type = uint2;
+};
+template <>
+struct WordOfBytes<4> {
+  using type = unsigned int;
+};
+template <bool VECTOR, int LANES, typename T>
 struct AccessWord {
   using type = T;
 };
-template <typename T>
-struct AccessWord<true, T> {
-  using type = uint4;
+template <int LANES, typename T>
+struct AccessWord<true, LANES, T> {
+  static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole words");
+  using type = typename WordOfBytes<(kBytes < 16 ? kBytes : 16)>::type;
 };
 
 // LANES consecutive values as loaded: vector words (VECTOR: the address is aligned to the
@@ -113,9 +128,8 @@ struct AccessWord<true, T> {
 // two half values in flight share one register instead of taking one each.
 template <bool VECTOR, int LANES, typename T>
 struct LoadedLanes {
-  using Word = typename AccessWord<VECTOR, T>::type;
+  using Word = typename AccessWord<VECTOR, LANES, T>::type;
   static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-  static_assert(!VECTOR || kBytes % 16 == 0, "a vector access moves whole 16-byte words");
   static constexpr int kWords = kBytes / static_cast<int>(sizeof(Word));
   Word words[kWords];
 
@@ -137,8 +151,7 @@ template <bool VECTOR, int LANES, typename T>
 __device__ __forceinline__ void store_lanes(T* __restrict__ target, const T (&values)[LANES]) {
   if constexpr (VECTOR) {
     constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-    using Word = typename AccessWord<true, T>::type;
-    static_assert(kBytes % 16 == 0, "a vector access moves whole 16-byte words");
+    using Word = typename AccessWord<true, LANES, T>::type;
     PLIF_CHECK_VECTOR_ACCESS(target, sizeof(Word));
     Word* words = reinterpret_cast<Word*>(target);
 #pragma unroll
@@ -305,36 +318,53 @@ using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_
 // (its X, the checkpoint before it, its incoming gradients) before anything else, recomputes its
 // H from X (the forward's expressions: the same bits), then runs its steps back, each one the
 // step function of plif_math.h with step T-1's and step 0's terms as predicates. So a neuron
-// with T <= kCheckpointSteps makes one round trip to memory before its first store. The chunk's
-// H and X sit in shared memory, one column per thread: in registers they left no room within the
-// 64 that four resident blocks allow.
+// with T <= kCheckpointSteps makes one round trip to memory before its first store. A thread
+// takes LANES consecutive neurons: one, or in the half types' lanes path two, whose values of a
+// step make one 4-byte word (so a chunk keeps 64 B in flight, not 32; plif_launch.h's
+// backward_shape picks the path). The chunk's H and X sit in shared memory, one column per thread
+// and lane: in registers they left no room within the 64 that four resident blocks allow.
 template <typename acc_t>
 struct ChunkColumns {
-  acc_t* h;  // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1]
-  acc_t* x;  // x[i * kThreadsPerBlock]: X[t0 + i] as the compute type
+  acc_t* h;  // h[((i + 1) * LANES + j) * kThreadsPerBlock]: H[t0 + i] of lane j; i = -1: the checkpoint H[t0 - 1]
+  acc_t* x;  // x[(i * LANES + j) * kThreadsPerBlock]: X[t0 + i] of lane j as the compute type
 };
 
-// One pair of arrays per compute type, shared by every instantiation that uses it.
+// Lanes of the backward's widest path for a compute type: the half types' (float) two.
+template <typename acc_t>
+struct BackwardColumns {
+  enum : int { kMaxLanes = sizeof(acc_t) == 4 ? 2 : 1 };
+};
+
+// One pair of arrays per compute type, shared by every instantiation that uses it (both paths
+// of a kernel: separate arrays would pass the 48 KB of static shared memory).
 template <typename acc_t>
 __device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
-  __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kThreadsPerBlock];
-  __shared__ acc_t chunk_x[kCheckpointSteps * kThreadsPerBlock];
+  constexpr int kLanes = BackwardColumns<acc_t>::kMaxLanes;
+  __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kLanes * kThreadsPerBlock];
+  __shared__ acc_t chunk_x[kCheckpointSteps * kLanes * kThreadsPerBlock];
   return {chunk_h + threadIdx.x, chunk_x + threadIdx.x};
 }
 
-// All T steps (T >= 1) of neuron n, back in time, into st. GRAD_V: grad_v_seq is given.
-template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+// All T steps (T >= 1) of neurons n0 .. n0 + LANES - 1, back in time, into st. GRAD_V:
+// grad_v_seq is given.
+template <bool GRAD_V, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t, acc_t>& p,
                                                        const in_t* __restrict__ grad_spikes,
                                                        const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
-                                                       in_t* __restrict__ grad_x, index_t n,
-                                                       BackwardState<1, acc_t>& st) {
+                                                       in_t* __restrict__ grad_x, index_t n0,
+                                                       BackwardState<LANES, acc_t>& st) {
   constexpr int K = kCheckpointSteps;
+  constexpr bool kVector = LANES > 1;
+  constexpr int kColumn = kThreadsPerBlock;  // from one lane's column to the next
   const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
   const bool through_spike = grad_spikes != nullptr;
-  const acc_t v_init = p.v_init[n * p.v_init_stride];
-  const acc_t grad_v_last = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n]) : acc_t(0);
+  acc_t v_init[LANES], grad_v_last[LANES];
+#pragma unroll
+  for (int j = 0; j < LANES; ++j) {
+    v_init[j] = p.v_init[(n0 + j) * p.v_init_stride];
+    grad_v_last[j] = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n0 + j]) : acc_t(0);
+  }
   const index_t last_chunk = (p.T - 1) / K;
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
     const index_t t0 = chunk * K;
@@ -343,49 +373,70 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
     // step's rows again, and without grad_spikes its loads read x's rows (in bounds, values
     // dropped), so that no branch splits the run. Rows are running offsets: computed per step,
     // ptxas keeps a 64-bit offset for every step.
-    in_t inputs[K], grad_s[K], grad_v[K];
+    LoadedLanes<kVector, LANES, in_t> inputs[K], grad_s[K], grad_v[K];
     const in_t* const grad_s_rows = through_spike ? grad_spikes : x;
     const index_t grad_s_step = through_spike ? p.N : p.x_step;
-    index_t x_row = t0 * p.x_step + n;
-    index_t grad_s_row = t0 * grad_s_step + n;
-    index_t row = t0 * p.N + n;
+    index_t x_row = t0 * p.x_step + n0;
+    index_t grad_s_row = t0 * grad_s_step + n0;
+    index_t row = t0 * p.N + n0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       PLIF_KEEP_IN_ORDER(row);
-      inputs[i] = x[x_row];
-      grad_s[i] = grad_s_rows[grad_s_row];
-      if (GRAD_V) grad_v[i] = grad_v_seq[row];
+      inputs[i].load(x + x_row);
+      grad_s[i].load(grad_s_rows + grad_s_row);
+      if (GRAD_V) grad_v[i].load(grad_v_seq + row);
       if (i + 1 < count) {
         x_row += p.x_step;
         grad_s_row += grad_s_step;
         row += p.N;
       }
     }
-    ForwardState<1, acc_t> forward;
-    recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, column.h);
+    ForwardState<LANES, acc_t> forward;
+    acc_t h_before[LANES];
+    recompute_chunk_begin<LANES, SURROGATE>(p, chunk, n0, forward, h_before);
+    if (chunk > 0) {
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) column.h[j * kColumn] = h_before[j];
+    }
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i < count) {
-        acc_t h_step;
-        recompute_step<1, SURROGATE>(&inputs[i], o, forward, &h_step);
-        column.h[(i + 1) * kThreadsPerBlock] = h_step;
-        column.x[i * kThreadsPerBlock] = load_as<acc_t>(inputs[i]);
+        in_t x_step_values[LANES];
+        acc_t h_step[LANES];
+#pragma unroll
+        for (int j = 0; j < LANES; ++j) x_step_values[j] = inputs[i][j];
+        recompute_step<LANES, SURROGATE>(x_step_values, o, forward, h_step);
+#pragma unroll
+        for (int j = 0; j < LANES; ++j) {
+          column.h[((i + 1) * LANES + j) * kColumn] = h_step[j];
+          column.x[(i * LANES + j) * kColumn] = load_as<acc_t>(x_step_values[j]);
+        }
       }
     }
-    if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &column.h[count * kThreadsPerBlock], st);
-    row = (t0 + count - 1) * p.N + n;
+    if (chunk == last_chunk) {
+      acc_t h_last[LANES];
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) h_last[j] = column.h[(count * LANES + j) * kColumn];
+      backward_begin<LANES, SURROGATE>(p, n0, h_last, st);
+    }
+    row = (t0 + count - 1) * p.N + n0;
 #pragma unroll
     for (int i = K - 1; i >= 0; --i) {
       if (i >= count) continue;
       PLIF_KEEP_IN_ORDER(row);
       const index_t t = t0 + i;
       const bool last_step = t == p.T - 1;
-      const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i]) : acc_t(0);
-      const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i]) : acc_t(0)) + (last_step ? grad_v_last : acc_t(0));
-      const acc_t gx = backward_neuron_step<SURROGATE>(
-          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), v_init, column.x[i * kThreadsPerBlock], gs, gv,
-          through_spike, through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
-      grad_x[row] = store_as<in_t>(gx);
+      const bool membrane = through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr);
+      acc_t gx[LANES];
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
+        const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i][j]) : acc_t(0)) + (last_step ? grad_v_last[j] : acc_t(0));
+        gx[j] = backward_neuron_step<SURROGATE>(t > 0, t > 0 ? column.h[(i * LANES + j) * kColumn] : acc_t(0),
+                                                v_init[j], column.x[(i * LANES + j) * kColumn], gs, gv, through_spike,
+                                                membrane, o, st, j);
+      }
+      store_lanes_as<kVector>(grad_x + row, gx);
       row -= p.N;
     }
   }
@@ -398,29 +449,32 @@ struct ThreadShares {
   double grad_v_init = 0.0;
 };
 
-// One neuron per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
+// LANES neurons per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
 // without it are compiled apart (in one loop the chunks of both cost registers for both). A null
 // grad_k (grad_v_init), and then null partials, is a gradient nobody asked for: nothing of it is
 // stored or summed.
-template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+template <bool GRAD_V, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
                                                  const in_t* __restrict__ grad_spikes,
                                                  const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
                                                  in_t* __restrict__ grad_x, ThreadShares& shares) {
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (index_t n = first; n < p.N; n += threads) {
-    BackwardState<1, acc_t> st;
-    backward_neuron_chunks<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n, st);
-    if (p.grad_k_partials != nullptr) {
-      shares.grad_k += grad_k_of_lane(p, st, 0);
-    } else if (p.grad_k != nullptr) {
-      p.grad_k[n] = grad_k_of_lane(p, st, 0);
-    }
-    if (p.grad_v_init_partials != nullptr) {
-      shares.grad_v_init += grad_v_init_of_lane(st, 0);
-    } else if (p.grad_v_init != nullptr) {
-      p.grad_v_init[n] = grad_v_init_of_lane(st, 0);
+  for (index_t n0 = first * LANES; n0 < p.N; n0 += threads * LANES) {
+    BackwardState<LANES, acc_t> st;
+    backward_neuron_chunks<GRAD_V, LANES, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n0, st);
+#pragma unroll
+    for (int j = 0; j < LANES; ++j) {
+      if (p.grad_k_partials != nullptr) {
+        shares.grad_k += grad_k_of_lane(p, st, j);
+      } else if (p.grad_k != nullptr) {
+        p.grad_k[n0 + j] = grad_k_of_lane(p, st, j);
+      }
+      if (p.grad_v_init_partials != nullptr) {
+        shares.grad_v_init += grad_v_init_of_lane(st, j);
+      } else if (p.grad_v_init != nullptr) {
+        p.grad_v_init[n0 + j] = grad_v_init_of_lane(st, j);
+      }
     }
   }
 }
@@ -464,13 +518,22 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
                                       x_step,
                                       make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   ThreadShares shares;
-#define PLIF_BACKWARD_NEURONS(mode)                                                                    \
-  (grad_v_seq != nullptr ? backward_neurons<true, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
-                         : backward_neurons<false, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
+  // The lanes path as the host picked it (backward_shape); spiking mode only, like the forward's.
+  constexpr int kLanes = backward_lanes(static_cast<int>(sizeof(in_t)));
+  const bool lanes_path = kLanes > 1 && (flags & kFlagVectorPath) != 0;
+#define PLIF_BACKWARD_LANES(lanes, mode)                                                                      \
+  (grad_v_seq != nullptr ? backward_neurons<true, lanes, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
+                         : backward_neurons<false, lanes, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
+#define PLIF_BACKWARD_NEURONS(mode)    \
+  if (kLanes > 1 && lanes_path) {      \
+    PLIF_BACKWARD_LANES(kLanes, mode); \
+  } else {                             \
+    PLIF_BACKWARD_LANES(1, mode);      \
+  }
   // Spiking mode with the surrogate fixed at compile time (branch-free steps); the smooth mode
   // switches per step.
   if (!p.opts.spiking) {
-    PLIF_BACKWARD_NEURONS(kRuntime);
+    PLIF_BACKWARD_LANES(1, kRuntime);
   } else {
     switch (p.opts.surrogate) {
       case kSigmoid: PLIF_BACKWARD_NEURONS(kSigmoid); break;
@@ -483,6 +546,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     }
   }
 #undef PLIF_BACKWARD_NEURONS
+#undef PLIF_BACKWARD_LANES
   if (grad_k_partials != nullptr) store_block_partial(shares.grad_k, grad_k_partials);
   if (grad_v_init_partials != nullptr) store_block_partial(shares.grad_v_init, grad_v_init_partials);
 }

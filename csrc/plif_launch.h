@@ -76,7 +76,7 @@ inline index_t forward_bytes_in_flight(index_t T, index_t N, int lanes, int elem
 
 // The launch of the forward kernel: its grid, and its memory path (kFlagVectorPath or 0), which
 // the launcher adds to the kernel's flags (with_scalar_arguments).
-struct ForwardShape {
+struct LaunchPath {
   index_t blocks;
   int path_flag;
 };
@@ -86,28 +86,60 @@ struct ForwardShape {
 // LANES) and keeps at least as many bytes in flight as the scalar path: from N of about twice the
 // resident threads on (T = 8), while below that one neuron per thread keeps more in flight and a
 // short sequence in one round trip. Its grid is N / LANES threads, capped at the resident blocks.
-inline ForwardShape forward_shape(index_t T, index_t N, index_t x_step, int element_bytes, int flags,
-                                  bool streams_on_words, index_t resident_blocks) {
+inline LaunchPath forward_shape(index_t T, index_t N, index_t x_step, int element_bytes, int flags,
+                                bool streams_on_words, index_t resident_blocks) {
   const int lanes = kVectorBytes / element_bytes;
   const bool can_vector = (flags & kFlagSpiking) != 0 && streams_on_words && N % lanes == 0 && x_step % lanes == 0;
   const bool vector = can_vector && forward_bytes_in_flight(T, N, lanes, element_bytes, resident_blocks) >=
                                         forward_bytes_in_flight(T, N, 1, element_bytes, resident_blocks);
-  return vector ? ForwardShape{launch_blocks(N / lanes, resident_blocks), kFlagVectorPath}
-                : ForwardShape{launch_blocks(N, resident_blocks), 0};
+  return vector ? LaunchPath{launch_blocks(N / lanes, resident_blocks), kFlagVectorPath}
+                : LaunchPath{launch_blocks(N, resident_blocks), 0};
 }
 
-// True where every pointer (null: an absent stream) is on a kVectorBytes word.
+// True where every pointer (null: an absent stream) is on a word of word_bytes.
+template <typename... Pointers>
+inline bool on_words(int word_bytes, const Pointers*... pointers) {
+  return ((reinterpret_cast<unsigned long long>(pointers) % static_cast<unsigned long long>(word_bytes) == 0) && ...);
+}
 template <typename... Pointers>
 inline bool on_vector_words(const Pointers*... pointers) {
-  return ((reinterpret_cast<unsigned long long>(pointers) % kVectorBytes == 0) && ...);
+  return on_words(kVectorBytes, pointers...);
 }
 
 // The launch of the forward kernel over p's tensors (the nvcc launcher and the emulation; the
 // NVRTC one calls forward_shape through plif_cuda._C.forward_shape).
 template <typename in_t, typename acc_t>
-inline ForwardShape forward_shape(const ForwardParams<in_t, acc_t>& p, index_t resident_blocks) {
+inline LaunchPath forward_shape(const ForwardParams<in_t, acc_t>& p, index_t resident_blocks) {
   return forward_shape(p.T, p.N, p.x_step, static_cast<int>(sizeof(in_t)), option_flags(p.opts),
                        on_vector_words(p.x, p.spikes, p.v_seq, p.h_seq), resident_blocks);
+}
+
+// ---- the backward's memory path ----------------------------------------------------------------
+// Neurons per thread of the backward's lanes path: two half values make one 4-byte word, so a
+// chunk of 8 steps keeps 64 B of X and gradients in flight, as float32's one neuron does; the
+// wider types take one neuron per thread.
+PLIF_LAUNCH_HD constexpr int backward_lanes(int element_bytes) { return element_bytes == 2 ? 2 : 1; }
+
+// The launch of the backward kernel: the lanes path (kFlagVectorPath) where it can run (a half
+// type, the spiking mode, x, grad_spikes, grad_v_seq and grad_x on words of the lanes, x's steps
+// too, N a multiple of the lanes), on N / lanes threads capped at the resident blocks; else one
+// neuron per thread. The per-block partials of a shared parameter take one row per block.
+inline LaunchPath backward_shape(index_t N, index_t x_step, int element_bytes, int flags, bool streams_on_words,
+                                 index_t resident_blocks) {
+  const int lanes = backward_lanes(element_bytes);
+  const bool lanes_path =
+      lanes > 1 && (flags & kFlagSpiking) != 0 && streams_on_words && N % lanes == 0 && x_step % lanes == 0;
+  return lanes_path ? LaunchPath{launch_blocks(N / lanes, resident_blocks), kFlagVectorPath}
+                    : LaunchPath{launch_blocks(N, resident_blocks), 0};
+}
+
+template <typename in_t, typename acc_t>
+inline LaunchPath backward_shape(const BackwardParams<in_t, acc_t>& p, index_t resident_blocks) {
+  const int element_bytes = static_cast<int>(sizeof(in_t));
+  return backward_shape(
+      p.N, p.x_step, element_bytes, option_flags(p.opts),
+      on_words(backward_lanes(element_bytes) * element_bytes, p.x, p.grad_spikes, p.grad_v_seq, p.grad_x),
+      resident_blocks);
 }
 
 }  // namespace plif

@@ -633,9 +633,29 @@ PyObject* py_forward_shape(PyObject*, PyObject* args) {
     return nullptr;
   }
   const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
-  const ForwardShape launch =
+  const LaunchPath launch =
       forward_shape(T, N, x_step, element_bytes, flags,
                     on_vector_words(address(x), address(spikes), address(v_seq), address(h_seq)), resident_blocks);
+  return Py_BuildValue("(Li)", static_cast<long long>(launch.blocks), launch.path_flag);
+}
+
+PyObject* py_backward_shape(PyObject*, PyObject* args) {
+  long long N = 0, x_step = 0, resident_blocks = 0;
+  int element_bytes = 0, flags = 0;
+  unsigned long long x = 0, grad_spikes = 0, grad_v_seq = 0, grad_x = 0;
+  if (!PyArg_ParseTuple(args, "LLiiLKKKK:backward_shape", &N, &x_step, &element_bytes, &flags, &resident_blocks, &x,
+                        &grad_spikes, &grad_v_seq, &grad_x)) {
+    return nullptr;
+  }
+  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
+    PyErr_Format(PyExc_ValueError, "backward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
+    return nullptr;
+  }
+  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  const int word = backward_lanes(element_bytes) * element_bytes;
+  const LaunchPath launch = backward_shape(
+      N, x_step, element_bytes, flags,
+      on_words(word, address(x), address(grad_spikes), address(grad_v_seq), address(grad_x)), resident_blocks);
   return Py_BuildValue("(Li)", static_cast<long long>(launch.blocks), launch.path_flag);
 }
 
@@ -668,6 +688,9 @@ PyMethodDef module_functions[] = {
     {"forward_shape", py_forward_shape, METH_VARARGS,
      "forward_shape(T, N, x_step, element_bytes, flags, resident_blocks, x, spikes, v_seq, h_seq): (blocks, "
      "path flag) of a forward launch, the tensors given by address, 0 for none (plif_launch.h)"},
+    {"backward_shape", py_backward_shape, METH_VARARGS,
+     "backward_shape(N, x_step, element_bytes, flags, resident_blocks, x, grad_spikes, grad_v_seq, grad_x): "
+     "(blocks, path flag) of a backward launch, the tensors given by address, 0 for none (plif_launch.h)"},
     {"checkpoint_rows", py_checkpoint_rows, METH_VARARGS,
      "checkpoint_rows(steps): rows of H a forward of `steps` steps keeps in SAVE_CHECKPOINTS mode"},
     {"cpu_cache_bytes", py_cpu_cache_bytes, METH_NOARGS, "bytes of released CPU outputs kept for reuse"},

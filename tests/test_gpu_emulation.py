@@ -11,8 +11,9 @@ slices), compared with the CPU kernel on its contiguous copy. The host picks the
 with its grid (csrc/plif_launch.h, forward_shape): the vector path where it keeps at least as many
 bytes in flight as one neuron per thread, from about twice the resident threads on; to reach it with
 a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the spiking
-mode takes it, and only the forward (the backward takes one neuron per thread: see Geometry in the
-kernels).
+mode takes it. The half types' backward has a lanes path too (backward_shape): two neurons per
+thread, one 4-byte word of both per step and stream, wherever N and x's step are even and the
+streams on 4-byte words (spiking mode); every other backward takes one neuron per thread.
 """
 
 from __future__ import annotations
@@ -123,7 +124,12 @@ def _kernel_scalars(options, save=_C.SAVE_H):
 
 
 def forward_lanes(dtype) -> int:
-    return 16 // torch.tensor([], dtype=dtype).element_size()
+    return 16 // dtype.itemsize
+
+
+def is_half(dtype) -> bool:
+    """The half types, whose backward takes two neurons per thread where it can."""
+    return dtype.itemsize == 2
 
 
 def run_case(
@@ -262,7 +268,8 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
         emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks
     )
     vector = resident_blocks != H200_BLOCKS
-    assert (forward_vectors > 0) == vector and backward_vectors == 0
+    # Every N here is even and every tensor aligned: the half types' backward takes its lanes path.
+    assert (forward_vectors > 0) == vector and (backward_vectors > 0) == is_half(dtype)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -290,7 +297,8 @@ def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons
     # (float32's lanes) and 2 (float64's).
     forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_options(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
-    assert (forward_vectors > 0) == (neurons == 4100 and lanes <= 4) and backward_vectors == 0
+    assert (forward_vectors > 0) == (neurons == 4100 and lanes <= 4)
+    assert (backward_vectors > 0) == (neurons == 4100 and is_half(dtype))
 
 
 # (dtype, neurons, vector path chosen) on a device keeping 2 blocks (512 threads) resident, T = 8,
@@ -333,6 +341,22 @@ def test_forward_shape_on_an_h100():
     assert _C.forward_shape(8, 2**20, 2**20, 2, 0, resident, *aligned) == (resident, 0)
     # One step broadcast over time (x_step 0) is on words at every step.
     assert _C.forward_shape(8, 2**20, 0, 2, spiking, resident, *aligned) == (512, vector)
+
+
+def test_backward_shape_on_an_h100():
+    """The backward's rule (132 multiprocessors x 2 backward blocks: 264), worked out by hand: the
+    half types take two neurons per thread wherever they can, the wider types one."""
+    resident, aligned = 132 * 2, (4096, 8192, 0, 12288)
+    spiking, lanes = _C.FLAG_SPIKING, _C.FLAG_VECTOR_PATH
+    assert _C.backward_shape(2**20, 2**20, 2, spiking, resident, *aligned) == (resident, lanes)
+    assert _C.backward_shape(1000, 1000, 2, spiking, resident, *aligned) == (2, lanes)  # 500 threads
+    assert _C.backward_shape(1000, 1000, 4, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 8, spiking, resident, *aligned) == (4, 0)
+    # N or x's step odd, a stream off its 4-byte word, or the smooth mode: one neuron per thread.
+    assert _C.backward_shape(1001, 1001, 2, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1001, 2, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 2, spiking, resident, 4096, 8192, 0, 12290) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 2, 0, resident, *aligned) == (4, 0)
 
 
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")
@@ -444,11 +468,12 @@ CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
-    registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
+    registers, two neurons per thread (4-byte words: N is even, the tensors aligned), and equals
+    the CPU kernel."""
     _, backward_vectors = run_case(
         emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks, save=_C.SAVE_CHECKPOINTS
     )
-    assert backward_vectors == 0
+    assert backward_vectors > 0
 
 
 @pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
@@ -508,14 +533,15 @@ X_STEPS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, resident_blocks, neurons, x_step_of):
     """The kernels read x's steps where they are: the results are those of its contiguous copy,
-    and the vector path is taken whenever every step starts on a 16-byte word."""
+    and the vector path is taken whenever every step starts on a 16-byte word (the half types'
+    backward lanes path: a 4-byte word)."""
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
     forward_vectors, backward_vectors = run_case(
         emulation, dtype, T_LONG, neurons, op_options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
     )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
-    assert backward_vectors == 0
+    assert (backward_vectors > 0) == (is_half(dtype) and x_step % 2 == 0)
 
 
 @pytest.mark.parametrize("x_step_of", X_STEPS)

@@ -129,7 +129,7 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
       using acc_t = decltype(acc_v);
       using v_last_t = plif::VLast<in_t, acc_t>;
       // The host's choice of path and grid, as the launchers make it (plif_launch.h).
-      const plif::ForwardShape shape =
+      const plif::LaunchPath shape =
           plif::forward_shape(T, N, x_step, static_cast<int>(sizeof(in_t)), flags,
                               plif::on_vector_words(x, spikes, v_seq, h_seq), resident_blocks);
       launch(shape.blocks, [&] {
@@ -156,7 +156,12 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
       // As the op and the launchers do (csrc/plif_ops.cpp, csrc/plif_cuda.cu backward_cuda): a
       // shared k (v_init) whose gradient is asked for (not null) gets a row of per-block
       // partials, finished by one thread after the backward.
-      const index_t blocks = plif::launch_blocks(N, resident_blocks);
+      const int element_bytes = static_cast<int>(sizeof(in_t));
+      const plif::LaunchPath shape = plif::backward_shape(
+          N, x_step, element_bytes, flags,
+          plif::on_words(plif::backward_lanes(element_bytes) * element_bytes, x, grad_spikes, grad_v_seq, grad_x),
+          resident_blocks);
+      const index_t blocks = shape.blocks;
       std::vector<double> k_partials(k_stride == 0 && grad_k != nullptr ? blocks : 0);
       std::vector<double> v_init_partials(v_init_stride == 0 && grad_v_init != nullptr ? blocks : 0);
       double* const k_partials_ptr = k_partials.empty() ? nullptr : k_partials.data();
@@ -168,7 +173,7 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
             static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x),
             static_cast<acc_t*>(grad_k), static_cast<acc_t*>(grad_v_init), k_partials_ptr, v_init_partials_ptr,
             k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold), static_cast<acc_t>(v_reset),
-            static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<acc_t>(alpha), surrogate, flags | shape.path_flag);
       });
       if (k_partials_ptr != nullptr || v_init_partials_ptr != nullptr) {
         plif_emulation::grid_dim = plif_emulation::block_dim = dim3(1);
