@@ -16,8 +16,8 @@
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
 // Each takes as many steps per chunk as 64 bytes of its loads need (Geometry below); the last
 // chunk is shorter where T is not a multiple of the chunk, and the smooth mode (spiking=False,
-// for gradcheck) runs one step at a time on the scalar path. The backward takes one neuron per
-// thread and the checkpoints' chunks (see there).
+// for gradcheck) runs one step at a time on the scalar path. The backward takes the checkpoints'
+// chunks, one neuron per thread or, in the half types' lanes path, two (see there).
 //
 // ptxas is fragile here: benchmarks/NOTES.md lists what each register took.
 //

@@ -279,6 +279,32 @@ def test_shared_parameters_launch_the_finishing_sum(monkeypatch):
     assert [d for d, *_ in launched] == ["backward"]
 
 
+def test_half_backward_launches_its_lanes_path(monkeypatch):
+    """The half types' backward takes two neurons per thread where N is even and the tensors on
+    4-byte words (csrc/plif_launch.h backward_shape), as the nvcc launcher does: N / 2 threads and
+    the path flag; an odd N one neuron per thread."""
+    launched = []
+    monkeypatch.setattr(
+        cupy_backend,
+        "_kernel_pair",
+        lambda device, dtype: {
+            d: (lambda grid, block, args, stream: launched.append((grid, args)), 7) for d in ("backward",)
+        },
+    )
+    monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    flags = _C.FLAG_SPIKING | _C.FLAG_H_CHECKPOINTS
+    for neurons, grid, path in ((1000, 2, _C.FLAG_VECTOR_PATH), (999, 4, 0)):
+        x = torch.randn(9, neurons).half()
+        h_seq, k, grad = torch.zeros(1, neurons), torch.full((1,), 0.5), torch.zeros(neurons)
+        scalars = (0, 0, 9, neurons, neurons, 1.0, 0.0, 4.0, 0, flags)
+        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad, grad, None, None, *scalars)
+        ((launched_grid, args),) = launched
+        assert launched_grid == (grid,) and int(args[-1]) == flags | path, neurons
+        launched.clear()
+
+
 def test_cuda_tensors_reach_the_op_in_every_build():
     """The ops' CUDA registration does not depend on the compiled CUDA kernels: an extension
     built without a toolkit serves CUDA tensors through the NVRTC launcher's ops."""
