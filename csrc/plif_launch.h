@@ -74,8 +74,9 @@ inline index_t forward_bytes_in_flight(index_t T, index_t N, int lanes, int elem
   return busy * steps * step_bytes;
 }
 
-// The launch of the forward kernel: its grid, and its memory path (kFlagVectorPath or 0), which
-// the launcher adds to the kernel's flags (with_scalar_arguments).
+// A kernel's launch: its grid, and its memory path (kFlagVectorPath: the forward's vector path or
+// the backward's lanes path; 0: one neuron per thread), which the launcher adds to the kernel's
+// flags (with_scalar_arguments).
 struct LaunchPath {
   index_t blocks;
   int path_flag;
@@ -123,7 +124,7 @@ PLIF_LAUNCH_HD constexpr int backward_lanes(int element_bytes) { return element_
 // The launch of the backward kernel: the lanes path (kFlagVectorPath) where it can run (a half
 // type, the spiking mode, x, grad_spikes, grad_v_seq and grad_x on words of the lanes, x's steps
 // too, N a multiple of the lanes), on N / lanes threads capped at the resident blocks; else one
-// neuron per thread. The per-block partials of a shared parameter take one row per block.
+// neuron per thread. Either grid is within the op's row of per-block partials (launch_blocks(N, N)).
 inline LaunchPath backward_shape(index_t N, index_t x_step, int element_bytes, int flags, bool streams_on_words,
                                  index_t resident_blocks) {
   const int lanes = backward_lanes(element_bytes);
