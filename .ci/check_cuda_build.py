@@ -28,6 +28,9 @@ Asserts, reading the library with `cuobjdump` (no GPU needed):
      kernels listed in OCCUPANCY_EXCEPTIONS with the occupancy they keep instead and why.
 With --ptxas-log (a build log made with PLIF_PTXAS_VERBOSE=1) it also asserts that ptxas
 reported "0 bytes spill stores, 0 bytes spill loads" for every plif kernel it compiled.
+The fused BatchNorm + PLIF kernels (bn_*_kernel, csrc/plif_bn_kernels.cuh) are held to check 3
+and the ptxas report alone (no local memory, no stack frame, no spills), and every cubin must
+hold some.
 
 cuobjdump is looked up in $CUOBJDUMP, $CUDA_HOME/bin, PATH, then in triton's wheel (which
 ships one: a minimal CUDA toolkit may lack it).
@@ -46,6 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
+# The fused BatchNorm + PLIF kernels' mangled names begin plif::bn::<length><name>.
+_BN_NAMESPACE = "_ZN4plif2bn"
 MIN_LOAD_BYTES_IN_FLIGHT = 64
 # Kernels built for fewer bytes ahead: (kernel label -> (bytes, why)). None since the half types'
 # backward has its lanes path (two neurons per thread: 64 B per chunk of 8 steps, 96 with
@@ -143,8 +148,24 @@ def kernel_label(mangled: str) -> str | None:
     return None
 
 
-def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
-    """{arch: {kernel label: {"REG": .., "STACK": .., "LOCAL": ..}}} from `cuobjdump -res-usage`."""
+def bn_kernel_label(mangled: str) -> str | None:
+    """'bn_backward_kernel<ILi1ELi2EffE>' (the mangled template arguments) for a fused BatchNorm +
+    PLIF kernel's mangled name, None for any other function."""
+    length = re.match(r"\d+", mangled.removeprefix(_BN_NAMESPACE)) if mangled.startswith(_BN_NAMESPACE) else None
+    if length is None:
+        return None
+    start = len(_BN_NAMESPACE) + length.end()
+    name = mangled[start : start + int(length.group())]
+    if not (name.startswith("bn_") and name.endswith("_kernel")):
+        return None
+    arguments = mangled[start + len(name) :]
+    # A template's arguments, I...E, then E closing the name and v, the return type.
+    return f"{name}<{arguments[: arguments.index('EEv') + 1]}>" if arguments.startswith("I") else name
+
+
+def parse_resource_usage(text: str, label_of=kernel_label) -> dict[str, dict[str, dict[str, int]]]:
+    """{arch: {kernel label: {"REG": .., "STACK": .., "LOCAL": ..}}} from `cuobjdump -res-usage`, for the
+    functions `label_of` names."""
     usage: dict[str, dict[str, dict[str, int]]] = {}
     arch = None
     label = None
@@ -154,7 +175,7 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
             arch = line.split("=", 1)[1].strip()
             usage.setdefault(arch, {})
         elif line.startswith("Function "):
-            label = kernel_label(line.split(None, 1)[1].rstrip(":"))
+            label = label_of(line.split(None, 1)[1].rstrip(":"))
         elif label is not None and line.startswith("REG:"):
             if arch is None:
                 raise CheckFailed("cuobjdump -res-usage printed a function before any 'arch =' line")
@@ -393,14 +414,14 @@ def check_occupancy(usage: dict[str, dict[str, dict[str, int]]]) -> list[str]:
 
 
 def check_ptxas_log(path: Path) -> list[str]:
-    """Problems in a ptxas -v report: any plif kernel with spills or a stack frame."""
+    """Problems in a ptxas -v report: any plif or bn kernel with spills or a stack frame."""
     problems = []
     current = None
     seen = 0
     for line in path.read_text(errors="replace").splitlines():
         entry = re.search(r"Compiling entry function '(\w+)' for '(\w+)'", line)
         if entry:
-            label = kernel_label(entry.group(1))
+            label = kernel_label(entry.group(1)) or bn_kernel_label(entry.group(1))
             current = f"{label} ({entry.group(2)})" if label else None
             continue
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
@@ -437,7 +458,9 @@ def main() -> int:
             set(re.findall(r"\.(sm_\d+a?)\.ptx", run_cuobjdump(cuobjdump, "--list-ptx", str(library))))
         )
         print(f"cubins:    {', '.join(archs_present) or 'none'}\nPTX:       {', '.join(ptx_present) or 'none'}")
-        usage = parse_resource_usage(run_cuobjdump(cuobjdump, "-res-usage", str(library)))
+        resources = run_cuobjdump(cuobjdump, "-res-usage", str(library))
+        usage = parse_resource_usage(resources)
+        bn_usage = parse_resource_usage(resources, bn_kernel_label)
         sass = parse_sass(run_cuobjdump(cuobjdump, "-sass", str(library)))
     except CheckFailed as error:
         print(f"FAIL: {error}", file=sys.stderr)
@@ -450,7 +473,9 @@ def main() -> int:
         missing = expected - kernels.keys()
         if missing:
             problems.append(f"{arch}: kernels missing: {', '.join(sorted(missing))}")
-        for label, res in sorted(kernels.items()):
+        if not bn_usage.get(arch):
+            problems.append(f"{arch}: no fused BatchNorm + PLIF kernel (bn_*_kernel)")
+        for label, res in sorted(kernels.items()) + sorted(bn_usage.get(arch, {}).items()):
             verdict = "ok" if res["LOCAL"] == 0 and res["STACK"] == 0 else "SPILLS"
             print(
                 f"  {arch}  {label:<18} REG:{res['REG']:<3} STACK:{res['STACK']:<4} LOCAL:{res['LOCAL']:<4} {verdict}"
@@ -479,7 +504,7 @@ def main() -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     print(
-        f"OK: {', '.join(required)} cubins present; no plif kernel spills or uses local memory; every plif "
+        f"OK: {', '.join(required)} cubins present; no plif or bn kernel spills or uses local memory; every plif "
         f"kernel keeps >= {MIN_LOAD_BYTES_IN_FLIGHT} bytes of loads in flight per loop iteration and half a "
         f"multiprocessor's threads resident (or its listed exception's); the forward's vector path stores "
         f"{VECTOR_WORD_BYTES}-byte words only"

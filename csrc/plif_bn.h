@@ -144,18 +144,11 @@ void fill_per_neuron(const Geometry& g, index_t n0, index_t count, const acc_t* 
 
 // Everything a pass reads about the channels and the neuron, in the compute type.
 template <typename in_t, typename acc_t>
-struct Args {
-  Geometry g;
-  const in_t* y;
+struct Args : NeuronInputs<in_t, acc_t> {
   const acc_t* scale;   // [C]
   const acc_t* shift;   // [C]
   const acc_t* mean;    // [C], backward only
   const acc_t* invstd;  // [C], backward only
-  const acc_t* k;       // [C], or one value (k_per_layer)
-  bool k_per_layer;
-  const acc_t* v_init;  // [neurons], or one value (v_init_stride 0)
-  index_t v_init_stride;
-  Options<acc_t> opts;
 };
 
 template <typename in_t, typename acc_t>

@@ -21,6 +21,7 @@
 #include "plif_bn_cuda.h"
 #include "plif_cpu_buffers.h"
 #include "plif_dtypes.h"
+#include "plif_op_options.h"
 
 namespace plif {
 namespace bn {
@@ -71,42 +72,38 @@ void check_channels(const std::optional<Tensor>& t, const char* name, int64_t C)
   TORCH_CHECK(c10::isFloatingType(t->scalar_type()), name, " must be floating point, got ", t->scalar_type());
 }
 
+// The neuron's Options for the fused kernels: X is given to the backward step, dH/dk from it
+// (plif_bn_math.h neuron_backward), as a checkpointed backward's is.
 template <typename acc_t>
-Options<acc_t> make_options(double v_threshold, double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
-                            int64_t surrogate, double alpha, bool spiking) {
-  TORCH_CHECK(surrogate >= kSigmoid && surrogate <= kErf, "surrogate id out of range: ", surrogate);
-  TORCH_CHECK(spiking || surrogate != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
-  Options<acc_t> o;
-  o.v_threshold = static_cast<acc_t>(v_threshold);
-  o.v_reset = soft_reset ? acc_t(0) : static_cast<acc_t>(v_reset);
-  o.alpha = static_cast<acc_t>(alpha);
-  o.surrogate = static_cast<int>(surrogate);
-  o.soft_reset = soft_reset;
-  o.decay_input = decay_input;
-  o.detach_reset = detach_reset;
-  o.spiking = spiking;
-  o.h_checkpoints = true;  // X is given to the backward step: dH/dk from it (plif_bn_math.h neuron_backward)
-  return o;
+Options<acc_t> bn_options(const Neuron& neuron) {
+  return make_options<acc_t>(neuron, true);
 }
 
-// The kernels' view of the channels and the neuron; `terms` (the compute-dtype copy of
+// The fields of every pass's arguments (the CPU kernels' Args, the GPU launches').
+template <typename in_t, typename acc_t>
+void set_neuron_inputs(NeuronInputs<in_t, acc_t>& p, const Tensor& y, const Geometry& g, const Tensor& k,
+                       const Tensor& v_init, const Neuron& neuron) {
+  p.g = g;
+  p.y = y.data_ptr<in_t>();
+  p.k = k.data_ptr<acc_t>();
+  p.k_per_layer = k.numel() == 1;
+  p.v_init = v_init.data_ptr<acc_t>();
+  p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
+  p.opts = bn_options<acc_t>(neuron);
+}
+
+// The CPU kernels' view of the channels and the neuron; `terms` (the compute-dtype copy of
 // channel_terms) must outlive it.
 template <typename in_t, typename acc_t>
 Args<in_t, acc_t> make_args(const Tensor& y, const Geometry& g, const Tensor& terms, const Tensor& k,
-                            const Tensor& v_init, const Options<acc_t>& o) {
+                            const Tensor& v_init, const Neuron& neuron) {
   Args<in_t, acc_t> a;
-  a.g = g;
-  a.y = y.data_ptr<in_t>();
+  set_neuron_inputs(a, y, g, k, v_init, neuron);
   const acc_t* rows = terms.data_ptr<acc_t>();
   a.mean = rows + kMean * g.C;
   a.invstd = rows + kInvstd * g.C;
   a.scale = rows + kScale * g.C;
   a.shift = rows + kShift * g.C;
-  a.k = k.data_ptr<acc_t>();
-  a.k_per_layer = k.numel() == 1;
-  a.v_init = v_init.data_ptr<acc_t>();
-  a.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-  a.opts = o;
   return a;
 }
 
@@ -119,13 +116,12 @@ T* data_or_null(const Tensor& t) {
 Tensor doubles_or_undefined(const std::optional<Tensor>& t) { return t ? t->to(at::kDouble).contiguous() : Tensor(); }
 
 // The forward on CUDA tensors: every buffer of the launch (plif_bn_kernels.cuh) on their device.
-template <typename MakeOptions>
 std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometry& g,
                                                   const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias,
                                                   const std::optional<Tensor>& running_mean,
                                                   const std::optional<Tensor>& running_var, double eps, const Tensor& k,
-                                                  const Tensor& v_init, MakeOptions make) {
+                                                  const Tensor& v_init, const Neuron& neuron) {
   const c10::DeviceGuard guard(y.device());
   const auto acc_type = compute_type_of(y.scalar_type());
   const auto doubles = y.options().dtype(at::kDouble);
@@ -158,18 +154,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometr
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
     ForwardLaunch<in_t, acc_t> p;
-    p.g = g;
-    p.y = y.data_ptr<in_t>();
+    set_neuron_inputs(p, y, g, k, v_init, neuron);
     p.gamma = data_or_null<double>(gamma);
     p.beta = data_or_null<double>(beta);
     p.running_mean = data_or_null<double>(mean);
     p.running_var = data_or_null<double>(var);
     p.eps = eps;
-    p.k = k.data_ptr<acc_t>();
-    p.k_per_layer = k.numel() == 1;
-    p.v_init = v_init.data_ptr<acc_t>();
-    p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-    p.opts = make(acc_t{});
     p.spikes = spikes.data_ptr<in_t>();
     p.v_last = v_last.data_ptr<acc_t>();
     p.terms = terms.data_ptr<double>();
@@ -182,11 +172,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_gpu(const Tensor& y, const Geometr
   return {spikes, v_last, terms};
 }
 
-template <typename MakeOptions>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
     const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last, const Tensor& y,
     const Geometry& g, const Tensor& channel_terms, const Tensor& k, const Tensor& v_init, bool batch_statistics,
-    bool need_grad_y, bool need_grad_v_init, MakeOptions make) {
+    bool need_grad_y, bool need_grad_v_init, const Neuron& neuron) {
   const c10::DeviceGuard guard(y.device());
   const auto acc_type = compute_type_of(y.scalar_type());
   const auto doubles = y.options().dtype(at::kDouble);
@@ -207,14 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       BackwardLaunch<in_t, acc_t> p;
-      p.g = g;
-      p.y = y.data_ptr<in_t>();
+      set_neuron_inputs(p, y, g, k, v_init, neuron);
       p.terms_acc = terms_acc.data_ptr<acc_t>();
-      p.k = k.data_ptr<acc_t>();
-      p.k_per_layer = k.numel() == 1;
-      p.v_init = v_init.data_ptr<acc_t>();
-      p.v_init_stride = v_init.numel() == 1 ? 0 : 1;
-      p.opts = make(acc_t{});
       p.grad_spikes = grad_spikes ? grad_spikes->data_ptr<in_t>() : nullptr;
       p.grad_v_last = grad_v_last ? grad_v_last->data_ptr<acc_t>() : nullptr;
       p.batch_statistics = batch_statistics;
@@ -237,10 +220,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_on_gpu(
 std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::optional<Tensor>& weight,
                                                    const std::optional<Tensor>& bias,
                                                    const std::optional<Tensor>& running_mean,
-                                                   const std::optional<Tensor>& running_var, double eps,
-                                                   const Tensor& k, const Tensor& v_init, double v_threshold,
-                                                   double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
-                                                   int64_t surrogate, double alpha, bool spiking) {
+                                                   const std::optional<Tensor>& running_var, const Tensor& k,
+                                                   const Tensor& v_init, double eps, double v_threshold,
+                                                   std::optional<double> v_reset, bool decay_input, bool detach_reset,
+                                                   c10::string_view surrogate, double alpha, bool spiking) {
+  const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   const Geometry g = geometry_of(y);
   check_channels(weight, "weight", g.C);
   check_channels(bias, "bias", g.C);
@@ -254,10 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   const auto doubles = y.options().dtype(at::kDouble);
 #ifdef PLIF_WITH_CUDA
   if (y.is_cuda()) {
-    return forward_on_gpu(y, g, weight, bias, running_mean, running_var, eps, k, v_init, [&](auto acc_v) {
-      return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate,
-                                           alpha, spiking);
-    });
+    return forward_on_gpu(y, g, weight, bias, running_mean, running_var, eps, k, v_init, neuron);
   }
 #endif
 
@@ -297,9 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
   dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
     using acc_t = decltype(acc_v);
-    const Args<in_t, acc_t> a = make_args<in_t, acc_t>(
-        y, g, terms_acc, k, v_init,
-        make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking));
+    const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, neuron);
     forward_cpu(a, spikes.data_ptr<in_t>(), v_last.data_ptr<acc_t>());
   });
   return {spikes, v_last, terms};
@@ -311,8 +290,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_plif_forward(const Tensor& y, const std::o
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
     const std::optional<Tensor>& grad_spikes, const std::optional<Tensor>& grad_v_last, const Tensor& y,
     const Tensor& channel_terms, const Tensor& k, const Tensor& v_init, bool batch_statistics, bool need_grad_y,
-    bool need_grad_v_init, double v_threshold, double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
-    int64_t surrogate, double alpha, bool spiking) {
+    bool need_grad_v_init, double v_threshold, std::optional<double> v_reset, bool decay_input, bool detach_reset,
+    c10::string_view surrogate, double alpha, bool spiking) {
+  const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   const Geometry g = geometry_of(y);
   TORCH_CHECK(channel_terms.scalar_type() == at::kDouble && channel_terms.dim() == 2 &&
                   channel_terms.size(0) == kChannelTerms && channel_terms.size(1) == g.C,
@@ -333,10 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
 #ifdef PLIF_WITH_CUDA
   if (y.is_cuda()) {
     return backward_on_gpu(grad_spikes, grad_v_last, y, g, channel_terms, k, v_init, batch_statistics, need_grad_y,
-                           need_grad_v_init, [&](auto acc_v) {
-                             return make_options<decltype(acc_v)>(v_threshold, v_reset, soft_reset, decay_input,
-                                                                  detach_reset, surrogate, alpha, spiking);
-                           });
+                           need_grad_v_init, neuron);
   }
 #endif
   Tensor grad_y = need_grad_y ? empty_cpu_output(y.sizes(), y.options()) : at::empty({0}, y.options());
@@ -351,9 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
     dispatch_types(y.scalar_type(), "y", [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      const Args<in_t, acc_t> a = make_args<in_t, acc_t>(
-          y, g, terms_acc, k, v_init,
-          make_options<acc_t>(v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha, spiking));
+      const Args<in_t, acc_t> a = make_args<in_t, acc_t>(y, g, terms_acc, k, v_init, neuron);
       Gradients<in_t, acc_t> gr;
       gr.grad_spikes = grad_spikes ? grad_spikes->data_ptr<in_t>() : nullptr;
       gr.grad_v_last = grad_v_last ? grad_v_last->data_ptr<acc_t>() : nullptr;
@@ -374,17 +349,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
 
 }  // namespace
 
+// The tensors positional, the options keyword-only after `*` (the neuron's as the neuron ops take
+// them): autograd expects a gradient for the tensors alone.
 TORCH_LIBRARY_FRAGMENT(plif_cuda, m) {
   m.def(
       "bn_plif_forward(Tensor y, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-      "float eps, Tensor k, Tensor v_init, float v_threshold, float v_reset, bool soft_reset, bool decay_input, "
-      "bool detach_reset, int surrogate, float alpha, bool spiking) "
-      "-> (Tensor spikes, Tensor v_last, Tensor channel_terms)");
+      "Tensor k, Tensor v_init, *, float eps, " PLIF_NEURON_OPTIONS
+      ") -> (Tensor spikes, Tensor v_last, Tensor channel_terms)");
   m.def(
       "bn_plif_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor y, Tensor channel_terms, Tensor k, "
-      "Tensor v_init, bool batch_statistics, bool need_grad_y, bool need_grad_v_init, float v_threshold, "
-      "float v_reset, bool soft_reset, bool decay_input, bool detach_reset, int surrogate, float alpha, "
-      "bool spiking) -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_k, Tensor grad_v_init)");
+      "Tensor v_init, *, bool batch_statistics, bool need_grad_y, bool need_grad_v_init, " PLIF_NEURON_OPTIONS
+      ") -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_k, Tensor grad_v_init)");
 }
 
 TORCH_LIBRARY_IMPL(plif_cuda, CPU, m) {

@@ -18,7 +18,9 @@ namespace bn {
 
 // Steps of a neuron's membranes the backward keeps in its registers: longer sequences are walked
 // back chunk by chunk, each chunk's membranes recomputed from the start (the same expressions).
-enum BackwardGeometry : int { kBackwardChunk = 16 };
+// The chunk loops are unrolled, so that every membrane has a register (an indexed array would
+// live in a stack frame).
+enum BackwardGeometry : int { kBackwardChunk = 8 };
 
 PLIF_HD index_t first_item() { return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 PLIF_HD index_t item_stride() { return static_cast<index_t>(gridDim.x) * blockDim.x; }
@@ -141,22 +143,28 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
     acc_t grad_h_next = 0, grad_k_sum = 0, sum_grad = 0, sum_grad_xhat = 0;
     for (index_t chunk_end = g.T; chunk_end > 0; chunk_end -= kBackwardChunk) {
       const index_t chunk_begin = chunk_end > kBackwardChunk ? chunk_end - kBackwardChunk : 0;
-      // h[i]: H[chunk_begin + i]; v_before: V[chunk_begin - 1].
-      acc_t h[kBackwardChunk];
-      acc_t v = v0, v_before = v0;
-      for (index_t t = 0; t < chunk_end; ++t) {
-        if (t == chunk_begin) v_before = v;
+      const int steps = static_cast<int>(chunk_end - chunk_begin);
+      // v_before: V[chunk_begin - 1]; h[i]: H[chunk_begin + i].
+      acc_t v = v0;
+      for (index_t t = 0; t < chunk_begin; ++t) {
         acc_t ht;
         forward_neuron<SURROGATE>(v, normalise(load_as<acc_t>(y[t * g.y_step + n]), nt.scale, nt.shift), nt.k, o, ht);
-        if (t >= chunk_begin) h[t - chunk_begin] = ht;
       }
-      for (index_t t = chunk_end - 1; t >= chunk_begin; --t) {
-        const acc_t ht = h[t - chunk_begin];
-        acc_t v_prev = v_before;
-        if (t > chunk_begin) {
-          const acc_t hp = h[t - 1 - chunk_begin];
-          v_prev = reset(hp, fire<SURROGATE>(hp, o), o);
+      const acc_t v_before = v;
+      acc_t h[kBackwardChunk];
+#pragma unroll
+      for (int i = 0; i < kBackwardChunk; ++i) {
+        if (i < steps) {
+          const acc_t y_value = load_as<acc_t>(y[(chunk_begin + i) * g.y_step + n]);
+          forward_neuron<SURROGATE>(v, normalise(y_value, nt.scale, nt.shift), nt.k, o, h[i]);
         }
+      }
+#pragma unroll
+      for (int i = kBackwardChunk - 1; i >= 0; --i) {
+        if (i >= steps) continue;
+        const index_t t = chunk_begin + i;
+        const acc_t ht = h[i];
+        const acc_t v_prev = i > 0 ? reset(h[i - 1], fire<SURROGATE>(h[i - 1], o), o) : v_before;
         const acc_t grad_v = t == g.T - 1 && grad_v_last != nullptr ? grad_v_last[n] : acc_t(0);
         const acc_t grad_s = through_spike ? load_as<acc_t>(grad_spikes[t * g.neurons + n]) : acc_t(0);
         const bool through_membrane = grad_v_last != nullptr || (t < g.T - 1 && through_spike);

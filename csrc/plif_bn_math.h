@@ -69,31 +69,36 @@ PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
 
 // The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
 // normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
-// (the Options these kernels pass say so with h_checkpoints: X is given, as for checkpoints).
+// (dh_dk_of from X).
 template <typename acc_t>
 PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
                               bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
                               acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, sg, v_prev, x, k, grad_v, grad_s, through_spike, through_membrane, o,
-                                         grad_h_next, grad_k_sum);
+  return backward_neuron_given_surrogate(h, s, sg, dh_dk_of<true>(v_prev, x, o), k, grad_v, grad_s, through_spike,
+                                         through_membrane, o, grad_h_next, grad_k_sum);
 }
 
-// ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---
-// The device buffers of a forward: inputs, outputs and scratch (sizes in the comments).
+// What every pass, forward or backward, CPU or GPU, reads of y and the neuron.
 template <typename in_t, typename acc_t>
-struct ForwardLaunch {
+struct NeuronInputs {
   Geometry g;
   const in_t* y;
-  const double* gamma;         // [C] or null
-  const double* beta;          // [C] or null
-  const double* running_mean;  // [C], or null: the batch's statistics
-  const double* running_var;   // [C]
-  double eps;
   const acc_t* k;  // [C], or one value (k_per_layer)
   bool k_per_layer;
   const acc_t* v_init;  // [neurons], or one value (v_init_stride 0)
   index_t v_init_stride;
   Options<acc_t> opts;
+};
+
+// ---- a GPU launch's buffers (plif_bn_kernels.cuh runs them, plif_bn_cpu.cpp allocates them) ---
+// The device buffers of a forward: inputs, outputs and scratch (sizes in the comments).
+template <typename in_t, typename acc_t>
+struct ForwardLaunch : NeuronInputs<in_t, acc_t> {
+  const double* gamma;         // [C] or null
+  const double* beta;          // [C] or null
+  const double* running_mean;  // [C], or null: the batch's statistics
+  const double* running_var;   // [C]
+  double eps;
   in_t* spikes;           // [T, neurons]
   acc_t* v_last;          // [neurons]
   double* terms;          // [5, C]
@@ -104,15 +109,8 @@ struct ForwardLaunch {
 };
 
 template <typename in_t, typename acc_t>
-struct BackwardLaunch {
-  Geometry g;
-  const in_t* y;
-  const acc_t* terms_acc;  // [5, C]: the forward's terms, rounded
-  const acc_t* k;
-  bool k_per_layer;
-  const acc_t* v_init;
-  index_t v_init_stride;
-  Options<acc_t> opts;
+struct BackwardLaunch : NeuronInputs<in_t, acc_t> {
+  const acc_t* terms_acc;    // [5, C]: the forward's terms, rounded
   const in_t* grad_spikes;   // [T, neurons] or null
   const acc_t* grad_v_last;  // [neurons] or null
   bool batch_statistics;

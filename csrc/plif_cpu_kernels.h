@@ -39,12 +39,15 @@ constexpr int kGroups = 8;
 constexpr index_t kBlock = kLanes * kGroups;
 
 // One copy per instruction set, picked at load time for the running CPU: the same scans
-// vectorise 4 or 8 floats wide. An x86-64-v4 (AVX-512) copy did not pay for its build time on
-// the default benchmark (benchmarks/NOTES.md). No -ffast-math; contraction stays off in every copy.
+// vectorise 4, 8 or 16 floats wide. The backward, bound by its arithmetic, has an AVX-512 copy
+// as well (-25% backward time on an AMD EPYC of family 25, benchmarks/NOTES.md); the forward,
+// bound by memory, does not pay for one. No -ffast-math; contraction stays off in every copy.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PLIF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PLIF_ISA_CLONES_WITH_AVX512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PLIF_ISA_CLONES
+#define PLIF_ISA_CLONES_WITH_AVX512
 #endif
 
 // Passes whose [T, N] streams exceed the last-level cache find nothing they write in cache
@@ -144,6 +147,13 @@ PLIF_HD void prefetch_row(const T* row, bool streaming) {
   } else {
     for (size_t offset = 0; offset < VALUES * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset);
   }
+}
+
+// Requests a row needed a few microseconds from now into L2, where L1 would not keep it.
+template <int VALUES, typename T>
+PLIF_HD void prefetch_row_into_l2(const T* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (size_t offset = 0; offset < VALUES * sizeof(T); offset += 64) __builtin_prefetch(bytes + offset, 0, 2);
 }
 
 // The block's step-t rows in a one-step view (N = 0: a step's row offsets are then just the
@@ -277,8 +287,6 @@ BackwardParams<in_t, acc_t> backward_step_view(const BackwardParams<in_t, acc_t>
   if (p.grad_v_seq != nullptr) view.grad_v_seq = p.grad_v_seq + row;
   if (p.grad_v_last != nullptr) view.grad_v_last = p.grad_v_last + n0;
   view.v_init = p.v_init + n0 * p.v_init_stride;
-  if (p.x != nullptr) view.x = p.x + t * p.x_step + n0;
-  view.x_step = 0;
   view.grad_x = grad_x_staging ? grad_x_staging : p.grad_x + row;
   return view;
 }
@@ -299,28 +307,41 @@ PLIF_HD void begin_block(const BackwardParams<in_t, acc_t>& p, index_t n0, const
   });
 }
 
-// Step t of every group of the block, H[t-1] of the block's first neuron in h_prev_row.
+// Step t of every group of the block, H[t-1] and dH[t]/dk of the block's first neuron in
+// h_prev_row and dh_dk_row.
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
 PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, index_t following_n0,
-                                 const acc_t* h_prev_row, in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
+                                 const acc_t* h_prev_row, const acc_t* dh_dk_row, in_t* grad_x_staging,
+                                 BackwardState<kLanes, acc_t>* state) {
   BackwardParams<in_t, acc_t> view = backward_step_view(p, t, n0, grad_x_staging);
   fix_options<OPTIONS>(view);
   // Each group requests its own part of the next step's rows: spread over the step, the
   // requests find free miss buffers, where the whole block's at once stalled the backward
   // (benchmarks/NOTES.md, "The backward's arithmetic"). Step 0 requests the first rows of the block this
-  // thread takes next (following_n0, if any): its last chunk's checkpoint and first X row.
+  // thread takes next (following_n0, if any): its last chunk's checkpoint and dL/dS[T-1].
+  // Each step also requests one X row of the next chunk to recompute (this block's chunk before,
+  // or after chunk 0 the next block's last chunk) into L2: the recompute, light on arithmetic,
+  // would otherwise wait on each of its rows, while this step's arithmetic hides the request.
   const bool stream = grad_x_staging != nullptr;
+  const index_t chunk = t / kCheckpointSteps, step_in_chunk = t % kCheckpointSteps;
+  const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
+  const in_t* x_ahead = nullptr;
+  if (chunk > 0) {
+    x_ahead = p.x + ((chunk - 1) * kCheckpointSteps + step_in_chunk) * p.x_step + n0;
+  } else if (following_n0 >= 0 && last_chunk * kCheckpointSteps + step_in_chunk < p.T) {
+    x_ahead = p.x + (last_chunk * kCheckpointSteps + step_in_chunk) * p.x_step + following_n0;
+  }
   for (int g = 0; g < kGroups; ++g) {
     const index_t next = n0 + g * kLanes;
     if (t >= 1 && p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (t - 1) * p.N + next, stream);
+    if (x_ahead != nullptr) prefetch_row_into_l2<kLanes>(x_ahead + g * kLanes);
     if (t == 0 && following_n0 >= 0) {
       const index_t ahead = following_n0 + g * kLanes;
       if (p.grad_spikes != nullptr) prefetch_row<kLanes>(p.grad_spikes + (p.T - 1) * p.N + ahead, stream);
-      const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
       if (last_chunk > 0) prefetch_row<kLanes>(p.h_seq + (last_chunk - 1) * p.N + ahead, stream);
-      prefetch_row<kLanes>(p.x + last_chunk * kCheckpointSteps * p.x_step + ahead, stream);
     }
-    backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr, state[g]);
+    backward_step<kLanes, SURROGATE>(view, t, g * kLanes, t > 0 ? h_prev_row + g * kLanes : nullptr,
+                                     dh_dk_row + g * kLanes, state[g]);
   }
   if (grad_x_staging != nullptr) stream_row(p.grad_x + t * p.N + n0, grad_x_staging, kBlock * sizeof(in_t));
 }
@@ -330,8 +351,9 @@ PLIF_HD void backward_block_step(const BackwardParams<in_t, acc_t>& p, index_t t
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
 PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
                                         in_t* grad_x_staging, BackwardState<kLanes, acc_t>* state) {
-  // h_rows[i + 1]: H[t0 + i] of the block; h_rows[0]: the checkpoint H[t0 - 1].
-  acc_t h_rows[kCheckpointSteps + 1][kBlock];
+  // h_rows[i + 1]: H[t0 + i] of the block; h_rows[0]: the checkpoint H[t0 - 1]; dh_dk_rows[i]:
+  // dH/dk at t0 + i.
+  acc_t h_rows[kCheckpointSteps + 1][kBlock], dh_dk_rows[kCheckpointSteps][kBlock];
   const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
     const index_t t0 = chunk * kCheckpointSteps;
@@ -346,14 +368,17 @@ PLIF_HD void backward_block_recomputing(const BackwardParams<in_t, acc_t>& p, in
     for (int i = 0; i < count; ++i) {
       const in_t* const x_row = p.x + (t0 + i) * p.x_step + n0;
       for (int g = 0; g < kGroups; ++g) {
-        // Temporal even when streaming: the chunk's backward steps read X again (dH/dk).
-        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, false);
-        recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes);
+        if (i + 1 < count) prefetch_row<kLanes>(x_row + p.x_step + g * kLanes, grad_x_staging != nullptr);
+        // The chunk's dL/dS rows, into L2 while this light arithmetic leaves memory idle.
+        if (p.grad_spikes != nullptr) prefetch_row_into_l2<kLanes>(p.grad_spikes + (t0 + i) * p.N + n0 + g * kLanes);
+        recompute_step<kLanes, SURROGATE>(x_row + g * kLanes, p.opts, forward_state[g], h_rows[i + 1] + g * kLanes,
+                                          dh_dk_rows[i] + g * kLanes);
       }
     }
     if (chunk == last_chunk) begin_block<SURROGATE>(p, n0, h_rows[count], state);
     for (int i = count - 1; i >= 0; --i) {
-      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, following_n0, h_rows[i], grad_x_staging, state);
+      backward_block_step<SURROGATE, OPTIONS>(p, t0 + i, n0, following_n0, h_rows[i], dh_dk_rows[i], grad_x_staging,
+                                              state);
     }
   }
 }
@@ -409,8 +434,8 @@ PLIF_ISA_CLONES void forward_block_per_isa(const ForwardParams<in_t, acc_t>& p, 
 }
 
 template <int SURROGATE, int OPTIONS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_block_per_isa(const BackwardParams<in_t, acc_t>& p, index_t n0, index_t following_n0,
-                                            bool stream, ShareSlots slots) {
+PLIF_ISA_CLONES_WITH_AVX512 void backward_block_per_isa(const BackwardParams<in_t, acc_t>& p, index_t n0,
+                                                        index_t following_n0, bool stream, ShareSlots slots) {
   backward_block<SURROGATE, OPTIONS>(p, n0, following_n0, stream, slots);
 }
 

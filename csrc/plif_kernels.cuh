@@ -321,12 +321,12 @@ using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_
 // with T <= kCheckpointSteps makes one round trip to memory before its first store. A thread
 // takes LANES consecutive neurons: one, or in the half types' lanes path two, whose values of a
 // step make one 4-byte word (so a chunk keeps 64 B in flight, not 32; plif_launch.h's
-// backward_shape picks the path). The chunk's H and X sit in shared memory, one column per thread
-// and lane: in registers they left no room within the 64 that four resident blocks allow.
+// backward_shape picks the path). The chunk's H and dH/dk sit in shared memory, one column per
+// thread and lane: in registers they left no room within the 64 that four resident blocks allow.
 template <typename acc_t>
 struct ChunkColumns {
-  acc_t* h;  // h[((i + 1) * LANES + j) * kThreadsPerBlock]: H[t0 + i] of lane j; i = -1: the checkpoint H[t0 - 1]
-  acc_t* x;  // x[(i * LANES + j) * kThreadsPerBlock]: X[t0 + i] of lane j as the compute type
+  acc_t* h;      // h[((i + 1) * LANES + j) * kThreadsPerBlock]: H[t0 + i] of lane j; i = -1: the checkpoint H[t0 - 1]
+  acc_t* dh_dk;  // dh_dk[(i * LANES + j) * kThreadsPerBlock]: dH/dk at t0 + i of lane j
 };
 
 // Lanes of the backward's widest path for a compute type: the half types' (float) two.
@@ -341,8 +341,8 @@ template <typename acc_t>
 __device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
   constexpr int kLanes = BackwardColumns<acc_t>::kMaxLanes;
   __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kLanes * kThreadsPerBlock];
-  __shared__ acc_t chunk_x[kCheckpointSteps * kLanes * kThreadsPerBlock];
-  return {chunk_h + threadIdx.x, chunk_x + threadIdx.x};
+  __shared__ acc_t chunk_dh_dk[kCheckpointSteps * kLanes * kThreadsPerBlock];
+  return {chunk_h + threadIdx.x, chunk_dh_dk + threadIdx.x};
 }
 
 // All T steps (T >= 1) of neurons n0 .. n0 + LANES - 1, back in time, into st. GRAD_V:
@@ -359,10 +359,9 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
   const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
   const bool through_spike = grad_spikes != nullptr;
-  acc_t v_init[LANES], grad_v_last[LANES];
+  acc_t grad_v_last[LANES];
 #pragma unroll
   for (int j = 0; j < LANES; ++j) {
-    v_init[j] = p.v_init[(n0 + j) * p.v_init_stride];
     grad_v_last[j] = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n0 + j]) : acc_t(0);
   }
   const index_t last_chunk = (p.T - 1) / K;
@@ -402,14 +401,14 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
     for (int i = 0; i < K; ++i) {
       if (i < count) {
         in_t x_step_values[LANES];
-        acc_t h_step[LANES];
+        acc_t h_step[LANES], dh_dk_step[LANES];
 #pragma unroll
         for (int j = 0; j < LANES; ++j) x_step_values[j] = inputs[i][j];
-        recompute_step<LANES, SURROGATE>(x_step_values, o, forward, h_step);
+        recompute_step<LANES, SURROGATE>(x_step_values, o, forward, h_step, dh_dk_step);
 #pragma unroll
         for (int j = 0; j < LANES; ++j) {
           column.h[((i + 1) * LANES + j) * kColumn] = h_step[j];
-          column.x[(i * LANES + j) * kColumn] = load_as<acc_t>(x_step_values[j]);
+          column.dh_dk[(i * LANES + j) * kColumn] = dh_dk_step[j];
         }
       }
     }
@@ -433,7 +432,7 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
         const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
         const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i][j]) : acc_t(0)) + (last_step ? grad_v_last[j] : acc_t(0));
         gx[j] = backward_neuron_step<SURROGATE>(t > 0, t > 0 ? column.h[(i * LANES + j) * kColumn] : acc_t(0),
-                                                v_init[j], column.x[(i * LANES + j) * kColumn], gs, gv, through_spike,
+                                                column.dh_dk[(i * LANES + j) * kColumn], gs, gv, through_spike,
                                                 membrane, o, st, j);
       }
       store_lanes_as<kVector>(grad_x + row, gx);

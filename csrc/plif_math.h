@@ -259,33 +259,32 @@ PLIF_HD acc_t forward_neuron(acc_t& v, acc_t x, acc_t k, const Options<acc_t>& o
   return s;
 }
 
-// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], V[t-1], X[t]
-// and the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and
-// the running sum for dL/dk; returns dL/dX[t].
+// dH[t]/dk from V[t-1]: X[t] - (V[t-1] - V_r) under decay_input, else -(V[t-1] - V_r), each exact
+// for every k; FROM_X says X[t] is at hand (checkpoints). From every H alone (no X), decay_input's
+// term is H[t] - V[t-1] = k (X[t] - (V[t-1] - V_r)) instead (see grad_k_of_lane). The recompute
+// computes it beside H (charge's own inner term, so the same bits), and the backward's steps
+// read it rather than rebuild V[t-1].
+template <bool FROM_X, typename acc_t>
+PLIF_HD acc_t dh_dk_of(acc_t v_prev, acc_t x_or_h, const Options<acc_t>& o) {
+  const acc_t leak = v_prev - o.v_reset;
+  return pick(o.decay_input, FROM_X ? x_or_h - leak : x_or_h - v_prev, -leak);
+}
+
+// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], dH[t]/dk and
+// the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and the
+// running sum for dL/dk; returns dL/dX[t].
 // sg: the surrogate derivative at H[t] (surrogate_grad of H[t] - V_th).
-// dH[t]/dk is X[t] - (V[t-1] - V_r) (decay_input) or -(V[t-1] - V_r), each term exact for every
-// k; see backward_end for the sum's other form, from H alone.
 template <typename acc_t>
-PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v,
+PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t dh_dk, acc_t k, acc_t grad_v,
                                               acc_t grad_s, bool through_spike, bool through_membrane,
                                               const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
   const acc_t r = reset_grad(h, s, sg, o);
   const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
   const acc_t via_spike = grad_s * sg;
   const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
-  const acc_t leak = v_prev - o.v_reset;
-  const acc_t dh_dk = pick(o.decay_input, pick(o.h_checkpoints, x - leak, h - v_prev), -leak);
   grad_k_sum = fma_(grad_h, dh_dk, grad_k_sum);
   grad_h_next = grad_h;
   return pick(o.decay_input, k * grad_h, grad_h);
-}
-
-template <int SURROGATE, typename acc_t>
-PLIF_HD acc_t backward_neuron(acc_t h, acc_t s, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
-                              bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
-                              acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, surrogate_grad<SURROGATE>(h - o.v_threshold, o), v_prev, x, k, grad_v,
-                                         grad_s, through_spike, through_membrane, o, grad_h_next, grad_k_sum);
 }
 
 // ---- loads and stores -----------------------------------------------------------------------
@@ -404,27 +403,21 @@ PLIF_HD bool through_membrane(bool last_step, bool through_spike, bool grad_v_se
   return grad_v_seq_given || grad_v_last_given || (!last_step && through_spike);
 }
 
-// One reverse-time step t of lane j, the one step function of every backward driver: V[t-1]
-// rebuilt from H[t-1] (reset is a function of H) where has_prev (t > 0), else v_init (h_prev is
-// then 0, the state's H after step 0); returns
-// dL/dX[t] and moves the lane's state one step back. The surrogate derivative the previous step
+// One reverse-time step t of lane j, the one step function of every backward driver, given
+// dH[t]/dk (dh_dk_of) and H[t-1] where has_prev (t > 0; else h_prev is 0, the state's H after
+// step 0); returns dL/dX[t] and moves the lane's state one step back. The surrogate derivative the previous step
 // will need is computed here, a step ahead: its exp and division are a long chain of dependent
 // operations that depends on nothing of this step, so it runs beside this step's chain instead
 // of before it (benchmarks/NOTES.md, "Fifth pass"). The same expression, so the same bits.
 template <int SURROGATE, int LANES, typename acc_t>
-PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t v_init, acc_t x, acc_t grad_s, acc_t grad_v,
+PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t dh_dk, acc_t grad_s, acc_t grad_v,
                                    bool through_spike, bool through_membrane, const Options<acc_t>& o,
                                    BackwardState<LANES, acc_t>& st, int j) {
-  acc_t s_prev = acc_t(0), v_prev = v_init;
-  if (has_prev) {
-    s_prev = fire<SURROGATE>(h_prev, o);
-    v_prev = reset(h_prev, s_prev, o);
-  }
   const acc_t grad_x =
-      backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], v_prev, x, st.k[j], grad_v, grad_s,
+      backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], dh_dk, st.k[j], grad_v, grad_s,
                                       through_spike, through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
   st.h[j] = h_prev;
-  st.s[j] = s_prev;
+  st.s[j] = has_prev ? fire<SURROGATE>(h_prev, o) : acc_t(0);
   if (has_prev) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
   return grad_x;
 }
@@ -443,36 +436,28 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
   }
 }
 
-// The reverse-time recursion of the spec, from H alone. V[t-1] is recomputed from H[t-1]
-// (reset is a function of H); X[t] comes from p.x where the backward has it (checkpoints), for
-// dH/dk (backward_neuron_given_surrogate).
+// The reverse-time recursion of the spec over LANES neurons, given each step's dH/dk row
+// (dh_dk_of: from the recompute, or from H alone where every H was saved).
 // An absent incoming gradient (a null pointer) contributes nothing, as in autograd: its term is
 // dropped, not multiplied as a zero, since 0 * surrogate'(NaN) or 0 * dV/dH(inf) is NaN.
 // `through_spike` says whether dL/dS[t] arrives (grad_spikes present), `through_membrane` whether
 // dL/dV[t] does (always below T-1 once anything arrives; at T-1 only from v_seq or v_last).
 // h_prev_row: H[t-1] of these lanes (where HAS_PREV).
-// EVERY_TERM: both terms arrive and no dL/dV row does (grad_v is the row of zeros): training's
-// steps below T-1. Its copy of the loop has no selects and no zero row to read (-3% backward
-// time from cache on the CPU of benchmarks/NOTES.md); the bits are the same.
 // The rows and the state are declared unaliased (grad_x is a fresh output, the state lives on the
 // caller's stack, the input rows are only read): without it GCC checks the pointers for overlap
 // before every group's loop, with a scalar copy of the loop to fall back on (-5% backward time
 // from cache on the CPU of benchmarks/NOTES.md).
-template <bool HAS_PREV, bool EVERY_TERM, int LANES, int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, index_t n0,
-                            const acc_t* __restrict__ h_prev_row, const acc_t* __restrict__ x_row,
-                            const acc_t* __restrict__ grad_v, const acc_t* __restrict__ grad_s, bool through_spike,
-                            bool through_membrane, BackwardState<LANES, acc_t>& __restrict__ st) {
+template <bool HAS_PREV, int LANES, int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void backward_lanes(const BackwardParams<in_t, acc_t>& p, index_t row, const acc_t* __restrict__ h_prev_row,
+                            const acc_t* __restrict__ dh_dk_row, const acc_t* __restrict__ grad_v,
+                            const acc_t* __restrict__ grad_s, bool through_spike, bool through_membrane,
+                            BackwardState<LANES, acc_t>& __restrict__ st) {
   const Options<acc_t> o = p.opts;  // a local copy: stores through grad_x cannot alias it
   in_t* __restrict__ const grad_x_row = p.grad_x + row;
-  const acc_t* const v_init = p.v_init;
-  const index_t v_init_stride = p.v_init_stride;
   for (int j = 0; j < LANES; ++j) {
     const acc_t h_prev = HAS_PREV ? h_prev_row[j] : acc_t(0);
-    const acc_t v_start = HAS_PREV ? acc_t(0) : v_init[(n0 + j) * v_init_stride];
-    grad_x_row[j] = store_as<in_t>(backward_neuron_step<SURROGATE>(
-        HAS_PREV, h_prev, v_start, x_row[j], grad_s[j], EVERY_TERM ? acc_t(0) : grad_v[j], EVERY_TERM || through_spike,
-        EVERY_TERM || through_membrane, o, st, j));
+    grad_x_row[j] = store_as<in_t>(backward_neuron_step<SURROGATE>(HAS_PREV, h_prev, dh_dk_row[j], grad_s[j], grad_v[j],
+                                                                   through_spike, through_membrane, o, st, j));
   }
 }
 
@@ -488,15 +473,31 @@ PLIF_HD const acc_t* gradient_row(const in_t* row, acc_t (&staged)[LANES]) {
   return staged;
 }
 
-// One step t back in time; h_prev_row: H[t-1] of these lanes (unused at t = 0).
+// dH/dk of step t's lanes from every H (no X, kSaveH): V[t-1] rebuilt from H[t-1] (reset is a
+// function of H), or v_init at t = 0; st.h holds H[t].
+template <int LANES, int SURROGATE, typename in_t, typename acc_t>
+PLIF_HD void dh_dk_from_every_h(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, const acc_t* h_prev_row,
+                                const BackwardState<LANES, acc_t>& st, acc_t (&dh_dk)[LANES]) {
+  const Options<acc_t> o = p.opts;
+  if (t > 0) {
+    for (int j = 0; j < LANES; ++j) {
+      dh_dk[j] = dh_dk_of<false>(reset(h_prev_row[j], fire<SURROGATE>(h_prev_row[j], o), o), st.h[j], o);
+    }
+  } else {
+    for (int j = 0; j < LANES; ++j) dh_dk[j] = dh_dk_of<false>(p.v_init[(n0 + j) * p.v_init_stride], st.h[j], o);
+  }
+}
+
+// One step t back in time; h_prev_row: H[t-1] of these lanes (unused at t = 0); dh_dk_row: the
+// step's dH/dk from the recompute, or null where every H was saved.
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
 PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, index_t n0, const acc_t* h_prev_row,
-                           BackwardState<LANES, acc_t>& st) {
+                           const acc_t* dh_dk_row, BackwardState<LANES, acc_t>& st) {
   // An absent gradient reads a constant row of zeros: a local row zero-filled every step
   // compiled to a `rep stos` per group and step (7% of the backward's time in cache).
   static const acc_t zeros[LANES] = {};
   const index_t row = t * p.N + n0;
-  acc_t grad_v_staged[LANES], grad_s_staged[LANES];
+  acc_t grad_v_staged[LANES], grad_s_staged[LANES], dh_dk_staged[LANES];
   const acc_t* grad_v = zeros;
   if (p.grad_v_seq != nullptr) grad_v = gradient_row<LANES>(p.grad_v_seq + row, grad_v_staged);
   if (t == p.T - 1 && p.grad_v_last != nullptr) {
@@ -505,19 +506,17 @@ PLIF_HD void backward_step(const BackwardParams<in_t, acc_t>& p, index_t t, inde
   }
   const acc_t* const grad_s =
       p.grad_spikes != nullptr ? gradient_row<LANES>(p.grad_spikes + row, grad_s_staged) : zeros;
-  acc_t x_staged[LANES];
-  const acc_t* const x_row = p.x != nullptr ? gradient_row<LANES>(p.x + t * p.x_step + n0, x_staged) : zeros;
+  if (dh_dk_row == nullptr) {
+    dh_dk_from_every_h<LANES, SURROGATE>(p, t, n0, h_prev_row, st, dh_dk_staged);
+    dh_dk_row = dh_dk_staged;
+  }
   const bool through_spike = p.grad_spikes != nullptr;
   const bool membrane =
       through_membrane(t == p.T - 1, through_spike, p.grad_v_seq != nullptr, p.grad_v_last != nullptr);
-  if (t > 0 && grad_v == zeros && through_spike && membrane) {
-    backward_lanes<true, true, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, true, true, st);
-  } else if (t > 0) {
-    backward_lanes<true, false, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, through_spike,
-                                                  membrane, st);
+  if (t > 0) {
+    backward_lanes<true, LANES, SURROGATE>(p, row, h_prev_row, dh_dk_row, grad_v, grad_s, through_spike, membrane, st);
   } else {
-    backward_lanes<false, false, LANES, SURROGATE>(p, row, n0, h_prev_row, x_row, grad_v, grad_s, through_spike,
-                                                   membrane, st);
+    backward_lanes<false, LANES, SURROGATE>(p, row, h_prev_row, dh_dk_row, grad_v, grad_s, through_spike, membrane, st);
   }
 }
 
@@ -540,11 +539,16 @@ PLIF_HD void recompute_chunk_begin(const BackwardParams<in_t, acc_t>& p, index_t
   }
 }
 
-// One forward step recomputed for the backward: H into h_row, nothing stored elsewhere. The
-// same expressions as forward_step, so the same bits.
+// One forward step recomputed for the backward: H into h_row and dH/dk into dh_dk_row, nothing
+// stored elsewhere. The same expressions as forward_step, so the same bits.
 template <int LANES, int SURROGATE, typename in_t, typename acc_t>
-PLIF_HD void recompute_step(const in_t* x_row, const Options<acc_t>& o, ForwardState<LANES, acc_t>& st, acc_t* h_row) {
-  for (int j = 0; j < LANES; ++j) forward_neuron<SURROGATE>(st.v[j], load_as<acc_t>(x_row[j]), st.k[j], o, h_row[j]);
+PLIF_HD void recompute_step(const in_t* x_row, const Options<acc_t>& o, ForwardState<LANES, acc_t>& st, acc_t* h_row,
+                            acc_t* dh_dk_row) {
+  for (int j = 0; j < LANES; ++j) {
+    const acc_t x = load_as<acc_t>(x_row[j]);
+    dh_dk_row[j] = dh_dk_of<true>(st.v[j], x, o);
+    forward_neuron<SURROGATE>(st.v[j], x, st.k[j], o, h_row[j]);
+  }
 }
 
 // The gradient of one lane's k and of its v_init, once the lane has walked back to step 0.
@@ -583,11 +587,12 @@ PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
   if (!p.opts.h_checkpoints) {
     backward_begin<LANES, SURROGATE>(p, n0, p.h_seq + (p.T - 1) * p.N + n0, st);
     for (index_t t = p.T - 1; t >= 0; --t) {
-      backward_step<LANES, SURROGATE>(p, t, n0, t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr, st);
+      const acc_t* const h_prev_row = t > 0 ? p.h_seq + (t - 1) * p.N + n0 : nullptr;
+      backward_step<LANES, SURROGATE>(p, t, n0, h_prev_row, static_cast<const acc_t*>(nullptr), st);
     }
   } else {
-    // h[i + 1]: H[t0 + i]; h[0]: H[t0 - 1], the checkpoint before the chunk.
-    acc_t h[kCheckpointSteps + 1][LANES];
+    // h[i + 1]: H[t0 + i]; h[0]: H[t0 - 1], the checkpoint before the chunk; dh_dk[i]: dH/dk at t0 + i.
+    acc_t h[kCheckpointSteps + 1][LANES], dh_dk[kCheckpointSteps][LANES];
     const index_t last_chunk = (p.T - 1) / kCheckpointSteps;
     for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
       const index_t t0 = chunk * kCheckpointSteps;
@@ -595,10 +600,10 @@ PLIF_HD void backward_scan(const BackwardParams<in_t, acc_t>& p, index_t n0) {
       ForwardState<LANES, acc_t> fst;
       recompute_chunk_begin<LANES, SURROGATE>(p, chunk, n0, fst, h[0]);
       for (int i = 0; i < count; ++i) {
-        recompute_step<LANES, SURROGATE>(p.x + (t0 + i) * p.x_step + n0, p.opts, fst, h[i + 1]);
+        recompute_step<LANES, SURROGATE>(p.x + (t0 + i) * p.x_step + n0, p.opts, fst, h[i + 1], dh_dk[i]);
       }
       if (chunk == last_chunk) backward_begin<LANES, SURROGATE>(p, n0, h[count], st);
-      for (int i = count - 1; i >= 0; --i) backward_step<LANES, SURROGATE>(p, t0 + i, n0, h[i], st);
+      for (int i = count - 1; i >= 0; --i) backward_step<LANES, SURROGATE>(p, t0 + i, n0, h[i], dh_dk[i], st);
     }
   }
   backward_end<LANES>(p, n0, st);

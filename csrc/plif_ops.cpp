@@ -39,6 +39,7 @@
 #include "plif_dtypes.h"
 #include "plif_launch.h"
 #include "plif_math.h"
+#include "plif_op_options.h"
 
 // Written by setup.py into its build folder: the torch the library was built against, and the
 // CUDA architectures of its kernels or why they were not built.
@@ -58,24 +59,6 @@ using SymSizes = std::vector<c10::SymInt>;
 using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor>;
 
-// The ops' surrogate names, in the order of SurrogateId (plif_params.h).
-constexpr const char* kSurrogateNames[] = {"sigmoid",     "atan", "piecewise_quadratic", "piecewise_exp", "soft_sign",
-                                           "super_spike", "erf"};
-static_assert(sizeof(kSurrogateNames) / sizeof(kSurrogateNames[0]) == kErf + 1, "one name per SurrogateId");
-
-std::string surrogate_choices() {
-  std::string names;
-  for (const char* name : kSurrogateNames) names += std::string(names.empty() ? "" : ", ") + name;
-  return names;
-}
-
-int surrogate_id(c10::string_view name) {
-  int id = 0;
-  while (id <= kErf && name != kSurrogateNames[id]) ++id;
-  TORCH_CHECK(id <= kErf, "surrogate must be one of ", surrogate_choices(), ", got '", std::string(name), "'");
-  return id;
-}
-
 // What a forward keeps for its backward: x itself (autograd keeps it) and the checkpoint rows of
 // H in the compute dtype (at most 0.5 B per neuron-step more in float32), for every dtype: the
 // backward recomputes H bit for bit and takes dH/dk = X - (V[t-1] - V_r), exact for every tau
@@ -83,39 +66,6 @@ int surrogate_id(c10::string_view name) {
 // output shapes without seeing the device.
 SaveMode save_mode_for(at::ScalarType /*x_dtype*/, bool needs_backward) {
   return needs_backward ? kSaveCheckpoints : kSaveNothing;
-}
-
-// The neuron's parameters and options as the ops take them, checked.
-struct Neuron {
-  double v_threshold;
-  std::optional<double> v_reset;  // none: soft reset (subtract the threshold)
-  bool decay_input;
-  bool detach_reset;
-  int surrogate;
-  double alpha;
-  bool spiking;
-};
-
-Neuron neuron_of(double v_threshold, std::optional<double> v_reset, bool decay_input, bool detach_reset,
-                 c10::string_view surrogate, double alpha, bool spiking) {
-  const int id = surrogate_id(surrogate);
-  TORCH_CHECK(spiking || id != kSuperSpike, "super_spike has no primitive: spiking=False is unavailable");
-  return {v_threshold, v_reset, decay_input, detach_reset, id, alpha, spiking};
-}
-
-template <typename acc_t>
-Options<acc_t> make_options(const Neuron& n, bool h_checkpoints) {
-  Options<acc_t> o;
-  o.v_threshold = static_cast<acc_t>(n.v_threshold);
-  o.v_reset = n.v_reset ? static_cast<acc_t>(*n.v_reset) : acc_t(0);
-  o.alpha = static_cast<acc_t>(n.alpha);
-  o.surrogate = n.surrogate;
-  o.soft_reset = !n.v_reset;
-  o.decay_input = n.decay_input;
-  o.detach_reset = n.detach_reset;
-  o.spiking = n.spiking;
-  o.h_checkpoints = h_checkpoints;
-  return o;
 }
 
 // ---- output shapes: shared by the kernels' allocation and the Meta kernels ----------------------
@@ -528,11 +478,6 @@ BackwardOutputs multistep_backward_meta(const std::optional<Tensor>& grad_spikes
 
 }  // namespace
 
-// The neuron's parameters and options after `*`: keyword-only, so that autograd expects a
-// gradient for the three tensors alone.
-#define PLIF_NEURON_OPTIONS                                                                              \
-  "float v_threshold, float? v_reset, bool decay_input, bool detach_reset, str surrogate, float alpha, " \
-  "bool spiking"
 #define PLIF_FORWARD_OUTPUTS "-> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)"
 // The backward's needs_grad_k (needs_grad_v_init) false: that gradient is returned empty, and the
 // GPU kernels spend nothing on it.

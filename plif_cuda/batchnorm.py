@@ -42,13 +42,6 @@ from .surrogate import describe_surrogate
 _MEAN, _INVSTD, _SCALE, _SHIFT, _UNBIASED_VAR = range(5)
 
 
-def surrogate_id(name: str) -> int:
-    """The fused kernels' id of a surrogate name: its place in the compiled extension's SURROGATES."""
-    from . import _C
-
-    return _C.SURROGATES.index(name)
-
-
 def fused_op_available(device_type: str = "cpu") -> bool:
     """Whether the compiled extension has the fused BatchNorm + PLIF ops for tensors on ``device_type``
     (CUDA tensors: a build with the nvcc kernels)."""
@@ -61,7 +54,7 @@ def fused_op_available(device_type: str = "cpu") -> bool:
 
 
 # ---- the op's fake kernels and autograd ---------------------------------------------------------------
-def _fake_forward(y, weight, bias, running_mean, running_var, eps, k, v_init, *options):
+def _fake_forward(y, weight, bias, running_mean, running_var, k, v_init, **options):
     acc = compute_dtype(y.dtype)
     return (
         y.new_empty(y.shape),
@@ -70,22 +63,22 @@ def _fake_forward(y, weight, bias, running_mean, running_var, eps, k, v_init, *o
     )
 
 
-def _fake_backward(grad_spikes, grad_v_last, y, channel_terms, k, v_init, batch_statistics, need_grad_y, need_v, *opts):
+def _fake_backward(grad_spikes, grad_v_last, y, channel_terms, k, v_init, *, need_grad_y, need_grad_v_init, **options):
     acc = compute_dtype(y.dtype)
     return (
         y.new_empty(y.shape if need_grad_y else (0,)),
         y.new_empty((y.shape[2],), dtype=torch.float64),
         y.new_empty((y.shape[2],), dtype=torch.float64),
         y.new_empty(k.shape, dtype=acc),
-        y.new_empty(y.shape[1:] if need_v else (0,), dtype=acc),
+        y.new_empty(y.shape[1:] if need_grad_v_init else (0,), dtype=acc),
     )
 
 
-def _setup_context(ctx, inputs, output):
-    y, weight, bias, running_mean, running_var, eps, k, v_init, *options = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    y, weight, bias, running_mean, running_var, k, v_init = inputs
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
-    ctx.options = tuple(options)
+    ctx.neuron = {name: value for name, value in keyword_only_inputs.items() if name != "eps"}
     ctx.batch_statistics = running_mean is None
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -99,7 +92,7 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_channel_terms):
             "run the layer with backend='torch' for higher-order gradients"
         )
     y, k, v_init, channel_terms = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs_y, needs_weight, needs_bias, _, _, needs_k, needs_v_init = ctx.needs_input_grad
     grad_y, grad_weight, grad_bias, grad_k, grad_v_init = torch.ops.plif_cuda.bn_plif_backward(
         None if grad_spikes is None else grad_spikes.to(y.dtype).contiguous(),
         None if grad_v_last is None else grad_v_last.to(k.dtype).contiguous(),
@@ -107,23 +100,23 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_channel_terms):
         channel_terms,
         k,
         v_init,
-        ctx.batch_statistics,
-        needs[0],
-        needs[7],
-        *ctx.options,
+        batch_statistics=ctx.batch_statistics,
+        need_grad_y=needs_y,
+        need_grad_v_init=needs_v_init,
+        **ctx.neuron,
     )
-    if needs[7] and v_init.numel() == 1:
+    if needs_v_init and v_init.numel() == 1:
         grad_v_init = _fixed_order_sum(grad_v_init.reshape(-1)).to(v_init.dtype)
+    # One gradient per tensor; the options are keyword-only, with no gradient slot.
     return (
-        grad_y if needs[0] else None,
-        grad_weight.to(ctx.weight_dtype) if needs[1] else None,
-        grad_bias.to(ctx.bias_dtype) if needs[2] else None,
+        grad_y if needs_y else None,
+        grad_weight.to(ctx.weight_dtype) if needs_weight else None,
+        grad_bias.to(ctx.bias_dtype) if needs_bias else None,
         None,
         None,
-        None,
-        grad_k if needs[6] else None,
-        grad_v_init.reshape(v_init.shape) if needs[7] else None,
-    ) + (None,) * 8
+        grad_k if needs_k else None,
+        grad_v_init.reshape(v_init.shape) if needs_v_init else None,
+    )
 
 
 if fused_op_available():
@@ -275,24 +268,16 @@ def bn_plif_multistep(
     y_op = y_seq if _steps_contiguous(y_seq) else y_seq.contiguous()
     k = torch.sigmoid(w).to(acc).reshape(-1)
     v_op = v_init.to(acc).reshape(()) if v_init.numel() == 1 else v_init.to(acc).expand(step_shape).contiguous()
-    v_reset = options["v_reset"]
     spikes, v_last, channel_terms = torch.ops.plif_cuda.bn_plif_forward(
         y_op,
         weight,
         bias,
         None if batch_statistics else running_mean,
         None if batch_statistics else running_var,
-        eps,
         k,
         v_op,
-        options["v_threshold"],
-        0.0 if v_reset is None else v_reset,
-        v_reset is None,
-        options["decay_input"],
-        options["detach_reset"],
-        surrogate_id(options["surrogate"]),
-        options["alpha"],
-        options["spiking"],
+        eps=eps,
+        **options,
     )
     if batch_statistics and running_mean is not None:
         _update_running(running_mean, running_var, channel_terms, momentum)

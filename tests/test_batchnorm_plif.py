@@ -18,7 +18,6 @@ from plif_cuda.batchnorm import (
     bn_plif_multistep,
     fuse_bn_plif,
     fused_op_available,
-    surrogate_id,
 )
 from plif_cuda.reference import compute_dtype, reference_multistep
 from plif_cuda.surrogate import resolve_surrogate
@@ -63,10 +62,10 @@ def _fused_with_terms(y, w, *, weight, bias, v_reset=0.0, surrogate="sigmoid", a
     surrogate, alpha = resolve_surrogate(surrogate, alpha)
     acc = compute_dtype(y.dtype)
     return torch.ops.plif_cuda.bn_plif_forward(
-        y, weight, bias, None, None, 1e-5, torch.sigmoid(w).to(acc).reshape(-1),
-        torch.full((), 0.0 if v_reset is None else v_reset, dtype=acc), options.get("v_threshold", 1.0),
-        0.0 if v_reset is None else v_reset, v_reset is None, options.get("decay_input", True),
-        options.get("detach_reset", False), surrogate_id(surrogate), alpha, True,
+        y, weight, bias, None, None, torch.sigmoid(w).to(acc).reshape(-1),
+        torch.full((), 0.0 if v_reset is None else v_reset, dtype=acc), eps=1e-5,
+        v_threshold=options.get("v_threshold", 1.0), v_reset=v_reset, decay_input=options.get("decay_input", True),
+        detach_reset=options.get("detach_reset", False), surrogate=surrogate, alpha=alpha, spiking=True,
     )  # fmt: skip
 
 
@@ -535,14 +534,15 @@ def test_ops_pass_opcheck(training, dtype):
     k = torch.full((4,), 0.4, dtype=acc, requires_grad=True)
     v_init = torch.zeros((), dtype=acc)
     running = (None, None) if training else (torch.zeros(4), torch.ones(4))
-    neuron = (1.0, 0.0, False, True, False, surrogate_id("atan"), 2.0, True)
-    forward_args = (y.requires_grad_(), weight.requires_grad_(), bias, *running, 1e-5, k, v_init, *neuron)
-    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_forward.default, forward_args)
-    terms = torch.ops.plif_cuda.bn_plif_forward(y.detach(), weight.detach(), bias, *running, 1e-5, k.detach(), v_init,
-                                                *neuron)[2]  # fmt: skip
-    backward_args = (torch.randn(y.shape).to(dtype), None, y.detach(), terms, k.detach(), v_init, training, True,
-                     False, *neuron)  # fmt: skip
-    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_backward.default, backward_args)
+    neuron = dict(v_threshold=1.0, v_reset=None, decay_input=False, detach_reset=True, surrogate="atan", alpha=2.0,
+                  spiking=True)  # fmt: skip
+    forward_args = (y.requires_grad_(), weight.requires_grad_(), bias, *running, k, v_init)
+    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_forward.default, forward_args, dict(eps=1e-5, **neuron))
+    terms = torch.ops.plif_cuda.bn_plif_forward(y.detach(), weight.detach(), bias, *running, k.detach(), v_init,
+                                                eps=1e-5, **neuron)[2]  # fmt: skip
+    backward_args = (torch.randn(y.shape).to(dtype), None, y.detach(), terms, k.detach(), v_init)
+    backward_options = dict(batch_statistics=training, need_grad_y=True, need_grad_v_init=False, **neuron)
+    torch.library.opcheck(torch.ops.plif_cuda.bn_plif_backward.default, backward_args, backward_options)
 
 
 def test_fusing_keeps_the_parameter_objects_and_copies_keep_their_links():

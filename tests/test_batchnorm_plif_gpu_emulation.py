@@ -17,7 +17,7 @@ import torch
 import plif_cuda  # noqa: F401  (loads the compiled ops)
 from helpers import REPO_ROOT, build_emulation_library
 from plif_cuda import _C
-from plif_cuda.batchnorm import fused_op_available, surrogate_id
+from plif_cuda.batchnorm import fused_op_available
 from plif_cuda.reference import compute_dtype
 from plif_cuda.surrogate import resolve_surrogate
 from test_gpu_emulation import BITS, DTYPE_CODES
@@ -71,7 +71,7 @@ CASES = {
     "conv": (5, 3, 4, 20, 20),  # 400 positions a row: rows span blocks of 1024
     "conv_wide_rows": (3, 2, 3, 40, 40),  # 1600 a row: one row over two blocks
     "fc": (4, 7, 300),  # one neuron a row, a tail block
-    "long": (37, 2, 3, 5, 5),  # T above the backward's chunk of 16, not a multiple of it
+    "long": (37, 2, 3, 5, 5),  # T above the backward's chunk of 8, not a multiple of it
 }
 OPTIONS = [
     dict(surrogate="atan", detach_reset=True),
@@ -111,19 +111,17 @@ def test_kernels_equal_the_cpu_op(emulation, dtype, case, options, mode, tau):
     k = torch.sigmoid(torch.randn(1 if tau == "layer" else channels, generator=gen, dtype=torch.float64)).to(acc)
     v_init = (torch.rand(shape[1:], generator=gen, dtype=torch.float64) * 0.5).to(acc)
     surrogate, alpha = resolve_surrogate(options["surrogate"], None)
-    v_reset = options.get("v_reset", 0.0)
-    neuron = (
-        options.get("v_threshold", 1.0),
-        0.0 if v_reset is None else v_reset,
-        v_reset is None,
-        options.get("decay_input", True),
-        options.get("detach_reset", False),
-        surrogate_id(surrogate),
-        alpha,
-        options.get("spiking", True),
+    neuron = dict(
+        v_threshold=options.get("v_threshold", 1.0),
+        v_reset=options.get("v_reset", 0.0),
+        decay_input=options.get("decay_input", True),
+        detach_reset=options.get("detach_reset", False),
+        surrogate=surrogate,
+        alpha=alpha,
+        spiking=options.get("spiking", True),
     )
     spikes, v_last, terms = torch.ops.plif_cuda.bn_plif_forward(
-        y, weight, bias, *(running or (None, None)), 1e-5, k, v_init, *neuron
+        y, weight, bias, *(running or (None, None)), k, v_init, eps=1e-5, **neuron
     )
     geometry = _geometry(y)
     ours = (
@@ -131,7 +129,8 @@ def test_kernels_equal_the_cpu_op(emulation, dtype, case, options, mode, tau):
         torch.empty(shape[1:], dtype=acc),
         torch.empty(5, channels, dtype=torch.float64),
     )
-    scalars = (neuron[0], neuron[1], alpha, neuron[5], _flags(options))
+    v_reset = 0.0 if neuron["v_reset"] is None else neuron["v_reset"]
+    scalars = (neuron["v_threshold"], v_reset, alpha, _C.SURROGATES.index(surrogate), _flags(options))
     _call(
         emulation.bn_emulate_forward, DTYPE_CODES[dtype], y.data_ptr(), *geometry, _ptr(weight), _ptr(bias),
         _ptr(running and running[0]), _ptr(running and running[1]), 1e-5, k.data_ptr(), int(k.numel() == 1),
@@ -145,7 +144,16 @@ def test_kernels_equal_the_cpu_op(emulation, dtype, case, options, mode, tau):
     grad_v_last = torch.randn(shape[1:], generator=gen).to(acc)
     batch = mode != "eval"
     grad_y, grad_weight, grad_bias, grad_k, grad_v_init = torch.ops.plif_cuda.bn_plif_backward(
-        grad_spikes, grad_v_last, y, terms, k, v_init, batch, True, True, *neuron
+        grad_spikes,
+        grad_v_last,
+        y,
+        terms,
+        k,
+        v_init,
+        batch_statistics=batch,
+        need_grad_y=True,
+        need_grad_v_init=True,
+        **neuron,
     )
     emulated = torch.empty(shape, dtype=dtype), torch.empty(3, channels, dtype=torch.float64)
     emulated_grad_v_init = torch.empty(shape[1:], dtype=acc)

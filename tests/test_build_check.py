@@ -154,6 +154,38 @@ def nvcc_compile(tmp_path: Path, source: str, *flags: str) -> subprocess.Complet
     )
 
 
+BN_BACKWARD = (
+    "_ZN4plif2bn18bn_backward_kernelILi1ELi2EffEEvPKT1_NS0_8GeometryEPKT2_S8_bS8_xNS_7OptionsIS6_EES4_S8_bS8_S8_"
+    "PS6_SB_PS2_"
+)
+BN_SUMS = "_ZN4plif2bn22bn_channel_sums_kernelEPKdiNS0_8GeometryEPd"
+
+
+def test_the_batchnorm_kernels_are_held_to_no_stack_frame(tmp_path):
+    assert check.bn_kernel_label(BN_BACKWARD) == "bn_backward_kernel<ILi1ELi2EffE>"
+    assert check.bn_kernel_label(BN_SUMS) == "bn_channel_sums_kernel"
+    assert check.bn_kernel_label(FORWARD) is None and check.kernel_label(BN_BACKWARD) is None
+    usage = f"\tarch = sm_90\n Function {BN_BACKWARD}:\n  REG:64 STACK:64 SHARED:0 LOCAL:0 TEXTURE:0\n"
+    assert check.parse_resource_usage(usage, check.bn_kernel_label) == {
+        "sm_90": {"bn_backward_kernel<ILi1ELi2EffE>": {"REG": 64, "STACK": 64, "LOCAL": 0}}
+    }
+
+    def report(name: str, stack: int) -> str:
+        return (
+            f"ptxas info    : Compiling entry function '{name}' for 'sm_90'\n"
+            f"ptxas info    : Function properties for {name}\n"
+            f"    {stack} bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        )
+
+    log = tmp_path / "build.log"
+    log.write_text(report(BN_BACKWARD, 64) + report(BN_SUMS, 0))
+    assert check.check_ptxas_log(log) == [
+        "ptxas: bn_backward_kernel<ILi1ELi2EffE> (sm_90): 64 bytes stack, 0 bytes spill stores, 0 bytes spill loads"
+    ]
+    log.write_text(report(BN_BACKWARD, 0) + report(BN_SUMS, 0))
+    assert check.check_ptxas_log(log) == []
+
+
 @needs_nvcc
 @pytest.mark.parametrize("header", ["plif_kernels.cuh", "plif_math.h", "plif_params.h", "plif_launch.h"])
 def test_each_kernel_header_compiles_alone_under_nvcc(tmp_path, header):

@@ -58,6 +58,19 @@ plif::Options<acc_t> options_of(double v_threshold, double v_reset, double alpha
   return o;
 }
 
+// The fields both launches share (NeuronInputs), from the entry points' arguments.
+template <typename in_t, typename acc_t>
+void set_neuron_inputs(plif::bn::NeuronInputs<in_t, acc_t>& p, const Geometry& g, const void* y, const void* k,
+                       int k_per_layer, const void* v_init, long long v_init_stride, const plif::Options<acc_t>& o) {
+  p.g = g;
+  p.y = static_cast<const in_t*>(y);
+  p.k = static_cast<const acc_t*>(k);
+  p.k_per_layer = k_per_layer != 0;
+  p.v_init = static_cast<const acc_t*>(v_init);
+  p.v_init_stride = v_init_stride;
+  p.opts = o;
+}
+
 int guarded(char* error, int error_size, const std::function<void()>& body) {
   return plif_emulation::run_reporting(error, error_size, body) ? 0 : -1;
 }
@@ -81,18 +94,13 @@ int bn_emulate_forward(int dtype, const void* y, long long T, long long y_step, 
       std::vector<double> slots(static_cast<size_t>(g.blocks() * plif::bn::rows_per_block(S) * 2));
       std::vector<acc_t> terms_acc(static_cast<size_t>(plif::bn::kChannelTerms * C));
       plif::bn::ForwardLaunch<in_t, acc_t> p;
-      p.g = g;
-      p.y = static_cast<const in_t*>(y);
+      set_neuron_inputs(p, g, y, k, k_per_layer, v_init, v_init_stride,
+                        options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags));
       p.gamma = gamma;
       p.beta = beta;
       p.running_mean = running_mean;
       p.running_var = running_var;
       p.eps = eps;
-      p.k = static_cast<const acc_t*>(k);
-      p.k_per_layer = k_per_layer != 0;
-      p.v_init = static_cast<const acc_t*>(v_init);
-      p.v_init_stride = v_init_stride;
-      p.opts = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
       p.spikes = static_cast<in_t*>(spikes);
       p.v_last = static_cast<acc_t*>(v_last);
       p.terms = terms;
@@ -124,14 +132,9 @@ int bn_emulate_backward(int dtype, const void* grad_spikes, const void* grad_v_l
       std::vector<acc_t> neuron_values(static_cast<size_t>(3 * neurons)), mean_grads(static_cast<size_t>(2 * C));
       std::vector<double> slots(static_cast<size_t>(g.blocks() * plif::bn::rows_per_block(S) * 3));
       plif::bn::BackwardLaunch<in_t, acc_t> p;
-      p.g = g;
-      p.y = static_cast<const in_t*>(y);
+      set_neuron_inputs(p, g, y, k, k_per_layer, v_init, v_init_stride,
+                        options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags));
       p.terms_acc = terms_acc.data();
-      p.k = static_cast<const acc_t*>(k);
-      p.k_per_layer = k_per_layer != 0;
-      p.v_init = static_cast<const acc_t*>(v_init);
-      p.v_init_stride = v_init_stride;
-      p.opts = options_of<acc_t>(v_threshold, v_reset, alpha, surrogate, flags);
       p.grad_spikes = static_cast<const in_t*>(grad_spikes);
       p.grad_v_last = static_cast<const acc_t*>(grad_v_last);
       p.batch_statistics = batch_statistics != 0;
