@@ -78,7 +78,7 @@ MAX_THREADS_PER_SM = {
 _BACKWARD_CHUNK = (
     512,
     "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: at most "
-    "128 registers (94-114; the half types' two lanes take the most), 2 blocks (at 80 ptxas spills); 512 "
+    "128 registers (91-113; the half types' two lanes take the most), 2 blocks (at 80 ptxas spills); 512 "
     "threads x 64 B = 32 KB in flight per multiprocessor",
 )
 OCCUPANCY_EXCEPTIONS = {

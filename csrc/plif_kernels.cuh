@@ -86,9 +86,9 @@ struct Geometry {
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
-  // keeps every load of its 8 steps in flight in one straight run, takes 94-114 registers (two
+  // keeps every load of its 8 steps in flight in one straight run, takes 91-113 registers (two
   // blocks: 512 threads; at 80 ptxas spilled 772 bytes; the half types' two lanes take the most)
-  // and float64 140-146 (one block; at 128 the division's slow path took a stack frame on
+  // and float64 138-144 (one block; at 128 the division's slow path took a stack frame on
   // sm_80-89); .ci/check_cuda_build.py lists both as exceptions with the bytes in flight they keep
   // (benchmarks/NOTES.md, "The backward in one round trip", "The half types' backward in lanes").
   enum : int {
