@@ -52,13 +52,10 @@ KERNELS = ("plif_forward_kernel", "plif_backward_kernel")
 # The fused BatchNorm + PLIF kernels' mangled names begin plif::bn::<length><name>.
 _BN_NAMESPACE = "_ZN4plif2bn"
 MIN_LOAD_BYTES_IN_FLIGHT = 64
-# Kernels built for fewer bytes ahead: (kernel label -> (bytes, why)).
-_HALF_BACKWARD = (
-    32,
-    "one neuron per thread, a checkpoint chunk of 8 steps of 2-byte X and gradients (32 B, 48 with "
-    "grad_v_seq) at 512 resident threads: 16 KB in flight per multiprocessor",
-)
-LOAD_BYTES_EXCEPTIONS = {"backward float16": _HALF_BACKWARD, "backward bfloat16": _HALF_BACKWARD}
+# Kernels built for fewer bytes ahead: (kernel label -> (bytes, why)). None since the half types'
+# backward has its lanes path (two neurons per thread: 64 B per chunk of 8 steps, 96 with
+# grad_v_seq; its one-neuron fallback for odd N or misaligned tensors keeps 32-52 B).
+LOAD_BYTES_EXCEPTIONS: dict[str, tuple[int, str]] = {}
 THREADS_PER_BLOCK = 256  # plif::kThreadsPerBlock (csrc/plif_launch.h)
 # Per multiprocessor: 64K 32-bit registers on every architecture here, allocated per warp in
 # units of 256, and at most this many resident threads.
@@ -80,9 +77,9 @@ MAX_THREADS_PER_SM = {
 # in csrc/plif_kernels.cuh (Geometry::kBackwardMinBlocks).
 _BACKWARD_CHUNK = (
     512,
-    "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: 96 "
-    "registers, 2 blocks (at 80 ptxas spills); 512 threads x 64 B = 32 KB in flight per "
-    "multiprocessor in float32",
+    "a checkpoint chunk keeps the loads of its 8 steps (X and gradients) in flight at once: at most "
+    "128 registers (91-113; the half types' two lanes take the most), 2 blocks (at 80 ptxas spills); 512 "
+    "threads x 64 B = 32 KB in flight per multiprocessor",
 )
 OCCUPANCY_EXCEPTIONS = {
     ("*", "backward float32"): _BACKWARD_CHUNK,

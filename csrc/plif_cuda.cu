@@ -55,11 +55,14 @@ template <typename in_t, typename acc_t>
 void forward_cuda(const ForwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   constexpr auto kernel = plif_forward_kernel<cuda_t, acc_t>;
-  with_scalar_arguments(p, [&](auto... scalars) {
-    const auto blocks = static_cast<unsigned int>(launch_blocks(p.N, resident_blocks<kernel>()));
-    kernel<<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
-  });
+  const LaunchPath launch = forward_shape(p, resident_blocks<kernel>());
+  with_scalar_arguments(
+      p,
+      [&](auto... scalars) {
+        kernel<<<static_cast<unsigned int>(launch.blocks), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            as_cuda(p.x), p.k, p.v_init, as_cuda(p.spikes), as_cuda(p.v_last), as_cuda(p.v_seq), p.h_seq, scalars...);
+      },
+      launch.path_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -69,13 +72,17 @@ template <typename in_t, typename acc_t>
 void backward_cuda(const BackwardParams<in_t, acc_t>& p) {
   using cuda_t = typename CudaType<in_t>::type;
   constexpr auto kernel = plif_backward_kernel<cuda_t, acc_t>;
-  const auto blocks = launch_blocks(p.N, resident_blocks<kernel>());
+  const LaunchPath launch = backward_shape(p, resident_blocks<kernel>());
+  const index_t blocks = launch.blocks;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_scalar_arguments(p, [&](auto... scalars) {
-    kernel<<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
-        as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, as_cuda(p.x), p.k, p.v_init,
-        as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.grad_k_partials, p.grad_v_init_partials, scalars...);
-  });
+  with_scalar_arguments(
+      p,
+      [&](auto... scalars) {
+        kernel<<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
+            as_cuda(p.grad_spikes), as_cuda(p.grad_v_last), as_cuda(p.grad_v_seq), p.h_seq, as_cuda(p.x), p.k, p.v_init,
+            as_cuda(p.grad_x), p.grad_k, p.grad_v_init, p.grad_k_partials, p.grad_v_init_partials, scalars...);
+      },
+      launch.path_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.grad_k_partials != nullptr || p.grad_v_init_partials != nullptr) {
     plif_finish_shares_kernel<acc_t>

@@ -7,17 +7,17 @@
 // can only keep the memory system busy by loading inputs of several time steps before it runs
 // the recurrence over them: every chunk of steps issues all its loads (at least 64 bytes per
 // thread in float32; .ci/check_cuda_build.py reads that from the SASS) before its first store.
-// The forward has two paths, picked per launch from N, the grid and the tensors' alignment
-// (vector_path below):
+// The forward has two paths, picked per launch by the host with the grid (forward_shape in
+// plif_launch.h) and passed in the kernel's flags (kFlagVectorPath):
 //   vector: LANES consecutive neurons per thread, every [T, N] access one 16-byte word; where N
-//           is a multiple of LANES and so large that every thread of the grid takes LANES
-//           neurons or more anyway;
+//           is a multiple of LANES, the tensors are aligned, and N is large enough that this keeps
+//           at least as many bytes in flight as one neuron per thread;
 //   scalar: one neuron per thread: small N (one thread per neuron, and the whole of a short
 //           sequence in flight at once), misaligned tensors, N not a multiple of LANES.
 // Each takes as many steps per chunk as 64 bytes of its loads need (Geometry below); the last
 // chunk is shorter where T is not a multiple of the chunk, and the smooth mode (spiking=False,
-// for gradcheck) runs one step at a time on the scalar path. The backward takes one neuron per
-// thread and the checkpoints' chunks (see there).
+// for gradcheck) runs one step at a time on the scalar path. The backward takes the checkpoints'
+// chunks, one neuron per thread or, in the half types' lanes path, two (see there).
 //
 // ptxas is fragile here: benchmarks/NOTES.md lists what each register took.
 //
@@ -74,57 +74,53 @@ __host__ __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>
 
 // ---- launch geometry ---------------------------------------------------------------------------
 // Neurons per thread of the forward's vector path (its scalar path and the backward take one)
-// and time steps per forward chunk: a chunk loads at least kLoadBytesAhead per thread, ceil(64 /
-// bytes per step) steps, where a step of LANES neurons loads x. The backward's chunk is the
-// checkpoint chunk (kCheckpointSteps steps of X and of the incoming gradients; see there).
+// and time steps per forward chunk: a chunk loads at least kLoadBytesAhead per thread
+// (plif_launch.h's chunk_steps), where a step of LANES neurons loads x. The backward's chunk is
+// the checkpoint chunk (kCheckpointSteps steps of X and of the incoming gradients; see there).
 template <typename in_t, typename acc_t>
 struct Geometry {
-  enum : int {
-    kLoadBytesAhead = 64,
-    kForwardLanes = 16 / sizeof(in_t),
-  };
-  __host__ __device__ static constexpr int steps_for(int step_bytes) {
-    return (kLoadBytesAhead + step_bytes - 1) / step_bytes;
-  }
+  enum : int { kForwardLanes = kVectorBytes / sizeof(in_t) };
   template <int LANES>
   __host__ __device__ static constexpr int forward_steps() {
-    return steps_for(LANES * static_cast<int>(sizeof(in_t)));
+    return chunk_steps(LANES * static_cast<int>(sizeof(in_t)));
   }
   // Blocks per multiprocessor the kernels are built for (launch bounds). The forward keeps half
   // the threads of an sm_80 / sm_90 multiprocessor (64 registers each). The backward, whose chunk
-  // keeps every load of its 8 steps in flight in one straight run, takes 96 registers (two
-  // blocks: 512 threads; at 80 ptxas spilled 772 bytes) and float64 138 (one block; at 128 the
-  // division's slow path took a stack frame on sm_80-89); .ci/check_cuda_build.py lists both as
-  // exceptions with the bytes in flight they keep (benchmarks/NOTES.md, "The backward in one
-  // round trip").
+  // keeps every load of its 8 steps in flight in one straight run, takes 91-113 registers (two
+  // blocks: 512 threads; at 80 ptxas spilled 772 bytes; the half types' two lanes take the most)
+  // and float64 138-144 (one block; at 128 the division's slow path took a stack frame on
+  // sm_80-89); .ci/check_cuda_build.py lists both as exceptions with the bytes in flight they keep
+  // (benchmarks/NOTES.md, "The backward in one round trip", "The half types' backward in lanes").
   enum : int {
     kForwardMinBlocks = 4,
     kBackwardMinBlocks = sizeof(acc_t) == 8 ? 1 : 2,
   };
 };
 
-__device__ __forceinline__ bool aligned16(const void* pointer) {
-  return (reinterpret_cast<unsigned long long>(pointer) & 15u) == 0;  // null counts as aligned
-}
-
-// The vector path needs every [T, N] stream 16-byte aligned and whole vectors per row, and pays
-// only where the scalar path would have each thread scan LANES neurons or more one after
-// another. Uniform over the launch.
-template <int LANES>
-__device__ __forceinline__ bool vector_path(index_t N, const void* a, const void* b, const void* c, const void* d) {
-  const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
-  return N % LANES == 0 && N >= LANES * threads && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d);
-}
-
 // ---- accesses of LANES consecutive values ------------------------------------------------------
-// Vector accesses move 16-byte words.
-template <bool VECTOR, typename T>
+// Vector accesses move words of all LANES values, at most 16 bytes each: 16-byte words in the
+// forward, one 4-byte word of two half values in the half types' backward.
+template <int BYTES>
+struct WordOfBytes {
+  using type = uint4;
+};
+template <>
+struct WordOfBytes<8> {
+  using type = uint2;
+};
+template <>
+struct WordOfBytes<4> {
+  using type = unsigned int;
+};
+template <bool VECTOR, int LANES, typename T>
 struct AccessWord {
   using type = T;
 };
-template <typename T>
-struct AccessWord<true, T> {
-  using type = uint4;
+template <int LANES, typename T>
+struct AccessWord<true, LANES, T> {
+  static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes % 16 == 0, "a vector access moves whole words");
+  using type = typename WordOfBytes<(kBytes < 16 ? kBytes : 16)>::type;
 };
 
 // LANES consecutive values as loaded: vector words (VECTOR: the address is aligned to the
@@ -132,9 +128,8 @@ struct AccessWord<true, T> {
 // two half values in flight share one register instead of taking one each.
 template <bool VECTOR, int LANES, typename T>
 struct LoadedLanes {
-  using Word = typename AccessWord<VECTOR, T>::type;
+  using Word = typename AccessWord<VECTOR, LANES, T>::type;
   static constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-  static_assert(!VECTOR || kBytes % 16 == 0, "a vector access moves whole 16-byte words");
   static constexpr int kWords = kBytes / static_cast<int>(sizeof(Word));
   Word words[kWords];
 
@@ -156,8 +151,7 @@ template <bool VECTOR, int LANES, typename T>
 __device__ __forceinline__ void store_lanes(T* __restrict__ target, const T (&values)[LANES]) {
   if constexpr (VECTOR) {
     constexpr int kBytes = LANES * static_cast<int>(sizeof(T));
-    using Word = typename AccessWord<true, T>::type;
-    static_assert(kBytes % 16 == 0, "a vector access moves whole 16-byte words");
+    using Word = typename AccessWord<true, LANES, T>::type;
     PLIF_CHECK_VECTOR_ACCESS(target, sizeof(Word));
     Word* words = reinterpret_cast<Word*>(target);
 #pragma unroll
@@ -261,20 +255,19 @@ __device__ __forceinline__ void forward_neurons(const ForwardParams<in_t, acc_t>
   forward_end<LANES>(p, n0, st);
 }
 
-// The vector path or the scalar one, each thread taking neurons in a grid-stride loop. The
-// smooth mode (kRuntime) is for gradcheck: one step at a time, scalar path only (a fourth loop
-// cost the other three registers).
+// The vector path or the scalar one, as the host picked it (vector_path), each thread taking
+// neurons in a grid-stride loop. The smooth mode (kRuntime) is for gradcheck: one step at a time,
+// scalar path only (a fourth loop cost the other three registers).
 template <int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void forward_paths(const ForwardParams<in_t, acc_t>& p, const in_t* __restrict__ x,
                                               in_t* __restrict__ spikes, in_t* __restrict__ v_seq,
-                                              acc_t* __restrict__ h_seq) {
+                                              acc_t* __restrict__ h_seq, bool vector_path) {
   using Shape = Geometry<in_t, acc_t>;
   constexpr int kLanes = Shape::kForwardLanes;
   constexpr bool kChunked = SURROGATE != kRuntime;
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  // Every step of x starts on a 16-byte word too: its step x_step (0 included) whole vectors.
-  if (kChunked && p.x_step % kLanes == 0 && vector_path<kLanes>(p.N, x, spikes, v_seq, h_seq)) {
+  if (kChunked && vector_path) {
     constexpr int kSteps = Shape::template forward_steps<kLanes>();
     for (index_t n = first * kLanes; n < p.N; n += threads * kLanes) {
       forward_neurons<kSteps, true, kLanes, SURROGATE>(p, x, spikes, v_seq, h_seq, n);
@@ -307,10 +300,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kForw
                                      N,
                                      x_step,
                                      make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
+  const bool vector_path = (flags & kFlagVectorPath) != 0;
   if (p.opts.spiking) {
-    forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kSpikingForward>(p, x, spikes, v_seq, h_seq, vector_path);
   } else {
-    forward_paths<kRuntime>(p, x, spikes, v_seq, h_seq);
+    forward_paths<kRuntime>(p, x, spikes, v_seq, h_seq, vector_path);
   }
 }
 
@@ -324,35 +318,52 @@ using GradVLast = typename PointeeOf<decltype(BackwardParams<in_t, acc_t>::grad_
 // (its X, the checkpoint before it, its incoming gradients) before anything else, recomputes its
 // H from X (the forward's expressions: the same bits), then runs its steps back, each one the
 // step function of plif_math.h with step T-1's and step 0's terms as predicates. So a neuron
-// with T <= kCheckpointSteps makes one round trip to memory before its first store. The chunk's
-// H and dH/dk sit in shared memory, one column per thread: in registers they left no room within
-// the 64 that four resident blocks allow.
+// with T <= kCheckpointSteps makes one round trip to memory before its first store. A thread
+// takes LANES consecutive neurons: one, or in the half types' lanes path two, whose values of a
+// step make one 4-byte word (so a chunk keeps 64 B in flight, not 32; plif_launch.h's
+// backward_shape picks the path). The chunk's H and dH/dk sit in shared memory, one column per
+// thread and lane: in registers they left no room within the 64 that four resident blocks allow.
 template <typename acc_t>
 struct ChunkColumns {
-  acc_t* h;      // h[(i + 1) * kThreadsPerBlock]: H[t0 + i]; h[0]: the checkpoint H[t0 - 1]
-  acc_t* dh_dk;  // dh_dk[i * kThreadsPerBlock]: dH/dk at t0 + i
+  acc_t* h;      // h[((i + 1) * LANES + j) * kThreadsPerBlock]: H[t0 + i] of lane j; i = -1: the checkpoint H[t0 - 1]
+  acc_t* dh_dk;  // dh_dk[(i * LANES + j) * kThreadsPerBlock]: dH/dk at t0 + i of lane j
 };
 
-// One pair of arrays per compute type, shared by every instantiation that uses it.
+// Lanes of the backward's widest path for a compute type: the half types' (float) two.
+template <typename acc_t>
+struct BackwardColumns {
+  enum : int { kMaxLanes = sizeof(acc_t) == 4 ? 2 : 1 };
+};
+
+// One pair of arrays per compute type, shared by every instantiation that uses it (both paths
+// of a kernel: separate arrays would pass the 48 KB of static shared memory).
 template <typename acc_t>
 __device__ __forceinline__ ChunkColumns<acc_t> chunk_columns() {
-  __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kThreadsPerBlock];
-  __shared__ acc_t chunk_dh_dk[kCheckpointSteps * kThreadsPerBlock];
+  constexpr int kLanes = BackwardColumns<acc_t>::kMaxLanes;
+  __shared__ acc_t chunk_h[(kCheckpointSteps + 1) * kLanes * kThreadsPerBlock];
+  __shared__ acc_t chunk_dh_dk[kCheckpointSteps * kLanes * kThreadsPerBlock];
   return {chunk_h + threadIdx.x, chunk_dh_dk + threadIdx.x};
 }
 
-// All T steps (T >= 1) of neuron n, back in time, into st. GRAD_V: grad_v_seq is given.
-template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+// All T steps (T >= 1) of neurons n0 .. n0 + LANES - 1, back in time, into st. GRAD_V:
+// grad_v_seq is given.
+template <bool GRAD_V, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t, acc_t>& p,
                                                        const in_t* __restrict__ grad_spikes,
                                                        const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
-                                                       in_t* __restrict__ grad_x, index_t n,
-                                                       BackwardState<1, acc_t>& st) {
+                                                       in_t* __restrict__ grad_x, index_t n0,
+                                                       BackwardState<LANES, acc_t>& st) {
   constexpr int K = kCheckpointSteps;
+  constexpr bool kVector = LANES > 1;
+  constexpr int kColumn = kThreadsPerBlock;  // from one lane's column to the next
   const ChunkColumns<acc_t> column = chunk_columns<acc_t>();
   const Options<acc_t> o = p.opts;
   const bool through_spike = grad_spikes != nullptr;
-  const acc_t grad_v_last = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n]) : acc_t(0);
+  acc_t grad_v_last[LANES];
+#pragma unroll
+  for (int j = 0; j < LANES; ++j) {
+    grad_v_last[j] = p.grad_v_last != nullptr ? load_as<acc_t>(p.grad_v_last[n0 + j]) : acc_t(0);
+  }
   const index_t last_chunk = (p.T - 1) / K;
   for (index_t chunk = last_chunk; chunk >= 0; --chunk) {
     const index_t t0 = chunk * K;
@@ -361,49 +372,70 @@ __device__ __forceinline__ void backward_neuron_chunks(const BackwardParams<in_t
     // step's rows again, and without grad_spikes its loads read x's rows (in bounds, values
     // dropped), so that no branch splits the run. Rows are running offsets: computed per step,
     // ptxas keeps a 64-bit offset for every step.
-    in_t inputs[K], grad_s[K], grad_v[K];
+    LoadedLanes<kVector, LANES, in_t> inputs[K], grad_s[K], grad_v[K];
     const in_t* const grad_s_rows = through_spike ? grad_spikes : x;
     const index_t grad_s_step = through_spike ? p.N : p.x_step;
-    index_t x_row = t0 * p.x_step + n;
-    index_t grad_s_row = t0 * grad_s_step + n;
-    index_t row = t0 * p.N + n;
+    index_t x_row = t0 * p.x_step + n0;
+    index_t grad_s_row = t0 * grad_s_step + n0;
+    index_t row = t0 * p.N + n0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       PLIF_KEEP_IN_ORDER(row);
-      inputs[i] = x[x_row];
-      grad_s[i] = grad_s_rows[grad_s_row];
-      if (GRAD_V) grad_v[i] = grad_v_seq[row];
+      inputs[i].load(x + x_row);
+      grad_s[i].load(grad_s_rows + grad_s_row);
+      if (GRAD_V) grad_v[i].load(grad_v_seq + row);
       if (i + 1 < count) {
         x_row += p.x_step;
         grad_s_row += grad_s_step;
         row += p.N;
       }
     }
-    ForwardState<1, acc_t> forward;
-    recompute_chunk_begin<1, SURROGATE>(p, chunk, n, forward, column.h);
+    ForwardState<LANES, acc_t> forward;
+    acc_t h_before[LANES];
+    recompute_chunk_begin<LANES, SURROGATE>(p, chunk, n0, forward, h_before);
+    if (chunk > 0) {
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) column.h[j * kColumn] = h_before[j];
+    }
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i < count) {
-        acc_t h_step, dh_dk_step;
-        recompute_step<1, SURROGATE>(&inputs[i], o, forward, &h_step, &dh_dk_step);
-        column.h[(i + 1) * kThreadsPerBlock] = h_step;
-        column.dh_dk[i * kThreadsPerBlock] = dh_dk_step;
+        in_t x_step_values[LANES];
+        acc_t h_step[LANES], dh_dk_step[LANES];
+#pragma unroll
+        for (int j = 0; j < LANES; ++j) x_step_values[j] = inputs[i][j];
+        recompute_step<LANES, SURROGATE>(x_step_values, o, forward, h_step, dh_dk_step);
+#pragma unroll
+        for (int j = 0; j < LANES; ++j) {
+          column.h[((i + 1) * LANES + j) * kColumn] = h_step[j];
+          column.dh_dk[(i * LANES + j) * kColumn] = dh_dk_step[j];
+        }
       }
     }
-    if (chunk == last_chunk) backward_begin<1, SURROGATE>(p, n, &column.h[count * kThreadsPerBlock], st);
-    row = (t0 + count - 1) * p.N + n;
+    if (chunk == last_chunk) {
+      acc_t h_last[LANES];
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) h_last[j] = column.h[(count * LANES + j) * kColumn];
+      backward_begin<LANES, SURROGATE>(p, n0, h_last, st);
+    }
+    row = (t0 + count - 1) * p.N + n0;
 #pragma unroll
     for (int i = K - 1; i >= 0; --i) {
       if (i >= count) continue;
       PLIF_KEEP_IN_ORDER(row);
       const index_t t = t0 + i;
       const bool last_step = t == p.T - 1;
-      const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i]) : acc_t(0);
-      const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i]) : acc_t(0)) + (last_step ? grad_v_last : acc_t(0));
-      const acc_t gx = backward_neuron_step<SURROGATE>(
-          t > 0, t > 0 ? column.h[i * kThreadsPerBlock] : acc_t(0), column.dh_dk[i * kThreadsPerBlock], gs, gv,
-          through_spike, through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr), o, st, 0);
-      grad_x[row] = store_as<in_t>(gx);
+      const bool membrane = through_membrane(last_step, through_spike, GRAD_V, p.grad_v_last != nullptr);
+      acc_t gx[LANES];
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) {
+        const acc_t gs = through_spike ? load_as<acc_t>(grad_s[i][j]) : acc_t(0);
+        const acc_t gv = (GRAD_V ? load_as<acc_t>(grad_v[i][j]) : acc_t(0)) + (last_step ? grad_v_last[j] : acc_t(0));
+        gx[j] = backward_neuron_step<SURROGATE>(t > 0, t > 0 ? column.h[(i * LANES + j) * kColumn] : acc_t(0),
+                                                column.dh_dk[(i * LANES + j) * kColumn], gs, gv, through_spike,
+                                                membrane, o, st, j);
+      }
+      store_lanes_as<kVector>(grad_x + row, gx);
       row -= p.N;
     }
   }
@@ -416,28 +448,33 @@ struct ThreadShares {
   double grad_v_init = 0.0;
 };
 
-// One neuron per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
-// without it are compiled apart (in one loop the chunks of both cost registers for both).
-template <bool GRAD_V, int SURROGATE, typename in_t, typename acc_t>
+// LANES neurons per thread, in a grid-stride loop. GRAD_V: grad_v_seq is given; the loops with and
+// without it are compiled apart (in one loop the chunks of both cost registers for both). A null
+// grad_k (grad_v_init), and then null partials, is a gradient nobody asked for: nothing of it is
+// stored or summed.
+template <bool GRAD_V, int LANES, int SURROGATE, typename in_t, typename acc_t>
 __device__ __forceinline__ void backward_neurons(const BackwardParams<in_t, acc_t>& p,
                                                  const in_t* __restrict__ grad_spikes,
                                                  const in_t* __restrict__ grad_v_seq, const in_t* __restrict__ x,
                                                  in_t* __restrict__ grad_x, ThreadShares& shares) {
   const index_t threads = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t first = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (index_t n = first; n < p.N; n += threads) {
-    BackwardState<1, acc_t> st;
-    backward_neuron_chunks<GRAD_V, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n, st);
-    const acc_t grad_k = grad_k_of_lane(p, st, 0);
-    const acc_t grad_v_init = grad_v_init_of_lane(st, 0);
-    if (p.grad_k_partials != nullptr)
-      shares.grad_k += grad_k;
-    else
-      p.grad_k[n] = grad_k;
-    if (p.grad_v_init_partials != nullptr)
-      shares.grad_v_init += grad_v_init;
-    else
-      p.grad_v_init[n] = grad_v_init;
+  for (index_t n0 = first * LANES; n0 < p.N; n0 += threads * LANES) {
+    BackwardState<LANES, acc_t> st;
+    backward_neuron_chunks<GRAD_V, LANES, SURROGATE>(p, grad_spikes, grad_v_seq, x, grad_x, n0, st);
+#pragma unroll
+    for (int j = 0; j < LANES; ++j) {
+      if (p.grad_k_partials != nullptr) {
+        shares.grad_k += grad_k_of_lane(p, st, j);
+      } else if (p.grad_k != nullptr) {
+        p.grad_k[n0 + j] = grad_k_of_lane(p, st, j);
+      }
+      if (p.grad_v_init_partials != nullptr) {
+        shares.grad_v_init += grad_v_init_of_lane(st, j);
+      } else if (p.grad_v_init != nullptr) {
+        p.grad_v_init[n0 + j] = grad_v_init_of_lane(st, j);
+      }
+    }
   }
 }
 
@@ -480,13 +517,22 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
                                       x_step,
                                       make_options<acc_t>(v_threshold, v_reset, alpha, surrogate, flags)};
   ThreadShares shares;
-#define PLIF_BACKWARD_NEURONS(mode)                                                                    \
-  (grad_v_seq != nullptr ? backward_neurons<true, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
-                         : backward_neurons<false, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
+  // The lanes path as the host picked it (backward_shape); spiking mode only, like the forward's.
+  constexpr int kLanes = backward_lanes(static_cast<int>(sizeof(in_t)));
+  const bool lanes_path = kLanes > 1 && (flags & kFlagVectorPath) != 0;
+#define PLIF_BACKWARD_LANES(lanes, mode)                                                                      \
+  (grad_v_seq != nullptr ? backward_neurons<true, lanes, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares) \
+                         : backward_neurons<false, lanes, mode>(p, grad_spikes, grad_v_seq, x, grad_x, shares))
+#define PLIF_BACKWARD_NEURONS(mode)    \
+  if (kLanes > 1 && lanes_path) {      \
+    PLIF_BACKWARD_LANES(kLanes, mode); \
+  } else {                             \
+    PLIF_BACKWARD_LANES(1, mode);      \
+  }
   // Spiking mode with the surrogate fixed at compile time (branch-free steps); the smooth mode
   // switches per step.
   if (!p.opts.spiking) {
-    PLIF_BACKWARD_NEURONS(kRuntime);
+    PLIF_BACKWARD_LANES(1, kRuntime);
   } else {
     switch (p.opts.surrogate) {
       case kSigmoid: PLIF_BACKWARD_NEURONS(kSigmoid); break;
@@ -499,6 +545,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Geometry<in_t, acc_t>::kBack
     }
   }
 #undef PLIF_BACKWARD_NEURONS
+#undef PLIF_BACKWARD_LANES
   if (grad_k_partials != nullptr) store_block_partial(shares.grad_k, grad_k_partials);
   if (grad_v_init_partials != nullptr) store_block_partial(shares.grad_v_init, grad_v_init_partials);
 }

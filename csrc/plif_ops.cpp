@@ -91,15 +91,23 @@ ForwardSizes forward_sizes(c10::SymIntArrayRef x, bool store_v_seq, SaveMode sav
                                      : none};
 }
 
-// grad_x has the shape of the forward's x, grad_k and grad_v_init as many values as k and v_init.
+// grad_x has the shape of the forward's x, grad_k and grad_v_init as many values as k and v_init,
+// or none where the caller does not ask for them.
 struct BackwardSizes {
   SymSizes grad_x, grad_k, grad_v_init;
 };
 
-BackwardSizes backward_sizes(const Tensor& shape_source, const Tensor& k, const Tensor& v_init) {
+// Which of the one-per-parameter gradients the caller asks for (the backward op's needs_grad_k,
+// needs_grad_v_init).
+struct AskedGradients {
+  bool k, v_init;
+};
+
+BackwardSizes backward_sizes(const Tensor& shape_source, const Tensor& k, const Tensor& v_init, AskedGradients asked) {
+  const c10::SymInt none(0);
   return {SymSizes(shape_source.sym_sizes().begin(), shape_source.sym_sizes().end()),
-          {k.sym_numel()},
-          {v_init.sym_numel()}};
+          {asked.k ? k.sym_numel() : none},
+          {asked.v_init ? v_init.sym_numel() : none}};
 }
 
 // Every output of the kernels, the [N] ones included (at 2^20 neurons v_last, grad_k and
@@ -122,8 +130,9 @@ ForwardOutputs allocate_forward(const Tensor& x, bool store_v_seq, SaveMode save
 
 template <typename Allocate>
 BackwardOutputs allocate_backward(const Tensor& shape_source, const Tensor& k, const Tensor& v_init,
-                                  const at::TensorOptions& acc, at::ScalarType x_dtype, Allocate allocate) {
-  const BackwardSizes sizes = backward_sizes(shape_source, k, v_init);
+                                  AskedGradients asked, const at::TensorOptions& acc, at::ScalarType x_dtype,
+                                  Allocate allocate) {
+  const BackwardSizes sizes = backward_sizes(shape_source, k, v_init, asked);
   return {allocate(sizes.grad_x, acc.dtype(x_dtype)), allocate(sizes.grad_k, acc), allocate(sizes.grad_v_init, acc)};
 }
 
@@ -354,7 +363,8 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
                                    const std::optional<Tensor>& x, const Tensor& k, const Tensor& v_init,
                                    at::ScalarType x_dtype, double v_threshold, std::optional<double> v_reset,
                                    bool decay_input, bool detach_reset, c10::string_view surrogate, double alpha,
-                                   bool spiking) {
+                                   bool spiking, bool needs_grad_k, bool needs_grad_v_init) {
+  const AskedGradients asked{needs_grad_k, needs_grad_v_init};
   const Neuron neuron = neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   check_x_dtype(x_dtype);
   check_h_seq(h_seq, x_dtype);
@@ -385,24 +395,31 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
   }
 
   // dL/dk and dL/dv_init hold as many values as k and v_init: one (the sum over the neurons)
-  // or one per neuron.
+  // or one per neuron; none where the caller does not ask for them.
   Tensor grad_x, grad_k, grad_v_init;
   std::tie(grad_x, grad_k, grad_v_init) =
-      allocate_backward(shape_source, k, v_init, h_seq.options(), x_dtype, empty_output);
+      allocate_backward(shape_source, k, v_init, asked, h_seq.options(), x_dtype, empty_output);
   if (N == 0 || T == 0) {
     // No step: nothing reaches k, and dL/dv_init is dL/dV[T-1] (zero for N = 0).
     grad_k.zero_();
-    if (grad_v_last && N > 0)
+    if (grad_v_last && N > 0 && asked.v_init)
       grad_v_init.copy_(sum_to_count(grad_v_last->reshape({N}), v_init.numel()));
     else
       grad_v_init.zero_();
     return {grad_x, grad_k, grad_v_init};
   }
   check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
-  // Where k (v_init) is one value, the GPU kernels sum its shares per thread block into a row of
-  // partials (one per block of the widest grid), which the launcher then finishes.
-  const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1, N);
-  const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1, N);
+  // An unasked gradient reaches the GPU kernels as a null pointer, which they spend nothing on (no
+  // stores, no sums); the CPU kernel writes every gradient, an unasked one into a scratch row.
+  const auto written = [&](const Tensor& grad, const Tensor& parameter, bool wanted) {
+    return wanted || !h_seq.is_cpu() ? grad : empty_output({parameter.sym_numel()}, grad.options());
+  };
+  const Tensor grad_k_written = written(grad_k, k, asked.k);
+  const Tensor grad_v_init_written = written(grad_v_init, v_init, asked.v_init);
+  // Where k (v_init) is one value and asked for, the GPU kernels sum its shares per thread block
+  // into a row of partials (one per block of the widest grid), which the launcher then finishes.
+  const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1 && asked.k, N);
+  const Tensor grad_v_init_partials = gpu_partials(h_seq, v_init.numel() == 1 && asked.v_init, N);
 
   dispatch_types(x_dtype, "x", [&](auto in_v, auto acc_v) {
     using in_t = decltype(in_v);
@@ -416,8 +433,8 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
                                         k.data_ptr<acc_t>(),
                                         v_init.data_ptr<acc_t>(),
                                         grad_x.data_ptr<in_t>(),
-                                        grad_k.data_ptr<acc_t>(),
-                                        grad_v_init.data_ptr<acc_t>(),
+                                        ptr_or_null<acc_t>(grad_k_written),
+                                        ptr_or_null<acc_t>(grad_v_init_written),
                                         ptr_or_null<double>(grad_k_partials),
                                         ptr_or_null<double>(grad_v_init_partials),
                                         per_neuron_stride(k),
@@ -434,7 +451,7 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
         launch_nvrtc("plif_cuda_internal::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init),
+                      pointer_argument(grad_x), pointer_argument(grad_k_written), pointer_argument(grad_v_init_written),
                       pointer_argument(grad_k_partials), pointer_argument(grad_v_init_partials)},
                      p);
       } else {
@@ -451,20 +468,23 @@ BackwardOutputs multistep_backward_meta(const std::optional<Tensor>& grad_spikes
                                         const std::optional<Tensor>& x, const Tensor& k, const Tensor& v_init,
                                         at::ScalarType x_dtype, double v_threshold, std::optional<double> v_reset,
                                         bool decay_input, bool detach_reset, c10::string_view surrogate, double alpha,
-                                        bool spiking) {
+                                        bool spiking, bool needs_grad_k, bool needs_grad_v_init) {
   neuron_of(v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, spiking);
   check_x_dtype(x_dtype);
   check_h_seq(h_seq, x_dtype);
-  return allocate_backward(x ? *x : h_seq, k, v_init, h_seq.options(), x_dtype, empty_meta);
+  return allocate_backward(x ? *x : h_seq, k, v_init, {needs_grad_k, needs_grad_v_init}, h_seq.options(), x_dtype,
+                           empty_meta);
 }
 
 }  // namespace
 
 #define PLIF_FORWARD_OUTPUTS "-> (Tensor spikes, Tensor v_last, Tensor v_seq, Tensor h_seq)"
+// The backward's needs_grad_k (needs_grad_v_init) false: that gradient is returned empty, and the
+// GPU kernels spend nothing on it.
 #define PLIF_BACKWARD_ARGUMENTS                                                                        \
   "(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, Tensor? x, Tensor k, " \
   "Tensor v_init, *, ScalarType x_dtype, " PLIF_NEURON_OPTIONS                                         \
-  ") -> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)"
+  ", bool needs_grad_k=True, bool needs_grad_v_init=True) -> (Tensor grad_x, Tensor grad_k, Tensor grad_v_init)"
 
 TORCH_LIBRARY(plif_cuda, m) {
   for (const char* name : {"multistep_forward", "multistep_forward_nvrtc"}) {
@@ -491,7 +511,7 @@ TORCH_LIBRARY(plif_cuda_internal, m) {
       "float v_threshold, float v_reset, float alpha, int surrogate, int flags) -> ()");
   m.def(
       "nvrtc_launch_backward(Tensor? grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor? h_seq, "
-      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!) grad_k, Tensor(c!) grad_v_init, "
+      "Tensor? x, Tensor k, Tensor v_init, Tensor(a!) grad_x, Tensor(b!)? grad_k, Tensor(c!)? grad_v_init, "
       "Tensor(d!)? grad_k_partials, Tensor(e!)? grad_v_init_partials, int k_stride, "
       "int v_init_stride, int T, int N, int x_step, float v_threshold, float v_reset, float alpha, int surrogate, "
       "int flags) -> ()");
@@ -545,6 +565,45 @@ PyObject* py_launch_blocks(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(launch_blocks(neurons, resident_blocks));
 }
 
+PyObject* py_forward_shape(PyObject*, PyObject* args) {
+  long long T = 0, N = 0, x_step = 0, resident_blocks = 0;
+  int element_bytes = 0, flags = 0;
+  unsigned long long x = 0, spikes = 0, v_seq = 0, h_seq = 0;
+  if (!PyArg_ParseTuple(args, "LLLiiLKKKK:forward_shape", &T, &N, &x_step, &element_bytes, &flags, &resident_blocks, &x,
+                        &spikes, &v_seq, &h_seq)) {
+    return nullptr;
+  }
+  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
+    PyErr_Format(PyExc_ValueError, "forward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
+    return nullptr;
+  }
+  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  const LaunchPath launch =
+      forward_shape(T, N, x_step, element_bytes, flags,
+                    on_vector_words(address(x), address(spikes), address(v_seq), address(h_seq)), resident_blocks);
+  return Py_BuildValue("(Li)", static_cast<long long>(launch.blocks), launch.path_flag);
+}
+
+PyObject* py_backward_shape(PyObject*, PyObject* args) {
+  long long N = 0, x_step = 0, resident_blocks = 0;
+  int element_bytes = 0, flags = 0;
+  unsigned long long x = 0, grad_spikes = 0, grad_v_seq = 0, grad_x = 0;
+  if (!PyArg_ParseTuple(args, "LLiiLKKKK:backward_shape", &N, &x_step, &element_bytes, &flags, &resident_blocks, &x,
+                        &grad_spikes, &grad_v_seq, &grad_x)) {
+    return nullptr;
+  }
+  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
+    PyErr_Format(PyExc_ValueError, "backward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
+    return nullptr;
+  }
+  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  const int word = backward_lanes(element_bytes) * element_bytes;
+  const LaunchPath launch = backward_shape(
+      N, x_step, element_bytes, flags,
+      on_words(word, address(x), address(grad_spikes), address(grad_v_seq), address(grad_x)), resident_blocks);
+  return Py_BuildValue("(Li)", static_cast<long long>(launch.blocks), launch.path_flag);
+}
+
 PyObject* py_checkpoint_rows(PyObject*, PyObject* args) {
   long long steps = 0;
   if (!PyArg_ParseTuple(args, "L:checkpoint_rows", &steps)) return nullptr;
@@ -571,6 +630,12 @@ PyObject* py_set_cpu_cache_limit(PyObject*, PyObject* args) {
 PyMethodDef module_functions[] = {
     {"launch_blocks", py_launch_blocks, METH_VARARGS,
      "launch_blocks(neurons, resident_blocks): blocks of a GPU launch over `neurons` (plif_launch.h)"},
+    {"forward_shape", py_forward_shape, METH_VARARGS,
+     "forward_shape(T, N, x_step, element_bytes, flags, resident_blocks, x, spikes, v_seq, h_seq): (blocks, "
+     "path flag) of a forward launch, the tensors given by address, 0 for none (plif_launch.h)"},
+    {"backward_shape", py_backward_shape, METH_VARARGS,
+     "backward_shape(N, x_step, element_bytes, flags, resident_blocks, x, grad_spikes, grad_v_seq, grad_x): "
+     "(blocks, path flag) of a backward launch, the tensors given by address, 0 for none (plif_launch.h)"},
     {"checkpoint_rows", py_checkpoint_rows, METH_VARARGS,
      "checkpoint_rows(steps): rows of H a forward of `steps` steps keeps in SAVE_CHECKPOINTS mode"},
     {"cpu_cache_bytes", py_cpu_cache_bytes, METH_NOARGS, "bytes of released CPU outputs kept for reuse"},
@@ -611,6 +676,7 @@ bool add_attributes(PyObject* module) {
       {"THREADS_PER_BLOCK", kThreadsPerBlock}, {"FLAG_SOFT_RESET", kFlagSoftReset},
       {"FLAG_DECAY_INPUT", kFlagDecayInput},   {"FLAG_DETACH_RESET", kFlagDetachReset},
       {"FLAG_SPIKING", kFlagSpiking},          {"FLAG_H_CHECKPOINTS", kFlagHCheckpoints},
+      {"FLAG_VECTOR_PATH", kFlagVectorPath},
   };
   for (const auto& [name, value] : integers) {
     if (!add_attribute(module, name, PyLong_FromLong(value))) {

@@ -58,11 +58,12 @@ inline int option_flags(const Options<acc_t>& o) {
 
 // The kernels' scalar arguments, in their parameter order (plif_kernels.cuh), passed to `fn`.
 // Every launcher passes exactly these: the nvcc one (plif_cuda.cu) and the NVRTC one
-// (plif_ops.cpp hands them to plif_cuda/cupy_backend.py).
+// (plif_ops.cpp hands them to plif_cuda/cupy_backend.py). launch_flags: the launcher's choices
+// added to the options' flags (the forward's memory path, plif_launch.h).
 template <typename Params, typename Fn>
-inline void with_scalar_arguments(const Params& p, Fn fn) {
+inline void with_scalar_arguments(const Params& p, Fn fn, int launch_flags = 0) {
   fn(p.k_stride, p.v_init_stride, p.T, p.N, p.x_step, p.opts.v_threshold, p.opts.v_reset, p.opts.alpha,
-     p.opts.surrogate, option_flags(p.opts));
+     p.opts.surrogate, option_flags(p.opts) | launch_flags);
 }
 
 // Memory layout: every [T, N] tensor is contiguous with time outermost (element (t, n) at

@@ -23,7 +23,7 @@ import torch
 from . import _nvrtc, ops
 
 if ops.extension_available():
-    from ._C import THREADS_PER_BLOCK, launch_blocks
+    from ._C import THREADS_PER_BLOCK, backward_shape, forward_shape
 
 
 @functools.cache
@@ -110,11 +110,22 @@ def _launch(direction: str, dtype: torch.dtype, pointers, scalars) -> int:
     device_index = torch.cuda.current_device()
     kernel, resident_blocks = _kernel_pair(device_index, dtype)[direction]
     acc = np.float64 if dtype == torch.float64 else np.float32
-    args = tuple(np.uint64(0 if t is None else t.data_ptr()) for t in pointers) + tuple(
+    addresses = tuple(0 if t is None else t.data_ptr() for t in pointers)
+    # The launch shape of the nvcc launcher too (csrc/plif_launch.h). scalars: k_stride,
+    # v_init_stride, T, N, x_step, ..., flags; the memory path the shape picks joins the flags.
+    T, N, x_step, flags = (*scalars[2:5], scalars[-1])
+    if direction == "forward":
+        x, _, _, spikes, _, v_seq, h_seq = addresses
+        grid, path_flag = forward_shape(T, N, x_step, dtype.itemsize, flags, resident_blocks, x, spikes, v_seq, h_seq)
+    else:
+        grad_spikes, _, grad_v_seq, _, x, _, _, grad_x = addresses[:8]
+        grid, path_flag = backward_shape(
+            N, x_step, dtype.itemsize, flags, resident_blocks, x, grad_spikes, grad_v_seq, grad_x
+        )
+    scalars = (*scalars[:-1], flags | path_flag)
+    args = tuple(np.uint64(a) for a in addresses) + tuple(
         convert(value) for convert, value in zip(_scalar_types(acc), scalars, strict=True)
     )
-    # The launch shape of the nvcc launcher too (csrc/plif_launch.h); scalars[3] is N.
-    grid = launch_blocks(scalars[3], resident_blocks)
     stream = _cupy_stream(torch.cuda.current_stream(device_index))
     kernel((grid,), (THREADS_PER_BLOCK,), args, stream=stream)
     return grid

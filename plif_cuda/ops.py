@@ -23,7 +23,8 @@ of ``S``. ``v_last``
 (and so its gradient) is in the compute dtype as well: it is the state a layer carries into its
 next call, which must not be rounded to a half dtype between calls. ``spikes``, ``v_seq`` and
 ``grad_x`` have ``x``'s dtype. The backward's ``grad_k`` and ``grad_v_init`` hold as many
-values as ``k`` and ``v_init``: where one value serves every neuron, its gradient is the sum of
+values as ``k`` and ``v_init`` (none where ``needs_grad_k`` / ``needs_grad_v_init`` is False: then
+the GPU kernels spend nothing on them): where one value serves every neuron, its gradient is the sum of
 the neurons' shares, added in an order fixed by the shape (the CPU kernel sums per block of
 neurons and adds the blocks in order), so its bits do not depend on the number of threads.
 """
@@ -152,6 +153,8 @@ def _backward(ctx, grad_spikes, grad_v_last, grad_v_seq, grad_h_seq):
             v_init,
             x_dtype=ctx.x_dtype,
             **ctx.neuron,
+            needs_grad_k=ctx.needs_input_grad[1],
+            needs_grad_v_init=ctx.needs_input_grad[2],
         )
     # Gradients only for the inputs that need them: v_init is a constant for a fresh layer, and a
     # frozen tau needs nothing either. The neuron's options are keyword-only: no gradient slot.

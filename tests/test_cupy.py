@@ -212,7 +212,10 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
     scalars = (0, 1, 4, 3000, 0, 1.0, -0.5, 2.0, _C.SURROGATES.index("erf"), flags)
     cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *scalars)
     ((grid, block, args),) = launches
-    assert (grid, block) == ((7,), (256,)), "3000 neurons: 12 blocks wanted, capped at the 7 resident ones"
+    # The vector path (csrc/plif_launch.h forward_shape): 3000 / lanes threads (750 float32, 1500
+    # float64) keep 16-byte words of 4 steps in flight, more than 1792 resident threads one neuron each.
+    vector_blocks = {torch.float32: 3, torch.float64: 6}[dtype]
+    assert (grid, block) == ((vector_blocks,), (256,)), "3000 neurons at 16 bytes per thread and step"
     assert [type(a) for a in args] == [_numpy_type(c, acc) for c, _ in _kernel_parameters("plif_forward_kernel")]
     assert [int(a) for a in args[:7]] == [
         x.data_ptr(),
@@ -223,9 +226,16 @@ def test_nvrtc_launch_arguments_follow_the_kernel_signatures(dtype, monkeypatch)
         0,
         h_seq.data_ptr(),
     ]
-    assert [float(a) for a in args[7:]] == [float(s) for s in scalars]
+    assert [float(a) for a in args[7:]] == [float(s) for s in scalars[:-1]] + [float(flags | _C.FLAG_VECTOR_PATH)]
     (stream,) = streams
     assert stream.ptr == 0xC0FFEE, "CuPy launches on torch's current stream"
+
+    # The smooth mode runs one neuron per thread: 12 blocks wanted, capped at the 7 resident ones.
+    launches.clear()
+    smooth = (*scalars[:-1], flags & ~_C.FLAG_SPIKING)
+    cupy_backend._launch_forward(x, k, v_init, spikes, v_last, None, h_seq, *smooth)
+    ((grid, _, args),) = launches
+    assert grid == (7,) and [float(a) for a in args[7:]] == [float(s) for s in smooth]
 
     launches.clear()
     grad_x, grad_k = torch.empty_like(x), torch.empty(15, dtype=dtype)
@@ -267,6 +277,32 @@ def test_shared_parameters_launch_the_finishing_sum(monkeypatch):
     launched.clear()
     cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad_k, grad_v_init, None, None, *scalars)
     assert [d for d, *_ in launched] == ["backward"]
+
+
+def test_half_backward_launches_its_lanes_path(monkeypatch):
+    """The half types' backward takes two neurons per thread where N is even and the tensors on
+    4-byte words (csrc/plif_launch.h backward_shape), as the nvcc launcher does: N / 2 threads and
+    the path flag; an odd N one neuron per thread."""
+    launched = []
+    monkeypatch.setattr(
+        cupy_backend,
+        "_kernel_pair",
+        lambda device, dtype: {
+            d: (lambda grid, block, args, stream: launched.append((grid, args)), 7) for d in ("backward",)
+        },
+    )
+    monkeypatch.setattr(cupy_backend, "_cupy_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    flags = _C.FLAG_SPIKING | _C.FLAG_H_CHECKPOINTS
+    for neurons, grid, path in ((1000, 2, _C.FLAG_VECTOR_PATH), (999, 4, 0)):
+        x = torch.randn(9, neurons).half()
+        h_seq, k, grad = torch.zeros(1, neurons), torch.full((1,), 0.5), torch.zeros(neurons)
+        scalars = (0, 0, 9, neurons, neurons, 1.0, 0.0, 4.0, 0, flags)
+        cupy_backend._launch_backward(x, None, None, h_seq, x, k, k, x, grad, grad, None, None, *scalars)
+        ((launched_grid, args),) = launched
+        assert launched_grid == (grid,) and int(args[-1]) == flags | path, neurons
+        launched.clear()
 
 
 def test_cuda_tensors_reach_the_op_in_every_build():

@@ -7,10 +7,13 @@ The cases cover both memory paths of the kernels (vector accesses, picked for la
 tensors, and the scalar one for small N, tails and misaligned tensors), T below, at and above
 the steps a chunk loads ahead and not a multiple of them, every option, surrogate and dtype,
 absent gradients, and x read with its steps any distance apart (one step broadcast over time,
-slices), compared with the CPU kernel on its contiguous copy. The vector path needs N >= neurons
-per thread x resident threads; to reach it with a few thousand neurons, the emulated device keeps
-only one or two blocks resident. Only the spiking mode takes it, and only the forward (the
-backward takes one neuron per thread: see Geometry in the kernels).
+slices), compared with the CPU kernel on its contiguous copy. The host picks the forward's path
+with its grid (csrc/plif_launch.h, forward_shape): the vector path where it keeps at least as many
+bytes in flight as one neuron per thread, from about twice the resident threads on; to reach it with
+a few thousand neurons, the emulated device keeps only one or two blocks resident. Only the spiking
+mode takes it. The half types' backward has a lanes path too (backward_shape): two neurons per
+thread, one 4-byte word of both per step and stream, wherever N and x's step are even and the
+streams on 4-byte words (spiking mode); every other backward takes one neuron per thread.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ def emulation(tmp_path_factory):
     lib.plif_emulate_forward.argtypes = [i32] + [pointer] * 7 + tail
     lib.plif_emulate_backward.argtypes = [i32] + [pointer] * 10 + tail
     lib.plif_emulate_vector_load.argtypes = [pointer, ctypes.c_char_p, i32]
+    lib.plif_emulated_barriers.argtypes = []
     for fn in (lib.plif_emulate_forward, lib.plif_emulate_backward, lib.plif_emulate_vector_load):
         fn.restype = i64
+    lib.plif_emulated_barriers.restype = i64
     return lib
 
 
@@ -119,7 +124,12 @@ def _kernel_scalars(options, save=_C.SAVE_H):
 
 
 def forward_lanes(dtype) -> int:
-    return 16 // torch.tensor([], dtype=dtype).element_size()
+    return 16 // dtype.itemsize
+
+
+def is_half(dtype) -> bool:
+    """The half types, whose backward takes two neurons per thread where it can."""
+    return dtype.itemsize == 2
 
 
 def run_case(
@@ -258,7 +268,8 @@ def test_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, res
         emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks
     )
     vector = resident_blocks != H200_BLOCKS
-    assert (forward_vectors > 0) == vector and backward_vectors == 0
+    # Every N here is even and every tensor aligned: the half types' backward takes its lanes path.
+    assert (forward_vectors > 0) == vector and (backward_vectors > 0) == is_half(dtype)
 
 
 @pytest.mark.parametrize("surrogate, spiking", SURROGATE_CASES)
@@ -281,11 +292,71 @@ def test_time_steps_around_the_chunk_sizes(emulation, dtype, steps):
 @pytest.mark.parametrize("neurons", (1, 3, 4095, 4097, 4100), ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_neuron_counts_with_tails_take_the_scalar_path(emulation, dtype, neurons):
-    # One resident block: the vector path would be chosen if N were a multiple of the lanes and
-    # large enough; 4100 is a multiple of 4 (float32's lanes).
+    # One resident block (256 threads), T = 9: the vector path is chosen where N is a multiple of
+    # the lanes and fills the block at that many neurons per thread; 4100 is a multiple of 4
+    # (float32's lanes) and 2 (float64's).
     forward_vectors, backward_vectors = run_case(emulation, dtype, 9, neurons, op_options(), 1, seed=neurons)
     lanes = forward_lanes(dtype)
-    assert (forward_vectors > 0) == (neurons % lanes == 0 and neurons >= 256 * lanes) and backward_vectors == 0
+    assert (forward_vectors > 0) == (neurons == 4100 and lanes <= 4)
+    assert (backward_vectors > 0) == (neurons == 4100 and is_half(dtype))
+
+
+# (dtype, neurons, vector path chosen) on a device keeping 2 blocks (512 threads) resident, T = 8,
+# where one neuron per thread keeps 512 x 8 steps x 2 B = 8 KiB in flight (float32: 16 KiB) and
+# the vector path N / LANES threads x 4 steps x 16 B. The old rule, inside the kernel, took the
+# vector path only from N = LANES x 512 on (4096 half neurons): these are the sizes of 2^20 half
+# neurons on an H100, which it ran one neuron per thread.
+PATH_CHOICES = [
+    pytest.param(torch.float16, 2048, True, id="float16-4x_threads-vector"),
+    pytest.param(torch.bfloat16, 1024, True, id="bfloat16-2x_threads-tie-vector"),
+    pytest.param(torch.float16, 768, False, id="float16-1.5x_threads-scalar"),
+    pytest.param(torch.float32, 1024, True, id="float32-2x_threads-tie-vector"),
+    pytest.param(torch.float32, 1020, False, id="float32-below_2x_threads-scalar"),
+]
+
+
+@pytest.mark.parametrize("dtype, neurons, vector", PATH_CHOICES)
+def test_the_host_picks_the_path_from_n_over_lanes(emulation, dtype, neurons, vector):
+    forward_vectors, _ = run_case(emulation, dtype, 8, neurons, op_options(), 2, seed=neurons)
+    # Every vector access moves 16 bytes: x's loads and the spikes, H and V rows' stores.
+    assert (forward_vectors > 0) == vector
+
+
+def test_forward_shape_on_an_h100():
+    """The rule both launchers follow, for an H100 (132 multiprocessors x 4 forward blocks of 256
+    threads: 135168 resident threads), T = 8: expectations worked out by hand."""
+    resident, aligned = 132 * 4, (4096, 8192, 0, 12288)
+    spiking = _C.FLAG_SPIKING
+    vector = _C.FLAG_VECTOR_PATH
+    # 2^20 half neurons: 131072 threads x 64 B (8.4 MB) beat 135168 x 16 B (2.2 MB): 512 blocks.
+    assert _C.forward_shape(8, 2**20, 2**20, 2, spiking, resident, *aligned) == (512, vector)
+    # 2^18: 32768 threads x 64 B (2.10 MB) against 135168 x 16 B (2.16 MB): one neuron per thread.
+    assert _C.forward_shape(8, 2**18, 2**18, 2, spiking, resident, *aligned) == (resident, 0)
+    # float32, 2^20: 262144 threads wanted, capped at the resident 528 blocks either way.
+    assert _C.forward_shape(8, 2**20, 2**20, 4, spiking, resident, *aligned) == (resident, vector)
+    # Not on 16-byte words (x, or x's steps), N not whole vectors, or the smooth mode: scalar.
+    assert _C.forward_shape(8, 2**20, 2**20, 2, spiking, resident, 4098, 8192, 0, 0) == (resident, 0)
+    assert _C.forward_shape(8, 2**20, 2**20 + 4, 2, spiking, resident, *aligned) == (resident, 0)
+    assert _C.forward_shape(8, 2**20 + 4, 2**20 + 4, 2, spiking, resident, *aligned) == (resident, 0)
+    assert _C.forward_shape(8, 2**20, 2**20, 2, 0, resident, *aligned) == (resident, 0)
+    # One step broadcast over time (x_step 0) is on words at every step.
+    assert _C.forward_shape(8, 2**20, 0, 2, spiking, resident, *aligned) == (512, vector)
+
+
+def test_backward_shape_on_an_h100():
+    """The backward's rule (132 multiprocessors x 2 backward blocks: 264), worked out by hand: the
+    half types take two neurons per thread wherever they can, the wider types one."""
+    resident, aligned = 132 * 2, (4096, 8192, 0, 12288)
+    spiking, lanes = _C.FLAG_SPIKING, _C.FLAG_VECTOR_PATH
+    assert _C.backward_shape(2**20, 2**20, 2, spiking, resident, *aligned) == (resident, lanes)
+    assert _C.backward_shape(1000, 1000, 2, spiking, resident, *aligned) == (2, lanes)  # 500 threads
+    assert _C.backward_shape(1000, 1000, 4, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 8, spiking, resident, *aligned) == (4, 0)
+    # N or x's step odd, a stream off its 4-byte word, or the smooth mode: one neuron per thread.
+    assert _C.backward_shape(1001, 1001, 2, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1001, 2, spiking, resident, *aligned) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 2, spiking, resident, 4096, 8192, 0, 12290) == (4, 0)
+    assert _C.backward_shape(1000, 1000, 2, 0, resident, *aligned) == (4, 0)
 
 
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (0, 1), (1, 0)], ids=lambda o: f"others{o[0]}-x{o[1]}")
@@ -314,6 +385,50 @@ def test_absent_gradients(emulation, dtype, grads, resident_blocks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_tau_and_v_init_without_v_seq(emulation, dtype):
     run_case(emulation, dtype, 10, 2048, op_options(detach_reset=True), 1, per_neuron=False, store_v_seq=False)
+
+
+@pytest.mark.parametrize("asked", [("k", "v_init"), ("k",), ("v_init",), ()], ids=lambda a: "+".join(a) or "none")
+@pytest.mark.parametrize("per_neuron", (True, False), ids=("per_neuron", "shared"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_gradients_nobody_asks_for_cost_nothing(emulation, dtype, per_neuron, asked):
+    """A null grad_k (grad_v_init) is a gradient nobody asked for (v_init's for a fresh layer, a
+    frozen tau's): the backward stores none of it, and for a shared one sums no shares, takes no
+    barrier and writes no partials; grad_x and the asked-for gradients are what the CPU kernel
+    gives. (A store through the null pointer would end the test process.)"""
+    steps, neurons, resident_blocks = 10, 1500, 2
+    options = op_options()
+    generator = torch.Generator().manual_seed(7)
+    acc = compute_dtype(dtype)
+    x = torch.randn(steps, neurons, generator=generator).to(dtype)
+    count = neurons if per_neuron else 1
+    k = torch.sigmoid(torch.randn(count, generator=generator)).to(acc)
+    v_init = (torch.randn(count, generator=generator) * 0.5).to(acc)
+    _, _, _, h_seq = torch.ops.plif_cuda_internal.multistep_forward_saving(
+        x, k, v_init, **options, store_v_seq=False, save=_C.SAVE_CHECKPOINTS
+    )
+    grad_spikes = torch.randn(steps, neurons, generator=generator).to(dtype)
+    grad_x, grad_k, grad_v_init = torch.ops.plif_cuda.multistep_backward(
+        grad_spikes, None, None, h_seq, x, k, v_init, x_dtype=dtype, **options
+    )
+    em_grad_x = torch.full_like(x, float("nan"))
+    em_grad = {name: torch.full((count,), float("nan"), dtype=acc) for name in ("k", "v_init")}
+    stride = 1 if per_neuron else 0
+    tensors = (grad_spikes, None, None, h_seq, x, k, v_init, em_grad_x)
+    tensors += tuple(em_grad[name] if name in asked else None for name in ("k", "v_init"))
+    scalars = (stride, stride, steps, neurons, neurons, *_kernel_scalars(options, _C.SAVE_CHECKPOINTS))
+    _call(emulation.plif_emulate_backward, DTYPE_CODES[dtype], *map(_ptr, tensors), *scalars, resident_blocks)
+    assert_bits_equal(em_grad_x, grad_x, "grad_x")
+    for name, expected in (("k", grad_k), ("v_init", grad_v_init)):
+        if name not in asked:
+            continue
+        if per_neuron:
+            assert_bits_equal(em_grad[name], expected, f"grad_{name}")
+        else:
+            torch.testing.assert_close(em_grad[name], expected, rtol=1e-5, atol=1e-4)  # summed in another order
+    # Each asked-for shared parameter: two barriers per thread of each of the 2 blocks (the block's
+    # partial sum); nothing else in the backward waits.
+    shared_asked = 0 if per_neuron else len(asked)
+    assert emulation.plif_emulated_barriers() == shared_asked * 2 * resident_blocks * 256
 
 
 def test_a_misaligned_vector_access_is_reported(emulation):
@@ -353,11 +468,12 @@ CHECKPOINT_STEPS = (1, 7, 8, 9, 16, 17, T_LONG)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_checkpoints_every_option_bit_equal_to_the_cpu_kernel(emulation, dtype, options, resident_blocks, neurons):
     """The forward stores the checkpoint rows only; the backward recomputes H from x in
-    registers, one neuron per thread (no vector accesses), and equals the CPU kernel."""
+    registers, two neurons per thread (4-byte words: N is even, the tensors aligned), and equals
+    the CPU kernel."""
     _, backward_vectors = run_case(
         emulation, dtype, T_LONG, neurons, op_options(**options), resident_blocks, save=_C.SAVE_CHECKPOINTS
     )
-    assert backward_vectors == 0
+    assert backward_vectors > 0
 
 
 @pytest.mark.parametrize("steps", CHECKPOINT_STEPS, ids=lambda t: f"T{t}")
@@ -417,14 +533,15 @@ X_STEPS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_steps_bit_equal_to_the_contiguous_copy(emulation, dtype, resident_blocks, neurons, x_step_of):
     """The kernels read x's steps where they are: the results are those of its contiguous copy,
-    and the vector path is taken whenever every step starts on a 16-byte word."""
+    and the vector path is taken whenever every step starts on a 16-byte word (the half types'
+    backward lanes path: a 4-byte word)."""
     lanes = forward_lanes(dtype)
     x_step = x_step_of(neurons, lanes)
     forward_vectors, backward_vectors = run_case(
         emulation, dtype, T_LONG, neurons, op_options(detach_reset=True), resident_blocks, seed=5, x_step=x_step
     )
     assert (forward_vectors > 0) == (resident_blocks != H200_BLOCKS and x_step % lanes == 0)
-    assert backward_vectors == 0
+    assert (backward_vectors > 0) == (is_half(dtype) and x_step % 2 == 0)
 
 
 @pytest.mark.parametrize("x_step_of", X_STEPS)

@@ -236,6 +236,33 @@ def test_one_value_gradients_are_the_sums_of_the_neurons_shares(backend, neurons
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("asked", [(True, False), (False, True), (False, False)], ids=("k", "v_init", "none"))
+@pytest.mark.parametrize("per_neuron", (True, False), ids=("per_neuron", "shared"))
+def test_gradients_not_asked_for_come_back_empty(backend, per_neuron, asked):
+    """needs_grad_k / needs_grad_v_init False (autograd's needs_input_grad: a frozen tau, a fresh
+    layer's v_init): that gradient comes back empty (on CUDA the kernels get a null pointer and
+    spend nothing on it), the others as the call that asks for everything gives them."""
+    device = BACKEND_DEVICE[backend]
+    dtype = torch.float16
+    options = OPCHECK_OPTION_SETS["hard-decay-sigmoid"]
+    x, k, v_init = _op_inputs(device, dtype, per_neuron=per_neuron, requires_grad=False)
+    _, _, _, h_seq = _forward_keeping(backend, _C.SAVE_CHECKPOINTS, x, k, v_init, **options, store_v_seq=False)
+    grad_spikes = make_seq(x.shape, dtype, device, seed=1)
+    arguments = (grad_spikes, None, None, h_seq, x, k, v_init)
+    backward_op = plif_backends.backward_op(backend)
+    everything = backward_op(*arguments, x_dtype=dtype, **options)
+    needs = dict(needs_grad_k=asked[0], needs_grad_v_init=asked[1])
+    some = backward_op(*arguments, x_dtype=dtype, **options, **needs)
+    assert torch.equal(some[0], everything[0])
+    for wanted, grad, full in zip(asked, some[1:], everything[1:]):
+        if wanted:
+            assert torch.equal(grad, full)
+        else:
+            assert grad.numel() == 0 and grad.dtype == full.dtype and grad.device == full.device
+    torch.library.opcheck(backward_op, arguments, dict(options, x_dtype=dtype, **needs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", ("hard-decay-sigmoid", "soft-nodecay-atan-detach"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=("f32", "f64", "bf16"))
 def test_a_membrane_gradient_of_zeros_gives_the_bits_of_an_absent_one(backend, options, dtype):

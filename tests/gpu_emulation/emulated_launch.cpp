@@ -19,6 +19,7 @@
 
 namespace plif_emulation {
 long long vector_accesses = 0;
+long long barriers = 0;  // __syncthreads calls of the last launch, every thread's counted
 
 inline void check_vector_access(const void* pointer, unsigned long long bytes) {
   if (reinterpret_cast<std::uintptr_t>(pointer) % bytes != 0) {
@@ -32,7 +33,10 @@ inline void check_vector_access(const void* pointer, unsigned long long bytes) {
 // The block's scheduler and the thread running now, which __syncthreads hands control back to.
 ucontext_t scheduler_context;
 ucontext_t* running_context = nullptr;
-inline void syncthreads() { swapcontext(running_context, &scheduler_context); }
+inline void syncthreads() {
+  ++barriers;
+  swapcontext(running_context, &scheduler_context);
+}
 }  // namespace plif_emulation
 
 #define PLIF_CHECK_VECTOR_ACCESS(pointer, bytes) plif_emulation::check_vector_access(pointer, bytes)
@@ -69,9 +73,9 @@ void run_emulated_thread() {
   self->ended = true;
 }  // returns to uc_link: the scheduler
 
-void launch(index_t neurons, index_t resident_blocks, const std::function<void()>& run_thread) {
+void launch(index_t blocks, const std::function<void()>& run_thread) {
   using namespace plif_emulation;
-  grid_dim = dim3(static_cast<unsigned int>(plif::launch_blocks(neurons, resident_blocks)));
+  grid_dim = dim3(static_cast<unsigned int>(blocks));
   block_dim = dim3(plif::kThreadsPerBlock);
   std::vector<EmulatedThread> threads(block_dim.x);
   thread_body = &run_thread;
@@ -107,7 +111,7 @@ using plif_emulation::dispatch;
 
 // Runs `body`; returns the number of vector accesses it made, or -1 with the error in `error`.
 long long guarded(char* error, int error_size, const std::function<void()>& body) {
-  plif_emulation::vector_accesses = 0;
+  plif_emulation::vector_accesses = plif_emulation::barriers = 0;
   return plif_emulation::run_reporting(error, error_size, body) ? plif_emulation::vector_accesses : -1;
 }
 
@@ -124,12 +128,16 @@ long long plif_emulate_forward(int dtype, const void* x, const void* k, const vo
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
       using v_last_t = plif::VLast<in_t, acc_t>;
-      launch(N, resident_blocks, [&] {
+      // The host's choice of path and grid, as the launchers make it (plif_launch.h).
+      const plif::LaunchPath shape =
+          plif::forward_shape(T, N, x_step, static_cast<int>(sizeof(in_t)), flags,
+                              plif::on_vector_words(x, spikes, v_seq, h_seq), resident_blocks);
+      launch(shape.blocks, [&] {
         plif::plif_forward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(x), static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init),
             static_cast<in_t*>(spikes), static_cast<v_last_t*>(v_last), static_cast<in_t*>(v_seq),
             static_cast<acc_t*>(h_seq), k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold),
-            static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<acc_t>(v_reset), static_cast<acc_t>(alpha), surrogate, flags | shape.path_flag);
       });
     });
   });
@@ -145,20 +153,27 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
     dispatch(dtype, [&](auto in_v, auto acc_v) {
       using in_t = decltype(in_v);
       using acc_t = decltype(acc_v);
-      // As the launchers do (csrc/plif_cuda.cu backward_cuda): a shared k (v_init) gets a row of
-      // per-block partials, finished by one thread after the backward.
-      const index_t blocks = plif::launch_blocks(N, resident_blocks);
-      std::vector<double> k_partials(k_stride == 0 ? blocks : 0), v_init_partials(v_init_stride == 0 ? blocks : 0);
+      // As the op and the launchers do (csrc/plif_ops.cpp, csrc/plif_cuda.cu backward_cuda): a
+      // shared k (v_init) whose gradient is asked for (not null) gets a row of per-block
+      // partials, finished by one thread after the backward.
+      const int element_bytes = static_cast<int>(sizeof(in_t));
+      const plif::LaunchPath shape = plif::backward_shape(
+          N, x_step, element_bytes, flags,
+          plif::on_words(plif::backward_lanes(element_bytes) * element_bytes, x, grad_spikes, grad_v_seq, grad_x),
+          resident_blocks);
+      const index_t blocks = shape.blocks;
+      std::vector<double> k_partials(k_stride == 0 && grad_k != nullptr ? blocks : 0);
+      std::vector<double> v_init_partials(v_init_stride == 0 && grad_v_init != nullptr ? blocks : 0);
       double* const k_partials_ptr = k_partials.empty() ? nullptr : k_partials.data();
       double* const v_init_partials_ptr = v_init_partials.empty() ? nullptr : v_init_partials.data();
-      launch(N, resident_blocks, [&] {
+      launch(blocks, [&] {
         plif::plif_backward_kernel<in_t, acc_t>(
             static_cast<const in_t*>(grad_spikes), static_cast<plif::GradVLast<in_t, acc_t>*>(grad_v_last),
             static_cast<const in_t*>(grad_v_seq), static_cast<const acc_t*>(h_seq), static_cast<const in_t*>(x),
             static_cast<const acc_t*>(k), static_cast<const acc_t*>(v_init), static_cast<in_t*>(grad_x),
             static_cast<acc_t*>(grad_k), static_cast<acc_t*>(grad_v_init), k_partials_ptr, v_init_partials_ptr,
             k_stride, v_init_stride, T, N, x_step, static_cast<acc_t>(v_threshold), static_cast<acc_t>(v_reset),
-            static_cast<acc_t>(alpha), surrogate, flags);
+            static_cast<acc_t>(alpha), surrogate, flags | shape.path_flag);
       });
       if (k_partials_ptr != nullptr || v_init_partials_ptr != nullptr) {
         plif_emulation::grid_dim = plif_emulation::block_dim = dim3(1);
@@ -169,6 +184,9 @@ long long plif_emulate_backward(int dtype, const void* grad_spikes, const void* 
     });
   });
 }
+
+// The __syncthreads calls of the last emulated launch (every thread's).
+long long plif_emulated_barriers() { return plif_emulation::barriers; }
 
 // A vector access at `pointer`, for the test that the alignment check fires.
 long long plif_emulate_vector_load(const void* pointer, char* error, int error_size) {
