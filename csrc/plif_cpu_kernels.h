@@ -201,22 +201,23 @@ void stream_forward_step(const ForwardParams<in_t, acc_t>& p, index_t t, index_t
 // The options a spiking block fixes at compile time (a mask of these bits), so that its step
 // loop computes one side of each option's select instead of both: a third fewer instructions
 // per neuron-step in the forward, a fifth fewer in the backward. kOptionsAtRunTime keeps them
-// as they come (float64, and the smooth mode).
-enum OptionBits : int { kSoftReset = 1, kDecayInput = 2, kDetachReset = 4, kOptionsAtRunTime = -1 };
-constexpr int kOptionMasks = (kSoftReset | kDecayInput | kDetachReset) + 1;
+// as they come (float64, and the smooth mode). detach_reset stays a run-time select: the forward
+// never reads it, and in the backward it is one select off the multiplies' pipes, not worth
+// twice the copies (benchmarks/NOTES.md, "The build after the AVX-512 copy").
+enum OptionBits : int { kSoftReset = 1, kDecayInput = 2, kOptionsAtRunTime = -1 };
+constexpr int kOptionMasks = (kSoftReset | kDecayInput) + 1;
 
 template <int OPTIONS, typename Params>
 PLIF_HD void fix_options(Params& p) {
   if constexpr (OPTIONS != kOptionsAtRunTime) {
     p.opts.soft_reset = (OPTIONS & kSoftReset) != 0;
     p.opts.decay_input = (OPTIONS & kDecayInput) != 0;
-    p.opts.detach_reset = (OPTIONS & kDetachReset) != 0;
   }
 }
 
 template <typename acc_t>
 int option_bits(const Options<acc_t>& o) {
-  return (o.soft_reset ? kSoftReset : 0) | (o.decay_input ? kDecayInput : 0) | (o.detach_reset ? kDetachReset : 0);
+  return (o.soft_reset ? kSoftReset : 0) | (o.decay_input ? kDecayInput : 0);
 }
 
 // k and v_init hold one value (stride 0) or one per neuron (stride 1); with the stride a
