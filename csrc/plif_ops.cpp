@@ -565,6 +565,15 @@ PyObject* py_launch_blocks(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(launch_blocks(neurons, resident_blocks));
 }
 
+// The shape bindings' shared argument handling: a dtype's element size (false, with a Python
+// ValueError set, where it is none), and a tensor's data_ptr() as the address the rules check.
+bool element_bytes_valid(const char* binding, int element_bytes) {
+  if (element_bytes == 2 || element_bytes == 4 || element_bytes == 8) return true;
+  PyErr_Format(PyExc_ValueError, "%s: element_bytes must be 2, 4 or 8, got %d", binding, element_bytes);
+  return false;
+}
+const void* address(unsigned long long data_ptr) { return reinterpret_cast<const void*>(data_ptr); }
+
 PyObject* py_forward_shape(PyObject*, PyObject* args) {
   long long T = 0, N = 0, x_step = 0, resident_blocks = 0;
   int element_bytes = 0, flags = 0;
@@ -573,11 +582,7 @@ PyObject* py_forward_shape(PyObject*, PyObject* args) {
                         &spikes, &v_seq, &h_seq)) {
     return nullptr;
   }
-  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
-    PyErr_Format(PyExc_ValueError, "forward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
-    return nullptr;
-  }
-  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  if (!element_bytes_valid("forward_shape", element_bytes)) return nullptr;
   const LaunchPath launch =
       forward_shape(T, N, x_step, element_bytes, flags,
                     on_vector_words(address(x), address(spikes), address(v_seq), address(h_seq)), resident_blocks);
@@ -592,11 +597,7 @@ PyObject* py_backward_shape(PyObject*, PyObject* args) {
                         &grad_spikes, &grad_v_seq, &grad_x)) {
     return nullptr;
   }
-  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
-    PyErr_Format(PyExc_ValueError, "backward_shape: element_bytes must be 2, 4 or 8, got %d", element_bytes);
-    return nullptr;
-  }
-  const auto address = [](unsigned long long value) { return reinterpret_cast<const void*>(value); };
+  if (!element_bytes_valid("backward_shape", element_bytes)) return nullptr;
   const int word = backward_lanes(element_bytes) * element_bytes;
   const LaunchPath launch = backward_shape(
       N, x_step, element_bytes, flags,
