@@ -404,11 +404,14 @@ struct ShareSlots {
   double* grad_v_init;
 };
 
-// A block's row of per-neuron shares: summed into its slot, or written out at neuron n0.
+// A block's row of per-neuron shares: summed into its slot, written out at neuron n0, or dropped
+// where out is null (a gradient the caller does not ask for).
 template <typename acc_t>
 PLIF_HD void emit_shares(acc_t* out, index_t n0, const acc_t* row, index_t count, bool stream, double* slot) {
   if (slot != nullptr) {
     *slot = sum_in_fixed_order(row, count);
+  } else if (out == nullptr) {
+    return;
   } else if (stream) {
     stream_row(out + n0, row, count * sizeof(acc_t));
   } else {
@@ -476,8 +479,9 @@ template <int SURROGATE, typename in_t, typename acc_t>
 void backward_scans(const BackwardParams<in_t, acc_t>& p, index_t n_begin, index_t n_end, ShareSlots slots) {
   BackwardParams<in_t, acc_t> view = neurons_from(p, n_begin);
   acc_t grad_k_row[kBlock], grad_v_init_row[kBlock];
-  view.grad_k = slots.grad_k != nullptr ? grad_k_row : p.grad_k + n_begin;
-  view.grad_v_init = slots.grad_v_init != nullptr ? grad_v_init_row : p.grad_v_init + n_begin;
+  view.grad_k = slots.grad_k != nullptr || p.grad_k == nullptr ? grad_k_row : p.grad_k + n_begin;
+  view.grad_v_init =
+      slots.grad_v_init != nullptr || p.grad_v_init == nullptr ? grad_v_init_row : p.grad_v_init + n_begin;
   const index_t count = n_end - n_begin;
   index_t n = 0;
   for (; n + kLanes <= count; n += kLanes) backward_scan<kLanes, SURROGATE>(view, n);
@@ -493,8 +497,8 @@ class ShareSums {
   template <typename in_t>
   explicit ShareSums(const BackwardParams<in_t, acc_t>& p) {
     const size_t slots = static_cast<size_t>(p.N / kBlock) + 1;
-    if (p.k_stride == 0) grad_k_.assign(slots, 0.0);
-    if (p.v_init_stride == 0) grad_v_init_.assign(slots, 0.0);
+    if (p.k_stride == 0 && p.grad_k != nullptr) grad_k_.assign(slots, 0.0);
+    if (p.v_init_stride == 0 && p.grad_v_init != nullptr) grad_v_init_.assign(slots, 0.0);
   }
 
   ShareSlots slots_of_block(index_t block) {

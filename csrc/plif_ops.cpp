@@ -409,13 +409,8 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
     return {grad_x, grad_k, grad_v_init};
   }
   check_cuda_backward_has_checkpoints(h_seq.device(), x.has_value());
-  // An unasked gradient reaches the GPU kernels as a null pointer, which they spend nothing on (no
-  // stores, no sums); the CPU kernel writes every gradient, an unasked one into a scratch row.
-  const auto written = [&](const Tensor& grad, const Tensor& parameter, bool wanted) {
-    return wanted || !h_seq.is_cpu() ? grad : empty_output({parameter.sym_numel()}, grad.options());
-  };
-  const Tensor grad_k_written = written(grad_k, k, asked.k);
-  const Tensor grad_v_init_written = written(grad_v_init, v_init, asked.v_init);
+  // An unasked gradient (an empty tensor) reaches the kernels as a null pointer, which they spend
+  // nothing on: no stores, no sums.
   // Where k (v_init) is one value and asked for, the GPU kernels sum its shares per thread block
   // into a row of partials (one per block of the widest grid), which the launcher then finishes.
   const Tensor grad_k_partials = gpu_partials(h_seq, k.numel() == 1 && asked.k, N);
@@ -433,8 +428,8 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
                                         k.data_ptr<acc_t>(),
                                         v_init.data_ptr<acc_t>(),
                                         grad_x.data_ptr<in_t>(),
-                                        ptr_or_null<acc_t>(grad_k_written),
-                                        ptr_or_null<acc_t>(grad_v_init_written),
+                                        ptr_or_null<acc_t>(grad_k),
+                                        ptr_or_null<acc_t>(grad_v_init),
                                         ptr_or_null<double>(grad_k_partials),
                                         ptr_or_null<double>(grad_v_init_partials),
                                         per_neuron_stride(k),
@@ -451,7 +446,7 @@ BackwardOutputs multistep_backward(const std::optional<Tensor>& grad_spikes, con
         launch_nvrtc("plif_cuda_internal::nvrtc_launch_backward",
                      {pointer_argument(grad_spikes), pointer_argument(grad_v_last), pointer_argument(grad_v_seq),
                       pointer_argument(h_seq), pointer_argument(x), pointer_argument(k), pointer_argument(v_init),
-                      pointer_argument(grad_x), pointer_argument(grad_k_written), pointer_argument(grad_v_init_written),
+                      pointer_argument(grad_x), pointer_argument(grad_k), pointer_argument(grad_v_init),
                       pointer_argument(grad_k_partials), pointer_argument(grad_v_init_partials)},
                      p);
       } else {
