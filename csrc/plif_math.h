@@ -43,6 +43,7 @@ namespace plif {
 // surrogate derivatives and the smooth firing functions are written in exp(-|.|).
 #if defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
 PLIF_HD float exp_nonpositive_(float x) { return ::expf(x); }
+PLIF_HD float exp_of_negative_product_(float a, float y) { return ::expf(-a * y); }
 #else
 // expf that a compiler can vectorise (libm's expf is a call, and GCC maps it to a vector
 // version only under -ffast-math, which would also reorder the spike arithmetic). Cephes'
@@ -53,14 +54,15 @@ PLIF_HD float exp_nonpositive_(float x) { return ::expf(x); }
 // leaves its bits and the scale is garbage, so such lanes are replaced by 0 after the product.
 // Its multiply-adds are explicit fused ones (std::fma: one rounding, so the same bits on every
 // CPU; a call on one without FMA instructions), which shortens the chain too.
-PLIF_HD float exp_nonpositive_(float x) {
-  // n = x / ln 2 rounded to nearest, by adding and subtracting 1.5 * 2^23 + 151: the sum holds
-  // n + 151 (1 to 151 for x >= -104) in its low mantissa bits, which shifted into the exponent
-  // field make 2^(n + 24), a normal number for every n from -150 to 0. A NaN stays NaN
-  // through n, r and p, and fails the final comparison.
-  const float shifter = 12583063.0f;
-  const float shifted = std::fma(x, 1.44269504088896341f, shifter);
-  const float n = shifted - shifter;
+// n = x / ln 2 rounded to nearest comes from the sum x / ln 2 + 1.5 * 2^23 + 151 (the shifter),
+// which holds n + 151 (1 to 151 for x >= -104) in its low mantissa bits; shifted into the
+// exponent field they make 2^(n + 24), a normal number for every n from -150 to 0.
+constexpr float kExpShifter = 12583063.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// exp(x) from x and that sum. A NaN stays NaN through n, r and p, and fails the final comparison.
+PLIF_HD float exp_from_shifted_(float x, float shifted) {
+  const float n = shifted - kExpShifter;
   const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, x));
   // exp(r) on |r| <= ln 2 / 2 as 1 + r + r^2 q(r), q a minimax quartic (relative error 3e-9
   // before rounding; benchmarks/NOTES.md), in Estrin's order. Every coefficient is
@@ -82,8 +84,19 @@ PLIF_HD float exp_nonpositive_(float x) {
   const float e = p * scale;
   return x < -104.0f ? 0.0f : e;
 }
+PLIF_HD float exp_nonpositive_(float x) { return exp_from_shifted_(x, std::fma(x, kLog2e, kExpShifter)); }
+// exp(-(a y)), a y >= 0 (or NaN), the product rounded first as everywhere else. The sum is
+// taken from y and -a / ln 2 (uniform, so computed once per loop), beside the product rather
+// than after it: a multiply's latency off the longest chain of the CPU backward, which that
+// chain's length bounds (benchmarks/NOTES.md, issue 23). n may differ by one where -a y / ln 2 is
+// within a rounding of a half-integer; |r| then exceeds ln 2 / 2 by about that rounding, where
+// the polynomial is as exact, and below -104 the result is 0 either way.
+PLIF_HD float exp_of_negative_product_(float a, float y) {
+  return exp_from_shifted_(-a * y, std::fma(y, -a * kLog2e, kExpShifter));
+}
 #endif
 PLIF_HD double exp_nonpositive_(double x) { return ::exp(x); }
+PLIF_HD double exp_of_negative_product_(double a, double y) { return ::exp(-a * y); }
 PLIF_HD float atan_(float x) { return ::atanf(x); }
 PLIF_HD double atan_(double x) { return ::atan(x); }
 PLIF_HD float erfc_(float x) { return ::erfcf(x); }
@@ -139,7 +152,7 @@ PLIF_HD acc_t surrogate_grad_of(acc_t x, acc_t a) {
   if constexpr (SURROGATE == kSigmoid) {
     // alpha s (1 - s) with s = sigmoid(alpha x) equals alpha e / (1 + e)^2 with e = exp(-alpha |x|)
     // (the derivative is even), which does not cancel in 1 - s where |x| is large.
-    const acc_t e = exp_nonpositive_(-a * abs_(x));
+    const acc_t e = exp_of_negative_product_(a, abs_(x));
     const acc_t one_plus_e = acc_t(1) + e;
     return a * e / (one_plus_e * one_plus_e);
   } else if constexpr (SURROGATE == kAtan) {
@@ -150,7 +163,7 @@ PLIF_HD acc_t surrogate_grad_of(acc_t x, acc_t a) {
     const acc_t g = a - a * a * abs_(x);
     return g < acc_t(0) ? acc_t(0) : g;
   } else if constexpr (SURROGATE == kPiecewiseExp) {
-    return (a / acc_t(2)) * exp_nonpositive_(-a * abs_(x));
+    return (a / acc_t(2)) * exp_of_negative_product_(a, abs_(x));
   } else if constexpr (SURROGATE == kSoftSign) {
     const acc_t d = acc_t(1) / a + abs_(x);
     return acc_t(1) / (acc_t(2) * a * d * d);
@@ -189,7 +202,7 @@ PLIF_HD acc_t surrogate_primitive(acc_t x, const Options<acc_t>& o) {
   switch (o.surrogate) {
     case kSigmoid: {
       // 1 / (1 + exp(-a x)), written with exp(-a |x|) <= 1 on both sides of 0.
-      const acc_t e = exp_nonpositive_(-a * abs_(x));
+      const acc_t e = exp_of_negative_product_(a, abs_(x));
       return x < acc_t(0) ? e / (acc_t(1) + e) : acc_t(1) / (acc_t(1) + e);
     }
     case kAtan: return atan_(Constants<acc_t>::pi / acc_t(2) * a * x) / Constants<acc_t>::pi + acc_t(0.5);
@@ -199,7 +212,7 @@ PLIF_HD acc_t surrogate_primitive(acc_t x, const Options<acc_t>& o) {
       return x > bound ? acc_t(1) : (x < -bound ? acc_t(0) : inner);
     }
     case kPiecewiseExp: {
-      const acc_t e = acc_t(0.5) * exp_nonpositive_(-a * abs_(x));
+      const acc_t e = acc_t(0.5) * exp_of_negative_product_(a, abs_(x));
       return x < acc_t(0) ? e : acc_t(1) - e;
     }
     case kSoftSign: {
