@@ -247,7 +247,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
       std::fill(mean_grad_xhat, mean_grad_xhat + count, acc_t(0));
     }
   }
-  acc_t grad_v_carried[kBlock] = {}, grad_k_sum[kBlock] = {}, sum_grad[kBlock] = {}, sum_grad_xhat[kBlock] = {};
+  acc_t grad_h_next[kBlock] = {}, grad_k_sum[kBlock] = {}, sum_grad[kBlock] = {}, sum_grad_xhat[kBlock] = {};
   acc_t v_before[kBlock], grad_v[kBlock] = {}, grad_s[kBlock] = {};
   in_t staging[kBlock];
   const bool through_spike = gr.grad_spikes != nullptr;
@@ -280,7 +280,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
       const acc_t grad_z =
           neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev[j],
                           normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j], through_spike,
-                          through_membrane, o, grad_v_carried[j], grad_k_sum[j]);
+                          through_membrane, o, grad_h_next[j], grad_k_sum[j]);
       const acc_t xhat = (y - mean[j]) * invstd[j];
       if constexpr ((PASS & kReduce) != 0) {
         sum_grad[j] += grad_z;
@@ -307,7 +307,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
       grad_k[j] = any_grad ? grad_k_sum[j] : acc_t(0);
     }
     if (gr.grad_v_init != nullptr) {
-      for (index_t j = 0; j < count; ++j) gr.grad_v_init[n0 + j] = grad_v_carried[j];
+      for (index_t j = 0; j < count; ++j) gr.grad_v_init[n0 + j] = (acc_t(1) - terms.k[j]) * grad_h_next[j];
     }
     const acc_t* const values[3] = {sum_grad, sum_grad_xhat, grad_k};
     sums->add_block(block, n0, count, values);

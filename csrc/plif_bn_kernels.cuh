@@ -140,7 +140,7 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
     const acc_t channel_mean_grad = (PASS & kWriteGradY) != 0 && batch_statistics ? mean_grad[c] : acc_t(0);
     const acc_t channel_mean_grad_xhat = (PASS & kWriteGradY) != 0 && batch_statistics ? mean_grad_xhat[c] : acc_t(0);
     const acc_t v0 = v_init[n * v_init_stride];
-    acc_t grad_v_carried = 0, grad_k_sum = 0, sum_grad = 0, sum_grad_xhat = 0;
+    acc_t grad_h_next = 0, grad_k_sum = 0, sum_grad = 0, sum_grad_xhat = 0;
     for (index_t chunk_end = g.T; chunk_end > 0; chunk_end -= kBackwardChunk) {
       const index_t chunk_begin = chunk_end > kBackwardChunk ? chunk_end - kBackwardChunk : 0;
       const int steps = static_cast<int>(chunk_end - chunk_begin);
@@ -172,7 +172,7 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
         const acc_t grad_z =
             neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev,
                             normalise(y_value, nt.scale, nt.shift), nt.k, grad_v, grad_s, through_spike,
-                            through_membrane, o, grad_v_carried, grad_k_sum);
+                            through_membrane, o, grad_h_next, grad_k_sum);
         const acc_t xhat = (y_value - nt.mean) * nt.invstd;
         if ((PASS & kReduce) != 0) {
           sum_grad += grad_z;
@@ -189,7 +189,7 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
       neuron_values[n] = sum_grad;
       neuron_values[g.neurons + n] = sum_grad_xhat;
       neuron_values[2 * g.neurons + n] = any_grad ? grad_k_sum : acc_t(0);
-      if (grad_v_init != nullptr) grad_v_init[n] = grad_v_carried;
+      if (grad_v_init != nullptr) grad_v_init[n] = (acc_t(1) - nt.k) * grad_h_next;
     }
   }
 }

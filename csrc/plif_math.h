@@ -284,24 +284,20 @@ PLIF_HD acc_t dh_dk_of(acc_t v_prev, acc_t x_or_h, const Options<acc_t>& o) {
 }
 
 // One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], dH[t]/dk and
-// the gradients arriving on S[t] and V[t]: updates the gradient carried to V[t-1] through H[t]'s
-// charge (grad_v_carried: (1 - k) dL/dH[t+1] in, (1 - k) dL/dH[t] out) and the running sum for
-// dL/dk; returns dL/dX[t].
+// the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and the
+// running sum for dL/dk; returns dL/dX[t].
 // sg: the surrogate derivative at H[t] (surrogate_grad of H[t] - V_th).
-// Under decay_input (1 - k) dL/dH is taken as dL/dH - dL/dX: a subtraction where a multiply
-// would be, and the CPU backward is bound by its multiplies (benchmarks/NOTES.md, issue 23).
 template <typename acc_t>
 PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t dh_dk, acc_t k, acc_t grad_v,
                                               acc_t grad_s, bool through_spike, bool through_membrane,
-                                              const Options<acc_t>& o, acc_t& grad_v_carried, acc_t& grad_k_sum) {
+                                              const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
   const acc_t r = reset_grad(h, s, sg, o);
-  const acc_t via_membrane = (grad_v + grad_v_carried) * r;
+  const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
   const acc_t via_spike = grad_s * sg;
   const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
   grad_k_sum = fma_(grad_h, dh_dk, grad_k_sum);
-  const acc_t grad_x = pick(o.decay_input, k * grad_h, grad_h);
-  grad_v_carried = pick(o.decay_input, grad_h - grad_x, (acc_t(1) - k) * grad_h);
-  return grad_x;
+  grad_h_next = grad_h;
+  return pick(o.decay_input, k * grad_h, grad_h);
 }
 
 // ---- loads and stores -----------------------------------------------------------------------
@@ -403,15 +399,14 @@ PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
 
 // Backward state of LANES neurons while walking back from t = T-1: H[t], S[t] and the surrogate
 // derivative at H[t] (all computed one step ahead; the GPU kernels, which compute the derivative
-// within the step, leave the last one unread), the gradient carried to V[t] through H[t+1]
-// ((1 - k) dL/dH[t+1]), and the running sum for dL/dk.
+// within the step, leave the last one unread), dL/dH[t+1], and the running sum for dL/dk.
 template <int LANES, typename acc_t>
 struct BackwardState {
   acc_t k[LANES];
   acc_t h[LANES];
   acc_t s[LANES];
   acc_t surrogate_grad[LANES];
-  acc_t grad_v_carried[LANES];
+  acc_t grad_h_next[LANES];
   acc_t grad_k_sum[LANES];
 };
 
@@ -433,7 +428,7 @@ PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t dh_dk, acc
                                    BackwardState<LANES, acc_t>& st, int j) {
   const acc_t grad_x =
       backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], dh_dk, st.k[j], grad_v, grad_s,
-                                      through_spike, through_membrane, o, st.grad_v_carried[j], st.grad_k_sum[j]);
+                                      through_spike, through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
   st.h[j] = h_prev;
   st.s[j] = has_prev ? fire<SURROGATE>(h_prev, o) : acc_t(0);
   if (has_prev) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
@@ -446,7 +441,7 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
                             BackwardState<LANES, acc_t>& st) {
   for (int j = 0; j < LANES; ++j) {
     st.k[j] = p.k[(n0 + j) * p.k_stride];
-    st.grad_v_carried[j] = acc_t(0);
+    st.grad_h_next[j] = acc_t(0);
     st.grad_k_sum[j] = acc_t(0);
     st.h[j] = h_last[j];
     st.s[j] = fire<SURROGATE>(st.h[j], p.opts);
@@ -585,7 +580,7 @@ PLIF_HD acc_t grad_k_of_lane(const BackwardParams<in_t, acc_t>& p, const Backwar
 }
 template <int LANES, typename acc_t>
 PLIF_HD acc_t grad_v_init_of_lane(const BackwardState<LANES, acc_t>& st, int j) {
-  return st.grad_v_carried[j];
+  return (acc_t(1) - st.k[j]) * st.grad_h_next[j];
 }
 
 template <int LANES, typename in_t, typename acc_t>

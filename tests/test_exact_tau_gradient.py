@@ -67,3 +67,29 @@ def test_half_inputs_tau_gradient_equals_float32s_on_the_same_values(dtype):
     fused = _grad_w(x, -16.0, dtype, "cpu", False)
     single = _grad_w(x, -16.0, torch.float32, "cpu", False)
     torch.testing.assert_close(fused, single, rtol=1e-6, atol=0)
+
+
+
+def _membrane_gradients(x: torch.Tensor, w: torch.Tensor, backend: str):
+    x = x.to(w.dtype).requires_grad_(True)
+    v_init = torch.full(x.shape[1:], 0.1, dtype=w.dtype, requires_grad=True)
+    _, v_last, _ = plif_cuda.plif_multistep(x, w, v_init, backend=backend, detach_reset=True)
+    return [grad.double() for grad in torch.autograd.grad(v_last.sum(), [x, v_init])]
+
+
+@pytest.mark.parametrize("w", (4.0, 7.0, 10.0))
+def test_float32_membrane_gradients_stay_exact_as_tau_nears_1(w):
+    """As k nears 1 the gradient carried back through the membrane, (1 - k) dL/dH, is a small
+    part of dL/dH: formed from 1 - k (exact for k >= 1/2) it keeps float32's precision, while
+    dL/dH - k dL/dH would keep only about 2^-24 / (1 - k) of it (6e-5 at w = 7). With the loss
+    on V[T-1] alone and detach_reset, every gradient is a product along the membrane, so each
+    element of dL/dX and dL/dv_init is held to 1e-5 of its float64 value, computed from the same
+    k (float32's sigmoid(w), whose own rounding moves 1 - k by up to 2^-25 / (1 - k))."""
+    x = _inputs(neurons=64) * 0.3  # below threshold mostly; a spike cuts its neuron's chain exactly
+    w_single = torch.tensor(w, dtype=torch.float32)
+    w_same_k = torch.logit(torch.sigmoid(w_single).double())
+    fused = _membrane_gradients(x, w_single, "cpu")
+    exact = _membrane_gradients(x, w_same_k, "torch")
+    for got, want in zip(fused, exact):
+        assert (want != 0).any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
