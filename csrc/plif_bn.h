@@ -278,9 +278,9 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
       const acc_t y = load_as<acc_t>(y_row[j]);
       const acc_t ht = h_row[j];
       const acc_t grad_z =
-          neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev[j],
-                          normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j], through_spike,
-                          through_membrane, o, grad_h_next[j], grad_k_sum[j]);
+          neuron_backward(ht, acc_t(1) - fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o),
+                          v_prev[j], normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j],
+                          through_spike, through_membrane, o, grad_h_next[j], grad_k_sum[j]);
       const acc_t xhat = (y - mean[j]) * invstd[j];
       if constexpr ((PASS & kReduce) != 0) {
         sum_grad[j] += grad_z;

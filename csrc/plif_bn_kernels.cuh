@@ -170,8 +170,8 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
         const bool through_membrane = grad_v_last != nullptr || (t < g.T - 1 && through_spike);
         const acc_t y_value = load_as<acc_t>(y[t * g.y_step + n]);
         const acc_t grad_z =
-            neuron_backward(ht, fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), v_prev,
-                            normalise(y_value, nt.scale, nt.shift), nt.k, grad_v, grad_s, through_spike,
+            neuron_backward(ht, acc_t(1) - fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o),
+                            v_prev, normalise(y_value, nt.scale, nt.shift), nt.k, grad_v, grad_s, through_spike,
                             through_membrane, o, grad_h_next, grad_k_sum);
         const acc_t xhat = (y_value - nt.mean) * nt.invstd;
         if ((PASS & kReduce) != 0) {

@@ -71,11 +71,11 @@ PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
 // normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
 // (dh_dk_of from X).
 template <typename acc_t>
-PLIF_HD acc_t neuron_backward(acc_t h, acc_t s, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v, acc_t grad_s,
-                              bool through_spike, bool through_membrane, const Options<acc_t>& o, acc_t& grad_h_next,
-                              acc_t& grad_k_sum) {
-  return backward_neuron_given_surrogate(h, s, sg, dh_dk_of<true>(v_prev, x, o), k, grad_v, grad_s, through_spike,
-                                         through_membrane, o, grad_h_next, grad_k_sum);
+PLIF_HD acc_t neuron_backward(acc_t h, acc_t not_spiked, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v,
+                              acc_t grad_s, bool through_spike, bool through_membrane, const Options<acc_t>& o,
+                              acc_t& grad_h_next, acc_t& grad_k_sum) {
+  return backward_neuron_given_surrogate(h, not_spiked, sg, dh_dk_of<true>(v_prev, x, o), k, grad_v, grad_s,
+                                         through_spike, through_membrane, o, grad_h_next, grad_k_sum);
 }
 
 // What every pass, forward or backward, CPU or GPU, reads of y and the neuron.

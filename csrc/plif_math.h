@@ -255,11 +255,11 @@ PLIF_HD acc_t reset(acc_t h, acc_t s, const Options<acc_t>& o) {
   return pick(o.soft_reset, soft, hard);
 }
 
-// dV[t]/dH[t] through the reset.
+// dV[t]/dH[t] through the reset, from not_spiked = 1 - S[t].
 template <typename acc_t>
-PLIF_HD acc_t reset_grad(acc_t h, acc_t s, acc_t sg, const Options<acc_t>& o) {
+PLIF_HD acc_t reset_grad(acc_t h, acc_t not_spiked, acc_t sg, const Options<acc_t>& o) {
   const acc_t soft = pick(o.detach_reset, acc_t(1), acc_t(1) - o.v_threshold * sg);
-  const acc_t hard = pick(o.detach_reset, acc_t(1) - s, fma_(o.v_reset - h, sg, acc_t(1) - s));
+  const acc_t hard = pick(o.detach_reset, not_spiked, fma_(o.v_reset - h, sg, not_spiked));
   return pick(o.soft_reset, soft, hard);
 }
 
@@ -283,18 +283,17 @@ PLIF_HD acc_t dh_dk_of(acc_t v_prev, acc_t x_or_h, const Options<acc_t>& o) {
   return pick(o.decay_input, FROM_X ? x_or_h - leak : x_or_h - v_prev, -leak);
 }
 
-// One reverse-time step of one neuron (the recursion of the spec) from H[t], S[t], dH[t]/dk and
+// One reverse-time step of one neuron (the recursion of the spec) from H[t], 1 - S[t], dH[t]/dk and
 // the gradients arriving on S[t] and V[t]: updates dL/dH (grad_h_next becomes dL/dH[t]) and the
 // running sum for dL/dk; returns dL/dX[t].
 // sg: the surrogate derivative at H[t] (surrogate_grad of H[t] - V_th).
 template <typename acc_t>
-PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t s, acc_t sg, acc_t dh_dk, acc_t k, acc_t grad_v,
+PLIF_HD acc_t backward_neuron_given_surrogate(acc_t h, acc_t not_spiked, acc_t sg, acc_t dh_dk, acc_t k, acc_t grad_v,
                                               acc_t grad_s, bool through_spike, bool through_membrane,
                                               const Options<acc_t>& o, acc_t& grad_h_next, acc_t& grad_k_sum) {
-  const acc_t r = reset_grad(h, s, sg, o);
-  const acc_t via_membrane = fma_(grad_h_next, acc_t(1) - k, grad_v) * r;
-  const acc_t via_spike = grad_s * sg;
-  const acc_t grad_h = pick(through_membrane, via_membrane, acc_t(0)) + pick(through_spike, via_spike, acc_t(0));
+  const acc_t r = reset_grad(h, not_spiked, sg, o);
+  const acc_t via_membrane = pick(through_membrane, fma_(grad_h_next, acc_t(1) - k, grad_v) * r, acc_t(0));
+  const acc_t grad_h = pick(through_spike, fma_(grad_s, sg, via_membrane), via_membrane);
   grad_k_sum = fma_(grad_h, dh_dk, grad_k_sum);
   grad_h_next = grad_h;
   return pick(o.decay_input, k * grad_h, grad_h);
@@ -397,14 +396,14 @@ PLIF_HD void forward_scan(const ForwardParams<in_t, acc_t>& p, index_t n0) {
   forward_end<LANES>(p, n0, st);
 }
 
-// Backward state of LANES neurons while walking back from t = T-1: H[t], S[t] and the surrogate
+// Backward state of LANES neurons while walking back from t = T-1: H[t], 1 - S[t] and the surrogate
 // derivative at H[t] (all computed one step ahead; the GPU kernels, which compute the derivative
 // within the step, leave the last one unread), dL/dH[t+1], and the running sum for dL/dk.
 template <int LANES, typename acc_t>
 struct BackwardState {
   acc_t k[LANES];
   acc_t h[LANES];
-  acc_t s[LANES];
+  acc_t not_spiked[LANES];  // 1 - S[t]: what the reset's derivative takes
   acc_t surrogate_grad[LANES];
   acc_t grad_h_next[LANES];
   acc_t grad_k_sum[LANES];
@@ -427,10 +426,10 @@ PLIF_HD acc_t backward_neuron_step(bool has_prev, acc_t h_prev, acc_t dh_dk, acc
                                    bool through_spike, bool through_membrane, const Options<acc_t>& o,
                                    BackwardState<LANES, acc_t>& st, int j) {
   const acc_t grad_x =
-      backward_neuron_given_surrogate(st.h[j], st.s[j], st.surrogate_grad[j], dh_dk, st.k[j], grad_v, grad_s,
+      backward_neuron_given_surrogate(st.h[j], st.not_spiked[j], st.surrogate_grad[j], dh_dk, st.k[j], grad_v, grad_s,
                                       through_spike, through_membrane, o, st.grad_h_next[j], st.grad_k_sum[j]);
   st.h[j] = h_prev;
-  st.s[j] = has_prev ? fire<SURROGATE>(h_prev, o) : acc_t(0);
+  st.not_spiked[j] = has_prev ? acc_t(1) - fire<SURROGATE>(h_prev, o) : acc_t(1);
   if (has_prev) st.surrogate_grad[j] = surrogate_grad<SURROGATE>(h_prev - o.v_threshold, o);
   return grad_x;
 }
@@ -444,7 +443,7 @@ PLIF_HD void backward_begin(const BackwardParams<in_t, acc_t>& p, index_t n0, co
     st.grad_h_next[j] = acc_t(0);
     st.grad_k_sum[j] = acc_t(0);
     st.h[j] = h_last[j];
-    st.s[j] = fire<SURROGATE>(st.h[j], p.opts);
+    st.not_spiked[j] = acc_t(1) - fire<SURROGATE>(st.h[j], p.opts);
     st.surrogate_grad[j] = surrogate_grad<SURROGATE>(st.h[j] - p.opts.v_threshold, p.opts);
   }
 }
