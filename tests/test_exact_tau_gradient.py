@@ -69,7 +69,6 @@ def test_half_inputs_tau_gradient_equals_float32s_on_the_same_values(dtype):
     torch.testing.assert_close(fused, single, rtol=1e-6, atol=0)
 
 
-
 def _membrane_gradients(x: torch.Tensor, w: torch.Tensor, backend: str):
     x = x.to(w.dtype).requires_grad_(True)
     v_init = torch.full(x.shape[1:], 0.1, dtype=w.dtype, requires_grad=True)
