@@ -88,9 +88,10 @@ PLIF_HD float exp_nonpositive_(float x) { return exp_from_shifted_(x, std::fma(x
 // exp(-(a y)), a y >= 0 (or NaN), the product rounded first as everywhere else. The sum is
 // taken from y and -a / ln 2 (uniform, so computed once per loop), beside the product rather
 // than after it: a multiply's latency off the longest chain of the CPU backward, which that
-// chain's length bounds (benchmarks/NOTES.md, issue 23). n may differ by one where -a y / ln 2 is
-// within a rounding of a half-integer; |r| then exceeds ln 2 / 2 by about that rounding, where
-// the polynomial is as exact, and below -104 the result is 0 either way.
+// chain's length bounds (benchmarks/NOTES.md, "What bounds the backward's lanes loop"). n may
+// differ by one where -a y / ln 2 is within a rounding of a half-integer; |r| then exceeds
+// ln 2 / 2 by about that rounding, where the polynomial is as exact, and below -104 the result is
+// 0 either way.
 PLIF_HD float exp_of_negative_product_(float a, float y) {
   return exp_from_shifted_(-a * y, std::fma(y, -a * kLog2e, kExpShifter));
 }
