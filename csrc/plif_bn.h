@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "plif_bn_math.h"
@@ -272,7 +273,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
     }
     const bool through_membrane = gr.grad_v_last != nullptr || (t < g.T - 1 && through_spike);
     const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
-    in_t* const out_row = (PASS & kWriteGradY) != 0 ? gr.grad_y + t * g.neurons + n0 : nullptr;
+    in_t* const out_row = (PASS & kWritesRows) != 0 ? gr.grad_y + t * g.neurons + n0 : nullptr;
     in_t* __restrict__ const grad_y_row = stream ? staging : out_row;
     for (index_t j = 0; j < count; ++j) {
       const acc_t y = load_as<acc_t>(y_row[j]);
@@ -287,17 +288,18 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
         sum_grad_xhat[j] = fma_(grad_z, xhat, sum_grad_xhat[j]);
       }
       if constexpr ((PASS & kWriteGradY) != 0) {
-        grad_y_row[j] = store_as<in_t>(terms.scale[j] * (grad_z - mean_grad[j] - xhat * mean_grad_xhat[j]));
+        grad_y_row[j] = store_as<in_t>(grad_y_of(grad_z, xhat, terms.scale[j], mean_grad[j], mean_grad_xhat[j]));
       }
+      if constexpr ((PASS & kStoreGradZ) != 0) grad_y_row[j] = store_as<in_t>(grad_z);
     }
     if (grad_v_arrives) {
       for (index_t j = 0; j < count; ++j) grad_v[j] = acc_t(0);
     }
-    if constexpr ((PASS & kWriteGradY) != 0) {
+    if constexpr ((PASS & kWritesRows) != 0) {
       if (stream) stream_row(out_row, staging, count * sizeof(in_t));
     }
   }
-  if constexpr ((PASS & kWriteGradY) != 0) {
+  if constexpr ((PASS & kWritesRows) != 0) {
     if (stream) fence_streamed_rows();
   }
   if constexpr ((PASS & kReduce) != 0) {
@@ -316,20 +318,53 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
 
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, RowSums* sums) {
-  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + ((PASS & kWriteGradY) != 0));
+  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + ((PASS & kWritesRows) != 0));
   for_each_block<acc_t>(a.g, a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
     backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums, stream);
   });
 }
 
+// dL/dy from the dL/dz a kStoreGradZ pass left in its buffer, in place: y's and that buffer's rows
+// read, the buffer's written, no neuron arithmetic.
+template <typename in_t, typename acc_t>
+PLIF_ISA_CLONES void finish_grad_y_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t n0,
+                                         index_t count, bool stream) {
+  const Geometry& g = a.g;
+  acc_t scale[kBlock], mean[kBlock], invstd[kBlock], mean_grad[kBlock], mean_grad_xhat[kBlock];
+  fill_per_neuron(g, n0, count, a.scale, false, scale);
+  fill_per_neuron(g, n0, count, a.mean, false, mean);
+  fill_per_neuron(g, n0, count, a.invstd, false, invstd);
+  fill_per_neuron(g, n0, count, gr.mean_grad, false, mean_grad);
+  fill_per_neuron(g, n0, count, gr.mean_grad_xhat, false, mean_grad_xhat);
+  for (index_t t = 0; t < g.T; ++t) {
+    const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
+    in_t* __restrict__ const grad_row = gr.grad_y + t * g.neurons + n0;
+    if (t + 1 < g.T) {
+      prefetch_row<kBlock>(y_row + g.y_step, stream);
+      prefetch_row<kBlock>(grad_row + g.neurons, stream);
+    }
+    for (index_t j = 0; j < count; ++j) {
+      const acc_t xhat = (load_as<acc_t>(y_row[j]) - mean[j]) * invstd[j];
+      grad_row[j] =
+          store_as<in_t>(grad_y_of(load_as<acc_t>(grad_row[j]), xhat, scale[j], mean_grad[j], mean_grad_xhat[j]));
+    }
+  }
+}
+
 // Per channel: sum dL/dz, sum dL/dz * xhat and sum dL/dk (quantity-major, [3 * C]) after the
-// kReduce pass, and dL/dy written where write_grad_y.
+// kReduce pass, and dL/dy written where write_grad_y. Where dL/dy's type is the compute type, the
+// reducing pass leaves dL/dz in dL/dy's buffer and finish_grad_y_block makes it dL/dy: the
+// neuron's backward (recompute, surrogate, recursion), which bounds these passes on a CPU, runs
+// once instead of twice. The half types, whose buffer would round dL/dz, run it twice.
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool write_grad_y, double* channel_sums) {
+  constexpr bool kGradZInPlace = std::is_same<in_t, acc_t>::value;
   RowSums sums(a.g, 3);
   const bool one_pass = write_grad_y && !gr.batch_statistics;
   if (one_pass) {
     backward_pass<SURROGATE, kReduce | kWriteGradY>(a, gr, &sums);
+  } else if (write_grad_y && kGradZInPlace) {
+    backward_pass<SURROGATE, kReduce | kStoreGradZ>(a, gr, &sums);
   } else {
     backward_pass<SURROGATE, kReduce>(a, gr, &sums);
   }
@@ -345,7 +380,13 @@ void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool wr
   }
   gr.mean_grad = mean_grad.data();
   gr.mean_grad_xhat = mean_grad_xhat.data();
-  backward_pass<SURROGATE, kWriteGradY>(a, gr, nullptr);
+  if constexpr (kGradZInPlace) {
+    const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2);
+    for_each_block<char>(
+        a.g, 0, [&](index_t, index_t n0, index_t count, char*) { finish_grad_y_block(a, gr, n0, count, stream); });
+  } else {
+    backward_pass<SURROGATE, kWriteGradY>(a, gr, nullptr);
+  }
 }
 
 }  // namespace bn

@@ -180,7 +180,7 @@ __global__ void bn_backward_kernel(const in_t* y, Geometry g, const acc_t* terms
         }
         if ((PASS & kWriteGradY) != 0) {
           grad_y[t * g.neurons + n] =
-              store_as<in_t>(nt.scale * (grad_z - channel_mean_grad - xhat * channel_mean_grad_xhat));
+              store_as<in_t>(grad_y_of(grad_z, xhat, nt.scale, channel_mean_grad, channel_mean_grad_xhat));
         }
       }
     }

@@ -32,8 +32,9 @@ struct Geometry {
   }
 };
 
-// What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or both.
-enum PassBits : int { kReduce = 1, kWriteGradY = 2 };
+// What a backward pass does: reduce the per-channel sums (and dL/dk, dL/dv_init), write dL/dy, or
+// both; or, on the CPU, reduce and leave dL/dz in dL/dy's buffer for a pass that finishes it.
+enum PassBits : int { kReduce = 1, kWriteGradY = 2, kStoreGradZ = 4, kWritesRows = kWriteGradY | kStoreGradZ };
 
 // Rows a block's sums use: a block of kBlock neurons starting anywhere in a row of S spans at most this many.
 PLIF_HD index_t rows_per_block(index_t S) { return (kBlock + S - 2) / S + 1; }
@@ -65,6 +66,13 @@ PLIF_HD void batch_moments(double sum, double sum_of_squares, double count, doub
 template <typename acc_t>
 PLIF_HD acc_t normalise(acc_t y, acc_t scale, acc_t shift) {
   return y * scale + shift;
+}
+
+// dL/dy from the neuron's dL/dz at the same element: the normalisation's share (scale), less the
+// batch statistics' shares (the channel means of dL/dz and dL/dz * xhat; 0 with running statistics).
+template <typename acc_t>
+PLIF_HD acc_t grad_y_of(acc_t grad_z, acc_t xhat, acc_t scale, acc_t mean_grad, acc_t mean_grad_xhat) {
+  return scale * (grad_z - mean_grad - xhat * mean_grad_xhat);
 }
 
 // The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
