@@ -209,31 +209,35 @@ struct Gradients {
   const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
 };
 
-// One block: recompute H[0..T-1] from y (the forward's expressions, so its bits), then walk back
-// in time. `h` holds T * kBlock values.
+// One block: recompute H[0..T-1] and dH/dk from y (the forward's expressions, so its bits; dH/dk
+// as dh_dk_of from the normalised input, what neuron_backward computes from V[t-1]), then walk back
+// in time. `h` holds 2 * T * kBlock values: H's rows, then dH/dk's.
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
-PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t block,
-                                    index_t n0, index_t count, acc_t* h, RowSums* sums, bool stream) {
+PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr,
+                                                index_t block, index_t n0, index_t count, acc_t* h, RowSums* sums,
+                                                bool stream) {
   const Options<acc_t> o = a.opts;
   const Geometry& g = a.g;
   BlockTerms<acc_t> terms;
   fill_block_terms(a, n0, count, terms);
-  acc_t mean[kBlock], invstd[kBlock], v_init[kBlock];
+  acc_t mean[kBlock], invstd[kBlock];
   fill_per_neuron(g, n0, count, a.mean, false, mean);
   fill_per_neuron(g, n0, count, a.invstd, false, invstd);
-  for (index_t j = 0; j < count; ++j) v_init[j] = a.v_init[(n0 + j) * a.v_init_stride];
 
+  acc_t* const dh_dk = h + g.T * kBlock;
   // Recompute.
   {
     acc_t v[kBlock];
-    for (index_t j = 0; j < count; ++j) v[j] = v_init[j];
+    for (index_t j = 0; j < count; ++j) v[j] = a.v_init[(n0 + j) * a.v_init_stride];
     for (index_t t = 0; t < g.T; ++t) {
       const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
       if (t + 1 < g.T) prefetch_row<kBlock>(y_row + g.y_step, stream);
       acc_t* __restrict__ const h_row = h + t * kBlock;
+      acc_t* __restrict__ const dh_dk_row = dh_dk + t * kBlock;
       for (index_t j = 0; j < count; ++j) {
-        forward_neuron<SURROGATE>(v[j], normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]), terms.k[j],
-                                  o, h_row[j]);
+        const acc_t x = normalise(load_as<acc_t>(y_row[j]), terms.scale[j], terms.shift[j]);
+        dh_dk_row[j] = dh_dk_of<true>(v[j], x, o);
+        forward_neuron<SURROGATE>(v[j], x, terms.k[j], o, h_row[j]);
       }
     }
   }
@@ -249,19 +253,13 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
     }
   }
   acc_t grad_h_next[kBlock] = {}, grad_k_sum[kBlock] = {}, sum_grad[kBlock] = {}, sum_grad_xhat[kBlock] = {};
-  acc_t v_before[kBlock], grad_v[kBlock] = {}, grad_s[kBlock] = {};
+  acc_t grad_v[kBlock] = {}, grad_s[kBlock] = {};
   in_t staging[kBlock];
   const bool through_spike = gr.grad_spikes != nullptr;
   if (through_spike) prefetch_row<kBlock>(gr.grad_spikes + (g.T - 1) * g.neurons + n0, stream);
   for (index_t t = g.T - 1; t >= 0; --t) {
-    const acc_t* const h_row = h + t * kBlock;
-    // V[t-1]: rebuilt from H[t-1] (the reset is a function of H), or v_init.
-    const acc_t* v_prev = v_init;
-    if (t > 0) {
-      const acc_t* const h_prev = h + (t - 1) * kBlock;
-      for (index_t j = 0; j < count; ++j) v_before[j] = reset(h_prev[j], fire<SURROGATE>(h_prev[j], o), o);
-      v_prev = v_before;
-    }
+    const acc_t* __restrict__ const h_row = h + t * kBlock;
+    const acc_t* __restrict__ const dh_dk_row = dh_dk + t * kBlock;
     const bool grad_v_arrives = t == g.T - 1 && gr.grad_v_last != nullptr;
     if (grad_v_arrives) {
       for (index_t j = 0; j < count; ++j) grad_v[j] = gr.grad_v_last[n0 + j];
@@ -278,10 +276,9 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
     for (index_t j = 0; j < count; ++j) {
       const acc_t y = load_as<acc_t>(y_row[j]);
       const acc_t ht = h_row[j];
-      const acc_t grad_z =
-          neuron_backward(ht, acc_t(1) - fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o),
-                          v_prev[j], normalise(y, terms.scale[j], terms.shift[j]), terms.k[j], grad_v[j], grad_s[j],
-                          through_spike, through_membrane, o, grad_h_next[j], grad_k_sum[j]);
+      const acc_t grad_z = backward_neuron_given_surrogate(
+          ht, acc_t(1) - fire<SURROGATE>(ht, o), surrogate_grad<SURROGATE>(ht - o.v_threshold, o), dh_dk_row[j],
+          terms.k[j], grad_v[j], grad_s[j], through_spike, through_membrane, o, grad_h_next[j], grad_k_sum[j]);
       const acc_t xhat = (y - mean[j]) * invstd[j];
       if constexpr ((PASS & kReduce) != 0) {
         sum_grad[j] += grad_z;
@@ -319,7 +316,7 @@ PLIF_ISA_CLONES void backward_block(const Args<in_t, acc_t>& a, const Gradients<
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, RowSums* sums) {
   const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + ((PASS & kWritesRows) != 0));
-  for_each_block<acc_t>(a.g, a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
+  for_each_block<acc_t>(a.g, 2 * a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
     backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums, stream);
   });
 }
