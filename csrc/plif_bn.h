@@ -134,7 +134,7 @@ void fill_per_neuron(const Geometry& g, index_t n0, index_t count, const acc_t* 
     std::fill(out, out + count, per_channel[0]);
     return;
   }
-  // Run by run: a block of 1024 neurons spans one or two channels of a conv layer's output.
+  // Run by run: a block spans one channel of a conv layer's output, or a few.
   index_t row = n0 / g.S;
   for (index_t j = 0; j < count; ++row) {
     const index_t run_end = std::min(count, (row + 1) * g.S - n0);

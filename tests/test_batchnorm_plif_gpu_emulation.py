@@ -68,10 +68,10 @@ def _bits_equal(a, b):
 
 
 CASES = {
-    "conv": (5, 3, 4, 20, 20),  # 400 positions a row: rows span blocks of 1024
-    "conv_wide_rows": (3, 2, 3, 40, 40),  # 1600 a row: one row over two blocks
+    "conv": (5, 3, 4, 20, 20),  # 400 positions a row: rows span blocks (of 128 neurons)
+    "conv_wide_rows": (3, 2, 3, 40, 40),  # 1600 a row: a row over many blocks
     "fc": (4, 7, 300),  # one neuron a row, a tail block
-    "long": (37, 2, 3, 5, 5),  # T above the backward's chunk of 8, not a multiple of it
+    "long": (37, 2, 3, 5, 5),  # T above the backward's chunk of 8, not a multiple of it; rows within a block
 }
 OPTIONS = [
     dict(surrogate="atan", detach_reset=True),
