@@ -2,15 +2,15 @@
 
 Rows: the bytes autograd keeps per neuron-step for the pair; the pair's forward+backward time
 (float32, T=8, inputs past the last-level cache); the training step of the paper's Fashion-MNIST
-network (and, with --cifar, the CIFAR-10 one) fused by fuse_bn_plif against unfused. Cases
-alternate within each round, so the ratio compares like with like under the machine's load.
+network (and, with --cifar, the CIFAR-10 one) fused by fuse_bn_plif against unfused: its time,
+what autograd keeps, and the peak memory of one step (peak_of_first_step says how it is taken).
+Cases alternate within each round, so the ratio compares like with like under the machine's load.
 
-    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--spikingjelly] [--device cuda]
-                                 [--json PATH]
+    python benchmarks/bn_plif.py [--size N C H W] [--rounds R] [--cifar] [--spikingjelly] [--no-peak]
+                                 [--device cuda] [--json PATH]
 
---spikingjelly adds the Fashion-MNIST network written in SpikingJelly's layers, fused against
-SpikingJelly's own; --device cuda runs every row on the GPU and checks the fused layer there
-against the CPU op.
+--spikingjelly adds each network written in SpikingJelly's layers, fused against SpikingJelly's
+own; --device cuda runs every row on the GPU and checks the fused layer there against the CPU op.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,70 +124,142 @@ def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -
     }
 
 
-def network_rows(name: str, build, batch: int, rounds: int, device: torch.device) -> dict:
+def network_input(model: nn.Module, batch: int, device: torch.device, generator=None):
+    """A batch of static images the network takes (its first conv's channels; 32 x 32 for colour,
+    28 x 28 for grey) and labels for them."""
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    channels = first_conv.in_channels
+    side = 32 if channels == 3 else 28
+    x = torch.rand(batch, channels, side, side, generator=generator).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
+    return x, labels
+
+
+def training_step(model: nn.Module, x, labels):
+    def run():
+        rate = model(x)
+        F.mse_loss(rate, F.one_hot(labels, 10).float()).backward()
+        models.reset_states(model)
+
+    return run
+
+
+def network_rows(name: str, build, batch: int, rounds: int, device: torch.device, peak: bool = False) -> dict:
     torch.manual_seed(0)
     unfused = build().to(device)
     fused = plif_cuda.fuse_bn_plif(copy.deepcopy(unfused))
-    channels = unfused.first_conv.module[0].in_channels if hasattr(unfused, "first_conv") else 1
-    side = 32 if channels == 3 else 28
-    x = torch.rand(batch, channels, side, side, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
-
-    def step(model):
-        def run():
-            rate = model(x)
-            F.mse_loss(rate, F.one_hot(labels, 10).float()).backward()
-            models.reset_states(model)
-
-        return run
-
+    x, labels = network_input(unfused, batch, device)
     for model in (unfused, fused):
-        step(model)()
+        training_step(model, x, labels)()
     kept = {}
     for label, model in (("unfused", unfused), ("fused", fused)):
         kept[label] = saved_tensor_bytes(lambda model=model: model(x))["bytes"] / 2**20
         models.reset_states(model)
-    medians = time_rounds({"unfused": step(unfused), "fused": step(fused)}, rounds, device)
-    return {
+    medians = time_rounds(
+        {"unfused": training_step(unfused, x, labels), "fused": training_step(fused, x, labels)}, rounds, device
+    )
+    row = {
         "network": name,
         "batch": batch,
         "step_ms": medians,
         "speedup": medians["unfused"] / medians["fused"],
         "kept_mib": kept,
     }
+    if peak:
+        row["peak_mib"] = {case: peak_step_mib(name, case, batch, device) for case in ("unfused", "fused")}
+    return row
 
 
-def spikingjelly_fashion_mnist(T: int = 8, width: int = 128, fc_width: int = 2048) -> nn.Module:
-    """The Fashion-MNIST network written with SpikingJelly's layers (multi-step, its PLIF neurons with
-    the paper's ATan and detach_reset), input ``[N, 1, 28, 28]`` repeated over T."""
+def resident_mib(field: str) -> float:
+    """VmRSS or VmHWM of this process, MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_of_first_step(name: str, case: str, batch: int, device: torch.device) -> float:
+    """What one training step of a fresh network adds to the memory at its peak, MiB: on a GPU the
+    allocator's peak over what was allocated before; on a CPU the process's peak resident memory
+    (VmHWM) over its resident memory before the step, in a process that has run nothing else."""
+    torch.manual_seed(0)
+    model = NETWORKS[name]().to(device)
+    if case == "fused":
+        model = plif_cuda.fuse_bn_plif(model)
+    x, labels = network_input(model, batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        training_step(model, x, labels)()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = resident_mib("VmRSS")
+    training_step(model, x, labels)()
+    return resident_mib("VmHWM") - before
+
+
+def peak_step_mib(name: str, case: str, batch: int, device: torch.device) -> float:
+    """peak_of_first_step in a process of its own (a CPU process's peak cannot be reset)."""
+    command = [sys.executable, __file__, "--peak-of", name, case, "--batch", str(batch), "--device", str(device)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
+def spikingjelly_static_image(
+    in_channels: int = 1,
+    image_size: int = 28,
+    width: int = 128,
+    convs_per_stage: int = 1,
+    T: int = 8,
+    fc_width: int = 2048,
+) -> nn.Module:
+    """The paper's static-image network (models.StaticImageSNN's layers, without dropout) written with
+    SpikingJelly's layers: multi-step, its PLIF neurons with the paper's ATan and detach_reset, the
+    input ``[N, C, H, W]`` repeated over T. The defaults are the Fashion-MNIST network; CIFAR-10's is
+    ``(3, 32, 256, 3)``."""
     from spikingjelly.activation_based import layer, neuron, surrogate
 
     def plif():
         return neuron.ParametricLIFNode(surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
 
+    body = []
+    channels = in_channels
+    for _ in range(2):
+        for _ in range(convs_per_stage):
+            conv = nn.Conv2d(channels, width, 3, padding=1, bias=False)
+            body += [layer.SeqToANNContainer(conv, nn.BatchNorm2d(width)), plif()]
+            channels = width
+        body.append(layer.MaxPool2d(2, 2, step_mode="m"))
+    body += [
+        layer.Flatten(step_mode="m"),
+        layer.Linear(width * (image_size // 4) ** 2, fc_width, bias=False, step_mode="m"),
+        plif(),
+        layer.Linear(fc_width, 100, bias=False, step_mode="m"),
+        plif(),
+    ]
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.T = T
-            self.body = nn.Sequential(
-                layer.SeqToANNContainer(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
-                plif(),
-                layer.MaxPool2d(2, 2, step_mode="m"),
-                layer.SeqToANNContainer(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)),
-                plif(),
-                layer.MaxPool2d(2, 2, step_mode="m"),
-                layer.Flatten(step_mode="m"),
-                layer.Linear(width * 7 * 7, fc_width, bias=False, step_mode="m"),
-                plif(),
-                layer.Linear(fc_width, 100, bias=False, step_mode="m"),
-                plif(),
-            )
+            self.body = nn.Sequential(*body)
 
         def forward(self, x):
             rate = self.body(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)).mean(0)
             return F.avg_pool1d(rate.unsqueeze(1), 10, 10).squeeze(1)
 
     return Net()
+
+
+# The networks of the rows, by name.
+NETWORKS = {
+    "fashion_mnist": lambda: models.StaticImageSNN(),
+    "cifar10": lambda: models.StaticImageSNN(in_channels=3, image_size=32, width=256, convs_per_stage=3),
+    "fashion_mnist_spikingjelly": lambda: spikingjelly_static_image(),
+    "cifar10_spikingjelly": lambda: spikingjelly_static_image(3, 32, 256, 3),
+}
 
 
 def matches_cpu(device: torch.device, surrogate: str) -> dict:
@@ -232,13 +305,21 @@ def main() -> None:
     parser.add_argument("--network-rounds", type=int, default=5)
     parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
     parser.add_argument(
-        "--spikingjelly", action="store_true", help="also the Fashion-MNIST network in SpikingJelly's layers"
+        "--spikingjelly", action="store_true", help="also the networks written in SpikingJelly's layers"
     )
+    parser.add_argument("--no-peak", action="store_true", help="leave out the networks' peak memory")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then also the check against the CPU op)")
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--peak-of", nargs=2, metavar=("NETWORK", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.peak_of:
+        print(peak_of_first_step(*args.peak_of, args.batch, device))
+        return
 
+    names = ["fashion_mnist"] + (["cifar10"] if args.cifar else [])
+    if args.spikingjelly:
+        names += [name + "_spikingjelly" for name in names]
     report = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -246,25 +327,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate, device),
         "networks": [
-            network_rows("fashion_mnist", lambda: models.StaticImageSNN(), args.batch, args.network_rounds, device),
+            network_rows(name, NETWORKS[name], args.batch, args.network_rounds, device, peak=not args.no_peak)
+            for name in names
         ],
     }
-    if args.cifar:
-        report["networks"].append(
-            network_rows(
-                "cifar10",
-                lambda: models.StaticImageSNN(in_channels=3, image_size=32, width=256, convs_per_stage=3),
-                args.batch,
-                args.network_rounds,
-                device,
-            )
-        )
-    if args.spikingjelly:
-        report["networks"].append(
-            network_rows(
-                "fashion_mnist_spikingjelly", spikingjelly_fashion_mnist, args.batch, args.network_rounds, device
-            )
-        )
     if device.type != "cpu":
         report["matches_cpu"] = matches_cpu(device, args.surrogate)
     report["load_after"] = load_average()

@@ -523,6 +523,9 @@ def test_benchmark_rows_keep_half_the_bytes(monkeypatch):
     assert 4.0 <= kept["fused"] < 4.5 and kept["unfused"] >= 8.0
     row = bench.network_rows("tiny", lambda: models.StaticImageSNN(T=2, width=4, fc_width=16), 2, 1, cpu)
     assert row["kept_mib"]["fused"] < row["kept_mib"]["unfused"]
+    # The peak-memory row: one step of a named network in a process of its own, which must at least
+    # hold the step's activations (batch 1: 8 steps of 128 x 28 x 28 float32 values, 3 MiB, per layer).
+    assert bench.peak_step_mib("fashion_mnist", "fused", 1, cpu) > 3.0
 
 
 @pytest.mark.parametrize("training", [True, False])
