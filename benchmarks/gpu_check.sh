@@ -6,7 +6,7 @@
 #   summary.txt          one line per phase: name, verdict, seconds (the first file to read)
 #   environment.txt      GPU, driver, toolkit, Python packages, git revision
 #   results.tar.gz       every phase's log and output (build log, ptxas report, JSON results, junit)
-#   smoke.txt, kernels.json, benchmark.json, anchors.json
+#   smoke.txt, kernels.json, benchmark.json, bn_plif.json, anchors.json
 #                        the figures, also outside the archive
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            on the GPU machine
@@ -53,7 +53,7 @@ log() { echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*"; }
 # Packs what is done into OUT_DIR (at most 8 files), so that a call cut at any point returns it.
 pack() {
   tar -czf "$OUT_DIR/results.tar.gz.part" --exclude=./site -C "$WORK" . && mv "$OUT_DIR/results.tar.gz.part" "$OUT_DIR/results.tar.gz"
-  for name in summary.txt environment.txt smoke.txt kernels.json benchmark.json anchors.json; do
+  for name in summary.txt environment.txt smoke.txt kernels.json benchmark.json bn_plif.json anchors.json; do
     [[ -f $WORK/$name ]] && cp "$WORK/$name" "$OUT_DIR/$name"
   done
 }
@@ -139,6 +139,11 @@ run_phase kernels 45 "$PYTHON" benchmarks/run.py "${DRY[@]}" --devices cuda --ba
 run_phase benchmark 90 "$PYTHON" benchmarks/run.py "${DRY[@]}" --devices cuda --T 8 \
   --neurons 2^20,2^24 --dtypes fp32,fp16 --tau layer --peers spikingjelly --no-network --kernel-only off \
   --out "$WORK" --name benchmark
+
+# The fused BatchNorm + PLIF block: bit for bit against the CPU op (the phase fails where it is not),
+# the pair against nn.BatchNorm2d + our PLIF, and the Fashion-MNIST network's step and peak memory.
+run_phase bn 45 "$PYTHON" benchmarks/bn_plif.py "${DRY[@]}" --device cuda --rounds 5 --network-rounds 2 \
+  --json "$WORK/bn_plif.json"
 
 # The anchors' own configurations: SpikingJelly's Triton tutorial and the Open Neuromorphic case.
 run_phase anchors 60 "$PYTHON" benchmarks/anchors.py "${DRY[@]}" --out "$WORK/anchors.json"

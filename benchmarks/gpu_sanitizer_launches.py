@@ -3,7 +3,9 @@
 
 Each case takes a different path through the kernels: the vector path with a grid-stride loop
 (large N), the scalar path with tails, a misaligned input and chunks shorter than T, the smooth
-mode in float64, and the CuPy launcher of the same kernels. Exits non-zero if a launch fails.
+mode in float64, and the CuPy launcher of the same kernels; then the fused BatchNorm + PLIF
+kernels in training (rows of a channel across blocks) and in eval mode (one neuron a row, a tail
+block). Exits non-zero if a launch fails.
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: the caching allocator's segments would hide an
 out-of-bounds access from memcheck.
 """
@@ -24,6 +26,11 @@ CASES = [
     ("vector path bf16, soft reset", torch.bfloat16, 5, 1 << 21, {"v_reset": None}, False),
     ("scalar path fp16, tail, misaligned x, T=37", torch.float16, 37, 3001, {"surrogate": "atan"}, True),
     ("smooth mode fp64", torch.float64, 9, 777, {"spiking": False, "surrogate": "atan", "store_v_seq": True}, False),
+]
+# (name, dtype, shape [T, N, C, *spatial], training)
+BN_CASES = [
+    ("fused BatchNorm + PLIF fp32, rows across blocks", torch.float32, (5, 3, 4, 20, 20), True),
+    ("fused BatchNorm + PLIF bf16 eval, one neuron a row, a tail", torch.bfloat16, (4, 7, 300), False),
 ]
 
 
@@ -47,6 +54,20 @@ def run(name: str, backend: str, dtype, steps: int, neurons: int, options: dict,
     )
 
 
+def run_bn(name: str, dtype, shape: tuple, training: bool) -> None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    y = (torch.randn(shape, generator=generator, device=device) * 2 + 0.5).to(dtype).requires_grad_()
+    layer = plif_cuda.BatchNormPLIF(shape[2]).to(device).train(training)
+    spikes = layer(y)
+    spikes.float().sum().backward()
+    torch.cuda.synchronize()
+    print(
+        f"ok  cuda  {name}: shape {list(shape)} {dtype}, spikes {int(spikes.float().sum())}, "
+        f"|grad y| {float(y.grad.float().abs().sum()):.4g}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="stop before the first GPU call")
@@ -61,6 +82,11 @@ def main() -> int:
     if "cupy" in launchers:
         run(CASES[0][0], "cupy", *CASES[0][1:])
         run(CASES[2][0], "cupy", *CASES[2][1:])
+    if not plif_cuda.batchnorm.fused_op_available("cuda"):
+        print("the fused BatchNorm + PLIF CUDA kernels are unavailable")
+        return 1
+    for case in BN_CASES:
+        run_bn(*case)
     return 0
 
 

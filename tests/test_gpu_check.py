@@ -15,7 +15,7 @@ import pytest
 
 from helpers import REPO_ROOT
 
-PHASES = ["build-check", "smoke", "kernels", "benchmark", "anchors", "gpu-tests", "memcheck", "initcheck"]
+PHASES = ["build-check", "smoke", "kernels", "benchmark", "bn", "anchors", "gpu-tests", "memcheck", "initcheck"]
 DEVICE_RETURNS_FILES = 8
 
 
@@ -83,12 +83,15 @@ def test_a_spent_budget_skips_the_rest_and_still_packs(tmp_path):
     assert (tmp_path / "results.tar.gz").stat().st_size > 0
 
 
-@pytest.mark.parametrize("script", ["gpu_smoke.py", "gpu_sanitizer_launches.py", "anchors.py"])
-def test_each_gpu_script_finds_the_package_of_its_tree_by_itself(script, tmp_path):
+@pytest.mark.parametrize(
+    "script, arguments",
+    [("gpu_smoke.py", []), ("gpu_sanitizer_launches.py", []), ("anchors.py", []), ("bn_plif.py", ["--device", "cuda"])],
+)
+def test_each_gpu_script_finds_the_package_of_its_tree_by_itself(script, arguments, tmp_path):
     """compute-sanitizer starts them as plain scripts: no PYTHONPATH, another working directory."""
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--dry-run"],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--dry-run", *arguments],
         cwd=tmp_path,
         env=environment,
         capture_output=True,
