@@ -13,7 +13,7 @@ namespace bn {
 // Neurons walked together through the T steps, and the unit of the fixed-order sums. On a CPU a
 // step of a block touches about 14 rows of this many values (the rows of y, dL/dS and the
 // output, H and dH/dk, the per-neuron terms and running sums), which fit in L1 at 128 and not at
-// 1024: a third off the pair's time (benchmarks/NOTES.md, "Fused BatchNorm + PLIF").
+// 1024: 30% off the fused pair's time (benchmarks/NOTES.md, "Fused BatchNorm + PLIF").
 constexpr index_t kBlock = 128;
 
 // Rows of the [5, C] float64 channel_terms tensor the forward returns and the backward reads.
