@@ -124,14 +124,14 @@ def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -
     }
 
 
-def network_input(model: nn.Module, batch: int, device: torch.device, generator=None):
+def network_input(model: nn.Module, batch: int, device: torch.device):
     """A batch of static images the network takes (its first conv's channels; 32 x 32 for colour,
     28 x 28 for grey) and labels for them."""
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     channels = first_conv.in_channels
     side = 32 if channels == 3 else 28
-    x = torch.rand(batch, channels, side, side, generator=generator).to(device)
-    labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
+    x = torch.rand(batch, channels, side, side, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
     return x, labels
 
 

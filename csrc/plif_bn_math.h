@@ -77,9 +77,10 @@ PLIF_HD acc_t grad_y_of(acc_t grad_z, acc_t xhat, acc_t scale, acc_t mean_grad, 
   return scale * (grad_z - mean_grad - xhat * mean_grad_xhat);
 }
 
-// The one call of the neuron's reverse-time step. Its running sum is dL/dk itself: `x` (the
-// normalised input, recomputed) is at hand, so dH/dk is X - (V[t-1] - V_r), exact for every k
-// (dh_dk_of from X).
+// The GPU kernels' call of the neuron's reverse-time step, from V[t-1] and the normalised input
+// `x` (recomputed). Its running sum is dL/dk itself: dH/dk is X - (V[t-1] - V_r), exact for every
+// k (dh_dk_of from X). The CPU block computes the same dH/dk in its recompute and calls
+// backward_neuron_given_surrogate with it.
 template <typename acc_t>
 PLIF_HD acc_t neuron_backward(acc_t h, acc_t not_spiked, acc_t sg, acc_t v_prev, acc_t x, acc_t k, acc_t grad_v,
                               acc_t grad_s, bool through_spike, bool through_membrane, const Options<acc_t>& o,
