@@ -102,11 +102,11 @@ def time_rounds(cases: dict, rounds: int, device: torch.device) -> dict:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -> dict:
+def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device, dtype: torch.dtype) -> dict:
     N, C, H, W = size
     gen = torch.Generator().manual_seed(0)
-    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).to(device).requires_grad_()
-    grad = torch.randn(T, N, C, H, W, generator=gen).to(device)
+    y = (torch.randn(T, N, C, H, W, generator=gen) * 2 + 0.5).to(device, dtype).requires_grad_()
+    grad = torch.randn(T, N, C, H, W, generator=gen).to(device, dtype)
     unfused = UnfusedPair(C, surrogate).to(device)
     fused = fused_pair(C, surrogate).to(device)
     for layer in (unfused, fused):
@@ -117,7 +117,8 @@ def pair_rows(size, T: int, rounds: int, surrogate: str, device: torch.device) -
     )
     return {
         "shape": [T, N, C, H, W],
-        "tensor_mib": y.numel() * 4 / 2**20,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tensor_mib": y.numel() * y.element_size() / 2**20,
         "kept_bytes_per_neuron_step": kept,
         "fwd_bwd_ms": medians,
         "speedup": medians["unfused"] / medians["fused"],
@@ -315,6 +316,9 @@ def main() -> int:
     parser.add_argument("--T", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--surrogate", default="atan")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the pair's input and gradient"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--network-rounds", type=int, default=5)
     parser.add_argument("--cifar", action="store_true", help="also the CIFAR-10 network (slow on CPU)")
@@ -344,7 +348,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "load_before": load_average(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate, device),
+        "pair": pair_rows(args.size, args.T, args.rounds, args.surrogate, device, getattr(torch, args.dtype)),
         "networks": [
             network_rows(name, NETWORKS[name], args.batch, args.network_rounds, device, peak=not args.no_peak)
             for name in names

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "plif_bn_math.h"
+#include "plif_cpu_buffers.h"
 #include "plif_cpu_kernels.h"  // the PLIF kernel's stream_row, prefetch_row, exceeds_cache, PLIF_ISA_CLONES
 #include "plif_math.h"
 
@@ -203,11 +204,23 @@ struct Gradients {
   const in_t* grad_spikes;      // [T, neurons] or null
   const acc_t* grad_v_last;     // [neurons] or null
   in_t* grad_y;                 // [T, neurons] (written by the kWriteGradY pass)
+  acc_t* grad_z;                // [T, neurons]: dL/dz between a kStoreGradZ pass and the pass that finishes dL/dy
   acc_t* grad_v_init;           // [neurons] or null (written by the kReduce pass)
   bool batch_statistics;        // the normalisation used the batch's statistics (training)
   const acc_t* mean_grad;       // [C]: sum of dL/dz over the channel / its count (kWriteGradY)
   const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
 };
+
+// The [T, neurons] rows a backward pass writes: dL/dy (kWriteGradY), dL/dz in the compute type
+// (kStoreGradZ), or none.
+template <int PASS, typename in_t, typename acc_t>
+auto written_rows(const Gradients<in_t, acc_t>& gr) {
+  if constexpr ((PASS & kStoreGradZ) != 0) {
+    return gr.grad_z;
+  } else {
+    return (PASS & kWriteGradY) != 0 ? gr.grad_y : static_cast<in_t*>(nullptr);
+  }
+}
 
 // One block: recompute H[0..T-1] and dH/dk from y (the forward's expressions, so its bits; dH/dk
 // as dh_dk_of from the normalised input, what neuron_backward computes from V[t-1]), then walk back
@@ -254,7 +267,9 @@ PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, cons
   }
   acc_t grad_h_next[kBlock] = {}, grad_k_sum[kBlock] = {}, sum_grad[kBlock] = {}, sum_grad_xhat[kBlock] = {};
   acc_t grad_v[kBlock] = {}, grad_s[kBlock] = {};
-  in_t staging[kBlock];
+  auto* const rows = written_rows<PASS>(gr);
+  using row_t = std::remove_pointer_t<decltype(rows)>;
+  row_t staging[kBlock];
   const bool through_spike = gr.grad_spikes != nullptr;
   if (through_spike) prefetch_row<kBlock>(gr.grad_spikes + (g.T - 1) * g.neurons + n0, stream);
   for (index_t t = g.T - 1; t >= 0; --t) {
@@ -271,8 +286,8 @@ PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, cons
     }
     const bool through_membrane = gr.grad_v_last != nullptr || (t < g.T - 1 && through_spike);
     const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
-    in_t* const out_row = (PASS & kWritesRows) != 0 ? gr.grad_y + t * g.neurons + n0 : nullptr;
-    in_t* __restrict__ const grad_y_row = stream ? staging : out_row;
+    row_t* const out_row = (PASS & kWritesRows) != 0 ? rows + t * g.neurons + n0 : nullptr;
+    row_t* __restrict__ const written_row = stream ? staging : out_row;
     for (index_t j = 0; j < count; ++j) {
       const acc_t y = load_as<acc_t>(y_row[j]);
       const acc_t ht = h_row[j];
@@ -285,15 +300,15 @@ PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, cons
         sum_grad_xhat[j] = fma_(grad_z, xhat, sum_grad_xhat[j]);
       }
       if constexpr ((PASS & kWriteGradY) != 0) {
-        grad_y_row[j] = store_as<in_t>(grad_y_of(grad_z, xhat, terms.scale[j], mean_grad[j], mean_grad_xhat[j]));
+        written_row[j] = store_as<in_t>(grad_y_of(grad_z, xhat, terms.scale[j], mean_grad[j], mean_grad_xhat[j]));
       }
-      if constexpr ((PASS & kStoreGradZ) != 0) grad_y_row[j] = store_as<in_t>(grad_z);
+      if constexpr ((PASS & kStoreGradZ) != 0) written_row[j] = grad_z;
     }
     if (grad_v_arrives) {
       for (index_t j = 0; j < count; ++j) grad_v[j] = acc_t(0);
     }
     if constexpr ((PASS & kWritesRows) != 0) {
-      if (stream) stream_row(out_row, staging, count * sizeof(in_t));
+      if (stream) stream_row(out_row, staging, count * sizeof(row_t));
     }
   }
   if constexpr ((PASS & kWritesRows) != 0) {
@@ -315,17 +330,20 @@ PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, cons
 
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, RowSums* sums) {
-  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + ((PASS & kWritesRows) != 0));
+  // Streams in y's values: y, dL/dS and the written rows (dL/dz's are compute-type values).
+  const int64_t written = (PASS & kWriteGradY) != 0 ? 1 : (PASS & kStoreGradZ) != 0 ? sizeof(acc_t) / sizeof(in_t) : 0;
+  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + written);
   for_each_block<acc_t>(a.g, 2 * a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
     backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums, stream);
   });
 }
 
-// dL/dy from the dL/dz a kStoreGradZ pass left in its buffer, in place: y's and that buffer's rows
-// read, the buffer's written, no neuron arithmetic.
+// dL/dy from the dL/dz a kStoreGradZ pass left, no neuron arithmetic: in place where dL/dz is in
+// dL/dy's own buffer (its type is the compute type), else from the half types' float32 rows.
 template <typename in_t, typename acc_t>
 PLIF_ISA_CLONES void finish_grad_y_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t n0,
                                          index_t count, bool stream) {
+  constexpr bool kInPlace = std::is_same<in_t, acc_t>::value;
   const Geometry& g = a.g;
   acc_t scale[kBlock], mean[kBlock], invstd[kBlock], mean_grad[kBlock], mean_grad_xhat[kBlock];
   fill_per_neuron(g, n0, count, a.scale, false, scale);
@@ -333,40 +351,64 @@ PLIF_ISA_CLONES void finish_grad_y_block(const Args<in_t, acc_t>& a, const Gradi
   fill_per_neuron(g, n0, count, a.invstd, false, invstd);
   fill_per_neuron(g, n0, count, gr.mean_grad, false, mean_grad);
   fill_per_neuron(g, n0, count, gr.mean_grad_xhat, false, mean_grad_xhat);
+  in_t staging[kInPlace ? 1 : kBlock];
   for (index_t t = 0; t < g.T; ++t) {
     const in_t* __restrict__ const y_row = a.y + t * g.y_step + n0;
-    in_t* __restrict__ const grad_row = gr.grad_y + t * g.neurons + n0;
+    const acc_t* const grad_z_row = gr.grad_z + t * g.neurons + n0;
+    in_t* const out_row = gr.grad_y + t * g.neurons + n0;
     if (t + 1 < g.T) {
       prefetch_row<kBlock>(y_row + g.y_step, stream);
-      prefetch_row<kBlock>(grad_row + g.neurons, stream);
+      prefetch_row<kBlock>(grad_z_row + g.neurons, stream);
     }
-    for (index_t j = 0; j < count; ++j) {
-      const acc_t xhat = (load_as<acc_t>(y_row[j]) - mean[j]) * invstd[j];
-      grad_row[j] =
-          store_as<in_t>(grad_y_of(load_as<acc_t>(grad_row[j]), xhat, scale[j], mean_grad[j], mean_grad_xhat[j]));
+    if constexpr (kInPlace) {
+      in_t* __restrict__ const grad_row = out_row;
+      for (index_t j = 0; j < count; ++j) {
+        const acc_t xhat = (load_as<acc_t>(y_row[j]) - mean[j]) * invstd[j];
+        grad_row[j] = grad_y_of(grad_row[j], xhat, scale[j], mean_grad[j], mean_grad_xhat[j]);
+      }
+    } else {
+      const acc_t* __restrict__ const grad_z = grad_z_row;
+      in_t* __restrict__ const grad_row = stream ? staging : out_row;
+      for (index_t j = 0; j < count; ++j) {
+        const acc_t xhat = (load_as<acc_t>(y_row[j]) - mean[j]) * invstd[j];
+        grad_row[j] = store_as<in_t>(grad_y_of(grad_z[j], xhat, scale[j], mean_grad[j], mean_grad_xhat[j]));
+      }
+      if (stream) stream_row(out_row, staging, count * sizeof(in_t));
     }
   }
+  if (!kInPlace && stream) fence_streamed_rows();
 }
 
 // Per channel: sum dL/dz, sum dL/dz * xhat and sum dL/dk (quantity-major, [3 * C]) after the
-// kReduce pass, and dL/dy written where write_grad_y. Where dL/dy's type is the compute type, the
-// reducing pass leaves dL/dz in dL/dy's buffer and finish_grad_y_block makes it dL/dy: the
-// neuron's backward (recompute, surrogate, recursion), which bounds these passes on a CPU, runs
-// once instead of twice. The half types, whose buffer would round dL/dz, run it twice.
+// kReduce pass, and dL/dy written where write_grad_y. With batch statistics dL/dy needs the
+// channel means of dL/dz first: the reducing pass leaves dL/dz in dL/dy's buffer where its type is
+// the compute type, else in a float32 scratch (4 B per neuron-step while the backward runs), and
+// finish_grad_y_block makes it dL/dy. So the neuron's backward (recompute, surrogate, recursion),
+// which bounds these passes on a CPU, runs once.
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool write_grad_y, double* channel_sums) {
   constexpr bool kGradZInPlace = std::is_same<in_t, acc_t>::value;
   RowSums sums(a.g, 3);
-  const bool one_pass = write_grad_y && !gr.batch_statistics;
-  if (one_pass) {
-    backward_pass<SURROGATE, kReduce | kWriteGradY>(a, gr, &sums);
-  } else if (write_grad_y && kGradZInPlace) {
-    backward_pass<SURROGATE, kReduce | kStoreGradZ>(a, gr, &sums);
-  } else {
+  if (!write_grad_y) {
     backward_pass<SURROGATE, kReduce>(a, gr, &sums);
+    sums.per_channel(channel_sums);
+    return;
   }
+  if (!gr.batch_statistics) {
+    backward_pass<SURROGATE, kReduce | kWriteGradY>(a, gr, &sums);
+    sums.per_channel(channel_sums);
+    return;
+  }
+  at::Tensor scratch;
+  if constexpr (kGradZInPlace) {
+    gr.grad_z = gr.grad_y;
+  } else {
+    scratch =
+        empty_cpu_output({a.g.T * a.g.neurons}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    gr.grad_z = scratch.data_ptr<acc_t>();
+  }
+  backward_pass<SURROGATE, kReduce | kStoreGradZ>(a, gr, &sums);
   sums.per_channel(channel_sums);
-  if (!write_grad_y || one_pass) return;
   // The batch statistics' share of dL/dy: the means of dL/dz and dL/dz * xhat over each channel's
   // values of all T steps (a broadcast step's gradient is the sum of its T steps').
   const double count = a.g.per_channel(a.g.T);
@@ -377,13 +419,10 @@ void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool wr
   }
   gr.mean_grad = mean_grad.data();
   gr.mean_grad_xhat = mean_grad_xhat.data();
-  if constexpr (kGradZInPlace) {
-    const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2);
-    for_each_block<char>(
-        a.g, 0, [&](index_t, index_t n0, index_t count, char*) { finish_grad_y_block(a, gr, n0, count, stream); });
-  } else {
-    backward_pass<SURROGATE, kWriteGradY>(a, gr, nullptr);
-  }
+  // Streams in y's values: y and dL/dy, and for the half types dL/dz's float32 rows.
+  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, kGradZInPlace ? 2 : 4);
+  for_each_block<char>(
+      a.g, 0, [&](index_t, index_t n0, index_t count, char*) { finish_grad_y_block(a, gr, n0, count, stream); });
 }
 
 }  // namespace bn

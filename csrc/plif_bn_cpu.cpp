@@ -336,6 +336,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_plif_backward(
       gr.grad_v_init = need_grad_v_init ? grad_v_init.data_ptr<acc_t>() : nullptr;
       gr.batch_statistics = batch_statistics;
       gr.mean_grad = gr.mean_grad_xhat = nullptr;
+      gr.grad_z = nullptr;
       backward_cpu(a, gr, need_grad_y, channel_sums.data_ptr<double>());
     });
   }
