@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import (
     FLOAT_DTYPES,
+    _broadcasts_to,
     _check_float_scalar,
     _needs_reference_autodiff,
     _steps_contiguous,
@@ -258,13 +259,11 @@ def bn_plif_multistep(
         spikes, v_last, _ = multistep_keeping_state(z_seq, w, v_init, backend=backend, **options)
         return spikes, v_last
 
-    try:
-        torch.broadcast_shapes(v_init.shape, step_shape)
-    except RuntimeError:
+    if not _broadcasts_to(v_init.shape, step_shape):
         raise ValueError(
             f"v_init of shape {tuple(v_init.shape)} does not broadcast against one time step of y_seq, "
             f"shape {tuple(step_shape)}"
-        ) from None
+        )
     y_op = y_seq if _steps_contiguous(y_seq) else y_seq.contiguous()
     k = torch.sigmoid(w).to(acc).reshape(-1)
     v_op = v_init.to(acc).reshape(()) if v_init.numel() == 1 else v_init.to(acc).expand(step_shape).contiguous()

@@ -56,6 +56,14 @@ def check_neuron_options(options: dict) -> dict:
     return checked
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` unchanged (torch.broadcast_shapes(shape, target) ==
+    target), without its cost: about 10 us a call, on every layer call."""
+    if len(shape) > len(target):
+        return False
+    return all(size in (1, wanted) for size, wanted in zip(reversed(shape), reversed(target)))
+
+
 def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -63,11 +71,7 @@ def _check_tensor_arg(t, name: str, x_seq: torch.Tensor, step_shape: torch.Size)
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.device != x_seq.device:
         raise ValueError(f"{name} is on {t.device} but x_seq is on {x_seq.device}")
-    try:
-        broadcast = torch.broadcast_shapes(t.shape, step_shape)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != step_shape:
+    if not _broadcasts_to(t.shape, step_shape):
         raise ValueError(
             f"{name} of shape {tuple(t.shape)} does not broadcast against one time step of x_seq, "
             f"shape {tuple(step_shape)}"

@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from .functional import multistep_keeping_state
+from .functional import _broadcasts_to, multistep_keeping_state
 from .reference import compute_dtype, plif_time_loop, w_for_tau
 from .spikingjelly_compat import MemoryModule, layer_neuron_options
 from .surrogate import Sigmoid, describe_surrogate
@@ -41,14 +41,11 @@ def init_learnable_w(layer: nn.Module, init_tau, tau_shape, learnable_tau: bool)
 
 def check_membrane(v, x_seq: torch.Tensor, name: str):
     """``v``, a membrane carried into ``x_seq``'s steps, where it broadcasts against one step."""
-    if isinstance(v, torch.Tensor) and isinstance(x_seq, torch.Tensor) and v.shape != x_seq.shape[1:]:
-        try:
-            torch.broadcast_shapes(v.shape, x_seq.shape[1:])
-        except RuntimeError:
-            raise ValueError(
-                f"{name} has shape {tuple(v.shape)} but the input step has shape "
-                f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
-            ) from None
+    if isinstance(v, torch.Tensor) and isinstance(x_seq, torch.Tensor) and not _broadcasts_to(v.shape, x_seq.shape[1:]):
+        raise ValueError(
+            f"{name} has shape {tuple(v.shape)} but the input step has shape "
+            f"{tuple(x_seq.shape[1:])}; call reset() between inputs of different shapes"
+        )
     return v
 
 

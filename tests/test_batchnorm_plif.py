@@ -472,6 +472,7 @@ def test_sj_network_fuses_and_matches():
         (dict(eps=0.0), ValueError, "eps"),
         (dict(surrogate="relu"), ValueError, "surrogate"),
         (dict(v_init=torch.zeros(3, 3)), ValueError, "v_init"),
+        (dict(v_init=torch.zeros(2, 4, 5)), ValueError, "v_init"),  # broadcasts with a step, not to it
         (dict(y_seq=torch.zeros(1, 1, 5)), ValueError, "y_seq"),
         (dict(batch_statistics=False), ValueError, "batch_statistics"),
     ],

@@ -189,13 +189,15 @@ def test_state_dict_round_trip():
     assert plif_cuda.LIFNode(tau=3.0).state_dict() == {}  # tau is a constant, as in SpikingJelly
 
 
-def test_input_shape_change_needs_reset():
+@pytest.mark.parametrize("second_shape", ((2, 4, 5), (2, 5)), ids=("other_batch", "fewer_dims"))
+def test_input_shape_change_needs_reset(second_shape):
+    # The stored membrane [3, 5] broadcasts with a [5] step but not to it: the error names it too.
     layer = plif_cuda.ParametricLIFNode(step_mode="m")
     layer(make_seq((2, 3, 5), torch.float32))
-    with pytest.raises(ValueError, match="reset"):
-        layer(make_seq((2, 4, 5), torch.float32))
+    with pytest.raises(ValueError, match="stored membrane v .*reset"):
+        layer(make_seq(second_shape, torch.float32))
     layer.reset()
-    assert layer(make_seq((2, 4, 5), torch.float32)).shape == (2, 4, 5)
+    assert layer(make_seq(second_shape, torch.float32)).shape == second_shape
 
 
 def test_lif_node_takes_the_parametric_nodes_arguments_with_a_fixed_tau():
