@@ -203,12 +203,12 @@ template <typename in_t, typename acc_t>
 struct Gradients {
   const in_t* grad_spikes;      // [T, neurons] or null
   const acc_t* grad_v_last;     // [neurons] or null
-  in_t* grad_y;                 // [T, neurons] (written by the kWriteGradY pass)
-  acc_t* grad_z;                // [T, neurons]: dL/dz between a kStoreGradZ pass and the pass that finishes dL/dy
+  in_t* grad_y;                 // [T, neurons]: written by a kWriteGradY pass or by finish_grad_y_block
+  acc_t* grad_z;                // [T, neurons]: dL/dz between a kStoreGradZ pass and finish_grad_y_block
   acc_t* grad_v_init;           // [neurons] or null (written by the kReduce pass)
   bool batch_statistics;        // the normalisation used the batch's statistics (training)
-  const acc_t* mean_grad;       // [C]: sum of dL/dz over the channel / its count (kWriteGradY)
-  const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (kWriteGradY)
+  const acc_t* mean_grad;       // [C]: sum of dL/dz over the channel / its count (for dL/dy)
+  const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (for dL/dy)
 };
 
 // The [T, neurons] rows a backward pass writes: dL/dy (kWriteGradY), dL/dz in the compute type
