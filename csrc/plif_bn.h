@@ -211,6 +211,15 @@ struct Gradients {
   const acc_t* mean_grad_xhat;  // [C]: sum of dL/dz * xhat / its count (for dL/dy)
 };
 
+// Where dL/dy's type is the compute type, dL/dz waits in dL/dy's own buffer for finish_grad_y_block;
+// the half types keep it in a float32 scratch, since their buffer would round it.
+template <typename in_t, typename acc_t>
+constexpr bool kGradZInGradY = std::is_same<in_t, acc_t>::value;
+
+// dL/dz's rows in y's values (the unit exceeds_cache counts streams in).
+template <typename in_t, typename acc_t>
+constexpr int64_t kGradZStreams = sizeof(acc_t) / sizeof(in_t);
+
 // The [T, neurons] rows a backward pass writes: dL/dy (kWriteGradY), dL/dz in the compute type
 // (kStoreGradZ), or none.
 template <int PASS, typename in_t, typename acc_t>
@@ -331,7 +340,7 @@ PLIF_ISA_CLONES_WITH_AVX512 void backward_block(const Args<in_t, acc_t>& a, cons
 template <int SURROGATE, int PASS, typename in_t, typename acc_t>
 void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, RowSums* sums) {
   // Streams in y's values: y, dL/dS and the written rows (dL/dz's are compute-type values).
-  const int64_t written = (PASS & kWriteGradY) != 0 ? 1 : (PASS & kStoreGradZ) != 0 ? sizeof(acc_t) / sizeof(in_t) : 0;
+  const int64_t written = (PASS & kWriteGradY) != 0 ? 1 : (PASS & kStoreGradZ) != 0 ? kGradZStreams<in_t, acc_t> : 0;
   const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + written);
   for_each_block<acc_t>(a.g, 2 * a.g.T * kBlock, [&](index_t block, index_t n0, index_t count, acc_t* h) {
     backward_block<SURROGATE, PASS>(a, gr, block, n0, count, h, sums, stream);
@@ -343,7 +352,7 @@ void backward_pass(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr,
 template <typename in_t, typename acc_t>
 PLIF_ISA_CLONES void finish_grad_y_block(const Args<in_t, acc_t>& a, const Gradients<in_t, acc_t>& gr, index_t n0,
                                          index_t count, bool stream) {
-  constexpr bool kInPlace = std::is_same<in_t, acc_t>::value;
+  constexpr bool kInPlace = kGradZInGradY<in_t, acc_t>;
   const Geometry& g = a.g;
   acc_t scale[kBlock], mean[kBlock], invstd[kBlock], mean_grad[kBlock], mean_grad_xhat[kBlock];
   fill_per_neuron(g, n0, count, a.scale, false, scale);
@@ -387,28 +396,25 @@ PLIF_ISA_CLONES void finish_grad_y_block(const Args<in_t, acc_t>& a, const Gradi
 // which bounds these passes on a CPU, runs once.
 template <int SURROGATE, typename in_t, typename acc_t>
 void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool write_grad_y, double* channel_sums) {
-  constexpr bool kGradZInPlace = std::is_same<in_t, acc_t>::value;
+  const bool finish_grad_y = write_grad_y && gr.batch_statistics;
   RowSums sums(a.g, 3);
+  at::Tensor scratch;
   if (!write_grad_y) {
     backward_pass<SURROGATE, kReduce>(a, gr, &sums);
-    sums.per_channel(channel_sums);
-    return;
-  }
-  if (!gr.batch_statistics) {
+  } else if (!finish_grad_y) {
     backward_pass<SURROGATE, kReduce | kWriteGradY>(a, gr, &sums);
-    sums.per_channel(channel_sums);
-    return;
-  }
-  at::Tensor scratch;
-  if constexpr (kGradZInPlace) {
-    gr.grad_z = gr.grad_y;
   } else {
-    scratch =
-        empty_cpu_output({a.g.T * a.g.neurons}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    gr.grad_z = scratch.data_ptr<acc_t>();
+    if constexpr (kGradZInGradY<in_t, acc_t>) {
+      gr.grad_z = gr.grad_y;
+    } else {
+      scratch =
+          empty_cpu_output({a.g.T * a.g.neurons}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      gr.grad_z = scratch.data_ptr<acc_t>();
+    }
+    backward_pass<SURROGATE, kReduce | kStoreGradZ>(a, gr, &sums);
   }
-  backward_pass<SURROGATE, kReduce | kStoreGradZ>(a, gr, &sums);
   sums.per_channel(channel_sums);
+  if (!finish_grad_y) return;
   // The batch statistics' share of dL/dy: the means of dL/dz and dL/dz * xhat over each channel's
   // values of all T steps (a broadcast step's gradient is the sum of its T steps').
   const double count = a.g.per_channel(a.g.T);
@@ -419,8 +425,9 @@ void backward_all(const Args<in_t, acc_t>& a, Gradients<in_t, acc_t> gr, bool wr
   }
   gr.mean_grad = mean_grad.data();
   gr.mean_grad_xhat = mean_grad_xhat.data();
-  // Streams in y's values: y and dL/dy, and for the half types dL/dz's float32 rows.
-  const bool stream = exceeds_cache<in_t>(a.g.T, a.g.neurons, kGradZInPlace ? 2 : 4);
+  // Streams in y's values: y and dL/dy, and the half types' dL/dz rows.
+  const bool stream =
+      exceeds_cache<in_t>(a.g.T, a.g.neurons, 2 + (kGradZInGradY<in_t, acc_t> ? 0 : kGradZStreams<in_t, acc_t>));
   for_each_block<char>(
       a.g, 0, [&](index_t, index_t n0, index_t count, char*) { finish_grad_y_block(a, gr, n0, count, stream); });
 }
